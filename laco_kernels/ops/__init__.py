@@ -1,0 +1,1 @@
+"""Autograd Functions and dispatch: CUDA -> Triton, CPU -> native extension or reference."""

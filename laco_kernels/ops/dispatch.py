@@ -1,0 +1,69 @@
+"""Backend selection: which implementation runs an op for given tensors.
+
+Rules (``LACO_BACKEND`` = ``auto`` unless set):
+- ``auto``: CUDA tensors -> ``triton``; CPU tensors -> ``native`` when the C++ extension
+  ``laco_kernels._C`` is built and implements the op, else ``reference``.
+- ``triton``: the Triton kernel on any device. On CPU tensors this needs ``TRITON_INTERPRET=1``
+  set before ``triton`` is imported (how the tests run the kernels without a GPU).
+- ``native`` / ``reference``: forced; an error if impossible, never a silent substitute.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterable
+
+import torch
+
+BACKENDS = ("auto", "triton", "native", "reference")
+_log = logging.getLogger("laco_kernels.dispatch")
+_fallback_logged: set = set()
+
+
+def requested_backend() -> str:
+    name = os.environ.get("LACO_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"LACO_BACKEND={name!r} is not a backend; expected one of {BACKENDS}")
+    return name
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def native_supports(op: str) -> bool:
+    """True when the optional C++ extension is importable and implements ``op``."""
+    try:
+        from .. import _native
+    except ImportError:
+        return False
+    return _native.supports(op)
+
+
+def select_backend(op: str, tensors: Iterable[torch.Tensor | None]) -> str:
+    """Return ``"triton"``, ``"native"`` or ``"reference"`` for ``op`` on these tensors."""
+    devs = {t.device.type for t in tensors if t is not None}
+    if len(devs) > 1:
+        raise ValueError(f"{op}: tensors on several device types {sorted(devs)}")
+    dev = devs.pop() if devs else "cpu"
+    want = requested_backend()
+    if want == "triton":
+        if dev == "cpu" and not interpreter_enabled():
+            raise RuntimeError(f"{op}: LACO_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 "
+                               "set before triton is imported")
+        return "triton"
+    if want == "reference":
+        return "reference"
+    if want == "native":
+        if dev != "cpu" or not native_supports(op):
+            raise RuntimeError(f"{op}: LACO_BACKEND=native but the C++ extension is not built or does not "
+                               f"implement this op on {dev} tensors")
+        return "native"
+    if dev == "cuda":
+        return "triton"
+    if dev == "cpu" and native_supports(op):
+        return "native"
+    if op not in _fallback_logged:
+        _fallback_logged.add(op)
+        _log.debug("%s: no native CPU kernel available, using the PyTorch reference", op)
+    return "reference"
