@@ -3,3 +3,8 @@ from .formats import BitmapWeight, PackedMask, Sparse24Weight
 
 __version__ = "0.1.0"
 __all__ = ["BitmapWeight", "PackedMask", "Sparse24Weight"]
+from .ops.masked_gemm import masked_linear  # noqa: E402  (training kernels, issue 3)
+from .ops.loss import reconstruction_loss  # noqa: E402
+__all__ += ["masked_linear", "reconstruction_loss"]
+from .ops.sparse_gemm import bitmap_linear, sparse24_linear  # noqa: E402  (inference kernels, issue 2)
+__all__ += ["bitmap_linear", "sparse24_linear"]

@@ -68,7 +68,7 @@ ADAPTERS: Tuple[ModelAdapter, ...] = (
                  up="fc1", down="fc2", norms=("self_attn_layer_norm", "final_layer_norm"),
                  extra_embeds=("model.decoder.embed_positions",)),
     ModelAdapter("gpt_neox", ("gpt_neox",), blocks="gpt_neox.layers", embed="gpt_neox.embed_in",
-                 final_norm="gpt_neox.final_layer_norm", lm_head="embed_out", q=None, k=None, v=None,
+                 final_norm="gpt_neox.final_layer_norm", lm_head="lm_head", q=None, k=None, v=None,
                  qkv="attention.query_key_value", o="attention.dense", gate=None, up="mlp.dense_h_to_4h",
                  down="mlp.dense_4h_to_h", norms=("input_layernorm", "post_attention_layernorm")),
 )

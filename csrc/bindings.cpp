@@ -1,0 +1,21 @@
+// Python bindings of laco_kernels._C (the thin Python layer is laco_kernels/_native.py).
+#include <torch/extension.h>
+
+#include "laco_cpu.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "laco_kernels native CPU kernels: 2:4 and bitmap sparse linears, fused reconstruction loss";
+  m.def("sparse24_linear", &laco::sparse24_linear, "x [M,K] @ dense(2:4)^T + bias -> [M,N] (fp32 or bf16)",
+        py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("bias"), py::arg("out_features"),
+        py::arg("in_features"));
+  m.def("bitmap_linear", &laco::bitmap_linear, "x [M,K] @ dense(bitmap)^T + bias -> [M,N] (fp32 or bf16)",
+        py::arg("x"), py::arg("values"), py::arg("bitmap"), py::arg("offsets"), py::arg("tile_k"), py::arg("bias"),
+        py::arg("out_features"), py::arg("in_features"));
+  m.def("reconstruction_loss_forward", &laco::reconstruction_loss_forward,
+        "(loss fp32 scalar, stats fp32) for pred/target [R,D]", py::arg("pred"), py::arg("target"), py::arg("kind"));
+  m.def("reconstruction_loss_backward", &laco::reconstruction_loss_backward, "grad_pred [R,D] in pred's dtype",
+        py::arg("grad_out"), py::arg("pred"), py::arg("target"), py::arg("kind"), py::arg("stats"));
+  m.def("set_isa", &laco::set_isa, "cap the vector ISA: auto | scalar | avx2 | avx512 (for tests)", py::arg("name"));
+  m.def("active_isa", []() { return laco::isa_name(laco::active_isa()); }, "ISA the kernels use now");
+  m.def("detected_isa", []() { return laco::isa_name(laco::detected_isa()); }, "best ISA of this CPU");
+}

@@ -1,0 +1,339 @@
+// y[M, N] = x[M, K] @ dense(Wbitmap)^T + bias on the CPU, reading only the nonzeros.
+//
+// Layout (laco_kernels/formats.py): values [nnz] row-major nonzeros, bitmap int32 [N, ceil(K/32)]
+// (bit k%32 of word k/32), offsets int32 [N, ceil(K/tile_k)] (index in values of each tile's first
+// nonzero). A row is walked word by word with a running pointer into values (advanced by popcount);
+// a K-block starts at a tile boundary, where offsets gives the pointer.
+//
+// AVX-512: each 16-bit half of a word loads popcount(half) values (masked load) and expands them to
+// the set lanes (vexpandps), giving a dense 16-wide weight vector that feeds one FMA per x row.
+// AVX2: the same per byte with a permute table. bf16 with AVX512_BF16: vpexpandw + vdpbf16ps on
+// whole words, x kept in bf16. Parallel over output rows; fp32 accumulation;
+// each output element is produced by one thread in a fixed order.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <type_traits>
+
+#include "laco_cpu.h"
+
+namespace laco {
+namespace {
+
+struct BmArgs {
+  const float* x;          // [M, K] fp32
+  const uint16_t* x16;     // [M, K] bf16 bits when x is bf16 (AVX512_BF16 path), else nullptr
+  const void* values;      // [nnz] float or bf16 bits
+  const uint32_t* bitmap;  // [N, W]
+  const int32_t* offsets;  // [N, T]
+  int64_t M, N, K, W, T, tile_k, nnz;
+  bool pf_next_row;        // K is split in blocks: prefetch the next row's block (see bm_run)
+};
+
+constexpr int kMaxMB = 8;
+
+// Bits of word w that are real columns (padding bits past K are ignored even if set).
+inline uint32_t valid_bits(const BmArgs& a, int64_t w) {
+  const int64_t left = a.K - 32 * w;
+  return left >= 32 ? 0xffffffffu : ((1u << left) - 1u);
+}
+
+template <typename VT>
+void bm_scalar(const BmArgs& a, int64_t n, int64_t m0, int mb, int64_t w0, int64_t w1, const VT* p0, float* out) {
+  const uint32_t* bits = a.bitmap + n * a.W;
+  for (int i = 0; i < mb; ++i) {
+    const float* xr = a.x + (m0 + i) * a.K;
+    const VT* p = p0;
+    float s = 0.f;
+    for (int64_t w = w0; w < w1; ++w) {
+      uint32_t b = bits[w];
+      const uint32_t keep = valid_bits(a, w);
+      uint32_t rest = b & ~keep;  // corrupt padding bits still own values: skip them in order
+      b &= keep;
+      while (b) {
+        s += to_f32(*p++) * xr[32 * w + __builtin_ctz(b)];
+        b &= b - 1;
+      }
+      p += __builtin_popcount(rest);
+    }
+    out[i] += s;
+  }
+}
+
+#if LACO_X86
+// popcount(mask) consecutive values -> fp32 in lanes 0..c-1 (masked: never reads past them).
+template <typename VT>
+LACO_AVX512 LACO_INLINE __m512 load_n_avx512(const VT* p, __mmask16 first) {
+  if constexpr (std::is_same_v<VT, float>) {
+    return _mm512_maskz_loadu_ps(first, p);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(first, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <typename VT>
+LACO_AVX512 LACO_INLINE __m512 expand16_avx512(const VT*& p, uint32_t bits16) {
+  const int c = __builtin_popcount(bits16);
+  const __m512 packed = load_n_avx512(p, static_cast<__mmask16>((1u << c) - 1u));
+  p += c;
+  return _mm512_maskz_expand_ps(static_cast<__mmask16>(bits16), packed);
+}
+
+template <typename VT, int MB>
+LACO_AVX512 void bm_avx512(const BmArgs& a, int64_t n, int64_t m0, int64_t w0, int64_t w1, const VT* p, float* out) {
+  const uint32_t* bits = a.bitmap + n * a.W;
+  // software prefetch: the same K-block of the next row (its values start at pf), or 2 KB ahead
+  const char* pf = a.pf_next_row ? reinterpret_cast<const char*>(static_cast<const VT*>(a.values) +
+                                                                 a.offsets[std::min(n + 1, a.N - 1) * a.T + 32 * w0 / a.tile_k])
+                                 : reinterpret_cast<const char*>(p) + 2048;
+  const char* p_start = reinterpret_cast<const char*>(p);
+  const float* x = a.x + m0 * a.K;
+  __m512 acc0[MB], acc1[MB];
+  for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+  const int64_t wfull = std::min(w1, a.K / 32);
+  int64_t w = w0;
+  for (; w < wfull; ++w) {
+    const uint32_t b = bits[w];
+    _mm_prefetch(pf + (reinterpret_cast<const char*>(p) - p_start), _MM_HINT_T0);
+    if ((w & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(bits + a.W + w), _MM_HINT_T0);
+    const __m512 v0 = expand16_avx512(p, b & 0xffffu);
+    const __m512 v1 = expand16_avx512(p, b >> 16);
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      const float* xr = x + i * a.K + 32 * w;
+      acc0[i] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(xr), acc0[i]);
+      acc1[i] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(xr + 16), acc1[i]);
+    }
+  }
+  if (w < w1) {  // last, partial word: masked x loads stay inside the row
+    const uint32_t keep = valid_bits(a, w);
+    const uint32_t b = bits[w];
+    const __m512 v0 = expand16_avx512(p, b & keep & 0xffffu);
+    const __m512 v1 = expand16_avx512(p, (b & keep) >> 16);
+    const __mmask16 k0 = static_cast<__mmask16>(keep & 0xffffu), k1 = static_cast<__mmask16>(keep >> 16);
+    for (int i = 0; i < MB; ++i) {
+      const float* xr = x + i * a.K + 32 * w;
+      acc0[i] = _mm512_fmadd_ps(v0, _mm512_maskz_loadu_ps(k0, xr), acc0[i]);
+      acc1[i] = _mm512_fmadd_ps(v1, _mm512_maskz_loadu_ps(k1, xr + 16), acc1[i]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) out[i] += _mm512_reduce_add_ps(_mm512_add_ps(acc0[i], acc1[i]));
+}
+
+// Lane j of entry b = index among the set bits of b of bit j (where bit j is set).
+struct PermTable {
+  alignas(32) std::array<std::array<int32_t, 8>, 256> idx;
+  PermTable() {
+    for (int b = 0; b < 256; ++b)
+      for (int j = 0; j < 8; ++j) idx[b][j] = __builtin_popcount(b & ((1 << j) - 1));
+  }
+};
+const PermTable& perm_table() {
+  static const PermTable t;
+  return t;
+}
+
+template <typename VT>
+LACO_AVX2 LACO_INLINE __m256 load8_f32_avx2(const VT* p) {
+  if constexpr (std::is_same_v<VT, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <typename VT, int MB>
+LACO_AVX2 void bm_avx2(const BmArgs& a, int64_t n, int64_t m0, int64_t w0, int64_t w1, const VT* p, float* out) {
+  const uint32_t* bits = a.bitmap + n * a.W;
+  const float* x = a.x + m0 * a.K;
+  const VT* safe_end = static_cast<const VT*>(a.values) + a.nnz - 8;  // an 8-wide load from p <= this is in bounds
+  const int32_t* perm = &perm_table().idx[0][0];
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  __m256 acc0[MB], acc1[MB];
+  for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+  const int64_t wfull = std::min(w1, a.K / 32);
+  int64_t w = w0;
+  for (; w < wfull; ++w) {
+    const uint32_t b = bits[w];
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t byte = (b >> (8 * q)) & 0xffu;
+      const int c = __builtin_popcount(byte);
+      __m256 packed;
+      if (p <= safe_end) {
+        packed = load8_f32_avx2(p);
+      } else {  // the last few values of the tensor: copy, never read past the end
+        alignas(32) VT tmp[8] = {};
+        std::copy(p, p + c, tmp);
+        packed = load8_f32_avx2(tmp);
+      }
+      p += c;
+      const __m256i sel = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(byte)), lane_bit);
+      const __m256 on = _mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, lane_bit));
+      const __m256i pi = _mm256_load_si256(reinterpret_cast<const __m256i*>(perm + 8 * byte));
+      const __m256 vv = _mm256_and_ps(_mm256_permutevar8x32_ps(packed, pi), on);
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) {
+        const __m256 xv = _mm256_loadu_ps(x + i * a.K + 32 * w + 8 * q);
+        if (q & 1) acc1[i] = _mm256_fmadd_ps(vv, xv, acc1[i]);
+        else acc0[i] = _mm256_fmadd_ps(vv, xv, acc0[i]);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    const __m256 s = _mm256_add_ps(acc0[i], acc1[i]);
+    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    out[i] += _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+  }
+  if (w < w1) bm_scalar<VT>(a, n, m0, MB, w, w1, p, out);
+}
+#endif  // LACO_X86
+
+#if LACO_X86
+// bf16 x and weights: a whole word (32 columns) per step. vpexpandw spreads popcount(word) bf16 values
+// to their columns; vdpbf16ps multiplies with 32 bf16 x and adds adjacent column pairs into fp32 lanes.
+template <int MB>
+LACO_AVX512BF16 void bm_avx512bf16(const BmArgs& a, int64_t n, int64_t m0, int64_t w0, int64_t w1, const uint16_t* p,
+                                   float* out) {
+  const uint32_t* bits = a.bitmap + n * a.W;
+  const uint16_t* x = a.x16 + m0 * a.K;
+  const char* pf = a.pf_next_row ? reinterpret_cast<const char*>(static_cast<const uint16_t*>(a.values) +
+                                                                 a.offsets[std::min(n + 1, a.N - 1) * a.T + 32 * w0 / a.tile_k])
+                                 : reinterpret_cast<const char*>(p) + 2048;
+  const char* p_start = reinterpret_cast<const char*>(p);
+  __m512 acc0[MB], acc1[MB];
+  for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+  const int64_t wfull = std::min(w1, a.K / 32);
+  int64_t w = w0;
+  for (; w < wfull; ++w) {
+    const uint32_t b = bits[w];
+    _mm_prefetch(pf + (reinterpret_cast<const char*>(p) - p_start), _MM_HINT_T0);
+    if ((w & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(bits + a.W + w), _MM_HINT_T0);
+    const int c = __builtin_popcount(b);
+    const __m512i packed = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(_bzhi_u32(0xffffffffu, c)), p);
+    const __m512i wv = _mm512_maskz_expand_epi16(static_cast<__mmask32>(b), packed);
+    p += c;
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      const __m512i xv = _mm512_loadu_si512(x + i * a.K + 32 * w);
+      if (w & 1) acc1[i] = _mm512_dpbf16_ps(acc1[i], (__m512bh)wv, (__m512bh)xv);
+      else acc0[i] = _mm512_dpbf16_ps(acc0[i], (__m512bh)wv, (__m512bh)xv);
+    }
+  }
+  if (w < w1) {  // last, partial word: masked x loads stay inside the row
+    const uint32_t keep = valid_bits(a, w);
+    const uint32_t b = bits[w] & keep;
+    const int c = __builtin_popcount(b);
+    const __m512i packed = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(_bzhi_u32(0xffffffffu, c)), p);
+    const __m512i wv = _mm512_maskz_expand_epi16(static_cast<__mmask32>(b), packed);
+    for (int i = 0; i < MB; ++i) {
+      const __m512i xv = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(keep), x + i * a.K + 32 * w);
+      acc0[i] = _mm512_dpbf16_ps(acc0[i], (__m512bh)wv, (__m512bh)xv);
+    }
+  }
+  for (int i = 0; i < MB; ++i) out[i] += _mm512_reduce_add_ps(_mm512_add_ps(acc0[i], acc1[i]));
+}
+#endif
+
+template <typename VT, int MB>
+void bm_block(Isa isa, const BmArgs& a, int64_t n, int64_t m0, int64_t w0, int64_t w1, const VT* p, float* out) {
+#if LACO_X86
+  if constexpr (std::is_same_v<VT, uint16_t>) {
+    if (isa >= Isa::kAvx512Bf16 && a.x16) return bm_avx512bf16<MB>(a, n, m0, w0, w1, p, out);
+  }
+  if (isa >= Isa::kAvx512) return bm_avx512<VT, MB>(a, n, m0, w0, w1, p, out);
+  if (isa == Isa::kAvx2) return bm_avx2<VT, MB>(a, n, m0, w0, w1, p, out);
+#endif
+  bm_scalar<VT>(a, n, m0, MB, w0, w1, p, out);
+}
+
+template <typename VT>
+void bm_dispatch_mb(Isa isa, int mb, const BmArgs& a, int64_t n, int64_t m0, int64_t w0, int64_t w1, const VT* p,
+                    float* out) {
+  switch (mb) {
+    case 1: return bm_block<VT, 1>(isa, a, n, m0, w0, w1, p, out);
+    case 2: return bm_block<VT, 2>(isa, a, n, m0, w0, w1, p, out);
+    case 3: return bm_block<VT, 3>(isa, a, n, m0, w0, w1, p, out);
+    case 4: return bm_block<VT, 4>(isa, a, n, m0, w0, w1, p, out);
+    case 5: return bm_block<VT, 5>(isa, a, n, m0, w0, w1, p, out);
+    case 6: return bm_block<VT, 6>(isa, a, n, m0, w0, w1, p, out);
+    case 7: return bm_block<VT, 7>(isa, a, n, m0, w0, w1, p, out);
+    default: return bm_block<VT, 8>(isa, a, n, m0, w0, w1, p, out);
+  }
+}
+
+template <typename VT>
+void bm_run(BmArgs a, const float* bias, float* y) {
+  const Isa isa = active_isa();
+  // whole tiles per K-block, so offsets give each block's start in values
+  const int64_t kb = linear_k_block(std::min<int64_t>(a.M, kMaxMB), a.K, a.tile_k);
+  a.pf_next_row = kb < a.K;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(a.K, 1));
+  const VT* values = static_cast<const VT*>(a.values);
+  at::parallel_for(0, a.N, grain, [&](int64_t n0, int64_t n1) {
+    float part[kMaxMB];
+    for (int64_t k0 = 0; k0 < a.K; k0 += kb) {
+      const int64_t w0 = k0 / 32, w1 = (std::min(a.K, k0 + kb) + 31) / 32;
+      for (int64_t m0 = 0; m0 < a.M; m0 += kMaxMB) {
+        const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, a.M - m0));
+        for (int64_t n = n0; n < n1; ++n) {
+          std::fill(part, part + mb, 0.f);
+          bm_dispatch_mb<VT>(isa, mb, a, n, m0, w0, w1, values + a.offsets[n * a.T + k0 / a.tile_k], part);
+          for (int i = 0; i < mb; ++i) {
+            float& dst = y[(m0 + i) * a.N + n];
+            dst = (k0 == 0 ? (bias ? bias[n] : 0.f) : dst) + part[i];
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmap,
+                         const at::Tensor& offsets, int64_t tile_k, const c10::optional<at::Tensor>& bias,
+                         int64_t out_features, int64_t in_features) {
+  const char* op = "bitmap_linear";
+  const int64_t N = out_features, K = in_features;
+  TORCH_CHECK(K > 0, op, ": in_features must be positive, got ", K);
+  TORCH_CHECK(tile_k > 0 && tile_k % 32 == 0, op, ": tile_k must be a positive multiple of 32, got ", tile_k);
+  TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D [nnz], got shape ", values.sizes());
+  const int64_t W = (K + 31) / 32, T = (K + tile_k - 1) / tile_k;
+  for (const auto& pr : {std::make_pair(&bitmap, "bitmap"), std::make_pair(&offsets, "offsets")}) {
+    TORCH_CHECK(pr.first->device().is_cpu() && pr.first->scalar_type() == at::kInt && pr.first->is_contiguous(), op,
+                ": ", pr.second, " must be a contiguous CPU int32 tensor");
+  }
+  TORCH_CHECK(bitmap.dim() == 2 && bitmap.size(0) == N && bitmap.size(1) == W, op, ": bitmap must have shape [", N,
+              ", ", W, "], got ", bitmap.sizes());
+  TORCH_CHECK(offsets.dim() == 2 && offsets.size(0) == N && offsets.size(1) == T, op,
+              ": offsets must have shape [", N, ", ", T, "], got ", offsets.sizes());
+  at::Tensor x32 = linear_x_fp32(x, values, K, op);
+  at::Tensor b32 = linear_bias_fp32(bias, N, op);
+  const int64_t M = x32.size(0);
+  at::Tensor y = at::empty({M, N}, x32.options());
+  if (M == 0 || N == 0) return y.to(x.scalar_type());
+  // A row's values must lie inside the tensor: checked on the offsets of each row's first tile
+  // and the total count (a BitmapWeight from from_dense/validate() is consistent).
+  const int64_t nnz = values.numel();
+  const int32_t* off = offsets.data_ptr<int32_t>();
+  TORCH_CHECK(off[0] == 0 && off[(N - 1) * T] <= nnz, op, ": offsets are inconsistent with ", nnz, " values");
+
+  at::Tensor x16 = x.scalar_type() == at::kBFloat16 ? x.contiguous() : at::Tensor();
+  BmArgs a{x32.data_ptr<float>(), x16.defined() ? reinterpret_cast<const uint16_t*>(x16.data_ptr()) : nullptr,
+           values.data_ptr(), reinterpret_cast<const uint32_t*>(bitmap.data_ptr<int32_t>()),
+           off, M, N, K, W, T, tile_k, nnz, false};
+  const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  if (values.scalar_type() == at::kFloat) {
+    bm_run<float>(a, bp, y.data_ptr<float>());
+    return y;
+  }
+  bm_run<uint16_t>(a, bp, y.data_ptr<float>());
+  return y.to(at::kBFloat16);
+}
+
+}  // namespace laco

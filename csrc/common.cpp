@@ -1,0 +1,94 @@
+// Run-time ISA selection and the checks shared by the native linears.
+#include <algorithm>
+#include <atomic>
+
+#include "laco_cpu.h"
+
+namespace laco {
+
+namespace {
+std::atomic<int> g_isa_cap{static_cast<int>(Isa::kAvx512Bf16)};
+
+Isa detect() {
+#if LACO_X86
+  __builtin_cpu_init();
+  // __builtin_cpu_supports also checks that the OS saves the wide registers (XGETBV).
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt"))
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi2") ? Isa::kAvx512Bf16
+                                                                                         : Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2") &&
+      __builtin_cpu_supports("popcnt"))
+    return Isa::kAvx2;
+#endif
+  return Isa::kScalar;
+}
+}  // namespace
+
+Isa detected_isa() {
+  static const Isa isa = detect();
+  return isa;
+}
+
+Isa active_isa() {
+  return static_cast<Isa>(std::min(static_cast<int>(detected_isa()), g_isa_cap.load()));
+}
+
+std::string isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512Bf16: return "avx512bf16";
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+void set_isa(const std::string& name) {
+  if (name == "auto" || name == "avx512bf16") {
+    g_isa_cap = static_cast<int>(Isa::kAvx512Bf16);
+  } else if (name == "avx512") {
+    g_isa_cap = static_cast<int>(Isa::kAvx512);
+  } else if (name == "avx2") {
+    g_isa_cap = static_cast<int>(Isa::kAvx2);
+  } else if (name == "scalar") {
+    g_isa_cap = static_cast<int>(Isa::kScalar);
+  } else {
+    TORCH_CHECK(false, "set_isa: unknown ISA '", name, "'; expected auto, scalar, avx2, avx512 or avx512bf16");
+  }
+}
+
+int64_t linear_k_block(int64_t m, int64_t k, int64_t align) {
+  // one x row may live in L2 (the weights dominate the traffic); several rows must fit in L1,
+  // else every weight vector costs m L2 reads of x
+  const int64_t budget = m <= 1 ? 512 * 1024 : 24 * 1024;
+  if (m * k * static_cast<int64_t>(sizeof(float)) <= budget) return k;
+  int64_t cols = budget / (m * static_cast<int64_t>(sizeof(float)));
+  cols = std::max<int64_t>(align, cols / align * align);
+  return std::min(cols, k);
+}
+
+at::Tensor linear_x_fp32(const at::Tensor& x, const at::Tensor& values, int64_t in_features, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(values.device().is_cpu(), op, ": values must be a CPU tensor, got ", values.device());
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", x.sizes());
+  TORCH_CHECK(x.size(1) == in_features, op, ": x has ", x.size(1), " columns, the weight expects K=", in_features);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": native kernels take float32 or bfloat16 x, got ", x.scalar_type());
+  TORCH_CHECK(values.scalar_type() == x.scalar_type(), op, ": x has dtype ", x.scalar_type(),
+              " but the weight values have dtype ", values.scalar_type());
+  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
+  return x.to(at::kFloat).contiguous();
+}
+
+at::Tensor linear_bias_fp32(const c10::optional<at::Tensor>& bias, int64_t out_features, const char* op) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  const at::Tensor& b = *bias;
+  TORCH_CHECK(b.device().is_cpu(), op, ": bias must be a CPU tensor, got ", b.device());
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == out_features, op, ": bias must have shape [", out_features,
+              "], got ", b.sizes());
+  TORCH_CHECK(at::isFloatingType(b.scalar_type()), op, ": bias must be floating point, got ", b.scalar_type());
+  return b.to(at::kFloat).contiguous();
+}
+
+}  // namespace laco

@@ -1,0 +1,92 @@
+// Shared declarations of the native CPU kernels of laco_kernels._C.
+//
+// Every op has a scalar path and, chosen at RUN time, AVX2+FMA and AVX-512 paths compiled
+// with per-function target attributes, so one binary runs on any x86-64 machine (and the
+// scalar path on anything else). Tests cap the ISA with set_isa() to exercise every path.
+#pragma once
+
+// GCC 12's AVX-512 headers start reductions from _mm512_undefined_*(), which trips these warnings.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define LACO_X86 1
+#include <immintrin.h>
+#else
+#define LACO_X86 0
+#endif
+
+#define LACO_AVX2 __attribute__((target("avx2,fma,bmi,bmi2,popcnt")))
+#define LACO_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,bmi2,popcnt")))
+#define LACO_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi2,avx2,fma,bmi,bmi2,popcnt")))
+#define LACO_INLINE inline __attribute__((always_inline))
+
+namespace laco {
+
+// kAvx512Bf16 adds AVX512_BF16 (vdpbf16ps) and AVX512_VBMI2 (vpexpandw): bf16 x bf16 products
+// summed in pairs into fp32, used by the linears when x and the weights are bf16.
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+
+Isa detected_isa();        // best ISA this CPU (and OS) supports
+Isa active_isa();          // min(detected, cap set by set_isa)
+void set_isa(const std::string& name);  // "auto" | "scalar" | "avx2" | "avx512" | "avx512bf16"
+std::string isa_name(Isa isa);
+
+// bf16 <-> fp32 on raw bits (bf16 is the upper half of an fp32).
+LACO_INLINE float bf16_to_f32(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Round to nearest even, NaN kept quiet (what c10::BFloat16 does).
+LACO_INLINE uint16_t f32_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+template <typename T>
+LACO_INLINE float to_f32(T v);
+template <>
+LACO_INLINE float to_f32<float>(float v) { return v; }
+template <>
+LACO_INLINE float to_f32<uint16_t>(uint16_t v) { return bf16_to_f32(v); }
+
+// ---- ops (each in its own csrc/<op>.cpp) -------------------------------------------------
+at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                           const c10::optional<at::Tensor>& bias, int64_t out_features, int64_t in_features);
+
+at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmap,
+                         const at::Tensor& offsets, int64_t tile_k, const c10::optional<at::Tensor>& bias,
+                         int64_t out_features, int64_t in_features);
+
+std::tuple<at::Tensor, at::Tensor> reconstruction_loss_forward(const at::Tensor& pred, const at::Tensor& target,
+                                                               const std::string& kind);
+
+at::Tensor reconstruction_loss_backward(const at::Tensor& grad_out, const at::Tensor& pred,
+                                        const at::Tensor& target, const std::string& kind,
+                                        const at::Tensor& stats);
+
+// ---- helpers shared by the two linears ---------------------------------------------------
+// Columns of x per K-block for an M-block of m rows: the whole row when one row (m = 1) fits in
+// 512 KB, for m > 1 when the m rows fit in 24 KB of L1 (else each weight vector costs m L2 reads
+// of x); otherwise a multiple of `align` columns that does.
+int64_t linear_k_block(int64_t m, int64_t k, int64_t align);
+
+// Checks shared by the linears; returns x as fp32 [M, K] contiguous (a copy for bf16 x).
+at::Tensor linear_x_fp32(const at::Tensor& x, const at::Tensor& values, int64_t in_features, const char* op);
+// bias as fp32 [N] contiguous, or an undefined tensor.
+at::Tensor linear_bias_fp32(const c10::optional<at::Tensor>& bias, int64_t out_features, const char* op);
+
+}  // namespace laco

@@ -1,0 +1,311 @@
+// y[M, N] = x[M, K] @ dense(W24)^T + bias on the CPU, reading only the packed 2:4 weight.
+//
+// Layout (laco_kernels/formats.py): values [N, K/2] (fp32 or bf16), meta int32 [N, ceil(K/32)];
+// meta word w of row n holds groups 8w..8w+7 (4 bits each: i0 | i1 << 2), i.e. dense columns
+// 32w..32w+31 and values 16w..16w+15. Value j of a word sits at column 4*(j/2) + ((word >> 2j) & 3),
+// so one broadcast, one variable shift, one AND and one ADD turn a meta word into the 16 gather
+// indices of an AVX-512 two-source permute of the 32 x values of that word: x is gathered in
+// registers and the weights are streamed exactly once (half the bytes of a dense fp32 row + 1/16).
+//
+// bf16 on CPUs with AVX512_BF16: x stays bf16, a word-permute gathers it and vdpbf16ps adds each
+// group's two products into fp32 (s24_avx512bf16); elsewhere bf16 is widened to fp32 in registers.
+//
+// Parallel over output rows N (each thread streams a contiguous range of weight rows); x rows are
+// handled in blocks of up to 8 so each weight vector feeds up to 8 FMAs, and K is blocked so those
+// rows stay in L1 (the next row's block is prefetched in software). Accumulation is fp32; every
+// output element is produced by one thread in a fixed order (deterministic for any thread count).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "laco_cpu.h"
+
+namespace laco {
+namespace {
+
+struct S24Args {
+  const float* x;       // [M, K] fp32
+  const uint16_t* x16;  // [M, K] bf16 bits when x is bf16 (AVX512_BF16 path), else nullptr
+  int64_t pf_bytes;     // software prefetch distance in the values stream (see s24_run)
+  const void* values;   // [N, K/2] float or bf16 bits
+  const uint32_t* meta; // [N, W]
+  int64_t M, N, K, W;
+};
+
+constexpr int kMaxMB = 8;
+
+
+// Partial sums over groups [g0, g1) of rows m0..m0+mb of x with weight row n (any ISA's tail).
+template <typename VT>
+void s24_scalar(const S24Args& a, int64_t n, int64_t m0, int mb, int64_t g0, int64_t g1, float* out) {
+  const VT* v = static_cast<const VT*>(a.values) + n * (a.K / 2);
+  const uint32_t* meta = a.meta + n * a.W;
+  for (int i = 0; i < mb; ++i) {
+    const float* xr = a.x + (m0 + i) * a.K;
+    float s0 = 0.f, s1 = 0.f;
+    for (int64_t g = g0; g < g1; ++g) {
+      const uint32_t nib = (meta[g >> 3] >> (4 * (g & 7))) & 0xFu;
+      s0 += to_f32(v[2 * g]) * xr[4 * g + (nib & 3u)];
+      s1 += to_f32(v[2 * g + 1]) * xr[4 * g + (nib >> 2)];
+    }
+    out[i] += s0 + s1;
+  }
+}
+
+#if LACO_X86
+template <typename VT>
+LACO_AVX512 LACO_INLINE __m512 load16_f32_avx512(const VT* p) {
+  if constexpr (std::is_same_v<VT, float>) {
+    return _mm512_loadu_ps(p);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+// One meta word (32 columns) of one weight row against MB rows of x.
+template <typename VT, int MB>
+LACO_AVX512 LACO_INLINE void s24_word_avx512(const VT* v, const uint32_t* meta, const float* x, int64_t K,
+                                             int64_t w, __m512* acc, __m512i shifts, __m512i base, __m512i three,
+                                             int64_t pf_bytes) {
+  _mm_prefetch(reinterpret_cast<const char*>(v + 16 * w) + pf_bytes, _MM_HINT_T0);
+  const __m512i word = _mm512_set1_epi32(static_cast<int>(meta[w]));
+  const __m512i idx = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(word, shifts), three), base);
+  const __m512 vv = load16_f32_avx512(v + 16 * w);
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) {
+    const float* xr = x + i * K + 32 * w;
+    const __m512 g = _mm512_permutex2var_ps(_mm512_loadu_ps(xr), idx, _mm512_loadu_ps(xr + 16));
+    acc[i] = _mm512_fmadd_ps(vv, g, acc[i]);
+  }
+}
+
+// U independent accumulators per x row hide the FMA latency when few rows share a weight vector.
+template <typename VT, int MB, int U>
+LACO_AVX512 void s24_avx512(const S24Args& a, int64_t n, int64_t m0, int64_t g0, int64_t g1, float* out) {
+  const VT* v = static_cast<const VT*>(a.values) + n * (a.K / 2);
+  const uint32_t* meta = a.meta + n * a.W;
+  const float* x = a.x + m0 * a.K;
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i three = _mm512_set1_epi32(3);
+  __m512 acc[U][MB];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < MB; ++i) acc[u][i] = _mm512_setzero_ps();
+
+  const int64_t w0 = g0 / 8, w1 = g1 / 8;  // g0 is a multiple of 8; groups past 8*w1 go scalar
+  int64_t w = w0;
+  for (; w + U <= w1; w += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) s24_word_avx512<VT, MB>(v, meta, x, a.K, w + u, acc[u], shifts, base, three, a.pf_bytes);
+  }
+  for (; w < w1; ++w) s24_word_avx512<VT, MB>(v, meta, x, a.K, w, acc[0], shifts, base, three, a.pf_bytes);
+  for (int i = 0; i < MB; ++i) {
+    __m512 s = acc[0][i];
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][i]);
+    out[i] += _mm512_reduce_add_ps(s);
+  }
+  if (8 * w1 < g1) s24_scalar<VT>(a, n, m0, MB, 8 * w1, g1, out);
+}
+
+template <typename VT>
+LACO_AVX2 LACO_INLINE __m256 load8_f32_avx2(const VT* p) {
+  if constexpr (std::is_same_v<VT, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+// One half meta word (16 columns) of one weight row against MB rows of x.
+template <typename VT, int MB>
+LACO_AVX2 LACO_INLINE void s24_half_avx2(const VT* v, const uint32_t* meta, const float* x, int64_t K, int64_t h,
+                                         __m256* acc, __m256i shifts, __m256i base, __m256i three, int64_t pf_bytes) {
+  _mm_prefetch(reinterpret_cast<const char*>(v + 8 * h) + pf_bytes, _MM_HINT_T0);
+  const uint32_t half = meta[h >> 1] >> (16 * (h & 1));
+  const __m256i idx = _mm256_add_epi32(
+      _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(half)), shifts), three), base);
+  const __m256 vv = load8_f32_avx2(v + 8 * h);
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) {
+    const float* xr = x + i * K + 16 * h;
+    // vpermps uses the low 3 index bits: lanes 0-3 pick from the first 8 columns, lanes 4-7 from the next 8
+    const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr), idx);
+    const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr + 8), idx);
+    acc[i] = _mm256_fmadd_ps(vv, _mm256_blend_ps(lo, hi, 0xF0), acc[i]);
+  }
+}
+
+// AVX2 works on half words (4 groups, 16 columns, 8 values): two one-source permutes and a blend.
+template <typename VT, int MB, int U>
+LACO_AVX2 void s24_avx2(const S24Args& a, int64_t n, int64_t m0, int64_t g0, int64_t g1, float* out) {
+  const VT* v = static_cast<const VT*>(a.values) + n * (a.K / 2);
+  const uint32_t* meta = a.meta + n * a.W;
+  const float* x = a.x + m0 * a.K;
+  const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
+  const __m256i three = _mm256_set1_epi32(3);
+  __m256 acc[U][MB];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < MB; ++i) acc[u][i] = _mm256_setzero_ps();
+
+  const int64_t h0 = g0 / 4, h1 = g1 / 4;
+  int64_t h = h0;
+  for (; h + U <= h1; h += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) s24_half_avx2<VT, MB>(v, meta, x, a.K, h + u, acc[u], shifts, base, three, a.pf_bytes);
+  }
+  for (; h < h1; ++h) s24_half_avx2<VT, MB>(v, meta, x, a.K, h, acc[0], shifts, base, three, a.pf_bytes);
+  for (int i = 0; i < MB; ++i) {
+    __m256 s = acc[0][i];
+    for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[u][i]);
+    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    out[i] += _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+  }
+  if (4 * h1 < g1) s24_scalar<VT>(a, n, m0, MB, 4 * h1, g1, out);
+}
+#endif  // LACO_X86
+
+#if LACO_X86
+// bf16 x and weights: two meta words (16 groups, 64 columns, 32 values) per step. vpermt2w gathers the
+// 32 bf16 x of the kept positions from the 64 columns; vdpbf16ps multiplies them with the 32 values and
+// adds each group's two products into one fp32 lane. Half the instructions of the fp32 path per value.
+template <int MB>
+LACO_AVX512BF16 LACO_INLINE void s24_pair_bf16(const uint16_t* v, const uint32_t* meta, const uint16_t* x, int64_t K,
+                                               int64_t w, __m512* acc, __m512i shifts, __m512i base,
+                                               __m512i three, int64_t pf_bytes) {
+  _mm_prefetch(reinterpret_cast<const char*>(v + 16 * w) + pf_bytes, _MM_HINT_T0);
+  const __m512i lo = _mm512_add_epi32(
+      _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(meta[w])), shifts), three), base);
+  const __m512i hi = _mm512_add_epi32(
+      _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(meta[w + 1])), shifts), three), base);
+  const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(lo)),
+                                         _mm512_cvtepi32_epi16(_mm512_add_epi32(hi, _mm512_set1_epi32(32))), 1);
+  const __m512i vv = _mm512_loadu_si512(v + 16 * w);
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) {
+    const uint16_t* xr = x + i * K + 32 * w;
+    const __m512i g = _mm512_permutex2var_epi16(_mm512_loadu_si512(xr), idx, _mm512_loadu_si512(xr + 32));
+    acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)vv, (__m512bh)g);
+  }
+}
+
+template <int MB, int U>
+LACO_AVX512BF16 void s24_avx512bf16(const S24Args& a, int64_t n, int64_t m0, int64_t g0, int64_t g1, float* out) {
+  const uint16_t* v = static_cast<const uint16_t*>(a.values) + n * (a.K / 2);
+  const uint32_t* meta = a.meta + n * a.W;
+  const uint16_t* x = a.x16 + m0 * a.K;
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i three = _mm512_set1_epi32(3);
+  __m512 acc[U][MB];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < MB; ++i) acc[u][i] = _mm512_setzero_ps();
+  const int64_t w0 = g0 / 8, w1 = w0 + (g1 / 8 - w0) / 2 * 2;  // whole pairs of words; the rest goes scalar
+  int64_t w = w0;
+  for (; w + 2 * U <= w1; w += 2 * U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) s24_pair_bf16<MB>(v, meta, x, a.K, w + 2 * u, acc[u], shifts, base, three, a.pf_bytes);
+  }
+  for (; w < w1; w += 2) s24_pair_bf16<MB>(v, meta, x, a.K, w, acc[0], shifts, base, three, a.pf_bytes);
+  for (int i = 0; i < MB; ++i) {
+    __m512 s = acc[0][i];
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][i]);
+    out[i] += _mm512_reduce_add_ps(s);
+  }
+  if (8 * w1 < g1) s24_scalar<uint16_t>(a, n, m0, MB, 8 * w1, g1, out);
+}
+#endif
+
+template <typename VT, int MB>
+void s24_block(Isa isa, const S24Args& a, int64_t n, int64_t m0, int64_t g0, int64_t g1, float* out) {
+  constexpr int U = MB == 1 ? 4 : (MB == 2 ? 2 : 1);
+#if LACO_X86
+  if constexpr (std::is_same_v<VT, uint16_t>) {
+    if (isa >= Isa::kAvx512Bf16 && a.x16) return s24_avx512bf16<MB, U>(a, n, m0, g0, g1, out);
+  }
+  if (isa >= Isa::kAvx512) return s24_avx512<VT, MB, U>(a, n, m0, g0, g1, out);
+  if (isa == Isa::kAvx2) return s24_avx2<VT, MB, U>(a, n, m0, g0, g1, out);
+#endif
+  s24_scalar<VT>(a, n, m0, MB, g0, g1, out);
+}
+
+template <typename VT>
+void s24_dispatch_mb(Isa isa, int mb, const S24Args& a, int64_t n, int64_t m0, int64_t g0, int64_t g1, float* out) {
+  switch (mb) {
+    case 1: return s24_block<VT, 1>(isa, a, n, m0, g0, g1, out);
+    case 2: return s24_block<VT, 2>(isa, a, n, m0, g0, g1, out);
+    case 3: return s24_block<VT, 3>(isa, a, n, m0, g0, g1, out);
+    case 4: return s24_block<VT, 4>(isa, a, n, m0, g0, g1, out);
+    case 5: return s24_block<VT, 5>(isa, a, n, m0, g0, g1, out);
+    case 6: return s24_block<VT, 6>(isa, a, n, m0, g0, g1, out);
+    case 7: return s24_block<VT, 7>(isa, a, n, m0, g0, g1, out);
+    default: return s24_block<VT, 8>(isa, a, n, m0, g0, g1, out);
+  }
+}
+
+template <typename VT>
+void s24_run(S24Args a, const float* bias, float* y) {
+  const Isa isa = active_isa();
+  // K-blocks sized so the x rows of one M-block stay in cache while the thread's weight rows stream past
+  const int64_t kb = linear_k_block(std::min<int64_t>(a.M, kMaxMB), a.K, 32);  // multiple of 32 unless all of K
+  // Rows are visited block by block: prefetch the same block of the next row (whole rows: 2 KB ahead),
+  // since hardware prefetchers restart at every jump between rows.
+  a.pf_bytes = kb == a.K ? 2048 : (a.K / 2) * static_cast<int64_t>(sizeof(VT));
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(a.K, 1));
+  at::parallel_for(0, a.N, grain, [&](int64_t n0, int64_t n1) {
+    float part[kMaxMB];
+    for (int64_t k0 = 0; k0 < a.K; k0 += kb) {
+      const int64_t g0 = k0 / 4, g1 = std::min(a.K, k0 + kb) / 4;
+      for (int64_t m0 = 0; m0 < a.M; m0 += kMaxMB) {
+        const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, a.M - m0));
+        for (int64_t n = n0; n < n1; ++n) {
+          std::fill(part, part + mb, 0.f);
+          s24_dispatch_mb<VT>(isa, mb, a, n, m0, g0, g1, part);
+          for (int i = 0; i < mb; ++i) {
+            float& dst = y[(m0 + i) * a.N + n];
+            dst = (k0 == 0 ? (bias ? bias[n] : 0.f) : dst) + part[i];
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                           const c10::optional<at::Tensor>& bias, int64_t out_features, int64_t in_features) {
+  const char* op = "sparse24_linear";
+  const int64_t N = out_features, K = in_features;
+  TORCH_CHECK(K > 0 && K % 4 == 0, op, ": in_features must be a positive multiple of 4, got ", K);
+  TORCH_CHECK(values.dim() == 2 && values.size(0) == N && values.size(1) == K / 2, op,
+              ": values must have shape [", N, ", ", K / 2, "], got ", values.sizes());
+  TORCH_CHECK(meta.device().is_cpu() && meta.scalar_type() == at::kInt && meta.is_contiguous(), op,
+              ": meta must be a contiguous CPU int32 tensor");
+  const int64_t W = (K / 4 + 7) / 8;
+  TORCH_CHECK(meta.dim() == 2 && meta.size(0) == N && meta.size(1) == W, op, ": meta must have shape [", N, ", ",
+              W, "], got ", meta.sizes());
+  at::Tensor x32 = linear_x_fp32(x, values, K, op);
+  at::Tensor b32 = linear_bias_fp32(bias, N, op);
+  const int64_t M = x32.size(0);
+  at::Tensor y = at::empty({M, N}, x32.options());
+  if (M == 0 || N == 0) return y.to(x.scalar_type());
+
+  at::Tensor x16 = x.scalar_type() == at::kBFloat16 ? x.contiguous() : at::Tensor();
+  S24Args a{x32.data_ptr<float>(), x16.defined() ? reinterpret_cast<const uint16_t*>(x16.data_ptr()) : nullptr, 0,
+            values.data_ptr(), reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>()),
+            M, N, K, W};
+  const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  if (values.scalar_type() == at::kFloat) {
+    s24_run<float>(a, bp, y.data_ptr<float>());
+    return y;
+  }
+  s24_run<uint16_t>(a, bp, y.data_ptr<float>());
+  return y.to(at::kBFloat16);  // round to nearest even
+}
+
+}  // namespace laco

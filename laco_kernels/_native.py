@@ -1,0 +1,122 @@
+"""Thin Python layer over the optional C++ extension ``laco_kernels._C`` (native CPU kernels).
+
+Importing this module raises ImportError when the extension is not built, so
+``ops.dispatch.native_supports`` answers False and the reference runs instead.
+
+The ops layer calls, for CPU tensors whose dtypes pass :func:`supports_dtype`:
+
+- ``sparse24_linear(x, w24, bias=None, values=None)`` -> ``[..., N]`` in x's dtype
+- ``bitmap_linear(x, bw, bias=None)`` -> ``[..., N]`` in x's dtype
+- ``reconstruction_loss_forward(pred, target, kind)`` -> ``(loss, stats)``
+- ``reconstruction_loss_backward(grad_out, pred, target, kind, stats)`` -> grad of pred
+
+Native kernels take float32 and bfloat16 (accumulation in fp32; bf16 outputs rounded to
+nearest even). float16 is not implemented natively: ``supports_dtype`` says False and the
+caller must run the reference. None of these functions is differentiable; the autograd
+Functions in ``ops/`` call the backward explicitly.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from . import _C  # noqa: F401  (ImportError propagates: the extension is optional)
+from .formats import BitmapWeight, Sparse24Weight
+
+_OPS = ("sparse24_linear", "bitmap_linear", "reconstruction_loss")
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def supports(op: str) -> bool:
+    """True when the extension implements ``op`` (for CPU tensors of a dtype in :func:`supports_dtype`)."""
+    return op in _OPS
+
+
+def supports_dtype(op: str, *dtypes: torch.dtype) -> bool:
+    """True when ``op`` runs natively for all these dtypes (float32 / bfloat16; not float16)."""
+    return supports(op) and all(d in _DTYPES for d in dtypes)
+
+
+def isa() -> str:
+    """Vector ISA the kernels use now: ``"avx512"``, ``"avx2"`` or ``"scalar"`` (chosen at run time)."""
+    return _C.active_isa()
+
+
+def set_isa(name: str) -> None:
+    """Cap the ISA (``"auto"``, ``"scalar"``, ``"avx2"``, ``"avx512"``); for tests and benchmarks."""
+    _C.set_isa(name)
+
+
+def _check_cpu(op: str, bias: torch.Tensor | None = None, **tensors) -> None:
+    """CPU tensors of a native dtype (bias: CPU, any float dtype; it is used in fp32)."""
+    for name, t in {**tensors, "bias": bias}.items():
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"{op} (native): {name} is on {t.device}; the native kernels take CPU tensors")
+    for name, t in tensors.items():
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{op} (native): {name} has dtype {t.dtype}; native kernels take float32 or "
+                            "bfloat16 (check supports_dtype and use the reference otherwise)")
+
+
+def sparse24_linear(x: torch.Tensor, w24: Sparse24Weight, bias: torch.Tensor | None = None,
+                    values: torch.Tensor | None = None) -> torch.Tensor:
+    """x ``[..., K]`` @ dense(w24)^T + bias -> ``[..., N]`` in x's dtype (CPU, fp32 / bf16).
+
+    ``values`` (``[N, K/2]``, x's dtype) overrides ``w24.values`` (e.g. a trainable copy).
+    x, values and bias may be non-contiguous (copied); bias may be any float dtype (used in fp32).
+    """
+    n, k = w24.shape
+    v = w24.values if values is None else values
+    _check_cpu("sparse24_linear", x=x, values=v, bias=bias)
+    if x.shape[-1] != k:
+        raise ValueError(f"sparse24_linear: x has {x.shape[-1]} features (shape {tuple(x.shape)}), weight expects {k}")
+    x2 = x.reshape(-1, k).contiguous()
+    y = _C.sparse24_linear(x2, v.contiguous(), w24.meta.contiguous(), bias, n, k)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def bitmap_linear(x: torch.Tensor, bw: BitmapWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x ``[..., K]`` @ dense(bw)^T + bias -> ``[..., N]`` in x's dtype (CPU, fp32 / bf16).
+
+    ``bw`` must be consistent (as built by ``BitmapWeight.from_dense`` or checked by ``validate()``).
+    """
+    n, k = bw.shape
+    _check_cpu("bitmap_linear", x=x, values=bw.values, bias=bias)
+    if x.shape[-1] != k:
+        raise ValueError(f"bitmap_linear: x has {x.shape[-1]} features (shape {tuple(x.shape)}), weight expects {k}")
+    x2 = x.reshape(-1, k).contiguous()
+    y = _C.bitmap_linear(x2, bw.values.contiguous(), bw.bitmap.contiguous(), bw.offsets.contiguous(),
+                         bw.tile_k, bias, n, k)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def reconstruction_loss_forward(pred: torch.Tensor, target: torch.Tensor, kind: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused loss of ``reference.reconstruction_loss`` for ``pred``, ``target`` ``[..., D]`` (same shape).
+
+    Returns ``(loss, stats)``: loss a 0-dim float32 tensor; stats a float32 tensor to pass back to
+    :func:`reconstruction_loss_backward` unchanged (mse: empty; nmse: ``[1]`` clamped sum of
+    target^2; cosine: ``[R, 3]`` per-row dot, |pred|, |target| with R = numel / D).
+    pred and target may be float32 or bfloat16 independently.
+    """
+    _check_cpu("reconstruction_loss", pred=pred, target=target)
+    if pred.shape != target.shape:
+        raise ValueError(f"reconstruction_loss: pred has shape {tuple(pred.shape)} but target has {tuple(target.shape)}")
+    if pred.dim() == 0 or pred.numel() == 0:
+        raise ValueError(f"reconstruction_loss: need a non-empty tensor with a feature dimension, got {tuple(pred.shape)}")
+    d = pred.shape[-1]
+    return _C.reconstruction_loss_forward(pred.detach().reshape(-1, d).contiguous(),
+                                          target.detach().reshape(-1, d).contiguous(), kind)
+
+
+def reconstruction_loss_backward(grad_out: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, kind: str,
+                                 stats: torch.Tensor) -> torch.Tensor:
+    """d loss / d pred, shaped like ``pred`` and in its dtype (target gets no gradient).
+
+    grad_out: the scalar upstream gradient of the loss; stats: the second output of the forward.
+    """
+    _check_cpu("reconstruction_loss", pred=pred, target=target)
+    d = pred.shape[-1]
+    g = _C.reconstruction_loss_backward(grad_out.detach(), pred.detach().reshape(-1, d).contiguous(),
+                                        target.detach().reshape(-1, d).contiguous(), kind, stats)
+    return g.reshape(pred.shape)

@@ -1,0 +1,422 @@
+"""The ``laco`` command: prune, evaluate, recover and export causal LMs; ``laco run`` is the main job.
+
+    laco run --out runs/smollm2                      # SmolLM2-135M: dense ppl, Wanda 2:4, pruned ppl, report
+    laco prune smollm2-135m --method wanda --pattern 2:4 --out pruned/
+    laco eval pruned/ --seqlen 1024 --max-windows 16
+    laco export pruned/ --out pruned-ct/             # compressed-tensors (vLLM) checkpoint
+
+Every MODEL argument is ``smollm2-135m`` (the cached SmolLM2-135M-Instruct), a local Hugging Face
+model folder, or a folder written by ``laco prune`` (packed sparse weights). Bad arguments end with
+exit code 2 and one line on stderr (``LACO_DEBUG=1`` shows the traceback instead).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+_EPILOG = "Data: WikiText-2 / C4 from ../shared/data next to the repository, or $LACO_DATA_DIR."
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs (exit code 2, one line, no traceback)."""
+
+
+# ----------------------------------------------------------------------------------------
+# argument checks (cheap, before any model is loaded)
+# ----------------------------------------------------------------------------------------
+def _pattern(text: Optional[str]) -> Optional[str]:
+    """``"2:4"`` -> ``"2:4"``; ``None`` / ``"unstructured"`` -> None; anything else: UsageError."""
+    from .prune.masks import parse_pattern
+
+    if text is None or text.strip().lower() == "unstructured":
+        return None
+    try:
+        n, m = parse_pattern(text)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"bad --pattern: {exc}") from None
+    return f"{n}:{m}"
+
+
+def _sparsity(pattern: Optional[str], sparsity: Optional[float]) -> float:
+    from .prune.masks import check_sparsity, pattern_sparsity
+
+    if pattern is not None:
+        implied = pattern_sparsity(pattern)
+        if sparsity is not None and abs(sparsity - implied) > 1e-9:
+            raise UsageError(f"--pattern {pattern} removes {implied:.0%} of the weights but --sparsity is {sparsity}; "
+                             "give one of them")
+        return implied
+    try:
+        return check_sparsity(0.5 if sparsity is None else sparsity)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"impossible --sparsity: {exc}") from None
+
+
+def _model_path(name: str) -> str:
+    """Resolve MODEL and check its family has an adapter row, without loading weights."""
+    from .models.adapters import get_adapter
+    from .models.loading import resolve_model_path
+
+    try:
+        path = resolve_model_path(name)
+    except FileNotFoundError as exc:
+        raise UsageError(f"model not found: {exc}") from None
+    from transformers import AutoConfig
+
+    try:
+        get_adapter(AutoConfig.from_pretrained(path))
+    except ValueError as exc:
+        raise UsageError(f"{name}: {exc}") from None
+    return path
+
+
+def _load(name: str, device: str = "cpu"):
+    """(model, tokenizer) from smollm2-135m, a Hugging Face folder or a laco sparse folder."""
+    import torch
+
+    from .checkpoint import is_sparse_checkpoint, load_sparse, load_tokenizer
+
+    path = _model_path(name)
+    if is_sparse_checkpoint(path):
+        return load_sparse(path, device=device)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device).eval()
+    return model, load_tokenizer(path)
+
+
+def _need_tokenizer(tok, name: str):
+    if tok is None:
+        raise UsageError(f"{name} has no tokenizer files (tokenizer.json / tokenizer_config.json); "
+                         "calibration and perplexity need one")
+    return tok
+
+
+def _save(model, tok, out: str, pattern: Optional[str], packed: bool) -> dict:
+    """Write the pruned model: packed sparse weights (default) or a plain dense HF folder."""
+    from .checkpoint import save_sparse
+    from .nn import sparsify
+
+    summary = {"swapped": 0}
+    if packed:
+        summary = sparsify(model, "2:4" if pattern == "2:4" else "unstructured")
+        save_sparse(model, out, tok)
+    else:
+        os.makedirs(out, exist_ok=True)
+        model.save_pretrained(out)
+        if tok is not None:
+            tok.save_pretrained(out)
+    return summary
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------
+# subcommands
+# ----------------------------------------------------------------------------------------
+def cmd_prune(args) -> int:
+    from .data import calibration_windows
+    from .nn import densify
+    from .prune import prune_model
+    from .prune._cli_options import apply_where
+
+    pattern = _pattern(args.pattern)
+    args.sparsity = _sparsity(pattern, args.sparsity)
+    _model_path(args.model)
+    if args.nsamples < 1 or args.seqlen < 2:
+        raise UsageError(f"need --nsamples >= 1 and --seqlen >= 2, got {args.nsamples} and {args.seqlen}")
+    model, tok = _load(args.model)
+    densify(model)  # a packed input prunes as a dense model
+    calibration = calibration_windows(_need_tokenizer(tok, args.model), args.nsamples, args.seqlen, seed=args.seed)
+    sparsity, where = apply_where(args, model, calibration, batch_size=args.batch_size, device=args.device)
+    report = {"model": args.model, "where": where}
+    if sparsity is not None:
+        report["prune"] = prune_model(model, args.method, sparsity=sparsity, pattern=pattern, calibration=calibration,
+                                      batch_size=args.batch_size, device=args.device)
+        print(f"pruned {args.method} {pattern or 'unstructured'}: overall sparsity "
+              f"{report['prune']['overall_sparsity']:.4f} in {report['prune']['seconds']:.1f} s")
+    if args.out:
+        report["saved"] = _save(model, tok, args.out, pattern, packed=sparsity is not None and not args.dense)
+        _write_json(os.path.join(args.out, "prune_report.json"), report)
+        print(f"saved to {args.out}")
+    return 0
+
+
+def _eval(model, tok, args, name: str) -> dict:
+    from .eval import perplexity
+
+    out = {}
+    if args.seqlen:
+        out["wikitext2"] = perplexity(model, _need_tokenizer(tok, name), seqlen=args.seqlen,
+                                      max_windows=args.max_windows, batch_size=args.batch_size, device=args.device)
+        print(f"WikiText-2 perplexity (seqlen {args.seqlen}, {out['wikitext2']['windows']} windows): "
+              f"{out['wikitext2']['ppl']:.3f}")
+    if getattr(args, "tasks", None):
+        from .eval import zeroshot
+
+        tasks = [t for t in args.tasks.split(",") if t]
+        out["zeroshot"] = zeroshot(model, tok, tasks, include_path=args.include_path, limit=args.limit,
+                                   batch_size=args.batch_size)
+        for task, metrics in out["zeroshot"].items():
+            print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("stderr")))
+    return out
+
+
+def cmd_eval(args) -> int:
+    if args.seqlen is not None and args.seqlen < 2:
+        raise UsageError(f"--seqlen must be >= 2, got {args.seqlen}")
+    if args.include_path and not os.path.isdir(args.include_path):
+        raise UsageError(f"--include-path {args.include_path!r} is not a directory")
+    model, tok = _load(args.model, args.device)
+    results = _eval(model, tok, args, args.model)
+    if args.json:
+        _write_json(args.json, results)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .checkpoint import export_compressed_tensors
+
+    model, tok = _load(args.model)
+    sc = export_compressed_tensors(model, args.out, format=args.format, tokenizer=tok)
+    print(f"exported {args.format} to {args.out} (global sparsity {sc['global_sparsity']:.4f}, "
+          f"ignored: {', '.join(sc['ignore']) or 'none'})")
+    return 0
+
+
+RECOVER_METHODS = ("layerwise", "lora", "restore-lcc")
+
+
+def _recover(method: str, dense, pruned, tok, args):
+    """The recovery hook shared by ``laco recover`` and ``laco run --recover``: returns (model, info)."""
+    from . import recover
+    from .data import calibration_windows
+
+    tok = _need_tokenizer(tok, "the model")
+    if method == "layerwise":
+        ids = calibration_windows(tok, args.recover_nsamples, args.recover_seqlen, seed=args.seed + 1)
+        res = recover.layerwise(dense, pruned, ids, epochs=args.recover_epochs, lr=args.recover_lr,
+                                batch_size=args.recover_batch_size, device=args.device)
+        return pruned, {"method": method, "seconds": res.seconds, "blocks": res.blocks}
+    if method == "lora":
+        res = recover.lora(pruned, tok, nsamples=args.recover_nsamples, seqlen=args.recover_seqlen,
+                           epochs=args.recover_epochs, lr=args.recover_lr, batch_size=args.recover_batch_size,
+                           device=args.device, seed=args.seed, merge=True)
+        return res.model, {"method": method, "seconds": res.seconds, "losses": res.losses,
+                           "pruned_weights_made_nonzero": res.pruned_weights_made_nonzero}
+    from .recover.restore_lcc import restore_lcc
+
+    res = restore_lcc(dense, pruned, tok, n_prompts=args.recover_nsamples, epochs=args.recover_epochs,
+                      seed=args.seed)
+    return pruned, {"method": method, "seconds": res.seconds, "losses": res.losses}
+
+
+def cmd_recover(args) -> int:
+    from .nn import densify
+    from .prune.masks import is_nm
+
+    pruned, tok = _load(args.model)
+    densify(pruned)
+    dense, _ = _load(args.dense)
+    model, info = _recover(args.method, dense, pruned, tok, args)
+    blocks = [m for n, m in model.named_modules() if type(m).__name__ == "Linear" and "lm_head" not in n]
+    is24 = bool(blocks) and all(m.weight.shape[1] % 4 == 0 and is_nm(m.weight != 0, 2, 4) for m in blocks)
+    keep_sparse = args.method != "lora"  # a merged LoRA adapter makes the weights dense
+    _save(model, tok, args.out, "2:4" if is24 else None, packed=keep_sparse)
+    _write_json(os.path.join(args.out, "recover_report.json"), info)
+    print(f"recovered with {args.method}; saved to {args.out}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    """The README's main job; see the subparser help."""
+    from .data import calibration_windows
+    from .eval import perplexity
+    from .prune import prune_model
+
+    pattern = _pattern(args.pattern)
+    sparsity = _sparsity(pattern, args.sparsity)
+    _model_path(args.model)
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.perf_counter()
+    times, ppl = {}, {}
+
+    def step(name, fn):
+        t = time.perf_counter()
+        print(f"== {name}", flush=True)
+        value = fn()
+        times[name] = round(time.perf_counter() - t, 1)
+        return value
+
+    model, tok = step("load", lambda: _load(args.model))
+    tok = _need_tokenizer(tok, args.model)
+
+    def ppl_of(m):
+        return perplexity(m, tok, seqlen=args.seqlen, max_windows=args.max_windows, device=args.device)
+
+    ppl["dense"] = step("dense perplexity", lambda: ppl_of(model))["ppl"]
+    print(f"dense perplexity: {ppl['dense']:.3f}", flush=True)
+    calibration = step("calibration", lambda: calibration_windows(tok, args.nsamples, args.calib_seqlen, seed=args.seed))
+    dense = copy.deepcopy(model) if args.recover != "none" else None
+    report = step("prune", lambda: prune_model(model, args.method, sparsity=sparsity, pattern=pattern,
+                                               calibration=calibration, batch_size=args.batch_size, device=args.device))
+    ppl["pruned"] = step("pruned perplexity", lambda: ppl_of(model))["ppl"]
+    print(f"pruned perplexity ({args.method} {pattern or f'{sparsity:.0%} unstructured'}): {ppl['pruned']:.3f}",
+          flush=True)
+    recovery = None
+    if args.recover != "none":  # recovery slots in here: any method of laco_kernels.recover
+        model, recovery = step(f"recover ({args.recover})", lambda: _recover(args.recover, dense, model, tok, args))
+        del dense
+        ppl["recovered"] = step("recovered perplexity", lambda: ppl_of(model))["ppl"]
+        print(f"recovered perplexity ({args.recover}): {ppl['recovered']:.3f}", flush=True)
+    packed = args.recover != "lora"
+    saved = step("sparsify + save", lambda: _save(model, tok, os.path.join(args.out, "model"), pattern, packed))
+    total = round(time.perf_counter() - t0, 1)
+    result = {"model": args.model, "method": args.method, "pattern": pattern, "sparsity": sparsity,
+              "calibration": [args.nsamples, args.calib_seqlen], "eval": {"seqlen": args.seqlen,
+                                                                         "max_windows": args.max_windows},
+              "ppl": ppl, "prune": report, "recovery": recovery, "saved": saved, "seconds": times, "total_seconds": total}
+    _write_json(os.path.join(args.out, "report.json"), result)
+    from ._report import write_report
+
+    write_report(args.out, result)
+    print(f"done in {total:.0f} s: report in {os.path.join(args.out, 'report.md')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# parser
+# ----------------------------------------------------------------------------------------
+def _add_common(p, batch_size: int = 8):
+    p.add_argument("--device", default="cpu", help="where blocks compute: cpu or cuda (default: cpu)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"samples per forward (default: {batch_size})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default: 0)")
+
+
+def _add_prune_choice(p, method="wanda", pattern=None):
+    from .prune import METHODS
+
+    p.add_argument("--method", choices=METHODS, default=method, help=f"pruning method (default: {method})")
+    p.add_argument("--pattern", default=pattern, metavar="N:M",
+                   help="N:M pattern such as 2:4 or 4:8, or 'unstructured' (default: "
+                        f"{pattern or 'unstructured'})")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="fraction of weights removed for unstructured pruning, in [0, 1) (default: 0.5; "
+                        "implied by --pattern)")
+
+
+def _add_recover_options(p, default_epochs: int):
+    g = p.add_argument_group("recovery settings")
+    g.add_argument("--recover-nsamples", type=int, default=128, help="calibration windows (or prompts) (default: 128)")
+    g.add_argument("--recover-seqlen", type=int, default=128, help="tokens per window (default: 128)")
+    g.add_argument("--recover-epochs", type=int, default=default_epochs,
+                   help=f"passes over the data (default: {default_epochs})")
+    g.add_argument("--recover-lr", type=float, default=3e-4, help="learning rate (default: 3e-4)")
+    g.add_argument("--recover-batch-size", type=int, default=4, help="batch size (default: 4)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .prune._cli_options import add_where_arguments
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="laco", description=__doc__, formatter_class=fmt, epilog=_EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", formatter_class=fmt, help="the main job: prune SmolLM2 to 2:4, evaluate, save, report",
+                       description="Load MODEL, measure its WikiText-2 perplexity, prune it (Wanda 2:4 by default) "
+                                   "block by block on C4 calibration windows, measure again, optionally recover "
+                                   "it, save it with packed sparse weights to OUT/model, and write OUT/report.md, "
+                                   "OUT/report.json and OUT/block_error.png (per-block reconstruction error). "
+                                   "About 5-10 minutes for SmolLM2-135M on 2 CPU cores with the defaults.")
+    p.add_argument("--model", default="smollm2-135m", help="model name or folder (default: smollm2-135m)")
+    p.add_argument("--out", default="runs/smollm2", help="output folder (default: runs/smollm2)")
+    _add_prune_choice(p, "wanda", "2:4")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default: 32)")
+    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default: 512)")
+    p.add_argument("--seqlen", type=int, default=1024, help="perplexity window length (default: 1024)")
+    p.add_argument("--max-windows", type=int, default=16, help="perplexity windows (default: 16)")
+    p.add_argument("--recover", choices=("none",) + RECOVER_METHODS, default="none",
+                   help="recovery after pruning (default: none; layerwise takes ~7 min per 2 epochs of 128x128)")
+    _add_common(p)
+    _add_recover_options(p, default_epochs=2)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("prune", formatter_class=fmt, help="prune a model and save it",
+                       description="Prune every linear of MODEL's decoder blocks, block by block on C4 "
+                                   "calibration windows, and save it (packed sparse weights) to --out.\n"
+                                   "example: laco prune smollm2-135m --method wanda --pattern 2:4 --out pruned/")
+    p.add_argument("model", help="smollm2-135m or a Hugging Face model folder")
+    _add_prune_choice(p)
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
+    p.add_argument("--seqlen", type=int, default=128, help="tokens per calibration window (default: 128)")
+    p.add_argument("--out", help="folder for the pruned model (omit to prune without saving)")
+    p.add_argument("--dense", action="store_true", help="save plain dense weights instead of packed ones")
+    _add_common(p)
+    add_where_arguments(p)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", formatter_class=fmt, help="WikiText-2 perplexity and zero-shot accuracy",
+                       description="Evaluate MODEL: WikiText-2 test perplexity (non-overlapping windows), and "
+                                   "zero-shot accuracy with lm-eval when --tasks is given.\n"
+                                   "example: laco eval pruned/ --seqlen 1024 --max-windows 16")
+    p.add_argument("model", help="smollm2-135m, a Hugging Face folder or a folder from laco prune")
+    p.add_argument("--seqlen", type=int, default=1024, help="perplexity window length; 0 skips it (default: 1024)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate the first windows only (default: all)")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, e.g. piqa,arc_easy")
+    p.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAML files")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (count, or fraction if < 1)")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    _add_common(p, batch_size=1)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", formatter_class=fmt, help="export to compressed-tensors (vLLM)",
+                       description="Write MODEL as a compressed-tensors checkpoint (2:4 sparsity config) that "
+                                   "serving engines load.\nexample: laco export pruned/ --out pruned-ct/")
+    p.add_argument("model", help="a folder from laco prune (2:4) or a pruned Hugging Face folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", choices=("sparse-24-bitmask", "dense"), default="sparse-24-bitmask",
+                   help="compressed 2:4 values + bitmask, or dense weights (default: sparse-24-bitmask)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("recover", formatter_class=fmt, help="recover a pruned model toward its dense model",
+                       description="Recover the pruned MODEL: layer-wise compensation toward --dense (masks kept), "
+                                   "a LoRA baseline (merged: weights become dense), or RestoreLCC.\n"
+                                   "example: laco recover pruned/ --dense smollm2-135m --method layerwise --out rec/")
+    p.add_argument("model", help="the pruned model (folder from laco prune)")
+    p.add_argument("--dense", default="smollm2-135m", help="the dense model it came from (default: smollm2-135m)")
+    p.add_argument("--method", choices=RECOVER_METHODS, default="layerwise", help="default: layerwise")
+    p.add_argument("--out", required=True, help="output folder")
+    _add_common(p)
+    _add_recover_options(p, default_epochs=2)
+    p.set_defaults(func=cmd_recover)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, FileNotFoundError, ValueError) as exc:
+        if os.environ.get("LACO_DEBUG", "0") not in ("", "0"):
+            raise
+        msg = " ".join(str(exc).split())
+        print(f"laco {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("laco: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

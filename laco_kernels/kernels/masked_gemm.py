@@ -1,0 +1,329 @@
+"""Masked linear layer for training with a fixed sparsity pattern: forward and both gradients.
+
+    forward      y  [M, N] = x [M, K] @ (W ⊙ mask)^T [K, N] + b
+    grad input   dX [M, K] = dY [M, N] @ (W ⊙ mask) [N, K]
+    grad weight  dW [N, K] = (dY^T [N, M] @ X [M, K]) ⊙ mask      (+ db [N] = sum_m dY, fused)
+
+The mask is a :class:`~laco_kernels.formats.PackedMask` (int32 ``[N, ceil(K/32)]``, bit
+``k % 32`` of word ``k // 32``). Every program loads the ``BLOCK_N x BLOCK_K/32`` words of its
+weight tile once and expands them to bits in registers, so the mask costs 1/16 of the fp16
+weight's bytes and no tensor of W's size exists besides dW itself. dW is written already
+masked: a pruned weight gets an exact zero gradient, so no optimizer without weight decay can
+make it nonzero.
+
+Inputs fp16 / bf16 / fp32 (x and W the same dtype), fp32 accumulation, outputs in x's dtype.
+fp32 inputs use ``input_precision="ieee"`` by default: on a GPU fp32 ``tl.dot`` would be TF32
+(10-bit mantissa, ~1e-3 relative error), as large as the small corrections recovery learns and
+far outside the 1e-4 tolerance the fp32 reference comparison holds; "tf32" is a launcher option
+for speed when that is acceptable. ``HAS_MASK=False`` gives the plain (unmasked) linear with the
+same tiling: the baseline of the traffic audit.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._bits import unpack_bits
+
+
+# ----------------------------------------------------------------------------------------
+# configs per shape regime (decode: few rows; prefill / training: many rows)
+# ----------------------------------------------------------------------------------------
+def _config(rows: int, dtype: torch.dtype) -> dict:
+    """Tile sizes for a GEMM whose "rows" dimension (M for y and dX, N for dW) is ``rows``.
+
+    BLOCK_K is a multiple of 32 (one mask word per 32 columns). fp32 with ``ieee`` precision
+    runs on FMA units with the tiles in registers, so its tiles are smaller. Every config is
+    chosen to compile without spills for sm_80 and sm_90 even without the JIT's alignment
+    specialization (odd shapes), which is what the COMPILE_SPECS check.
+    """
+    if dtype == torch.float32:
+        if rows <= 16:
+            return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2)
+    if rows <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+    if rows <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _dx_config(m: int, dtype: torch.dtype) -> dict:
+    """Tiles of an input-gradient GEMM: output [BLOCK_M, BLOCK_K], reduction over N in BLOCK_N."""
+    if dtype == torch.float32:  # larger fp32 (FMA) tiles spill in the masked or the 2:4 variant
+        return _config(1, dtype)
+    cfg = _config(m, dtype)
+    if m > 64:
+        cfg["BLOCK_N"] = 64  # a 128-wide reduction tile spills here
+    return cfg
+
+
+def _dw_config(n: int, dtype: torch.dtype) -> dict:
+    """Tiles of a weight-gradient GEMM: output [BLOCK_N, BLOCK_K] over N rows, reduction over M."""
+    cfg = _config(n, dtype)
+    return dict(cfg, BLOCK_N=cfg["BLOCK_M"], BLOCK_M=cfg["BLOCK_N"])
+
+
+@triton.jit
+def _grouped_pid(pid, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr):
+    """Tutorial grouped ordering: GROUP row tiles share the column tiles they sweep (L2 reuse)."""
+    grid_r = tl.cdiv(n_rows, BLOCK_R)
+    grid_c = tl.cdiv(n_cols, BLOCK_C)
+    per_group = GROUP * grid_c
+    group_id = pid // per_group
+    first_r = group_id * GROUP
+    size = tl.minimum(grid_r - first_r, GROUP)
+    pid_r = first_r + ((pid % per_group) % size)
+    pid_c = (pid % per_group) // size
+    return pid_r, pid_c
+
+
+@triton.jit
+def _load_tile_words(bits_ptr, offs_n, k0, N, K, stride_bn, BLOCK_K: tl.constexpr):
+    """The BLOCK_K // 32 packed words per row covering columns k0 .. k0 + BLOCK_K (one load each).
+
+    Serves the mask bits and the 2:4 metadata alike (both hold 32 columns per int32 word);
+    words past a row's end load as 0.
+    """
+    words_k = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    return tl.load(bits_ptr + offs_n[:, None] * stride_bn + words_k[None, :],
+                   mask=(offs_n[:, None] < N) & (words_k[None, :] < tl.cdiv(K, 32)), other=0)
+
+
+@triton.jit
+def _masked_w_tile(w_ptr, bits_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_wk, stride_bn,
+                   HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(W ⊙ mask)[offs_n, k0 + offs_k] as a [BLOCK_N, BLOCK_K] tile in W's dtype."""
+    kk = k0 + offs_k
+    inside = (offs_n[:, None] < N) & (kk[None, :] < K)
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :] * stride_wk, mask=inside, other=0.0)
+    if HAS_MASK:
+        words = _load_tile_words(bits_ptr, offs_n, k0, N, K, stride_bn, BLOCK_K)
+        w = tl.where(unpack_bits(words, BLOCK_N, BLOCK_K) != 0, w, tl.zeros_like(w))
+    return w
+
+
+@triton.jit
+def _masked_linear_fwd_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, y_ptr, M, N, K,
+                              stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_ym, stride_yn,
+                              HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              GROUP_M: tl.constexpr):
+    """y[M, N] = x[M, K] @ (W ⊙ mask)[N, K]^T + b; one [BLOCK_M, BLOCK_N] tile per program."""
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
+        w = _masked_w_tile(w_ptr, bits_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_wk, stride_bn,
+                           HAS_MASK, BLOCK_N, BLOCK_K)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _masked_linear_dx_kernel(dy_ptr, w_ptr, bits_ptr, dx_ptr, M, N, K,
+                             stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_dxm, stride_dxk,
+                             HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             GROUP_M: tl.constexpr):
+    """dX[M, K] = dY[M, N] @ (W ⊙ mask)[N, K]; one [BLOCK_M, BLOCK_K] tile per program, loop over N."""
+    pid_m, pid_k = _grouped_pid(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    k0 = pid_k * BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        w = _masked_w_tile(w_ptr, bits_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_wk, stride_bn,
+                           HAS_MASK, BLOCK_N, BLOCK_K)
+        acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+    kk = k0 + offs_k
+    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + kk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (kk[None, :] < K))
+
+
+@triton.jit
+def _masked_linear_dw_kernel(dy_ptr, x_ptr, bits_ptr, dw_ptr, db_ptr, M, N, K,
+                             stride_dym, stride_dyn, stride_xm, stride_xk, stride_bn, stride_dwn, stride_dwk,
+                             HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             GROUP_M: tl.constexpr):
+    """dW[N, K] = (dY^T @ X) ⊙ mask, one [BLOCK_N, BLOCK_K] tile per program, loop over M.
+
+    With HAS_BIAS the programs of the first K tile also write db[N] = sum_m dY (they read
+    those dY tiles anyway, so the bias gradient costs no extra pass over dY).
+    """
+    pid_n, pid_k = _grouped_pid(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        # dY^T tile [BLOCK_N, BLOCK_M] read straight from dY [M, N] through its strides
+        dyt = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
+                      mask=(offs_m[None, :] < M) & (offs_n[:, None] < N), other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        acc = tl.dot(dyt, x, acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            db += tl.sum(dyt.to(tl.float32), axis=1)
+    if HAS_MASK:
+        words = _load_tile_words(bits_ptr, offs_n, pid_k * BLOCK_K, N, K, stride_bn, BLOCK_K)
+        acc = tl.where(unpack_bits(words, BLOCK_N, BLOCK_K) != 0, acc, 0.0)
+    tl.store(dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk, acc.to(dw_ptr.dtype.element_ty),
+             mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+    if HAS_BIAS:
+        if pid_k == 0:
+            tl.store(db_ptr + offs_n, db.to(db_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+# ----------------------------------------------------------------------------------------
+# host launchers (2-D tensors, any strides; the ops layer validates and reshapes)
+# ----------------------------------------------------------------------------------------
+def _precision(dtype: torch.dtype, input_precision: str | None) -> str:
+    if input_precision is None:
+        return "ieee"
+    if input_precision not in ("ieee", "tf32", "tf32x3"):
+        raise ValueError(f"input_precision must be 'ieee', 'tf32' or 'tf32x3', got {input_precision!r}")
+    return input_precision
+
+
+def _bits_args(bits: torch.Tensor | None, like: torch.Tensor):
+    if bits is None:  # HAS_MASK=False: any int32 pointer, never read
+        return like.new_empty(1, dtype=torch.int32), 0
+    if bits.stride(1) != 1:
+        bits = bits.contiguous()
+    return bits, bits.stride(0)
+
+
+def masked_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor | None,
+                      bias: torch.Tensor | None = None, input_precision: str | None = None) -> torch.Tensor:
+    """x [M, K] @ (weight [N, K] ⊙ bits)^T + bias [N] -> y [M, N] in x's dtype (bits=None: no mask)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    has_mask = bits is not None
+    bits, sbn = _bits_args(bits, x)
+    cfg = _config(m, x.dtype)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _masked_linear_fwd_kernel[grid](
+        x, weight, bits, bias if bias is not None else y, y, m, n, k,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), sbn, y.stride(0), y.stride(1),
+        HAS_MASK=has_mask, HAS_BIAS=bias is not None,
+        DOT_PRECISION=_precision(x.dtype, input_precision), **cfg)
+    return y
+
+
+def masked_linear_dx(dy: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor | None,
+                     input_precision: str | None = None) -> torch.Tensor:
+    """dY [M, N] @ (weight [N, K] ⊙ bits) -> dX [M, K] in dY's dtype (bits=None: no mask)."""
+    m, n = dy.shape
+    k = weight.shape[1]
+    dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
+    if m == 0:
+        return dx
+    has_mask = bits is not None
+    bits, sbn = _bits_args(bits, dy)
+    cfg = _dx_config(m, dy.dtype)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"]),)
+    _masked_linear_dx_kernel[grid](
+        dy, weight, bits, dx, m, n, k,
+        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), sbn, dx.stride(0), dx.stride(1),
+        HAS_MASK=has_mask, DOT_PRECISION=_precision(dy.dtype, input_precision), **cfg)
+    return dx
+
+
+def masked_linear_dw(dy: torch.Tensor, x: torch.Tensor, bits: torch.Tensor | None, want_bias: bool = False,
+                     bias_dtype: torch.dtype | None = None, input_precision: str | None = None):
+    """(dY [M, N]^T @ x [M, K]) ⊙ bits -> (dW [N, K] in x's dtype, db [N] or None).
+
+    db (in ``bias_dtype``, default x's dtype) = sum over M of dY, computed in the same pass.
+    """
+    m, n = dy.shape
+    k = x.shape[1]
+    dw = torch.empty(n, k, dtype=x.dtype, device=x.device)
+    db = torch.empty(n, dtype=bias_dtype or x.dtype, device=x.device) if want_bias else None
+    if m == 0:
+        dw.zero_()
+        if db is not None:
+            db.zero_()
+        return dw, db
+    has_mask = bits is not None
+    bits, sbn = _bits_args(bits, x)
+    cfg = _dw_config(n, x.dtype)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(k, cfg["BLOCK_K"]),)
+    _masked_linear_dw_kernel[grid](
+        dy, x, bits, dw, db if db is not None else dw, m, n, k,
+        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), sbn, dw.stride(0), dw.stride(1),
+        HAS_MASK=has_mask, HAS_BIAS=want_bias, DOT_PRECISION=_precision(x.dtype, input_precision), **cfg)
+    return dw, db
+
+
+# ----------------------------------------------------------------------------------------
+# compile checks: every kernel at every config it can launch (bench/compile_report.py)
+# ----------------------------------------------------------------------------------------
+_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+REGIMES = {"decode": 8, "mid": 48, "prefill": 512}  # a representative row count per config branch
+# strides of the innermost dimension are 1 for contiguous tensors, which the JIT specializes
+# as a constant; the specs do the same so they compile what a contiguous launch runs
+_UNIT_STRIDES = ("stride_xk", "stride_wk", "stride_yn", "stride_dyn", "stride_dxk", "stride_dwk",
+                 "stride_vk", "stride_dvk")
+
+
+def _spec(kernel, ptrs: dict, cfg: dict, flags: dict, label: str, representative: bool = False):
+    """CompileSpec of a launch on row-major tensors: inner strides 1 (constexpr, as the JIT
+    specializes them), pointers, outer strides, N and K multiples of 16 (as for Llama shapes).
+    The configs were also checked to compile without spills when nothing is 16-divisible."""
+    import inspect
+
+    from ._compile import CompileSpec
+
+    cfg = dict(cfg)
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    consts = {**flags, **cfg}
+    sig = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in _UNIT_STRIDES:
+            consts[name] = 1
+        sig[name] = "constexpr" if name in consts else ptrs.get(name, "i32")
+    divisible = tuple(a for a, t in sig.items() if t.startswith("*") or (t == "i32" and a not in ("M",)))
+    fp32 = ptrs.get("dy_ptr", ptrs.get("x_ptr")) == "*fp32"
+    return CompileSpec(kernel, sig, consts, warps, stages, label, is_gemm=True, expect_tensor_core=not fp32,
+                       note="fp32 uses input_precision='ieee' (FMA, no tensor cores) on purpose" if fp32 else "",
+                       representative=representative, divisible=divisible)
+
+
+def _compile_specs():
+    specs = []
+    for dtype, p in _TYPES.items():
+        dt = str(dtype).replace("torch.", "")
+        for regime, rows in REGIMES.items():
+            tag, rep = f"{dt} {regime}", dtype == torch.bfloat16 and regime == "prefill"
+            specs.append(_spec(_masked_linear_fwd_kernel, dict(x_ptr=p, w_ptr=p, bits_ptr="*i32", b_ptr=p, y_ptr=p),
+                               _config(rows, dtype), dict(HAS_MASK=True, HAS_BIAS=True, DOT_PRECISION="ieee"),
+                               f"{tag} masked+bias", rep))
+            specs.append(_spec(_masked_linear_dx_kernel, dict(dy_ptr=p, w_ptr=p, bits_ptr="*i32", dx_ptr=p),
+                               _dx_config(rows, dtype), dict(HAS_MASK=True, DOT_PRECISION="ieee"), f"{tag} masked",
+                               rep))
+            specs.append(_spec(_masked_linear_dw_kernel,
+                               dict(dy_ptr=p, x_ptr=p, bits_ptr="*i32", dw_ptr=p, db_ptr=p),
+                               _dw_config(rows, dtype), dict(HAS_MASK=True, HAS_BIAS=True, DOT_PRECISION="ieee"),
+                               f"{tag} masked+bias", rep))
+    return specs
+
+
+COMPILE_SPECS = _compile_specs()

@@ -1,0 +1,472 @@
+"""LaCo layer-wise compensation: recover a pruned model block by block, its sparsity mask kept exactly.
+
+Two streams run over the calibration set through :class:`~laco_kernels.models.capture.BlockRunner`:
+the dense stream ``H_l = dense_block_l(H_{l-1})`` and the pruned stream ``H'_l``. For each block
+``l`` the pruned block is swapped to trainable sparse layers (``laco_kernels.nn.sparsify``: 2:4 as
+compressed values, unstructured as a weight plus a fixed bit mask; norms trainable too), trained to
+minimise ``loss(pruned_block_l(H'_{l-1}), target)`` with ``target = H_l`` (``"dense-stream"``, the
+default) or ``dense_block_l(H'_{l-1})`` (``"ebft"``), then ``H'_l = trained_block_l(H'_{l-1})``
+and the block is densified back. Only the block in training is on the compute device; the rest of
+both models stays on the CPU, or on disk (pass a model folder instead of a module). An optional
+stage 2 distils the whole pruned model to the dense logits (KL, temperature T, loss x T^2).
+
+Crash-safe (``checkpoint_dir``), data-parallel under ``torch.distributed`` (each rank holds a
+shard of the calibration samples; gradients are averaged before every step).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..models.adapters import block_linears, get_adapter
+from ..models.capture import BlockRunner, HiddenStream
+from ._checkpoint import RecoveryCheckpoint, atomic_save_json, atomic_save_tensors, tensor_digest
+from ._losses import block_loss, parse_loss
+from ._source import DiskSource, ModuleSource
+
+TARGETS = ("dense-stream", "ebft")
+PATTERNS = ("auto", "2:4", "unstructured")
+_CRASH_ENV = "_LACO_CRASH_AT"  # test hook "block:step": os._exit after that optimizer step
+
+
+@dataclass
+class LayerwiseConfig:
+    """Recovery settings; defaults are the published LaCo recipe (batch 1, 10 epochs, AdamW 5e-5).
+
+    batch_size is per rank (global batch = batch_size x world size). max_steps_per_block caps
+    the optimizer steps of each block (memory measurements). eval_batch_size: micro-batch of the
+    no-grad passes that build the streams.
+    """
+
+    epochs: int = 10
+    lr: float = 5e-5
+    weight_decay: float = 1e-5
+    lr_min: float = 1e-7
+    batch_size: int = 1
+    clip: float = 1.0
+    loss: str = "mse"
+    target: str = "dense-stream"
+    pattern: str = "auto"
+    device: str = "cpu"
+    train_dtype: torch.dtype = torch.float32
+    stream_dtype: torch.dtype = torch.float16
+    seed: int = 0
+    checkpoint_dir: Optional[str] = None
+    offload_dir: Optional[str] = None
+    output_dir: Optional[str] = None
+    max_steps_per_block: Optional[int] = None
+    eval_batch_size: int = 8
+    track_errors: bool = True
+    progress: bool = True
+    stage2_epochs: int = 0
+    stage2_lr: float = 1e-5
+    stage2_batch_size: int = 1
+    temperature: float = 2.0
+
+    def validate(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
+        if self.lr <= 0 or self.clip <= 0:
+            raise ValueError(f"lr and clip must be positive, got lr={self.lr}, clip={self.clip}")
+        parse_loss(self.loss)
+
+    def fingerprint(self) -> Dict[str, Any]:
+        """The settings that change the result (checkpoint identity)."""
+        skip = {"checkpoint_dir", "progress", "output_dir", "offload_dir", "eval_batch_size"}
+        return {k: str(v) for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+@dataclass
+class LayerwiseResult:
+    """model: the recovered module (in-memory input) or the output folder (disk input)."""
+
+    model: Union[nn.Module, str]
+    blocks: List[Dict[str, Any]] = field(default_factory=list)
+    stage2: List[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+
+def _rank_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _average_grads(params: List[nn.Parameter], world: int) -> None:
+    """All-reduce (mean) every gradient in one flat buffer (one collective per step)."""
+    if world == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world
+    off = 0
+    for g in grads:
+        g.copy_(flat[off:off + g.numel()].view_as(g))
+        off += g.numel()
+
+
+def _shard_indices(n: int, batch_size: int, rank: int, world: int) -> torch.Tensor:
+    """Global sample indices held by ``rank``: local batch b = samples b*G + rank*bs + [0, bs).
+
+    Global batch b (G = bs * world samples) is thus the same set in a single-process run with
+    batch G and in a ``world``-rank run with batch bs; shuffling permutes batch order only.
+    """
+    g = batch_size * world
+    if world > 1 and n % g:
+        raise ValueError(f"{n} calibration samples do not split into global batches of {g} "
+                         f"({batch_size} per rank x {world} ranks)")
+    idx = torch.arange(n)
+    if world == 1:
+        return idx
+    return idx.view(n // g, world, batch_size)[:, rank].reshape(-1)
+
+
+def _detect_pattern(block: nn.Module, adapter) -> str:
+    """"2:4" when every linear of the block has at most 2 non-zeros in each group of 4 inputs."""
+    for lin in block_linears(block, adapter).values():
+        w = lin.weight.detach()
+        if w.shape[1] % 4 or int(((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) > 2).sum()):
+            return "unstructured"
+    return "2:4"
+
+
+def _masks(block: nn.Module, adapter) -> Dict[str, torch.Tensor]:
+    return {n: lin.weight.detach() == 0 for n, lin in block_linears(block, adapter).items()}
+
+
+def _check_masks(block: nn.Module, adapter, zeros: Dict[str, torch.Tensor], l: int) -> None:
+    """Every weight that was pruned before recovery must still be exactly zero."""
+    for n, lin in block_linears(block, adapter).items():
+        bad = int((lin.weight.detach()[zeros[n]] != 0).sum())
+        if bad:
+            raise RuntimeError(f"block {l} {n}: {bad} pruned weights became non-zero during recovery")
+
+
+def _set_trainable(block: nn.Module) -> List[nn.Parameter]:
+    params = []
+    for p in block.parameters():
+        if p.is_floating_point():
+            p.requires_grad_(True)
+            params.append(p)
+    return params
+
+
+def _crash_point():
+    spec = os.environ.get(_CRASH_ENV)
+    return tuple(int(x) for x in spec.split(":")) if spec else None
+
+
+@torch.no_grad()
+def _stream_nmse(a: HiddenStream, b: HiddenStream, chunk: int = 16) -> torch.Tensor:
+    """[sum (a-b)^2, sum b^2] over the whole stream, in fp64."""
+    acc = torch.zeros(2, dtype=torch.float64)
+    for s in range(0, len(a), chunk):
+        x, y = a[s:s + chunk].double(), b[s:s + chunk].double()
+        acc += torch.stack([((x - y) ** 2).sum(), (y ** 2).sum()])
+    return acc
+
+
+def _global_nmse(acc: torch.Tensor, world: int) -> float:
+    if world > 1:
+        dist.all_reduce(acc, op=dist.ReduceOp.SUM)
+    return float(acc[0] / acc[1].clamp_min(1e-30))
+
+
+def _train_block(block: nn.Module, runner: BlockRunner, x_in: HiddenStream, target: HiddenStream,
+                 cfg: LayerwiseConfig, l: int, world: int) -> Dict[str, Any]:
+    """Train ``block`` (already sparsified, on the device) on (x_in -> target); returns loss trace."""
+    params = _set_trainable(block)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_batches = math.ceil(len(x_in) / cfg.batch_size)
+    total = cfg.epochs * n_batches
+    if cfg.max_steps_per_block is not None:
+        total = min(total, cfg.max_steps_per_block)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1), eta_min=cfg.lr_min)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + l)  # per block: resume is bit-exact
+    torch.manual_seed(cfg.seed * 1_000_003 + l)
+    kinds = parse_loss(cfg.loss)
+    crash = _crash_point()
+    losses, step = [], 0
+    block.train()
+    bar = tqdm(total=total, desc=f"block {l}", leave=False, disable=not cfg.progress)
+    while step < total:
+        for b in torch.randperm(n_batches, generator=gen).tolist():
+            if step >= total:
+                break
+            sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+            x = x_in[sl].to(runner.device)
+            y = target[sl].to(runner.device, cfg.train_dtype)
+            loss = block_loss(runner.forward_block(block, x), y, kinds)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            _average_grads(params, world)
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            opt.step()
+            sched.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            if crash == (l, step):
+                os._exit(86)
+    bar.close()
+    block.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return {"steps": step, "loss_first": losses[0] if losses else None,
+            "loss_last": float(sum(losses[-n_batches:]) / len(losses[-n_batches:])) if losses else None}
+
+
+def layerwise(dense_model: Union[nn.Module, str], pruned_model: Union[nn.Module, str],
+              calibration: torch.Tensor, **config) -> LayerwiseResult:
+    """Recover ``pruned_model`` block by block towards ``dense_model``; see the module docstring.
+
+    dense_model / pruned_model: causal LMs in RAM (``nn.Module``, same family and shapes; the
+    pruned one is updated in place) or Hugging Face folders with safetensors weights (read block
+    by block; the recovered model is written to ``output_dir``). calibration: token ids
+    ``[samples, seqlen]`` (int64), the same on every rank (each rank takes its shard).
+    config: fields of :class:`LayerwiseConfig`. Returns a :class:`LayerwiseResult` whose
+    ``blocks`` hold, per block, the normalised error ``||out - target||^2 / ||target||^2`` over the
+    calibration set before and after training, and the training losses.
+    """
+    cfg = LayerwiseConfig(**config)
+    cfg.validate()
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.is_floating_point():
+        raise ValueError("calibration must be an integer tensor of token ids [samples, seqlen]")
+    t0 = time.time()
+    rank, world = _rank_world()
+    on_disk = isinstance(pruned_model, str)
+    if isinstance(dense_model, str) != on_disk:
+        raise ValueError("give both models as modules or both as folders")
+    if on_disk and not cfg.output_dir:
+        raise ValueError("models given as folders need output_dir for the recovered weights")
+    if on_disk and cfg.stage2_epochs:
+        raise ValueError("stage 2 needs both whole models in memory; give modules, not folders")
+    dsrc = DiskSource(dense_model) if on_disk else ModuleSource(dense_model)
+    if on_disk:
+        dsrc.drop_embeddings()  # the dense skeleton only lends its block template
+    psrc = DiskSource(pruned_model) if on_disk else ModuleSource(pruned_model)
+    if dsrc.n_blocks != psrc.n_blocks:
+        raise ValueError(f"dense model has {dsrc.n_blocks} blocks, pruned model {psrc.n_blocks}")
+    adapter = psrc.adapter
+    ckpt_dir = cfg.checkpoint_dir or (os.path.join(cfg.output_dir, "_checkpoint") if on_disk else None)
+    ckpt = None
+    if ckpt_dir:
+        fp = dict(cfg.fingerprint(), calibration=tensor_digest(calibration), world=world,
+                  n_blocks=psrc.n_blocks)
+        ckpt = RecoveryCheckpoint(ckpt_dir, fp)
+    runner = BlockRunner(psrc.model, device=cfg.device, batch_size=cfg.eval_batch_size,
+                         stream_dtype=cfg.stream_dtype, offload_dir=cfg.offload_dir, progress=False)
+    ids = calibration[_shard_indices(len(calibration), cfg.batch_size, rank, world)]
+
+    prog = ckpt.load_progress() if ckpt else None
+    start = prog["finished"] if prog else 0
+    records: List[Dict[str, Any]] = list(prog["blocks"]) if prog else []
+    for l in range(start):
+        psrc.store(l, ckpt.load_block(l))
+    dense_in = None
+    if start == 0:
+        pruned_in = runner.capture(ids)
+        if cfg.target == "dense-stream":
+            dense_in = runner.new_stream(pruned_in.shape)
+            dense_in.data.copy_(pruned_in.data)
+    else:
+        saved = ckpt.load_streams(start - 1, rank)
+        pruned_in = runner.new_stream(tuple(saved["pruned"].shape))
+        pruned_in[:] = saved["pruned"]
+        if cfg.target == "dense-stream":
+            dense_in = runner.new_stream(tuple(saved["dense"].shape))
+            dense_in[:] = saved["dense"]
+        del saved
+
+    if on_disk:  # record the block kwargs of every micro-batch size, then free the embedding
+        t = ids.shape[1]
+        for bs in (cfg.batch_size, cfg.eval_batch_size):
+            for size in {min(bs, len(ids) - s) for s in range(0, len(ids), bs)}:
+                runner.block_kwargs(size, t)
+        psrc.drop_embeddings()
+
+    pattern = cfg.pattern
+    for l in tqdm(range(start, psrc.n_blocks), desc="layer-wise recovery", disable=not cfg.progress or rank):
+        tb = time.time()
+        dblock = dsrc.load(l)
+        if cfg.target == "dense-stream":
+            target = runner.run_block(dblock, dense_in)
+        else:
+            target = runner.run_block(dblock, pruned_in)
+        dsrc.release(l, dblock)
+        del dblock
+        block = psrc.load(l)
+        if pattern == "auto":
+            pattern = _detect_pattern(block, adapter)
+        zeros = _masks(block, adapter)
+        rec: Dict[str, Any] = {"block": l, "pattern": pattern}
+        if cfg.track_errors:
+            before = runner.run_block(block, pruned_in)
+            rec["nmse_before"] = _global_nmse(_stream_nmse(before, target), world)
+            before.delete()
+        home_dtype = next(block.parameters()).dtype
+        block = _sparsify(block, pattern)
+        block.to(runner.device, cfg.train_dtype)
+        rec.update(_train_block(block, runner, pruned_in, target, cfg, l, world))
+        block = _densify(block)
+        block.to("cpu", home_dtype)
+        psrc.put(l, block)
+        _check_masks(block, adapter, zeros, l)
+        pruned_out = runner.run_block(block, pruned_in)
+        if cfg.track_errors:
+            rec["nmse_after"] = _global_nmse(_stream_nmse(pruned_out, target), world)
+        rec["seconds"] = round(time.time() - tb, 3)
+        state = {k: v.detach().clone() for k, v in block.state_dict().items()}
+        if not isinstance(psrc, ModuleSource):
+            psrc.release(l, block)
+        del block
+        if cfg.target == "dense-stream":
+            dense_in.delete()
+            dense_in = target
+        else:
+            target.delete()
+        pruned_in.delete()
+        pruned_in = pruned_out
+        records.append(rec)
+        if ckpt:
+            if rank == 0:
+                ckpt.save_block(l, state)
+            streams = {"pruned": pruned_in.data}
+            if dense_in is not None:
+                streams["dense"] = dense_in.data
+            ckpt.save_streams(l, rank, streams)
+            _barrier(world)
+            if rank == 0:
+                ckpt.commit(l + 1, {"blocks": records, "n_blocks": psrc.n_blocks})
+            _barrier(world)
+            ckpt.cleanup(l + 1, rank)
+        del state
+    pruned_in.delete()
+    if dense_in is not None:
+        dense_in.delete()
+
+    result = LayerwiseResult(model=cfg.output_dir if on_disk else pruned_model, blocks=records,
+                             tokens=int(calibration.numel()), resumed_from=start)
+    if cfg.stage2_epochs:
+        result.stage2 = _stage2(dense_model, pruned_model, ids, cfg, adapter, world)
+    if on_disk and rank == 0:
+        _write_folder(psrc, ckpt, cfg.output_dir)
+    _barrier(world)
+    result.seconds = round(time.time() - t0, 3)
+    return result
+
+
+def _sparsify(block: nn.Module, pattern: str) -> nn.Module:
+    """Swap the block's linears in place for trainable sparse layers (2:4 values / masked weight)."""
+    from ..nn import sparsify
+
+    report = sparsify(block, pattern=pattern, mode="train")
+    if not report["swapped"]:
+        raise RuntimeError(f"no linear of the block could be made {pattern}-sparse")
+    return block
+
+
+def _densify(block: nn.Module) -> nn.Module:
+    from ..nn import densify
+
+    densify(block)
+    return block
+
+
+def _stage2(dense_model: nn.Module, pruned_model: nn.Module, ids: torch.Tensor, cfg: LayerwiseConfig,
+            adapter, world: int) -> List[float]:
+    """End-to-end KL distillation of the whole pruned model (masks kept) to the dense logits.
+
+    Both whole models visit ``cfg.device`` here: memory is the model's, not one block's.
+    Returns the mean loss of each epoch.
+    """
+    from ..models.adapters import get_module
+
+    T = cfg.temperature
+    blocks = get_module(pruned_model, adapter.blocks)
+    zeros = [_masks(b, adapter) for b in blocks]
+    pattern = cfg.pattern if cfg.pattern != "auto" else _detect_pattern(blocks[0], adapter)
+    for i in range(len(blocks)):
+        blocks[i] = _sparsify(blocks[i], pattern)
+    for p in pruned_model.parameters():
+        p.requires_grad_(False)
+    params = [p for b in blocks for p in _set_trainable(b)]
+    dense_model.to(cfg.device)
+    pruned_model.to(cfg.device)
+    opt = torch.optim.AdamW(params, lr=cfg.stage2_lr, weight_decay=cfg.weight_decay)
+    bs = cfg.stage2_batch_size
+    n_batches = math.ceil(len(ids) / bs)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.stage2_epochs * n_batches, eta_min=cfg.lr_min)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 999_983)
+    history = []
+    pruned_model.train()
+    for _ in tqdm(range(cfg.stage2_epochs), desc="stage 2 (KL)", disable=not cfg.progress):
+        total = 0.0
+        for b in torch.randperm(n_batches, generator=gen).tolist():
+            x = ids[b * bs:(b + 1) * bs].to(cfg.device)
+            with torch.no_grad():
+                t_logp = torch.log_softmax(dense_model(input_ids=x, use_cache=False).logits.float() / T, -1)
+            s_logp = torch.log_softmax(pruned_model(input_ids=x, use_cache=False).logits.float() / T, -1)
+            kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * T * T
+            opt.zero_grad(set_to_none=True)
+            kl.backward()
+            _average_grads(params, world)
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            opt.step()
+            sched.step()
+            total += float(kl.detach())
+        history.append(total / n_batches)
+    pruned_model.eval()
+    for i in range(len(blocks)):
+        blocks[i] = _densify(blocks[i])
+        _check_masks(blocks[i], adapter, zeros[i], i)
+    for p in pruned_model.parameters():
+        p.requires_grad_(False)
+    dense_model.to("cpu")
+    pruned_model.to("cpu")
+    return history
+
+
+def _write_folder(psrc: DiskSource, ckpt: RecoveryCheckpoint, out: str) -> None:
+    """A loadable Hugging Face folder: one safetensors shard per block plus the rest, and an index."""
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(psrc.folder):
+        if not name.endswith(".safetensors") and name != "model.safetensors.index.json" \
+                and os.path.isfile(os.path.join(psrc.folder, name)):
+            shutil.copyfile(os.path.join(psrc.folder, name), os.path.join(out, name))
+    weight_map: Dict[str, str] = {}
+    rest_keys = [k for k in psrc.wmap if not k.startswith(psrc.prefix)]
+    from ._source import _read
+
+    atomic_save_tensors(os.path.join(out, "model-rest.safetensors"), _read(rest_keys, psrc.wmap))
+    weight_map.update({k: "model-rest.safetensors" for k in rest_keys})
+    for l in range(psrc.n_blocks):
+        name = f"model-block-{l:05d}.safetensors"
+        state = {f"{psrc.prefix}{l}.{k}": v for k, v in ckpt.load_block(l).items()}
+        atomic_save_tensors(os.path.join(out, name), state)
+        weight_map.update({k: name for k in state})
+        del state
+    atomic_save_json(os.path.join(out, "model.safetensors.index.json"),
+                     {"metadata": {"format": "pt"}, "weight_map": weight_map})

@@ -1,0 +1,132 @@
+"""The ``laco`` command: --help, one-line errors with exit code 2, and a tiny end-to-end prune / eval / export."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from _tiny import tiny_model, tiny_tokenizer
+from laco_kernels.checkpoint import is_sparse_checkpoint, load_sparse
+from laco_kernels.cli import main
+from laco_kernels.nn import SparseLinear24, sparse_modules
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model(layers=2).save_pretrained(str(folder))
+    tiny_tokenizer().save_pretrained(str(folder))
+    return str(folder)
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("cmd", [[], ["run"], ["prune"], ["eval"], ["export"], ["recover"]])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(cmd + ["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: laco" in text
+    if cmd in ([], ["prune"], ["eval"], ["export"]):
+        assert "example" in text or "laco prune" in text
+
+
+def test_errors_are_one_line_exit_2(tiny_folder, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=64)).save_pretrained(str(gpt2))
+    cases = [
+        (["prune", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "model not found"),
+        (["prune", tiny_folder, "--pattern", "2-4"], "bad --pattern"),
+        (["prune", tiny_folder, "--pattern", "4:2"], "bad --pattern"),
+        (["prune", tiny_folder, "--sparsity", "1.5"], "impossible --sparsity"),
+        (["prune", tiny_folder, "--pattern", "2:4", "--sparsity", "0.7"], "removes 50% of the weights"),
+        (["prune", str(gpt2)], "no adapter for model_type 'gpt2'"),
+        (["eval", str(tmp_path / "missing")], "model not found"),
+        (["run", "--model", tiny_folder, "--pattern", "x:y", "--out", str(tmp_path / "r")], "bad --pattern"),
+    ]
+    capsys.readouterr()  # drop the progress output of saving the gpt2 folder
+    for argv, expect in cases:
+        code, out, err = _run(argv, capsys)
+        assert code == 2, argv
+        err = err.strip().splitlines()[-1] if "[transformers]" in err else err
+        assert err.count("\n") <= 1 and expect in err and "Traceback" not in err, (argv, err)
+    with pytest.raises(SystemExit) as e:  # argparse's own checks also exit 2
+        main(["prune", tiny_folder, "--method", "obs"])
+    assert e.value.code == 2
+
+
+def test_module_entry_point_exit_code():
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.run([sys.executable, "-m", "laco_kernels.cli", "prune", "/no/such/model"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "model not found" in proc.stderr
+
+
+def test_prune_eval_export_end_to_end(tiny_folder, tmp_path, capsys):
+    out = str(tmp_path / "pruned")
+    code, stdout, _ = _run(["prune", tiny_folder, "--method", "wanda", "--pattern", "2:4", "--nsamples", "4",
+                            "--seqlen", "32", "--out", out], capsys)
+    assert code == 0 and "overall sparsity 0.5000" in stdout
+    assert is_sparse_checkpoint(out)
+    report = json.load(open(os.path.join(out, "prune_report.json")))
+    assert report["prune"]["method"] == "wanda" and len(report["prune"]["block_error"]) == 2
+    assert report["saved"]["swapped"] == 14
+    model, tok = load_sparse(out)
+    assert tok is not None and all(isinstance(m, SparseLinear24) for m in sparse_modules(model).values())
+
+    res = str(tmp_path / "eval.json")
+    code, stdout, _ = _run(["eval", out, "--seqlen", "64", "--max-windows", "2", "--json", res], capsys)
+    assert code == 0 and "WikiText-2 perplexity (seqlen 64, 2 windows)" in stdout
+    ppl = json.load(open(res))["wikitext2"]["ppl"]
+    # the same number from Python on the dense pruned model (packed and dense forward agree)
+    from laco_kernels.eval import perplexity
+    from laco_kernels.nn import densify
+
+    densify(model)
+    expect = perplexity(model, tok, seqlen=64, max_windows=2, progress=False)["ppl"]
+    assert ppl == pytest.approx(expect, rel=1e-4)
+
+    ct = str(tmp_path / "ct")
+    code, stdout, _ = _run(["export", out, "--out", ct], capsys)
+    assert code == 0 and "global sparsity" in stdout
+    config = json.load(open(os.path.join(ct, "config.json")))
+    assert config["quantization_config"]["sparsity_config"]["format"] == "sparse-24-bitmask"
+
+
+def test_prune_unstructured_magnitude_dense_save(tiny_folder, tmp_path, capsys):
+    out = str(tmp_path / "p")
+    code, stdout, _ = _run(["prune", tiny_folder, "--method", "magnitude", "--sparsity", "0.6", "--nsamples", "2",
+                            "--seqlen", "16", "--out", out, "--dense"], capsys)
+    assert code == 0 and not is_sparse_checkpoint(out)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    w = model.model.layers[1].mlp.up_proj.weight
+    assert abs(float((w == 0).float().mean()) - 0.6) < 0.01
+    assert torch.isfinite(w).all()
+
+
+def test_run_writes_report_and_plot(tiny_folder, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    code, stdout, _ = _run(["run", "--model", tiny_folder, "--nsamples", "2", "--calib-seqlen", "32", "--seqlen", "64",
+                            "--max-windows", "2", "--out", out], capsys)
+    assert code == 0 and "dense perplexity:" in stdout and "pruned perplexity (wanda 2:4):" in stdout
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert set(report["ppl"]) == {"dense", "pruned"} and report["prune"]["overall_sparsity"] == 0.5
+    md = open(os.path.join(out, "report.md")).read()
+    assert f"| dense | {report['ppl']['dense']:.2f} |" in md and "block_error.png" in md
+    with open(os.path.join(out, "block_error.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    model, _ = load_sparse(os.path.join(out, "model"))
+    assert len(sparse_modules(model)) == 14

@@ -1,0 +1,108 @@
+"""formats.py: round trips (hypothesis), the 2:4 validity check, safetensors save/load, errors."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from laco_kernels.formats import BitmapWeight, PackedMask, Sparse24Weight, pack_bits, unpack_bits
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+SETTINGS = dict(max_examples=25, deadline=None)
+
+
+def _random_24(n, k, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    w[w == 0] = 1  # exact zeros would make "kept" positions ambiguous
+    # keep 0, 1 or 2 entries of each group at random positions
+    keep = torch.rand(n, k // 4, 4, generator=g).argsort(-1) < torch.randint(0, 3, (n, k // 4, 1), generator=g)
+    return w * keep.reshape(n, k).to(dtype)
+
+
+@settings(**SETTINGS)
+@given(n=st.integers(1, 9), groups=st.integers(1, 20), seed=st.integers(0, 2 ** 16), dtype=st.sampled_from(DTYPES))
+def test_sparse24_round_trip(n, groups, seed, dtype):
+    w = _random_24(n, 4 * groups, seed, dtype)
+    w24 = Sparse24Weight.from_dense(w)
+    assert torch.equal(w24.to_dense(), w)
+    assert w24.values.shape == (n, 2 * groups) and w24.meta.dtype == torch.int32
+    assert w24.meta.shape == (n, (groups + 7) // 8)
+    assert torch.equal(w24.mask() | (w == 0), torch.ones_like(w, dtype=torch.bool))
+    w24.validate()
+    assert w24.nbytes == w24.values.numel() * w24.values.element_size() + w24.meta.numel() * 4
+
+
+@settings(**SETTINGS)
+@given(n=st.integers(1, 6), groups=st.integers(1, 12), seed=st.integers(0, 2 ** 16))
+def test_sparse24_validity_check_rejects_three_nonzeros(n, groups, seed):
+    w = _random_24(n, 4 * groups, seed, torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    r, c = int(torch.randint(0, n, (1,), generator=g)), int(torch.randint(0, groups, (1,), generator=g))
+    w[r, 4 * c: 4 * c + 3] = torch.tensor([1.0, -2.0, 3.0])  # three nonzeros in one group
+    with pytest.raises(ValueError, match=f"not 2:4 sparse: row {r}, columns {4 * c}"):
+        Sparse24Weight.from_dense(w)
+    pruned = Sparse24Weight.from_dense(w, prune=True)
+    d = pruned.to_dense()
+    assert ((d.reshape(n, groups, 4) != 0).sum(-1) <= 2).all()
+    assert torch.equal(d[r, 4 * c: 4 * c + 4], torch.tensor([0.0, -2.0, 3.0, 0.0]))  # two largest magnitudes
+
+
+def test_sparse24_prune_keeps_two_largest_of_dense():
+    w = torch.tensor([[0.1, -5.0, 0.2, 4.0, 1.0, 2.0, 3.0, -4.0]])
+    assert torch.equal(Sparse24Weight.from_dense(w, prune=True).to_dense(),
+                       torch.tensor([[0.0, -5.0, 0.0, 4.0, 0.0, 0.0, 3.0, -4.0]]))
+
+
+@settings(**SETTINGS)
+@given(n=st.integers(1, 7), k=st.integers(1, 300), sparsity=st.floats(0.0, 1.0), seed=st.integers(0, 2 ** 16),
+       tile_k=st.sampled_from([32, 64, 128, 256]), dtype=st.sampled_from(DTYPES))
+def test_bitmap_round_trip(n, k, sparsity, seed, tile_k, dtype):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * (torch.rand(n, k, generator=g) >= sparsity)).to(dtype)
+    bw = BitmapWeight.from_dense(w, tile_k=tile_k)
+    assert torch.equal(bw.to_dense(), w)
+    assert bw.values.numel() == int((w != 0).sum())
+    assert bw.offsets.shape == (n, (k + tile_k - 1) // tile_k)
+    bw.validate()
+
+
+@settings(**SETTINGS)
+@given(n=st.integers(1, 5), k=st.integers(1, 100), seed=st.integers(0, 2 ** 16))
+def test_bits_round_trip(n, k, seed):
+    m = torch.rand(n, k, generator=torch.Generator().manual_seed(seed)) > 0.5
+    assert torch.equal(unpack_bits(pack_bits(m), k), m)
+    assert torch.equal(PackedMask.from_bool(m).to_bool(), m)
+
+
+@pytest.mark.parametrize("cls", ["sparse24", "bitmap", "mask"])
+def test_safetensors_round_trip(tmp_path, cls):
+    w = Sparse24Weight.from_dense(torch.randn(6, 40), prune=True).to_dense()
+    obj = {"sparse24": lambda: Sparse24Weight.from_dense(w), "bitmap": lambda: BitmapWeight.from_dense(w, tile_k=64),
+           "mask": lambda: PackedMask.from_weight(w)}[cls]()
+    path = str(tmp_path / "w.safetensors")
+    obj.save(path)
+    back = type(obj).load(path)
+    for name, t in obj.to_tensors().items():
+        assert torch.equal(back.to_tensors()[name], t), name
+    assert back.shape == obj.shape
+    with pytest.raises(ValueError, match="expected format"):
+        (BitmapWeight if cls != "bitmap" else Sparse24Weight).load(path)
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        Sparse24Weight.from_dense(torch.randn(3, 6))
+    with pytest.raises(TypeError, match="dtype int64"):
+        Sparse24Weight.from_dense(torch.ones(3, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="2 dimensions"):
+        BitmapWeight.from_dense(torch.randn(8))
+    with pytest.raises(ValueError, match="tile_k"):
+        BitmapWeight.from_dense(torch.randn(2, 8), tile_k=48)
+    with pytest.raises(ValueError, match="empty"):
+        Sparse24Weight.from_dense(torch.randn(0, 8))
+    w24 = Sparse24Weight.from_dense(torch.randn(4, 16), prune=True)
+    with pytest.raises(ValueError, match="values has shape"):
+        Sparse24Weight(w24.values[:, :4], w24.meta, w24.shape).validate()
+    bw = BitmapWeight.from_dense(torch.randn(4, 64))
+    with pytest.raises(ValueError, match="offsets do not match"):
+        BitmapWeight(bw.values, bw.bitmap, bw.offsets + 1, bw.shape, bw.tile_k).validate()

@@ -1,0 +1,110 @@
+"""Layer-wise recovery (LaCo stage 1 and 2) on tiny random-init Llamas."""
+import copy
+
+import pytest
+import torch
+from _recover_util import dense_and_pruned, one_thread
+
+from laco_kernels.recover import layerwise
+from laco_kernels.recover._losses import block_loss, parse_loss
+
+CALIB = dict(samples=8, seqlen=16)
+
+
+_threads = pytest.fixture(autouse=True)(one_thread)
+
+
+def _ids(n=CALIB["samples"], t=CALIB["seqlen"], vocab=100, seed=1):
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
+def test_mask_holds_and_error_drops(pattern):
+    dense, pruned = dense_and_pruned(pattern)
+    zeros = {k: v == 0 for k, v in pruned.state_dict().items() if ".layers." in k and v.dim() == 2}
+    before = copy.deepcopy(pruned.state_dict())
+    res = layerwise(dense, pruned, _ids(), epochs=3, lr=1e-3, progress=False)
+    assert res.model is pruned and len(res.blocks) == 3
+    state = pruned.state_dict()
+    for k, z in zeros.items():
+        assert int(z.sum()) > 0
+        assert torch.all(state[k][z] == 0), f"{k}: pruned weights became non-zero"
+        assert not torch.equal(state[k], before[k]), f"{k} was not trained"
+    norms = [k for k in state if "layernorm" in k]
+    assert any(not torch.equal(state[k], before[k]) for k in norms), "norms were not trained"
+    for rec in res.blocks:
+        assert rec["pattern"] == pattern
+        assert rec["nmse_after"] < rec["nmse_before"]
+
+
+def test_recovery_brings_logits_closer_to_dense():
+    dense, pruned = dense_and_pruned("2:4")
+    ids = _ids(seed=3)
+    kl = lambda: torch.nn.functional.kl_div(pruned(ids).logits.log_softmax(-1), dense(ids).logits.log_softmax(-1),
+                                            log_target=True, reduction="batchmean").item()
+    with torch.no_grad():
+        k0 = kl()
+    layerwise(dense, pruned, _ids(), epochs=4, lr=1e-3, loss="token-nmse", progress=False)
+    with torch.no_grad():
+        assert kl() < 0.85 * k0
+
+
+def test_ebft_target_and_stage2_keep_mask():
+    dense, pruned = dense_and_pruned("unstructured")
+    pruned2 = copy.deepcopy(pruned)
+    zeros = {k: v == 0 for k, v in pruned.state_dict().items() if ".layers." in k and v.dim() == 2}
+    ids = _ids(4)
+    kw = dict(epochs=1, lr=1e-3, target="ebft", loss="token-nmse+0.5*cosine", progress=False)
+    layerwise(dense, pruned, ids, **kw)
+    res = layerwise(dense, pruned2, ids, stage2_epochs=3, stage2_lr=3e-4, **kw)
+    assert len(res.stage2) == 3
+
+    def kl(m):
+        with torch.no_grad():
+            t = dense(ids).logits.div(2).log_softmax(-1)
+            return (t.exp() * (t - m(ids).logits.div(2).log_softmax(-1))).sum(-1).mean().item()
+
+    assert kl(pruned2) < kl(pruned)  # stage 2 improved on stage 1 alone
+    for k, z in zeros.items():
+        assert torch.all(pruned2.state_dict()[k][z] == 0)
+
+
+def test_disk_models_match_in_memory(tmp_path):
+    """Models given as safetensors folders (block-by-block loading) give the in-memory result."""
+    from transformers import AutoModelForCausalLM
+
+    dense, pruned = dense_and_pruned("2:4")
+    dense.save_pretrained(tmp_path / "dense")
+    pruned.save_pretrained(tmp_path / "pruned")
+    kw = dict(epochs=2, lr=1e-3, progress=False)
+    layerwise(dense, pruned, _ids(), **kw)
+    res = layerwise(str(tmp_path / "dense"), str(tmp_path / "pruned"), _ids(), output_dir=str(tmp_path / "out"),
+                    offload_dir=str(tmp_path / "streams"), **kw)
+    assert res.model == str(tmp_path / "out")
+    out = AutoModelForCausalLM.from_pretrained(res.model, use_safetensors=True)
+    for k, v in pruned.state_dict().items():
+        torch.testing.assert_close(out.state_dict()[k], v, atol=1e-6, rtol=1e-6)
+    assert not any((tmp_path / "streams").iterdir()), "stream files were left behind"
+
+
+def test_token_nmse_is_per_token_normalised():
+    p, t = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    t[0, 0] *= 100  # a massive token does not dominate
+    want = (((p - t) ** 2).sum(-1) / (t ** 2).sum(-1)).mean()
+    got = block_loss(p, t, parse_loss("token-nmse"))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    mix = block_loss(p, t, parse_loss("token-nmse+0.5*cosine"))
+    cos = (1 - torch.nn.functional.cosine_similarity(p, t, dim=-1)).mean()
+    torch.testing.assert_close(mix, want + 0.5 * cos, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_arguments_raise():
+    dense, pruned = dense_and_pruned("2:4", layers=1)
+    with pytest.raises(ValueError, match="target"):
+        layerwise(dense, pruned, _ids(), target="teacher", progress=False)
+    with pytest.raises(ValueError, match="loss kind"):
+        layerwise(dense, pruned, _ids(), loss="l1", progress=False)
+    with pytest.raises(ValueError, match="token ids"):
+        layerwise(dense, pruned, _ids().float(), progress=False)
+    with pytest.raises(ValueError, match="output_dir"):
+        layerwise("a", "b", _ids(), progress=False)

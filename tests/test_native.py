@@ -1,0 +1,219 @@
+"""Native CPU kernels (laco_kernels._C via laco_kernels._native) against the references.
+
+Every vector path this CPU has (scalar, AVX2, AVX-512, capped with ``set_isa``) is compared with
+``reference.py`` on awkward shapes, fp32 and bf16, with 1 and 2 threads. Without the extension
+these tests skip (with the reason) and only the fallback test runs.
+"""
+import sys
+
+import pytest
+import torch
+
+import laco_kernels
+from laco_kernels import reference
+from laco_kernels.formats import BitmapWeight, Sparse24Weight
+from laco_kernels.ops import dispatch
+
+from conftest import TOLERANCES
+
+try:
+    from laco_kernels import _native
+except ImportError as exc:  # the extension is optional
+    _native, _IMPORT_ERROR = None, exc
+
+needs_ext = pytest.mark.skipif(_native is None, reason="laco_kernels._C is not built (C++ extension is optional)")
+
+_ISA_ORDER = ("scalar", "avx2", "avx512", "avx512bf16")
+ISAS = list(_ISA_ORDER[: _ISA_ORDER.index(_native._C.detected_isa()) + 1]) if _native else ["scalar"]
+DTYPES = [torch.float32, torch.bfloat16]
+# (M, N, K): M=1 decode, odd M, M=16, M=67 (several M-blocks); N, K not multiples of vector widths;
+# K=1000 splits into several K-blocks once M > 1; K=8196 is the large-K case
+SHAPES = [(1, 5, 36), (3, 17, 100), (16, 33, 260), (67, 9, 1000), (1, 7, 8196), (3, 3, 8196)]
+
+
+@pytest.fixture
+def isa_and_threads(request):
+    isa, threads = request.param
+    old = torch.get_num_threads()
+    _native.set_isa(isa)
+    assert _native.isa() == isa
+    torch.set_num_threads(threads)
+    yield isa
+    _native.set_isa("auto")
+    torch.set_num_threads(old)
+
+
+CONFIGS = [(isa, t) for isa in ISAS for t in (1, 2)]
+
+
+def _close(actual, expected, dtype):
+    torch.testing.assert_close(actual.float(), expected.float(), **TOLERANCES[dtype])
+
+
+@needs_ext
+@pytest.mark.parametrize("isa_and_threads", CONFIGS, indirect=True, ids=lambda c: f"{c[0]}-t{c[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_sparse24_linear_matches_reference(isa_and_threads, dtype, shape):
+    m, n, k = shape
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k).to(dtype), prune=True)
+    x, bias = torch.randn(m, k).to(dtype), torch.randn(n).to(dtype)
+    for b in (None, bias):
+        y = _native.sparse24_linear(x, w24, b)
+        assert y.dtype == dtype and y.shape == (m, n)
+        _close(y, reference.sparse24_linear(x, w24, b), dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("isa_and_threads", CONFIGS, indirect=True, ids=lambda c: f"{c[0]}-t{c[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("density", [0.3, 0.5])
+def test_bitmap_linear_matches_reference(isa_and_threads, dtype, shape, density):
+    m, n, k = shape
+    w = torch.randn(n, k) * (torch.rand(n, k) < density)
+    bw = BitmapWeight.from_dense(w.to(dtype))
+    x, bias = torch.randn(m, k).to(dtype), torch.randn(n)
+    for b in (None, bias):
+        _close(_native.bitmap_linear(x, bw, b), reference.bitmap_linear(x, bw, b), dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("isa_and_threads", [(isa, 2) for isa in ISAS], indirect=True, ids=lambda c: c[0])
+@pytest.mark.parametrize("tile_k", [32, 256])
+def test_bitmap_linear_edge_rows_and_tiles(isa_and_threads, tile_k):
+    """Empty rows, full rows, K not a multiple of 32, the last nonzero at the very end of values."""
+    n, k = 6, 1001
+    w = torch.randn(n, k) * (torch.rand(n, k) < 0.4)
+    w[1] = 0
+    w[2] = torch.randn(k)
+    w[-1, -1] = 3.0
+    bw = BitmapWeight.from_dense(w, tile_k=tile_k)
+    for m in (1, 5, 20):
+        x = torch.randn(m, k)
+        _close(_native.bitmap_linear(x, bw), reference.bitmap_linear(x, bw), torch.float32)
+
+
+@needs_ext
+def test_linears_take_noncontiguous_and_batched_inputs():
+    k, n = 64, 12
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k), prune=True)
+    bw = BitmapWeight.from_dense(torch.randn(n, k) * (torch.rand(n, k) < 0.3))
+    x = torch.randn(2, k, 5).transpose(1, 2)  # [2, 5, K], not contiguous
+    assert not x.is_contiguous()
+    _close(_native.sparse24_linear(x, w24), reference.sparse24_linear(x, w24), torch.float32)
+    _close(_native.bitmap_linear(x, bw), reference.bitmap_linear(x, bw), torch.float32)
+    values = torch.randn(k // 2, n).t()  # trainable override, not contiguous
+    _close(_native.sparse24_linear(x, w24, values=values), reference.sparse24_linear(x, w24, values=values),
+           torch.float32)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linears_same_bits_for_any_thread_count(dtype):
+    m, n, k = 5, 301, 1000
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k).to(dtype), prune=True)
+    bw = BitmapWeight.from_dense((torch.randn(n, k) * (torch.rand(n, k) < 0.3)).to(dtype))
+    x = torch.randn(m, k).to(dtype)
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append((_native.sparse24_linear(x, w24), _native.bitmap_linear(x, bw)))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@needs_ext
+def test_native_rejects_bad_inputs():
+    w24 = Sparse24Weight.from_dense(torch.randn(8, 16), prune=True)
+    with pytest.raises(ValueError, match="features"):
+        _native.sparse24_linear(torch.randn(2, 12), w24)
+    with pytest.raises(TypeError, match="float16"):
+        _native.sparse24_linear(torch.randn(2, 16).half(), w24.to(dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="dtype"):
+        _native.sparse24_linear(torch.randn(2, 16).bfloat16(), w24)
+    with pytest.raises(RuntimeError, match="bias"):
+        _native.sparse24_linear(torch.randn(2, 16), w24, torch.randn(7))
+    with pytest.raises(RuntimeError, match="unknown kind"):
+        _native.reconstruction_loss_forward(torch.randn(2, 3), torch.randn(2, 3), "l1")
+    with pytest.raises(ValueError, match="shape"):
+        _native.reconstruction_loss_forward(torch.randn(2, 3), torch.randn(3, 2), "mse")
+    assert _native.supports("sparse24_linear") and not _native.supports("masked_linear")
+    assert _native.supports_dtype("bitmap_linear", torch.bfloat16, torch.float32)
+    assert not _native.supports_dtype("bitmap_linear", torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+LOSS_SHAPES = [(1, 7), (3, 5, 33), (67, 100), (40, 1000)]  # the last one spans several reduction chunks
+
+
+def _reference_loss_and_grad(pred, target, kind):
+    p = pred.detach().clone().requires_grad_(True)
+    loss = reference.reconstruction_loss(p, target, kind)
+    loss.backward(torch.tensor(0.7))
+    return loss.detach(), p.grad
+
+
+@needs_ext
+@pytest.mark.parametrize("isa_and_threads", CONFIGS, indirect=True, ids=lambda c: f"{c[0]}-t{c[1]}")
+@pytest.mark.parametrize("kind", ["mse", "nmse", "cosine"])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("shape", LOSS_SHAPES, ids=str)
+def test_reconstruction_loss_matches_reference(isa_and_threads, kind, dtypes, shape):
+    target = torch.randn(shape).to(dtypes[1])
+    pred = (target.float() + 0.3 * torch.randn(shape)).to(dtypes[0])
+    ref_loss, ref_grad = _reference_loss_and_grad(pred, target, kind)
+    loss, stats = _native.reconstruction_loss_forward(pred, target, kind)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-4)
+    grad = _native.reconstruction_loss_backward(torch.tensor(0.7), pred, target, kind, stats)
+    assert grad.dtype == pred.dtype and grad.shape == pred.shape
+    _close(grad, ref_grad, dtypes[0])
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["nmse", "cosine"])
+def test_reconstruction_loss_eps_clamps(kind):
+    """Zero target (nmse clamp 1e-12) and zero rows (cosine clamp 1e-8) follow the reference."""
+    pred = torch.randn(4, 9)
+    target = torch.randn(4, 9)
+    target[1] = 0
+    if kind == "nmse":
+        target.zero_()
+    pred[2] = 0
+    ref_loss, ref_grad = _reference_loss_and_grad(pred, target, kind)
+    loss, stats = _native.reconstruction_loss_forward(pred, target, kind)
+    grad = _native.reconstruction_loss_backward(torch.tensor(0.7), pred, target, kind, stats)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+def test_package_falls_back_to_reference_without_extension(monkeypatch):
+    """With laco_kernels._C unimportable, dispatch picks the reference and the ops still compute."""
+    monkeypatch.setitem(sys.modules, "laco_kernels._C", None)  # makes `import laco_kernels._C` fail
+    monkeypatch.delitem(sys.modules, "laco_kernels._native", raising=False)
+    monkeypatch.delattr(laco_kernels, "_native", raising=False)
+    monkeypatch.delattr(laco_kernels, "_C", raising=False)
+    monkeypatch.setenv("LACO_BACKEND", "auto")
+    with pytest.raises(ImportError):
+        from laco_kernels import _native as _  # noqa: F401
+    assert not dispatch.native_supports("sparse24_linear")
+    x = torch.randn(2, 16)
+    assert dispatch.select_backend("sparse24_linear", [x]) == "reference"
+    monkeypatch.setenv("LACO_BACKEND", "native")
+    with pytest.raises(RuntimeError, match="not built"):
+        dispatch.select_backend("sparse24_linear", [x])
+    w24 = Sparse24Weight.from_dense(torch.randn(4, 16), prune=True)
+    assert reference.sparse24_linear(x, w24).shape == (2, 4)
+
+
+@needs_ext
+def test_dispatch_picks_native_when_built(monkeypatch):
+    monkeypatch.setenv("LACO_BACKEND", "auto")
+    for op in ("sparse24_linear", "bitmap_linear", "reconstruction_loss"):
+        assert dispatch.select_backend(op, [torch.randn(2, 4)]) == "native"

@@ -1,0 +1,120 @@
+"""ops/masked_gemm.py: masked_linear autograd (Triton in the interpreter and reference), errors."""
+import pytest
+import torch
+
+from conftest import TOLERANCES
+from laco_kernels import reference
+from laco_kernels.formats import PackedMask
+from laco_kernels.ops.masked_gemm import masked_linear
+from test_masked_gemm import make_mask
+
+
+def _grads(fn, x, w, b, mask, dy):
+    xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y = fn(xs, ws, mask, bs)
+    y.backward(dy)
+    return y, xs.grad, ws.grad, bs.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("lead,n,k", [((1,), 24, 40), ((2, 7), 33, 100)])
+@pytest.mark.parametrize("density", [0.0, 0.5, "2:4", 0.9])
+def test_values_and_all_grads_match_reference(triton_backend, dtype, lead, n, k, density):
+    x = torch.randn(*lead, k, dtype=dtype)
+    w, b, dy = torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype), torch.randn(*lead, n, dtype=dtype)
+    mask = make_mask(n, k, density)
+    pm = PackedMask.from_bool(mask)
+    got = _grads(masked_linear, x, w, b, pm, dy)
+    want = _grads(reference.masked_linear, x, w, b, mask, dy)
+    for g, r in zip(got, want):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        torch.testing.assert_close(g.float(), r.float(), **TOLERANCES[dtype])
+    assert bool((got[2][~mask] == 0).all())
+
+
+def test_bool_mask_non_contiguous_and_partial_grads(triton_backend):
+    n, k = 20, 36
+    x = torch.randn(k, 6).t()
+    w = torch.randn(k, n).t()
+    mask = make_mask(n, k, 0.5)
+    ws = w.clone().requires_grad_()  # only the weight needs a gradient, no bias
+    masked_linear(x, ws, mask).sum().backward()
+    torch.testing.assert_close(ws.grad, reference.masked_weight_grad(torch.ones(6, n), x, mask))
+    xs = x.clone().requires_grad_()  # only x, with a bias that needs no gradient
+    b = torch.randn(n)
+    y = masked_linear(xs, w, mask, b)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(y, reference.masked_linear(x, w, mask, b))
+    torch.testing.assert_close(xs.grad, torch.ones(6, n) @ (w * mask))
+
+
+@pytest.mark.parametrize("backend", ["triton_backend", "reference_backend"])
+def test_adamw_keeps_pruned_weights_exactly_zero(backend, request):
+    request.getfixturevalue(backend)
+    n, k = 24, 48
+    mask = make_mask(n, k, 0.5)
+    pm = PackedMask.from_bool(mask)
+    w = torch.nn.Parameter(torch.randn(n, k) * mask)
+    b = torch.nn.Parameter(torch.zeros(n))
+    x = torch.randn(32, k)
+    target = x @ torch.randn(n, k).t()
+    opt = torch.optim.AdamW([w, b], lr=1e-2, weight_decay=0.0)
+    first = None
+    for _ in range(20):
+        opt.zero_grad()
+        loss = ((masked_linear(x, w, pm, b) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+        first = loss.item() if first is None else first
+    assert bool((w.detach()[~mask] == 0).all()), "a pruned weight became nonzero"
+    assert bool((w.detach()[mask] != 0).all())
+    assert loss.item() < first  # it did train
+
+
+def test_reference_backend_matches_reference(reference_backend):
+    x, w, mask = torch.randn(3, 40), torch.randn(8, 40), make_mask(8, 40, 0.5)
+    torch.testing.assert_close(masked_linear(x, w, mask), reference.masked_linear(x, w, mask))
+
+
+def test_reference_gradcheck_float64():
+    # the reference computes in fp32 (like the kernels), so the finite differences use a large
+    # step; the function is linear in each argument, so central differences are exact but for
+    # fp32 rounding, which the tolerances cover
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    mask = make_mask(5, 12, 0.5)
+    assert torch.autograd.gradcheck(lambda x, w, b: reference.masked_linear(x, w, mask, b), (x, w, b),
+                                    eps=1e-2, atol=1e-3, rtol=1e-3)
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, w = torch.randn(3, 40), torch.randn(8, 40)
+    with pytest.raises(ValueError, match="mask has shape"):
+        masked_linear(x, w, torch.ones(8, 41, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask has shape"):
+        masked_linear(x, w, PackedMask.from_bool(torch.ones(9, 40, dtype=torch.bool)))
+    with pytest.raises(TypeError, match="bool tensor"):
+        masked_linear(x, w, torch.ones(8, 40))
+    with pytest.raises(TypeError, match="PackedMask or a bool"):
+        masked_linear(x, w, [[True] * 40] * 8)
+    with pytest.raises(ValueError, match="in_features=40"):
+        masked_linear(torch.randn(3, 39), w, torch.ones(8, 40, dtype=torch.bool))
+    with pytest.raises(TypeError, match="dtype"):
+        masked_linear(x.half(), w, torch.ones(8, 40, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bias has shape"):
+        masked_linear(x, w, torch.ones(8, 40, dtype=torch.bool), torch.randn(7))
+    with pytest.raises(ValueError, match="weight must have 2 dimensions"):
+        masked_linear(x, w[None], torch.ones(8, 40, dtype=torch.bool))
+    with pytest.raises(TypeError, match="weight has dtype"):
+        masked_linear(x.long(), w.long(), torch.ones(8, 40, dtype=torch.bool))
+
+
+def test_bias_only_gradient(triton_backend):
+    x, w, mask = torch.randn(5, 40).half(), torch.randn(8, 40).half(), make_mask(8, 40, 0.5)
+    b = torch.randn(8, requires_grad=True)  # an fp32 bias beside fp16 x and weight
+    y = masked_linear(x, w, mask, b)
+    torch.testing.assert_close(y.float(), reference.masked_linear(x, w, mask, b).float(), **TOLERANCES[torch.float16])
+    y.float().sum().backward()
+    assert b.grad.dtype == torch.float32
+    torch.testing.assert_close(b.grad, torch.full((8,), 5.0))

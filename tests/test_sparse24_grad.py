@@ -1,0 +1,103 @@
+"""kernels/sparse24_grad.py in the Triton interpreter against reference.py (fp16 / fp32)."""
+import pytest
+import torch
+
+from conftest import TOLERANCES
+from laco_kernels import reference
+from laco_kernels.formats import Sparse24Weight
+from laco_kernels.kernels import sparse24_grad as sg
+
+SHAPES = [(1, 37, 72), (33, 45, 100), (4, 20, 1028)]  # M = 1, odd (K % 32 != 0), large K
+
+
+def close(a, b, dtype):
+    torch.testing.assert_close(a.float(), b.float(), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_grad_input_and_values_match_reference(dtype, shape):
+    m, n, k = shape
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k, dtype=dtype), prune=True)
+    x, dy = torch.randn(m, k, dtype=dtype), torch.randn(m, n, dtype=dtype)
+    dx = sg.sparse24_grad_input(dy, w24.values, w24.meta, w24.shape)
+    close(dx, dy.float() @ w24.to_dense().float(), dtype)
+    dv, db = sg.sparse24_values_grad(dy, x, w24.meta, w24.shape, want_bias=True)
+    assert dv.shape == w24.values.shape and dv.dtype == dtype
+    close(dv, reference.sparse24_values_grad(dy, x, w24), dtype)
+    close(db, dy.float().sum(0), dtype)
+
+
+def test_prefill_tiles_and_non_contiguous():
+    m, n, k = 140, 70, 136
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k), prune=True)
+    values = torch.randn(k // 2, n).t()  # strided values with the same metadata
+    x, dy = torch.randn(k, m).t(), torch.randn(n, m).t()
+    assert not (values.is_contiguous() or x.is_contiguous() or dy.is_contiguous())
+    close(sg.sparse24_grad_input(dy, values, w24.meta, w24.shape), dy @ w24.to_dense(values), torch.float32)
+    dv, db = sg.sparse24_values_grad(dy, x, w24.meta, w24.shape)
+    assert db is None
+    close(dv, reference.sparse24_values_grad(dy, x, w24), torch.float32)
+
+
+def test_values_grad_is_the_gradient_of_the_reference():
+    """dV from the kernel equals autograd of reference.sparse24_linear w.r.t. its values."""
+    n, k = 12, 40
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k), prune=True)
+    x, dy = torch.randn(5, k), torch.randn(5, n)
+    v = w24.values.clone().requires_grad_()
+    reference.sparse24_linear(x, w24, values=v).backward(dy)
+    close(sg.sparse24_values_grad(dy, x, w24.meta, w24.shape)[0], v.grad, torch.float32)
+
+
+def test_reference_gradcheck_float64():
+    # the reference computes in fp32; it is linear in x, values and bias, so central
+    # differences with a large step are exact but for fp32 rounding
+    w24 = Sparse24Weight.from_dense(torch.randn(6, 16), prune=True)
+    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    v = w24.values.double().requires_grad_()
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, v, b: reference.sparse24_linear(x, w24, b, values=v), (x, v, b),
+                                    eps=1e-2, atol=1e-3, rtol=1e-3)
+
+
+# ---- through the public op: ops/sparse_gemm.sparse24_linear's backward runs these kernels ----
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("lead,n,k", [((1,), 24, 40), ((2, 7), 33, 100)])
+def test_sparse24_linear_grads_through_op(triton_backend, dtype, lead, n, k):
+    from laco_kernels.ops.sparse_gemm import sparse24_linear
+
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k, dtype=dtype), prune=True)
+    x, b, dy = torch.randn(*lead, k, dtype=dtype), torch.randn(n, dtype=dtype), torch.randn(*lead, n, dtype=dtype)
+    got, want = [], []
+    for fn, out in ((lambda x, v, b: sparse24_linear(x, Sparse24Weight(v, w24.meta, w24.shape), b), got),
+                    (lambda x, v, b: reference.sparse24_linear(x, w24, b, values=v), want)):
+        xs, bs = x.clone().requires_grad_(), b.clone().requires_grad_()
+        v = torch.nn.Parameter(w24.values.clone())  # the nn.Parameter-friendly path
+        y = fn(xs, v, bs)
+        y.backward(dy)
+        out += [y, xs.grad, v.grad, bs.grad]
+    for g, r in zip(got, want):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        close(g, r, dtype)
+
+
+def test_sparse24_linear_bias_only_and_adamw(triton_backend):
+    from laco_kernels.ops.sparse_gemm import sparse24_linear
+
+    n, k = 16, 64
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k), prune=True)
+    b = torch.zeros(n, requires_grad=True)
+    x = torch.randn(6, k)
+    sparse24_linear(x, w24, b).sum().backward()  # values need no grad: db alone
+    close(b.grad, torch.full((n,), 6.0), torch.float32)
+    v = torch.nn.Parameter(w24.values.clone())
+    opt = torch.optim.AdamW([v], lr=1e-2, weight_decay=0.0)
+    target = torch.randn(6, n)
+    for _ in range(5):
+        opt.zero_grad()
+        loss = ((sparse24_linear(x, Sparse24Weight(v, w24.meta, w24.shape)) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+    dense = Sparse24Weight(v.detach(), w24.meta, w24.shape).to_dense()
+    assert bool((dense[~w24.mask()] == 0).all()) and not torch.equal(v.detach(), w24.values)

@@ -1,0 +1,128 @@
+"""ops/sparse_gemm.py: public sparse24_linear / bitmap_linear: backends, shapes, gradients, errors."""
+import pytest
+import torch
+
+from conftest import TOLERANCES
+from laco_kernels import reference
+from laco_kernels.formats import BitmapWeight, Sparse24Weight
+from laco_kernels.ops import dispatch
+from laco_kernels.ops.sparse_gemm import bitmap_linear, sparse24_linear
+
+
+def close(a, b, dtype):
+    torch.testing.assert_close(a.float(), b.float(), **TOLERANCES[dtype])
+
+
+def weights(n, k, dtype, sparsity=0.6):
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k).to(dtype), prune=True)
+    bw = BitmapWeight.from_dense((torch.randn(n, k) * (torch.rand(n, k) >= sparsity)).to(dtype))
+    return w24, bw
+
+
+@pytest.mark.parametrize("lead,dtype,bias", [((1,), torch.float16, True), ((2, 3), torch.float32, False),
+                                             ((4, 5), torch.float16, False), ((1, 1, 1), torch.float32, True)])
+def test_triton_matches_reference_any_leading_shape(triton_backend, lead, dtype, bias):
+    n, k = 36, 72
+    w24, bw = weights(n, k, dtype)
+    x = torch.randn(*lead, k).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    for op, ref, w in ((sparse24_linear, reference.sparse24_linear, w24), (bitmap_linear, reference.bitmap_linear, bw)):
+        y = op(x, w, b)
+        assert y.shape == (*lead, n) and y.dtype == dtype
+        close(y, ref(x, w, b), dtype)
+
+
+def test_triton_non_contiguous_3d_input(triton_backend):
+    n, k = 20, 64
+    w24, bw = weights(n, k, torch.float32)
+    x = torch.randn(3, k, 4).transpose(1, 2)  # [3, 4, K], last dim strided
+    assert not x.is_contiguous()
+    close(sparse24_linear(x, w24), reference.sparse24_linear(x, w24), torch.float32)
+    close(bitmap_linear(x, bw), reference.bitmap_linear(x, bw), torch.float32)
+    xs = torch.randn(6, k)[::2]  # row-strided view
+    close(sparse24_linear(xs, w24), reference.sparse24_linear(xs, w24), torch.float32)
+
+
+def test_fp32_bias_with_fp16_input(triton_backend):
+    w24, bw = weights(12, 32, torch.float16)
+    x, b = torch.randn(2, 32).half(), torch.randn(12)
+    close(sparse24_linear(x, w24, b), reference.sparse24_linear(x, w24, b), torch.float16)
+    close(bitmap_linear(x, bw, b), reference.bitmap_linear(x, bw, b), torch.float16)
+
+
+def test_sparse24_gradients_triton(triton_backend):
+    n, k = 10, 40
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k), prune=True)
+    values = w24.values.clone().requires_grad_()
+    w_train = Sparse24Weight(values, w24.meta, w24.shape)
+    x = torch.randn(2, 3, k, requires_grad=True)
+    b = torch.randn(n, requires_grad=True)
+    dy = torch.randn(2, 3, n)
+    sparse24_linear(x, w_train, b).backward(dy)
+    grads = [t.grad.clone() for t in (x, values, b)]
+    for t in (x, values, b):
+        t.grad = None
+    reference.sparse24_linear(x, w24, b, values=values).backward(dy)
+    for got, want in zip(grads, (x.grad, values.grad, b.grad)):
+        close(got, want, torch.float32)
+
+
+def test_bitmap_gradients_triton(triton_backend):
+    _, bw = weights(10, 40, torch.float32)
+    x = torch.randn(3, 40, requires_grad=True)
+    b = torch.randn(10, requires_grad=True)
+    bitmap_linear(x, bw, b).sum().backward()
+    gx, gb = x.grad.clone(), b.grad.clone()
+    x.grad = b.grad = None
+    reference.bitmap_linear(x, bw, b).sum().backward()
+    close(gx, x.grad, torch.float32)
+    close(gb, b.grad, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_auto_cpu_backend_matches_reference(monkeypatch, dtype):
+    """auto on CPU: native extension for fp32 / bf16 when built, reference otherwise (fp16)."""
+    monkeypatch.setenv("LACO_BACKEND", "auto")
+    w24, bw = weights(24, 64, dtype)
+    x, b = torch.randn(5, 64).to(dtype), torch.randn(24).to(dtype)
+    close(sparse24_linear(x, w24, b), reference.sparse24_linear(x, w24, b), dtype)
+    close(bitmap_linear(x, bw, b), reference.bitmap_linear(x, bw, b), dtype)
+
+
+def test_forced_native_rejects_fp16(monkeypatch):
+    if not dispatch.native_supports("sparse24_linear"):
+        pytest.skip("native extension not built")
+    monkeypatch.setenv("LACO_BACKEND", "native")
+    w24, bw = weights(8, 32, torch.float16)
+    with pytest.raises(TypeError, match="float32 / bfloat16"):
+        sparse24_linear(torch.randn(2, 32).half(), w24)
+    with pytest.raises(TypeError, match="float32 / bfloat16"):
+        bitmap_linear(torch.randn(2, 32).half(), bw)
+
+
+def test_errors(triton_backend):
+    w24, bw = weights(8, 32, torch.float32)
+    x = torch.randn(2, 32)
+    for op, w in ((sparse24_linear, w24), (bitmap_linear, bw)):
+        with pytest.raises(ValueError, match="in_features=32"):
+            op(torch.randn(2, 30), w)
+        with pytest.raises(TypeError, match="dtype"):
+            op(x.half(), w)
+        with pytest.raises(TypeError, match="dtype"):
+            op(x.long(), w)
+        with pytest.raises(ValueError, match="meta"):
+            op(torch.empty(2, 32, device="meta"), w)
+        with pytest.raises(ValueError, match="bias has shape"):
+            op(x, w, torch.randn(7))
+        with pytest.raises(ValueError, match="dimension"):
+            op(torch.randn(()), w)
+    with pytest.raises(TypeError, match="Sparse24Weight"):
+        sparse24_linear(x, torch.randn(8, 32))
+    with pytest.raises(TypeError, match="BitmapWeight"):
+        bitmap_linear(x, w24)
+    with pytest.raises(ValueError, match="w24.meta has shape"):
+        sparse24_linear(x, Sparse24Weight(w24.values, w24.meta[:, :0], w24.shape))
+    with pytest.raises(ValueError, match="not 2:4"):
+        sparse24_linear(x, Sparse24Weight.from_dense(torch.ones(8, 32)))
+    with pytest.raises(ValueError, match="tile_k"):
+        bitmap_linear(x, BitmapWeight.from_dense(bw.to_dense(), tile_k=32))
