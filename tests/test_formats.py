@@ -38,7 +38,7 @@ def test_sparse24_validity_check_rejects_three_nonzeros(n, groups, seed):
     w = _random_24(n, 4 * groups, seed, torch.float32)
     g = torch.Generator().manual_seed(seed)
     r, c = int(torch.randint(0, n, (1,), generator=g)), int(torch.randint(0, groups, (1,), generator=g))
-    w[r, 4 * c: 4 * c + 3] = torch.tensor([1.0, -2.0, 3.0])  # three nonzeros in one group
+    w[r, 4 * c: 4 * c + 4] = torch.tensor([1.0, -2.0, 3.0, 0.0])  # three nonzeros in one group
     with pytest.raises(ValueError, match=f"not 2:4 sparse: row {r}, columns {4 * c}"):
         Sparse24Weight.from_dense(w)
     pruned = Sparse24Weight.from_dense(w, prune=True)
