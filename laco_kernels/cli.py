@@ -197,6 +197,15 @@ def cmd_export(args) -> int:
 RECOVER_METHODS = ("layerwise", "lora", "restore-lcc")
 
 
+# learning rates that measured best at batch 4, 2 passes over 128 x 128 C4 windows
+# (bench/results/recovery.json: layerwise token-nmse 3e-3 -> 64.0, LoRA 1e-3 -> 71.8 on Wanda 2:4)
+DEFAULT_RECOVER_LR = {"layerwise": 3e-3, "lora": 1e-3, "restore-lcc": 1e-3}
+
+
+def _recover_lr(args, method: str) -> float:
+    return args.recover_lr if args.recover_lr is not None else DEFAULT_RECOVER_LR[method]
+
+
 def _recover(method: str, dense, pruned, tok, args):
     """The recovery hook shared by ``laco recover`` and ``laco run --recover``: returns (model, info)."""
     from . import recover
@@ -205,19 +214,19 @@ def _recover(method: str, dense, pruned, tok, args):
     tok = _need_tokenizer(tok, "the model")
     if method == "layerwise":
         ids = calibration_windows(tok, args.recover_nsamples, args.recover_seqlen, seed=args.seed + 1)
-        res = recover.layerwise(dense, pruned, ids, epochs=args.recover_epochs, lr=args.recover_lr,
-                                batch_size=args.recover_batch_size, device=args.device)
+        res = recover.layerwise(dense, pruned, ids, epochs=args.recover_epochs, lr=_recover_lr(args, method),
+                                loss=args.recover_loss, batch_size=args.recover_batch_size, device=args.device)
         return pruned, {"method": method, "seconds": res.seconds, "blocks": res.blocks}
     if method == "lora":
         res = recover.lora(pruned, tok, nsamples=args.recover_nsamples, seqlen=args.recover_seqlen,
-                           epochs=args.recover_epochs, lr=args.recover_lr, batch_size=args.recover_batch_size,
+                           epochs=args.recover_epochs, lr=_recover_lr(args, method), batch_size=args.recover_batch_size,
                            device=args.device, seed=args.seed, merge=True)
         return res.model, {"method": method, "seconds": res.seconds, "losses": res.losses,
                            "pruned_weights_made_nonzero": res.pruned_weights_made_nonzero}
     from .recover.restore_lcc import restore_lcc
 
     res = restore_lcc(dense, pruned, tok, n_prompts=args.recover_nsamples, epochs=args.recover_epochs,
-                      seed=args.seed)
+                      lr=_recover_lr(args, method), seed=args.seed)
     return pruned, {"method": method, "seconds": res.seconds, "losses": res.losses}
 
 
@@ -321,7 +330,12 @@ def _add_recover_options(p, default_epochs: int):
     g.add_argument("--recover-seqlen", type=int, default=128, help="tokens per window (default: 128)")
     g.add_argument("--recover-epochs", type=int, default=default_epochs,
                    help=f"passes over the data (default: {default_epochs})")
-    g.add_argument("--recover-lr", type=float, default=3e-4, help="learning rate (default: 3e-4)")
+    g.add_argument("--recover-lr", type=float, default=None,
+                   help="learning rate (default: by method: " +
+                        ", ".join(f"{k} {v:g}" for k, v in DEFAULT_RECOVER_LR.items()) + ")")
+    g.add_argument("--recover-loss", default="token-nmse",
+                   help="layer-wise reconstruction loss: mse, nmse, cosine, token-nmse or a weighted sum such as "
+                        "'token-nmse+0.1*cosine' (default: token-nmse, which weighs every token the same)")
     g.add_argument("--recover-batch-size", type=int, default=4, help="batch size (default: 4)")
 
 

@@ -109,13 +109,34 @@ def _bias_param(linear: nn.Linear) -> Optional[nn.Parameter]:
                                                          requires_grad=linear.bias.requires_grad)
 
 
+class _FreezeSlots(torch.autograd.Function):
+    """Identity on the packed values whose backward zeroes the gradient of frozen slots.
+
+    A group of 4 with fewer than 2 non-zeros (a weight that was already 0 before pruning) still
+    occupies 2 value slots; the empty slot is a pruned weight and must stay exactly zero, so it
+    gets no gradient (AdamW then never moves it: zero gradient, zero moments, decay of 0 is 0).
+    """
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(frozen)
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (frozen,) = ctx.saved_tensors
+        return grad.masked_fill(frozen, 0), None
+
+
 # ----------------------------------------------------------------------------------------
 class SparseLinear24(_DenseStateDict):
     """y = x @ W^T + b with a 2:4 weight stored as values ``[N, K/2]`` + int32 meta ``[N, ceil(K/32)]``.
 
     trainable=False (inference): values are a non-persistent buffer. trainable=True: values are
     an ``nn.Parameter`` (meta stays a buffer), so gradients and optimizer state cover the kept
-    half only. x: ``[..., K]`` in the values' dtype.
+    half only; value slots that are exactly zero when the module is built (groups with fewer
+    than 2 non-zeros) get no gradient, so every pruned weight stays zero. x: ``[..., K]`` in the
+    values' dtype.
     """
 
     def __init__(self, w24: Sparse24Weight, bias: Optional[torch.Tensor] = None, trainable: bool = False):
@@ -128,6 +149,9 @@ class SparseLinear24(_DenseStateDict):
         else:
             self.register_buffer("values", w24.values.detach().clone(), persistent=False)
         self.register_buffer("meta", w24.meta.detach().clone(), persistent=False)
+        frozen = w24.values.detach() == 0 if trainable else None
+        self.register_buffer("frozen_slots", frozen if frozen is not None and bool(frozen.any()) else None,
+                             persistent=False)
         self.bias = None if bias is None else (bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias))
 
     @classmethod
@@ -139,7 +163,10 @@ class SparseLinear24(_DenseStateDict):
         return mod
 
     def weight24(self) -> Sparse24Weight:
-        return Sparse24Weight(self.values, self.meta, (self.out_features, self.in_features))
+        values = self.values
+        if self.frozen_slots is not None and values.requires_grad:
+            values = _FreezeSlots.apply(values, self.frozen_slots)
+        return Sparse24Weight(values, self.meta, (self.out_features, self.in_features))
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight24().to_dense()
@@ -148,6 +175,9 @@ class SparseLinear24(_DenseStateDict):
         w24 = Sparse24Weight.from_dense(weight.to(self.values.device, self.values.dtype), prune=False)
         self.values.copy_(w24.values)
         self.meta.copy_(w24.meta)
+        if self.trainable:
+            frozen = w24.values == 0
+            self.frozen_slots = frozen if bool(frozen.any()) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # trainable: self.values is a Parameter, and sparse24_linear differentiates w.r.t. w24.values

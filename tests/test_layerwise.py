@@ -37,6 +37,22 @@ def test_mask_holds_and_error_drops(pattern):
         assert rec["nmse_after"] < rec["nmse_before"]
 
 
+def test_2_4_groups_with_fewer_than_two_nonzeros_stay_sparse():
+    """A weight that was already 0 before 2:4 pruning leaves a group with one non-zero: its empty
+    value slot is a pruned weight and must not be trained back (seen on SmolLM2's GGUF weights)."""
+    dense, pruned = dense_and_pruned("2:4")
+    with torch.no_grad():
+        for name, p in pruned.named_parameters():
+            if ".layers." in name and p.dim() == 2:
+                nz = p.nonzero()
+                p[tuple(nz[::7].t())] = 0.0  # some kept weights become exact zeros
+    zeros = {k: v == 0 for k, v in pruned.state_dict().items() if ".layers." in k and v.dim() == 2}
+    layerwise(dense, pruned, _ids(), epochs=2, lr=1e-3, progress=False)
+    state = pruned.state_dict()
+    for k, z in zeros.items():
+        assert torch.all(state[k][z] == 0), f"{k}: pruned weights became non-zero"
+
+
 def test_recovery_brings_logits_closer_to_dense():
     dense, pruned = dense_and_pruned("2:4")
     ids = _ids(seed=3)

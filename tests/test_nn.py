@@ -194,3 +194,21 @@ def test_modules_on_the_triton_backend(triton_backend, dtype):
     torch.nn.functional.linear(x.float(), dense, lin.bias.float()).square().sum().backward()
     expect = torch.gather(dense.grad.reshape(24, -1, 4), -1, mod.weight24().indices()).reshape(24, 36)
     torch.testing.assert_close(mod.values.grad.float(), expect, atol=tol["atol"] * 20, rtol=tol["rtol"] * 5)
+
+
+def test_trainable_24_freezes_empty_slots_under_adamw():
+    w = torch.zeros(4, 8)
+    w[:, 0], w[:, 5], w[:, 6] = 1.0, 2.0, -1.0  # group 0 holds one non-zero: one empty value slot
+    lin = torch.nn.Linear(8, 4, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    mod = SparseLinear24.from_linear(lin, trainable=True)
+    assert mod.frozen_slots is not None and int(mod.frozen_slots.sum()) == 4
+    opt = torch.optim.AdamW(mod.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        mod(torch.randn(3, 8)).square().sum().backward()
+        opt.step()
+    d = mod.dense_weight()
+    assert torch.all(d[w == 0] == 0)
+    assert not torch.equal(d[w != 0], w[w != 0])  # the kept weights did train
