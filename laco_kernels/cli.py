@@ -324,9 +324,10 @@ def _add_prune_choice(p, method="wanda", pattern=None):
                         "implied by --pattern)")
 
 
-def _add_recover_options(p, default_epochs: int):
+def _add_recover_options(p, default_epochs: int, default_nsamples: int = 128):
     g = p.add_argument_group("recovery settings")
-    g.add_argument("--recover-nsamples", type=int, default=128, help="calibration windows (or prompts) (default: 128)")
+    g.add_argument("--recover-nsamples", type=int, default=default_nsamples,
+                   help=f"calibration windows (or prompts) (default: {default_nsamples})")
     g.add_argument("--recover-seqlen", type=int, default=128, help="tokens per window (default: 128)")
     g.add_argument("--recover-epochs", type=int, default=default_epochs,
                    help=f"passes over the data (default: {default_epochs})")
@@ -359,10 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default: 512)")
     p.add_argument("--seqlen", type=int, default=1024, help="perplexity window length (default: 1024)")
     p.add_argument("--max-windows", type=int, default=16, help="perplexity windows (default: 16)")
-    p.add_argument("--recover", choices=("none",) + RECOVER_METHODS, default="none",
-                   help="recovery after pruning (default: none; layerwise takes ~7 min per 2 epochs of 128x128)")
+    p.add_argument("--recover", choices=("none",) + RECOVER_METHODS, default="layerwise",
+                   help="recovery after pruning (default: layerwise, LaCo block-by-block compensation on "
+                        "32 C4 windows of 128 tokens, a few minutes on 2 cores; none skips it)")
     _add_common(p)
-    _add_recover_options(p, default_epochs=2)
+    _add_recover_options(p, default_epochs=2, default_nsamples=32)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("prune", formatter_class=fmt, help="prune a model and save it",

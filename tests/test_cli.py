@@ -117,10 +117,24 @@ def test_prune_unstructured_magnitude_dense_save(tiny_folder, tmp_path, capsys):
     assert torch.isfinite(w).all()
 
 
+def test_run_recovers_by_default_and_keeps_2_4(tiny_folder, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    code, stdout, _ = _run(["run", "--model", tiny_folder, "--nsamples", "2", "--calib-seqlen", "32", "--seqlen", "64",
+                            "--max-windows", "2", "--recover-nsamples", "4", "--recover-seqlen", "32",
+                            "--recover-epochs", "1", "--out", out], capsys)
+    assert code == 0 and "recovered perplexity (layerwise):" in stdout
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert set(report["ppl"]) == {"dense", "pruned", "recovered"}
+    assert report["recovery"]["method"] == "layerwise" and len(report["recovery"]["blocks"]) > 0
+    model, _ = load_sparse(os.path.join(out, "model"))  # packed as 2:4 again: the pattern survived recovery
+    assert len(sparse_modules(model)) == 14
+    assert all(type(m).__name__ == "SparseLinear24" for m in sparse_modules(model).values())
+
+
 def test_run_writes_report_and_plot(tiny_folder, tmp_path, capsys):
     out = str(tmp_path / "run")
     code, stdout, _ = _run(["run", "--model", tiny_folder, "--nsamples", "2", "--calib-seqlen", "32", "--seqlen", "64",
-                            "--max-windows", "2", "--out", out], capsys)
+                            "--max-windows", "2", "--recover", "none", "--out", out], capsys)
     assert code == 0 and "dense perplexity:" in stdout and "pruned perplexity (wanda 2:4):" in stdout
     report = json.load(open(os.path.join(out, "report.json")))
     assert set(report["ppl"]) == {"dense", "pruned"} and report["prune"]["overall_sparsity"] == 0.5
