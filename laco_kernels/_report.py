@@ -26,6 +26,31 @@ def plot_block_error(errors: List[float], path: str, title: str) -> None:
     os.replace(tmp, path)
 
 
+def plot_recovery_error(before: List[float], after: List[float], path: str, title: str) -> None:
+    """Per-block normalised error of the pruned stream against the dense stream, before and after
+    recovery (log scale), written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5), dpi=110)
+    xs = range(len(before))
+    ax.plot(xs, before, "o-", color="#b5523b", label="before recovery")
+    ax.plot(xs, after, "o-", color="#3b6ea5", label="after recovery")
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("||out - dense||² / ||dense||²")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def _fmt_bytes(n: int) -> str:
     return f"{n / 2 ** 20:.1f} MiB"
 
@@ -47,8 +72,22 @@ def write_report(out: str, r: dict) -> str:
     if saved.get("swapped"):
         lines.append(f"Saved to `model/` with {saved['swapped']} packed linears: "
                      f"{_fmt_bytes(saved['bytes_before'])} dense -> {_fmt_bytes(saved['bytes_after'])} packed.")
-    if r.get("recovery"):
-        lines.append(f"Recovery: {r['recovery']['method']}.")
+    rec = r.get("recovery")
+    if rec:
+        lines.append(f"Recovery: {rec['method']} ({rec.get('seconds', 0):.0f} s).")
+        ppl = r["ppl"]
+        if {"dense", "pruned", "recovered"} <= set(ppl) and ppl["pruned"] != ppl["dense"]:
+            closed = (ppl["pruned"] - ppl["recovered"]) / (ppl["pruned"] - ppl["dense"])
+            lines.append(f"Recovery closed {closed:.0%} of the perplexity gap between the pruned and the dense model.")
+        blocks = [b for b in rec.get("blocks") or [] if "nmse_before" in b and "nmse_after" in b]
+        if blocks:
+            before, after = [b["nmse_before"] for b in blocks], [b["nmse_after"] for b in blocks]
+            plot_recovery_error(before, after, os.path.join(out, "recovery_error.png"),
+                                f"{r['model']}: {what}, {rec['method']} recovery")
+            lines += ["", "## Per-block error before and after recovery", "",
+                      "Normalised error of each block's output on the pruned stream against the dense stream, "
+                      f"over the recovery calibration set (last block: {before[-1]:.4g} -> {after[-1]:.4g}).", "",
+                      "![recovery error](recovery_error.png)"]
     if errors:
         plot_block_error(errors, os.path.join(out, "block_error.png"), f"{r['model']}: {what}, per-block error")
         worst = max(range(len(errors)), key=errors.__getitem__)

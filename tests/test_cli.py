@@ -126,6 +126,10 @@ def test_run_recovers_by_default_and_keeps_2_4(tiny_folder, tmp_path, capsys):
     report = json.load(open(os.path.join(out, "report.json")))
     assert set(report["ppl"]) == {"dense", "pruned", "recovered"}
     assert report["recovery"]["method"] == "layerwise" and len(report["recovery"]["blocks"]) > 0
+    md = open(os.path.join(out, "report.md")).read()
+    assert "of the perplexity gap" in md and "recovery_error.png" in md
+    with open(os.path.join(out, "recovery_error.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     model, _ = load_sparse(os.path.join(out, "model"))  # packed as 2:4 again: the pattern survived recovery
     assert len(sparse_modules(model)) == 14
     assert all(type(m).__name__ == "SparseLinear24" for m in sparse_modules(model).values())
