@@ -99,6 +99,20 @@ def _child(args) -> None:
     _write(args.result_file, [rec])
 
 
+def merge_into_recovery(records: list, path: str) -> None:
+    """Copy the rows into ``bench/results/recovery.json`` (keys ``restore-lcc/<pruning>/<pattern>``)
+    so that RestoreLCC stands beside LaCo and LoRA there; rewritten atomically."""
+    state = json.load(open(path)) if os.path.exists(path) else {}
+    for r in records:
+        key = f"restore-lcc/{r['pattern'] or 'unstructured'}/{r['pruning']}/n{r['n_pairs']}"
+        state[key] = {k: r[k] for k in ("method", "pruning", "pattern", "sparsity", "ppl_before", "ppl_after",
+                                         "trainable_params", "peak_rss_above_imports", "peak_rss_restore_lcc",
+                                         "restore_lcc_seconds", "seconds", "threads", "n_pairs", "top_k",
+                                         "pruned_weights_still_zero", "restore_lcc", "windows", "seqlen")}
+        state[key]["source"] = "bench/restore_lcc.py (bench/results/restore_lcc.json)"
+    _write(path, state)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -121,6 +135,8 @@ def main(argv=None) -> None:
     ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "laco_restore_lcc_bench"),
                     help="RestoreLCC stage checkpoints (resume an interrupted row)")
     ap.add_argument("--out", default=os.path.join(_RESULTS, "restore_lcc.json"))
+    ap.add_argument("--recovery-json", default=os.path.join(_RESULTS, "recovery.json"),
+                    help="also copy the rows into this recovery results file ('' to skip)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -148,6 +164,8 @@ def main(argv=None) -> None:
             records.extend(json.load(f))
         os.remove(result)
         _write(args.out, records)
+    if args.recovery_json:
+        merge_into_recovery(records, args.recovery_json)
 
     print(f"\n{'row':20s} {'ppl before':>10s} {'ppl after':>10s} {'params':>8s} {'peak MB':>8s} {'LCC s':>7s}"
           "  pairs x tokens")
