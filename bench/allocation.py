@@ -286,9 +286,13 @@ def main(argv=None):
     ap.add_argument("--skip-prune", action="store_true", help="skip the runs that need prune_model")
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--device", default="cpu", help="where blocks compute and perplexity runs (cpu, cuda)")
+    ap.add_argument("--out", default=OUT, help="results file (a second job can run other --only ids into "
+                                               "its own file, then --merge it)")
+    ap.add_argument("--merge", nargs="*", default=[], help="results files whose records are copied into --out "
+                                                           "(same settings required), before anything runs")
     args = ap.parse_args(argv)
-    global DEVICE
-    DEVICE = args.device
+    global DEVICE, OUT
+    DEVICE, OUT = args.device, args.out
     torch.manual_seed(0)
     state = _load()
     meta = dict(model=MODEL, windows=args.windows, seqlen=1024, prune_calib=PRUNE_CALIB,
@@ -298,6 +302,15 @@ def main(argv=None):
         if key in state["meta"] and state["meta"][key] != meta[key]:
             raise SystemExit(f"{OUT} was made with {key}={state['meta'][key]}, not {meta[key]}; move it away")
     state["meta"].update(meta)
+    for path in args.merge:
+        with open(path) as f:
+            other = json.load(f)
+        for key in ("model", "windows", "seqlen", "prune_calib", "removal_calib", "laco_calib"):
+            if other["meta"].get(key) != meta[key]:
+                raise SystemExit(f"{path} was made with {key}={other['meta'].get(key)}, not {meta[key]}")
+        state["records"].update({k: v for k, v in other["records"].items() if k not in state["records"]})
+    if args.merge:
+        _save(state)
     if not args.plot_only:
         _, tok = load_model(MODEL)
         windows = wikitext_windows(tok, 1024, max_windows=args.windows)
