@@ -280,6 +280,7 @@ def _table(state):
 
 
 def main(argv=None):
+    global DEVICE, OUT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--only", nargs="*", help="run ids to run (default: all, in order)")
@@ -291,7 +292,6 @@ def main(argv=None):
     ap.add_argument("--merge", nargs="*", default=[], help="results files whose records are copied into --out "
                                                            "(same settings required), before anything runs")
     args = ap.parse_args(argv)
-    global DEVICE, OUT
     DEVICE, OUT = args.device, args.out
     torch.manual_seed(0)
     state = _load()
