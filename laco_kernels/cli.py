@@ -206,6 +206,13 @@ def _recover_lr(args, method: str) -> float:
     return args.recover_lr if args.recover_lr is not None else DEFAULT_RECOVER_LR[method]
 
 
+def _check_recover_loss(args) -> None:
+    """Reject a bad --recover-loss before any model is loaded (ValueError names the bad term)."""
+    from .recover._losses import parse_loss
+
+    parse_loss(args.recover_loss)
+
+
 def _recover(method: str, dense, pruned, tok, args):
     """The recovery hook shared by ``laco recover`` and ``laco run --recover``: returns (model, info)."""
     from . import recover
@@ -234,6 +241,7 @@ def cmd_recover(args) -> int:
     from .nn import densify
     from .prune.masks import is_nm
 
+    _check_recover_loss(args)
     pruned, tok = _load(args.model)
     densify(pruned)
     dense, _ = _load(args.dense)
@@ -255,6 +263,7 @@ def cmd_run(args) -> int:
 
     pattern = _pattern(args.pattern)
     sparsity = _sparsity(pattern, args.sparsity)
+    _check_recover_loss(args)
     _model_path(args.model)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()

@@ -148,3 +148,8 @@ def test_run_writes_report_and_plot(tiny_folder, tmp_path, capsys):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     model, _ = load_sparse(os.path.join(out, "model"))
     assert len(sparse_modules(model)) == 14
+
+
+def test_bad_recover_loss_fails_before_loading(capsys):
+    code, _, err = _run(["run", "--model", "/nonexistent/model", "--recover-loss", "bogus"], capsys)
+    assert code == 2 and "unknown loss kind 'bogus'" in err
