@@ -38,15 +38,34 @@ def _to_int32_words(words64: torch.Tensor) -> torch.Tensor:
     return torch.where(words64 >= 2 ** 31, words64 - 2 ** 32, words64).to(torch.int32)
 
 
+_CHUNK_ELEMS = 1 << 21  # int64 temporaries of one row chunk stay near 16 MB, whatever the weight
+
+
+def _row_chunks(n: int, elems_per_row: int):
+    """Row slices of ``[0, n)`` whose int64 temporaries hold about ``_CHUNK_ELEMS`` elements.
+
+    The packing helpers below widen to int64 for exact bit arithmetic; done on a whole
+    ``[N, K]`` weight that is 8 bytes per weight (92 MB for one 4096 x 11008 matrix), which
+    would dominate the peak memory of block-by-block recovery. Chunking bounds it.
+    """
+    step = max(1, _CHUNK_ELEMS // max(1, elems_per_row))
+    for s in range(0, n, step):
+        yield slice(s, min(n, s + step))
+
+
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """bool ``[N, K]`` -> int32 ``[N, ceil(K / 32)]`` (bit ``k % 32`` of word ``k // 32``)."""
     check_tensor(mask, "mask", dtypes=(torch.bool,), ndim=2)
     n, k = mask.shape
     words = (k + 31) // 32
-    padded = torch.zeros(n, words * 32, dtype=torch.int64, device=mask.device)
-    padded[:, :k] = mask.to(torch.int64)
+    out = torch.empty(n, words, dtype=torch.int32, device=mask.device)
     shifts = torch.arange(32, device=mask.device, dtype=torch.int64)
-    return _to_int32_words((padded.view(n, words, 32) << shifts).sum(-1))
+    for rows in _row_chunks(n, words * 32):
+        part = mask[rows]
+        padded = torch.zeros(part.shape[0], words * 32, dtype=torch.int64, device=mask.device)
+        padded[:, :k] = part
+        out[rows] = _to_int32_words((padded.view(-1, words, 32) << shifts).sum(-1))
+    return out
 
 
 def unpack_bits(words: torch.Tensor, k: int) -> torch.Tensor:
@@ -54,9 +73,13 @@ def unpack_bits(words: torch.Tensor, k: int) -> torch.Tensor:
     check_tensor(words, "words", dtypes=(torch.int32,), ndim=2)
     if words.shape[1] * 32 < k:
         raise ValueError(f"{words.shape[1]} words per row hold {words.shape[1] * 32} bits, fewer than k={k}")
+    n = words.shape[0]
+    out = torch.empty(n, k, dtype=torch.bool, device=words.device)
     shifts = torch.arange(32, device=words.device, dtype=torch.int64)
-    bits = (words.to(torch.int64).unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(words.shape[0], -1)[:, :k].bool()
+    for rows in _row_chunks(n, words.shape[1] * 32):
+        bits = (words[rows].to(torch.int64).unsqueeze(-1) >> shifts) & 1
+        out[rows] = bits.reshape(bits.shape[0], -1)[:, :k].bool()
+    return out
 
 
 def _check_weight_2d(w: torch.Tensor, name: str) -> None:
@@ -199,38 +222,53 @@ class Sparse24Weight(_Packed):
         if k % 4:
             raise ValueError(f"2:4 needs in_features divisible by 4, got weight of shape {(n, k)}")
         groups = weight.detach().reshape(n, k // 4, 4)
-        nonzero = groups != 0
-        if not prune:
-            bad = nonzero.sum(-1) > 2
-            if bad.any():
-                r, g = (int(i) for i in bad.nonzero()[0])
-                cnt = int(nonzero[r, g].sum())
-                raise ValueError(f"weight is not 2:4 sparse: row {r}, columns {4 * g}..{4 * g + 3} hold {cnt} "
-                                 f"nonzeros (at most 2 allowed); pass prune=True to keep the 2 largest")
-            score = nonzero.to(torch.float32)
-        else:
-            score = groups.abs().to(torch.float32)
-        order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :2]
-        idx = torch.sort(order, dim=-1).values  # i0 < i1
-        values = torch.gather(groups, -1, idx).reshape(n, k // 2)
-        return cls(values.contiguous(), _encode_meta(idx), (n, k))
+        values = torch.empty(n, k // 2, dtype=weight.dtype, device=weight.device)
+        meta = torch.empty(n, (k // 4 + 7) // 8, dtype=torch.int32, device=weight.device)
+        for rows in _row_chunks(n, 2 * k):  # sort indices are int64: bound them (see _row_chunks)
+            part = groups[rows]
+            nonzero = part != 0
+            if not prune:
+                bad = nonzero.sum(-1) > 2
+                if bad.any():
+                    r, g = (int(i) for i in bad.nonzero()[0])
+                    cnt = int(nonzero[r, g].sum())
+                    raise ValueError(f"weight is not 2:4 sparse: row {rows.start + r}, columns {4 * g}..{4 * g + 3} "
+                                     f"hold {cnt} nonzeros (at most 2 allowed); pass prune=True to keep the 2 largest")
+                score = nonzero.to(torch.float32)
+            else:
+                score = part.abs().to(torch.float32)
+            keep = _top2_of_4(score)
+            # kept positions in row-major order are the values' order (i0 < i1)
+            values[rows] = part.masked_select(keep).reshape(-1, k // 2)
+            pos = torch.arange(4, device=weight.device)
+            i0 = torch.where(keep, pos, 4).amin(-1)
+            i1 = torch.where(keep, pos, -1).amax(-1)
+            meta[rows] = _encode_meta(torch.stack([i0, i1], -1))
+        return cls(values, meta, (n, k))
 
     def indices(self) -> torch.Tensor:
         """int64 ``[N, K / 4, 2]``: the kept column offsets ``(i0, i1)`` inside each group."""
         return _decode_meta(self.meta, self.shape[1] // 4)
 
     def mask(self) -> torch.Tensor:
-        """bool ``[N, K]``: True at the kept positions."""
+        """bool ``[N, K]``: True at the kept positions (exactly two per group of 4)."""
         n, k = self.shape
-        m = torch.zeros(n, k // 4, 4, dtype=torch.bool, device=self.meta.device)
-        return m.scatter_(-1, self.indices(), True).reshape(n, k)
+        out = torch.empty(n, k // 4, 4, dtype=torch.bool, device=self.meta.device)
+        cols = torch.arange(4, device=self.meta.device, dtype=torch.int64)
+        for rows in _row_chunks(n, k):
+            idx = _decode_meta(self.meta[rows], k // 4)
+            out[rows] = (idx[..., :1] == cols) | (idx[..., 1:] == cols)
+        return out.reshape(n, k)
 
     def to_dense(self, values: torch.Tensor | None = None) -> torch.Tensor:
-        """Dense ``[N, K]`` weight; differentiable with respect to ``values`` (default ``self.values``)."""
+        """Dense ``[N, K]`` weight; differentiable with respect to ``values`` (default ``self.values``).
+
+        ``values`` in row-major order are the kept positions in row-major order (``i0 < i1``), so a
+        masked scatter places them; unlike an index scatter it needs no int64 ``[N, K/2]`` index.
+        """
         v = self.values if values is None else values
-        n, k = self.shape
-        dense = torch.zeros(n, k // 4, 4, dtype=v.dtype, device=v.device)
-        return dense.scatter(-1, self.indices(), v.reshape(n, k // 4, 2)).reshape(n, k)
+        dense = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
+        return dense.masked_scatter(self.mask(), v.reshape(-1))
 
     def to(self, device=None, dtype=None) -> "Sparse24Weight":
         return Sparse24Weight(self.values.to(device=device, dtype=dtype), self.meta.to(device), self.shape)
@@ -252,9 +290,29 @@ class Sparse24Weight(_Packed):
             raise ValueError(f"Sparse24Weight.values has shape {tuple(self.values.shape)}, expected {(n, k // 2)}")
         if tuple(self.meta.shape) != (n, (k // 4 + 7) // 8):
             raise ValueError(f"Sparse24Weight.meta has shape {tuple(self.meta.shape)}, expected {(n, (k // 4 + 7) // 8)}")
-        idx = self.indices()
-        if not bool((idx[..., 0] < idx[..., 1]).all()):
-            raise ValueError("Sparse24Weight.meta is corrupt: some group does not encode two distinct sorted positions")
+        for rows in _row_chunks(n, k):
+            idx = _decode_meta(self.meta[rows], k // 4)
+            if not bool((idx[..., 0] < idx[..., 1]).all()):
+                raise ValueError("Sparse24Weight.meta is corrupt: some group does not encode two distinct "
+                                 "sorted positions")
+
+
+def _top2_of_4(score: torch.Tensor) -> torch.Tensor:
+    """bool ``[..., 4]``: the two largest of each group of 4, ties to the lower position.
+
+    Element j is kept when fewer than two others beat it (``s_i > s_j``, or ``s_i == s_j`` with
+    ``i < j``): the choice of a stable descending sort, from the 6 pairwise comparisons (a sort
+    over a trailing dimension of 4 is slow on the CPU).
+    """
+    s0, s1, s2, s3 = score.unbind(-1)
+    c01, c02, c03 = s0 >= s1, s0 >= s2, s0 >= s3  # True: the lower position wins
+    c12, c13, c23 = s1 >= s2, s1 >= s3, s2 >= s3
+    u8 = torch.uint8
+    losses = torch.stack([(~c01).to(u8) + (~c02).to(u8) + (~c03).to(u8),
+                          c01.to(u8) + (~c12).to(u8) + (~c13).to(u8),
+                          c02.to(u8) + c12.to(u8) + (~c23).to(u8),
+                          c03.to(u8) + c13.to(u8) + c23.to(u8)], -1)
+    return losses < 2
 
 
 def _encode_meta(idx: torch.Tensor) -> torch.Tensor:

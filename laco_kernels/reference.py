@@ -52,8 +52,9 @@ def sparse24_values_grad(grad_out: torch.Tensor, x: torch.Tensor, w24: Sparse24W
     """dV ``[N, K/2]``: (dY^T X) gathered at the kept positions of ``w24``, in x's dtype."""
     n, k = w24.shape
     g = grad_out.reshape(-1, n).float()
-    dense = (g.t() @ x.reshape(-1, k).float()).reshape(n, k // 4, 4)
-    return torch.gather(dense, -1, w24.indices()).reshape(n, k // 2).to(x.dtype)
+    dense = g.t() @ x.reshape(-1, k).float()
+    # kept positions in row-major order are the values' order (i0 < i1 in every group)
+    return dense.masked_select(w24.mask()).reshape(n, k // 2).to(x.dtype)
 
 
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:

@@ -158,3 +158,4 @@ def test_sparse_modules_survive_state_dict_into_hf_save_pretrained(tmp_path):
     assert isinstance(again.model.layers[0].mlp.up_proj, nn.Linear)
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, ref, atol=1e-4, rtol=1e-4)
+

@@ -106,3 +106,39 @@ def test_errors_name_the_problem():
     bw = BitmapWeight.from_dense(torch.randn(4, 64))
     with pytest.raises(ValueError, match="offsets do not match"):
         BitmapWeight(bw.values, bw.bitmap, bw.offsets + 1, bw.shape, bw.tile_k).validate()
+
+
+def test_row_chunked_packing_matches_whole(monkeypatch):
+    """The packing helpers work on row chunks (bounded int64 temporaries); results must not
+    depend on the chunk size, including a last chunk shorter than the others."""
+    from laco_kernels import formats
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 52, generator=g)
+    mask = torch.rand(37, 70, generator=g) < 0.3
+    whole = (Sparse24Weight.from_dense(w, prune=True), pack_bits(mask))
+    monkeypatch.setattr(formats, "_CHUNK_ELEMS", 200)  # a few rows per chunk
+    w24, bits = Sparse24Weight.from_dense(w, prune=True), pack_bits(mask)
+    assert torch.equal(w24.values, whole[0].values) and torch.equal(w24.meta, whole[0].meta)
+    assert torch.equal(bits, whole[1]) and torch.equal(unpack_bits(bits, 70), mask)
+    dense = w24.to_dense()
+    kept = w.reshape(37, 13, 4).abs().topk(2, -1).indices
+    m = w24.mask().reshape(37, 13, 4)
+    assert bool(m.gather(-1, kept).all()) and bool((m.sum(-1) == 2).all())
+    assert torch.equal(dense.reshape(37, 13, 4).gather(-1, kept), w.reshape(37, 13, 4).gather(-1, kept))
+    w24.validate()
+    bad = w24.meta.clone()
+    bad[30, 0] = 0  # row 30 group 0: i0 = i1 = 0 (a chunk past the first)
+    with pytest.raises(ValueError, match="two distinct"):
+        Sparse24Weight(w24.values, bad, w24.shape).validate()
+
+
+def test_top2_of_4_matches_a_stable_sort_with_ties():
+    """The comparison-based selection keeps what a stable descending sort keeps, ties included."""
+    from laco_kernels.formats import _top2_of_4
+
+    g = torch.Generator().manual_seed(1)
+    score = torch.randint(0, 3, (500, 4), generator=g).float()  # values in {0, 1, 2}: ties everywhere
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :2]
+    expect = torch.zeros(500, 4, dtype=torch.bool).scatter_(-1, order, True)
+    assert torch.equal(_top2_of_4(score), expect)

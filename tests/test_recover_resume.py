@@ -51,3 +51,28 @@ def test_checkpoint_of_other_arguments_is_refused(tmp_path):
         layerwise(dense, pruned, ids, epochs=1, lr=1e-3, checkpoint_dir=str(tmp_path), progress=False)
     done = layerwise(dense, pruned, ids, epochs=1, checkpoint_dir=str(tmp_path), progress=False)
     assert done.resumed_from == 1 and len(done.blocks) == 1  # a finished run is not redone
+
+
+def test_atomic_copy_tensors_is_bit_exact(tmp_path):
+    """Tensors streamed from several safetensors files into one new file read back equal (any dtype)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from laco_kernels.recover._checkpoint import atomic_copy_tensors
+
+    g = torch.Generator().manual_seed(0)
+    a = {"x.weight": torch.randn(33, 7, generator=g), "y": torch.randn(5, generator=g).to(torch.bfloat16)}
+    b = {"z": torch.randint(-9, 9, (3, 4, 5), generator=g, dtype=torch.int32), "skip": torch.zeros(2)}
+    save_file(a, tmp_path / "a.safetensors")
+    save_file(b, tmp_path / "b.safetensors")
+    src = {"x.weight": str(tmp_path / "a.safetensors"), "y": str(tmp_path / "a.safetensors"),
+           "z": str(tmp_path / "b.safetensors")}
+    atomic_copy_tensors(str(tmp_path / "out.safetensors"), src, chunk=64)  # tiny chunks: many pieces
+    with safe_open(tmp_path / "out.safetensors", "pt") as f:
+        assert sorted(f.keys()) == ["x.weight", "y", "z"]
+        for k in ("x.weight", "y"):
+            assert torch.equal(f.get_tensor(k), a[k]) and f.get_tensor(k).dtype == a[k].dtype
+        assert torch.equal(f.get_tensor("z"), b["z"])
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    with pytest.raises(KeyError, match="holds no tensor"):
+        atomic_copy_tensors(str(tmp_path / "bad.safetensors"), {"nope": str(tmp_path / "a.safetensors")})

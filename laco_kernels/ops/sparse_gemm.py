@@ -82,14 +82,42 @@ def _sparse24_forward(x2, values, w24, bias, backend):
     return _native.sparse24_linear(x2, w24, bias, values=values)
 
 
+_BACKWARD_CHUNK = 1 << 21  # weight elements the CPU backward decompresses at once
+
+
+def _weight_rows(n: int, k: int):
+    """Row slices of an ``[N, K]`` weight holding about ``_BACKWARD_CHUNK`` elements each.
+
+    The CPU backward works on row blocks so that no dense ``[N, K]`` weight or gradient exists:
+    in block-by-block recovery those transients would otherwise sit on top of the parameters,
+    gradients and AdamW state (a 4096 x 11008 fp32 weight is 180 MB).
+    """
+    step = max(1, _BACKWARD_CHUNK // k)
+    for s in range(0, n, step):
+        yield slice(s, min(n, s + step))
+
+
 def _sparse24_grad_input(dy: torch.Tensor, w24: Sparse24Weight, values: torch.Tensor) -> torch.Tensor:
     """dX [M, K] = dY [M, N] @ dense(values, meta) [N, K], fp32 accumulation, in dY's dtype."""
-    return (dy.float() @ w24.to_dense(values).float()).to(dy.dtype)
+    n, k = w24.shape
+    dyf = dy.float()
+    dx = torch.zeros(dy.shape[0], k, dtype=torch.float32, device=dy.device)
+    for rows in _weight_rows(n, k):
+        part = Sparse24Weight(values[rows], w24.meta[rows], (rows.stop - rows.start, k))
+        dx.addmm_(dyf[:, rows], part.to_dense().float())
+    return dx.to(dy.dtype)
 
 
 def _sparse24_grad_values(dy: torch.Tensor, x2: torch.Tensor, w24: Sparse24Weight) -> torch.Tensor:
-    """dV [N, K/2] = (dY^T X) at the kept positions, in x's dtype."""
-    return reference.sparse24_values_grad(dy, x2, w24)
+    """dV [N, K/2] = (dY^T X) at the kept positions, in x's dtype (row block by row block)."""
+    n, k = w24.shape
+    dyf, xf = dy.float(), x2.float()
+    dv = torch.empty(n, k // 2, dtype=x2.dtype, device=x2.device)
+    for rows in _weight_rows(n, k):
+        part = Sparse24Weight(dv[rows], w24.meta[rows], (rows.stop - rows.start, k))
+        # kept positions in row-major order are the values' order (i0 < i1 in every group)
+        dv[rows] = (dyf[:, rows].t() @ xf).masked_select(part.mask()).reshape(-1, k // 2)
+    return dv
 
 
 def _bias_grad(dy: torch.Tensor, bias_dtype: torch.dtype) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from typing import Any, Dict, Optional
 
 import torch
@@ -22,10 +23,68 @@ from safetensors.torch import load_file, save_file
 PROGRESS = "progress.json"
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_save_tensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:
-    """safetensors file written to ``path + .tmp`` then renamed over ``path``."""
+    """safetensors file written to ``path + .tmp``, flushed to disk, then renamed over ``path``."""
     tmp = f"{path}.tmp-{os.getpid()}"
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def _header(path: str) -> Dict[str, Any]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        head = json.loads(f.read(n))
+    head["__data_start__"] = 8 + n
+    return head
+
+
+def atomic_copy_tensors(path: str, sources: Dict[str, str], chunk: int = 4 << 20) -> None:
+    """Write the tensors ``sources`` (name -> safetensors file holding it) into one new
+    safetensors file at ``path``, copying their bytes in ``chunk``-sized pieces.
+
+    Used for tensors a recovery never changes (embeddings, output head): ``save_file`` would need
+    each of them whole in memory (262 MB for a 32k x 2048 fp32 head), this needs one chunk. The
+    layout written is the safetensors format (8-byte little-endian header size, JSON header with
+    ``dtype``/``shape``/``data_offsets``, padded with spaces to 8 bytes, then the data); files are
+    read back with ``safetensors`` only.
+    """
+    heads: Dict[str, Dict[str, Any]] = {}
+    entries, plan, off = {}, [], 0
+    for name in sorted(sources):
+        src = sources[name]
+        h = heads.setdefault(src, _header(src))
+        if name not in h:
+            raise KeyError(f"{src!r} holds no tensor {name!r}")
+        b, e = h[name]["data_offsets"]
+        entries[name] = {"dtype": h[name]["dtype"], "shape": h[name]["shape"], "data_offsets": [off, off + e - b]}
+        plan.append((src, h["__data_start__"] + b, e - b))
+        off += e - b
+    head = json.dumps(dict(entries, __metadata__={"format": "pt"}), separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    buf = memoryview(bytearray(chunk))  # one reused buffer: a fresh bytes object per read would pile up
+    with open(tmp, "wb") as out:
+        out.write(struct.pack("<Q", len(head)) + head)
+        for src, start, size in plan:
+            with open(src, "rb", buffering=0) as f:
+                f.seek(start)
+                while size:
+                    got = f.readinto(buf[:min(chunk, size)])
+                    if not got:
+                        raise IOError(f"{src!r} ends before its header says")
+                    out.write(buf[:got])
+                    size -= got
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(tmp, path)
 
 

@@ -28,9 +28,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..formats import pack_bits, unpack_bits
 from ..models.adapters import block_linears, get_adapter
 from ..models.capture import BlockRunner, HiddenStream
-from ._checkpoint import RecoveryCheckpoint, atomic_save_json, atomic_save_tensors, tensor_digest
+from ._checkpoint import (RecoveryCheckpoint, atomic_copy_tensors, atomic_save_json, atomic_save_tensors,
+                          tensor_digest)
 from ._losses import block_loss, parse_loss
 from ._source import DiskSource, ModuleSource
 
@@ -153,13 +155,15 @@ def _detect_pattern(block: nn.Module, adapter) -> str:
 
 
 def _masks(block: nn.Module, adapter) -> Dict[str, torch.Tensor]:
-    return {n: lin.weight.detach() == 0 for n, lin in block_linears(block, adapter).items()}
+    """Where each linear's weight is zero, bit-packed (1 bit a weight: a bool mask would be 8)."""
+    return {n: pack_bits(lin.weight.detach() == 0) for n, lin in block_linears(block, adapter).items()}
 
 
 def _check_masks(block: nn.Module, adapter, zeros: Dict[str, torch.Tensor], l: int) -> None:
     """Every weight that was pruned before recovery must still be exactly zero."""
     for n, lin in block_linears(block, adapter).items():
-        bad = int((lin.weight.detach()[zeros[n]] != 0).sum())
+        w = lin.weight.detach()
+        bad = int((w[unpack_bits(zeros[n], w.shape[1])] != 0).sum())
         if bad:
             raise RuntimeError(f"block {l} {n}: {bad} pruned weights became non-zero during recovery")
 
@@ -171,6 +175,15 @@ def _set_trainable(block: nn.Module) -> List[nn.Parameter]:
             p.requires_grad_(True)
             params.append(p)
     return params
+
+
+def _adamw(params: List[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has a fused kernel for the device: the default multi-tensor
+    (foreach) step allocates temporaries as large as the parameters it updates."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except RuntimeError:  # raised at construction for a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
 
 
 def _crash_point():
@@ -198,7 +211,7 @@ def _train_block(block: nn.Module, runner: BlockRunner, x_in: HiddenStream, targ
                  cfg: LayerwiseConfig, l: int, world: int) -> Dict[str, Any]:
     """Train ``block`` (already sparsified, on the device) on (x_in -> target); returns loss trace."""
     params = _set_trainable(block)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = _adamw(params, cfg.lr, cfg.weight_decay)
     n_batches = math.ceil(len(x_in) / cfg.batch_size)
     total = cfg.epochs * n_batches
     if cfg.max_steps_per_block is not None:
@@ -233,6 +246,7 @@ def _train_block(block: nn.Module, runner: BlockRunner, x_in: HiddenStream, targ
     bar.close()
     block.eval()
     for p in params:
+        p.grad = None  # the last step's gradients would otherwise live on with the block
         p.requires_grad_(False)
     return {"steps": step, "loss_first": losses[0] if losses else None,
             "loss_last": float(sum(losses[-n_batches:]) / len(losses[-n_batches:])) if losses else None}
@@ -263,9 +277,8 @@ def layerwise(dense_model: Union[nn.Module, str], pruned_model: Union[nn.Module,
         raise ValueError("models given as folders need output_dir for the recovered weights")
     if on_disk and cfg.stage2_epochs:
         raise ValueError("stage 2 needs both whole models in memory; give modules, not folders")
-    dsrc = DiskSource(dense_model) if on_disk else ModuleSource(dense_model)
-    if on_disk:
-        dsrc.drop_embeddings()  # the dense skeleton only lends its block template
+    # the dense model only lends blocks: its skeleton reads no other tensor
+    dsrc = DiskSource(dense_model, with_rest=False) if on_disk else ModuleSource(dense_model)
     psrc = DiskSource(pruned_model) if on_disk else ModuleSource(pruned_model)
     if dsrc.n_blocks != psrc.n_blocks:
         raise ValueError(f"dense model has {dsrc.n_blocks} blocks, pruned model {psrc.n_blocks}")
@@ -279,6 +292,7 @@ def layerwise(dense_model: Union[nn.Module, str], pruned_model: Union[nn.Module,
     runner = BlockRunner(psrc.model, device=cfg.device, batch_size=cfg.eval_batch_size,
                          stream_dtype=cfg.stream_dtype, offload_dir=cfg.offload_dir, progress=False)
     ids = calibration[_shard_indices(len(calibration), cfg.batch_size, rank, world)]
+    embed_ids = psrc.embed_calibration(ids) if on_disk else ids  # disk: only the rows used are read
 
     prog = ckpt.load_progress() if ckpt else None
     start = prog["finished"] if prog else 0
@@ -287,7 +301,7 @@ def layerwise(dense_model: Union[nn.Module, str], pruned_model: Union[nn.Module,
         psrc.store(l, ckpt.load_block(l))
     dense_in = None
     if start == 0:
-        pruned_in = runner.capture(ids)
+        pruned_in = runner.capture(embed_ids)
         if cfg.target == "dense-stream":
             dense_in = runner.new_stream(pruned_in.shape)
             dense_in.data.copy_(pruned_in.data)
@@ -338,7 +352,7 @@ def layerwise(dense_model: Union[nn.Module, str], pruned_model: Union[nn.Module,
         if cfg.track_errors:
             rec["nmse_after"] = _global_nmse(_stream_nmse(pruned_out, target), world)
         rec["seconds"] = round(time.time() - tb, 3)
-        state = {k: v.detach().clone() for k, v in block.state_dict().items()}
+        state = {k: v.detach() for k, v in block.state_dict().items()}  # saved at once: no copy
         if not isinstance(psrc, ModuleSource):
             psrc.release(l, block)
         del block
@@ -415,7 +429,7 @@ def _stage2(dense_model: nn.Module, pruned_model: nn.Module, ids: torch.Tensor, 
     params = [p for b in blocks for p in _set_trainable(b)]
     dense_model.to(cfg.device)
     pruned_model.to(cfg.device)
-    opt = torch.optim.AdamW(params, lr=cfg.stage2_lr, weight_decay=cfg.weight_decay)
+    opt = _adamw(params, cfg.stage2_lr, cfg.weight_decay)
     bs = cfg.stage2_batch_size
     n_batches = math.ceil(len(ids) / bs)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.stage2_epochs * n_batches, eta_min=cfg.lr_min)
@@ -458,9 +472,8 @@ def _write_folder(psrc: DiskSource, ckpt: RecoveryCheckpoint, out: str) -> None:
             shutil.copyfile(os.path.join(psrc.folder, name), os.path.join(out, name))
     weight_map: Dict[str, str] = {}
     rest_keys = [k for k in psrc.wmap if not k.startswith(psrc.prefix)]
-    from ._source import _read
-
-    atomic_save_tensors(os.path.join(out, "model-rest.safetensors"), _read(rest_keys, psrc.wmap))
+    # unchanged tensors are copied byte by byte: never a whole embedding or head in memory
+    atomic_copy_tensors(os.path.join(out, "model-rest.safetensors"), {k: psrc.wmap[k] for k in rest_keys})
     weight_map.update({k: "model-rest.safetensors" for k in rest_keys})
     for l in range(psrc.n_blocks):
         name = f"model-block-{l:05d}.safetensors"
