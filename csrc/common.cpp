@@ -68,6 +68,15 @@ int64_t linear_k_block(int64_t m, int64_t k, int64_t align) {
   return std::min(cols, k);
 }
 
+int64_t linear_row_grain(int64_t m, int64_t k) {
+  // Why this big: a fork/join costs microseconds on idle cores, and when the other cores are busy
+  // (a shared machine) a parallel region waits for a descheduled thread: measured 7.6 ms per
+  // 1536x576 2:4 call at M = 1 on 2 threads (0.04 ms on 1) on a 2-core machine whose other core was
+  // busy. The old grain (64K weights) split that op in 13 chunks; now it runs on one thread.
+  constexpr int64_t kMinChunkMacs = int64_t{1} << 20;
+  return std::max<int64_t>(1, kMinChunkMacs / std::max<int64_t>(m * k, 1));
+}
+
 at::Tensor linear_x_fp32(const at::Tensor& x, const at::Tensor& values, int64_t in_features, const char* op) {
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(values.device().is_cpu(), op, ": values must be a CPU tensor, got ", values.device());

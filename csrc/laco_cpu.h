@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #if defined(__x86_64__) || defined(__i386__)
 #define LACO_X86 1
@@ -63,6 +64,29 @@ LACO_INLINE float to_f32<float>(float v) { return v; }
 template <>
 LACO_INLINE float to_f32<uint16_t>(uint16_t v) { return bf16_to_f32(v); }
 
+#if LACO_X86
+// ---- SIMD loads shared by the linears: 16 / 8 weights (fp32, or bf16 bits widened exactly) -> fp32 lanes
+template <typename VT>
+LACO_AVX512 LACO_INLINE __m512 load16_f32_avx512(const VT* p) {
+  if constexpr (std::is_same_v<VT, float>) {
+    return _mm512_loadu_ps(p);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <typename VT>
+LACO_AVX2 LACO_INLINE __m256 load8_f32_avx2(const VT* p) {
+  if constexpr (std::is_same_v<VT, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+#endif
+
 // ---- ops (each in its own csrc/<op>.cpp) -------------------------------------------------
 at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                            const c10::optional<at::Tensor>& bias, int64_t out_features, int64_t in_features);
@@ -83,6 +107,10 @@ at::Tensor reconstruction_loss_backward(const at::Tensor& grad_out, const at::Te
 // 512 KB, for m > 1 when the m rows fit in 24 KB of L1 (else each weight vector costs m L2 reads
 // of x); otherwise a multiple of `align` columns that does.
 int64_t linear_k_block(int64_t m, int64_t k, int64_t align);
+
+// Weight rows per parallel chunk for an [m, k] x: at least ~1M multiply-adds per chunk, so an op too
+// small to repay an OpenMP fork/join (SmolLM2's linears at decode: ~40 us) runs on one thread.
+int64_t linear_row_grain(int64_t m, int64_t k);
 
 // Checks shared by the linears; returns x as fp32 [M, K] contiguous (a copy for bf16 x).
 at::Tensor linear_x_fp32(const at::Tensor& x, const at::Tensor& values, int64_t in_features, const char* op);

@@ -39,12 +39,12 @@ def supports_dtype(op: str, *dtypes: torch.dtype) -> bool:
 
 
 def isa() -> str:
-    """Vector ISA the kernels use now: ``"avx512"``, ``"avx2"`` or ``"scalar"`` (chosen at run time)."""
+    """Vector ISA the kernels use now (chosen at run time): ``"avx512bf16"``, ``"avx512"``, ``"avx2"``, ``"scalar"``."""
     return _C.active_isa()
 
 
 def set_isa(name: str) -> None:
-    """Cap the ISA (``"auto"``, ``"scalar"``, ``"avx2"``, ``"avx512"``); for tests and benchmarks."""
+    """Cap the ISA (``"auto"``, ``"scalar"``, ``"avx2"``, ``"avx512"``, ``"avx512bf16"``); for tests and benchmarks."""
     _C.set_isa(name)
 
 

@@ -109,9 +109,26 @@ def test_linears_take_noncontiguous_and_batched_inputs():
 
 
 @needs_ext
+@pytest.mark.parametrize("isa_and_threads", CONFIGS, indirect=True, ids=lambda c: f"{c[0]}-t{c[1]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_linears_same_bits_for_any_thread_count(dtype):
-    m, n, k = 5, 301, 1000
+def test_linears_decode_whole_rows_prefetch_past_the_end(isa_and_threads, dtype):
+    """M = 1 reads rows whole and prefetches kilobytes ahead of the value stream: with a very sparse
+    weight the prefetches run far past the end of the tensors, which must neither fault nor change the result."""
+    n, k = 37, 8224
+    w = torch.randn(n, k) * (torch.rand(n, k) < 0.02)
+    w[-1, -1] = 2.0  # the last value of the tensor is read by the last row
+    bw = BitmapWeight.from_dense(w.to(dtype))
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k).to(dtype), prune=True)
+    x = torch.randn(1, k).to(dtype)
+    _close(_native.bitmap_linear(x, bw), reference.bitmap_linear(x, bw), dtype)
+    _close(_native.sparse24_linear(x, w24), reference.sparse24_linear(x, w24), dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mnk", [(5, 301, 1000), (1, 301, 11008)], ids=str)  # the second: the decode path
+def test_linears_same_bits_for_any_thread_count(dtype, mnk):
+    m, n, k = mnk
     w24 = Sparse24Weight.from_dense(torch.randn(n, k).to(dtype), prune=True)
     bw = BitmapWeight.from_dense((torch.randn(n, k) * (torch.rand(n, k) < 0.3)).to(dtype))
     x = torch.randn(m, k).to(dtype)
