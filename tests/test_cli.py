@@ -153,3 +153,15 @@ def test_run_writes_report_and_plot(tiny_folder, tmp_path, capsys):
 def test_bad_recover_loss_fails_before_loading(capsys):
     code, _, err = _run(["run", "--model", "/nonexistent/model", "--recover-loss", "bogus"], capsys)
     assert code == 2 and "unknown loss kind 'bogus'" in err
+
+
+def test_run_and_recover_recovery_defaults():
+    """The main job's recovery defaults are the measured CPU recipe in the README (128 x 128 windows,
+    2 passes, batch 8, layer-wise, token-nmse); `laco recover` keeps batch 4."""
+    from laco_kernels.cli import build_parser
+
+    run = build_parser().parse_args(["run"])
+    assert (run.recover, run.recover_nsamples, run.recover_seqlen, run.recover_epochs, run.recover_batch_size,
+            run.recover_loss) == ("layerwise", 128, 128, 2, 8, "token-nmse")
+    rec = build_parser().parse_args(["recover", "m", "--out", "o"])
+    assert rec.recover_batch_size == 4 and rec.recover_nsamples == 128

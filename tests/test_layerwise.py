@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from _recover_util import dense_and_pruned, one_thread
+from _recover_util import dense_and_pruned, one_thread, tiny_llama
 
 from laco_kernels.recover import layerwise
 from laco_kernels.recover._losses import block_loss, parse_loss
@@ -124,3 +124,20 @@ def test_bad_arguments_raise():
         layerwise(dense, pruned, _ids().float(), progress=False)
     with pytest.raises(ValueError, match="output_dir"):
         layerwise("a", "b", _ids(), progress=False)
+
+
+def test_disk_embedding_rows_are_read_exactly_and_checked(tmp_path):
+    """From a folder, only the embedding rows the calibration uses are read (pread at header
+    offsets): they equal the full tensor's rows; ids outside the vocabulary raise."""
+    from safetensors.torch import load_file
+
+    from laco_kernels.recover._source import _read_rows, _weight_map
+
+    model = tiny_llama(layers=1, vocab=300)
+    model.save_pretrained(tmp_path / "m")
+    wmap = _weight_map(str(tmp_path / "m"))
+    full = load_file(wmap["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+    rows = torch.tensor([0, 1, 2, 5, 6, 150, 299])
+    assert torch.equal(_read_rows("model.embed_tokens.weight", rows, wmap), full[rows])
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 300\)"):
+        _read_rows("model.embed_tokens.weight", torch.tensor([3, 300]), wmap)

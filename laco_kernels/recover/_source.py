@@ -94,6 +94,9 @@ def _read_rows(name: str, rows: torch.Tensor, wmap: Dict[str, str]) -> torch.Ten
     meta = head[name]
     if meta["dtype"] not in _DTYPES or len(meta["shape"]) != 2:
         raise ValueError(f"{path!r}: {name!r} is {meta['dtype']} {meta['shape']}, expected a 2-D float tensor")
+    if len(rows) and (int(rows[0]) < 0 or int(rows[-1]) >= meta["shape"][0]):
+        raise ValueError(f"token ids must lie in [0, {meta['shape'][0]}) for {name!r}; got "
+                         f"{int(rows[0])}..{int(rows[-1])}")
     dtype, width = _DTYPES[meta["dtype"]], meta["shape"][1]
     row_bytes = width * torch.empty(0, dtype=dtype).element_size()
     base = head["__data_start__"] + meta["data_offsets"][0]
