@@ -41,14 +41,15 @@ def _to_int32_words(words64: torch.Tensor) -> torch.Tensor:
 _CHUNK_ELEMS = 1 << 21  # int64 temporaries of one row chunk stay near 16 MB, whatever the weight
 
 
-def _row_chunks(n: int, elems_per_row: int):
-    """Row slices of ``[0, n)`` whose int64 temporaries hold about ``_CHUNK_ELEMS`` elements.
+def _row_chunks(n: int, elems_per_row: int, chunk_elems: int | None = None):
+    """Row slices of ``[0, n)`` holding about ``chunk_elems`` (default ``_CHUNK_ELEMS``) elements.
 
     The packing helpers below widen to int64 for exact bit arithmetic; done on a whole
     ``[N, K]`` weight that is 8 bytes per weight (92 MB for one 4096 x 11008 matrix), which
-    would dominate the peak memory of block-by-block recovery. Chunking bounds it.
+    would dominate the peak memory of block-by-block recovery. Chunking bounds it (the CPU
+    backward of ``ops.sparse24_linear`` uses the same slicing for its row blocks).
     """
-    step = max(1, _CHUNK_ELEMS // max(1, elems_per_row))
+    step = max(1, (chunk_elems or _CHUNK_ELEMS) // max(1, elems_per_row))
     for s in range(0, n, step):
         yield slice(s, min(n, s + step))
 
@@ -249,6 +250,11 @@ class Sparse24Weight(_Packed):
     def indices(self) -> torch.Tensor:
         """int64 ``[N, K / 4, 2]``: the kept column offsets ``(i0, i1)`` inside each group."""
         return _decode_meta(self.meta, self.shape[1] // 4)
+
+    def row_block(self, rows: slice, values: torch.Tensor | None = None) -> "Sparse24Weight":
+        """Rows ``rows`` of this weight (views, no copy); ``values`` overrides ``self.values``."""
+        v = self.values if values is None else values
+        return Sparse24Weight(v[rows], self.meta[rows], (len(range(self.shape[0])[rows]), self.shape[1]))
 
     def mask(self) -> torch.Tensor:
         """bool ``[N, K]``: True at the kept positions (exactly two per group of 4)."""

@@ -24,8 +24,8 @@ M = 16); wiring it in for M >= 256 with a cached compressed copy is the obvious 
 Gradients: on the triton / native paths ``sparse24_linear`` is a small autograd Function whose
 backward gives x, the packed values (``w24.values`` if it requires grad) and bias their gradients:
 on triton through ``kernels/sparse24_grad.py`` (dX from the compressed weight, dV ``[N, K/2]``
-gathered in registers), on native through :func:`_sparse24_grad_input` / :func:`_sparse24_grad_values`
-(reference-level torch ops). To train the values, wrap an ``nn.Parameter`` ``[N, K/2]`` with the
+gathered in registers), on native through :func:`_sparse24_grads_cpu` (row blocks of the weight,
+torch ops). To train the values, wrap an ``nn.Parameter`` ``[N, K/2]`` with the
 metadata buffer: ``sparse24_linear(x, Sparse24Weight(param, meta, shape), bias)`` (what
 ``nn.SparseLinear24(trainable=True)`` does); the optimizer then holds state for the kept half only. ``bitmap_linear`` gives x and
 bias gradients; its packed values are not trainable (use ``masked_linear`` to train).
@@ -36,7 +36,7 @@ import torch
 
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_linear_inputs, check_tensor
-from ..formats import BitmapWeight, Sparse24Weight
+from ..formats import BitmapWeight, Sparse24Weight, _row_chunks
 from .dispatch import requested_backend, select_backend
 
 
@@ -85,39 +85,30 @@ def _sparse24_forward(x2, values, w24, bias, backend):
 _BACKWARD_CHUNK = 1 << 21  # weight elements the CPU backward decompresses at once
 
 
-def _weight_rows(n: int, k: int):
-    """Row slices of an ``[N, K]`` weight holding about ``_BACKWARD_CHUNK`` elements each.
+def _sparse24_grads_cpu(dy: torch.Tensor, x2: torch.Tensor, w24: Sparse24Weight, values: torch.Tensor,
+                        need_x: bool, need_v: bool):
+    """(dX [M, K] in dY's dtype or None, dV [N, K/2] in x's dtype or None), fp32 accumulation.
 
-    The CPU backward works on row blocks so that no dense ``[N, K]`` weight or gradient exists:
-    in block-by-block recovery those transients would otherwise sit on top of the parameters,
-    gradients and AdamW state (a 4096 x 11008 fp32 weight is 180 MB).
+    dX = dY @ dense(values, meta) and dV = (dY^T X) at the kept positions, one row block of the
+    weight at a time (about ``_BACKWARD_CHUNK`` elements): no dense ``[N, K]`` weight or gradient
+    exists, which in block-by-block recovery would sit on top of the parameters, gradients and
+    AdamW state (a 4096 x 11008 fp32 weight is 180 MB). Each block's mask is decoded once, for both.
     """
-    step = max(1, _BACKWARD_CHUNK // k)
-    for s in range(0, n, step):
-        yield slice(s, min(n, s + step))
-
-
-def _sparse24_grad_input(dy: torch.Tensor, w24: Sparse24Weight, values: torch.Tensor) -> torch.Tensor:
-    """dX [M, K] = dY [M, N] @ dense(values, meta) [N, K], fp32 accumulation, in dY's dtype."""
     n, k = w24.shape
     dyf = dy.float()
-    dx = torch.zeros(dy.shape[0], k, dtype=torch.float32, device=dy.device)
-    for rows in _weight_rows(n, k):
-        part = Sparse24Weight(values[rows], w24.meta[rows], (rows.stop - rows.start, k))
-        dx.addmm_(dyf[:, rows], part.to_dense().float())
-    return dx.to(dy.dtype)
-
-
-def _sparse24_grad_values(dy: torch.Tensor, x2: torch.Tensor, w24: Sparse24Weight) -> torch.Tensor:
-    """dV [N, K/2] = (dY^T X) at the kept positions, in x's dtype (row block by row block)."""
-    n, k = w24.shape
-    dyf, xf = dy.float(), x2.float()
-    dv = torch.empty(n, k // 2, dtype=x2.dtype, device=x2.device)
-    for rows in _weight_rows(n, k):
-        part = Sparse24Weight(dv[rows], w24.meta[rows], (rows.stop - rows.start, k))
-        # kept positions in row-major order are the values' order (i0 < i1 in every group)
-        dv[rows] = (dyf[:, rows].t() @ xf).masked_select(part.mask()).reshape(-1, k // 2)
-    return dv
+    xf = x2.float() if need_v else None
+    dx = torch.zeros(dy.shape[0], k, dtype=torch.float32, device=dy.device) if need_x else None
+    dv = torch.empty(n, k // 2, dtype=x2.dtype, device=x2.device) if need_v else None
+    for rows in _row_chunks(n, k, _BACKWARD_CHUNK):
+        part = w24.row_block(rows, values)
+        mask = part.mask()
+        if need_x:
+            dense = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+            dx.addmm_(dyf[:, rows], dense.masked_scatter_(mask, part.values.float()))
+        if need_v:
+            # kept positions in row-major order are the values' order (i0 < i1 in every group)
+            dv[rows] = (dyf[:, rows].t() @ xf).masked_select(mask).reshape(-1, k // 2)
+    return (dx.to(dy.dtype) if need_x else None), dv
 
 
 def _bias_grad(dy: torch.Tensor, bias_dtype: torch.dtype) -> torch.Tensor:
@@ -151,8 +142,7 @@ class _Sparse24Linear(torch.autograd.Function):
             elif need_b:
                 db = _bias_grad(dy, ctx.bias_dtype)
             return dx, dv, db, None, None
-        dx = _sparse24_grad_input(dy, ctx.w24, values) if need_x else None
-        dv = _sparse24_grad_values(dy, x2, ctx.w24) if need_v else None
+        dx, dv = _sparse24_grads_cpu(dy, x2, ctx.w24, values, need_x, need_v)
         db = _bias_grad(dy, ctx.bias_dtype) if need_b else None
         return dx, dv, db, None, None
 
