@@ -24,6 +24,7 @@ PyTorch reference; see ``ops/dispatch.py``).
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -342,6 +343,10 @@ def sparsify(model: nn.Module, pattern: str = "2:4", mode: str = "inference",
     for name, mod in new.items():
         _set_child(model, name, mod)
     after = sum(_linear_bytes(m) for m in new.values())
+    if new and "transformers" in sys.modules and hasattr(model, "save_pretrained"):
+        from .hf import attach  # model.save_pretrained now writes the packed laco-sparse format
+
+        attach(model)
     return {"pattern": pattern, "mode": mode, "swapped": len(new), "names": list(new),
             "bytes_before": before, "bytes_after": after}
 

@@ -1,0 +1,61 @@
+"""Register the ``laco-sparse`` method with transformers as soon as transformers can take it.
+
+``import laco_kernels`` must not import transformers (several seconds), yet
+``AutoModelForCausalLM.from_pretrained`` must know the method afterwards. If
+``transformers.quantizers.auto`` (the registry) is already imported, the method is registered now;
+otherwise a meta-path finder waits for that module to be imported and registers right after it
+has executed, before any ``from_pretrained`` can run.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import sys
+import warnings
+
+_REGISTRY = "transformers.quantizers.auto"
+
+
+def _register() -> None:
+    try:
+        from .hf import register
+
+        register()
+    except Exception as exc:  # an incompatible transformers must not break `import laco_kernels`
+        warnings.warn(f"laco_kernels: could not register the laco-sparse checkpoint format with transformers "
+                      f"({type(exc).__name__}: {exc}); from_pretrained will not load laco sparse folders",
+                      RuntimeWarning, stacklevel=2)
+
+
+class _Loader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        _register()
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _REGISTRY:
+            return None
+        sys.meta_path.remove(self)  # one shot; also keeps the search below from finding us again
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find else None
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _Loader(spec.loader)
+                return spec
+        return None
+
+
+def install() -> None:
+    """Register now if the transformers registry is loaded, else when it gets imported."""
+    if _REGISTRY in sys.modules:
+        _register()
+    elif not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())
