@@ -325,11 +325,12 @@ class LacoSparseHfQuantizer(HfQuantizer):
         return True
 
 
-def attach(model: nn.Module) -> bool:
+def attach(model: nn.Module, strict: bool = False) -> bool:
     """Make ``model.save_pretrained`` write the laco-sparse format (a no-op for non-HF modules).
 
     Called by :func:`laco_kernels.nn.sparsify` and :func:`laco_kernels.checkpoint.save_sparse`;
-    returns True when the model is (now) handled. A model quantized by another method is refused.
+    returns True when the model is (now) handled. A model that another quantization method
+    loaded is left alone (False), or refused with ``strict=True`` when it holds packed modules.
     """
     from transformers import PreTrainedModel
 
@@ -340,7 +341,7 @@ def attach(model: nn.Module) -> bool:
     if hq is None:
         model.hf_quantizer = LacoSparseHfQuantizer(LacoSparseConfig(), pre_quantized=True)
     elif not isinstance(hq, LacoSparseHfQuantizer):
-        if sparse_modules(model):
+        if strict and sparse_modules(model):
             raise ValueError(f"the model is quantized with {hq.quantization_config.quant_method!r}; laco sparse "
                              "modules cannot be saved inside another quantization method's checkpoint")
         return False
