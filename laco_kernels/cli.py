@@ -105,12 +105,7 @@ def _save(model, tok, out: str, pattern: Optional[str], packed: bool) -> dict:
     summary = {"swapped": 0}
     if packed:
         summary = sparsify(model, "2:4" if pattern == "2:4" else "unstructured")
-        save_sparse(model, out, tok)
-    else:
-        os.makedirs(out, exist_ok=True)
-        model.save_pretrained(out)
-        if tok is not None:
-            tok.save_pretrained(out)
+    save_sparse(model, out, tok)  # atomic; a model without packed modules is written as a plain HF folder
     return summary
 
 
