@@ -17,7 +17,9 @@ State-dict convention (the design choice, documented once here)
     re-packs (and rejects a weight that does not fit the module's format). A swapped model's
     ``state_dict()`` therefore has the dense model's keys, so an ordinary checkpoint loads into
     either form unchanged. The packed tensors live in non-persistent buffers (they follow
-    ``.to()``); :mod:`laco_kernels.checkpoint` writes them packed on disk.
+    ``.to()``); ``save_pretrained`` / ``from_pretrained`` write and read them packed on disk
+    through the ``laco-sparse`` quantization method of :mod:`laco_kernels.hf` (``sparsify`` on a
+    transformers model attaches it).
 
 Forward passes go through ``laco_kernels.ops`` (CUDA -> Triton, CPU -> native extension or the
 PyTorch reference; see ``ops/dispatch.py``).
