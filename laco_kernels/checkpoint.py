@@ -188,9 +188,9 @@ def _load_legacy(folder: str, with_tokenizer: bool):
             manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON (cut short or corrupt): {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("version") != 1:
-        raise ValueError(f"{path}: manifest version {manifest.get('version') if isinstance(manifest, dict) else None!r} "
-                         "is not supported (expected 1)")
+    version = manifest.get("version") if isinstance(manifest, dict) else None
+    if version != 1:
+        raise ValueError(f"{path}: manifest version {version!r} is not supported (expected 1)")
     dtype = _DTYPES.get(manifest.get("dtype"))
     if dtype is None:
         raise ValueError(f"{path}: unknown dtype {manifest.get('dtype')!r} (expected one of {sorted(_DTYPES)})")
@@ -243,7 +243,8 @@ def _legacy_module(entry: dict, t: Dict[str, torch.Tensor]) -> nn.Module:
     bias = t["bias"] if entry.get("bias") else None
     fmt = entry["format"]
     if fmt == Sparse24Weight.FORMAT:
-        return SparseLinear24(Sparse24Weight(t["values"], t["meta"], shape), bias, trainable=entry.get("trainable", False))
+        return SparseLinear24(Sparse24Weight(t["values"], t["meta"], shape), bias,
+                              trainable=entry.get("trainable", False))
     if fmt == BitmapWeight.FORMAT:
         return BitmapLinear(BitmapWeight(t["values"], t["bitmap"], t["offsets"], shape, int(entry["tile_k"])), bias)
     if fmt == PackedMask.FORMAT:

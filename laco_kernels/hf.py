@@ -70,7 +70,7 @@ class LacoSparseConfig(QuantizationConfigMixin):
             raise ValueError(f"config.json quantization_config ({QUANT_METHOD}): unknown keys {sorted(unknown)}")
         if version != FORMAT_VERSION:
             raise ValueError(f"config.json quantization_config ({QUANT_METHOD}): format version {version!r} is not "
-                             f"supported by this laco_kernels (it reads version {FORMAT_VERSION}); upgrade laco_kernels")
+                             f"supported by this laco_kernels (it reads version {FORMAT_VERSION}); upgrade it")
         self.quant_method = QUANT_METHOD
         self.version = version
         self.modules = {}

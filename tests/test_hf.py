@@ -201,7 +201,7 @@ Q = "model.layers.0.self_attn.q_proj"
 
 @pytest.mark.parametrize("case,match", [
     ("unknown format", r"modules\['model.layers.0.self_attn.q_proj'\]: unknown format 'sparse99'"),
-    ("missing tensor", r"packed tensor 'model.layers.0.self_attn.q_proj.weight_meta' .* is missing from model.safetensors"),
+    ("missing tensor", r"tensor 'model.layers.0.self_attn.q_proj.weight_meta' .* is missing from model.safetensors"),
     ("wrong dtype", r"model.safetensors: tensor 'model.layers.0.self_attn.q_proj.weight_meta' has dtype I64"),
     ("wrong shape", r"model.safetensors: tensor 'model.layers.0.self_attn.q_proj.weight' has shape \[64, 16\]"),
     ("no such module", r"config.json: packed module 'model.layers.9.mlp' does not exist"),
@@ -240,3 +240,16 @@ def test_corrupt_folders_name_the_file_and_the_problem(tmp_path, case, match):
         AutoModelForCausalLM.from_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match=match):
         load_sparse(str(tmp_path))
+
+
+def test_sharded_checkpoint(tmp_path):
+    from laco_kernels.checkpoint import load_sparse
+
+    model = _sparse("unstructured")
+    ids = random_ids(1, 8)
+    ref = _logits(model, ids)
+    model.save_pretrained(str(tmp_path), max_shard_size="40KB")
+    shards = [n for n in os.listdir(tmp_path) if n.endswith(".safetensors")]
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(str(tmp_path)), ids), ref)
+    assert torch.equal(_logits(load_sparse(str(tmp_path))[0], ids), ref)
