@@ -27,14 +27,16 @@ def _register() -> None:
 
 
 class _Loader(importlib.abc.Loader):
-    def __init__(self, loader):
-        self._loader = loader
+    def __init__(self, loader, finder):
+        self._loader, self._finder = loader, finder
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
         self._loader.exec_module(module)
+        if self._finder in sys.meta_path:  # done: the registry exists from now on
+            sys.meta_path.remove(self._finder)
         _register()
 
 
@@ -42,13 +44,14 @@ class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
         if fullname != _REGISTRY:
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps the search below from finding us again
+        # stays installed until the module has executed: a bare importlib.util.find_spec must not
+        # use up the hook
         for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
+            find = getattr(finder, "find_spec", None) if finder is not self else None
             spec = find(fullname, path, target) if find else None
             if spec is not None:
                 if spec.loader is not None:
-                    spec.loader = _Loader(spec.loader)
+                    spec.loader = _Loader(spec.loader, self)
                 return spec
         return None
 
