@@ -16,6 +16,9 @@ _REGISTRY = "transformers.quantizers.auto"
 
 
 def _register() -> None:
+    hf = sys.modules.get(f"{__package__}.hf")
+    if hf is not None and not hasattr(hf, "register"):
+        return  # laco_kernels.hf is importing transformers right now; it registers at the end of its body
     try:
         from .hf import register
 

@@ -253,3 +253,13 @@ def test_sharded_checkpoint(tmp_path):
     assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").exists()
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(str(tmp_path)), ids), ref)
     assert torch.equal(_logits(load_sparse(str(tmp_path))[0], ids), ref)
+
+
+def test_importing_laco_kernels_hf_first_registers_without_warning():
+    # laco_kernels.hf imports transformers' registry, whose import hook calls back into laco_kernels.hf
+    code = ("import laco_kernels.hf\nfrom transformers.quantizers import auto\n"
+            f"assert {QUANT_METHOD!r} in auto.AUTO_QUANTIZER_MAPPING and {QUANT_METHOD!r} in "
+            "auto.AUTO_QUANTIZATION_CONFIG_MAPPING\nprint('OK')\n")
+    r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], capture_output=True, text=True,
+                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr[-3000:]
