@@ -23,6 +23,7 @@ current kernels: do that only together with new measurements). Everything predic
     python bench/sass_audit.py                    # everything (10+ minutes on 2 busy cores)
     python bench/sass_audit.py --subset           # representative specs only (+ what the model needs)
     python bench/sass_audit.py --specs sparse24   # specs whose kernel name or config contains it
+    python bench/sass_audit.py --specs dense-decode --arch 90 --skip-training   # seconds
 """
 from __future__ import annotations
 
@@ -228,6 +229,9 @@ def report(doc):
           f"features from {fit['basis']}); RMS log error {fit['rms_log_error']:.3f}")
     for k, v in fit["params"].items():
         print(f"   {k:32s} {v:12.4g}")
+    p = fit["params"]
+    print(f"   = {p['bw_bytes_per_us'] / 1e6:.2f} TB/s, {p['ir_thread_instr_per_us_per_sm'] / 32 / 1755:.2f} warp-instructions"
+          f" per clock per SM at 1.755 GHz, {p['launch_us']:.2f} us per launch")
     for v in fit["variants"]:
         print(f"   variant {v['kind']:3s} launch={v['launch_term']!s:5s} RMS log err {v['rms_log_error']:.3f}  "
               f"max |rel err| {v['max_abs_rel_error']:.2f}")
@@ -235,6 +239,9 @@ def report(doc):
     for r in fit["rows"]:
         print(f"{r['method']:14s} {r['N']:6d} {r['K']:6d} {r['M']:5d} {r['measured_us']:12.1f} "
               f"{r['predicted_us']:13.1f} {r['predicted_us'] / r['measured_us'] - 1:+7.0%}")
+    print("   predicted / measured by group (mean, min, max):")
+    for g, v in fit["predicted_over_measured_by_group"].items():
+        print(f"   {g:24s} {v['mean']:.2f}  {v['min']:.2f}  {v['max']:.2f}")
     print(f"\n{'kernel':28s} {'config':46s} {'arch':5s} {'w':>2s} {'loop':>5s} {'STS/LDS':>8s} {'thr/B':>10s} "
           f"{'thr/MAC':>8s} {'xdense':>6s}")
     for r in doc["specs"]:
@@ -264,7 +271,7 @@ def report(doc):
 
 
 def run(subset=False, pattern=None, archs=ARCHS, out=DEFAULT_OUT, use_basis=True, write_fit_basis=False,
-        verbose=True) -> dict:
+        with_training=True, verbose=True) -> dict:
     t0 = time.time()
     specs = compile_report.all_specs()
     selected = select(specs, subset, pattern)
@@ -281,12 +288,16 @@ def run(subset=False, pattern=None, archs=ARCHS, out=DEFAULT_OUT, use_basis=True
         write_basis(rows)
         basis = os.path.relpath(BASIS, os.path.dirname(HERE)) + " (rewritten now)"
     fitted = sm.fit(rows)
+    groups: Dict[str, list] = {}
     for r in rows:
         r["predicted_us"] = sm.predict_us(r["features"], fitted["params"], fitted["kind"])
-    steps, checks = training(specs, stats, fitted)
+        groups.setdefault(f"{r['method']} {m_regime(r['M'])}", []).append(r["predicted_us"] / r["measured_us"])
+    fitted["predicted_over_measured_by_group"] = {g: dict(mean=sum(v) / len(v), min=min(v), max=max(v))
+                                                  for g, v in groups.items()}
+    steps, checks = training(specs, stats, fitted) if with_training else ([], [])
     doc = dict(
         meta=dict(triton=triton.__version__, archs=[f"sm_{a}" for a in archs], subset=subset, specs_pattern=pattern,
-                  seconds=round(time.time() - t0, 1), load=os.getloadavg()[0],
+                  seconds=round(time.time() - t0, 1), training=with_training, load=os.getloadavg()[0],
                   note="predicted_* values come from the fitted model, not from a GPU; measured_* from "
                        "gpu_gemm_graph.json / gpu_training.json (H100, Triton 3.6, the kernels as they were then)"),
         fit=dict(fitted, basis=basis, rows=[{k: v for k, v in r.items() if k != "features"} for r in rows]),
@@ -311,8 +322,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-basis", action="store_true", help="fit on the current kernels' features, not the frozen basis")
     ap.add_argument("--write-fit-basis", action="store_true",
                     help="freeze the current kernels' features as the fit basis (only with new measurements)")
+    ap.add_argument("--skip-training", action="store_true", help="no recovery-step predictions (quick runs)")
     args = ap.parse_args(argv)
-    run(args.subset, args.specs, tuple(args.arch), args.out, not args.no_basis, args.write_fit_basis)
+    run(args.subset, args.specs, tuple(args.arch), args.out, not args.no_basis, args.write_fit_basis,
+        not args.skip_training)
     return 0
 
 

@@ -19,7 +19,8 @@ Model (:func:`predict_us`), per launch, summed over the launches of a call:
 ``max`` variant ``L + max(bytes / BW, sm_instructions / IR)``, ``sum`` variant
 ``L + bytes / BW + sm_instructions / IR``; BW (bytes/us), IR (thread-instructions/us per SM),
 L (us per launch) are fitted (:func:`fit`) by least squares on log(predicted / measured).
-Every time it returns is a prediction.
+A third term (``sm_mac`` multiply-adds of the tensor-core loops at a fitted rate, ``max3``) is
+fitted for information, not used. Every time it returns is a prediction.
 """
 from __future__ import annotations
 
@@ -177,16 +178,22 @@ def training_step_plans(tokens: int, linears: Sequence[tuple], dtype: str, specs
 # features and the fitted model
 # ----------------------------------------------------------------------------------------
 def features(plan: Sequence[dict], stats: Callable[[CompileSpec], dict]) -> List[dict]:
-    """``[{name, bytes, sm_instr}]`` per launch; ``stats(spec)`` gives the spec's sm_90 loop stats."""
+    """``[{name, bytes, sm_instr, sm_mac}]`` per launch (``sm_*``: on the busiest SM);
+    ``stats(spec)`` gives the spec's sm_90 loop statistics and compile record."""
     out = []
     for p in plan:
-        sm_instr = 0.0
+        sm_mac = 0.0
         if p["spec"] is not None:
             st = stats(p["spec"])
             loop, rest = st["loop_instructions"], st["total_instructions"] - st["loop_instructions"]
-            per_program = (p["iterations"] * loop + rest) * 32 * st["num_warps"]
-            sm_instr = max(p["programs"] / SMS, 1.0) * per_program
-        out.append(dict(name=p["name"], bytes=float(p["bytes"]), sm_instr=float(sm_instr)))
+            per_sm = max(p["programs"] / SMS, 1.0)
+            sm_instr = per_sm * (p["iterations"] * loop + rest) * 32 * st["num_warps"]
+            c = p["spec"].constexprs
+            if st["classes"].get("tensor_core") and all(b in c for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")):
+                sm_mac = per_sm * p["iterations"] * c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"]
+            out.append(dict(name=p["name"], bytes=float(p["bytes"]), sm_instr=float(sm_instr), sm_mac=float(sm_mac)))
+        else:
+            out.append(dict(name=p["name"], bytes=float(p["bytes"]), sm_instr=0.0, sm_mac=0.0))
     return out
 
 
@@ -195,7 +202,10 @@ def predict_us(feats: Sequence[dict], params: Dict[str, float], kind: str) -> fl
     total = 0.0
     for f in feats:
         tb, ti = f["bytes"] / params["bw_bytes_per_us"], f["sm_instr"] / params["ir_thread_instr_per_us_per_sm"]
-        total += params["launch_us"] + (max(tb, ti) if kind == "max" else tb + ti)
+        if kind == "max3":  # the tensor-core variant: MMA multiply-adds at their own rate
+            total += params["launch_us"] + max(tb, ti, f.get("sm_mac", 0.0) / params["tc_mac_per_us_per_sm"])
+        else:
+            total += params["launch_us"] + (max(tb, ti) if kind == "max" else tb + ti)
     return total
 
 
@@ -203,34 +213,43 @@ def _errors(rows, params, kind):
     return np.array([math.log(predict_us(r["features"], params, kind) / r["measured_us"]) for r in rows])
 
 
-def fit(rows: Sequence[dict]) -> dict:
-    """Fit BW, IR, L to ``rows`` (``{features, measured_us}``) for the max and sum variants, with and
-    without a launch term; keep the variant with the lowest RMS log error (a launch term only if it
-    lowers that by more than 5%). Returns ``{kind, params, rms_log_error, variants}``."""
+# physical starting points (H100): 3.35 TB/s; 4 warp-issues a clock at 1.755 GHz; ~1000 dense fp16
+# TFLOP/s = 500e6 multiply-adds per us over 132 SMs
+_START = dict(bw_bytes_per_us=3.35e6, ir_thread_instr_per_us_per_sm=4 * 32 * 1755.0, launch_us=2.0,
+              tc_mac_per_us_per_sm=500e6 / SMS)
+
+
+def _fit_variant(rows, kind: str, launch: bool) -> dict:
     from scipy.optimize import least_squares
 
-    start = dict(bw_bytes_per_us=3.35e6, ir_thread_instr_per_us_per_sm=4 * 32 * 1755.0, launch_us=2.0)
-    variants = []
-    for kind in ("max", "sum"):
-        for with_launch in (False, True):
-            keys = ["bw_bytes_per_us", "ir_thread_instr_per_us_per_sm"] + (["launch_us"] if with_launch else [])
+    keys = ["bw_bytes_per_us", "ir_thread_instr_per_us_per_sm"] + (["launch_us"] if launch else []) + (
+        ["tc_mac_per_us_per_sm"] if kind == "max3" else [])
 
-            def params_of(z):
-                p = dict(start, launch_us=0.0)
-                p.update({key: math.exp(v) for key, v in zip(keys, z)})
-                return p
+    def params_of(z):
+        p = dict(launch_us=0.0)
+        p.update({key: math.exp(v) for key, v in zip(keys, z)})
+        return p
 
-            res = least_squares(lambda z: _errors(rows, params_of(z), kind), [math.log(start[key]) for key in keys])
-            p = params_of(res.x)
-            e = _errors(rows, p, kind)
-            variants.append(dict(kind=kind, launch_term=with_launch, params=p,
-                                 rms_log_error=float(np.sqrt(np.mean(e ** 2))),
-                                 max_abs_rel_error=float(np.max(np.abs(np.exp(e) - 1)))))
+    res = least_squares(lambda z: _errors(rows, params_of(z), kind), [math.log(_START[key]) for key in keys])
+    p = params_of(res.x)
+    e = _errors(rows, p, kind)
+    return dict(kind=kind, launch_term=launch, params=p, rms_log_error=float(np.sqrt(np.mean(e ** 2))),
+                max_abs_rel_error=float(np.max(np.abs(np.exp(e) - 1))))
+
+
+def fit(rows: Sequence[dict]) -> dict:
+    """Fit the model to ``rows`` (``{features, measured_us}``) by least squares on log(pred / meas).
+
+    Variants: max or sum of the two terms, each with and without a launch term; the chosen model
+    is the variant with the lowest RMS log error, a launch term kept only if it lowers that error
+    by more than 5%. ``max3`` (a third, tensor-core term, with launch) is fitted for information
+    only. Returns ``{kind, launch_term, params, rms_log_error, max_abs_rel_error, variants}``."""
+    variants = [_fit_variant(rows, k, launch) for k in ("max", "sum") for launch in (False, True)]
+    variants.append(_fit_variant(rows, "max3", True))
     best = None
     for kind in ("max", "sum"):
         no_l, with_l = (v for v in variants if v["kind"] == kind)
         cand = with_l if with_l["rms_log_error"] < 0.95 * no_l["rms_log_error"] else no_l
         if best is None or cand["rms_log_error"] < best["rms_log_error"]:
             best = cand
-    return dict(kind=best["kind"], launch_term=best["launch_term"], params=best["params"],
-                rms_log_error=best["rms_log_error"], variants=variants)
+    return dict(best, variants=variants)
