@@ -123,8 +123,8 @@ def fit_rows(specs, stats: Stats, use_basis: bool) -> tuple:
 def write_basis(rows):
     with open(MEASURED) as f:
         meta = json.load(f)["meta"]
-    doc = dict(note="SASS features (sm_90, Triton %s) of the kernels timed in gpu_gemm_graph.json; the audit fits "
-               "its model on these. Rewrite (--write-fit-basis) only together with new measurements." % triton.__version__,
+    doc = dict(note=f"SASS features (sm_90, Triton {triton.__version__}) of the kernels timed in gpu_gemm_graph.json; "
+               "the audit fits its model on these. Rewrite (--write-fit-basis) only with new measurements.",
                measured_meta=meta, written=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                rows=rows)
     _atomic_json(BASIS, doc)
@@ -137,8 +137,9 @@ def _atomic_json(path, doc):
     os.replace(tmp, path)
 
 
-def predictions(selected, specs, stats: Stats, fitted) -> List[dict]:
-    """Predicted time of every selected inference kernel at every audited (shape, M, dtype)."""
+def predictions(selected, specs, stats: Stats, fitted, skipped: List[str]) -> List[dict]:
+    """Predicted time of every selected inference kernel at every audited (shape, M, dtype); specs
+    without a launch plan are listed in ``skipped``."""
     with open(MEASURED) as f:
         measured = {(r["method"], r["M"], r["N"], r["K"], r["dtype"]): r["us"] for r in json.load(f)["records"]}
     kind, params = fitted["kind"], fitted["params"]
@@ -156,7 +157,11 @@ def predictions(selected, specs, stats: Stats, fitted) -> List[dict]:
             for m in (m for m in MS if m_regime(m) == spec.regime):
                 dense = sm.predict_us(sm.features(sm.dense_plan(m, n, k, dt, specs), stats.sm90), params, kind)
                 for density in DENSITIES.get(spec.family, (0.5,)):
-                    plan = sm.inference_plan(spec, m, n, k, density, specs)
+                    try:
+                        plan = sm.inference_plan(spec, m, n, k, density, specs)
+                    except LookupError as e:  # a launcher the default plan does not know: say so, go on
+                        skipped.append(str(e))
+                        continue
                     feats = sm.features(plan, stats.sm90)
                     pred = sm.predict_us(feats, params, kind)
                     meas = None
@@ -164,8 +169,9 @@ def predictions(selected, specs, stats: Stats, fitted) -> List[dict]:
                         if (fam, kern) == (spec.family, spec.name) and (fam != "bitmap" or (
                                 dens == density and key[4] == MEASURED_TILE_K)):
                             meas = measured.get((method, m, n, k, sm.DTYPES[dt]))
-                    out.append(dict(kernel=spec.name, family=spec.family, regime=spec.regime, config=plan[0]["spec"].config
-                                    if plan[0]["spec"] else spec.config, dtype=dt, N=n, K=k, M=m,
+                    cfg = plan[0]["spec"].config if plan[0]["spec"] else spec.config
+                    out.append(dict(kernel=spec.name, family=spec.family, regime=spec.regime, config=cfg, dtype=dt,
+                                    N=n, K=k, M=m,
                                     density=density if spec.family == "bitmap" else None, arch="sm_90",
                                     launches=[f["name"] for f in feats], predicted_us=pred,
                                     predicted_dense_triton_us=dense, predicted_speedup_vs_dense_triton=dense / pred,
@@ -230,8 +236,8 @@ def report(doc):
     for k, v in fit["params"].items():
         print(f"   {k:32s} {v:12.4g}")
     p = fit["params"]
-    print(f"   = {p['bw_bytes_per_us'] / 1e6:.2f} TB/s, {p['ir_thread_instr_per_us_per_sm'] / 32 / 1755:.2f} warp-instructions"
-          f" per clock per SM at 1.755 GHz, {p['launch_us']:.2f} us per launch")
+    print(f"   = {p['bw_bytes_per_us'] / 1e6:.2f} TB/s, {p['ir_thread_instr_per_us_per_sm'] / 32 / 1755:.2f} "
+          f"warp-instructions per clock per SM at 1.755 GHz, {p['launch_us']:.2f} us per launch")
     for v in fit["variants"]:
         print(f"   variant {v['kind']:3s} launch={v['launch_term']!s:5s} RMS log err {v['rms_log_error']:.3f}  "
               f"max |rel err| {v['max_abs_rel_error']:.2f}")
@@ -247,7 +253,8 @@ def report(doc):
     for r in doc["specs"]:
         mac = f"{r['thread_instr_per_mac']:.4f}" if r["thread_instr_per_mac"] else "-"
         ratio = f"{r['mac_ratio_vs_dense_prefill']:.2f}" if r.get("mac_ratio_vs_dense_prefill") else "-"
-        print(f"{r['kernel']:28s} {r['config'][:46]:46s} {r['arch']:5s} {r['num_warps']:2d} {r['loop_instructions']:5d} "
+        print(f"{r['kernel']:28s} {r['config'][:46]:46s} {r['arch']:5s} {r['num_warps']:2d} "
+              f"{r['loop_instructions']:5d} "
               f"{r['sts']:3d}/{r['lds']:<4d} {_tpb(r):>10s} {mac:>8s} {ratio:>6s}")
     print(f"\nPREDICTED (sm_90 SASS, fitted H100 model) vs the dense Triton GEMM")
     print(f"{'kernel':28s} {'dt':4s} {'N':>6s} {'K':>6s} {'M':>5s} {'dens':>5s} {'pred us':>9s} {'pred dense':>10s} "
@@ -255,19 +262,26 @@ def report(doc):
     for p in doc["predictions"]:
         meas = f"{p['measured_h100_us']:.1f}" if p["measured_h100_us"] else "-"
         dens = f"{p['density']:.1f}" if p["density"] else "-"
-        print(f"{p['kernel']:28s} {p['dtype']:4s} {p['N']:6d} {p['K']:6d} {p['M']:5d} {dens:>5s} {p['predicted_us']:9.1f} "
+        print(f"{p['kernel']:28s} {p['dtype']:4s} {p['N']:6d} {p['K']:6d} {p['M']:5d} {dens:>5s} "
+              f"{p['predicted_us']:9.1f} "
               f"{p['predicted_dense_triton_us']:10.1f} {p['predicted_speedup_vs_dense_triton']:7.2f} {meas:>8s}")
-    print("\nPREDICTED recovery step (MLP block linears, fwd + bwd; torch = F.linear(x, W*M) + autograd as dense GEMMs)")
-    print(f"{'block':8s} {'tokens':>6s} {'dt':4s} {'torch us':>9s} {'masked us':>10s} {'x':>5s} {'2:4 us':>9s} {'x':>5s}")
+    for reason in doc["predictions_skipped"]:
+        print("   no prediction:", reason)
+    print("\nPREDICTED recovery step (MLP block linears, fwd + bwd; torch = F.linear(x, W*M) + autograd, "
+          "its GEMMs as dense GEMMs)")
+    print(f"{'block':8s} {'tokens':>6s} {'dt':4s} {'torch us':>9s} {'masked us':>10s} {'x':>5s} {'2:4 us':>9s} "
+          f"{'x':>5s}")
     for s in doc["training"]:
         t, x = s["predicted_step_us"], s["predicted_speedup_vs_torch"]
-        print(f"{s['block']:8s} {s['tokens']:6d} {s['dtype']:4s} {t['torch']:9.0f} {t['masked']:10.0f} {x['masked']:5.2f} "
+        print(f"{s['block']:8s} {s['tokens']:6d} {s['dtype']:4s} {t['torch']:9.0f} {t['masked']:10.0f} "
+              f"{x['masked']:5.2f} "
               f"{t['sparse24']:9.0f} {x['sparse24']:5.2f}")
     if doc["training_check"]:
         print("\ncheck vs gpu_training.json (do_bench, eager launches; not in the fit): predicted / measured ms")
         for c in doc["training_check"]:
             print(f"   {c['dtype']:4s} {str(c['shape']):18s} masked kernels {c['predicted_masked_kernels_ms']:.3f} / "
-                  f"{c['measured_masked_kernels_ms']:.3f}   torch {c['predicted_torch_ms']:.3f} / {c['measured_torch_ms']:.3f}")
+                  f"{c['measured_masked_kernels_ms']:.3f}   torch {c['predicted_torch_ms']:.3f} / "
+                  f"{c['measured_torch_ms']:.3f}")
 
 
 def run(subset=False, pattern=None, archs=ARCHS, out=DEFAULT_OUT, use_basis=True, write_fit_basis=False,
@@ -295,13 +309,15 @@ def run(subset=False, pattern=None, archs=ARCHS, out=DEFAULT_OUT, use_basis=True
     fitted["predicted_over_measured_by_group"] = {g: dict(mean=sum(v) / len(v), min=min(v), max=max(v))
                                                   for g, v in groups.items()}
     steps, checks = training(specs, stats, fitted) if with_training else ([], [])
+    skipped: List[str] = []
     doc = dict(
         meta=dict(triton=triton.__version__, archs=[f"sm_{a}" for a in archs], subset=subset, specs_pattern=pattern,
                   seconds=round(time.time() - t0, 1), training=with_training, load=os.getloadavg()[0],
                   note="predicted_* values come from the fitted model, not from a GPU; measured_* from "
                        "gpu_gemm_graph.json / gpu_training.json (H100, Triton 3.6, the kernels as they were then)"),
         fit=dict(fitted, basis=basis, rows=[{k: v for k, v in r.items() if k != "features"} for r in rows]),
-        specs=[r for r, _ in records], predictions=predictions(selected, specs, stats, fitted),
+        specs=[r for r, _ in records], predictions=predictions(selected, specs, stats, fitted, skipped),
+        predictions_skipped=sorted(set(skipped)),
         training=steps, training_check=checks)
     if out:
         os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -319,7 +335,8 @@ def main(argv=None) -> int:
                     help="substring (or glob on 'kernel config') of the specs to audit")
     ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
     ap.add_argument("--out", default=DEFAULT_OUT)
-    ap.add_argument("--no-basis", action="store_true", help="fit on the current kernels' features, not the frozen basis")
+    ap.add_argument("--no-basis", action="store_true",
+                    help="fit on the current kernels' features, not the frozen basis")
     ap.add_argument("--write-fit-basis", action="store_true",
                     help="freeze the current kernels' features as the fit basis (only with new measurements)")
     ap.add_argument("--skip-training", action="store_true", help="no recovery-step predictions (quick runs)")

@@ -61,7 +61,8 @@ def find_spec(specs: Sequence[CompileSpec], *, family: str, regime: str, dtype: 
             and (kernel is None or s.name == kernel) and (out_dtype is None or spec_out_dtype(s) in (None, out_dtype))
             and all(s.constexprs.get(b) == v for b, v in (blocks or {}).items())]
     # the plain launch first: no bias, fp32 "ieee" (the default precision)
-    cand.sort(key=lambda s: (bool(s.constexprs.get("HAS_BIAS", False)), s.constexprs.get("DOT_PRECISION", "ieee") != "ieee"))
+    cand.sort(key=lambda s: (bool(s.constexprs.get("HAS_BIAS", False)),
+                             s.constexprs.get("DOT_PRECISION", "ieee") != "ieee"))
     return cand[0] if cand else None
 
 
@@ -74,7 +75,8 @@ def _torch_pass(name: str, nbytes: float) -> dict:
     return dict(name=name, spec=None, programs=0, iterations=0.0, bytes=float(nbytes))
 
 
-def inference_plan(spec: CompileSpec, m: int, n: int, k: int, density: float, specs: Sequence[CompileSpec]) -> List[dict]:
+def inference_plan(spec: CompileSpec, m: int, n: int, k: int, density: float,
+                   specs: Sequence[CompileSpec]) -> List[dict]:
     """Launches of one ``y[m, n] = x[m, k] @ W^T`` call through ``dense_gemm.launch`` with the
     kernel of ``spec`` (its decode or prefill config). The split-K partials are fp32: the spec
     with an fp32 output is used then (looked up in ``specs``)."""
@@ -82,6 +84,10 @@ def inference_plan(spec: CompileSpec, m: int, n: int, k: int, density: float, sp
     if custom is not None:
         return custom(spec, m, n, k, density)
     dt = spec_dtype(spec)
+    missing = [b for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M") if b not in spec.constexprs]
+    if missing or spec.loop_weight_bytes is None:
+        raise LookupError(f"{spec.name} [{spec.config}]: not launched through dense_gemm.launch (no "
+                          f"{missing or 'loop_weight_bytes'}); define SASS_LAUNCH_PLAN in its module")
     cfg = dense_gemm.GemmConfig("audit", block(spec, "BLOCK_M"), block(spec, "BLOCK_N"), block(spec, "BLOCK_K"),
                                 block(spec, "GROUP_M"), spec.num_warps, spec.num_stages)
     splits, k_per = dense_gemm.split_k(cfg, m, n, k, _CPU)
@@ -152,7 +158,8 @@ def dense_plan(m: int, n: int, k: int, dtype: str, specs: Sequence[CompileSpec])
     return inference_plan(spec, m, n, k, 1.0, specs)
 
 
-def training_step_plans(tokens: int, linears: Sequence[tuple], dtype: str, specs: Sequence[CompileSpec]) -> Dict[str, List[dict]]:
+def training_step_plans(tokens: int, linears: Sequence[tuple], dtype: str,
+                        specs: Sequence[CompileSpec]) -> Dict[str, List[dict]]:
     """Launches of one forward + backward of the block's linears ``[(name, n, k)]`` for each path:
     ``torch`` = ``F.linear(x, W * M)`` + autograd (W * M, 3 dense GEMMs, dW * M; GEMMs modelled as
     the dense Triton GEMM), ``masked`` = masked_linear fwd / dX / dW, ``sparse24`` = the 2:4 forward

@@ -70,8 +70,9 @@ def test_fit_recovers_known_constants():
 def test_quick_audit_run(tmp_path):
     out = tmp_path / "audit.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "sass_audit.py"), "--specs",
-                           "dense-decode-16bit-fp16-ieee-outfp16", "--arch", "90", "--skip-training", "--out", str(out)],
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "sass_audit.py"), "--specs",
+           "dense-decode-16bit-fp16-ieee-outfp16", "--arch", "90", "--skip-training", "--out", str(out)]
+    proc = subprocess.run(cmd,
                           env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())

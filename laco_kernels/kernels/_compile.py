@@ -66,7 +66,9 @@ class CompileSpec:
     # SASS audit metadata (bench/sass_audit.py); optional, None = not audited
     family: str | None = None   # "dense" | "sparse24" | "bitmap" | "masked" | ... (audit grouping)
     regime: str | None = None   # "decode" | "prefill" | "train-fwd" | "train-dx" | "train-dw" | ...
-    loop_weight_bytes: Callable[[float], float] | None = None  # weight bytes (values + metadata) one program loads per steady-state loop iteration, as a function of density (fraction of kept weights; ignored by dense and 2:4)
+    # weight bytes (values + metadata) one program loads per steady-state loop iteration, as a function
+    # of density (fraction of kept weights; ignored by dense and 2:4)
+    loop_weight_bytes: Callable[[float], float] | None = None
 
     def __post_init__(self):
         if self.expect_tensor_core is None:
