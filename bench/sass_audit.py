@@ -145,7 +145,7 @@ def predictions(selected, specs, stats: Stats, fitted, skipped: List[str]) -> Li
     kind, params = fitted["kind"], fitted["params"]
     seen, out = set(), []
     for spec in selected:
-        if spec.regime not in ("decode", "prefill") or sm.spec_dtype(spec) not in INFER_DTYPES:
+        if spec.regime not in ("decode", "prefill") or sm.spec_dtype(spec) not in INFER_DTYPES or 90 not in spec.archs:
             continue
         key = (spec.name, spec.family, spec.regime, sm.spec_dtype(spec),
                spec.constexprs.get("BLOCK_K") if spec.family == "bitmap" else None)
@@ -216,7 +216,7 @@ def mac_ratios(records, specs, stats: Stats):
     """thread-instructions per MAC over the dense prefill GEMM's (same dtype and arch)."""
     for r, spec in records:
         dense = sm.find_spec(specs, family="dense", regime="prefill", dtype=sm.spec_dtype(spec),
-                             kernel="_dense_gemm_kernel")
+                             kernel="_dense_gemm_kernel", arch=int(r["arch"][3:]))
         d = stats.get(dense, int(r["arch"][3:]))["thread_instr_per_mac"]
         r["mac_ratio_vs_dense_prefill"] = r["thread_instr_per_mac"] / d if r["thread_instr_per_mac"] and d else None
 
@@ -293,7 +293,8 @@ def run(subset=False, pattern=None, archs=ARCHS, out=DEFAULT_OUT, use_basis=True
     records = []
     for i, spec in enumerate(selected):
         for arch in archs:
-            records.append((stats.get(spec, arch), spec))
+            if arch in spec.archs:  # an sm_90-only table row is not launched (nor audited) on sm_80
+                records.append((stats.get(spec, arch), spec))
         if verbose:
             print(f"[{i + 1}/{len(selected)}] {spec.name} {spec.config} ({time.time() - t0:.0f} s)", flush=True)
     mac_ratios(records, specs, stats)

@@ -54,10 +54,11 @@ def block(spec: CompileSpec, name: str) -> int:
 
 
 def find_spec(specs: Sequence[CompileSpec], *, family: str, regime: str, dtype: str, kernel: str | None = None,
-              out_dtype: str | None = None, blocks: Dict[str, int] | None = None) -> CompileSpec | None:
-    """The spec a launch compiles: same family, regime, input dtype (and kernel name, output
-    dtype, block sizes when given); without a bias where both variants exist."""
-    cand = [s for s in specs if s.family == family and s.regime == regime and spec_dtype(s) == dtype
+              out_dtype: str | None = None, blocks: Dict[str, int] | None = None, arch: int = 90) -> CompileSpec | None:
+    """The spec a launch on ``sm_<arch>`` compiles (the model is an H100's: sm_90 by default): same
+    family, regime, input dtype (and kernel name, output dtype, block sizes when given); without a
+    bias where both variants exist."""
+    cand = [s for s in specs if arch in s.archs and s.family == family and s.regime == regime and spec_dtype(s) == dtype
             and (kernel is None or s.name == kernel) and (out_dtype is None or spec_out_dtype(s) in (None, out_dtype))
             and all(s.constexprs.get(b) == v for b, v in (blocks or {}).items())]
     # the plain launch first: no bias, fp32 "ieee" (the default precision)

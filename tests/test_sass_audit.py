@@ -48,6 +48,16 @@ def test_inference_plan_mirrors_the_launcher(specs):
     assert len(pre) == 1 and pre[0]["programs"] == 32 * 32
 
 
+def test_find_spec_picks_the_rows_launched_on_the_arch(specs):
+    import dataclasses
+
+    dense = sm.find_spec(specs, family="dense", regime="prefill", dtype="fp16")
+    sm80_only = dataclasses.replace(dense, archs=(80,), config=dense.config + "-sm80")
+    assert sm.find_spec([sm80_only, dense], family="dense", regime="prefill", dtype="fp16") is dense
+    assert sm.find_spec([sm80_only, dense], family="dense", regime="prefill", dtype="fp16", arch=80) is sm80_only
+    assert sm.find_spec([sm80_only], family="dense", regime="prefill", dtype="fp16") is None
+
+
 def test_training_step_plans(specs):
     plans = sm.training_step_plans(1024, [("gate", 1536, 576)], "bf16", specs)
     assert [p["spec"].regime for p in plans["masked"]] == ["train-fwd", "train-dx", "train-dw"]

@@ -69,6 +69,7 @@ class CompileSpec:
     # weight bytes (values + metadata) one program loads per steady-state loop iteration, as a function
     # of density (fraction of kept weights; ignored by dense and 2:4)
     loop_weight_bytes: Callable[[float], float] | None = None
+    archs: tuple = ARCHS  # the architectures this config is launched on (a table row may be sm_90-only)
 
     def __post_init__(self):
         if self.expect_tensor_core is None:
