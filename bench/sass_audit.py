@@ -186,6 +186,11 @@ def training(specs, stats: Stats, fitted) -> tuple:
     def time_of(plan):
         return sm.predict_us(sm.features(plan, stats.sm90), params, kind)
 
+    def per_launch(plan):
+        return [dict(name=f["name"], regime=p["spec"].regime if p["spec"] else None,
+                     predicted_us=sm.predict_us([f], params, kind))
+                for p, f in zip(plan, sm.features(plan, stats.sm90))]
+
     steps = []
     for block, (h, inter) in BLOCKS.items():
         linears = [("gate", inter, h), ("up", inter, h), ("down", h, inter)]
@@ -196,7 +201,7 @@ def training(specs, stats: Stats, fitted) -> tuple:
                 steps.append(dict(block=block, hidden=h, intermediate=inter, tokens=tokens, dtype=dt,
                                   predicted_step_us={p: v for p, v in t.items()},
                                   predicted_speedup_vs_torch={p: t["torch"] / v for p, v in t.items() if p != "torch"},
-                                  launches={p: [x["name"] for x in plan] for p, plan in plans.items()}))
+                                  predicted_launches={p: per_launch(plan) for p, plan in plans.items()}))
     checks = []
     if os.path.exists(TRAINING_MEASURED):
         with open(TRAINING_MEASURED) as f:
