@@ -67,3 +67,9 @@ def select_backend(op: str, tensors: Iterable[torch.Tensor | None]) -> str:
         _fallback_logged.add(op)
         _log.debug("%s: no native CPU kernel available, using the PyTorch reference", op)
     return "reference"
+
+
+def grad_or_empty(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A backward custom op returns a fixed tuple of tensors: an empty one stands for "not needed"
+    (the autograd formula maps it back to None from ``ctx.needs_input_grad``, never from its size)."""
+    return like.new_empty(0) if grad is None else grad
