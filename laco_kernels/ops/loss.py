@@ -23,7 +23,7 @@ import torch
 
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_tensor
-from .dispatch import requested_backend, select_backend
+from .dispatch import call_direct, requested_backend, select_backend
 
 _OP = "reconstruction_loss"
 KINDS = reference.RECONSTRUCTION_KINDS
@@ -39,8 +39,7 @@ def _stats_shape(pred: torch.Tensor, kind: str, backend: str) -> tuple:
     return (pred.numel() // pred.shape[-1], 3)
 
 
-@torch.library.custom_op("laco::reconstruction_loss", mutates_args=())
-def _loss_op(pred: torch.Tensor, target: torch.Tensor, kind: str, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _loss_impl(pred: torch.Tensor, target: torch.Tensor, kind: str, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """(loss float32 0-dim, stats float32 of :func:`_stats_shape`) for pred, target ``[..., D]``."""
     if backend == "reference":
         return reference.reconstruction_loss(pred, target, kind), pred.new_empty(0, dtype=torch.float32)
@@ -56,14 +55,16 @@ def _loss_op(pred: torch.Tensor, target: torch.Tensor, kind: str, backend: str) 
     return loss, (stats.reshape(0) if kind == "mse" else stats)  # mse: no stats ([0] natively, [0, 3] in Triton)
 
 
+_loss_op = torch.library.custom_op("laco::reconstruction_loss", _loss_impl, mutates_args=())
+
+
 @_loss_op.register_fake
 def _(pred, target, kind, backend):
     return pred.new_empty((), dtype=torch.float32), pred.new_empty(_stats_shape(pred, kind, backend),
                                                                    dtype=torch.float32)
 
 
-@torch.library.custom_op("laco::reconstruction_loss_backward", mutates_args=())
-def _loss_backward_op(grad_out: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
+def _loss_backward_impl(grad_out: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
                       kind: str, backend: str) -> torch.Tensor:
     """d loss / d pred, shaped like pred and in its dtype."""
     if backend == "reference":  # autograd through the reference: today's numerics, bit for bit
@@ -79,6 +80,9 @@ def _loss_backward_op(grad_out: torch.Tensor, pred: torch.Tensor, target: torch.
     if kind == "mse":
         stats = stats.new_empty(0, 3)
     return k.recon_loss_bwd(grad_out, pred.reshape(-1, d), target.reshape(-1, d), kind, stats).reshape(pred.shape)
+
+
+_loss_backward_op = torch.library.custom_op("laco::reconstruction_loss_backward", _loss_backward_impl, mutates_args=())
 
 
 @_loss_backward_op.register_fake
@@ -128,4 +132,6 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "m
                 raise TypeError(f"{_OP}: LACO_BACKEND=native but the native kernel takes float32 / bfloat16, "
                                 f"got pred {pred.dtype}, target {target.dtype}")
             backend = "reference"  # documented: no native fp16 kernel
+    if call_direct(pred, target):
+        return _loss_impl(pred, target, kind, backend)[0]
     return torch.ops.laco.reconstruction_loss(pred, target, kind, backend)[0]

@@ -25,7 +25,7 @@ import torch
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_linear_inputs, check_tensor
 from ..formats import PackedMask
-from .dispatch import grad_or_empty, select_backend
+from .dispatch import call_direct, grad_or_empty, select_backend
 
 _OP = "masked_linear"
 
@@ -49,8 +49,7 @@ def _as_packed(mask, shape, device) -> PackedMask:
     return mask
 
 
-@torch.library.custom_op("laco::masked_linear", mutates_args=())
-def _masked_op(x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor, bias: Optional[torch.Tensor],
+def _masked_impl(x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor, bias: Optional[torch.Tensor],
                backend: str) -> torch.Tensor:
     """x ``[M, K]`` @ (weight ``[N, K]`` ⊙ bits int32 ``[N, ceil(K/32)]``)^T + bias -> ``[M, N]``.
 
@@ -63,13 +62,15 @@ def _masked_op(x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor, bias: 
     return k.masked_linear_fwd(x, weight, bits, bias)
 
 
+_masked_op = torch.library.custom_op("laco::masked_linear", _masked_impl, mutates_args=())
+
+
 @_masked_op.register_fake
 def _(x, weight, bits, bias, backend):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op("laco::masked_linear_backward", mutates_args=())
-def _masked_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor, backend: str,
+def _masked_backward_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor, backend: str,
                         need_x: bool, need_w: bool, need_b: bool, bias_dtype: Optional[torch.dtype]
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX ``[M, K]``, dW ``[N, K]``, db ``[N]``) of :func:`_masked_op`; an empty tensor where not needed."""
@@ -89,6 +90,9 @@ def _masked_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         elif need_b:
             db = dy.float().sum(0).to(bias_dtype)
     return grad_or_empty(dx, dy), grad_or_empty(dw, weight), grad_or_empty(db, dy)
+
+
+_masked_backward_op = torch.library.custom_op("laco::masked_linear_backward", _masked_backward_impl, mutates_args=())
 
 
 @_masked_backward_op.register_fake
@@ -131,5 +135,6 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: PackedMask | torc
     backend = select_backend(_OP, [x, weight, pm.bits, bias])
     if backend == "native":  # unreachable today: the dispatcher only picks ops the extension declares
         raise RuntimeError(f"{_OP}: the native extension declares this op but the ops layer has no binding for it")
-    y = torch.ops.laco.masked_linear(x.reshape(-1, k), weight, pm.bits, bias, backend)
+    args = (x.reshape(-1, k), weight, pm.bits, bias)
+    y = _masked_impl(*args, backend) if call_direct(*args) else torch.ops.laco.masked_linear(*args, backend)
     return y.reshape(*x.shape[:-1], n)

@@ -48,7 +48,7 @@ import torch
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_linear_inputs, check_tensor
 from ..formats import BitmapWeight, Sparse24Weight, _row_chunks
-from .dispatch import grad_or_empty, requested_backend, select_backend
+from .dispatch import call_direct, grad_or_empty, requested_backend, select_backend
 
 
 def _native_ok(op: str, *dtypes: torch.dtype) -> bool:
@@ -116,8 +116,7 @@ def _sparse24_grads_cpu(dy: torch.Tensor, x2: torch.Tensor, w24: Sparse24Weight,
     return (dx.to(dy.dtype) if need_x else None), dv
 
 
-@torch.library.custom_op("laco::sparse24_linear", mutates_args=())
-def _sparse24_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor],
+def _sparse24_impl(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor],
                  backend: str) -> torch.Tensor:
     """x ``[M, K]`` @ dense(values ``[N, K/2]``, meta int32 ``[N, ceil(K/32)]``)^T + bias -> ``[M, N]``.
 
@@ -135,13 +134,15 @@ def _sparse24_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias
     return _native.sparse24_linear(x, w24, bias)
 
 
+_sparse24_op = torch.library.custom_op("laco::sparse24_linear", _sparse24_impl, mutates_args=())
+
+
 @_sparse24_op.register_fake
 def _(x, values, meta, bias, backend):
     return x.new_empty(x.shape[0], values.shape[0])
 
 
-@torch.library.custom_op("laco::sparse24_linear_backward", mutates_args=())
-def _sparse24_backward_op(dy: torch.Tensor, x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, backend: str,
+def _sparse24_backward_impl(dy: torch.Tensor, x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, backend: str,
                           need_x: bool, need_v: bool, need_b: bool, bias_dtype: Optional[torch.dtype]
                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX ``[M, K]``, dV ``[N, K/2]``, db ``[N]``) of :func:`_sparse24_op`; an empty tensor where not needed."""
@@ -164,6 +165,10 @@ def _sparse24_backward_op(dy: torch.Tensor, x: torch.Tensor, values: torch.Tenso
         if need_v:
             dv = dw.to(values.dtype).masked_select(w24.mask()).view(values.shape)
     return grad_or_empty(dx, dy), grad_or_empty(dv, values), grad_or_empty(db, dy)
+
+
+_sparse24_backward_op = torch.library.custom_op("laco::sparse24_linear_backward", _sparse24_backward_impl,
+                                               mutates_args=())
 
 
 @_sparse24_backward_op.register_fake
@@ -213,15 +218,15 @@ def sparse24_linear(x: torch.Tensor, w24: Sparse24Weight, bias: torch.Tensor | N
     backend = select_backend(op, [x, w24.values, w24.meta, bias])
     if backend == "native" and not _native_ok(op, x.dtype):
         backend = "reference"
-    y = torch.ops.laco.sparse24_linear(x.reshape(-1, k), w24.values, w24.meta, bias, backend)
+    args = (x.reshape(-1, k), w24.values, w24.meta, bias)
+    y = _sparse24_impl(*args, backend) if call_direct(*args) else torch.ops.laco.sparse24_linear(*args, backend)
     return y.reshape(*x.shape[:-1], n)
 
 
 # ----------------------------------------------------------------------------------------
 # bitmap
 # ----------------------------------------------------------------------------------------
-@torch.library.custom_op("laco::bitmap_linear", mutates_args=())
-def _bitmap_op(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, offsets: torch.Tensor,
+def _bitmap_impl(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, offsets: torch.Tensor,
                bias: Optional[torch.Tensor], k: int, tile_k: int, backend: str) -> torch.Tensor:
     """x ``[M, K]`` @ dense(values ``[nnz]``, bitmap, offsets)^T + bias -> ``[M, N]`` (N = bitmap rows).
 
@@ -239,13 +244,15 @@ def _bitmap_op(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, offs
     return _native.bitmap_linear(x, bw, bias)
 
 
+_bitmap_op = torch.library.custom_op("laco::bitmap_linear", _bitmap_impl, mutates_args=())
+
+
 @_bitmap_op.register_fake
 def _(x, values, bitmap, offsets, bias, k, tile_k, backend):
     return x.new_empty(x.shape[0], bitmap.shape[0])
 
 
-@torch.library.custom_op("laco::bitmap_linear_backward", mutates_args=())
-def _bitmap_backward_op(dy: torch.Tensor, x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor,
+def _bitmap_backward_impl(dy: torch.Tensor, x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor,
                         offsets: torch.Tensor, k: int, tile_k: int, backend: str, need_x: bool, need_b: bool,
                         bias_dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dX ``[M, K]``, db ``[N]``) of :func:`_bitmap_op`; an empty tensor where not needed."""
@@ -257,6 +264,9 @@ def _bitmap_backward_op(dy: torch.Tensor, x: torch.Tensor, values: torch.Tensor,
         dx = (dy.float() @ bw.to_dense().float()).to(dy.dtype) if need_x else None
         db = _bias_grad(dy, bias_dtype) if need_b else None
     return grad_or_empty(dx, dy), grad_or_empty(db, dy)
+
+
+_bitmap_backward_op = torch.library.custom_op("laco::bitmap_linear_backward", _bitmap_backward_impl, mutates_args=())
 
 
 @_bitmap_backward_op.register_fake
@@ -314,5 +324,7 @@ def bitmap_linear(x: torch.Tensor, bw: BitmapWeight, bias: torch.Tensor | None =
         if bw.tile_k not in BITMAP_TILE_KS:
             raise ValueError(f"{op}: the Triton kernel supports tile_k in {BITMAP_TILE_KS}, this weight has "
                              f"tile_k={bw.tile_k}; repack with BitmapWeight.from_dense(W, tile_k=128)")
-    y = torch.ops.laco.bitmap_linear(x.reshape(-1, k), bw.values, bw.bitmap, bw.offsets, bias, k, bw.tile_k, backend)
+    args = (x.reshape(-1, k), bw.values, bw.bitmap, bw.offsets, bias)
+    y = (_bitmap_impl(*args, k, bw.tile_k, backend) if call_direct(*args)
+         else torch.ops.laco.bitmap_linear(*args, k, bw.tile_k, backend))
     return y.reshape(*x.shape[:-1], n)
