@@ -107,15 +107,25 @@ def test_inductor_training_step_matches_eager(backend):
 
 
 def test_inductor_dynamic_shapes_without_the_extension(monkeypatch):
-    """The issue's failure: extension missing -> reference fallback; a second sequence length makes
-    dynamo recompile with dynamic shapes, and inductor used to fail generating C++ for the inlined
-    weight unpacking (CppCompileError, VecMask<int> vs VecMask<float>; this exact model and these
-    calls failed before the custom ops). The custom op keeps the unpacking out of inductor."""
+    """The issue's failure: extension missing -> reference fallback under ``auto``; a second sequence
+    length makes dynamo recompile with dynamic shapes, and inductor used to fail generating C++ for
+    the inlined weight unpacking (CppCompileError, VecMask<int> vs VecMask<float>: this model and
+    these calls failed before the custom ops, compiled without fullgraph, which the old code could
+    not satisfy). The custom op keeps the unpacking out of inductor; and the failed import of the
+    extension is no graph break (dispatch.native_supports is a constant to dynamo)."""
+    import sys
+
+    import laco_kernels
+
+    monkeypatch.setitem(sys.modules, "laco_kernels._C", None)  # as tests/test_native.py: the .so is missing
+    monkeypatch.delitem(sys.modules, "laco_kernels._native", raising=False)
+    monkeypatch.delattr(laco_kernels, "_native", raising=False)
+    monkeypatch.delattr(laco_kernels, "_C", raising=False)
     monkeypatch.setenv("LACO_BACKEND", "auto")
-    monkeypatch.setattr(dispatch, "native_supports", lambda op: False)
+    assert not dispatch.native_supports("sparse24_linear")
     torch._dynamo.reset()
-    model = tiny_model(layers=1, seed=2)
-    with torch.no_grad():  # every linear 2:4 (with only q_proj, or only k_proj or down_proj, it did not fail)
+    model = tiny_model(layers=1)
+    with torch.no_grad():  # every linear 2:4 (with only q_proj, k_proj or down_proj it did not fail)
         for name, mod in model.named_modules():
             if type(mod) is torch.nn.Linear and name != "lm_head":
                 mod.weight.copy_(Sparse24Weight.from_dense(mod.weight, prune=True).to_dense())
@@ -126,6 +136,23 @@ def test_inductor_dynamic_shapes_without_the_extension(monkeypatch):
             ids = random_ids(2, seqlen)
             torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=2e-5, rtol=1e-5)
     torch._dynamo.reset()
+
+
+def test_reconstruction_loss_compiles_without_breaks(backend):
+    """The recovery loss as recovery uses it, every kind in one graph, compiled with its backward."""
+    def step(pred, target):
+        return sum(reconstruction_loss(pred, target, kind) * w for kind, w in (("mse", 1), ("nmse", 2), ("cosine", 3)))
+
+    pred, target = torch.randn(2, 5, 48), torch.randn(2, 5, 48)
+    ex = torch._dynamo.explain(step)(pred, target)
+    assert ex.graph_break_count == 0 and _laco_ops(ex.graphs) == ["laco.reconstruction_loss"] * 3
+    got = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        leaf = pred.clone().requires_grad_()
+        loss = fn(leaf, target)
+        loss.backward()
+        got.append((loss.detach(), leaf.grad))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
 
 
 # ----------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@torch.compiler.assume_constant_result  # dynamo calls it while tracing: a failed import is no graph break
 def native_supports(op: str) -> bool:
     """True when the optional C++ extension is importable and implements ``op``."""
     try:
