@@ -168,8 +168,10 @@ def _eval(model, tok, args, name: str) -> dict:
 
 
 def cmd_eval(args) -> int:
-    if args.seqlen is not None and args.seqlen < 2:
-        raise UsageError(f"--seqlen must be >= 2, got {args.seqlen}")
+    if args.seqlen is not None and args.seqlen != 0 and args.seqlen < 2:  # 0 skips perplexity (see --help)
+        raise UsageError(f"--seqlen must be 0 (skip perplexity) or >= 2, got {args.seqlen}")
+    if args.seqlen == 0 and not args.tasks:
+        raise UsageError("nothing to evaluate: --seqlen 0 skips perplexity and no --tasks were given")
     if args.include_path and not os.path.isdir(args.include_path):
         raise UsageError(f"--include-path {args.include_path!r} is not a directory")
     model, tok = _load(args.model, args.device)
