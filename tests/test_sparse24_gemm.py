@@ -46,3 +46,48 @@ def test_decode_uses_split_k_and_prefill_does_not():
 def test_empty_batch():
     w24 = Sparse24Weight.from_dense(torch.randn(8, 32), prune=True)
     assert sg.sparse24_linear(torch.randn(0, 32), w24.values, w24.meta, w24.shape).shape == (0, 8)
+
+
+# prefill (M > 16) with 16-bit weights takes the int32-pair decode (kernels/_bits.expand_24_pairs):
+# N odd, K not a multiple of BLOCK_K or of 32 (a half-used meta word), every nibble pattern
+PREFILL = [(17, 37, 100, True), (67, 71, 1028, False), (256, 45, 228, True)]
+
+
+@pytest.mark.parametrize("m,n,k,bias", PREFILL)
+def test_prefill_16bit_pairs_match_reference(m, n, k, bias):
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k).half(), prune=True)
+    x = torch.randn(m, k).half()
+    b = torch.randn(n).half() if bias else None
+    close(sg.sparse24_linear(x, w24.values, w24.meta, w24.shape, b), reference.sparse24_linear(x, w24, b),
+          torch.float16)
+
+
+def test_prefill_all_six_patterns_exact():
+    """Each of the six (i0, i1) patterns in every nibble slot of a word, values exact in fp16."""
+    pats = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1]],
+                        dtype=torch.bool)
+    n, k = 6, 96  # 24 groups: row r uses pattern (r + g) % 6 in group g
+    mask = torch.stack([torch.cat([pats[(r + g) % 6] for g in range(k // 4)]) for r in range(n)])
+    w = (torch.arange(n * k).reshape(n, k) % 7 + 1).half() * mask
+    w24 = Sparse24Weight.from_dense(w)
+    x = torch.eye(k).half()[:40]  # y = W[:, :40]^T: every weight lands alone in an output
+    y = sg.sparse24_linear(x, w24.values, w24.meta, w24.shape)
+    assert torch.equal(y, w[:, :40].t())
+
+
+def test_prefill_non_contiguous_16bit_values_and_x():
+    n, k = 50, 96
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k).half(), prune=True)
+    values = w24.values.t().contiguous().t()  # column-major: the launcher copies before the int32 view
+    x = torch.randn(k, 20).half().t()
+    assert not (x.is_contiguous() or values.is_contiguous())
+    close(sg.sparse24_linear(x, values, w24.meta, w24.shape), reference.sparse24_linear(x, w24), torch.float16)
+    odd = torch.randn(n, k // 2 + 1).half()[:, 1:]  # unit stride along K but 2-byte aligned rows
+    odd.copy_(w24.values)
+    close(sg.sparse24_linear(x, odd, w24.meta, w24.shape), reference.sparse24_linear(x, w24), torch.float16)
+
+
+def test_prefill_specs_pass_int32_words():
+    """The compile specs mirror the launcher: 16-bit prefill gets int32 words, decode and fp32 the values."""
+    assert all(s.signature["v_ptr"] == "*i32" for s in sg.COMPILE_SPECS if "-prefill-16bit-" in s.config)
+    assert all(s.signature["v_ptr"] != "*i32" for s in sg.COMPILE_SPECS if "-prefill-16bit-" not in s.config)

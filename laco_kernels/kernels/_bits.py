@@ -45,3 +45,27 @@ def expand_24(values, words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     zero = tl.zeros_like(v0)[:, :, None]
     dense = tl.where(pos == i0[:, :, None], v0[:, :, None], tl.where(pos == i1[:, :, None], v1[:, :, None], zero))
     return tl.reshape(dense, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def expand_24_pairs(pair, nib, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """16-bit 2:4 groups -> dense ``[BLOCK_N, BLOCK_K]`` tile of ``dtype`` (fp16 / bf16).
+
+    pair: int32 ``[BLOCK_N, BLOCK_K // 4]``, the group's kept values as one word ``v0 | v1 << 16``;
+    nib: int32 ``[BLOCK_N, BLOCK_K // 4]``, its metadata nibble ``i0 | i1 << 2`` (``i0 < i1``).
+    Only elementwise integer ops on the group tile (the two output words ``q0`` = positions 0, 1
+    and ``q1`` = positions 2, 3, each a pair of 16-bit halves), then two ``tl.join`` levels and
+    one reshape that only rename registers: no ``tl.split`` and no per-element work.
+    """
+    i0 = nib & 3
+    i1 = nib >> 2
+    # positions 0, 1: (0,1) -> both halves; (0,2|3) -> v0 low; (1,x) -> v0 high; (2,3) -> nothing
+    q0 = tl.where(i0 == 0, tl.where(i1 == 1, pair, pair & 0xFFFF), tl.where(i0 == 1, pair << 16, 0))
+    # positions 2, 3: (2,3) -> both; (x,3) -> v1 high; (x,2) -> v1 low; (0,1) -> nothing
+    q1 = tl.where(i1 == 3, tl.where(i0 == 2, pair, pair & -65536), tl.where(i1 == 2, (pair >> 16) & 0xFFFF, 0))
+    p0 = q0.to(tl.int16).to(dtype, bitcast=True)
+    p1 = (q0 >> 16).to(tl.int16).to(dtype, bitcast=True)
+    p2 = q1.to(tl.int16).to(dtype, bitcast=True)
+    p3 = (q1 >> 16).to(tl.int16).to(dtype, bitcast=True)
+    # join stacks along a new LAST axis: [.., j, i] = (p0, p2)[j] if i == 0 else (p1, p3)[j] -> p0 p1 p2 p3
+    return tl.join(tl.join(p0, p2), tl.join(p1, p3)).reshape(BLOCK_N, BLOCK_K)

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._bits import expand_24
-from .dense_gemm import compile_specs, grouped_pid, launch, store_tile
+from ._bits import expand_24, expand_24_pairs
+from .dense_gemm import compile_specs, grouped_pid, launch, regime, store_tile
 
 
 @triton.jit
@@ -44,17 +44,30 @@ def _sparse24_gemm_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, K_PER_S
     n_words = tl.cdiv(K, 32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = pid_k * K_PER_SPLIT
+    offs_g = tl.arange(0, BLOCK_K // 4)
+    g_shift = (offs_g % 8) * 4  # BLOCK_K and every k0 are multiples of 32: group g's nibble sits at 4 * (g % 8)
     for k0 in range(k_lo, tl.minimum(k_lo + K_PER_SPLIT, K), BLOCK_K):
         kk = k0 + offs_k
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
-        vk = k0 // 2 + offs_h
-        v = tl.load(v_ptr + offs_n[:, None] * stride_vn + vk[None, :] * stride_vk,
-                    mask=n_ok & (vk[None, :] < K // 2), other=0.0)
-        wk = k0 // 32 + offs_w
-        words = tl.load(meta_ptr + offs_n[:, None] * stride_mn + wk[None, :], mask=n_ok & (wk[None, :] < n_words),
-                        other=0)
-        w = expand_24(v, words, BLOCK_N, BLOCK_K)
+        if v_ptr.dtype.element_ty == tl.int32:
+            # 16-bit weights, values viewed as int32 [N, K/4]: one word = the kept pair of one group.
+            # Everything below is elementwise on [BLOCK_N, BLOCK_K/4] tensors, and the four positions
+            # are joined in registers (no layout conversion through shared memory).
+            g = k0 // 4 + offs_g
+            g_ok = n_ok & (g[None, :] < K // 4)
+            pair = tl.load(v_ptr + offs_n[:, None] * stride_vn + g[None, :], mask=g_ok, other=0)
+            # each group gathers its own meta word (8 groups share one; the repeats hit L1)
+            word = tl.load(meta_ptr + offs_n[:, None] * stride_mn + (g // 8)[None, :], mask=g_ok, other=0)
+            w = expand_24_pairs(pair, (word >> g_shift[None, :]) & 0xF, x_ptr.dtype.element_ty, BLOCK_N, BLOCK_K)
+        else:
+            vk = k0 // 2 + offs_h
+            v = tl.load(v_ptr + offs_n[:, None] * stride_vn + vk[None, :] * stride_vk,
+                        mask=n_ok & (vk[None, :] < K // 2), other=0.0)
+            wk = k0 // 32 + offs_w
+            words = tl.load(meta_ptr + offs_n[:, None] * stride_mn + wk[None, :],
+                            mask=n_ok & (wk[None, :] < n_words), other=0)
+            w = expand_24(v, words, BLOCK_N, BLOCK_K)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     store_tile(acc, b_ptr, y_ptr, offs_m, offs_n, pid_k, M, N, stride_ys, stride_ym, stride_yn, HAS_BIAS)
 
@@ -68,9 +81,24 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     n, k = shape
     if meta.stride(1) != 1:
         meta = meta.contiguous()
+    if values.dtype in (torch.float16, torch.bfloat16) and regime(x.shape[0]) == "prefill":
+        # the 16-bit prefill path reads values as int32 words (one per group): needs unit stride along K
+        # and 4-byte aligned rows, which every packed weight has (K % 4 == 0); others are copied
+        if values.stride(1) != 1 or values.stride(0) % 2 or values.storage_offset() % 2:
+            values = values.contiguous()
+        words = values.view(torch.int32)
+        return launch(_sparse24_gemm_kernel, "sparse24", x, (words, meta),
+                      (words.stride(0), 1, meta.stride(0)), bias, n, k, input_precision)
     return launch(_sparse24_gemm_kernel, "sparse24", x, (values, meta),
                   (values.stride(0), values.stride(1), meta.stride(0)), bias, n, k, input_precision)
 
 
-COMPILE_SPECS = compile_specs(_sparse24_gemm_kernel, "sparse24", {"v_ptr": "*{dt}", "meta_ptr": "*i32"},
-                              {"stride_vn": None, "stride_vk": 1, "stride_mn": None})
+def _specs():
+    specs = compile_specs(_sparse24_gemm_kernel, "sparse24", {"v_ptr": "*{dt}", "meta_ptr": "*i32"},
+                          {"stride_vn": None, "stride_vk": 1, "stride_mn": None})
+    for spec in specs:  # what the launcher passes for 16-bit prefill: values as int32 group words
+        if spec.signature["v_ptr"] in ("*fp16", "*bf16") and "-prefill-" in spec.config:
+            spec.signature["v_ptr"] = "*i32"
+    return specs
+
+COMPILE_SPECS = _specs()
