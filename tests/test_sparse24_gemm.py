@@ -1,10 +1,16 @@
 """kernels/sparse24_gemm.py in the Triton interpreter against reference.sparse24_linear."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from conftest import TOLERANCES
 from laco_kernels import reference
 from laco_kernels.formats import Sparse24Weight
+from laco_kernels.kernels import _bits, dense_gemm
 from laco_kernels.kernels import sparse24_gemm as sg
 from laco_kernels.kernels.dense_gemm import gemm_config, split_k
 
@@ -48,7 +54,7 @@ def test_empty_batch():
     assert sg.sparse24_linear(torch.randn(0, 32), w24.values, w24.meta, w24.shape).shape == (0, 8)
 
 
-# prefill (M > 16) with 16-bit weights takes the int32-pair decode (kernels/_bits.expand_24_pairs):
+# prefill (M > 16) with 16-bit weights takes the int32-pair decode (kernels/_bits.expand_24_prmt):
 # N odd, K not a multiple of BLOCK_K or of 32 (a half-used meta word), every nibble pattern
 PREFILL = [(17, 37, 100, True), (67, 71, 1028, False), (256, 45, 228, True)]
 
@@ -91,3 +97,87 @@ def test_prefill_specs_pass_int32_words():
     """The compile specs mirror the launcher: 16-bit prefill gets int32 words, decode and fp32 the values."""
     assert all(s.signature["v_ptr"] == "*i32" for s in sg.COMPILE_SPECS if "-prefill-16bit-" in s.config)
     assert all(s.signature["v_ptr"] != "*i32" for s in sg.COMPILE_SPECS if "-prefill-16bit-" not in s.config)
+
+
+@pytest.mark.parametrize("m,n,k,bias", [(17, 37, 100, False), (256, 45, 228, True), (300, 33, 136, False)])
+def test_prefill_sm90_tile_matches_reference(monkeypatch, m, n, k, bias):
+    """The sm_90-only 256 x 128 prefill tile (dense_gemm._ARCH_TABLE), run in the interpreter."""
+    monkeypatch.setattr(dense_gemm, "device_arch", lambda device: 90)
+    assert dense_gemm.gemm_config("sparse24", m, torch.float16, arch=90).BLOCK_M == 256
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k).half(), prune=True)
+    x = torch.randn(m, k).half()
+    b = torch.randn(n).half() if bias else None
+    close(sg.sparse24_linear(x, w24.values, w24.meta, w24.shape, b), reference.sparse24_linear(x, w24, b),
+          torch.float16)
+
+
+def _prmt(a: int, b: int, sel: int) -> int:
+    """PTX ``prmt.b32 d, a, b, sel`` (default mode), from the PTX ISA description."""
+    src = (a & 0xFFFFFFFF) | (b & 0xFFFFFFFF) << 32
+    out = 0
+    for j in range(4):
+        c = (sel >> (4 * j)) & 0xF
+        byte = (src >> (8 * (c & 7))) & 0xFF
+        if c & 8:  # sign-replicate mode
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * j)
+    return out
+
+
+def test_prmt_table_places_every_pattern():
+    """PRMT_LUT_24[nibble] fed to the real prmt semantics rebuilds the group; invalid nibbles give zeros."""
+    v0, v1 = 0xA1B2, 0xC3D4
+    pair = v0 | v1 << 16
+    for nib, sel in enumerate(_bits.PRMT_LUT_24):
+        assert 0 <= sel < 1 << 32 and all((sel >> (4 * j)) & 8 == 0 for j in range(8))  # no sign mode
+        i0, i1 = nib & 3, nib >> 2
+        want = [0] * 4
+        if i0 < i1:
+            want[i0], want[i1] = v0, v1
+        q0, q1 = _prmt(pair, 0, sel), _prmt(pair, 0, sel >> 16)
+        assert [q0 & 0xFFFF, q0 >> 16, q1 & 0xFFFF, q1 >> 16] == want, nib
+
+
+_PACK_CHECK = r"""
+import json, re, sys
+sys.path.insert(0, sys.argv[1])
+from laco_kernels.kernels import _compile, sparse24_gemm
+out = {}
+for spec in sparse24_gemm.COMPILE_SPECS:
+    if "-prefill-16bit-" in spec.config and spec.config.endswith("-fp16-ieee-outfp16"):
+        for arch in spec.archs:
+            k, _ = _compile.compile_kernel(spec, arch)
+            calls = re.findall(r'asm "[^"]*prmt[^"]*", "[^"]*"\(([^)]*)\)', k.asm["llir"])
+            ops = [[o.split()[-1] for o in c.split(",")] for c in calls]
+            out[f"{spec.config}@{arch}"] = dict(calls=len(calls), quartets=all(
+                len(o) == 8 and len(set(o[:4])) == 1 and len(set(o[4:])) == 1 for o in ops))
+print(json.dumps(out))
+"""
+
+
+def test_prmt_pack4_operands_are_one_group():
+    """The GPU path's ``inline_asm_elementwise(pack=4)`` must see the 4 positions of ONE group in each
+    call: in the compiled LLVM IR every prmt call gets one pair value 4 times and one selector 4 times
+    (compiled in a clean process: lowering fails in a process that ran the interpreter)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _PACK_CHECK, root], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(res) == {"sparse24-prefill-16bit-fp16-ieee-outfp16@80",  # the base row serves sm_80
+                        "sparse24-prefill-16bit-sm90-fp16-ieee-outfp16@90"}, res
+    for name, r in res.items():
+        assert r["calls"] >= 8 and r["quartets"], (name, r)
+
+
+def test_prefill_3d_non_contiguous_x_through_the_op(triton_backend):
+    from laco_kernels import sparse24_linear
+
+    n, k = 30, 96
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k).half(), prune=True)
+    x = torch.randn(3, k, 8).half().transpose(1, 2)  # [3, 8, K] -> 24 rows (prefill), strided
+    b = torch.randn(n).half()
+    y = sparse24_linear(x, w24, b)
+    assert y.shape == (3, 8, n)
+    close(y, reference.sparse24_linear(x, w24, b), torch.float16)

@@ -47,25 +47,61 @@ def expand_24(values, words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     return tl.reshape(dense, (BLOCK_N, BLOCK_K))
 
 
+def _prmt_selector(i0: int, i1: int) -> int:
+    """``prmt.b32 d, pair, 0, sel`` selectors of one 2:4 group: bits 0-15 build positions 0, 1
+    (``q0``), bits 16-31 positions 2, 3 (``q1``); per 16-bit position: bytes 1 0 of ``pair`` (v0,
+    selector 0x10), bytes 3 2 (v1, 0x32) or bytes of the zero operand (0x44)."""
+    code = [0x44] * 4
+    if i0 < i1:
+        code[i0], code[i1] = 0x10, 0x32
+    return code[0] | code[1] << 8 | code[2] << 16 | code[3] << 24
+
+
+# nibble ``i0 | i1 << 2`` -> selectors; the patterns packing never writes (i0 >= i1, e.g. the
+# nibble 0 of padding groups past K) decode to zeros
+PRMT_LUT_24 = tuple(_prmt_selector(nib & 3, nib >> 2) for nib in range(16))
+
+
 @triton.jit
-def expand_24_pairs(pair, nib, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _byte_perm_zero(a, sel):
+    """Plain-op ``prmt.b32 d, a, 0, sel`` (default mode, selector bit 3 never set by PRMT_LUT_24)."""
+    out = tl.zeros_like(a)
+    for j in tl.static_range(4):
+        c = (sel >> (4 * j)) & 7
+        byte = tl.where(c < 4, (a >> ((c & 3) * 8)) & 0xFF, 0)
+        out = out | (byte << (8 * j))
+    return out
+
+
+@triton.jit
+def expand_24_prmt(pair, sel, dtype: tl.constexpr, EMULATE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     """16-bit 2:4 groups -> dense ``[BLOCK_N, BLOCK_K]`` tile of ``dtype`` (fp16 / bf16).
 
-    pair: int32 ``[BLOCK_N, BLOCK_K // 4]``, the group's kept values as one word ``v0 | v1 << 16``;
-    nib: int32 ``[BLOCK_N, BLOCK_K // 4]``, its metadata nibble ``i0 | i1 << 2`` (``i0 < i1``).
-    Only elementwise integer ops on the group tile (the two output words ``q0`` = positions 0, 1
-    and ``q1`` = positions 2, 3, each a pair of 16-bit halves), then two ``tl.join`` levels and
-    one reshape that only rename registers: no ``tl.split`` and no per-element work.
+    pair: int32 ``[BLOCK_N, BLOCK_K // 4]``, a group's kept values as one word ``v0 | v1 << 16``;
+    sel: int32 ``[BLOCK_N, BLOCK_K // 4]``, ``PRMT_LUT_24[nibble]`` of the group.
+    GPU: ``pair`` and ``sel`` are repeated 4x along K by ``tl.join`` (register renames) and one
+    ``inline_asm_elementwise`` with ``pack=4`` handles the 4 positions of a group at once: two
+    ``prmt`` write the packed fp16 pairs (positions 0, 1 and 2, 3) straight into the tile's
+    registers: 3 instructions per group, no per-element work, no split and no layout conversion.
+    (``pack=4`` needs the 4 elements of one asm call to be the 4 positions of one group: the
+    joined layout keeps them consecutive in one thread; tests/test_sparse24_gemm.py checks the
+    compiled LLVM IR for it.) EMULATE (the interpreter, which cannot run PTX): the same byte
+    permutes in plain integer ops.
     """
-    i0 = nib & 3
-    i1 = nib >> 2
-    # positions 0, 1: (0,1) -> both halves; (0,2|3) -> v0 low; (1,x) -> v0 high; (2,3) -> nothing
-    q0 = tl.where(i0 == 0, tl.where(i1 == 1, pair, pair & 0xFFFF), tl.where(i0 == 1, pair << 16, 0))
-    # positions 2, 3: (2,3) -> both; (x,3) -> v1 high; (x,2) -> v1 low; (0,1) -> nothing
-    q1 = tl.where(i1 == 3, tl.where(i0 == 2, pair, pair & -65536), tl.where(i1 == 2, (pair >> 16) & 0xFFFF, 0))
-    p0 = q0.to(tl.int16).to(dtype, bitcast=True)
-    p1 = (q0 >> 16).to(tl.int16).to(dtype, bitcast=True)
-    p2 = q1.to(tl.int16).to(dtype, bitcast=True)
-    p3 = (q1 >> 16).to(tl.int16).to(dtype, bitcast=True)
-    # join stacks along a new LAST axis: [.., j, i] = (p0, p2)[j] if i == 0 else (p1, p3)[j] -> p0 p1 p2 p3
-    return tl.join(tl.join(p0, p2), tl.join(p1, p3)).reshape(BLOCK_N, BLOCK_K)
+    if EMULATE:
+        q0 = _byte_perm_zero(pair, sel)
+        q1 = _byte_perm_zero(pair, sel >> 16)
+        p0 = q0.to(tl.int16).to(dtype, bitcast=True)
+        p1 = (q0 >> 16).to(tl.int16).to(dtype, bitcast=True)
+        p2 = q1.to(tl.int16).to(dtype, bitcast=True)
+        p3 = (q1 >> 16).to(tl.int16).to(dtype, bitcast=True)
+        # join stacks along a new LAST axis: [.., j, i] = (p0, p2)[j] if i == 0 else (p1, p3)[j]
+        return tl.join(tl.join(p0, p2), tl.join(p1, p3)).reshape(BLOCK_N, BLOCK_K)
+    else:
+        pair4 = tl.join(tl.join(pair, pair), tl.join(pair, pair)).reshape(BLOCK_N, BLOCK_K)
+        sel4 = tl.join(tl.join(sel, sel), tl.join(sel, sel)).reshape(BLOCK_N, BLOCK_K)
+        # $0, $1: packed outputs (positions 0 1, 2 3); $2-$5: the group's pair (4 copies); $6-$9: its sel
+        return tl.inline_asm_elementwise("{ .reg .b32 t; prmt.b32 $0, $2, 0, $6; shr.b32 t, $6, 16; "
+                                         "prmt.b32 $1, $2, 0, t; }", "=r,=r,r,r,r,r,r,r,r,r", [pair4, sel4],
+                                         dtype=dtype.value, is_pure=True, pack=4)

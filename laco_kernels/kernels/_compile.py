@@ -67,6 +67,7 @@ class CompileSpec:
     family: str | None = None   # "dense" | "sparse24" | "bitmap" | "masked" | ... (audit grouping)
     regime: str | None = None   # "decode" | "prefill" | "train-fwd" | "train-dx" | "train-dw" | ...
     loop_weight_bytes: Callable[[float], float] | None = None  # weight bytes (values + metadata) one program loads per steady-state loop iteration, as a function of density (fraction of kept weights; ignored by dense and 2:4)
+    archs: tuple = ARCHS  # the architectures this config is launched on (a table row may be sm_90-only)
 
     def __post_init__(self):
         if self.expect_tensor_core is None:

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._compile import CompileSpec
+from ._compile import ARCHS, CompileSpec
 
 DECODE_MAX_M = 16
 PRECISIONS = ("ieee", "tf32")
@@ -61,9 +61,16 @@ class GemmConfig:
 _TABLE: Dict[Tuple[str, str, str, int | None], GemmConfig] = {}
 
 
-def _add(family, regime, width, tile_k, bm, bn, bk, warps, stages, group=8):
-    name = f"{family}-{regime}-{width}" + (f"-tk{tile_k}" if tile_k else "")
-    _TABLE[(family, regime, width, tile_k)] = GemmConfig(name, bm, bn, bk, group, warps, stages)
+# (family, regime, width, tile_k, arch) -> config used on that GPU architecture only (e.g. 90 = sm_90,
+# H100 / H200) instead of the base row; the base row then serves every other architecture.
+_ARCH_TABLE: Dict[Tuple[str, str, str, int | None, int], GemmConfig] = {}
+
+
+def _add(family, regime, width, tile_k, bm, bn, bk, warps, stages, group=8, arch=None):
+    name = f"{family}-{regime}-{width}" + (f"-tk{tile_k}" if tile_k else "") + (f"-sm{arch}" if arch else "")
+    table, key = (_TABLE, (family, regime, width, tile_k)) if arch is None else (
+        _ARCH_TABLE, (family, regime, width, tile_k, arch))
+    table[key] = GemmConfig(name, bm, bn, bk, group, warps, stages)
 
 
 # decode: fp32 tiles carry twice the bytes per element, hence half the BLOCK_K (or BLOCK_N)
@@ -73,6 +80,9 @@ _add("dense", "decode", "fp32", None, 16, 64, 64, 4, 3)
 _add("sparse24", "decode", "fp32", None, 16, 32, 64, 4, 3)
 _add("dense", "prefill", "16bit", None, 128, 128, 64, 8, 3)
 _add("sparse24", "prefill", "16bit", None, 128, 128, 64, 8, 3)
+# sm_90 (wgmma): 256 rows of x per program halve the 2:4 decode per multiply-add (the decode is
+# per weight element, the MMA per weight element x BLOCK_M); the same tile spills on sm_80
+_add("sparse24", "prefill", "16bit", None, 256, 128, 64, 8, 3, arch=90)
 # fp32 "ieee" is an FMA GEMM (no tensor cores): 64 x 64 tiles keep it clear of spills
 _add("dense", "prefill", "fp32", None, 64, 64, 32, 4, 3)
 _add("sparse24", "prefill", "fp32", None, 64, 64, 32, 8, 3)
@@ -91,8 +101,19 @@ def regime(m: int) -> str:
     return "decode" if m <= DECODE_MAX_M else "prefill"
 
 
-def gemm_config(family: str, m: int, dtype: torch.dtype, tile_k: int | None = None) -> GemmConfig:
+def device_arch(device: torch.device) -> int | None:
+    """``10 * major + minor`` of a CUDA device (90 for an H100), None elsewhere (CPU, interpreter)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def gemm_config(family: str, m: int, dtype: torch.dtype, tile_k: int | None = None,
+                arch: int | None = None) -> GemmConfig:
     key = (family, regime(m), "fp32" if dtype == torch.float32 else "16bit", tile_k)
+    if arch is not None and key + (arch,) in _ARCH_TABLE:
+        return _ARCH_TABLE[key + (arch,)]
     if key not in _TABLE:
         raise ValueError(f"no {family} GEMM configuration for M={m}, dtype={dtype}, tile_k={tile_k}"
                          + (f" (supported tile_k: {BITMAP_TILE_KS})" if family == "bitmap" else ""))
@@ -179,8 +200,12 @@ def _dense_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, K_PER_SPLIT,
 # host side: output / split-K plumbing shared by the three launchers
 # ----------------------------------------------------------------------------------------
 def launch(kernel, family: str, x: torch.Tensor, weight_args: tuple, weight_strides: tuple, bias, n: int, k: int,
-           input_precision: str | None = None, tile_k: int | None = None) -> torch.Tensor:
+           input_precision: str | None = None, tile_k: int | None = None, consts: dict | None = None,
+           arch: int | None = None) -> torch.Tensor:
     """Run ``kernel(x, *weight_args, b, y, M, N, K, K_PER_SPLIT, x strides, *weight_strides, y strides, ...)``.
+
+    consts: extra constexpr arguments of this kernel (after GROUP_M); arch: the architecture whose
+    config to use (default: x's device, :func:`device_arch`).
 
     Returns y [M, N] in x's dtype. With split-K the kernel writes fp32 partials [S, M, N] that are
     summed here (the bias is added by slice 0 only).
@@ -191,7 +216,7 @@ def launch(kernel, family: str, x: torch.Tensor, weight_args: tuple, weight_stri
         return y
     if k == 0:
         return y.zero_() if bias is None else y.copy_(bias.to(x.dtype).expand(m, n))
-    cfg = gemm_config(family, m, x.dtype, tile_k)
+    cfg = gemm_config(family, m, x.dtype, tile_k, device_arch(x.device) if arch is None else arch)
     splits, k_per = split_k(cfg, m, n, k, x.device)
     out = y if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
     s_ys = 0 if splits == 1 else out.stride(0)
@@ -199,7 +224,7 @@ def launch(kernel, family: str, x: torch.Tensor, weight_args: tuple, weight_stri
     kernel[grid](x, *weight_args, bias if bias is not None else out, out, m, n, k, k_per,
                  x.stride(0), x.stride(1), *weight_strides, s_ys, out.stride(-2), out.stride(-1),
                  HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype, input_precision),
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta())
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(), **(consts or {}))
     if splits > 1:
         y.copy_(out.sum(0))
     return y
@@ -216,24 +241,37 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 # ----------------------------------------------------------------------------------------
 # compile specs: derived from the same table the launchers read
 # ----------------------------------------------------------------------------------------
+def _rows(family: str):
+    """(regime, width, config, architectures it is launched on) of every table row of ``family``."""
+    for (fam, reg, width, tk), cfg in _TABLE.items():
+        if fam == family:
+            yield reg, width, cfg, tuple(a for a in ARCHS if (fam, reg, width, tk, a) not in _ARCH_TABLE)
+    for (fam, reg, width, _tk, arch), cfg in _ARCH_TABLE.items():
+        if fam == family:
+            yield reg, width, cfg, (arch,)
+
+
 def launchable(family: str) -> List[Tuple[GemmConfig, torch.dtype, str, torch.dtype, bool]]:
     """Every (config, input dtype, DOT_PRECISION, output-pointer dtype, has_bias) a launcher can use."""
+    return [c[:5] for c in _launchable(family)]
+
+
+def _launchable(family: str):
     out = []
-    for (fam, reg, width, _tk), cfg in _TABLE.items():
-        if fam != family:
-            continue
+    for reg, width, cfg, archs in _rows(family):
         for dtype in ((torch.float32,) if width == "fp32" else (torch.float16, torch.bfloat16)):
             precs = PRECISIONS if dtype == torch.float32 else ("ieee",)
             outs = (dtype, torch.float32) if reg == "decode" and dtype != torch.float32 else (dtype,)
             for prec in precs:
                 for out_dtype in outs:
                     for has_bias in (False, True):
-                        out.append((cfg, dtype, prec, out_dtype, has_bias))
+                        out.append((cfg, dtype, prec, out_dtype, has_bias, archs, reg))
     return out
 
 
 def compile_specs(kernel, family: str, weight_sig: Dict[str, str], weight_strides: Dict[str, int | None],
-                  tile_weight_bytes: Callable[[int, int, int, float], float] | None = None) -> List[CompileSpec]:
+                  tile_weight_bytes: Callable[[int, int, int, float], float] | None = None,
+                  extra_consts: Dict[str, object] | None = None) -> List[CompileSpec]:
     """CompileSpecs of a GEMM kernel with the shared argument layout (see :func:`launch`).
 
     weight_sig: the weight arguments' names -> types, ``"{dt}"`` standing for the input dtype;
@@ -241,13 +279,14 @@ def compile_specs(kernel, family: str, weight_sig: Dict[str, str], weight_stride
     launch) or None (a runtime value, a multiple of 16 for the aligned shapes that matter);
     tile_weight_bytes(BLOCK_N, BLOCK_K, itemsize, density): weight bytes (values + metadata) of
     one ``[BLOCK_N, BLOCK_K]`` tile, i.e. of one K-loop iteration (the SASS audit's divisor;
-    default: a dense tile). The specs describe a launch on row-major tensors with N, K
+    default: a dense tile); extra_consts: constexpr arguments after GROUP_M and their compiled
+    values. Rows of ``_ARCH_TABLE`` give specs compiled for their architecture only. The specs describe a launch on row-major tensors with N, K
     multiples of 16 (e.g. Llama shapes).
     """
     tile_weight_bytes = tile_weight_bytes or (lambda bn, bk, isz, density: bn * bk * isz)
-    regime_of = {c.name: key[1] for key, c in _TABLE.items()}
+    extra_consts = extra_consts or {}
     specs = []
-    for cfg, dtype, prec, out_dtype, has_bias in launchable(family):
+    for cfg, dtype, prec, out_dtype, has_bias, archs, reg in _launchable(family):
         dt, odt = _TL[dtype], _TL[out_dtype]
         strides = {"stride_xm": None, "stride_xk": 1, **weight_strides, "stride_ys": None, "stride_ym": None,
                    "stride_yn": 1}
@@ -255,8 +294,10 @@ def compile_specs(kernel, family: str, weight_sig: Dict[str, str], weight_stride
                "y_ptr": f"*{odt}", "M": "i32", "N": "i32", "K": "i32", "K_PER_SPLIT": "i32",
                **{s: ("constexpr" if v == 1 else "i32") for s, v in strides.items()},
                "HAS_BIAS": "constexpr", "DOT_PRECISION": "constexpr", "BLOCK_M": "constexpr",
-               "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr"}
-        consts = dict(HAS_BIAS=has_bias, DOT_PRECISION=prec, **cfg.meta(), **{s: 1 for s, v in strides.items() if v == 1})
+               "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
+               **{c: "constexpr" for c in extra_consts}}
+        consts = dict(HAS_BIAS=has_bias, DOT_PRECISION=prec, **cfg.meta(), **{s: 1 for s, v in strides.items() if v == 1},
+                      **extra_consts)
         divisible = tuple(a for a, t in sig.items() if t.startswith("*")) + ("N", "K", "K_PER_SPLIT") + tuple(
             s for s, v in strides.items() if v is None)
         name = f"{cfg.name}-{dt}-{prec}-out{odt}" + ("-bias" if has_bias else "")
@@ -267,7 +308,7 @@ def compile_specs(kernel, family: str, weight_sig: Dict[str, str], weight_stride
         specs.append(CompileSpec(kernel, sig, consts, cfg.num_warps, cfg.num_stages, name, is_gemm=True,
                                  expect_tensor_core=not (dtype == torch.float32 and prec == "ieee"),
                                  representative=rep, divisible=divisible, family=family,
-                                 regime=regime_of[cfg.name],
+                                 regime=reg, archs=archs,
                                  loop_weight_bytes=partial(tile_weight_bytes, cfg.BLOCK_N, cfg.BLOCK_K,
                                                            dtype.itemsize)))
     return specs

@@ -23,15 +23,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._bits import expand_24, expand_24_pairs
+from ._bits import PRMT_LUT_24, expand_24, expand_24_prmt
+from ._compile import _is_interpreted
 from .dense_gemm import compile_specs, grouped_pid, launch, regime, store_tile
 
 
 @triton.jit
-def _sparse24_gemm_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, K_PER_SPLIT,
+def _sparse24_gemm_kernel(x_ptr, v_ptr, meta_ptr, lut_ptr, b_ptr, y_ptr, M, N, K, K_PER_SPLIT,
                           stride_xm, stride_xk, stride_vn, stride_vk, stride_mn, stride_ys, stride_ym, stride_yn,
                           HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                          EMULATE: tl.constexpr):
     """y[M, N] (+ slice * stride_ys) = x[M, K-slice] @ dense(V, meta)[N, K-slice]^T (+ b)."""
     pid_m, pid_n = grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -57,9 +59,11 @@ def _sparse24_gemm_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, K_PER_S
             g = k0 // 4 + offs_g
             g_ok = n_ok & (g[None, :] < K // 4)
             pair = tl.load(v_ptr + offs_n[:, None] * stride_vn + g[None, :], mask=g_ok, other=0)
-            # each group gathers its own meta word (8 groups share one; the repeats hit L1)
+            # each group gathers its own meta word (8 groups share one; the repeats hit L1), then the
+            # byte-permute selectors of its nibble from the 16-entry table (64 bytes, L1-resident)
             word = tl.load(meta_ptr + offs_n[:, None] * stride_mn + (g // 8)[None, :], mask=g_ok, other=0)
-            w = expand_24_pairs(pair, (word >> g_shift[None, :]) & 0xF, x_ptr.dtype.element_ty, BLOCK_N, BLOCK_K)
+            sel = tl.load(lut_ptr + ((word >> g_shift[None, :]) & 0xF))
+            w = expand_24_prmt(pair, sel, x_ptr.dtype.element_ty, EMULATE, BLOCK_N, BLOCK_K)
         else:
             vk = k0 // 2 + offs_h
             v = tl.load(v_ptr + offs_n[:, None] * stride_vn + vk[None, :] * stride_vk,
@@ -81,17 +85,30 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     n, k = shape
     if meta.stride(1) != 1:
         meta = meta.contiguous()
+    consts = dict(EMULATE=_is_interpreted(_sparse24_gemm_kernel))
+    lut = _lut(x.device)
     if values.dtype in (torch.float16, torch.bfloat16) and regime(x.shape[0]) == "prefill":
-        # the 16-bit prefill path reads values as int32 words (one per group): needs unit stride along K
-        # and 4-byte aligned rows, which every packed weight has (K % 4 == 0); others are copied
+        # the 16-bit prefill path reads values as int32 words (one per group): needs unit stride
+        # along K and 4-byte aligned rows, which every packed weight has (K % 4 == 0); others are copied
         if values.stride(1) != 1 or values.stride(0) % 2 or values.storage_offset() % 2:
             values = values.contiguous()
         words = values.view(torch.int32)
-        return launch(_sparse24_gemm_kernel, "sparse24", x, (words, meta),
-                      (words.stride(0), 1, meta.stride(0)), bias, n, k, input_precision)
-    return launch(_sparse24_gemm_kernel, "sparse24", x, (values, meta),
-                  (values.stride(0), values.stride(1), meta.stride(0)), bias, n, k, input_precision)
+        return launch(_sparse24_gemm_kernel, "sparse24", x, (words, meta, lut),
+                      (words.stride(0), 1, meta.stride(0)), bias, n, k, input_precision, consts=consts)
+    return launch(_sparse24_gemm_kernel, "sparse24", x, (values, meta, lut),
+                  (values.stride(0), values.stride(1), meta.stride(0)), bias, n, k, input_precision, consts=consts)
 
+
+_LUTS: dict = {}
+
+
+def _lut(device: torch.device) -> torch.Tensor:
+    """``_bits.PRMT_LUT_24`` as an int32 tensor on ``device`` (built once per device)."""
+    key = str(device)
+    if key not in _LUTS:
+        _LUTS[key] = torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in PRMT_LUT_24],
+                                  dtype=torch.int32, device=device)
+    return _LUTS[key]
 
 def tile_bytes_24(block_n: int, block_k: int, itemsize: int, density: float = 0.5) -> float:
     """Bytes of a [block_n, block_k] 2:4 tile: block_k / 2 values and block_k / 32 int32 meta words
@@ -100,8 +117,9 @@ def tile_bytes_24(block_n: int, block_k: int, itemsize: int, density: float = 0.
 
 
 def _specs():
-    specs = compile_specs(_sparse24_gemm_kernel, "sparse24", {"v_ptr": "*{dt}", "meta_ptr": "*i32"},
-                          {"stride_vn": None, "stride_vk": 1, "stride_mn": None}, tile_bytes_24)
+    specs = compile_specs(_sparse24_gemm_kernel, "sparse24", {"v_ptr": "*{dt}", "meta_ptr": "*i32", "lut_ptr": "*i32"},
+                          {"stride_vn": None, "stride_vk": 1, "stride_mn": None}, tile_bytes_24,
+                          extra_consts=dict(EMULATE=False))
     for spec in specs:  # what the launcher passes for 16-bit prefill: values as int32 group words
         if spec.signature["v_ptr"] in ("*fp16", "*bf16") and "-prefill-" in spec.config:
             spec.signature["v_ptr"] = "*i32"
