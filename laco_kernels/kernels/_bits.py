@@ -105,3 +105,16 @@ def expand_24_prmt(pair, sel, dtype: tl.constexpr, EMULATE: tl.constexpr, BLOCK_
         return tl.inline_asm_elementwise("{ .reg .b32 t; prmt.b32 $0, $2, 0, $6; shr.b32 t, $6, 16; "
                                          "prmt.b32 $1, $2, 0, t; }", "=r,=r,r,r,r,r,r,r,r,r", [pair4, sel4],
                                          dtype=dtype.value, is_pure=True, pack=4)
+
+
+@triton.jit
+def popc(v, EMULATE: tl.constexpr):
+    """Set bits of each int32 (GPU: one ``popc.b32``; EMULATE, the interpreter: SWAR bit counting)."""
+    if EMULATE:
+        u = v.to(tl.uint32, bitcast=True)
+        u = u - ((u >> 1) & 0x55555555)
+        u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
+        u = (u + (u >> 4)) & 0x0F0F0F0F
+        return ((u * 0x01010101) >> 24).to(tl.int32)
+    else:
+        return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)

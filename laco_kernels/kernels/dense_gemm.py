@@ -79,9 +79,11 @@ _add("sparse24", "decode", "16bit", None, 16, 64, 128, 4, 3)
 _add("dense", "decode", "fp32", None, 16, 64, 64, 4, 3)
 _add("sparse24", "decode", "fp32", None, 16, 32, 64, 4, 3)
 _add("dense", "prefill", "16bit", None, 128, 128, 64, 8, 3)
-_add("sparse24", "prefill", "16bit", None, 128, 128, 64, 8, 3)
-# sm_90 (wgmma): 256 rows of x per program halve the 2:4 decode per multiply-add (the decode is
-# per weight element, the MMA per weight element x BLOCK_M); the same tile spills on sm_80
+# 2:4 prefill: the decode is work per weight element and the MMA per weight element x BLOCK_M, so
+# 256 rows of x per program halve the decode per multiply-add. sm_80 (mma.sync keeps both operands
+# in registers): 256 x 128 x 64 spills, BLOCK_K 32 does not (250 registers); sm_90 (wgmma reads
+# them from shared memory) takes BLOCK_K 64
+_add("sparse24", "prefill", "16bit", None, 256, 128, 32, 8, 4)
 _add("sparse24", "prefill", "16bit", None, 256, 128, 64, 8, 3, arch=90)
 # fp32 "ieee" is an FMA GEMM (no tensor cores): 64 x 64 tiles keep it clear of spills
 _add("dense", "prefill", "fp32", None, 64, 64, 32, 4, 3)
