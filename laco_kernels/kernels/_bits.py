@@ -8,7 +8,12 @@ exactly the packed bytes.
   ``[BN, BK]`` (bit ``k % 32`` of word ``k // 32``).
 - :func:`decode_24_nibbles`: 2:4 metadata words int32 ``[BN, BK // 32]`` -> kept positions
   ``(i0, i1)`` int32 ``[BN, BK // 4]`` each (nibble ``g % 8`` of word ``g // 8`` = ``i0 | i1 << 2``).
-- :func:`expand_24`: kept values ``[BN, BK // 2]`` + metadata words -> dense tile ``[BN, BK]``.
+- :func:`expand_24`: kept values ``[BN, BK // 2]`` + metadata words -> dense tile ``[BN, BK]``
+  (decode and fp32; ``tl.split`` / ``tl.reshape`` cost shared-memory layout conversions).
+- :func:`expand_24_prmt` + :data:`PRMT_LUT_24`: 16-bit prefill: int32 value pairs + byte-permute
+  selectors ``[BN, BK // 4]`` -> dense tile ``[BN, BK]`` with two ``prmt`` per group and no
+  layout conversion (docs/gpu_prefill_kernels.md). Its caller gathers one meta word and one table
+  entry per group (L1 hits), so in the traffic audit's accounting it reads those repeatedly.
 """
 from __future__ import annotations
 
@@ -106,15 +111,3 @@ def expand_24_prmt(pair, sel, dtype: tl.constexpr, EMULATE: tl.constexpr, BLOCK_
                                          "prmt.b32 $1, $2, 0, t; }", "=r,=r,r,r,r,r,r,r,r,r", [pair4, sel4],
                                          dtype=dtype.value, is_pure=True, pack=4)
 
-
-@triton.jit
-def popc(v, EMULATE: tl.constexpr):
-    """Set bits of each int32 (GPU: one ``popc.b32``; EMULATE, the interpreter: SWAR bit counting)."""
-    if EMULATE:
-        u = v.to(tl.uint32, bitcast=True)
-        u = u - ((u >> 1) & 0x55555555)
-        u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
-        u = (u + (u >> 4)) & 0x0F0F0F0F
-        return ((u * 0x01010101) >> 24).to(tl.int32)
-    else:
-        return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)

@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._bits import popc
-from ._compile import _is_interpreted
+from ._bits import unpack_bits
 from .dense_gemm import compile_specs, grouped_pid, launch, store_tile
 
 
@@ -29,42 +28,29 @@ from .dense_gemm import compile_specs, grouped_pid, launch, store_tile
 def _bitmap_gemm_kernel(x_ptr, v_ptr, bitmap_ptr, offsets_ptr, b_ptr, y_ptr, M, N, K, K_PER_SPLIT,
                         stride_xm, stride_xk, stride_bmn, stride_on, stride_ys, stride_ym, stride_yn,
                         HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                        EMULATE: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """y[M, N] (+ slice * stride_ys) = x[M, K-slice] @ dense(bitmap weight)[N, K-slice]^T (+ b)."""
     pid_m, pid_n = grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, BLOCK_K // 32)
     n_ok = offs_n < N
     n_words = tl.cdiv(K, 32)
-    # loop-invariant per element: which word of the row tile holds its bit, the bit, the bits below it
-    word_of = (offs_k // 32)[None, :]
-    bit = (1 << (offs_k % 32))[None, :]
-    below = bit - 1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = pid_k * K_PER_SPLIT
     for k0 in range(k_lo, tl.minimum(k_lo + K_PER_SPLIT, K), BLOCK_K):
         kk = k0 + offs_k
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
-        # rank of a kept element = nonzeros before it in its row tile: the popcounts of the tile's
-        # earlier words (per row) + the popcount of its own word masked below its bit (per element);
-        # elementwise on the [BLOCK_N, BLOCK_K] tile: no unpacking reshape, no cumsum
+        wk = k0 // 32 + offs_w
+        words = tl.load(bitmap_ptr + offs_n[:, None] * stride_bmn + wk[None, :],
+                        mask=n_ok[:, None] & (wk[None, :] < n_words), other=0)
         base = tl.load(offsets_ptr + offs_n * stride_on + k0 // BLOCK_K, mask=n_ok, other=0)
-        word = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
-        rank = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32) + base[:, None]
-        run = base
-        for i in tl.static_range(BLOCK_K // 32):
-            wcol = tl.full((BLOCK_N,), k0 // 32 + i, tl.int32)
-            # words past the row's end and rows past N read as 0 (padding bits past K are 0 too)
-            wi = tl.load(bitmap_ptr + offs_n * stride_bmn + wcol, mask=n_ok & (wcol < n_words), other=0)
-            word = tl.where(word_of == i, wi[:, None], word)
-            rank = tl.where(word_of == i, run[:, None], rank)
-            run += popc(wi, EMULATE)
-        rank += popc(word & below, EMULATE)
-        w = tl.load(v_ptr + rank, mask=(word & bit) != 0, other=0.0)
+        bits = unpack_bits(words, BLOCK_N, BLOCK_K)  # 0 past K and past N: padding bits are zero
+        rank = tl.cumsum(bits, axis=1) - bits  # nonzeros before this column in the row's tile
+        w = tl.load(v_ptr + (base[:, None] + rank), mask=bits != 0, other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     store_tile(acc, b_ptr, y_ptr, offs_m, offs_n, pid_k, M, N, stride_ys, stride_ym, stride_yn, HAS_BIAS)
 
@@ -79,8 +65,7 @@ def bitmap_linear(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, o
     if offsets.stride(1) != 1:
         offsets = offsets.contiguous()
     return launch(_bitmap_gemm_kernel, "bitmap", x, (values, bitmap, offsets),
-                  (bitmap.stride(0), offsets.stride(0)), bias, n, k, input_precision, tile_k=tile_k,
-                  consts=dict(EMULATE=_is_interpreted(_bitmap_gemm_kernel)))
+                  (bitmap.stride(0), offsets.stride(0)), bias, n, k, input_precision, tile_k=tile_k)
 
 
 def tile_bytes_bitmap(block_n: int, block_k: int, itemsize: int, density: float) -> float:
@@ -91,7 +76,7 @@ def tile_bytes_bitmap(block_n: int, block_k: int, itemsize: int, density: float)
 
 def _specs():
     return compile_specs(_bitmap_gemm_kernel, "bitmap", {"v_ptr": "*{dt}", "bitmap_ptr": "*i32", "offsets_ptr": "*i32"},
-                         {"stride_bmn": None, "stride_on": None}, tile_bytes_bitmap, extra_consts=dict(EMULATE=False))
+                         {"stride_bmn": None, "stride_on": None}, tile_bytes_bitmap)
 
 
 COMPILE_SPECS = _specs()
