@@ -97,6 +97,7 @@ def select(specs: List[CompileSpec], subset: bool, pattern: str | None) -> List[
 def _measured_spec(specs, method, m, dtype="fp16"):
     family, kernel, _ = METHODS[method]
     blocks = {"BLOCK_K": MEASURED_TILE_K} if family == "bitmap" else None
+    specs = [s for s in specs if 90 in s.archs]  # the H100 rows ran the sm_90 configs
     return sm.find_spec(specs, family=family, regime=m_regime(m), dtype=dtype, kernel=kernel, blocks=blocks)
 
 
@@ -144,6 +145,8 @@ def predictions(selected, specs, stats: Stats, fitted) -> List[dict]:
     seen, out = set(), []
     for spec in selected:
         if spec.regime not in ("decode", "prefill") or sm.spec_dtype(spec) not in INFER_DTYPES:
+            continue
+        if 90 not in spec.archs:  # predictions are for sm_90: its own table row where there is one
             continue
         key = (spec.name, spec.family, spec.regime, sm.spec_dtype(spec),
                spec.constexprs.get("BLOCK_K") if spec.family == "bitmap" else None)
