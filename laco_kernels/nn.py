@@ -182,12 +182,15 @@ class SparseLinear24(_DenseStateDict):
 
     def enable_semi_structured(self, min_m: int | None = None) -> int:
         """Opt in: rows of x >= ``min_m`` (default ``semi_structured.SEMI_STRUCTURED_MIN_M``) run on
-        torch's semi-structured 2:4 path (CUDA sparse tensor cores); fewer rows, training and
-        non-CUDA inputs keep the Triton / CPU kernels. Builds the semi-structured copy once and
-        returns its size in bytes (see ``semi_structured.semi_structured_bytes``); RuntimeError
-        naming why when it cannot run here (nothing is changed then)."""
+        torch's semi-structured 2:4 path (CUDA sparse tensor cores) when no gradient is needed;
+        fewer rows, autograd and non-CUDA inputs keep the Triton / CPU kernels. Builds the
+        semi-structured copy once and returns its size in bytes
+        (``semi_structured.semi_structured_bytes``); RuntimeError naming why when it cannot run
+        here (nothing is changed then)."""
         from . import semi_structured as ss
 
+        if min_m is not None and int(min_m) < 1:
+            raise ValueError(f"enable_semi_structured: min_m must be >= 1, got {min_m}")
         if self.trainable:
             raise RuntimeError("enable_semi_structured: a trainable SparseLinear24 changes its values; "
                                "the semi-structured copy would go stale")
@@ -197,8 +200,9 @@ class SparseLinear24(_DenseStateDict):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         semi = self.__dict__.get("_semi")
-        if semi is not None and x.is_cuda and x.dtype == self.values.dtype and \
-                x.numel() // max(1, self.in_features) >= self._semi_min_m:
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        if semi is not None and not wants_grad and x.is_cuda and x.dtype == self.values.dtype and \
+                x.numel() // max(1, self.in_features) >= self._semi_min_m:  # inference only
             return torch.nn.functional.linear(x, semi, self.bias)
         # trainable: self.values is a Parameter, and sparse24_linear differentiates w.r.t. w24.values
         return sparse24_linear(x, self.weight24(), self.bias)

@@ -47,3 +47,9 @@ def test_enable_refuses_trainable():
     mod = SparseLinear24(Sparse24Weight.from_dense(torch.randn(32, 64), prune=True), trainable=True)
     with pytest.raises(RuntimeError, match="trainable"):
         mod.enable_semi_structured()
+
+
+def test_enable_rejects_bad_threshold():
+    mod = SparseLinear24(Sparse24Weight.from_dense(torch.randn(32, 64), prune=True))
+    with pytest.raises(ValueError, match="min_m"):
+        mod.enable_semi_structured(min_m=0)
