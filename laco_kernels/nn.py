@@ -200,7 +200,8 @@ class SparseLinear24(_DenseStateDict):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         semi = self.__dict__.get("_semi")
-        wants_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        bias_grad = self.bias is not None and self.bias.requires_grad
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or bias_grad)
         if semi is not None and not wants_grad and x.is_cuda and x.dtype == self.values.dtype and \
                 x.numel() // max(1, self.in_features) >= self._semi_min_m:  # inference only
             return torch.nn.functional.linear(x, semi, self.bias)

@@ -32,8 +32,9 @@ def unavailable_reason(device: torch.device | str, dtype: torch.dtype) -> str | 
         return "semi-structured 2:4 needs CUDA, and torch.cuda.is_available() is False"
     if dtype not in _DTYPES:
         return f"semi-structured 2:4 is enabled for fp16 / bf16 weights only, got {dtype}"
-    if torch.cuda.get_device_capability(device) < (8, 0):
-        return f"semi-structured 2:4 needs compute capability >= 8.0, {device} has {torch.cuda.get_device_capability(device)}"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 0):
+        return f"semi-structured 2:4 needs compute capability >= 8.0, {device} has {cap}"
     try:
         from torch.sparse import to_sparse_semi_structured  # noqa: F401
     except ImportError as e:  # pragma: no cover - every torch >= 2.1 has it

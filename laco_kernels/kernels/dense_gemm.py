@@ -9,6 +9,9 @@ Shared here:
   family and shape regime. Launchers read it, and :func:`compile_specs` enumerates the same
   table (every regime, dtype, precision, output dtype, bias flag) into ``COMPILE_SPECS``, so the
   compile report checks exactly what can be launched.
+- Architecture rows (``_ARCH_TABLE``): a (family, regime, width) may have a row for one GPU
+  architecture (sm_90) that replaces the base row there; :func:`launch` asks
+  :func:`device_arch`, and the row's compile specs carry ``archs=(arch,)``.
 - Regimes. decode (M <= 16): BLOCK_M = 16 and one program per (N tile, K slice): no weight byte is
   read twice, and split-K (each K slice writes an fp32 partial, summed on the host) fills the
   GPU when N / BLOCK_N programs alone would leave SMs idle. prefill (M > 16): 128 x 128 (or
@@ -282,8 +285,8 @@ def compile_specs(kernel, family: str, weight_sig: Dict[str, str], weight_stride
     tile_weight_bytes(BLOCK_N, BLOCK_K, itemsize, density): weight bytes (values + metadata) of
     one ``[BLOCK_N, BLOCK_K]`` tile, i.e. of one K-loop iteration (the SASS audit's divisor;
     default: a dense tile); extra_consts: constexpr arguments after GROUP_M and their compiled
-    values. Rows of ``_ARCH_TABLE`` give specs compiled for their architecture only. The specs describe a launch on row-major tensors with N, K
-    multiples of 16 (e.g. Llama shapes).
+    values. Rows of ``_ARCH_TABLE`` give specs compiled for their architecture only. The specs
+    describe a launch on row-major tensors with N, K multiples of 16 (e.g. Llama shapes).
     """
     tile_weight_bytes = tile_weight_bytes or (lambda bn, bk, isz, density: bn * bk * isz)
     extra_consts = extra_consts or {}
@@ -298,8 +301,8 @@ def compile_specs(kernel, family: str, weight_sig: Dict[str, str], weight_stride
                "HAS_BIAS": "constexpr", "DOT_PRECISION": "constexpr", "BLOCK_M": "constexpr",
                "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
                **{c: "constexpr" for c in extra_consts}}
-        consts = dict(HAS_BIAS=has_bias, DOT_PRECISION=prec, **cfg.meta(), **{s: 1 for s, v in strides.items() if v == 1},
-                      **extra_consts)
+        consts = dict(HAS_BIAS=has_bias, DOT_PRECISION=prec, **cfg.meta(),
+                      **{s: 1 for s, v in strides.items() if v == 1}, **extra_consts)
         divisible = tuple(a for a, t in sig.items() if t.startswith("*")) + ("N", "K", "K_PER_SPLIT") + tuple(
             s for s, v in strides.items() if v is None)
         name = f"{cfg.name}-{dt}-{prec}-out{odt}" + ("-bias" if has_bias else "")

@@ -2,20 +2,26 @@
 
 Weight: :class:`~laco_kernels.formats.Sparse24Weight`, values ``[N, K/2]`` (x's dtype) and
 meta int32 ``[N, ceil(K/32)]`` (nibble ``g % 8`` of word ``g // 8`` = ``i0 | i1 << 2``).
-Per K step a program loads its values tile ``[BLOCK_N, BLOCK_K/2]`` and meta words
-``[BLOCK_N, BLOCK_K/32]`` once, rebuilds the dense ``[BLOCK_N, BLOCK_K]`` tile in registers
-(``_bits.expand_24``: split the kept pairs, place each at its nibble's position with
-``tl.where``) and feeds it to ``tl.dot``. The weight therefore costs 9/16 of the dense bytes in
-fp16/bf16 (1/2 values + 1/16 meta), the bound of a bandwidth-limited decode step.
+Per K step a program rebuilds the dense ``[BLOCK_N, BLOCK_K]`` weight tile in registers and
+feeds it to ``tl.dot``; the weight costs 9/16 of the dense bytes in fp16/bf16 (1/2 values + 1/16
+meta). Two decodes:
+
+- prefill (M > 16), 16-bit weights: values read as int32 words (one kept pair per group), each
+  group's meta nibble picks two byte-permute selectors from ``_bits.PRMT_LUT_24``, and
+  ``_bits.expand_24_prmt`` writes the group's 4 positions with two ``prmt`` (an
+  ``inline_asm_elementwise(pack=4)``; plain integer ops in the interpreter, ``EMULATE``): no
+  split, no layout conversion. sm_90: 228 loop instructions per warp-iteration on 256 x 128 x 64
+  tiles, 1.12x the dense kernel's per multiply-add (docs/gpu_prefill_kernels.md).
+- decode (M <= 16) and fp32: values tile ``[BLOCK_N, BLOCK_K/2]`` + meta words, expanded by
+  ``_bits.expand_24`` (split the kept pairs, ``tl.where`` by nibble, reshape).
 
 Tiling, split-K, grouped order, dtypes and fp32 precision are those of ``dense_gemm.py``
 (shared config table ``dense_gemm.gemm_config("sparse24", ...)``).
 
-Measured on an H100 (bench/results/gpu_gemm_graph.json, fp16, CUDA graphs, 4096 x 4096): M = 1
-25 us against 11 us for the dense Triton kernel and cuBLAS: the byte saving is real (traffic
-audit: 0.57 of dense) but the in-register scatter (split / where / reshape, with its layout
-conversions) makes the kernel compute-bound. Removing that cost (e.g. a gather load of the values
-masked to the kept columns, which compiles spill-free with 8 warps but was not timed) is open work.
+Measured on an H100 before the prefill decode above (bench/results/gpu_gemm_graph.json, fp16,
+CUDA graphs, 4096 x 4096): M = 1 25 us against 11 us for the dense Triton kernel, M = 4096 1187 us
+against 268: the split / where / reshape scatter and its layout conversions made the kernel
+compute-bound. The new prefill decode is not timed yet.
 """
 from __future__ import annotations
 
