@@ -99,11 +99,14 @@ def test_prefill_specs_pass_int32_words():
     assert all(s.signature["v_ptr"] != "*i32" for s in sg.COMPILE_SPECS if "-prefill-16bit-" not in s.config)
 
 
-@pytest.mark.parametrize("m,n,k,bias", [(17, 37, 100, False), (256, 45, 228, True), (300, 33, 136, False)])
-def test_prefill_sm90_tile_matches_reference(monkeypatch, m, n, k, bias):
-    """The sm_90-only 256 x 128 prefill tile (dense_gemm._ARCH_TABLE), run in the interpreter."""
+@pytest.mark.parametrize("m,n,k,bias,sms,block_m", [(17, 37, 100, False, 1, 256), (256, 45, 228, True, 1, 256),
+                                                     (300, 33, 136, False, 1, 256), (67, 70, 200, True, 132, 128)])
+def test_prefill_sm90_tiles_match_reference(monkeypatch, m, n, k, bias, sms, block_m):
+    """The sm_90-only prefill tiles (dense_gemm._ARCH_TABLE 256 x 128, and _FILL_TABLE 128 x 64 while
+    the big tiles would leave SMs idle), run in the interpreter."""
     monkeypatch.setattr(dense_gemm, "device_arch", lambda device: 90)
-    assert dense_gemm.gemm_config("sparse24", m, torch.float16, arch=90).BLOCK_M == 256
+    monkeypatch.setattr(dense_gemm, "_num_sms", lambda device: sms)
+    assert dense_gemm.gemm_config("sparse24", m, torch.float16, arch=90, n=n, sms=sms).BLOCK_M == block_m
     w24 = Sparse24Weight.from_dense(torch.randn(n, k).half(), prune=True)
     x = torch.randn(m, k).half()
     b = torch.randn(n).half() if bias else None
@@ -166,7 +169,8 @@ def test_prmt_pack4_operands_are_one_group():
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(res) == {"sparse24-prefill-16bit-fp16-ieee-outfp16@80",  # the base row serves sm_80
-                        "sparse24-prefill-16bit-sm90-fp16-ieee-outfp16@90"}, res
+                        "sparse24-prefill-16bit-sm90-fp16-ieee-outfp16@90",
+                        "sparse24-prefill-16bit-sm90-fill-fp16-ieee-outfp16@90"}, res
     for name, r in res.items():
         assert r["calls"] >= 8 and r["quartets"], (name, r)
 
@@ -181,3 +185,16 @@ def test_prefill_3d_non_contiguous_x_through_the_op(triton_backend):
     y = sparse24_linear(x, w24, b)
     assert y.shape == (3, 8, n)
     close(y, reference.sparse24_linear(x, w24, b), torch.float16)
+
+
+def test_fill_tile_choice():
+    """sm_90: the 128 x 64 tiles only while 256 x 128 tiles leave SMs idle and 128 x 64 ones fit one wave."""
+    def bm(m, n):
+        return dense_gemm.gemm_config("sparse24", m, torch.float16, arch=90, n=n, sms=132).BLOCK_M
+
+    assert bm(17, 4096) == bm(256, 4096) == 128  # 32 -> 64 / 128 programs
+    assert bm(512, 4096) == 256  # 128 x 64 tiles would need 256 programs
+    assert bm(256, 11008) == 256  # 86 programs of 256 x 128; 344 of 128 x 64
+    assert bm(4096, 4096) == 256
+    assert dense_gemm.gemm_config("sparse24", 256, torch.float16, arch=80, n=4096).BLOCK_K == 32  # base row
+    assert dense_gemm.gemm_config("sparse24", 256, torch.float32, arch=90, n=4096).BLOCK_M == 64  # fp32 row

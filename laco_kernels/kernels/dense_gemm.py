@@ -69,10 +69,16 @@ _TABLE: Dict[Tuple[str, str, str, int | None], GemmConfig] = {}
 _ARCH_TABLE: Dict[Tuple[str, str, str, int | None, int], GemmConfig] = {}
 
 
-def _add(family, regime, width, tile_k, bm, bn, bk, warps, stages, group=8, arch=None):
-    name = f"{family}-{regime}-{width}" + (f"-tk{tile_k}" if tile_k else "") + (f"-sm{arch}" if arch else "")
+# same keys as _ARCH_TABLE: the grid-filling alternative of an architecture row, used while that
+# row's tiles would give fewer programs than the GPU has SMs (small M: one wave, idle SMs)
+_FILL_TABLE: Dict[Tuple[str, str, str, int | None, int], GemmConfig] = {}
+
+
+def _add(family, regime, width, tile_k, bm, bn, bk, warps, stages, group=8, arch=None, fill=False):
+    name = f"{family}-{regime}-{width}" + (f"-tk{tile_k}" if tile_k else "") + (f"-sm{arch}" if arch else "") + (
+        "-fill" if fill else "")
     table, key = (_TABLE, (family, regime, width, tile_k)) if arch is None else (
-        _ARCH_TABLE, (family, regime, width, tile_k, arch))
+        _FILL_TABLE if fill else _ARCH_TABLE, (family, regime, width, tile_k, arch))
     table[key] = GemmConfig(name, bm, bn, bk, group, warps, stages)
 
 
@@ -88,6 +94,10 @@ _add("dense", "prefill", "16bit", None, 128, 128, 64, 8, 3)
 # them from shared memory) takes BLOCK_K 64
 _add("sparse24", "prefill", "16bit", None, 256, 128, 32, 8, 4)
 _add("sparse24", "prefill", "16bit", None, 256, 128, 64, 8, 3, arch=90)
+# ... and while ceil(M / 256) * ceil(N / 128) < SMs and ceil(M / 128) * ceil(N / 64) <= SMs (e.g. M <= 256
+# at N = 4096 on 132 SMs): 128 x 64 tiles, 4 warps (248 instructions per warp-iteration) spread the
+# per-program decode over up to 4x the programs in one wave
+_add("sparse24", "prefill", "16bit", None, 128, 64, 64, 4, 4, arch=90, fill=True)
 # fp32 "ieee" is an FMA GEMM (no tensor cores): 64 x 64 tiles keep it clear of spills
 _add("dense", "prefill", "fp32", None, 64, 64, 32, 4, 3)
 _add("sparse24", "prefill", "fp32", None, 64, 64, 32, 8, 3)
@@ -114,11 +124,22 @@ def device_arch(device: torch.device) -> int | None:
     return 10 * major + minor
 
 
+def _grid(cfg: GemmConfig, m: int, n: int) -> int:
+    return triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N)
+
+
 def gemm_config(family: str, m: int, dtype: torch.dtype, tile_k: int | None = None,
-                arch: int | None = None) -> GemmConfig:
+                arch: int | None = None, n: int | None = None, sms: int = _DEFAULT_SMS) -> GemmConfig:
+    """The config a launch of ``family`` uses for M rows (and N columns: with ``n`` given, an
+    architecture row whose grid would not fill ``sms`` SMs gives way to its ``_FILL_TABLE`` row
+    when that row's grid fits in one wave)."""
     key = (family, regime(m), "fp32" if dtype == torch.float32 else "16bit", tile_k)
     if arch is not None and key + (arch,) in _ARCH_TABLE:
-        return _ARCH_TABLE[key + (arch,)]
+        cfg = _ARCH_TABLE[key + (arch,)]
+        fill = _FILL_TABLE.get(key + (arch,))
+        if fill is not None and n is not None and _grid(cfg, m, n) < sms and _grid(fill, m, n) <= sms:
+            return fill  # the main tiles leave SMs idle and the smaller ones still fit in one wave
+        return cfg
     if key not in _TABLE:
         raise ValueError(f"no {family} GEMM configuration for M={m}, dtype={dtype}, tile_k={tile_k}"
                          + (f" (supported tile_k: {BITMAP_TILE_KS})" if family == "bitmap" else ""))
@@ -221,7 +242,8 @@ def launch(kernel, family: str, x: torch.Tensor, weight_args: tuple, weight_stri
         return y
     if k == 0:
         return y.zero_() if bias is None else y.copy_(bias.to(x.dtype).expand(m, n))
-    cfg = gemm_config(family, m, x.dtype, tile_k, device_arch(x.device) if arch is None else arch)
+    cfg = gemm_config(family, m, x.dtype, tile_k, device_arch(x.device) if arch is None else arch, n=n,
+                      sms=_num_sms(x.device))
     splits, k_per = split_k(cfg, m, n, k, x.device)
     out = y if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
     s_ys = 0 if splits == 1 else out.stride(0)
@@ -251,7 +273,7 @@ def _rows(family: str):
     for (fam, reg, width, tk), cfg in _TABLE.items():
         if fam == family:
             yield reg, width, cfg, tuple(a for a in ARCHS if (fam, reg, width, tk, a) not in _ARCH_TABLE)
-    for (fam, reg, width, _tk, arch), cfg in _ARCH_TABLE.items():
+    for (fam, reg, width, _tk, arch), cfg in list(_ARCH_TABLE.items()) + list(_FILL_TABLE.items()):
         if fam == family:
             yield reg, width, cfg, (arch,)
 
