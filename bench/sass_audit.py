@@ -98,6 +98,7 @@ def select(specs: List[CompileSpec], subset: bool, pattern: str | None) -> List[
 def _measured_spec(specs, method, m, dtype="fp16"):
     family, kernel, _ = METHODS[method]
     blocks = {"BLOCK_K": MEASURED_TILE_K} if family == "bitmap" else None
+    specs = [s for s in specs if 90 in s.archs]  # the H100 rows ran the sm_90 configs
     return sm.find_spec(specs, family=family, regime=m_regime(m), dtype=dtype, kernel=kernel, blocks=blocks)
 
 
@@ -137,6 +138,24 @@ def _atomic_json(path, doc):
     os.replace(tmp, path)
 
 
+def _launched_on_h100(spec, cfg_name, m, n, dt) -> bool:
+    """Whether the host launcher would pick ``spec``'s table row for (M, N) on an H100 (sm_90, 132
+    SMs): e.g. a grid-filling row only while the main sm_90 row leaves SMs idle. Specs of kernels
+    without a config table (or unknown names) always count."""
+    from laco_kernels.kernels import dense_gemm
+
+    if spec.family not in ("dense", "sparse24", "bitmap") or cfg_name is None:
+        return True
+    import torch
+
+    tk = spec.constexprs.get("BLOCK_K") if spec.family == "bitmap" else None
+    try:
+        cfg = dense_gemm.gemm_config(spec.family, m, getattr(torch, sm.DTYPES[dt]), tk, arch=90, n=n, sms=132)
+    except ValueError:
+        return True
+    return cfg.name == cfg_name
+
+
 def predictions(selected, specs, stats: Stats, fitted, skipped: List[str]) -> List[dict]:
     """Predicted time of every selected inference kernel at every audited (shape, M, dtype); specs
     without a launch plan are listed in ``skipped``."""
@@ -145,16 +164,19 @@ def predictions(selected, specs, stats: Stats, fitted, skipped: List[str]) -> Li
     kind, params = fitted["kind"], fitted["params"]
     seen, out = set(), []
     for spec in selected:
-        if spec.regime not in ("decode", "prefill") or sm.spec_dtype(spec) not in INFER_DTYPES or 90 not in spec.archs:
+        if spec.regime not in ("decode", "prefill") or sm.spec_dtype(spec) not in INFER_DTYPES:
             continue
-        key = (spec.name, spec.family, spec.regime, sm.spec_dtype(spec),
-               spec.constexprs.get("BLOCK_K") if spec.family == "bitmap" else None)
+        if 90 not in spec.archs:  # predictions are for sm_90: its own table row where there is one
+            continue
+        dt = sm.spec_dtype(spec)
+        cfg_name = spec.config[:spec.config.index(f"-{dt}-")] if f"-{dt}-" in spec.config else None
+        key = (spec.name, spec.family, spec.regime, dt,
+               spec.constexprs.get("BLOCK_K") if spec.family == "bitmap" else None, cfg_name)
         if key in seen:
             continue
         seen.add(key)
-        dt = sm.spec_dtype(spec)
         for n, k in SHAPES:
-            for m in (m for m in MS if m_regime(m) == spec.regime):
+            for m in (m for m in MS if m_regime(m) == spec.regime and _launched_on_h100(spec, cfg_name, m, n, dt)):
                 dense = sm.predict_us(sm.features(sm.dense_plan(m, n, k, dt, specs), stats.sm90), params, kind)
                 for density in DENSITIES.get(spec.family, (0.5,)):
                     try:

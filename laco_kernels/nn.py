@@ -176,13 +176,38 @@ class SparseLinear24(_DenseStateDict):
 
     def _set_dense(self, weight: torch.Tensor) -> None:
         w24 = Sparse24Weight.from_dense(weight.to(self.values.device, self.values.dtype), prune=False)
+        self.__dict__.pop("_semi", None)  # a semi-structured copy of the old weight would be stale
         self.values.copy_(w24.values)
         self.meta.copy_(w24.meta)
         if self.trainable:
             frozen = w24.values == 0
             self.frozen_slots = frozen if bool(frozen.any()) else None
 
+    def enable_semi_structured(self, min_m: int | None = None) -> int:
+        """Opt in: rows of x >= ``min_m`` (default ``semi_structured.SEMI_STRUCTURED_MIN_M``) run on
+        torch's semi-structured 2:4 path (CUDA sparse tensor cores) when no gradient is needed;
+        fewer rows, autograd and non-CUDA inputs keep the Triton / CPU kernels. Builds the
+        semi-structured copy once and returns its size in bytes
+        (``semi_structured.semi_structured_bytes``); RuntimeError naming why when it cannot run
+        here (nothing is changed then)."""
+        from . import semi_structured as ss
+
+        if min_m is not None and int(min_m) < 1:
+            raise ValueError(f"enable_semi_structured: min_m must be >= 1, got {min_m}")
+        if self.trainable:
+            raise RuntimeError("enable_semi_structured: a trainable SparseLinear24 changes its values; "
+                               "the semi-structured copy would go stale")
+        semi = ss.build(self.dense_weight().detach())
+        self._semi, self._semi_min_m = semi, ss.SEMI_STRUCTURED_MIN_M if min_m is None else int(min_m)
+        return ss.semi_structured_bytes(self.out_features, self.in_features, self.values.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        semi = self.__dict__.get("_semi")
+        bias_grad = self.bias is not None and self.bias.requires_grad
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or bias_grad)
+        if semi is not None and not wants_grad and x.is_cuda and x.dtype == self.values.dtype and \
+                x.numel() // max(1, self.in_features) >= self._semi_min_m:  # inference only
+            return torch.nn.functional.linear(x, semi, self.bias)
         # trainable: self.values is a Parameter, and sparse24_linear differentiates w.r.t. w24.values
         return sparse24_linear(x, self.weight24(), self.bias)
 

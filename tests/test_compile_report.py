@@ -27,7 +27,7 @@ def test_representative_specs_compile_without_spills_and_with_tensor_cores(tmp_p
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     records = json.loads(out.read_text())
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert len(records) == 2 * len(specs)
+    assert len(records) == sum(len(s.archs) for s in specs)  # sm_90-only table rows compile for sm_90 only
     assert compile_report.violations(records) == []
     assert {r["arch"] for r in records} == {"sm_80", "sm_90"}
     by = {(r["kernel"], r["arch"]): r for r in records if "bf16" in r["config"] and "prefill" in r["config"]}

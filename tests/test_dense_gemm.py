@@ -44,7 +44,9 @@ def _launched(monkeypatch, kernel):
     def run(*args, **kwargs):
         names = kernel.arg_names
         y = args[names.index("y_ptr")]
-        seen.append(({k: v for k, v in kwargs.items() if k not in ("grid", "warmup", "num_warps", "num_stages")},
+        # EMULATE (sparse24): True only in the interpreter, which cannot run the kernel's PTX
+        assert kwargs.get("EMULATE", True) is True
+        seen.append(({k: v for k, v in kwargs.items() if k not in ("grid", "warmup", "num_warps", "num_stages", "EMULATE")},
                      kwargs.get("num_warps"), kwargs.get("num_stages"), y.dtype))
         return orig(*args, **kwargs)
 
@@ -55,9 +57,13 @@ def _launched(monkeypatch, kernel):
 _TL = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
-@pytest.mark.parametrize("m,dtype,prec", [(1, torch.float16, None), (3, torch.float32, "tf32"),
-                                          (20, torch.float16, None), (20, torch.float32, None)])
-def test_launched_configs_are_compile_specs(monkeypatch, m, dtype, prec):
+@pytest.mark.parametrize("m,dtype,prec,arch", [(1, torch.float16, None, None), (3, torch.float32, "tf32", None),
+                                               (20, torch.float16, None, None), (20, torch.float32, None, None),
+                                               (20, torch.float16, None, 90), (20, torch.float16, None, 80)])
+def test_launched_configs_are_compile_specs(monkeypatch, m, dtype, prec, arch):
+    """Every launch (on the architecture ``arch`` would pick, e.g. the sm_90-only rows) is a compile spec
+    compiled for that architecture."""
+    monkeypatch.setattr(dense_gemm, "device_arch", lambda device: arch)
     n, k = 40, 256
     w = torch.randn(n, k)
     w24 = Sparse24Weight.from_dense(w.to(dtype), prune=True)
@@ -76,3 +82,4 @@ def test_launched_configs_are_compile_specs(monkeypatch, m, dtype, prec):
                      and s.signature["x_ptr"] == _TL[dtype] and s.signature["y_ptr"] == _TL[y_dtype]
                      and all(s.constexprs.get(key) == val for key, val in consts.items())]
             assert match, f"{mod.__name__}: launch {consts} warps={warps} stages={stages} y={y_dtype} not in COMPILE_SPECS"
+            assert any((arch or 80) in s.archs for s in match), f"{mod.__name__}: {consts} not compiled for sm_{arch}"
