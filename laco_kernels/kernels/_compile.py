@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
@@ -61,6 +61,9 @@ class CompileSpec:
     note: str = ""
     representative: bool = True  # part of the subset tests compile (all specs go in the full report)
     divisible: tuple = ()  # arguments known to be multiples of 16 (pointers: 16-byte aligned), as at launch
+    family: str | None = None   # "dense" | "sparse24" | "bitmap" | ...
+    regime: str | None = None   # "decode" | "prefill" | ...
+    loop_weight_bytes: Callable[[float], float] | None = None  # weight bytes (values + metadata) one program loads per steady-state loop iteration, as a function of density (fraction of kept weights; ignored by dense and 2:4)
 
     def __post_init__(self):
         if self.expect_tensor_core is None:

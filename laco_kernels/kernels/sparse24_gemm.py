@@ -25,6 +25,7 @@ import triton.language as tl
 
 from ._bits import expand_24
 from .dense_gemm import compile_specs, grouped_pid, launch, store_tile
+from .sparse24_gemv import GEMV_MAX_M, sparse24_gemv
 
 
 @triton.jit
@@ -64,8 +65,11 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     """x [M, K] @ dense(values [N, K/2], meta [N, ceil(K/32)])^T + bias [N] -> y [M, N] in x's dtype.
 
     ``shape`` = (N, K). x and values may have any strides; meta needs unit stride along K.
+    M <= ``sparse24_gemv.GEMV_MAX_M`` runs the decode GEMV instead of the tl.dot kernel.
     """
     n, k = shape
+    if 0 < x.shape[0] <= GEMV_MAX_M and k > 0:  # decode GEMV on the compressed pairs (sparse24_gemv.py)
+        return sparse24_gemv(x, values, meta, shape, bias)
     if meta.stride(1) != 1:
         meta = meta.contiguous()
     return launch(_sparse24_gemm_kernel, "sparse24", x, (values, meta),

@@ -1,0 +1,183 @@
+"""Bitmap (unstructured) sparse GEMV for decode, ``y = x @ dense(bw)^T + b`` at small M, in Triton.
+
+Weight: the canonical :class:`~laco_kernels.formats.BitmapWeight` (values ``[nnz]`` row-major,
+bitmap int32 ``[N, ceil(K/32)]``, offsets int32 ``[N, ceil(K/tile_k)]``), read as is.
+
+Rank by popcount, not by a cumulative sum: the nonzeros of a row are contiguous in ``values``
+(row-major), so a program walking a row's K slice word by word keeps a running base (the index
+of the word's first nonzero): ``offsets`` gives it once at the start of the slice, and every
+word adds ``popc(word)``. Inside a word, the element at column ``c`` has rank
+``popc(word & (2^c - 1))``; the kernel loads ``values[base + rank]`` masked by the bit, and x at
+column ``c`` contiguously (no gather, shared by the rows of the tile). No ``tl.cumsum``, no
+reshape, no layout conversion; fp32 multiply-add, fp32 accumulation. Split-K at whole
+``tile_k`` tiles (where ``offsets`` gives the base), partials summed by ``_splitk``.
+
+Cost is per dense element (bit test, popcount, address, predicated load, convert, FMA), so
+thread-instructions per compressed byte grow as the density falls: docs/gpu_decode_kernels.md
+has the SASS counts. ``popc`` is libdevice's ``__nv_popc`` on the GPU; the Triton interpreter has
+no extern functions, so interpreted launches (``HW_POPC=False``) count bits with shifts and masks.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from ._compile import CompileSpec
+from ._splitk import _TL, choose_splits, reduce_partials, reduce_specs
+
+GEMV_MAX_M = 3  # per-token work repeats: 3 x ~19 thread-instr/byte still under the old kernel's ~61 (SASS, sm_90)
+_CFG = dict(BLOCK_N=32, UNROLL=4, num_warps=4)  # 32 rows x 4 words (128 columns) per loop iteration
+
+
+@triton.jit
+def _popc(v, HW_POPC: tl.constexpr):
+    """Number of set bits of every int32 element."""
+    if HW_POPC:
+        return libdevice.popc(v)
+    else:
+        u = v.to(tl.uint32, bitcast=True)
+        u = u - ((u >> 1) & 0x55555555)
+        u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
+        u = (u + (u >> 4)) & 0x0F0F0F0F
+        return ((u * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def _bitmap_gemv_word(acc, vrow, x_ptrs, w_ptrs, bit, lowmask, c, col0, K, MASKED: tl.constexpr,
+                      HW_POPC: tl.constexpr):
+    """One 32-column word of BLOCK_N rows: acc [BLOCK_N, 32] += values * x.
+
+    vrow [BLOCK_N, 1]: pointer to the word's first nonzero; returns (acc, pointer for the next word).
+    """
+    if MASKED:
+        word = tl.load(w_ptrs, mask=(col0 + 0 * w_ptrs.to(tl.int64, bitcast=True)) < K, other=0)  # bits past K are 0
+        xv = tl.load(x_ptrs, mask=col0 + c < K, other=0.0)
+    else:
+        word = tl.load(w_ptrs)
+        xv = tl.load(x_ptrs)
+    kept = (word & bit) != 0
+    v = tl.load(vrow + _popc(word & lowmask, HW_POPC), mask=kept, other=0.0)
+    acc += v.to(tl.float32) * xv.to(tl.float32)
+    return acc, vrow + _popc(word, HW_POPC)
+
+
+@triton.jit
+def _bitmap_gemv_kernel(x_ptr, v_ptr, bitmap_ptr, offsets_ptr, b_ptr, y_ptr, N, K, K_PER_SPLIT, stride_xm, stride_bmn,
+                        stride_on, stride_ys, stride_ym, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+                        TILE_K: tl.constexpr, HW_POPC: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
+    """y[m, n-tile] (or the fp32 partial of K slice pid 2) = x[m, slice] @ dense(W)[n-tile, slice]^T (+ b).
+
+    K_PER_SPLIT is a multiple of TILE_K (the slice's first base comes from ``offsets``).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1)[:, None]  # clamped: no row mask in the loop
+    c = tl.arange(0, 32)[None, :]
+    bit = 1 << c
+    lowmask = ~(-1 << c)  # bits below column c
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    vrow = v_ptr + tl.load(offsets_ptr + rows * stride_on + k_lo // TILE_K)  # [BLOCK_N, 1]: first nonzero
+    w_ptrs = bitmap_ptr + rows * stride_bmn + k_lo // 32
+    x_ptrs = x_ptr + pid_m * stride_xm + k_lo + c
+    acc = tl.zeros((BLOCK_N, 32), dtype=tl.float32)
+    n_words = (k_hi - k_lo) // 32
+    for _ in range(n_words // UNROLL):
+        for u in tl.static_range(UNROLL):
+            acc, vrow = _bitmap_gemv_word(acc, vrow, x_ptrs + 32 * u, w_ptrs + u, bit, lowmask, c, 0, K, False,
+                                          HW_POPC)
+        x_ptrs += 32 * UNROLL
+        w_ptrs += UNROLL
+    col0 = k_lo + n_words // UNROLL * UNROLL * 32
+    for _ in range(n_words // UNROLL * UNROLL, tl.cdiv(k_hi - k_lo, 32)):  # remainder words, masked past K
+        acc, vrow = _bitmap_gemv_word(acc, vrow, x_ptrs, w_ptrs, bit, lowmask, c, col0, K, True, HW_POPC)
+        x_ptrs += 32
+        w_ptrs += 1
+        col0 += 32
+    out = tl.sum(acc, axis=1)
+    dst = y_ptr + pid_k * stride_ys + pid_m * stride_ym + offs_n
+    if PARTIAL:
+        tl.store(dst, out, mask=offs_n < N)
+    else:
+        if HAS_BIAS:
+            out += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        tl.store(dst, out.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def bitmap_gemv(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, offsets: torch.Tensor, shape, tile_k: int,
+                bias: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
+    """x [M, K] @ dense(values, bitmap, offsets)^T + bias [N] -> y [M, N] in x's dtype; ``shape`` = (N, K).
+
+    Any tile_k (multiple of 32) works. ``splits`` overrides the split-K choice (tests).
+    """
+    n, k = shape
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    if tile_k <= 0 or tile_k % 32:
+        raise ValueError(f"bitmap_gemv: tile_k must be a positive multiple of 32, got {tile_k}")
+    values = values.contiguous()
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if bitmap.stride(1) != 1:
+        bitmap = bitmap.contiguous()
+    cfg = _CFG
+    n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    k_tiles = triton.cdiv(k, tile_k)
+    s = splits or choose_splits(m * n_tiles, k_tiles, x.device)
+    k_per = triton.cdiv(k_tiles, min(s, k_tiles)) * tile_k
+    s = triton.cdiv(k, k_per)
+    out = y if s == 1 else torch.empty(s, m, n, dtype=torch.float32, device=x.device)
+    _bitmap_gemv_kernel[(m, n_tiles, s)](
+        x, values, bitmap, offsets, bias if bias is not None else out, out, n, k, k_per, x.stride(0), bitmap.stride(0),
+        offsets.stride(0), 0 if s == 1 else out.stride(0), out.stride(-2), HAS_BIAS=bias is not None, PARTIAL=s > 1,
+        TILE_K=tile_k, HW_POPC=not _interpreted(), BLOCK_N=cfg["BLOCK_N"], UNROLL=cfg["UNROLL"],
+        num_warps=cfg["num_warps"])
+    if s > 1:
+        reduce_partials(out, bias, y)
+    return y
+
+
+def loop_weight_bytes(dt: str):
+    """Weight bytes one program loads per steady-state loop iteration, as a function of density."""
+    cols = _CFG["BLOCK_N"] * 32 * _CFG["UNROLL"]
+    size = {"fp16": 2, "bf16": 2, "fp32": 4}[dt]
+    return lambda density=0.5: cols * (density * size + 1 / 8)
+
+
+def _specs():
+    specs = []
+    for dt in ("fp16", "bf16", "fp32"):
+        for tile_k in (64, 128, 256):
+            for partial in (False, True):
+                for has_bias in ((False,) if partial else (False, True)):
+                    sig = dict(x_ptr=f"*{dt}", v_ptr=f"*{dt}", bitmap_ptr="*i32", offsets_ptr="*i32", b_ptr=f"*{dt}",
+                               y_ptr="*fp32" if partial else f"*{dt}", N="i32", K="i32", K_PER_SPLIT="i32",
+                               stride_xm="i32", stride_bmn="i32", stride_on="i32", stride_ys="i32", stride_ym="i32",
+                               HAS_BIAS="constexpr", PARTIAL="constexpr", TILE_K="constexpr", HW_POPC="constexpr",
+                               BLOCK_N="constexpr", UNROLL="constexpr")
+                    consts = dict(HAS_BIAS=has_bias, PARTIAL=partial, TILE_K=tile_k, HW_POPC=True,
+                                  BLOCK_N=_CFG["BLOCK_N"], UNROLL=_CFG["UNROLL"])
+                    name = f"bitmap-gemv-{dt}-tk{tile_k}" + ("-partial" if partial else "-out") + (
+                        "-bias" if has_bias else "")
+                    specs.append(CompileSpec(
+                        _bitmap_gemv_kernel, sig, consts, _CFG["num_warps"], 1, name, is_gemm=False,
+                        representative=tile_k == 128 and ((dt == "bf16" and partial) or (dt == "fp32" and has_bias)),
+                        divisible=("x_ptr", "v_ptr", "bitmap_ptr", "offsets_ptr", "b_ptr", "y_ptr", "N", "K",
+                                   "K_PER_SPLIT", "stride_xm", "stride_bmn", "stride_on", "stride_ys", "stride_ym"),
+                        family="bitmap", regime="decode", loop_weight_bytes=loop_weight_bytes(dt)))
+    return specs
+
+
+COMPILE_SPECS = _specs()
