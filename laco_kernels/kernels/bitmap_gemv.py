@@ -30,7 +30,7 @@ from ._compile import CompileSpec
 from ._splitk import _TL, choose_splits, reduce_partials, reduce_specs
 
 GEMV_MAX_M = 3  # per-token work repeats: 3 x ~19 thread-instr/byte still under the old kernel's ~61 (SASS, sm_90)
-_CFG = dict(BLOCK_N=32, UNROLL=4, num_warps=4)  # 32 rows x 4 words (128 columns) per loop iteration
+_CFG = dict(BLOCK_N=64, UNROLL=2, num_warps=4)  # 64 rows x 2 words (64 columns) per loop iteration
 
 
 @triton.jit
@@ -85,7 +85,7 @@ def _bitmap_gemv_kernel(x_ptr, v_ptr, bitmap_ptr, offsets_ptr, b_ptr, y_ptr, N, 
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     vrow = v_ptr + tl.load(offsets_ptr + rows * stride_on + k_lo // TILE_K)  # [BLOCK_N, 1]: first nonzero
     w_ptrs = bitmap_ptr + rows * stride_bmn + k_lo // 32
-    x_ptrs = x_ptr + pid_m * stride_xm + k_lo + c
+    x_ptrs = x_ptr + pid_m * stride_xm + k_lo + c + 0 * rows  # full tile shape: the vectorised load sets the layout
     acc = tl.zeros((BLOCK_N, 32), dtype=tl.float32)
     n_words = (k_hi - k_lo) // 32
     for _ in range(n_words // UNROLL):
