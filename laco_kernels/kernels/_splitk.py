@@ -25,9 +25,10 @@ def num_sms(device: torch.device) -> int:
 
 
 def choose_splits(programs: int, k_chunks: int, device: torch.device, max_splits: int = 16) -> int:
-    """Number of K slices: about 4 programs per SM (bandwidth needs many loads in flight), each
-    slice a whole number of ``k_chunks`` (the GEMV's unrolled K step), at most ``max_splits``."""
-    want = min(k_chunks, max_splits, max(1, triton.cdiv(4 * num_sms(device), max(programs, 1))))
+    """Number of K slices: enough programs for one per SM (fewer slices mean fewer partial sums and
+    no reduce launch; each program's prologue / epilogue is paid once per slice), each slice a whole
+    number of ``k_chunks`` (the GEMV's unrolled K step), at most ``max_splits``."""
+    want = min(k_chunks, max_splits, max(1, triton.cdiv(num_sms(device), max(programs, 1))))
     per = triton.cdiv(k_chunks, want)
     return triton.cdiv(k_chunks, per)
 
@@ -69,3 +70,14 @@ def reduce_specs():
                 is_gemm=False, representative=has_bias and dt == "bf16",
                 divisible=("p_ptr", "b_ptr", "y_ptr", "MN", "N")))
     return specs
+
+
+REDUCE_SPECS = reduce_specs()  # registered once, in sparse24_gemv.COMPILE_SPECS
+
+
+def reduce_launch(m: int, n: int, s: int, dt: str, has_bias: bool = False) -> dict:
+    """The SASS audit's launch record (``bench/sass_model.py``) of :func:`reduce_partials`."""
+    spec = next(sp for sp in REDUCE_SPECS if sp.config == f"splitk-reduce-{dt}" + ("-bias" if has_bias else ""))
+    isz = {"fp16": 2, "bf16": 2, "fp32": 4}[dt]
+    return dict(name=spec.name, spec=spec, programs=triton.cdiv(m * n, _REDUCE_BLOCK), iterations=float(s),
+                bytes=float(s * m * n * 4 + m * n * isz + (n * isz if has_bias else 0)))

@@ -27,7 +27,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ._compile import CompileSpec
-from ._splitk import _TL, choose_splits, reduce_partials, reduce_specs
+from ._splitk import choose_splits, reduce_launch, reduce_partials
 
 GEMV_MAX_M = 3  # per-token work repeats: 3 x ~19 thread-instr/byte still under the old kernel's ~61 (SASS, sm_90)
 _CFG = dict(BLOCK_N=64, UNROLL=2, num_warps=4)  # 64 rows x 2 words (64 columns) per loop iteration
@@ -133,11 +133,7 @@ def bitmap_gemv(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, off
     if bitmap.stride(1) != 1:
         bitmap = bitmap.contiguous()
     cfg = _CFG
-    n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
-    k_tiles = triton.cdiv(k, tile_k)
-    s = splits or choose_splits(m * n_tiles, k_tiles, x.device)
-    k_per = triton.cdiv(k_tiles, min(s, k_tiles)) * tile_k
-    s = triton.cdiv(k, k_per)
+    n_tiles, s, k_per = launch_geometry(m, n, k, tile_k, x.device, splits)
     out = y if s == 1 else torch.empty(s, m, n, dtype=torch.float32, device=x.device)
     _bitmap_gemv_kernel[(m, n_tiles, s)](
         x, values, bitmap, offsets, bias if bias is not None else out, out, n, k, k_per, x.stride(0), bitmap.stride(0),
@@ -147,6 +143,15 @@ def bitmap_gemv(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, off
     if s > 1:
         reduce_partials(out, bias, y)
     return y
+
+
+def launch_geometry(m: int, n: int, k: int, tile_k: int, device, splits: int | None = None):
+    """(row tiles, K slices, columns per slice): slices are whole tile_k tiles (offsets give their base)."""
+    n_tiles = triton.cdiv(n, _CFG["BLOCK_N"])
+    k_tiles = triton.cdiv(k, tile_k)
+    s = splits or choose_splits(m * n_tiles, k_tiles, device)
+    k_per = triton.cdiv(k_tiles, min(s, k_tiles)) * tile_k
+    return n_tiles, triton.cdiv(k, k_per), k_per
 
 
 def loop_weight_bytes(dt: str):
@@ -159,7 +164,7 @@ def loop_weight_bytes(dt: str):
 def _specs():
     specs = []
     for dt in ("fp16", "bf16", "fp32"):
-        for tile_k in (64, 128, 256):
+        for tile_k in (128, 64, 256):  # 128 (the format default) first: the audit predicts the first per dtype
             for partial in (False, True):
                 for has_bias in ((False,) if partial else (False, True)):
                     sig = dict(x_ptr=f"*{dt}", v_ptr=f"*{dt}", bitmap_ptr="*i32", offsets_ptr="*i32", b_ptr=f"*{dt}",
@@ -172,7 +177,7 @@ def _specs():
                     name = f"bitmap-gemv-{dt}-tk{tile_k}" + ("-partial" if partial else "-out") + (
                         "-bias" if has_bias else "")
                     specs.append(CompileSpec(
-                        _bitmap_gemv_kernel, sig, consts, _CFG["num_warps"], 1, name, is_gemm=False,
+                        _bitmap_gemv_kernel, sig, consts, _CFG["num_warps"], 1, name, is_gemm=True, expect_tensor_core=False,
                         representative=tile_k == 128 and ((dt == "bf16" and partial) or (dt == "fp32" and has_bias)),
                         divisible=("x_ptr", "v_ptr", "bitmap_ptr", "offsets_ptr", "b_ptr", "y_ptr", "N", "K",
                                    "K_PER_SPLIT", "stride_xm", "stride_bmn", "stride_on", "stride_ys", "stride_ym"),
@@ -181,3 +186,25 @@ def _specs():
 
 
 COMPILE_SPECS = _specs()
+
+
+def SASS_LAUNCH_PLAN(spec, m: int, n: int, k: int, density: float = 0.5):  # noqa: N802 (name the audit looks up)
+    """Launches of one ``bitmap_gemv`` call on an H100 (132 SMs) for ``bench/sass_audit.py``: the
+    GEMV (programs, average steady-state iterations, HBM bytes at ``density``) and the split-K reduce."""
+    dt = spec.signature["x_ptr"][1:]
+    tile_k = spec.constexprs["TILE_K"]
+    n_tiles, s, k_per = launch_geometry(m, n, k, tile_k, _AuditDevice())
+    main = next(sp for sp in COMPILE_SPECS if sp.signature["x_ptr"] == spec.signature["x_ptr"]
+                and sp.constexprs["TILE_K"] == tile_k and sp.constexprs["PARTIAL"] == (s > 1)
+                and not sp.constexprs["HAS_BIAS"])
+    isz = {"fp16": 2, "bf16": 2, "fp32": 4}[dt]
+    w_bytes = n * k * density * isz + n * triton.cdiv(k, 32) * 4 + n * triton.cdiv(k, tile_k) * 4
+    launches = [dict(name=main.name, spec=main, programs=m * n_tiles * s, iterations=k / s / (32 * _CFG["UNROLL"]),
+                     bytes=float(w_bytes) + m * k * isz + (s * m * n * 4 if s > 1 else m * n * isz))]
+    if s > 1:
+        launches.append(reduce_launch(m, n, s, dt))
+    return launches
+
+
+class _AuditDevice:
+    type = "cpu"  # choose_splits: no CUDA device -> 132 SMs (an H100)

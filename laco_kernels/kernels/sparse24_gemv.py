@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._compile import CompileSpec
-from ._splitk import _TL, choose_splits, reduce_partials, reduce_specs
+from ._splitk import _TL, REDUCE_SPECS, choose_splits, reduce_launch, reduce_partials
 
 GEMV_MAX_M = 3  # per-token work repeats: 3 x ~3.7 thread-instr/byte stays under the tl.dot kernel's 12 (SASS, sm_90)
 _CFG = dict(BLOCK_N=16, BLOCK_W=4, UNROLL=8, num_warps=8)  # 16 rows x 1024 columns per loop iteration
@@ -89,8 +89,8 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, N, K, K_PER_SPLI
                           BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, UNROLL: tl.constexpr):
     """y[m, n-tile] (or fp32 partial of K slice pid 2) = sum over the slice of x[m, k] * W[n, k] (+ b).
 
-    16-bit: x_ptr int64 words of x (one per group of 4 columns), v_ptr int32 value pairs, strides
-    in those units. fp32: x_ptr / v_ptr fp32. meta_ptr int32 [N, ceil(K/32)].
+    x_ptr / v_ptr / b_ptr in the weight's dtype (16-bit: x rows 8-byte and value rows 4-byte
+    aligned, the launcher checks), meta_ptr int32 [N, ceil(K/32)]; strides in elements.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -107,9 +107,9 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, N, K, K_PER_SPLI
     if DT == "fp32":
         x_ptrs = x_ptr + pid_m * stride_xm + 0 * g
         v_ptrs = v_ptr + rows * stride_vn + 0 * g
-    else:
-        x_ptrs = x_ptr + pid_m * stride_xm + g
-        v_ptrs = v_ptr + rows * stride_vn + g
+    else:  # same bytes read as one int64 per group of x and one int32 (v0 | v1 << 16) per value pair
+        x_ptrs = (x_ptr + pid_m * stride_xm).to(tl.pointer_type(tl.int64), bitcast=True) + g
+        v_ptrs = (v_ptr + rows * stride_vn).to(tl.pointer_type(tl.int32), bitcast=True) + g
     w_ptrs = meta_ptr + rows * stride_mn + k_lo // 32 + w
     acc = tl.zeros((BLOCK_N, BLOCK_W, 8), dtype=tl.float32)
     n_steps = (k_hi - k_lo) // (4 * BLOCK_G)
@@ -143,8 +143,17 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, N, K, K_PER_SPLI
         tl.store(dst, out.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
-def _step_k() -> int:
-    return 32 * _CFG["BLOCK_W"]
+def launch_geometry(m: int, n: int, k: int, device, splits: int | None = None):
+    """(row tiles, K slices, columns per slice) of a launch; slices are whole unrolled steps
+    (``splits`` given: whole 128-column steps, so tests reach the remainder loop)."""
+    chunk = _CFG["UNROLL"] * 32 * _CFG["BLOCK_W"]
+    n_tiles = triton.cdiv(n, _CFG["BLOCK_N"])
+    if splits is None:
+        s = choose_splits(m * n_tiles, triton.cdiv(k, chunk), device)
+        k_per = triton.cdiv(triton.cdiv(k, s), chunk) * chunk
+    else:
+        k_per = triton.cdiv(triton.cdiv(k, splits), 128) * 128
+    return n_tiles, triton.cdiv(k, k_per), k_per
 
 
 def sparse24_gemv(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, shape, bias: torch.Tensor | None = None,
@@ -162,30 +171,17 @@ def sparse24_gemv(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sha
     dt = _TL[x.dtype]
     if meta.stride(1) != 1:
         meta = meta.contiguous()
-    if dt == "fp32":
-        xk, vk = x, values
-        if x.stride(1) != 1:
-            xk = x.contiguous()
-        if values.stride(1) != 1:
-            vk = values.contiguous()
-    else:
-        # 64-bit x words and 32-bit value pairs: reinterpret (same bytes), copying only if the
-        # strides / alignment do not allow the view
-        xk = x if (x.stride(1) == 1 and x.stride(0) % 4 == 0 and x.data_ptr() % 16 == 0) else x.contiguous()
-        vk = values if (values.stride(1) == 1 and values.stride(0) % 2 == 0 and values.data_ptr() % 16 == 0) \
-            else values.contiguous()
-        xk, vk = xk.view(torch.int64), vk.view(torch.int32)
-    cfg = _CFG
-    chunk = cfg["UNROLL"] * _step_k()
-    n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
-    s = splits or choose_splits(m * n_tiles, triton.cdiv(k, chunk), x.device)
-    k_per = triton.cdiv(triton.cdiv(k, s), chunk) * chunk if splits is None else triton.cdiv(triton.cdiv(k, s), 128) * 128
-    s = triton.cdiv(k, k_per)
+    if x.stride(1) != 1 or (dt != "fp32" and (x.stride(0) % 4 or x.data_ptr() % 16)):
+        x = x.contiguous()  # 16-bit x is read as one int64 per group: rows 8-byte aligned
+    if values.stride(1) != 1 or (dt != "fp32" and (values.stride(0) % 2 or values.data_ptr() % 16)):
+        values = values.contiguous()  # 16-bit values are read as int32 pairs: rows 4-byte aligned
+    n_tiles, s, k_per = launch_geometry(m, n, k, x.device, splits)
     out = y if s == 1 else torch.empty(s, m, n, dtype=torch.float32, device=x.device)
+    cfg = _CFG
     _sparse24_gemv_kernel[(m, n_tiles, s)](
-        xk, vk, meta, bias if bias is not None else out, out, n, k, k_per, xk.stride(0), vk.stride(0), meta.stride(0),
-        0 if s == 1 else out.stride(0), out.stride(-2), HAS_BIAS=bias is not None, PARTIAL=s > 1, DT=dt,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_W=cfg["BLOCK_W"], UNROLL=cfg["UNROLL"], num_warps=cfg["num_warps"])
+        x, values, meta, bias if bias is not None else out, out, n, k, k_per, x.stride(0), values.stride(0),
+        meta.stride(0), 0 if s == 1 else out.stride(0), out.stride(-2), HAS_BIAS=bias is not None, PARTIAL=s > 1,
+        DT=dt, BLOCK_N=cfg["BLOCK_N"], BLOCK_W=cfg["BLOCK_W"], UNROLL=cfg["UNROLL"], num_warps=cfg["num_warps"])
     if s > 1:
         reduce_partials(out, bias, y)
     return y
@@ -203,8 +199,7 @@ def _specs():
     for dt in ("fp16", "bf16", "fp32"):
         for partial in (False, True):
             for has_bias in ((False,) if partial else (False, True)):
-                xt, vt = ("*fp32", "*fp32") if dt == "fp32" else ("*i64", "*i32")
-                sig = dict(x_ptr=xt, v_ptr=vt, meta_ptr="*i32", b_ptr=f"*{dt}", y_ptr="*fp32" if partial else f"*{dt}",
+                sig = dict(x_ptr=f"*{dt}", v_ptr=f"*{dt}", meta_ptr="*i32", b_ptr=f"*{dt}", y_ptr="*fp32" if partial else f"*{dt}",
                            N="i32", K="i32", K_PER_SPLIT="i32", stride_xm="i32", stride_vn="i32", stride_mn="i32",
                            stride_ys="i32", stride_ym="i32", HAS_BIAS="constexpr", PARTIAL="constexpr", DT="constexpr",
                            BLOCK_N="constexpr", BLOCK_W="constexpr", UNROLL="constexpr")
@@ -212,12 +207,36 @@ def _specs():
                               BLOCK_W=_CFG["BLOCK_W"], UNROLL=_CFG["UNROLL"])
                 name = f"sparse24-gemv-{dt}" + ("-partial" if partial else "-out") + ("-bias" if has_bias else "")
                 specs.append(CompileSpec(
-                    _sparse24_gemv_kernel, sig, consts, _CFG["num_warps"], 1, name, is_gemm=False,
+                    _sparse24_gemv_kernel, sig, consts, _CFG["num_warps"], 1, name, is_gemm=True, expect_tensor_core=False,
                     representative=(dt == "bf16" and partial) or (dt == "fp32" and has_bias),
                     divisible=("x_ptr", "v_ptr", "meta_ptr", "b_ptr", "y_ptr", "N", "K", "K_PER_SPLIT", "stride_xm",
                                "stride_vn", "stride_mn", "stride_ys", "stride_ym"),
                     family="sparse24", regime="decode", loop_weight_bytes=loop_weight_bytes(dt)))
-    return specs + reduce_specs()
+    return specs + REDUCE_SPECS
 
 
 COMPILE_SPECS = _specs()
+
+
+def SASS_LAUNCH_PLAN(spec, m: int, n: int, k: int, density: float = 0.5):  # noqa: N802 (name the audit looks up)
+    """Launches of one ``sparse24_gemv`` call on an H100 (132 SMs) for ``bench/sass_audit.py``:
+    the GEMV (programs, average steady-state iterations, HBM bytes) and the split-K reduce."""
+    if spec.name != "_sparse24_gemv_kernel":
+        return [reduce_launch(m, n, 1, spec.signature["y_ptr"][1:])]
+    dt = spec.constexprs["DT"]
+    n_tiles, s, k_per = launch_geometry(m, n, k, _AuditDevice())
+    main = next(sp for sp in COMPILE_SPECS if sp.name == spec.name and sp.constexprs["DT"] == dt
+                and sp.constexprs["PARTIAL"] == (s > 1) and not sp.constexprs["HAS_BIAS"])
+    isz = {"fp16": 2, "bf16": 2, "fp32": 4}[dt]
+    chunk = _CFG["UNROLL"] * 32 * _CFG["BLOCK_W"]
+    w_bytes = n * (k // 2) * isz + n * triton.cdiv(k, 32) * 4
+    launches = [dict(name=main.name, spec=main, programs=m * n_tiles * s, iterations=k / s / chunk,
+                     bytes=float(w_bytes) + m * k * isz  # weight from HBM once: the M tokens' programs run together
+                     + (s * m * n * 4 if s > 1 else m * n * isz))]
+    if s > 1:
+        launches.append(reduce_launch(m, n, s, dt))
+    return launches
+
+
+class _AuditDevice:
+    type = "cpu"  # choose_splits: no CUDA device -> 132 SMs (an H100)
