@@ -30,7 +30,7 @@ from ._compile import CompileSpec
 from ._splitk import choose_splits, reduce_launch, reduce_partials
 
 GEMV_MAX_M = 3  # per-token work repeats: 3 x ~19 thread-instr/byte still under the old kernel's ~61 (SASS, sm_90)
-_CFG = dict(BLOCK_N=64, UNROLL=2, num_warps=4)  # 64 rows x 2 words (64 columns) per loop iteration
+_CFG = dict(BLOCK_N=256, UNROLL=2, num_warps=4)  # 256 rows x 2 words (64 columns) per loop iteration
 
 
 @triton.jit
@@ -47,17 +47,17 @@ def _popc(v, HW_POPC: tl.constexpr):
 
 
 @triton.jit
-def _bitmap_gemv_word(acc, vrow, x_ptrs, w_ptrs, bit, lowmask, c, col0, K, MASKED: tl.constexpr,
+def _bitmap_gemv_word(acc, vrow, x_ptrs, w_ptrs, row_ok, bit, lowmask, c, col0, K, MASKED: tl.constexpr,
                       HW_POPC: tl.constexpr):
-    """One 32-column word of BLOCK_N rows: acc [BLOCK_N, 32] += values * x.
+    """One 32-column word of BLOCK_N rows: acc [32, BLOCK_N] += values * x.
 
-    vrow [BLOCK_N, 1]: pointer to the word's first nonzero; returns (acc, pointer for the next word).
+    vrow [1, BLOCK_N]: pointer to the word's first nonzero; returns (acc, pointer for the next word).
     """
     if MASKED:
-        word = tl.load(w_ptrs, mask=(col0 + 0 * w_ptrs.to(tl.int64, bitcast=True)) < K, other=0)  # bits past K are 0
+        word = tl.load(w_ptrs, mask=row_ok & ((col0 + 0 * w_ptrs.to(tl.int64, bitcast=True)) < K), other=0)  # bits past K: 0
         xv = tl.load(x_ptrs, mask=col0 + c < K, other=0.0)
     else:
-        word = tl.load(w_ptrs)
+        word = tl.load(w_ptrs, mask=row_ok, other=0)
         xv = tl.load(x_ptrs)
     kept = (word & bit) != 0
     v = tl.load(vrow + _popc(word & lowmask, HW_POPC), mask=kept, other=0.0)
@@ -77,30 +77,34 @@ def _bitmap_gemv_kernel(x_ptr, v_ptr, bitmap_ptr, offsets_ptr, b_ptr, y_ptr, N, 
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1)[:, None]  # clamped: no row mask in the loop
-    c = tl.arange(0, 32)[None, :]
+    # tiles are [32 columns, BLOCK_N rows]: the gather loads (no contiguity) put threads along the
+    # last axis, so each thread owns one row and several columns of it (per-word work amortised)
+    # and x [32, 1] is loaded once per program and word
+    rows = offs_n[None, :]
+    row_ok = rows < N  # rows past N read all-zero words: no bit set, nothing gathered
+    c = tl.arange(0, 32)[:, None]
     bit = 1 << c
     lowmask = ~(-1 << c)  # bits below column c
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    vrow = v_ptr + tl.load(offsets_ptr + rows * stride_on + k_lo // TILE_K)  # [BLOCK_N, 1]: first nonzero
+    vrow = v_ptr + tl.load(offsets_ptr + rows * stride_on + k_lo // TILE_K, mask=row_ok, other=0)  # first nonzero
     w_ptrs = bitmap_ptr + rows * stride_bmn + k_lo // 32
-    x_ptrs = x_ptr + pid_m * stride_xm + k_lo + c + 0 * rows  # full tile shape: the vectorised load sets the layout
-    acc = tl.zeros((BLOCK_N, 32), dtype=tl.float32)
+    x_ptrs = x_ptr + pid_m * stride_xm + k_lo + c
+    acc = tl.zeros((32, BLOCK_N), dtype=tl.float32)
     n_words = (k_hi - k_lo) // 32
     for _ in range(n_words // UNROLL):
         for u in tl.static_range(UNROLL):
-            acc, vrow = _bitmap_gemv_word(acc, vrow, x_ptrs + 32 * u, w_ptrs + u, bit, lowmask, c, 0, K, False,
+            acc, vrow = _bitmap_gemv_word(acc, vrow, x_ptrs + 32 * u, w_ptrs + u, row_ok, bit, lowmask, c, 0, K, False,
                                           HW_POPC)
         x_ptrs += 32 * UNROLL
         w_ptrs += UNROLL
     col0 = k_lo + n_words // UNROLL * UNROLL * 32
     for _ in range(n_words // UNROLL * UNROLL, tl.cdiv(k_hi - k_lo, 32)):  # remainder words, masked past K
-        acc, vrow = _bitmap_gemv_word(acc, vrow, x_ptrs, w_ptrs, bit, lowmask, c, col0, K, True, HW_POPC)
+        acc, vrow = _bitmap_gemv_word(acc, vrow, x_ptrs, w_ptrs, row_ok, bit, lowmask, c, col0, K, True, HW_POPC)
         x_ptrs += 32
         w_ptrs += 1
         col0 += 32
-    out = tl.sum(acc, axis=1)
+    out = tl.sum(acc, axis=0)
     dst = y_ptr + pid_k * stride_ys + pid_m * stride_ym + offs_n
     if PARTIAL:
         tl.store(dst, out, mask=offs_n < N)

@@ -40,7 +40,7 @@ from ._compile import CompileSpec
 from ._splitk import _TL, REDUCE_SPECS, choose_splits, reduce_launch, reduce_partials
 
 GEMV_MAX_M = 3  # per-token work repeats: 3 x ~3.7 thread-instr/byte stays under the tl.dot kernel's 12 (SASS, sm_90)
-_CFG = dict(BLOCK_N=16, BLOCK_W=4, UNROLL=8, num_warps=8)  # 16 rows x 1024 columns per loop iteration
+_CFG = dict(BLOCK_N=32, BLOCK_W=4, UNROLL=8, num_warps=8)  # 32 rows x 1024 columns per loop iteration
 
 
 @triton.jit
