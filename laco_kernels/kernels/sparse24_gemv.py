@@ -18,16 +18,17 @@ works on the compressed pairs:
   (fp32 FMA, fp32 accumulation);
 - all tensors of the loop have one shape ``[BLOCK_N, BLOCK_W, 8]`` (rows, meta words, groups of
   a word), so Triton gives them one register layout: no ``convert_layout``, no STS / LDS;
-- the K loop is unrolled ``UNROLL`` times (pointer increments once per unrolled step), tiles
+- tile 32 rows x 1024 columns per iteration; the K loop is unrolled ``UNROLL`` times (pointer increments once per unrolled step), tiles
   never masked in the loop (rows past N are clamped to row N - 1 and dropped at the store; the
   K remainder runs after the loop with masks);
 - grid ``(M, N / BLOCK_N, S)``: tokens are the fastest axis, so the programs of the M tokens
   read the same weight tile at the same time (from L2 after the first); split-K ``S`` gives about
-  4 programs per SM; partials are summed by ``_splitk.reduce_partials`` (one small kernel).
+  one program per SM; partials are summed by ``_splitk.reduce_partials`` (one small kernel).
 
-Cost: SASS of the steady-state loop on sm_90 (docs/gpu_decode_kernels.md) is about 3.5
-thread-instructions per compressed weight byte at M = 1 (old kernel 12.0); each further token
-repeats the per-value work, so the launcher uses this kernel up to ``GEMV_MAX_M`` tokens.
+Cost: the steady-state loop on sm_90 issues 3.4 (fp16) / 3.2 (bf16) thread-instructions per
+compressed weight byte, no STS / LDS (old kernel: 12.0, 64 STS); docs/gpu_decode_kernels.md has
+the counts and the audit's predictions. Each further token repeats the per-value work, so the
+launcher uses this kernel up to ``GEMV_MAX_M`` tokens.
 fp32 weights take a plain gather path (correct, not tuned).
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ import triton.language as tl
 from ._compile import CompileSpec
 from ._splitk import _TL, REDUCE_SPECS, choose_splits, reduce_launch, reduce_partials
 
-GEMV_MAX_M = 3  # per-token work repeats: 3 x ~3.7 thread-instr/byte stays under the tl.dot kernel's 12 (SASS, sm_90)
+GEMV_MAX_M = 3  # the GEMV repeats its work per token: predicted faster than the tl.dot kernel up to M = 3 (docs)
 _CFG = dict(BLOCK_N=32, BLOCK_W=4, UNROLL=8, num_warps=8)  # 32 rows x 1024 columns per loop iteration
 
 
