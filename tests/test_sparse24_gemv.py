@@ -37,10 +37,18 @@ def test_non_contiguous_and_misaligned_inputs(dtype):
     w24 = Sparse24Weight.from_dense(torch.randn(n, k).to(dtype), prune=True)
     values = w24.values.t().contiguous().t()  # column-major values
     xs = [torch.randn(k, 2).to(dtype).t(),  # column-major x
-          torch.randn(2, k + 1).to(dtype)[:, 1:]]  # rows start off the 8-byte boundary of the int64 view
+          torch.randn(2, k + 1).to(dtype)[:, 1:],  # rows start off the 8-byte boundary of the int64 view
+          torch.randn(3, k + 4).to(dtype)[1:, :k]]  # 8-byte aligned, not 16 (fp16): viewed in place
     for x in xs:
-        assert not x.is_contiguous()
+        assert not x.is_contiguous() or x.data_ptr() % 16
         close(sv.sparse24_gemv(x, values, w24.meta, w24.shape), reference.sparse24_linear(x, w24), dtype)
+
+
+def test_row_block_values_off_the_16_byte_boundary():
+    w24 = Sparse24Weight.from_dense(torch.randn(9, 200).half(), prune=True)
+    part = w24.row_block(slice(1, 9))  # values start 200 bytes in: 4-byte aligned, read in place
+    x = torch.randn(1, 200).half()
+    close(sv.sparse24_gemv(x, part.values, part.meta, part.shape), reference.sparse24_linear(x, part), torch.float16)
 
 
 def test_launcher_routes_small_m_to_the_gemv(monkeypatch):

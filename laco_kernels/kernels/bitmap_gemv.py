@@ -136,6 +136,8 @@ def bitmap_gemv(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, off
         x = x.contiguous()
     if bitmap.stride(1) != 1:
         bitmap = bitmap.contiguous()
+    if offsets.stride(1) != 1:
+        offsets = offsets.contiguous()
     cfg = _CFG
     n_tiles, s, k_per = launch_geometry(m, n, k, tile_k, x.device, splits)
     out = y if s == 1 else torch.empty(s, m, n, dtype=torch.float32, device=x.device)

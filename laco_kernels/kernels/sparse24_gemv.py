@@ -172,10 +172,12 @@ def sparse24_gemv(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sha
     dt = _TL[x.dtype]
     if meta.stride(1) != 1:
         meta = meta.contiguous()
-    if x.stride(1) != 1 or (dt != "fp32" and (x.stride(0) % 4 or x.data_ptr() % 16)):
-        x = x.contiguous()  # 16-bit x is read as one int64 per group: rows 8-byte aligned
-    if values.stride(1) != 1 or (dt != "fp32" and (values.stride(0) % 2 or values.data_ptr() % 16)):
-        values = values.contiguous()  # 16-bit values are read as int32 pairs: rows 4-byte aligned
+    # 16-bit x is read as one int64 per group (rows 8-byte aligned), 16-bit values as int32 pairs
+    # (rows 4-byte aligned); anything else is copied (Triton itself specialises on 16-byte alignment)
+    if x.stride(1) != 1 or (dt != "fp32" and (x.stride(0) % 4 or x.data_ptr() % 8)):
+        x = x.contiguous()
+    if values.stride(1) != 1 or (dt != "fp32" and (values.stride(0) % 2 or values.data_ptr() % 4)):
+        values = values.contiguous()
     n_tiles, s, k_per = launch_geometry(m, n, k, x.device, splits)
     out = y if s == 1 else torch.empty(s, m, n, dtype=torch.float32, device=x.device)
     cfg = _CFG
