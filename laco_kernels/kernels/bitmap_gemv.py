@@ -47,7 +47,7 @@ def _popc(v, HW_POPC: tl.constexpr):
 
 
 @triton.jit
-def _bitmap_gemv_word(acc, vrow, x_ptrs, w_ptrs, row_ok, bit, lowmask, c, col0, K, MASKED: tl.constexpr,
+def _bitmap_gemv_word(acc, vrow, x_ptrs, w_ptrs, row_ok, lowmask, c, col0, K, MASKED: tl.constexpr,
                       HW_POPC: tl.constexpr):
     """One 32-column word of BLOCK_N rows: acc [32, BLOCK_N] += values * x.
 
@@ -59,8 +59,11 @@ def _bitmap_gemv_word(acc, vrow, x_ptrs, w_ptrs, row_ok, bit, lowmask, c, col0, 
     else:
         word = tl.load(w_ptrs, mask=row_ok, other=0)
         xv = tl.load(x_ptrs)
-    kept = (word & bit) != 0
-    v = tl.load(vrow + _popc(word & lowmask, HW_POPC), mask=kept, other=0.0)
+    # rank(c) = set bits below column c; the bit itself is rank(c + 1) != rank(c): each thread owns
+    # the 32 columns of its row's word, so rank(c + 1) is the next column's rank (one popcount each)
+    rank = _popc(word & lowmask, HW_POPC)
+    kept = _popc(word & ((lowmask << 1) | 1), HW_POPC) != rank
+    v = tl.load(vrow + rank, mask=kept, other=0.0)
     acc += v.to(tl.float32) * xv.to(tl.float32)
     return acc, vrow + _popc(word, HW_POPC)
 
@@ -83,7 +86,6 @@ def _bitmap_gemv_kernel(x_ptr, v_ptr, bitmap_ptr, offsets_ptr, b_ptr, y_ptr, N, 
     rows = offs_n[None, :]
     row_ok = rows < N  # rows past N read all-zero words: no bit set, nothing gathered
     c = tl.arange(0, 32)[:, None]
-    bit = 1 << c
     lowmask = ~(-1 << c)  # bits below column c
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
@@ -94,13 +96,13 @@ def _bitmap_gemv_kernel(x_ptr, v_ptr, bitmap_ptr, offsets_ptr, b_ptr, y_ptr, N, 
     n_words = (k_hi - k_lo) // 32
     for _ in range(n_words // UNROLL):
         for u in tl.static_range(UNROLL):
-            acc, vrow = _bitmap_gemv_word(acc, vrow, x_ptrs + 32 * u, w_ptrs + u, row_ok, bit, lowmask, c, 0, K, False,
+            acc, vrow = _bitmap_gemv_word(acc, vrow, x_ptrs + 32 * u, w_ptrs + u, row_ok, lowmask, c, 0, K, False,
                                           HW_POPC)
         x_ptrs += 32 * UNROLL
         w_ptrs += UNROLL
     col0 = k_lo + n_words // UNROLL * UNROLL * 32
     for _ in range(n_words // UNROLL * UNROLL, tl.cdiv(k_hi - k_lo, 32)):  # remainder words, masked past K
-        acc, vrow = _bitmap_gemv_word(acc, vrow, x_ptrs, w_ptrs, row_ok, bit, lowmask, c, col0, K, True, HW_POPC)
+        acc, vrow = _bitmap_gemv_word(acc, vrow, x_ptrs, w_ptrs, row_ok, lowmask, c, col0, K, True, HW_POPC)
         x_ptrs += 32
         w_ptrs += 1
         col0 += 32
