@@ -13,7 +13,7 @@ reshape, no layout conversion; fp32 multiply-add, fp32 accumulation. Split-K at 
 ``tile_k`` tiles (where ``offsets`` gives the base), partials summed by ``_splitk``.
 
 Cost is per dense element (bit test, popcount, address, predicated load, convert, FMA), so
-thread-instructions per compressed byte grow as the density falls: 9.5 at 50% sparsity, 14.7 at
+thread-instructions per compressed byte grow as the density falls: 8.6 at 50% sparsity, 13.3 at
 70% (fp16, sm_90; old kernel 40 / 61), no STS / LDS; docs/gpu_decode_kernels.md has the counts. ``popc`` is libdevice's ``__nv_popc`` on the GPU; the Triton interpreter has
 no extern functions, so interpreted launches (``HW_POPC=False``) count bits with shifts and masks.
 """
@@ -29,7 +29,7 @@ from triton.language.extra import libdevice
 from ._compile import CompileSpec
 from ._splitk import choose_splits, reduce_launch, reduce_partials
 
-GEMV_MAX_M = 3  # the GEMV repeats its work per token: predicted faster than the tl.dot kernel up to M = 3 (docs)
+GEMV_MAX_M = 4  # the GEMV repeats its work per token: predicted faster than the tl.dot kernel up to M = 4 (docs)
 _CFG = dict(BLOCK_N=256, UNROLL=2, num_warps=4)  # 256 rows x 2 words (64 columns) per loop iteration
 
 
