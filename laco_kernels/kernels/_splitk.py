@@ -55,7 +55,7 @@ def reduce_partials(partials: torch.Tensor, bias: torch.Tensor | None, y: torch.
     mn = m * n
     _splitk_reduce_kernel[(triton.cdiv(mn, _REDUCE_BLOCK),)](
         partials, bias if bias is not None else partials, y, mn, n, s, HAS_BIAS=bias is not None,
-        BLOCK=_REDUCE_BLOCK, num_warps=4)
+        BLOCK=_REDUCE_BLOCK, num_warps=4, num_stages=1)
     return y
 
 

@@ -14,8 +14,9 @@ reshape, no layout conversion; fp32 multiply-add, fp32 accumulation. Split-K at 
 
 Cost is per dense element (bit test, popcount, address, predicated load, convert, FMA), so
 thread-instructions per compressed byte grow as the density falls: 8.6 at 50% sparsity, 13.3 at
-70% (fp16, sm_90; old kernel 40 / 61), no STS / LDS; docs/gpu_decode_kernels.md has the counts. ``popc`` is libdevice's ``__nv_popc`` on the GPU; the Triton interpreter has
-no extern functions, so interpreted launches (``HW_POPC=False``) count bits with shifts and masks.
+70% (fp16, sm_90; old kernel 40 / 61), no STS / LDS; docs/gpu_decode_kernels.md has the counts.
+``popc`` is libdevice's ``__nv_popc`` on the GPU; the Triton interpreter has no extern functions,
+so interpreted launches (``HW_POPC=False``) count bits with shifts and masks.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def _bitmap_gemv_word(acc, vrow, x_ptrs, w_ptrs, row_ok, lowmask, c, col0, K, MA
     vrow [1, BLOCK_N]: pointer to the word's first nonzero; returns (acc, pointer for the next word).
     """
     if MASKED:
-        word = tl.load(w_ptrs, mask=row_ok & ((col0 + 0 * w_ptrs.to(tl.int64, bitcast=True)) < K), other=0)  # bits past K: 0
+        col = col0 + 0 * w_ptrs.to(tl.int64, bitcast=True)  # col0 in the words' shape
+        word = tl.load(w_ptrs, mask=row_ok & (col < K), other=0)  # bits past K are 0 in the format
         xv = tl.load(x_ptrs, mask=col0 + c < K, other=0.0)
     else:
         word = tl.load(w_ptrs, mask=row_ok, other=0)
@@ -145,9 +147,10 @@ def bitmap_gemv(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, off
     out = y if s == 1 else torch.empty(s, m, n, dtype=torch.float32, device=x.device)
     _bitmap_gemv_kernel[(m, n_tiles, s)](
         x, values, bitmap, offsets, bias if bias is not None else out, out, n, k, k_per, x.stride(0), bitmap.stride(0),
-        offsets.stride(0), 0 if s == 1 else out.stride(0), out.stride(-2), HAS_BIAS=bias is not None, PARTIAL=s > 1,
+        offsets.stride(0), 0 if s == 1 else out.stride(0), out.stride(-2),
+        HAS_BIAS=bias is not None and s == 1, PARTIAL=s > 1,  # partials: the reduce adds the bias
         TILE_K=tile_k, HW_POPC=not _interpreted(), BLOCK_N=cfg["BLOCK_N"], UNROLL=cfg["UNROLL"],
-        num_warps=cfg["num_warps"])
+        num_warps=cfg["num_warps"], num_stages=1)
     if s > 1:
         reduce_partials(out, bias, y)
     return y

@@ -18,8 +18,8 @@ works on the compressed pairs:
   (fp32 FMA, fp32 accumulation);
 - all tensors of the loop have one shape ``[BLOCK_N, BLOCK_W, 8]`` (rows, meta words, groups of
   a word), so Triton gives them one register layout: no ``convert_layout``, no STS / LDS;
-- tile 32 rows x 1024 columns per iteration; the K loop is unrolled ``UNROLL`` times (pointer increments once per unrolled step), tiles
-  never masked in the loop (rows past N are clamped to row N - 1 and dropped at the store; the
+- tile 32 rows x 1024 columns per iteration; the K loop is unrolled ``UNROLL`` times (pointer
+  increments once per unrolled step), tiles never masked in the loop (rows past N are clamped to row N - 1 and dropped at the store; the
   K remainder runs after the loop with masks);
 - grid ``(M, N / BLOCK_N, S)``: tokens are the fastest axis, so the programs of the M tokens
   read the same weight tile at the same time (from L2 after the first); split-K ``S`` gives about
@@ -183,8 +183,10 @@ def sparse24_gemv(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sha
     cfg = _CFG
     _sparse24_gemv_kernel[(m, n_tiles, s)](
         x, values, meta, bias if bias is not None else out, out, n, k, k_per, x.stride(0), values.stride(0),
-        meta.stride(0), 0 if s == 1 else out.stride(0), out.stride(-2), HAS_BIAS=bias is not None, PARTIAL=s > 1,
-        DT=dt, BLOCK_N=cfg["BLOCK_N"], BLOCK_W=cfg["BLOCK_W"], UNROLL=cfg["UNROLL"], num_warps=cfg["num_warps"])
+        meta.stride(0), 0 if s == 1 else out.stride(0), out.stride(-2),
+        HAS_BIAS=bias is not None and s == 1, PARTIAL=s > 1,  # partials: the reduce adds the bias
+        DT=dt, BLOCK_N=cfg["BLOCK_N"], BLOCK_W=cfg["BLOCK_W"], UNROLL=cfg["UNROLL"], num_warps=cfg["num_warps"],
+        num_stages=1)
     if s > 1:
         reduce_partials(out, bias, y)
     return y
