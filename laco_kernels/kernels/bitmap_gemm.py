@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._bits import unpack_bits
+from .bitmap_gemv import GEMV_MAX_M, bitmap_gemv
 from .dense_gemm import compile_specs, grouped_pid, launch, store_tile
 
 
@@ -57,8 +58,13 @@ def _bitmap_gemm_kernel(x_ptr, v_ptr, bitmap_ptr, offsets_ptr, b_ptr, y_ptr, M, 
 
 def bitmap_linear(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, offsets: torch.Tensor, shape,
                   tile_k: int, bias: torch.Tensor | None = None, input_precision: str | None = None) -> torch.Tensor:
-    """x [M, K] @ dense(values, bitmap, offsets)^T + bias [N] -> y [M, N] in x's dtype; ``shape`` = (N, K)."""
+    """x [M, K] @ dense(values, bitmap, offsets)^T + bias [N] -> y [M, N] in x's dtype; ``shape`` = (N, K).
+
+    M <= ``bitmap_gemv.GEMV_MAX_M`` runs the popcount decode GEMV (any tile_k) instead of the tl.dot kernel.
+    """
     n, k = shape
+    if 0 < x.shape[0] <= GEMV_MAX_M and k > 0:
+        return bitmap_gemv(x, values, bitmap, offsets, shape, tile_k, bias)
     values = values.contiguous()
     if bitmap.stride(1) != 1:
         bitmap = bitmap.contiguous()

@@ -32,6 +32,7 @@ import triton.language as tl
 from ._bits import PRMT_LUT_24, expand_24, expand_24_prmt
 from ._compile import _is_interpreted
 from .dense_gemm import compile_specs, grouped_pid, launch, regime, store_tile
+from .sparse24_gemv import GEMV_MAX_M, sparse24_gemv
 
 
 @triton.jit
@@ -87,8 +88,11 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     """x [M, K] @ dense(values [N, K/2], meta [N, ceil(K/32)])^T + bias [N] -> y [M, N] in x's dtype.
 
     ``shape`` = (N, K). x and values may have any strides; meta needs unit stride along K.
+    M <= ``sparse24_gemv.GEMV_MAX_M`` runs the decode GEMV instead of the tl.dot kernel.
     """
     n, k = shape
+    if 0 < x.shape[0] <= GEMV_MAX_M and k > 0:  # decode GEMV on the compressed pairs (sparse24_gemv.py)
+        return sparse24_gemv(x, values, meta, shape, bias)
     if meta.stride(1) != 1:
         meta = meta.contiguous()
     consts = dict(EMULATE=_is_interpreted(_sparse24_gemm_kernel))
@@ -115,6 +119,7 @@ def _lut(device: torch.device) -> torch.Tensor:
         _LUTS[key] = torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in PRMT_LUT_24],
                                   dtype=torch.int32, device=device)
     return _LUTS[key]
+
 
 def tile_bytes_24(block_n: int, block_k: int, itemsize: int, density: float = 0.5) -> float:
     """Bytes of a [block_n, block_k] 2:4 tile: block_k / 2 values and block_k / 32 int32 meta words
