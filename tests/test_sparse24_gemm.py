@@ -93,10 +93,20 @@ def test_prefill_non_contiguous_16bit_values_and_x():
     close(sg.sparse24_linear(x, odd, w24.meta, w24.shape), reference.sparse24_linear(x, w24), torch.float16)
 
 
-def test_prefill_specs_pass_int32_words():
-    """The compile specs mirror the launcher: 16-bit prefill gets int32 words, decode and fp32 the values."""
-    assert all(s.signature["v_ptr"] == "*i32" for s in sg.COMPILE_SPECS if "-prefill-16bit-" in s.config)
-    assert all(s.signature["v_ptr"] != "*i32" for s in sg.COMPILE_SPECS if "-prefill-16bit-" not in s.config)
+def test_16bit_specs_pass_int32_words():
+    """The compile specs mirror the launcher: 16-bit weights (decode and prefill) get int32 words, fp32 the values."""
+    assert all(s.signature["v_ptr"] == "*i32" for s in sg.COMPILE_SPECS if "-16bit-" in s.config)
+    assert all(s.signature["v_ptr"] != "*i32" for s in sg.COMPILE_SPECS if "-16bit-" not in s.config)
+
+
+@pytest.mark.parametrize("m,n,k,bias", [(4, 37, 100, True), (7, 70, 1028, False), (16, 45, 4100, True)])
+def test_decode_16bit_pairs_match_reference(m, n, k, bias):
+    """M = 4..16 (past the GEMV, below prefill): the tl.dot kernel on int32 pair words, split-K on."""
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k).half(), prune=True)
+    x = torch.randn(k, m).half().t()  # non-contiguous x
+    b = torch.randn(n).half() if bias else None
+    y = sg.sparse24_linear(x, w24.values, w24.meta, w24.shape, b)
+    close(y, reference.sparse24_linear(x, w24, b), torch.float16)
 
 
 @pytest.mark.parametrize("m,n,k,bias,sms,block_m", [(17, 37, 100, False, 1, 256), (256, 45, 228, True, 1, 256),

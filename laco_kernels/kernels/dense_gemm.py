@@ -84,7 +84,7 @@ def _add(family, regime, width, tile_k, bm, bn, bk, warps, stages, group=8, arch
 
 # decode: fp32 tiles carry twice the bytes per element, hence half the BLOCK_K (or BLOCK_N)
 _add("dense", "decode", "16bit", None, 16, 64, 128, 8, 3)
-_add("sparse24", "decode", "16bit", None, 16, 64, 128, 4, 3)
+_add("sparse24", "decode", "16bit", None, 16, 64, 256, 4, 3)
 _add("dense", "decode", "fp32", None, 16, 64, 64, 4, 3)
 _add("sparse24", "decode", "fp32", None, 16, 32, 64, 4, 3)
 _add("dense", "prefill", "16bit", None, 128, 128, 64, 8, 3)

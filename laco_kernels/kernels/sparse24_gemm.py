@@ -6,13 +6,17 @@ Per K step a program rebuilds the dense ``[BLOCK_N, BLOCK_K]`` weight tile in re
 feeds it to ``tl.dot``; the weight costs 9/16 of the dense bytes in fp16/bf16 (1/2 values + 1/16
 meta). Two decodes:
 
-- prefill (M > 16), 16-bit weights: values read as int32 words (one kept pair per group), each
+- 16-bit weights, prefill (M > 16) and decode past the GEMV (4 <= M <= 16): values read as int32 words (one kept pair per group), each
   group's meta nibble picks two byte-permute selectors from ``_bits.PRMT_LUT_24``, and
   ``_bits.expand_24_prmt`` writes the group's 4 positions with two ``prmt`` (an
   ``inline_asm_elementwise(pack=4)``; plain integer ops in the interpreter, ``EMULATE``): no
   split, no layout conversion. sm_90: 228 loop instructions per warp-iteration on 256 x 128 x 64
-  tiles, 1.12x the dense kernel's per multiply-add (docs/gpu_prefill_kernels.md).
-- decode (M <= 16) and fp32: values tile ``[BLOCK_N, BLOCK_K/2]`` + meta words, expanded by
+  tiles, 1.12x the dense kernel's per multiply-add (docs/gpu_prefill_kernels.md). Decode tile
+  16 x 64 x 256, 4 warps: 587 loop instructions, 0 STS, 4.1 thread-instructions per compressed
+  byte on sm_90, predicted 1.13-1.14x the dense Triton kernel at M = 4..16 on the Llama-7B shapes
+  (the old decode: 862 instructions, 64 STS, 12.0 per byte, 0.62x; ``bench/sass_audit.py --specs
+  'sparse24-decode-16bit*'``). M <= 3 runs ``sparse24_gemv.py``.
+- fp32: values tile ``[BLOCK_N, BLOCK_K/2]`` + meta words, expanded by
   ``_bits.expand_24`` (split the kept pairs, ``tl.where`` by nibble, reshape).
 
 Tiling, split-K, grouped order, dtypes and fp32 precision are those of ``dense_gemm.py``
@@ -21,7 +25,7 @@ Tiling, split-K, grouped order, dtypes and fp32 precision are those of ``dense_g
 Measured on an H100 before the prefill decode above (bench/results/gpu_gemm_graph.json, fp16,
 CUDA graphs, 4096 x 4096): M = 1 25 us against 11 us for the dense Triton kernel, M = 4096 1187 us
 against 268: the split / where / reshape scatter and its layout conversions made the kernel
-compute-bound. The new prefill decode is not timed yet.
+compute-bound. The word decode is not timed yet.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import triton.language as tl
 
 from ._bits import PRMT_LUT_24, expand_24, expand_24_prmt
 from ._compile import _is_interpreted
-from .dense_gemm import compile_specs, grouped_pid, launch, regime, store_tile
+from .dense_gemm import compile_specs, grouped_pid, launch, store_tile
 from .sparse24_gemv import GEMV_MAX_M, sparse24_gemv
 
 
@@ -97,8 +101,8 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
         meta = meta.contiguous()
     consts = dict(EMULATE=_is_interpreted(_sparse24_gemm_kernel))
     lut = _lut(x.device)
-    if values.dtype in (torch.float16, torch.bfloat16) and regime(x.shape[0]) == "prefill":
-        # the 16-bit prefill path reads values as int32 words (one per group): needs unit stride
+    if values.dtype in (torch.float16, torch.bfloat16):
+        # the 16-bit path (decode past the GEMV, and prefill) reads values as int32 words (one per group): needs unit stride
         # along K and 4-byte aligned rows, which every packed weight has (K % 4 == 0); others are copied
         if values.stride(1) != 1 or values.stride(0) % 2 or values.storage_offset() % 2:
             values = values.contiguous()
@@ -131,8 +135,8 @@ def _specs():
     specs = compile_specs(_sparse24_gemm_kernel, "sparse24", {"v_ptr": "*{dt}", "meta_ptr": "*i32", "lut_ptr": "*i32"},
                           {"stride_vn": None, "stride_vk": 1, "stride_mn": None}, tile_bytes_24,
                           extra_consts=dict(EMULATE=False))
-    for spec in specs:  # what the launcher passes for 16-bit prefill: values as int32 group words
-        if spec.signature["v_ptr"] in ("*fp16", "*bf16") and "-prefill-" in spec.config:
+    for spec in specs:  # what the launcher passes for 16-bit weights: values as int32 group words
+        if spec.signature["v_ptr"] in ("*fp16", "*bf16"):
             spec.signature["v_ptr"] = "*i32"
     return specs
 
