@@ -107,18 +107,20 @@ def _save(model, tok, out: str, pattern: Optional[str], packed: bool) -> dict:
         summary = sparsify(model, "2:4" if pattern == "2:4" else "unstructured")
         save_sparse(model, out, tok)
     else:
-        os.makedirs(out, exist_ok=True)
-        model.save_pretrained(out)
-        if tok is not None:
-            tok.save_pretrained(out)
+        from ._atomic import atomic_folder
+
+        with atomic_folder(out) as tmp:  # the old folder stays whole until the new one is complete
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tok is not None:
+                tok.save_pretrained(tmp)
     return summary
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    from ._atomic import atomic_file
+
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------

@@ -20,14 +20,13 @@ over the block's linears; ``"taylor"`` sum of |W * dL/dW| (LM loss on calibratio
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._atomic import atomic_folder
 from ..models.adapters import get_adapter, get_module
 from ..models.capture import BlockRunner
 from ._allocation import check_calibration
@@ -99,17 +98,10 @@ def save_model(model: nn.Module, out_dir: str, tokenizer=None) -> str:
     """Write a plain Hugging Face checkpoint (config.json + safetensors) atomically to ``out_dir``."""
     out_dir = os.path.abspath(out_dir)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix=".save-")
-    try:
+    with atomic_folder(out_dir) as tmp:  # the old folder stays whole until the new one is complete
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
