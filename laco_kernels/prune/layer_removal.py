@@ -114,7 +114,7 @@ def block_statistics(model: nn.Module, calibration: torch.Tensor, *, batch_size:
     stream before the last norm), fp64 on the CPU."""
     runner = BlockRunner(model, device=device, batch_size=batch_size, stream_dtype=torch.float32,
                          progress=False)
-    stream = runner.capture(check_calibration(calibration))
+    stream = runner.capture(check_calibration(calibration, model))
     n_blocks = len(runner.blocks)
     s, t, d = stream.shape
     bi = torch.zeros(n_blocks, dtype=torch.float64)
@@ -163,7 +163,7 @@ def layer_importance(model: nn.Module, calibration: Optional[torch.Tensor], metr
     if metric == "magnitude":
         return [float(sum(get_module(b, n).weight.detach().abs().sum() for n in adapter.linear_names()))
                 for b in blocks]
-    calibration = check_calibration(calibration)
+    calibration = check_calibration(calibration, model)
     if metric == "bi":
         return block_statistics(model, calibration, batch_size=batch_size, device=device,
                                 progress=progress)["bi"].tolist()
@@ -246,7 +246,7 @@ def remove_layers(model: nn.Module, n_remove: int, calibration: Optional[torch.T
     if not 0 < n_remove < n_blocks:
         raise ValueError(f"n_remove must be in [1, {n_blocks - 1}], got {n_remove}")
     if compensate or metric != "magnitude":
-        calibration = check_calibration(calibration)
+        calibration = check_calibration(calibration, model)
     alive = list(range(n_blocks))
     report = {"metric": metric, "iterative": iterative, "compensate": compensate, "removed": [],
               "scales": [], "importance": []}

@@ -32,6 +32,7 @@ from ..formats import pack_bits, unpack_bits
 from ..models.adapters import block_linears, get_adapter
 from ..models.capture import BlockRunner, HiddenStream
 from .._atomic import atomic_folder
+from .._validation import check_models_match, check_token_ids, describe_folder, describe_module
 from ._checkpoint import (RecoveryCheckpoint, atomic_copy_tensors, atomic_save_json, atomic_save_tensors,
                           tensor_digest)
 from ._losses import block_loss, parse_loss
@@ -267,8 +268,7 @@ def layerwise(dense_model: Union[nn.Module, str], pruned_model: Union[nn.Module,
     """
     cfg = LayerwiseConfig(**config)
     cfg.validate()
-    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.is_floating_point():
-        raise ValueError("calibration must be an integer tensor of token ids [samples, seqlen]")
+    calibration = check_token_ids(calibration, None, "calibration")  # type, rank, empty: before any read
     t0 = time.time()
     rank, world = _rank_world()
     on_disk = isinstance(pruned_model, str)
@@ -281,8 +281,11 @@ def layerwise(dense_model: Union[nn.Module, str], pruned_model: Union[nn.Module,
     # the dense model only lends blocks: its skeleton reads no other tensor
     dsrc = DiskSource(dense_model, with_rest=False) if on_disk else ModuleSource(dense_model)
     psrc = DiskSource(pruned_model) if on_disk else ModuleSource(pruned_model)
-    if dsrc.n_blocks != psrc.n_blocks:
-        raise ValueError(f"dense model has {dsrc.n_blocks} blocks, pruned model {psrc.n_blocks}")
+    # same family, block count and linear shapes, and ids the pruned model can embed: checked
+    # before the first block is trained (the error names the first difference)
+    check_models_match(describe_folder(dense_model) if on_disk else describe_module(dense_model),
+                       describe_folder(pruned_model) if on_disk else describe_module(pruned_model))
+    calibration = check_token_ids(calibration, psrc.model, "calibration")
     adapter = psrc.adapter
     ckpt_dir = cfg.checkpoint_dir or (os.path.join(cfg.output_dir, "_checkpoint") if on_disk else None)
     ckpt = None
