@@ -140,11 +140,11 @@ def check_models_match(a: ModelShapes, b: ModelShapes, names: Tuple[str, str] = 
     (fa, sa), (fb, sb) = a, b
     na, nb = names
     if fa != fb:
-        raise ValueError(f"{na} is {fa} but {nb} is {fb}: they must be the same model family")
+        raise ValueError(f"the models differ: {na} is {fa} but {nb} is {fb}; they must be the same family")
     if len(sa) != len(sb):
-        raise ValueError(f"{na} has {len(sa)} blocks but {nb} has {len(sb)}")
+        raise ValueError(f"the models differ: {na} has {len(sa)} blocks but {nb} has {len(sb)}")
     for l, (pa, pb) in enumerate(zip(sa, sb)):
         for name in pa:
             if pa[name] != pb.get(name):
-                raise ValueError(f"block {l} {name}: {na} has weight shape {pa[name]} but {nb} has "
-                                 f"{pb.get(name)}; the models must have the same shapes")
+                raise ValueError(f"the models differ: block {l} {name}: {na} has weight shape {pa[name]} but "
+                                 f"{nb} has {pb.get(name)}; they must have the same shapes")
