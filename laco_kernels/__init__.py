@@ -12,6 +12,8 @@ from .ops.loss import reconstruction_loss  # noqa: E402
 __all__ += ["masked_linear", "reconstruction_loss"]
 from .ops.sparse_gemm import bitmap_linear, sparse24_linear  # noqa: E402  (inference kernels, issue 2)
 __all__ += ["bitmap_linear", "sparse24_linear"]
+from ._hf_register import install as _install_hf  # noqa: E402  (from_pretrained of laco sparse folders, issue 15)
+_install_hf()
 
 
 def native_missing_reason():

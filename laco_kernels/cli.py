@@ -126,14 +126,7 @@ def _save(model, tok, out: str, pattern: Optional[str], packed: bool) -> dict:
     summary = {"swapped": 0}
     if packed:
         summary = sparsify(model, "2:4" if pattern == "2:4" else "unstructured")
-        save_sparse(model, out, tok)
-    else:
-        from ._atomic import atomic_folder
-
-        with atomic_folder(out) as tmp:  # the old folder stays whole until the new one is complete
-            model.save_pretrained(tmp, safe_serialization=True)
-            if tok is not None:
-                tok.save_pretrained(tmp)
+    save_sparse(model, out, tok)  # atomic; a model without packed modules is written as a plain HF folder
     return summary
 
 

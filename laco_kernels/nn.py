@@ -17,13 +17,16 @@ State-dict convention (the design choice, documented once here)
     re-packs (and rejects a weight that does not fit the module's format). A swapped model's
     ``state_dict()`` therefore has the dense model's keys, so an ordinary checkpoint loads into
     either form unchanged. The packed tensors live in non-persistent buffers (they follow
-    ``.to()``); :mod:`laco_kernels.checkpoint` writes them packed on disk.
+    ``.to()``); ``save_pretrained`` / ``from_pretrained`` write and read them packed on disk
+    through the ``laco-sparse`` quantization method of :mod:`laco_kernels.hf` (``sparsify`` on a
+    transformers model attaches it).
 
 Forward passes go through ``laco_kernels.ops`` (CUDA -> Triton, CPU -> native extension or the
 PyTorch reference; see ``ops/dispatch.py``).
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Callable, Dict, List, Optional
 
@@ -366,6 +369,10 @@ def sparsify(model: nn.Module, pattern: str = "2:4", mode: str = "inference",
         kinds = sorted(set(skipped.values()))
         warnings.warn(f"sparsify swapped {len(new)} nn.Linear layer(s) and left {len(skipped)} linear-like "
                       f"layer(s) dense (e.g. {next(iter(skipped))!r}): " + "; ".join(kinds), stacklevel=2)
+    if new and "transformers" in sys.modules and hasattr(model, "save_pretrained"):
+        from .hf import attach  # model.save_pretrained now writes the packed laco-sparse format
+
+        attach(model)
     return {"pattern": pattern, "mode": mode, "swapped": len(new), "names": list(new),
             "bytes_before": before, "bytes_after": after, "skipped": skipped}
 
