@@ -27,12 +27,13 @@ PyTorch reference; see ``ops/dispatch.py``).
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
-from .formats import BitmapWeight, PackedMask, Sparse24Weight
+from .formats import BitmapWeight, PackedMask, Sparse24Weight, check_finite
 from .ops.masked_gemm import masked_linear
 from .ops.sparse_gemm import bitmap_linear, sparse24_linear
 
@@ -70,32 +71,41 @@ class _DenseStateDict(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # all or nothing: every key is checked (shape, then whether the weight fits the format)
+        # before the first tensor of this module changes, and each error names its key
         wkey, bkey = prefix + "weight", prefix + "bias"
-        if wkey in state_dict:
-            w = state_dict[wkey]
-            if tuple(w.shape) != (self.out_features, self.in_features):
-                error_msgs.append(f"size mismatch for {wkey}: checkpoint has {tuple(w.shape)}, "
-                                  f"module expects {(self.out_features, self.in_features)}")
-            else:
-                try:
-                    with torch.no_grad():
-                        self._set_dense(w)
-                except ValueError as exc:
-                    error_msgs.append(f"{wkey} does not fit {type(self).__name__}: {exc}")
-        else:
+        errors: List[str] = []
+        w = state_dict.get(wkey)
+        if w is None:
             missing_keys.append(wkey)
+        elif not isinstance(w, torch.Tensor) or tuple(w.shape) != (self.out_features, self.in_features):
+            errors.append(f"size mismatch for {wkey}: checkpoint has {tuple(getattr(w, 'shape', ()))}, "
+                          f"module expects {(self.out_features, self.in_features)}")
+        b = state_dict.get(bkey) if self.bias is not None else None
         if self.bias is not None:
-            if bkey in state_dict:
-                with torch.no_grad():
-                    self.bias.copy_(state_dict[bkey])
-            else:
+            if b is None:
                 missing_keys.append(bkey)
+            elif not isinstance(b, torch.Tensor) or tuple(b.shape) != tuple(self.bias.shape):
+                errors.append(f"size mismatch for {bkey}: checkpoint has {tuple(getattr(b, 'shape', ()))}, "
+                              f"module expects {tuple(self.bias.shape)}")
         elif bkey in state_dict and strict:
             unexpected_keys.append(bkey)
         if strict:
             allowed = {wkey, bkey}
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in allowed
                                    and "." not in k[len(prefix):])
+        if not errors and w is not None:
+            try:
+                with torch.no_grad():
+                    self._set_dense(w)  # packs first, assigns only once the weight fits
+            except (TypeError, ValueError) as exc:
+                errors.append(f"{wkey} does not fit {type(self).__name__}: {exc}")
+        if errors:
+            error_msgs.extend(errors)
+            return
+        if b is not None:
+            with torch.no_grad():
+                self.bias.copy_(b)
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the dense weight (same dtype and device), bias copied."""
@@ -288,8 +298,9 @@ class MaskedLinear(_DenseStateDict):
         return self.weight * self.mask.to_bool().to(self.weight.dtype)
 
     def _set_dense(self, weight: torch.Tensor) -> None:
+        bits = PackedMask.from_bool(weight.to(self.weight.device) != 0).bits  # before any change
         self.weight.copy_(weight)
-        self.mask_bits = PackedMask.from_bool(weight.to(self.weight.device) != 0).bits
+        self.mask_bits = bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return masked_linear(x, self.weight, self.mask, self.bias)
@@ -334,8 +345,12 @@ def sparsify(model: nn.Module, pattern: str = "2:4", mode: str = "inference",
     is skipped unless ``include_lm_head``; ``filter(name, module) -> bool`` narrows the choice.
     Nothing is swapped if any chosen layer fails validation.
 
-    Returns ``{"pattern", "mode", "swapped" (count), "names", "bytes_before", "bytes_after"}``
-    (bytes of the swapped layers' tensors, weight and bias included).
+    Weights must be finite (ValueError naming the layer and the first NaN / inf otherwise).
+    Linear-like layers left dense (transformers ``Conv1D`` of GPT-2, ``nn.Linear`` subclasses such as
+    peft / quantised layers) are listed in ``"skipped"`` with the reason and a UserWarning says so.
+
+    Returns ``{"pattern", "mode", "swapped" (count), "names", "bytes_before", "bytes_after",
+    "skipped" ({name: reason})}`` (bytes of the swapped layers' tensors, weight and bias included).
     """
     if pattern not in PATTERNS:
         raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
@@ -346,8 +361,12 @@ def sparsify(model: nn.Module, pattern: str = "2:4", mode: str = "inference",
                         "linear (or use SparseLinear24.from_linear / BitmapLinear.from_linear directly)")
     head = _output_embedding(model)
     chosen: Dict[str, nn.Linear] = {}
+    skipped: Dict[str, str] = {}
     for name, mod in model.named_modules():
         if type(mod) is not nn.Linear:  # exact type: subclasses (peft, quantised) have their own forward
+            why = _unsupported_reason(mod)
+            if why and (filter is None or filter(name, mod)):
+                skipped[name] = why
             continue
         if not include_lm_head and (mod is head or name == "lm_head" or name.endswith(".lm_head")):
             continue
@@ -362,6 +381,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", mode: str = "inference",
             elif mode == "inference":
                 new[name] = BitmapLinear.from_linear(lin, tile_k=tile_k)
             else:
+                check_finite(lin.weight, "weight")
                 new[name] = MaskedLinear.from_linear(lin)
         except ValueError as exc:
             raise ValueError(f"cannot sparsify layer {name!r} (weight {tuple(lin.weight.shape)}) as {pattern}: "
@@ -370,12 +390,27 @@ def sparsify(model: nn.Module, pattern: str = "2:4", mode: str = "inference",
     for name, mod in new.items():
         _set_child(model, name, mod)
     after = sum(_linear_bytes(m) for m in new.values())
+    if skipped:
+        kinds = sorted(set(skipped.values()))
+        warnings.warn(f"sparsify swapped {len(new)} nn.Linear layer(s) and left {len(skipped)} linear-like "
+                      f"layer(s) dense (e.g. {next(iter(skipped))!r}): " + "; ".join(kinds), stacklevel=2)
     if new and "transformers" in sys.modules and hasattr(model, "save_pretrained"):
         from .hf import attach  # model.save_pretrained now writes the packed laco-sparse format
 
         attach(model)
     return {"pattern": pattern, "mode": mode, "swapped": len(new), "names": list(new),
-            "bytes_before": before, "bytes_after": after}
+            "bytes_before": before, "bytes_after": after, "skipped": skipped}
+
+
+def _unsupported_reason(mod: nn.Module) -> Optional[str]:
+    """Why a module that computes a linear map is not swapped (None: not a linear at all)."""
+    if type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):
+        return ("transformers Conv1D (GPT-2 style, weight stored [in, out]) is not supported: its state-dict "
+                "layout differs from nn.Linear, so a swapped model could not load its own checkpoint")
+    if isinstance(mod, nn.Linear):
+        return (f"{type(mod).__name__} subclasses nn.Linear with its own forward (adapter or quantised "
+                "layer); merge or unwrap it first")
+    return None
 
 
 def densify(model: nn.Module) -> dict:
