@@ -238,10 +238,43 @@ def _bitmap_impl(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, of
     if backend == "triton":
         from ..kernels import bitmap_gemm as kb
 
+        if bitmap_gpu_path(x.shape[0], x.device) == "expand":
+            return bitmap_expand_linear(x, bw, bias)
         return kb.bitmap_linear(x, values, bitmap, offsets, bw.shape, tile_k, _bias_for_kernel(bias, x.dtype))
     from .. import _native
 
     return _native.bitmap_linear(x, bw, bias)
+
+
+def bitmap_gpu_path(m: int, device: torch.device) -> str:
+    """Which GPU path runs a bitmap linear with ``m`` rows of x: ``"gemv"``, ``"tiled"`` or ``"expand"``.
+
+    - ``m <= kernels.bitmap_gemv.GEMV_MAX_M``: the popcount GEMV (fastest path there; still
+      predicted 0.7-0.8x of a dense GEMM, see docs/gpu_decode_kernels.md).
+    - up to ``DECODE_MAX_M`` (16): the tiled ``tl.dot`` kernel.
+    - prefill (``m > 16``) on CUDA: expand the weight to a transient dense ``[N, K]`` tensor and run
+      cuBLAS (``F.linear``). The tiled bitmap prefill loop issues about 15x the dense kernel's
+      instructions per multiply-add on sm_90 (bench/results/prefill_loops.json) and measured
+      2359-2510 us against cuBLAS's 204 at M = 4096 on an H100 (gpu_gemm_graph.json); expanding
+      moves about 10 bytes per weight (predicted ~135 us for 4096 x 11008 at 3.35 TB/s), so from
+      M > 16 on it is predicted faster than the tiled kernel (a prediction until a GPU times it).
+      It costs one dense weight of transient memory per call.
+    The interpreter (CPU tensors) always runs the kernels, so tests exercise them.
+    """
+    from ..kernels.bitmap_gemv import GEMV_MAX_M
+    from ..kernels.dense_gemm import DECODE_MAX_M
+
+    if 0 < m <= GEMV_MAX_M:
+        return "gemv"
+    if m <= DECODE_MAX_M or device.type != "cuda":
+        return "tiled"
+    return "expand"
+
+
+def bitmap_expand_linear(x: torch.Tensor, bw: BitmapWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x ``[M, K]`` @ dense(bw)^T + bias through a transient dense weight and ``F.linear`` (the GPU
+    prefill path of :func:`bitmap_gpu_path`); fp32 accumulation as cuBLAS does it, output in x's dtype."""
+    return torch.nn.functional.linear(x, bw.to_dense().to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 _bitmap_op = torch.library.custom_op("laco::bitmap_linear", _bitmap_impl, mutates_args=())
