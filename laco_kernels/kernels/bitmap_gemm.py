@@ -68,9 +68,15 @@ def bitmap_linear(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, o
                   (bitmap.stride(0), offsets.stride(0)), bias, n, k, input_precision, tile_k=tile_k)
 
 
+def tile_bytes_bitmap(block_n: int, block_k: int, itemsize: int, density: float) -> float:
+    """Expected bytes of a [block_n, block_k = tile_k] bitmap tile at ``density`` (kept fraction):
+    the kept values, block_k / 32 bitmap words and one int32 offset per row."""
+    return block_n * block_k * density * itemsize + block_n * (block_k // 32) * 4 + block_n * 4
+
+
 def _specs():
     return compile_specs(_bitmap_gemm_kernel, "bitmap", {"v_ptr": "*{dt}", "bitmap_ptr": "*i32", "offsets_ptr": "*i32"},
-                         {"stride_bmn": None, "stride_on": None})
+                         {"stride_bmn": None, "stride_on": None}, tile_bytes_bitmap)
 
 
 COMPILE_SPECS = _specs()

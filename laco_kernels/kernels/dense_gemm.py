@@ -27,7 +27,8 @@ accumulation. Program ids: axis 0 = output tile (grouped order), axis 1 = K slic
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from functools import partial
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import triton
@@ -231,14 +232,20 @@ def launchable(family: str) -> List[Tuple[GemmConfig, torch.dtype, str, torch.dt
     return out
 
 
-def compile_specs(kernel, family: str, weight_sig: Dict[str, str], weight_strides: Dict[str, int | None]) -> List[CompileSpec]:
+def compile_specs(kernel, family: str, weight_sig: Dict[str, str], weight_strides: Dict[str, int | None],
+                  tile_weight_bytes: Callable[[int, int, int, float], float] | None = None) -> List[CompileSpec]:
     """CompileSpecs of a GEMM kernel with the shared argument layout (see :func:`launch`).
 
     weight_sig: the weight arguments' names -> types, ``"{dt}"`` standing for the input dtype;
     weight_strides: stride argument -> 1 (unit stride: Triton specializes it to a constant at
-    launch) or None (a runtime value, a multiple of 16 for the aligned shapes that matter).
-    The specs describe a launch on row-major tensors with N, K multiples of 16 (e.g. Llama shapes).
+    launch) or None (a runtime value, a multiple of 16 for the aligned shapes that matter);
+    tile_weight_bytes(BLOCK_N, BLOCK_K, itemsize, density): weight bytes (values + metadata) of
+    one ``[BLOCK_N, BLOCK_K]`` tile, i.e. of one K-loop iteration (the SASS audit's divisor;
+    default: a dense tile). The specs describe a launch on row-major tensors with N, K
+    multiples of 16 (e.g. Llama shapes).
     """
+    tile_weight_bytes = tile_weight_bytes or (lambda bn, bk, isz, density: bn * bk * isz)
+    regime_of = {c.name: key[1] for key, c in _TABLE.items()}
     specs = []
     for cfg, dtype, prec, out_dtype, has_bias in launchable(family):
         dt, odt = _TL[dtype], _TL[out_dtype]
@@ -259,7 +266,10 @@ def compile_specs(kernel, family: str, weight_sig: Dict[str, str], weight_stride
             dtype == torch.bfloat16 or (dtype == torch.float32 and prec == "ieee" and "prefill" in cfg.name))
         specs.append(CompileSpec(kernel, sig, consts, cfg.num_warps, cfg.num_stages, name, is_gemm=True,
                                  expect_tensor_core=not (dtype == torch.float32 and prec == "ieee"),
-                                 representative=rep, divisible=divisible))
+                                 representative=rep, divisible=divisible, family=family,
+                                 regime=regime_of[cfg.name],
+                                 loop_weight_bytes=partial(tile_weight_bytes, cfg.BLOCK_N, cfg.BLOCK_K,
+                                                           dtype.itemsize)))
     return specs
 
 

@@ -20,6 +20,8 @@ same tiling: the baseline of the traffic audit.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
@@ -284,10 +286,15 @@ _UNIT_STRIDES = ("stride_xk", "stride_wk", "stride_yn", "stride_dyn", "stride_dx
                  "stride_vk", "stride_dvk")
 
 
-def _spec(kernel, ptrs: dict, cfg: dict, flags: dict, label: str, representative: bool = False):
+def _spec(kernel, ptrs: dict, cfg: dict, flags: dict, label: str, representative: bool = False,
+          family: str | None = None, regime: str | None = None, tile_weight_bytes=None):
     """CompileSpec of a launch on row-major tensors: inner strides 1 (constexpr, as the JIT
     specializes them), pointers, outer strides, N and K multiples of 16 (as for Llama shapes).
-    The configs were also checked to compile without spills when nothing is 16-divisible."""
+    The configs were also checked to compile without spills when nothing is 16-divisible.
+
+    family / regime: SASS-audit metadata; tile_weight_bytes(BLOCK_N, BLOCK_K, itemsize, density):
+    weight bytes of the [BLOCK_N, BLOCK_K] tile one loop iteration loads (None: the loop loads
+    no weight, as in the weight-gradient kernels)."""
     import inspect
 
     from ._compile import CompileSpec
@@ -302,9 +309,18 @@ def _spec(kernel, ptrs: dict, cfg: dict, flags: dict, label: str, representative
         sig[name] = "constexpr" if name in consts else ptrs.get(name, "i32")
     divisible = tuple(a for a, t in sig.items() if t.startswith("*") or (t == "i32" and a not in ("M",)))
     fp32 = ptrs.get("dy_ptr", ptrs.get("x_ptr")) == "*fp32"
+    itemsize = {"*fp16": 2, "*bf16": 2, "*fp32": 4}[ptrs.get("dy_ptr", ptrs.get("x_ptr"))]
+    wbytes = None if tile_weight_bytes is None else partial(tile_weight_bytes, cfg["BLOCK_N"], cfg["BLOCK_K"], itemsize)
     return CompileSpec(kernel, sig, consts, warps, stages, label, is_gemm=True, expect_tensor_core=not fp32,
                        note="fp32 uses input_precision='ieee' (FMA, no tensor cores) on purpose" if fp32 else "",
-                       representative=representative, divisible=divisible)
+                       representative=representative, divisible=divisible, family=family, regime=regime,
+                       loop_weight_bytes=wbytes)
+
+
+def tile_bytes_masked(block_n: int, block_k: int, itemsize: int, density: float = 1.0) -> float:
+    """Bytes of a [block_n, block_k] masked-weight tile: the dense weight and its packed mask bits
+    (the weight is stored dense, so density does not change them)."""
+    return block_n * block_k * itemsize + block_n * (block_k // 32) * 4
 
 
 def _compile_specs():
@@ -315,14 +331,14 @@ def _compile_specs():
             tag, rep = f"{dt} {regime}", dtype == torch.bfloat16 and regime == "prefill"
             specs.append(_spec(_masked_linear_fwd_kernel, dict(x_ptr=p, w_ptr=p, bits_ptr="*i32", b_ptr=p, y_ptr=p),
                                _config(rows, dtype), dict(HAS_MASK=True, HAS_BIAS=True, DOT_PRECISION="ieee"),
-                               f"{tag} masked+bias", rep))
+                               f"{tag} masked+bias", rep, "masked", "train-fwd", tile_bytes_masked))
             specs.append(_spec(_masked_linear_dx_kernel, dict(dy_ptr=p, w_ptr=p, bits_ptr="*i32", dx_ptr=p),
                                _dx_config(rows, dtype), dict(HAS_MASK=True, DOT_PRECISION="ieee"), f"{tag} masked",
-                               rep))
+                               rep, "masked", "train-dx", tile_bytes_masked))
             specs.append(_spec(_masked_linear_dw_kernel,
                                dict(dy_ptr=p, x_ptr=p, bits_ptr="*i32", dw_ptr=p, db_ptr=p),
                                _dw_config(rows, dtype), dict(HAS_MASK=True, HAS_BIAS=True, DOT_PRECISION="ieee"),
-                               f"{tag} masked+bias", rep))
+                               f"{tag} masked+bias", rep, "masked", "train-dw"))
     return specs
 
 

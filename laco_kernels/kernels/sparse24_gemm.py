@@ -72,5 +72,11 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
                   (values.stride(0), values.stride(1), meta.stride(0)), bias, n, k, input_precision)
 
 
+def tile_bytes_24(block_n: int, block_k: int, itemsize: int, density: float = 0.5) -> float:
+    """Bytes of a [block_n, block_k] 2:4 tile: block_k / 2 values and block_k / 32 int32 meta words
+    per row (density is fixed at 1/2 by the format; the argument is ignored)."""
+    return block_n * (block_k // 2) * itemsize + block_n * (block_k // 32) * 4
+
+
 COMPILE_SPECS = compile_specs(_sparse24_gemm_kernel, "sparse24", {"v_ptr": "*{dt}", "meta_ptr": "*i32"},
-                              {"stride_vn": None, "stride_vk": 1, "stride_mn": None})
+                              {"stride_vn": None, "stride_vk": 1, "stride_mn": None}, tile_bytes_24)

@@ -149,6 +149,7 @@ def sparse24_values_grad(dy: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, 
 # ----------------------------------------------------------------------------------------
 def _compile_specs():
     from .masked_gemm import _TYPES, REGIMES, _spec
+    from .sparse24_gemm import tile_bytes_24
 
     specs = []
     for dtype, p in _TYPES.items():
@@ -156,10 +157,12 @@ def _compile_specs():
         for regime, rows in REGIMES.items():
             rep = dtype == torch.bfloat16 and regime == "prefill"
             specs.append(_spec(_sparse24_dx_kernel, dict(dy_ptr=p, v_ptr=p, meta_ptr="*i32", dx_ptr=p),
-                               _dx_config(rows, dtype), dict(DOT_PRECISION="ieee"), f"{dt} {regime}", rep))
+                               _dx_config(rows, dtype), dict(DOT_PRECISION="ieee"), f"{dt} {regime}", rep,
+                               "sparse24", "train-dx", tile_bytes_24))
+            # the dV loop reads dY and X only (meta is read once after it): no weight bytes
             specs.append(_spec(_sparse24_dv_kernel, dict(dy_ptr=p, x_ptr=p, meta_ptr="*i32", dv_ptr=p, db_ptr=p),
                                _dw_config(rows, dtype), dict(HAS_BIAS=True, DOT_PRECISION="ieee"),
-                               f"{dt} {regime} +bias", rep))
+                               f"{dt} {regime} +bias", rep, "sparse24", "train-dw"))
     return specs
 
 
