@@ -38,9 +38,9 @@ def test_cuda_auto_follows_the_predicted_ratio(auto_env):
 
 
 def test_recorded_recovery_shapes_go_to_torch(auto_env):
-    """The audit predicts the 16-bit Triton steps slower at the recorded recovery shapes (issue 17)."""
+    """The audit predicts the Triton steps slower at the recorded recovery shapes (issue 17)."""
     for op in td.TRAIN_OPS:
-        for dtype in (torch.float16, torch.bfloat16):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for m in (1024, 8192):
                 for n, k in ((1536, 576), (576, 1536), (11008, 4096), (4096, 11008)):
                     assert td.predicted_ratio(op, m, n, k, dtype) < 1.0
