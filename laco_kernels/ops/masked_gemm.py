@@ -7,7 +7,9 @@ without weight decay never makes a pruned weight nonzero (weight decay of a zero
 zero too, so AdamW keeps it at zero as well). On the Triton path no tensor of W's size is
 created besides dW (the mask is expanded tile by tile in registers).
 
-Backends (``ops.dispatch.select_backend``): CUDA tensors -> Triton; CPU -> the PyTorch
+Backends (``ops.dispatch.select_backend``): CUDA tensors -> Triton, or ``F.linear(x, W * M)``
+with autograd where the SASS audit predicts the Triton kernels slower (``ops/train_dispatch.py``;
+``LACO_TRAIN_PATH`` / ``path=`` override; the torch path materialises W ⊙ M); CPU -> the PyTorch
 reference (the native extension has no masked_linear; forcing ``LACO_BACKEND=native`` raises
 in the dispatcher); ``LACO_BACKEND=triton`` with ``TRITON_INTERPRET=1`` runs the kernels on CPU.
 
@@ -26,6 +28,7 @@ from .. import reference
 from .._checks import FLOAT_DTYPES, check_linear_inputs, check_tensor
 from ..formats import PackedMask
 from .dispatch import call_direct, grad_or_empty, select_backend
+from .train_dispatch import choose_train_path, masked_linear_torch, requested_train_path
 
 _OP = "masked_linear"
 
@@ -121,20 +124,27 @@ _masked_op.register_autograd(_masked_backward, setup_context=_masked_setup)
 
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: PackedMask | torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, path: str | None = None) -> torch.Tensor:
     """x ``[..., K]`` @ (weight ``[N, K]`` ⊙ mask)^T + bias ``[N]`` -> ``[..., N]`` in x's dtype.
 
     mask: a :class:`PackedMask` of shape ``(N, K)`` or a bool ``[N, K]`` tensor (True = kept;
     packed here; pack it once with ``PackedMask.from_bool`` when calling in a loop). x and
     weight share a float dtype (fp16 / bf16 / fp32) and device; any strides are accepted.
+    path: ``"auto"`` / ``"triton"`` / ``"torch"`` (default ``LACO_TRAIN_PATH``, else ``auto``): where
+    the Triton backend is selected, run the Triton kernels or ``F.linear(x, W * M)`` + autograd
+    (see ``ops/train_dispatch.py``).
     """
     check_tensor(weight, f"{_OP}: weight", dtypes=FLOAT_DTYPES, ndim=2)
     n, k = weight.shape
     check_linear_inputs(x, k, n, weight.dtype, weight.device, bias, _OP)
     pm = _as_packed(mask, (n, k), weight.device)
+    requested_train_path(path)  # a bad path / LACO_TRAIN_PATH fails on every backend
     backend = select_backend(_OP, [x, weight, pm.bits, bias])
     if backend == "native":  # unreachable today: the dispatcher only picks ops the extension declares
         raise RuntimeError(f"{_OP}: the native extension declares this op but the ops layer has no binding for it")
-    args = (x.reshape(-1, k), weight, pm.bits, bias)
+    x2 = x.reshape(-1, k)
+    if backend == "triton" and choose_train_path(_OP, x2.shape[0], n, k, x.dtype, x.device, path) == "torch":
+        return masked_linear_torch(x, weight, pm, bias)
+    args = (x2, weight, pm.bits, bias)
     y = _masked_impl(*args, backend) if call_direct(*args) else torch.ops.laco.masked_linear(*args, backend)
     return y.reshape(*x.shape[:-1], n)

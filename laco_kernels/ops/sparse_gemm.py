@@ -49,6 +49,7 @@ from .. import reference
 from .._checks import FLOAT_DTYPES, check_linear_inputs, check_tensor
 from ..formats import BitmapWeight, Sparse24Weight, _row_chunks
 from .dispatch import call_direct, grad_or_empty, requested_backend, select_backend
+from .train_dispatch import choose_train_path, requested_train_path, sparse24_linear_torch
 
 
 def _native_ok(op: str, *dtypes: torch.dtype) -> bool:
@@ -197,12 +198,16 @@ def _sparse24_backward(ctx, dy):
 _sparse24_op.register_autograd(_sparse24_backward, setup_context=_sparse24_setup)
 
 
-def sparse24_linear(x: torch.Tensor, w24: Sparse24Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def sparse24_linear(x: torch.Tensor, w24: Sparse24Weight, bias: torch.Tensor | None = None,
+                    path: str | None = None) -> torch.Tensor:
     """x ``[..., K]`` @ dense(w24)^T + bias ``[N]`` -> ``[..., N]`` in x's dtype.
 
     w24: a :class:`Sparse24Weight` of shape ``(N, K)`` (its tensors' shapes, dtypes and device are
     checked here; ``from_dense`` already refused any non-2:4 weight).
     Differentiable in x, bias and ``w24.values`` (when it requires grad).
+    path: when the values are trained on the Triton backend, ``"auto"`` / ``"triton"`` / ``"torch"``
+    (default ``LACO_TRAIN_PATH``, else ``auto``): the Triton kernels or ``F.linear(x, dense(w24))``
+    + autograd, chosen by ``ops/train_dispatch.py`` (the audit's predictions) under ``auto``.
     """
     op = "sparse24_linear"
     if not isinstance(w24, Sparse24Weight):
@@ -215,10 +220,15 @@ def sparse24_linear(x: torch.Tensor, w24: Sparse24Weight, bias: torch.Tensor | N
     check_linear_inputs(x, k, n, w24.values.dtype, w24.values.device, bias, op)
     if w24.meta.device != x.device:
         raise ValueError(f"{op}: w24.meta is on {w24.meta.device} but x is on {x.device}")
+    requested_train_path(path)  # a bad path / LACO_TRAIN_PATH fails on every backend
     backend = select_backend(op, [x, w24.values, w24.meta, bias])
     if backend == "native" and not _native_ok(op, x.dtype):
         backend = "reference"
-    args = (x.reshape(-1, k), w24.values, w24.meta, bias)
+    x2 = x.reshape(-1, k)
+    if (backend == "triton" and w24.values.requires_grad and torch.is_grad_enabled()
+            and choose_train_path(op, x2.shape[0], n, k, x.dtype, x.device, path) == "torch"):
+        return sparse24_linear_torch(x, w24, bias)
+    args = (x2, w24.values, w24.meta, bias)
     y = _sparse24_impl(*args, backend) if call_direct(*args) else torch.ops.laco.sparse24_linear(*args, backend)
     return y.reshape(*x.shape[:-1], n)
 
