@@ -14,12 +14,10 @@ Backends (``ops.dispatch.select_backend``):
   which the extension does not implement, run the reference; forcing ``native`` with fp16 raises.
 - ``reference``: ``reference.py`` (plain PyTorch), differentiable through autograd.
 
-cuSPARSELt / CUTLASS (``torch.sparse.to_sparse_semi_structured``) is NOT dispatched to yet: it
-needs the weight re-compressed into its own layout (a second copy of every weight, cached per
-weight) and pads M to 32 rows. Measured on an H100 (``bench/results/gpu_gemm_graph.json``, fp16,
-CUDA-graph timing) it beats our prefill kernel 7.9-8.5x and cuBLAS 1.37-1.59x at M = 4096, and at
-M <= 16 it is slower than cuBLAS on 5 of the 6 shape/M pairs (0.31-0.93x; 1.03x at 11008x4096,
-M = 16); wiring it in for M >= 256 with a cached compressed copy is the obvious next step for prefill.
+cuSPARSELt / CUTLASS (``torch.sparse.to_sparse_semi_structured``) runs only where a module opted
+in with ``SparseLinear24.enable_semi_structured()`` (``laco_kernels/semi_structured.py``): it needs
+a second, re-compressed copy of the weight (9/16 of the dense bytes), so it is never the default.
+Bitmap prefill on CUDA goes through a transient dense weight and cuBLAS (:func:`bitmap_gpu_path`).
 
 Gradients: on the triton / native paths ``sparse24_linear`` is a small autograd Function whose
 backward gives x, the packed values (``w24.values`` if it requires grad) and bias their gradients:
