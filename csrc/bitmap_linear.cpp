@@ -408,7 +408,7 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at
   TORCH_CHECK(off[0] == 0 && off[(N - 1) * T] <= nnz, op, ": offsets are inconsistent with ", nnz, " values");
   BmArgs a{nullptr, nullptr, values.data_ptr(), reinterpret_cast<const uint32_t*>(bitmap.data_ptr<int32_t>()),
            off, M, N, K, W, T, tile_k, nnz, false};
-  if (M >= panel_min_m(LinearOp::kBitmap, x.scalar_type())) {
+  if (M >= panel_min_m(LinearOp::kBitmap, x.scalar_type(), N, K)) {
     const Isa isa = active_isa();
     if (values.scalar_type() == at::kFloat) {
       return panel_linear(x, bias, N, K, [=](int64_t r0, int64_t r1, void* dst) {
@@ -431,6 +431,37 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at
   }
   bm_run<uint16_t>(a, bp, y.data_ptr<float>());
   return y.to(at::kBFloat16);
+}
+
+at::Tensor bitmap_to_dense(const at::Tensor& values, const at::Tensor& bitmap, const at::Tensor& offsets, int64_t tile_k,
+                           int64_t out_features, int64_t in_features) {
+  const int64_t N = out_features, K = in_features, W = (K + 31) / 32;
+  TORCH_CHECK(K > 0 && tile_k > 0 && tile_k % 32 == 0, "bitmap_to_dense: bad K or tile_k");
+  const int64_t T = (K + tile_k - 1) / tile_k;
+  TORCH_CHECK(values.dim() == 1 && values.is_contiguous() &&
+                  (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
+              "bitmap_to_dense: values must be contiguous 1-D fp32 / bf16");
+  TORCH_CHECK(bitmap.scalar_type() == at::kInt && bitmap.is_contiguous() && bitmap.dim() == 2 && bitmap.size(0) == N &&
+                  bitmap.size(1) == W, "bitmap_to_dense: bitmap must be contiguous int32 [", N, ", ", W, "]");
+  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.is_contiguous() && offsets.dim() == 2 &&
+                  offsets.size(0) == N && offsets.size(1) == T, "bitmap_to_dense: offsets must be contiguous int32 [", N,
+              ", ", T, "]");
+  at::Tensor out = at::empty({N, K}, values.options());
+  if (N == 0) return out;
+  const int32_t* off = offsets.data_ptr<int32_t>();
+  TORCH_CHECK(off[0] == 0 && off[(N - 1) * T] <= values.numel(), "bitmap_to_dense: offsets are inconsistent with ",
+              values.numel(), " values");
+  BmArgs a{nullptr, nullptr, values.data_ptr(), reinterpret_cast<const uint32_t*>(bitmap.data_ptr<int32_t>()), off,
+           0, N, K, W, T, tile_k, values.numel(), false};
+  const Isa isa = active_isa();
+  at::parallel_for(0, N, std::max<int64_t>(1, (int64_t{256} << 10) / (K * 4)), [&](int64_t r0, int64_t r1) {
+    if (values.scalar_type() == at::kFloat) {
+      bm_decompress_rows<float>(isa, a, r0, r1, out.data_ptr<float>() + r0 * K);
+    } else {
+      bm_decompress_rows<uint16_t>(isa, a, r0, r1, reinterpret_cast<uint16_t*>(out.data_ptr()) + r0 * K);
+    }
+  });
+  return out;
 }
 
 }  // namespace laco

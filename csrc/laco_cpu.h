@@ -96,6 +96,18 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at
                          const at::Tensor& offsets, int64_t tile_k, const c10::optional<at::Tensor>& bias,
                          int64_t out_features, int64_t in_features);
 
+// Dense [N, K] weight from the packed formats (the panel path's decompressors, whole weight).
+at::Tensor sparse24_to_dense(const at::Tensor& values, const at::Tensor& meta, int64_t out_features,
+                             int64_t in_features);
+at::Tensor bitmap_to_dense(const at::Tensor& values, const at::Tensor& bitmap, const at::Tensor& offsets, int64_t tile_k,
+                           int64_t out_features, int64_t in_features);
+
+// masked_linear (csrc/masked_linear.cpp): weight [N, K] dense fp32 / bf16, bits int32 [N, ceil(K/32)].
+at::Tensor masked_linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bits,
+                                 const c10::optional<at::Tensor>& bias);
+at::Tensor masked_linear_grad_input(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& bits);
+at::Tensor masked_linear_grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits);
+
 std::tuple<at::Tensor, at::Tensor> reconstruction_loss_forward(const at::Tensor& pred, const at::Tensor& target,
                                                                const std::string& kind);
 
@@ -108,9 +120,9 @@ at::Tensor reconstruction_loss_backward(const at::Tensor& grad_out, const at::Te
 enum class LinearOp : int { kSparse24 = 0, kBitmap = 1 };
 // fill(r0, r1, dst): write dense weight rows [r0, r1) (x's dtype, row-major [r1 - r0, K]) to dst.
 using PanelFill = std::function<void(int64_t, int64_t, void*)>;
-// Smallest M that takes the panel path for this op and x dtype under the active ISA (measured defaults,
-// or the value of set_panel_min_m when that is >= 0).
-int64_t panel_min_m(LinearOp op, at::ScalarType dt);
+// Smallest M that takes the panel path for this op, x dtype and [N, K] weight under the active ISA
+// (measured defaults, or the value of set_panel_min_m when that is >= 0).
+int64_t panel_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K);
 void set_panel_min_m(int64_t m);  // -1: measured defaults; 0: always the panel; huge: never
 void set_panel_bytes(int64_t bytes);
 int64_t panel_bytes();

@@ -18,31 +18,41 @@
 namespace laco {
 
 namespace {
-// Dense bytes per panel. Measured on this project's 2-core Xeon (AMX, 2 MB L2/core) with predecompressed
-// panels against one F.linear: 0.5 MB panels cost 10-40% (the GEMM re-packs x for every panel and small
-// N blocks use the AMX/AVX-512 microkernels badly), 8 MB panels 0-5%; see docs/cpu_kernels.md.
-std::atomic<int64_t> g_panel_bytes{int64_t{8} << 20};
+// Dense bytes per panel (at least M rows, at most kMaxPanelBytes). Two costs pull apart: a panel that
+// leaves L2 (2 MB/core on the Xeon we measured) is written back and re-read, which for memory-bound M
+// costs more than the half of the weight 2:4 saves; a panel of few rows makes the GEMM re-pack x once
+// per panel (M x K each time) and run its microkernels on a narrow N. Measured on the 2-core Xeon (AMX)
+// with predecompressed panels against one F.linear: 0.5 MB panels 0.54-0.92x at M >= 16, 8 MB 0.84-1.2x
+// (under load); with decompression the 1-2 MB panels were no worse than 8 MB at M <= 64 (see
+// docs/cpu_kernels.md). Hence: 1 MB, or M rows when M is larger (x re-packed at most ~once per own size).
+std::atomic<int64_t> g_panel_bytes{int64_t{1} << 20};
+constexpr int64_t kMaxPanelBytes = int64_t{8} << 20;
 std::atomic<int64_t> g_min_m_override{-1};
 
-// Smallest M that takes the panel path, per op, dtype and ISA of the direct kernel. Measured with
-// bench/cpu_kernels.py (--panel-sweep) on the 2-core Xeon (AMX BF16): see docs/cpu_kernels.md. With
-// a weaker BLAS (no AMX) the direct kernels win up to a larger M; these values then under-use them
-// but never pick a path slower than dense F.linear by more than the panel overhead.
-int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa) {
-  const bool bf16 = dt == at::kBFloat16;
+// Smallest M that takes the panel path, per op, dtype, ISA of the direct kernel and weight size.
+// Measured (interleaved with F.linear, ratios of minima; the 2-core Xeon was heavily loaded, load
+// average 7-13, so these are coarse) on SmolLM2 576x1536 / 1536x576 ("small": the dense weight stays in
+// cache, dense F.linear pays no memory stream, the direct kernels win longer) and 7B 4096x11008 /
+// 11008x4096 ("large": dense streams >= 16 MB from DRAM). Table and evidence: docs/cpu_kernels.md.
+// The AVX2 and AVX-512-without-BF16 rows are predictions (the direct kernels there are half as wide,
+// or widen bf16 to fp32: half the measured AVX-512 thresholds), not measurements.
+int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_bytes) {
+  const bool bf16 = dt == at::kBFloat16, large = dense_bytes >= (int64_t{16} << 20);
   if (isa == Isa::kScalar) return 2;  // the scalar kernels lose to any BLAS beyond one row of x
+  int64_t m;
   if (op == LinearOp::kSparse24) {
-    if (bf16) return isa >= Isa::kAvx512Bf16 ? 4 : 2;
-    return isa >= Isa::kAvx512 ? 32 : 16;
+    m = bf16 ? (large ? 8 : 16) : (large ? 16 : 128);
+  } else {
+    m = bf16 ? 8 : (large ? 16 : 32);
   }
-  if (bf16) return isa >= Isa::kAvx512Bf16 ? 4 : 2;
-  return isa >= Isa::kAvx512 ? 16 : 8;
+  const bool full = bf16 ? isa >= Isa::kAvx512Bf16 : isa >= Isa::kAvx512;
+  return full ? m : std::max<int64_t>(2, m / 2);
 }
 }  // namespace
 
-int64_t panel_min_m(LinearOp op, at::ScalarType dt) {
+int64_t panel_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
   const int64_t o = g_min_m_override.load();
-  return o >= 0 ? o : default_min_m(op, dt, active_isa());
+  return o >= 0 ? o : default_min_m(op, dt, active_isa(), N * K * static_cast<int64_t>(c10::elementSize(dt)));
 }
 
 void set_panel_min_m(int64_t m) { g_min_m_override = m; }
@@ -63,10 +73,17 @@ at::Tensor panel_linear(const at::Tensor& x, const c10::optional<at::Tensor>& bi
   // bias in x's dtype, as F.linear requires (an fp32 bias with bf16 x is rounded to bf16 first)
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->to(x.scalar_type()).contiguous();
-  int64_t rows = std::max<int64_t>(16, g_panel_bytes.load() / std::max<int64_t>(K * es, 1) / 16 * 16);
-  rows = std::min(rows, N);
-  at::Tensor panel = at::empty({rows, K}, x.options());
-  char* base = static_cast<char*>(panel.data_ptr());
+  const int64_t row_bytes = std::max<int64_t>(K * es, 1);
+  int64_t rows = std::max(g_panel_bytes.load() / row_bytes, M);
+  rows = std::min(rows, std::max(g_panel_bytes.load(), kMaxPanelBytes) / row_bytes);
+  rows = std::min(std::max<int64_t>(16, rows / 16 * 16), N);
+  // The panel buffer is kept per calling thread and reused: a fresh multi-MB allocation is mmapped and
+  // page-faulted on every call (measured: ~0.2 ms of a 0.35 ms SmolLM2-sized call at M = 1).
+  thread_local at::Tensor cache;
+  const int64_t need = rows * K * es;
+  if (!cache.defined() || cache.numel() < need) cache = at::empty({need}, at::TensorOptions().dtype(at::kByte));
+  char* base = static_cast<char*>(cache.data_ptr());
+  at::Tensor panel = at::from_blob(base, {rows, K}, x.options());
   // rows per decompression chunk: ~256 KB of dense weight each, so a small panel stays on one thread
   const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / std::max<int64_t>(K * es, 1));
   for (int64_t n0 = 0; n0 < N; n0 += rows) {

@@ -371,7 +371,7 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
               W, "], got ", meta.sizes());
   linear_check_x(x, values, K, op);
   at::Tensor b32 = linear_bias_fp32(bias, N, op);
-  if (x.size(0) >= panel_min_m(LinearOp::kSparse24, x.scalar_type())) {
+  if (x.size(0) >= panel_min_m(LinearOp::kSparse24, x.scalar_type(), N, K)) {
     const Isa isa = active_isa();
     const uint32_t* mp = reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>());
     if (values.scalar_type() == at::kFloat) {
@@ -401,6 +401,28 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
   }
   s24_run<uint16_t>(a, bp, y.data_ptr<float>());
   return y.to(at::kBFloat16);  // round to nearest even
+}
+
+at::Tensor sparse24_to_dense(const at::Tensor& values, const at::Tensor& meta, int64_t out_features,
+                             int64_t in_features) {
+  const int64_t N = out_features, K = in_features, W = (K / 4 + 7) / 8;
+  TORCH_CHECK(K > 0 && K % 4 == 0 && values.dim() == 2 && values.size(0) == N && values.size(1) == K / 2 &&
+                  values.is_contiguous() && (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
+              "sparse24_to_dense: values must be contiguous fp32 / bf16 [", N, ", ", K / 2, "]");
+  TORCH_CHECK(meta.scalar_type() == at::kInt && meta.is_contiguous() && meta.dim() == 2 && meta.size(0) == N &&
+                  meta.size(1) == W, "sparse24_to_dense: meta must be contiguous int32 [", N, ", ", W, "]");
+  at::Tensor out = at::empty({N, K}, values.options());
+  const Isa isa = active_isa();
+  const uint32_t* mp = reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>());
+  at::parallel_for(0, N, std::max<int64_t>(1, (int64_t{256} << 10) / (K * 4)), [&](int64_t r0, int64_t r1) {
+    if (values.scalar_type() == at::kFloat) {
+      s24_decompress_rows<float>(isa, values.data_ptr<float>(), mp, K, W, r0, r1, out.data_ptr<float>() + r0 * K);
+    } else {
+      s24_decompress_rows<uint16_t>(isa, reinterpret_cast<const uint16_t*>(values.data_ptr()), mp, K, W, r0, r1,
+                                    reinterpret_cast<uint16_t*>(out.data_ptr()) + r0 * K);
+    }
+  });
+  return out;
 }
 
 }  // namespace laco
