@@ -34,8 +34,7 @@ std::atomic<int64_t> g_min_m_override{-1};
 // average 7-13, so these are coarse) on SmolLM2 576x1536 / 1536x576 ("small": the dense weight stays in
 // cache, dense F.linear pays no memory stream, the direct kernels win longer) and 7B 4096x11008 /
 // 11008x4096 ("large": dense streams >= 16 MB from DRAM). Table and evidence: docs/cpu_kernels.md.
-// The AVX2 and AVX-512-without-BF16 rows are predictions (the direct kernels there are half as wide,
-// or widen bf16 to fp32: half the measured AVX-512 thresholds), not measurements.
+// AVX2 and AVX-512 without BF16 use the same values (not tuned there; see below).
 int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_bytes) {
   const bool bf16 = dt == at::kBFloat16, large = dense_bytes >= (int64_t{16} << 20);
   if (isa == Isa::kScalar) return 2;  // the scalar kernels lose to any BLAS beyond one row of x
@@ -45,8 +44,11 @@ int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_byt
   } else {
     m = bf16 ? 8 : (large ? 16 : 8);  // fp32 7B: the direct kernel reads 30% of the bytes, 1.85x dense at M = 8
   }
-  const bool full = bf16 ? isa >= Isa::kAvx512Bf16 : isa >= Isa::kAvx512;
-  return full ? m : std::max<int64_t>(2, m / 2);
+  // AVX2 / AVX-512 without BF16: the same M. Halving it was tried and measured worse (--isa avx2,
+  // SmolLM2 1536x576, load 6: bitmap fp32 at M = 4 through panels 0.38-0.46x dense), because the
+  // decompressors there are scalar.
+  (void)isa;
+  return m;
 }
 }  // namespace
 
