@@ -345,6 +345,47 @@ LACO_AVX512 void bm_decompress_avx512(const BmArgs& a, const uint32_t* bits, con
   bm_decompress_tail<VT>(a, bits, wf, p, dst);
 }
 
+// AVX2: 8 columns per step with the permute table of bm_avx2 (no expand instruction), on 32-bit lanes
+// (bf16 bits zero-extended, packed back to 16 bits on store).
+template <typename VT>
+LACO_AVX2 void bm_decompress_avx2(const BmArgs& a, const uint32_t* bits, const VT* p, VT* dst) {
+  const VT* values_end = static_cast<const VT*>(a.values) + a.nnz;
+  const int32_t* perm = &perm_table().idx[0][0];
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const int64_t wf = a.K / 32;
+  for (int64_t w = 0; w < wf; ++w) {
+    const uint32_t b = bits[w];
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t byte = (b >> (8 * q)) & 0xffu;
+      const int c = __builtin_popcount(byte);
+      alignas(32) VT tmp[8] = {};
+      const VT* src = p;
+      if (p + 8 > values_end) {  // the last few values of the tensor: copy, never read past the end
+        std::copy(p, p + c, tmp);
+        src = tmp;
+      }
+      __m256i packed;
+      if constexpr (std::is_same_v<VT, float>) {
+        packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+      } else {
+        packed = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+      }
+      const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(byte)), lane_bit), lane_bit);
+      const __m256i pi = _mm256_load_si256(reinterpret_cast<const __m256i*>(perm + 8 * byte));
+      const __m256i v = _mm256_and_si256(_mm256_permutevar8x32_epi32(packed, pi), on);
+      VT* d = dst + 32 * w + 8 * q;
+      if constexpr (std::is_same_v<VT, float>) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), v);
+      } else {  // lanes hold 0..65535: the unsigned-saturating pack is exact
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d),
+                         _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+      }
+      p += c;
+    }
+  }
+  bm_decompress_tail<VT>(a, bits, wf, p, dst);
+}
+
 LACO_AVX512BF16 void bm_decompress_bf16(const BmArgs& a, const uint32_t* bits, const uint16_t* p, uint16_t* dst) {
   const int64_t wf = a.K / 32;
   for (int64_t w = 0; w < wf; ++w) {
@@ -372,6 +413,10 @@ void bm_decompress_rows(Isa isa, const BmArgs& a, int64_t r0, int64_t r1, VT* ds
     }
     if (isa >= Isa::kAvx512) {
       bm_decompress_avx512<VT>(a, bits, p, dst);
+      continue;
+    }
+    if (isa == Isa::kAvx2) {
+      bm_decompress_avx2<VT>(a, bits, p, dst);
       continue;
     }
 #endif
