@@ -300,6 +300,129 @@ void bm_run(BmArgs a, const float* bias, float* y) {
   });
 }
 
+
+// ---- decompression into a dense panel (the panel path, csrc/panel.cpp) ----------------------------
+// Words [w0, W) of one row, scalar: zero the columns, then place each value at its set bit
+// (padding bits past K still own values in order, as in bm_scalar).
+template <typename VT>
+void bm_decompress_tail(const BmArgs& a, const uint32_t* bits, int64_t w0, const VT* p, VT* dst) {
+  std::fill(dst + 32 * w0, dst + a.K, VT(0));
+  for (int64_t w = w0; w < a.W; ++w) {
+    uint32_t b = bits[w];
+    const uint32_t keep = valid_bits(a, w);
+    const uint32_t rest = b & ~keep;
+    b &= keep;
+    while (b) {
+      dst[32 * w + __builtin_ctz(b)] = *p++;
+      b &= b - 1;
+    }
+    p += __builtin_popcount(rest);
+  }
+}
+
+#if LACO_X86
+template <typename VT>
+LACO_AVX512 void bm_decompress_avx512(const BmArgs& a, const uint32_t* bits, const VT* p, VT* dst) {
+  const int64_t wf = a.K / 32;
+  for (int64_t w = 0; w < wf; ++w) {
+    const uint32_t b = bits[w];
+    if constexpr (std::is_same_v<VT, float>) {
+      _mm512_storeu_ps(dst + 32 * w, _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(b), p));
+      p += __builtin_popcount(b & 0xffffu);
+      _mm512_storeu_ps(dst + 32 * w + 16, _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(b >> 16), p));
+      p += __builtin_popcount(b >> 16);
+    } else {  // bf16 bits without VBMI2: widen, expand as 32-bit lanes, narrow back
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t bh = (b >> (16 * h)) & 0xffffu;
+        const int c = __builtin_popcount(bh);
+        const __m512i packed = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << c) - 1u), p));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32 * w + 16 * h),
+                            _mm512_cvtepi32_epi16(_mm512_maskz_expand_epi32(static_cast<__mmask16>(bh), packed)));
+        p += c;
+      }
+    }
+  }
+  bm_decompress_tail<VT>(a, bits, wf, p, dst);
+}
+
+// AVX2: 8 columns per step with the permute table of bm_avx2 (no expand instruction), on 32-bit lanes
+// (bf16 bits zero-extended, packed back to 16 bits on store).
+template <typename VT>
+LACO_AVX2 void bm_decompress_avx2(const BmArgs& a, const uint32_t* bits, const VT* p, VT* dst) {
+  const VT* values_end = static_cast<const VT*>(a.values) + a.nnz;
+  const int32_t* perm = &perm_table().idx[0][0];
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const int64_t wf = a.K / 32;
+  for (int64_t w = 0; w < wf; ++w) {
+    const uint32_t b = bits[w];
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t byte = (b >> (8 * q)) & 0xffu;
+      const int c = __builtin_popcount(byte);
+      alignas(32) VT tmp[8] = {};
+      const VT* src = p;
+      if (p + 8 > values_end) {  // the last few values of the tensor: copy, never read past the end
+        std::copy(p, p + c, tmp);
+        src = tmp;
+      }
+      __m256i packed;
+      if constexpr (std::is_same_v<VT, float>) {
+        packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+      } else {
+        packed = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+      }
+      const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(byte)), lane_bit), lane_bit);
+      const __m256i pi = _mm256_load_si256(reinterpret_cast<const __m256i*>(perm + 8 * byte));
+      const __m256i v = _mm256_and_si256(_mm256_permutevar8x32_epi32(packed, pi), on);
+      VT* d = dst + 32 * w + 8 * q;
+      if constexpr (std::is_same_v<VT, float>) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), v);
+      } else {  // lanes hold 0..65535: the unsigned-saturating pack is exact
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d),
+                         _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+      }
+      p += c;
+    }
+  }
+  bm_decompress_tail<VT>(a, bits, wf, p, dst);
+}
+
+LACO_AVX512BF16 void bm_decompress_bf16(const BmArgs& a, const uint32_t* bits, const uint16_t* p, uint16_t* dst) {
+  const int64_t wf = a.K / 32;
+  for (int64_t w = 0; w < wf; ++w) {
+    const uint32_t b = bits[w];
+    _mm512_storeu_si512(dst + 32 * w, _mm512_maskz_expandloadu_epi16(static_cast<__mmask32>(b), p));
+    p += __builtin_popcount(b);
+  }
+  bm_decompress_tail<uint16_t>(a, bits, wf, p, dst);
+}
+#endif
+
+// Dense rows [r0, r1) of the weight into dst ([r1 - r0, K], VT).
+template <typename VT>
+void bm_decompress_rows(Isa isa, const BmArgs& a, int64_t r0, int64_t r1, VT* dst) {
+  const VT* values = static_cast<const VT*>(a.values);
+  for (int64_t n = r0; n < r1; ++n, dst += a.K) {
+    const uint32_t* bits = a.bitmap + n * a.W;
+    const VT* p = values + a.offsets[n * a.T];
+#if LACO_X86
+    if constexpr (std::is_same_v<VT, uint16_t>) {
+      if (isa >= Isa::kAvx512Bf16) {
+        bm_decompress_bf16(a, bits, p, dst);
+        continue;
+      }
+    }
+    if (isa >= Isa::kAvx512) {
+      bm_decompress_avx512<VT>(a, bits, p, dst);
+      continue;
+    }
+    if (isa == Isa::kAvx2) {
+      bm_decompress_avx2<VT>(a, bits, p, dst);
+      continue;
+    }
+#endif
+    bm_decompress_tail<VT>(a, bits, 0, p, dst);
+  }
+}
 }  // namespace
 
 at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmap,
@@ -319,21 +442,33 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at
               ", ", W, "], got ", bitmap.sizes());
   TORCH_CHECK(offsets.dim() == 2 && offsets.size(0) == N && offsets.size(1) == T, op,
               ": offsets must have shape [", N, ", ", T, "], got ", offsets.sizes());
-  at::Tensor x32 = linear_x_fp32(x, values, K, op);
+  linear_check_x(x, values, K, op);
   at::Tensor b32 = linear_bias_fp32(bias, N, op);
-  const int64_t M = x32.size(0);
-  at::Tensor y = at::empty({M, N}, x32.options());
-  if (M == 0 || N == 0) return y.to(x.scalar_type());
+  const int64_t M = x.size(0);
+  if (M == 0 || N == 0) return at::empty({M, N}, x.options());
   // A row's values must lie inside the tensor: checked on the offsets of each row's first tile
   // and the total count (a BitmapWeight from from_dense/validate() is consistent).
   const int64_t nnz = values.numel();
   const int32_t* off = offsets.data_ptr<int32_t>();
   TORCH_CHECK(off[0] == 0 && off[(N - 1) * T] <= nnz, op, ": offsets are inconsistent with ", nnz, " values");
-
-  at::Tensor x16 = x.scalar_type() == at::kBFloat16 ? x.contiguous() : at::Tensor();
-  BmArgs a{x32.data_ptr<float>(), x16.defined() ? reinterpret_cast<const uint16_t*>(x16.data_ptr()) : nullptr,
-           values.data_ptr(), reinterpret_cast<const uint32_t*>(bitmap.data_ptr<int32_t>()),
+  BmArgs a{nullptr, nullptr, values.data_ptr(), reinterpret_cast<const uint32_t*>(bitmap.data_ptr<int32_t>()),
            off, M, N, K, W, T, tile_k, nnz, false};
+  if (M >= panel_min_m(LinearOp::kBitmap, x.scalar_type(), N, K)) {
+    const Isa isa = active_isa();
+    if (values.scalar_type() == at::kFloat) {
+      return panel_linear(x, bias, N, K, [=](int64_t r0, int64_t r1, void* dst) {
+        bm_decompress_rows<float>(isa, a, r0, r1, static_cast<float*>(dst));
+      });
+    }
+    return panel_linear(x, bias, N, K, [=](int64_t r0, int64_t r1, void* dst) {
+      bm_decompress_rows<uint16_t>(isa, a, r0, r1, static_cast<uint16_t*>(dst));
+    });
+  }
+  at::Tensor x32 = linear_x_fp32(x, values, K, op);
+  at::Tensor y = at::empty({M, N}, x32.options());
+  at::Tensor x16 = x.scalar_type() == at::kBFloat16 ? x.contiguous() : at::Tensor();
+  a.x = x32.data_ptr<float>();
+  a.x16 = x16.defined() ? reinterpret_cast<const uint16_t*>(x16.data_ptr()) : nullptr;
   const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
   if (values.scalar_type() == at::kFloat) {
     bm_run<float>(a, bp, y.data_ptr<float>());
@@ -341,6 +476,37 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at
   }
   bm_run<uint16_t>(a, bp, y.data_ptr<float>());
   return y.to(at::kBFloat16);
+}
+
+at::Tensor bitmap_to_dense(const at::Tensor& values, const at::Tensor& bitmap, const at::Tensor& offsets, int64_t tile_k,
+                           int64_t out_features, int64_t in_features) {
+  const int64_t N = out_features, K = in_features, W = (K + 31) / 32;
+  TORCH_CHECK(K > 0 && tile_k > 0 && tile_k % 32 == 0, "bitmap_to_dense: bad K or tile_k");
+  const int64_t T = (K + tile_k - 1) / tile_k;
+  TORCH_CHECK(values.dim() == 1 && values.is_contiguous() &&
+                  (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
+              "bitmap_to_dense: values must be contiguous 1-D fp32 / bf16");
+  TORCH_CHECK(bitmap.scalar_type() == at::kInt && bitmap.is_contiguous() && bitmap.dim() == 2 && bitmap.size(0) == N &&
+                  bitmap.size(1) == W, "bitmap_to_dense: bitmap must be contiguous int32 [", N, ", ", W, "]");
+  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.is_contiguous() && offsets.dim() == 2 &&
+                  offsets.size(0) == N && offsets.size(1) == T, "bitmap_to_dense: offsets must be contiguous int32 [", N,
+              ", ", T, "]");
+  at::Tensor out = at::empty({N, K}, values.options());
+  if (N == 0) return out;
+  const int32_t* off = offsets.data_ptr<int32_t>();
+  TORCH_CHECK(off[0] == 0 && off[(N - 1) * T] <= values.numel(), "bitmap_to_dense: offsets are inconsistent with ",
+              values.numel(), " values");
+  BmArgs a{nullptr, nullptr, values.data_ptr(), reinterpret_cast<const uint32_t*>(bitmap.data_ptr<int32_t>()), off,
+           0, N, K, W, T, tile_k, values.numel(), false};
+  const Isa isa = active_isa();
+  at::parallel_for(0, N, std::max<int64_t>(1, (int64_t{256} << 10) / (K * 4)), [&](int64_t r0, int64_t r1) {
+    if (values.scalar_type() == at::kFloat) {
+      bm_decompress_rows<float>(isa, a, r0, r1, out.data_ptr<float>() + r0 * K);
+    } else {
+      bm_decompress_rows<uint16_t>(isa, a, r0, r1, reinterpret_cast<uint16_t*>(out.data_ptr()) + r0 * K);
+    }
+  });
+  return out;
 }
 
 }  // namespace laco

@@ -77,7 +77,7 @@ int64_t linear_row_grain(int64_t m, int64_t k) {
   return std::max<int64_t>(1, kMinChunkMacs / std::max<int64_t>(m * k, 1));
 }
 
-at::Tensor linear_x_fp32(const at::Tensor& x, const at::Tensor& values, int64_t in_features, const char* op) {
+void linear_check_x(const at::Tensor& x, const at::Tensor& values, int64_t in_features, const char* op) {
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(values.device().is_cpu(), op, ": values must be a CPU tensor, got ", values.device());
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", x.sizes());
@@ -87,6 +87,10 @@ at::Tensor linear_x_fp32(const at::Tensor& x, const at::Tensor& values, int64_t 
   TORCH_CHECK(values.scalar_type() == x.scalar_type(), op, ": x has dtype ", x.scalar_type(),
               " but the weight values have dtype ", values.scalar_type());
   TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
+}
+
+at::Tensor linear_x_fp32(const at::Tensor& x, const at::Tensor& values, int64_t in_features, const char* op) {
+  linear_check_x(x, values, in_features, op);
   return x.to(at::kFloat).contiguous();
 }
 

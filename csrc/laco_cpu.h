@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <type_traits>
 
@@ -95,6 +96,18 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at
                          const at::Tensor& offsets, int64_t tile_k, const c10::optional<at::Tensor>& bias,
                          int64_t out_features, int64_t in_features);
 
+// Dense [N, K] weight from the packed formats (the panel path's decompressors, whole weight).
+at::Tensor sparse24_to_dense(const at::Tensor& values, const at::Tensor& meta, int64_t out_features,
+                             int64_t in_features);
+at::Tensor bitmap_to_dense(const at::Tensor& values, const at::Tensor& bitmap, const at::Tensor& offsets, int64_t tile_k,
+                           int64_t out_features, int64_t in_features);
+
+// masked_linear (csrc/masked_linear.cpp): weight [N, K] dense fp32 / bf16, bits int32 [N, ceil(K/32)].
+at::Tensor masked_linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bits,
+                                 const c10::optional<at::Tensor>& bias);
+at::Tensor masked_linear_grad_input(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& bits);
+at::Tensor masked_linear_grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits);
+
 std::tuple<at::Tensor, at::Tensor> reconstruction_loss_forward(const at::Tensor& pred, const at::Tensor& target,
                                                                const std::string& kind);
 
@@ -103,6 +116,20 @@ at::Tensor reconstruction_loss_backward(const at::Tensor& grad_out, const at::Te
                                         const at::Tensor& stats);
 
 // ---- helpers shared by the two linears ---------------------------------------------------
+// Panel path (csrc/panel.cpp): y = x @ dense^T + bias through at::addmm on blocks of decompressed rows.
+enum class LinearOp : int { kSparse24 = 0, kBitmap = 1 };
+// fill(r0, r1, dst): write dense weight rows [r0, r1) (x's dtype, row-major [r1 - r0, K]) to dst.
+using PanelFill = std::function<void(int64_t, int64_t, void*)>;
+// Smallest M that takes the panel path for this op, x dtype and [N, K] weight under the active ISA
+// (measured defaults, or the value of set_panel_min_m when that is >= 0).
+int64_t panel_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K);
+void set_panel_min_m(int64_t m);  // -1: measured defaults; 0: always the panel; huge: never
+void set_panel_bytes(int64_t bytes);
+int64_t panel_bytes();
+// x: [M, K] CPU fp32 / bf16 (any strides), already checked; returns y [M, N] in x's dtype.
+at::Tensor panel_linear(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t N, int64_t K,
+                        const PanelFill& fill);
+
 // Columns of x per K-block for an M-block of m rows: the whole row when one row (m = 1) fits in
 // 512 KB, for m > 1 when the m rows fit in 24 KB of L1 (else each weight vector costs m L2 reads
 // of x); otherwise a multiple of `align` columns that does.
@@ -112,7 +139,9 @@ int64_t linear_k_block(int64_t m, int64_t k, int64_t align);
 // small to repay an OpenMP fork/join (SmolLM2's linears at decode: ~40 us) runs on one thread.
 int64_t linear_row_grain(int64_t m, int64_t k);
 
-// Checks shared by the linears; returns x as fp32 [M, K] contiguous (a copy for bf16 x).
+// Checks shared by the linears (device, rank, K, dtype of x and values).
+void linear_check_x(const at::Tensor& x, const at::Tensor& values, int64_t in_features, const char* op);
+// Returns x as fp32 [M, K] contiguous (a copy for bf16 x); call linear_check_x first.
 at::Tensor linear_x_fp32(const at::Tensor& x, const at::Tensor& values, int64_t in_features, const char* op);
 // bias as fp32 [N] contiguous, or an undefined tensor.
 at::Tensor linear_bias_fp32(const c10::optional<at::Tensor>& bias, int64_t out_features, const char* op);

@@ -7,11 +7,15 @@ The ops layer calls, for CPU tensors whose dtypes pass :func:`supports_dtype`:
 
 - ``sparse24_linear(x, w24, bias=None, values=None)`` -> ``[..., N]`` in x's dtype
 - ``bitmap_linear(x, bw, bias=None)`` -> ``[..., N]`` in x's dtype
+- ``masked_linear_forward(x, weight, bits, bias=None)`` -> ``[..., N]``; ``masked_linear_grad_input`` /
+  ``masked_linear_grad_weight`` for its backward (dX; dW exactly 0 where the mask is)
 - ``reconstruction_loss_forward(pred, target, kind)`` -> ``(loss, stats)``
 - ``reconstruction_loss_backward(grad_out, pred, target, kind, stats)`` -> grad of pred
 
 Native kernels take float32 and bfloat16 (accumulation in fp32; bf16 outputs rounded to
-nearest even). float16 is not implemented natively: ``supports_dtype`` says False and the
+nearest even). Above an M threshold (:func:`panel_min_m`, measured per op, dtype and ISA)
+the sparse linears decompress blocks of weight rows into a dense panel and run the BLAS that
+``F.linear`` uses on it (csrc/panel.cpp); below it, the direct kernels. float16 is not implemented natively: ``supports_dtype`` says False and the
 caller must run the reference. None of these functions is differentiable; the autograd
 Functions in ``ops/`` call the backward explicitly.
 """
@@ -24,7 +28,7 @@ import torch
 from . import _C  # noqa: F401  (ImportError propagates: the extension is optional)
 from .formats import BitmapWeight, Sparse24Weight
 
-_OPS = ("sparse24_linear", "bitmap_linear", "reconstruction_loss")
+_OPS = ("sparse24_linear", "bitmap_linear", "masked_linear", "reconstruction_loss")
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -46,6 +50,22 @@ def isa() -> str:
 def set_isa(name: str) -> None:
     """Cap the ISA (``"auto"``, ``"scalar"``, ``"avx2"``, ``"avx512"``, ``"avx512bf16"``); for tests and benchmarks."""
     _C.set_isa(name)
+
+
+def panel_min_m(op: str, dtype: torch.dtype, shape) -> int:
+    """Smallest M (rows of x) at which ``op`` (``"sparse24_linear"`` / ``"bitmap_linear"``) runs through
+    decompressed panels and the BLAS instead of the direct kernel, for x of ``dtype``, a weight of
+    ``shape`` ``(N, K)``, under the active ISA."""
+    if dtype not in _DTYPES:
+        raise TypeError(f"panel_min_m: dtype must be float32 or bfloat16, got {dtype}")
+    n, k = shape
+    return _C.panel_min_m(op, "float32" if dtype == torch.float32 else "bfloat16", int(n), int(k))
+
+
+def set_panel_min_m(m: int | None) -> None:
+    """Force the panel threshold for every op (0: always panels; a huge M: never); None restores the
+    measured defaults. For tests and benchmarks."""
+    _C.set_panel_min_m(-1 if m is None else int(m))
 
 
 def _check_cpu(op: str, bias: torch.Tensor | None = None, **tensors) -> None:
@@ -89,6 +109,33 @@ def bitmap_linear(x: torch.Tensor, bw: BitmapWeight, bias: torch.Tensor | None =
     y = _C.bitmap_linear(x2, bw.values.contiguous(), bw.bitmap.contiguous(), bw.offsets.contiguous(),
                          bw.tile_k, bias, n, k)
     return y.reshape(*x.shape[:-1], n)
+
+
+def masked_linear_forward(x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x ``[..., K]`` @ (weight ``[N, K]`` ⊙ mask)^T + bias -> ``[..., N]`` in x's dtype (CPU, fp32 / bf16).
+
+    bits: ``PackedMask.bits`` (int32 ``[N, ceil(K/32)]``). bias is added in x's dtype (as F.linear does).
+    """
+    _check_cpu("masked_linear", x=x, weight=weight, bias=bias)
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    y = _C.masked_linear_forward(x2, weight.detach().contiguous(), bits.contiguous(),
+                                 None if bias is None else bias.detach())
+    return y.reshape(*x.shape[:-1], n)
+
+
+def masked_linear_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """dX ``[M, K]`` = grad_out ``[M, N]`` @ (weight ⊙ mask), in grad_out's dtype (cast to weight's first)."""
+    _check_cpu("masked_linear", grad_out=grad_out, weight=weight)
+    return _C.masked_linear_grad_input(grad_out.detach().to(weight.dtype), weight.detach().contiguous(),
+                                       bits.contiguous()).to(grad_out.dtype)
+
+
+def masked_linear_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """dW ``[N, K]`` = (grad_out ``[M, N]``^T @ x ``[M, K]``) ⊙ mask in x's dtype; exactly 0 where the mask is."""
+    _check_cpu("masked_linear", grad_out=grad_out, x=x)
+    return _C.masked_linear_grad_weight(grad_out.detach().to(x.dtype), x.detach(), bits.contiguous())
 
 
 def reconstruction_loss_forward(pred: torch.Tensor, target: torch.Tensor, kind: str) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -158,7 +158,8 @@ def test_native_rejects_bad_inputs():
         _native.reconstruction_loss_forward(torch.randn(2, 3), torch.randn(2, 3), "l1")
     with pytest.raises(ValueError, match="shape"):
         _native.reconstruction_loss_forward(torch.randn(2, 3), torch.randn(3, 2), "mse")
-    assert _native.supports("sparse24_linear") and not _native.supports("masked_linear")
+    assert _native.supports("sparse24_linear") and _native.supports("masked_linear")
+    assert not _native.supports("no_such_op")
     assert _native.supports_dtype("bitmap_linear", torch.bfloat16, torch.float32)
     assert not _native.supports_dtype("bitmap_linear", torch.float16)
 
@@ -232,7 +233,7 @@ def test_package_falls_back_to_reference_without_extension(monkeypatch):
 @needs_ext
 def test_dispatch_picks_native_when_built(monkeypatch):
     monkeypatch.setenv("LACO_BACKEND", "auto")
-    for op in ("sparse24_linear", "bitmap_linear", "reconstruction_loss"):
+    for op in ("sparse24_linear", "bitmap_linear", "masked_linear", "reconstruction_loss"):
         assert dispatch.select_backend(op, [torch.randn(2, 4)]) == "native"
 
 
@@ -284,3 +285,120 @@ def test_extension_present_no_warning():
     proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", "import laco_kernels"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+# ---------------------------------------------------------------------------------------------
+# Panel path (csrc/panel.cpp): above panel_min_m the linears decompress row blocks and call the BLAS.
+@pytest.fixture(params=["direct", "panel"])
+def linear_path(request):
+    """Force one side of the panel threshold for every op (restored to the measured defaults after)."""
+    _native.set_panel_min_m(10**9 if request.param == "direct" else 0)
+    yield request.param
+    _native.set_panel_min_m(None)
+
+
+# several panels: 1 MB panels of K=8196 fp32 rows hold 16 rows, N=37 makes 3 (the last one partial)
+PANEL_SHAPES = [(1, 5, 36), (3, 17, 100), (67, 9, 1000), (20, 37, 8196)]
+
+
+@needs_ext
+@pytest.mark.parametrize("isa_and_threads", CONFIGS, indirect=True, ids=lambda c: f"{c[0]}-t{c[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", PANEL_SHAPES, ids=str)
+def test_linears_both_sides_of_the_panel_threshold(isa_and_threads, linear_path, dtype, shape):
+    m, n, k = shape
+    w = torch.randn(n, k)
+    w24 = Sparse24Weight.from_dense(w.to(dtype), prune=True)
+    bw = BitmapWeight.from_dense((w * (torch.rand(n, k) < 0.3)).to(dtype))
+    x = torch.randn(k, m).to(dtype).t()  # non-contiguous x
+    for b in (None, torch.randn(n).to(dtype), torch.randn(n)):  # no bias, x's dtype, fp32 with bf16 x
+        y24, ybm = _native.sparse24_linear(x, w24, b), _native.bitmap_linear(x, bw, b)
+        assert y24.dtype == ybm.dtype == dtype and y24.shape == ybm.shape == (m, n)
+        _close(y24, reference.sparse24_linear(x, w24, b), dtype)
+        _close(ybm, reference.bitmap_linear(x, bw, b), dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("isa_and_threads", [(isa, 2) for isa in ISAS], indirect=True, ids=lambda c: c[0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decompressors_are_exact(isa_and_threads, dtype):
+    """The panel's dense rows equal the format's to_dense bit for bit (odd K, padding bits, empty rows)."""
+    n, k = 7, 1001 - 1001 % 4
+    w = torch.randn(n, k) * (torch.rand(n, k) < 0.4)
+    w[1] = 0
+    w[-1, -1] = 3.0
+    for tile_k in (32, 128):
+        bw = BitmapWeight.from_dense(w.to(dtype), tile_k=tile_k)
+        got = _native._C.bitmap_to_dense(bw.values, bw.bitmap, bw.offsets, bw.tile_k, n, k)
+        assert torch.equal(got, bw.to_dense())
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k).to(dtype), prune=True)
+    assert torch.equal(_native._C.sparse24_to_dense(w24.values, w24.meta, n, k), w24.to_dense())
+    # through the panel GEMM: x = I gives the dense weight back (exact: one nonzero product per output)
+    _native.set_panel_min_m(0)
+    try:
+        eye = torch.eye(k).to(dtype)
+        assert torch.equal(_native.sparse24_linear(eye, w24).t(), w24.to_dense())
+        assert torch.equal(_native.bitmap_linear(eye, bw).t(), bw.to_dense())
+    finally:
+        _native.set_panel_min_m(None)
+
+
+@needs_ext
+def test_panel_thresholds_are_reported():
+    for op in ("sparse24_linear", "bitmap_linear"):
+        for dt in DTYPES:
+            for shape in ((576, 1536), (11008, 4096)):
+                assert 2 <= _native.panel_min_m(op, dt, shape) <= 1024
+    _native.set_panel_min_m(3)
+    try:
+        assert _native.panel_min_m("bitmap_linear", torch.float32, (8, 8)) == 3
+    finally:
+        _native.set_panel_min_m(None)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        _native.panel_min_m("bitmap_linear", torch.float16, (8, 8))
+    with pytest.raises(RuntimeError, match="unknown op"):
+        _native.panel_min_m("dense", torch.float32, (8, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# masked_linear (csrc/masked_linear.cpp)
+def _masked_case(n, k, dtype, density=0.5):
+    w = torch.randn(n, k).to(dtype)
+    mask = torch.rand(n, k) < density
+    return w, mask, laco_kernels.formats.PackedMask.from_bool(mask)
+
+
+@needs_ext
+@pytest.mark.parametrize("isa_and_threads", CONFIGS, indirect=True, ids=lambda c: f"{c[0]}-t{c[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 5, 36), (3, 17, 100), (67, 9, 1001), (5, 300, 4100)], ids=str)
+def test_masked_linear_native_matches_reference(isa_and_threads, dtype, shape):
+    """Forward, dX and dW against the reference; pruned dW entries exactly 0. (5, 300, 4100) at fp32
+    spans several 1 MB column blocks in dX."""
+    m, n, k = shape
+    w, mask, pm = _masked_case(n, k, dtype)
+    x = torch.randn(k, m).to(dtype).t()  # non-contiguous
+    dy = torch.randn(m, n).to(dtype)
+    for b in (None, torch.randn(n).to(dtype)):
+        y = _native.masked_linear_forward(x, w, pm.bits, b)
+        assert y.dtype == dtype and y.shape == (m, n)
+        _close(y, reference.masked_linear(x, w, mask, b), dtype)
+    dx = _native.masked_linear_grad_input(dy, w, pm.bits)
+    assert dx.dtype == dtype and dx.shape == (m, k)
+    _close(dx, (dy.float() @ (w.float() * mask)).to(dtype), dtype)
+    dw = _native.masked_linear_grad_weight(dy, x, pm.bits)
+    assert dw.dtype == dtype and dw.shape == (n, k)
+    _close(dw, reference.masked_weight_grad(dy, x, mask), dtype)
+    assert bool((dw[~mask] == 0).all())
+
+
+@needs_ext
+def test_masked_linear_native_rejects_bad_inputs():
+    w, mask, pm = _masked_case(8, 40, torch.float32)
+    with pytest.raises(RuntimeError, match="mask bits must have shape"):
+        _native.masked_linear_forward(torch.randn(2, 40), w, pm.bits[:, :0].contiguous())
+    with pytest.raises(RuntimeError, match="dtype"):
+        _native.masked_linear_forward(torch.randn(2, 40).bfloat16(), w, pm.bits)
+    with pytest.raises(RuntimeError, match="columns"):
+        _native.masked_linear_grad_input(torch.randn(2, 7), w, pm.bits)
+    with pytest.raises(RuntimeError, match="same M"):
+        _native.masked_linear_grad_weight(torch.randn(3, 8), torch.randn(2, 40), pm.bits)

@@ -9,9 +9,10 @@ created besides dW (the mask is expanded tile by tile in registers).
 
 Backends (``ops.dispatch.select_backend``): CUDA tensors -> Triton, or ``F.linear(x, W * M)``
 with autograd where the SASS audit predicts the Triton kernels slower (``ops/train_dispatch.py``;
-``LACO_TRAIN_PATH`` / ``path=`` override; the torch path materialises W ⊙ M); CPU -> the PyTorch
-reference (the native extension has no masked_linear; forcing ``LACO_BACKEND=native`` raises
-in the dispatcher); ``LACO_BACKEND=triton`` with ``TRITON_INTERPRET=1`` runs the kernels on CPU.
+``LACO_TRAIN_PATH`` / ``path=`` override; the torch path materialises W ⊙ M); CPU -> the native
+extension (csrc/masked_linear.cpp: the mask applied block by block in one vector pass, every
+product through the BLAS of ``F.linear``; fp32 / bf16, fp16 runs the reference) when built, else
+the PyTorch reference; ``LACO_BACKEND=triton`` with ``TRITON_INTERPRET=1`` runs the kernels on CPU.
 
 torch.compile: :func:`masked_linear` validates and picks the backend in Python, then calls the
 custom op ``torch.ops.laco.masked_linear`` (2-D x, the mask's int32 words, the backend as a
@@ -27,7 +28,7 @@ import torch
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_linear_inputs, check_tensor
 from ..formats import PackedMask
-from .dispatch import call_direct, grad_or_empty, select_backend
+from .dispatch import call_direct, grad_or_empty, requested_backend, select_backend
 from .train_dispatch import choose_train_path, masked_linear_torch, requested_train_path
 
 _OP = "masked_linear"
@@ -56,10 +57,14 @@ def _masked_impl(x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor, bias
                backend: str) -> torch.Tensor:
     """x ``[M, K]`` @ (weight ``[N, K]`` ⊙ bits int32 ``[N, ceil(K/32)]``)^T + bias -> ``[M, N]``.
 
-    Arguments already checked by :func:`masked_linear`; ``backend``: triton / reference.
+    Arguments already checked by :func:`masked_linear`; ``backend``: triton / native / reference.
     """
     if backend == "reference":
         return reference.masked_linear(x, weight, PackedMask(bits, tuple(weight.shape)), bias)
+    if backend == "native":
+        from .. import _native
+
+        return _native.masked_linear_forward(x, weight, bits, bias)
     from ..kernels import masked_gemm as k
 
     return k.masked_linear_fwd(x, weight, bits, bias)
@@ -84,6 +89,12 @@ def _masked_backward_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
                                                   need_b, bias_dtype)
         if need_w:
             dw = dwf.to(weight.dtype) * mask
+    elif backend == "native":  # csrc/masked_linear.cpp: BLAS GEMMs, dW masked in place (pruned entries 0)
+        from .. import _native
+
+        dx = _native.masked_linear_grad_input(dy, weight, bits) if need_x else None
+        dw = _native.masked_linear_grad_weight(dy, x, bits) if need_w else None
+        db = dy.float().sum(0).to(bias_dtype) if need_b else None
     else:  # kernels/masked_gemm.py: the mask is expanded tile by tile; db rides along in the dW pass
         from ..kernels import masked_gemm as k
 
@@ -140,8 +151,14 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: PackedMask | torc
     pm = _as_packed(mask, (n, k), weight.device)
     requested_train_path(path)  # a bad path / LACO_TRAIN_PATH fails on every backend
     backend = select_backend(_OP, [x, weight, pm.bits, bias])
-    if backend == "native":  # unreachable today: the dispatcher only picks ops the extension declares
-        raise RuntimeError(f"{_OP}: the native extension declares this op but the ops layer has no binding for it")
+    if backend == "native":
+        from .. import _native
+
+        if not _native.supports_dtype(_OP, x.dtype):  # fp16: no native kernel
+            if requested_backend() == "native":
+                raise TypeError(f"{_OP}: LACO_BACKEND=native but the native kernels do not take dtype {x.dtype} "
+                                "(float32 / bfloat16 only)")
+            backend = "reference"
     x2 = x.reshape(-1, k)
     if backend == "triton" and choose_train_path(_OP, x2.shape[0], n, k, x.dtype, x.device, path) == "torch":
         return masked_linear_torch(x, weight, pm, bias)

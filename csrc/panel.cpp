@@ -1,0 +1,105 @@
+// Compute-bound shapes: decompress a block of weight rows into a dense panel and hand it to the BLAS
+// that F.linear uses (at::addmm / at::mm: MKL sgemm for fp32, oneDNN for bf16, AMX where the CPU has it).
+//
+// Why: the direct kernels (sparse24_linear.cpp, bitmap_linear.cpp) gather or expand the weight once per
+// block of up to 8 rows of x and then do vector FMAs; that wins while the weight stream from memory
+// dominates (small M), but from some M on the BLAS microkernels (register-blocked over M and N, AMX
+// tiles for bf16) do several times more multiply-adds per cycle. Above panel_min_m() each op expands
+// `rows` weight rows at a time (a panel of about kPanelBytes, reused for every row of x) and runs one
+// GEMM per panel, writing straight into the output's column block: the extra cost over dense F.linear
+// is one pass that writes the panel, against half (2:4) or less (bitmap) of the weight read from memory.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "laco_cpu.h"
+
+namespace laco {
+
+namespace {
+// Dense bytes per panel (at least M rows, at most kMaxPanelBytes). Two costs pull apart: a panel that
+// leaves L2 (2 MB/core on the Xeon we measured) is written back and re-read, which for memory-bound M
+// costs more than the half of the weight 2:4 saves; a panel of few rows makes the GEMM re-pack x once
+// per panel (M x K each time) and run its microkernels on a narrow N. Measured on the 2-core Xeon (AMX)
+// with predecompressed panels against one F.linear: 0.5 MB panels 0.54-0.92x at M >= 16, 8 MB 0.84-1.2x
+// (under load); with decompression the 1-2 MB panels were no worse than 8 MB at M <= 64 (see
+// docs/cpu_kernels.md). Hence: 1 MB, or M rows when M is larger (x re-packed at most ~once per own size).
+std::atomic<int64_t> g_panel_bytes{int64_t{1} << 20};
+constexpr int64_t kMaxPanelBytes = int64_t{8} << 20;
+std::atomic<int64_t> g_min_m_override{-1};
+
+// Smallest M that takes the panel path, per op, dtype, ISA of the direct kernel and weight size.
+// Measured (interleaved with F.linear, ratios of minima; the 2-core Xeon was heavily loaded, load
+// average 7-13, so these are coarse) on SmolLM2 576x1536 / 1536x576 ("small": the dense weight stays in
+// cache, dense F.linear pays no memory stream, the direct kernels win longer) and 7B 4096x11008 /
+// 11008x4096 ("large": dense streams >= 16 MB from DRAM). Table and evidence: docs/cpu_kernels.md.
+// AVX2 and AVX-512 without BF16 use the same values (not tuned there; see below).
+int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_bytes) {
+  const bool bf16 = dt == at::kBFloat16, large = dense_bytes >= (int64_t{16} << 20);
+  if (isa == Isa::kScalar) return 2;  // the scalar kernels lose to any BLAS beyond one row of x
+  int64_t m;
+  if (op == LinearOp::kSparse24) {
+    m = bf16 ? (large ? 8 : 16) : (large ? 16 : 128);
+  } else {
+    m = bf16 ? 8 : (large ? 16 : 8);  // fp32 7B: the direct kernel reads 30% of the bytes, 1.85x dense at M = 8
+  }
+  // AVX2 / AVX-512 without BF16: the same M. Halving it was tried and measured worse (--isa avx2,
+  // SmolLM2 1536x576, load 6: bitmap fp32 at M = 4 through panels 0.38-0.46x dense), because the
+  // decompressors there are scalar.
+  (void)isa;
+  return m;
+}
+}  // namespace
+
+int64_t panel_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
+  const int64_t o = g_min_m_override.load();
+  return o >= 0 ? o : default_min_m(op, dt, active_isa(), N * K * static_cast<int64_t>(c10::elementSize(dt)));
+}
+
+void set_panel_min_m(int64_t m) { g_min_m_override = m; }
+
+void set_panel_bytes(int64_t bytes) {
+  TORCH_CHECK(bytes > 0, "set_panel_bytes: need a positive byte count, got ", bytes);
+  g_panel_bytes = bytes;
+}
+
+int64_t panel_bytes() { return g_panel_bytes.load(); }
+
+at::Tensor panel_linear(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t N, int64_t K,
+                        const PanelFill& fill) {
+  const int64_t M = x.size(0);
+  const int64_t es = static_cast<int64_t>(x.element_size());
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  // bias in x's dtype, as F.linear requires (an fp32 bias with bf16 x is rounded to bf16 first)
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) b = bias->to(x.scalar_type()).contiguous();
+  const int64_t row_bytes = std::max<int64_t>(K * es, 1);
+  int64_t rows = std::max(g_panel_bytes.load() / row_bytes, M);
+  rows = std::min(rows, std::max(g_panel_bytes.load(), kMaxPanelBytes) / row_bytes);
+  rows = std::min(std::max<int64_t>(16, rows / 16 * 16), N);
+  // The panel buffer is kept per calling thread and reused: a fresh multi-MB allocation is mmapped and
+  // page-faulted on every call (measured: ~0.2 ms of a 0.35 ms SmolLM2-sized call at M = 1).
+  thread_local at::Tensor cache;
+  const int64_t need = rows * K * es;
+  if (!cache.defined() || cache.numel() < need) cache = at::empty({need}, at::TensorOptions().dtype(at::kByte));
+  char* base = static_cast<char*>(cache.data_ptr());
+  at::Tensor panel = at::from_blob(base, {rows, K}, x.options());
+  // rows per decompression chunk: ~256 KB of dense weight each, so a small panel stays on one thread
+  const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / std::max<int64_t>(K * es, 1));
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t nr = std::min(rows, N - n0);
+    at::parallel_for(n0, n0 + nr, grain, [&](int64_t r0, int64_t r1) { fill(r0, r1, base + (r0 - n0) * K * es); });
+    at::Tensor p = panel.narrow(0, 0, nr);
+    at::Tensor yb = nr == N ? y : y.narrow(1, n0, nr);
+    if (b.defined()) {
+      at::addmm_out(yb, b.narrow(0, n0, nr), x, p.t());
+    } else {
+      at::mm_out(yb, x, p.t());
+    }
+  }
+  return y;
+}
+
+}  // namespace laco
