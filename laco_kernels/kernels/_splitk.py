@@ -49,6 +49,20 @@ def _splitk_reduce_kernel(p_ptr, b_ptr, y_ptr, MN, N, S, HAS_BIAS: tl.constexpr,
 _REDUCE_BLOCK = 1024
 
 
+@triton.jit
+def store_gemv_row(out, y_ptr, b_ptr, offs_n, N, pid_k, pid_m, stride_ys, stride_ym,
+                   PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store one GEMV output row ``out`` [BLOCK_N] (fp32): the raw partial of K slice ``pid_k``, or
+    (+ bias) cast to y's dtype when K is not split."""
+    dst = y_ptr + pid_k * stride_ys + pid_m * stride_ym + offs_n
+    if PARTIAL:
+        tl.store(dst, out, mask=offs_n < N)
+    else:
+        if HAS_BIAS:
+            out += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        tl.store(dst, out.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+
 def reduce_partials(partials: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
     """partials fp32 ``[S, M, N]`` (contiguous) -> y ``[M, N]`` (contiguous) = sum + bias, in y's dtype."""
     s, m, n = partials.shape

@@ -28,7 +28,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ._compile import CompileSpec
-from ._splitk import choose_splits, reduce_launch, reduce_partials
+from ._splitk import choose_splits, reduce_launch, reduce_partials, store_gemv_row
 
 GEMV_MAX_M = 4  # the GEMV repeats its work per token: predicted faster than the tl.dot kernel up to M = 4 (docs)
 _CFG = dict(BLOCK_N=256, UNROLL=2, num_warps=4)  # 256 rows x 2 words (64 columns) per loop iteration
@@ -109,13 +109,7 @@ def _bitmap_gemv_kernel(x_ptr, v_ptr, bitmap_ptr, offsets_ptr, b_ptr, y_ptr, N, 
         w_ptrs += 1
         col0 += 32
     out = tl.sum(acc, axis=0)
-    dst = y_ptr + pid_k * stride_ys + pid_m * stride_ym + offs_n
-    if PARTIAL:
-        tl.store(dst, out, mask=offs_n < N)
-    else:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        tl.store(dst, out.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+    store_gemv_row(out, y_ptr, b_ptr, offs_n, N, pid_k, pid_m, stride_ys, stride_ym, PARTIAL, HAS_BIAS)
 
 
 def _interpreted() -> bool:

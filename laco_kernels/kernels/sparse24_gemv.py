@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._compile import CompileSpec
-from ._splitk import _TL, REDUCE_SPECS, choose_splits, reduce_launch, reduce_partials
+from ._splitk import _TL, REDUCE_SPECS, choose_splits, reduce_launch, reduce_partials, store_gemv_row
 
 GEMV_MAX_M = 3  # the GEMV repeats its work per token: predicted faster than the tl.dot kernel up to M = 3 (docs)
 _CFG = dict(BLOCK_N=32, BLOCK_W=4, UNROLL=8, num_warps=8)  # 32 rows x 1024 columns per loop iteration
@@ -135,13 +135,7 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, N, K, K_PER_SPLI
         w_ptrs += BLOCK_W
         g += BLOCK_G
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
-    dst = y_ptr + pid_k * stride_ys + pid_m * stride_ym + offs_n
-    if PARTIAL:
-        tl.store(dst, out, mask=offs_n < N)
-    else:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        tl.store(dst, out.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+    store_gemv_row(out, y_ptr, b_ptr, offs_n, N, pid_k, pid_m, stride_ys, stride_ym, PARTIAL, HAS_BIAS)
 
 
 def launch_geometry(m: int, n: int, k: int, device, splits: int | None = None):
