@@ -40,7 +40,7 @@ def hidden_states(model, ids):
 def down_proj_inputs(model, ids, block):
     grab = {}
     mod = model.model.layers[block].mlp.down_proj
-    h = mod.register_forward_hook(lambda m, a, o: grab.setdefault("x", a[0].float()))
+    h = mod.register_forward_hook(lambda m, a, o: grab.__setitem__("x", a[0].float()))  # returns None
     model(input_ids=ids, use_cache=False)
     h.remove()
     return grab["x"]
@@ -80,20 +80,25 @@ def main():
             "token_max_median_per_block": [round(float(t.median()), 2) for t in tokmax],
             "token_max_max_per_block": [round(float(t.max()), 1) for t in tokmax]}
     supers = []
-    if first is not None:
-        m = massive[first]
-        delta = (hd[first + 1] - hd[first])[m]  # what block `first` adds on massive tokens [n, D]
+    # where massive states first appear, and where they grow most (SmolLM2: blocks 2 and 11)
+    growth = [float(tokmax[l].max() / tokmax[l - 1].max()) if l else 0.0 for l in range(len(tokmax))]
+    jump = max(range(len(growth)), key=growth.__getitem__)
+    info["largest_growth_block"] = jump
+    for blk in sorted({b for b in (first, jump) if b is not None}):
+        m = massive[blk]
+        before = hd[blk] if blk else hd[0]
+        delta = (hd[blk + 1] - before)[m]  # what block `blk` adds on massive tokens [n, D]
         dims = delta.abs().amax(0).topk(3).indices.tolist()
-        x = down_proj_inputs(model, ids, first)[m]  # [n, I]
-        w = model.model.layers[first].mlp.down_proj.weight.float()
+        x = down_proj_inputs(model, ids, blk)[m]  # [n, I]
+        w = model.model.layers[blk].mlp.down_proj.weight.float()
+        info.setdefault("massive_dims", {})[blk] = dims
         for d in dims:
             contrib = (x * w[d]).abs().amax(0)  # [I]
             c = int(contrib.argmax())
-            supers.append({"block": first, "dim": d, "channel": c, "weight": float(w[d, c]),
+            supers.append({"block": blk, "dim": d, "channel": c, "weight": float(w[d, c]),
                            "max_input": float(x[:, c].abs().max()), "contribution": float(contrib[c]),
                            "next_contribution": float(contrib.topk(2).values[1]),
                            "group_of_4": [round(float(v), 5) for v in w[d, c // 4 * 4:c // 4 * 4 + 4]]})
-        info["massive_dims"] = dims
     info["super_weights"] = supers
     mask_last = massive[-1] if massive else None
     _record(args.out, f"massive/dense/{args.nsamples}x{args.seqlen}", lambda: dict(info))
@@ -102,9 +107,13 @@ def main():
         def run(start=start):
             pm, _ = pruned_start(model, tok, start, args.scratch)
             hp = hidden_states(pm, ids)
-            kept = [{"block": s["block"], "dim": s["dim"], "channel": s["channel"],
-                     "weight_after": float(pm.model.layers[s["block"]].mlp.down_proj.weight[s["dim"], s["channel"]])}
-                    for s in supers]
+            kept = []
+            for s in supers:
+                w = pm.model.layers[s["block"]].mlp.down_proj.weight
+                g = s["channel"] // 4 * 4
+                kept.append({"block": s["block"], "dim": s["dim"], "channel": s["channel"],
+                             "weight_after": float(w[s["dim"], s["channel"]]),
+                             "group_of_4_after": [round(float(v), 5) for v in w[s["dim"], g:g + 4]]})
             per_block = []
             for l in range(L - 1):
                 mm, mo = split_error(hp[l + 1], hd[l + 1], massive[l])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import os
 import shlex
 import sys
@@ -114,27 +115,61 @@ def main():
     cfg = {kv.split("=", 1)[0]: _parse_value(kv.split("=", 1)[1]) for kv in args.set}
     cfg.setdefault("progress", False)
     cfg.setdefault("track_errors", False)
-    spec = ",".join(f"{k}={v}" for k, v in sorted(cfg.items()) if k not in ("progress",))
-    key = f"{args.tag}/{args.start}-2:4/n{args.nsamples}x{args.seqlen}/{spec}/{ev}" + (f"/{args.label}" if args.label else "")
+    s2 = {k: cfg.pop(k) for k in ("stage2_epochs", "stage2_lr", "stage2_batch_size", "temperature") if k in cfg}
 
-    def run():
-        m = copy.deepcopy(start)
-        ids = calibration_windows(tok, args.nsamples, args.seqlen, seed=1)
+    def key_of(c):
+        spec = ",".join(f"{k}={v}" for k, v in sorted(c.items()) if k not in ("progress",))
+        return (f"{args.tag}/{args.start}-2:4/n{args.nsamples}x{args.seqlen}/{spec}/{ev}"
+                + (f"/{args.label}" if args.label else ""))
+
+    ids = calibration_windows(tok, args.nsamples, args.seqlen, seed=1)
+    common = dict(method="laco", ppl_dense=dense, ppl_before=before, calibration_samples=args.nsamples,
+                  seqlen=args.seqlen, calibration_tokens=args.nsamples * args.seqlen, windows=args.windows,
+                  eval_seqlen=args.eval_seqlen, start=args.start, threads=env, compute="cpu, package path")
+    # stage 1 (block by block); its recovered blocks are cached so stage-2 variants start from them
+    key1 = key_of(cfg)
+    cache = os.path.join(args.scratch, "stage1-" + hashlib.sha1(key1.encode()).hexdigest()[:16] + ".safetensors")
+    m = copy.deepcopy(start)
+
+    def stage1():
+        from safetensors.torch import save_file
+
         load0 = _load_avg()
         t0 = time.time()
         res = layerwise(model, m, ids, **cfg)
         secs = time.time() - t0
-        load1 = _load_avg()
-        bad = zeros_kept(start, m)
+        save_file({k: v.contiguous() for k, v in m.state_dict().items() if ".layers." in k}, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
         after = ppl(m)
-        return dict(method="laco", ppl_dense=dense, ppl_before=before, ppl_after=after,
-                    gap_closed=round((before - after) / (before - dense), 4), wall_s=round(secs, 1),
-                    stage2=res.stage2, blocks=res.blocks, calibration_samples=args.nsamples, seqlen=args.seqlen,
-                    calibration_tokens=args.nsamples * args.seqlen, windows=args.windows,
-                    eval_seqlen=args.eval_seqlen, config=cfg, start=args.start, pruned_weights_made_nonzero=bad,
-                    load_before=load0, load_after=load1, threads=env, command=cmd, compute="cpu, package path")
+        return dict(common, ppl_after=after, gap_closed=round((before - after) / (before - dense), 4),
+                    wall_s=round(secs, 1), blocks=res.blocks, config=cfg, load_before=load0, load_after=_load_avg(),
+                    pruned_weights_made_nonzero=zeros_kept(start, m), command=cmd)
 
-    _record(args.out, key, run)
+    rec1 = _record(args.out, key1, stage1)
+    if not s2 or not s2.get("stage2_epochs"):
+        return
+    if not os.path.exists(cache):
+        raise SystemExit(f"{key1} is recorded but its recovered model {cache} is gone; delete the record")
+
+    def stage2():
+        from safetensors.torch import load_file
+
+        from laco_kernels.models.adapters import get_adapter
+        from laco_kernels.recover.layerwise import LayerwiseConfig, _stage2
+
+        m.load_state_dict(load_file(cache), strict=False)
+        c = LayerwiseConfig(**dict(cfg, **s2))
+        load0 = _load_avg()
+        t0 = time.time()
+        hist = _stage2(model, m, ids, c, get_adapter(m), 1)
+        secs = time.time() - t0
+        after = ppl(m)
+        return dict(common, ppl_after=after, gap_closed=round((before - after) / (before - dense), 4),
+                    ppl_after_stage1=rec1["ppl_after"], wall_s=round(rec1["wall_s"] + secs, 1),
+                    stage2_wall_s=round(secs, 1), stage2=hist, config=dict(cfg, **s2), load_before=load0,
+                    load_after=_load_avg(), pruned_weights_made_nonzero=zeros_kept(start, m), command=cmd)
+
+    _record(args.out, key_of(dict(cfg, **s2)), stage2)
 
 
 if __name__ == "__main__":
