@@ -20,6 +20,7 @@ import argparse
 import copy
 import hashlib
 import os
+import resource
 import shlex
 import sys
 import time
@@ -34,6 +35,12 @@ from recovery import DEFAULT_OUT, _load, _record  # noqa: E402
 
 def _load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process so far (user + system, all threads): load-independent work."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _parse_value(v: str):
@@ -76,6 +83,20 @@ def zeros_kept(dense_start, recovered) -> int:
     return bad
 
 
+def table(path: str) -> str:
+    """The ``recipe/`` rows of ``path`` as a markdown table (docs/recovery.md)."""
+    data = _load(path)
+    lines = ["| row | ppl before -> after (dense) | gap closed | wall s (load) | CPU s | pruned weights made non-zero |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for k, v in sorted(data.items()):
+        if not k.startswith("recipe/") or "ppl_after" not in v:
+            continue
+        load = v.get("load_before", "?").split()[0]
+        lines.append(f"| `{k}` | {v['ppl_before']} -> **{v['ppl_after']}** ({v['ppl_dense']}) | {v['gap_closed']:.1%} | "
+                     f"{v['wall_s']} ({load}) | {v.get('cpu_s', '-')} | {v.get('pruned_weights_made_nonzero')} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT)
@@ -89,7 +110,11 @@ def main():
     ap.add_argument("--no-recover", action="store_true", help="only the dense and pruned-start rows")
     ap.add_argument("--scratch", default="/tmp/laco_recipe")
     ap.add_argument("--label", default="", help="suffix of the record key")
+    ap.add_argument("--table", action="store_true", help="print the recipe rows as markdown and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.out))
+        return
 
     from laco_kernels.data import calibration_windows
     from laco_kernels.eval.perplexity import perplexity
@@ -135,14 +160,14 @@ def main():
         from safetensors.torch import save_file
 
         load0 = _load_avg()
-        t0 = time.time()
+        t0, c0 = time.time(), _cpu_s()
         res = layerwise(model, m, ids, **cfg)
-        secs = time.time() - t0
+        secs, cpu = time.time() - t0, _cpu_s() - c0
         save_file({k: v.contiguous() for k, v in m.state_dict().items() if ".layers." in k}, cache + ".tmp")
         os.replace(cache + ".tmp", cache)
         after = ppl(m)
         return dict(common, ppl_after=after, gap_closed=round((before - after) / (before - dense), 4),
-                    wall_s=round(secs, 1), blocks=res.blocks, config=cfg, load_before=load0, load_after=_load_avg(),
+                    wall_s=round(secs, 1), cpu_s=round(cpu, 1), blocks=res.blocks, config=cfg, load_before=load0, load_after=_load_avg(),
                     pruned_weights_made_nonzero=zeros_kept(start, m), command=cmd)
 
     rec1 = _record(args.out, key1, stage1)
@@ -160,13 +185,13 @@ def main():
         m.load_state_dict(load_file(cache), strict=False)
         c = LayerwiseConfig(**dict(cfg, **s2))
         load0 = _load_avg()
-        t0 = time.time()
+        t0, c0 = time.time(), _cpu_s()
         hist = _stage2(model, m, ids, c, get_adapter(m), 1)
-        secs = time.time() - t0
+        secs, cpu = time.time() - t0, _cpu_s() - c0
         after = ppl(m)
         return dict(common, ppl_after=after, gap_closed=round((before - after) / (before - dense), 4),
                     ppl_after_stage1=rec1["ppl_after"], wall_s=round(rec1["wall_s"] + secs, 1),
-                    stage2_wall_s=round(secs, 1), stage2=hist, config=dict(cfg, **s2), load_before=load0,
+                    stage2_wall_s=round(secs, 1), stage2_cpu_s=round(cpu, 1), stage2=hist, config=dict(cfg, **s2), load_before=load0,
                     load_after=_load_avg(), pruned_weights_made_nonzero=zeros_kept(start, m), command=cmd)
 
     _record(args.out, key_of(dict(cfg, **s2)), stage2)
