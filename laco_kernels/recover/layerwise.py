@@ -49,7 +49,11 @@ class LayerwiseConfig:
 
     batch_size is per rank (global batch = batch_size x world size). max_steps_per_block caps
     the optimizer steps of each block (memory measurements). eval_batch_size: micro-batch of the
-    no-grad passes that build the streams.
+    no-grad passes that build the streams. inputs: what each block is trained on ("pruned":
+    the pruned stream, LaCo; "dense": the dense stream; "mix": both in turn, step by step), the
+    target being the dense block's output. trainable: "all" float parameters of the block (2:4
+    values, biases, norms) or only the "linears". warmup: fraction of each block's steps of
+    linear warmup before the cosine (docs/recovery.md).
     """
 
     epochs: int = 10
