@@ -1,9 +1,11 @@
 """Install laco_kernels; builds the optional C++ extension ``laco_kernels._C`` when it can.
 
 The extension (csrc/) needs torch at build time, so install with
-``pip install --no-build-isolation -e ".[hf,dev]"`` after ``pip install torch==2.13.0``.
-Set ``LACO_NO_EXT=1`` to skip it; a failed build warns and the package still installs
-(its ops then run the PyTorch reference on the CPU).
+``pip install --no-build-isolation -e ".[hf,dev]"`` after ``pip install torch==2.13.0``
+(pyproject.toml makes pip build through PEP 517/660 in that venv; see its comment). A build
+that cannot import torch stops with instructions; ``LACO_NO_EXT=1`` skips the extension. A
+compiler failure warns and the package still installs; ``import laco_kernels`` then warns that
+the CPU ops run the PyTorch reference.
 """
 import glob
 import os
@@ -21,8 +23,13 @@ def _extension_kwargs():
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        print("laco_kernels: torch is not importable at build time; skipping the C++ extension", file=sys.stderr)
-        return {}
+        # never a silent install without the native kernels (issue 13): an isolated build cannot
+        # see the venv's torch, and listing torch as a build requirement would pull a CUDA wheel
+        raise SystemExit(
+            "laco_kernels: torch is not importable at build time, so the C++ extension laco_kernels._C "
+            "cannot be built. Install torch first, then build without isolation:\n"
+            "    pip install torch==2.13.0 && pip install --no-build-isolation -e \".[hf,dev]\"\n"
+            "or set LACO_NO_EXT=1 to install without the native CPU kernels (the PyTorch reference runs).")
 
     class OptionalBuildExtension(BuildExtension):
         """Build the extension if possible; never fail the install because of it."""

@@ -59,9 +59,9 @@ def run(specs, archs=ARCHS, out: str | None = DEFAULT_OUT, verbose: bool = True)
     records = []
     try:
         from tqdm import tqdm
-        jobs = tqdm([(s, a) for s in specs for a in archs], disable=not verbose, desc="compile")
+        jobs = tqdm([(s, a) for s in specs for a in archs if a in s.archs], disable=not verbose, desc="compile")
     except ImportError:
-        jobs = [(s, a) for s in specs for a in archs]
+        jobs = [(s, a) for s in specs for a in archs if a in s.archs]
     t0 = time.time()
     for spec, arch in jobs:
         records.append(compile_spec(spec, arch))

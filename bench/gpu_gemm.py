@@ -34,7 +34,8 @@ import torch.nn.functional as F  # noqa: E402
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu_gemm.json")
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K) of q/o, gate/up, down projections
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
-METHODS = ["cublas", "dense_triton", "sparse24", "bitmap50", "bitmap70", "torch_semi_structured"]
+METHODS = ["cublas", "dense_triton", "sparse24", "bitmap50", "bitmap70", "torch_semi_structured",
+           "sparse24_semi_dispatch"]
 
 
 def _methods(n, k, dtype, gen):
@@ -62,6 +63,14 @@ def _methods(n, k, dtype, gen):
         out["torch_semi_structured"] = (lambda x: F.linear(x, ws), w24_dense)
     except Exception as e:  # not every build / GPU has cuSPARSELt or CUTLASS 2:4
         out["torch_semi_structured"] = (e, w24_dense)
+    try:  # SparseLinear24 with the opt-in dispatch (semi-structured at M >= SEMI_STRUCTURED_MIN_M)
+        from laco_kernels.nn import SparseLinear24
+
+        mod = SparseLinear24(w24)
+        mod.enable_semi_structured()
+        out["sparse24_semi_dispatch"] = (mod, w24_dense)
+    except Exception as e:
+        out["sparse24_semi_dispatch"] = (e, w24_dense)
     return out
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from typing import List, Optional
 
+from ._atomic import atomic_file
+
 
 def plot_block_error(errors: List[float], path: str, title: str) -> None:
     """Log-scale bar chart of the per-block MSE (pruned vs dense block output), written atomically as PNG."""
@@ -20,10 +22,11 @@ def plot_block_error(errors: List[float], path: str, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
 
 
 def plot_recovery_error(before: List[float], after: List[float], path: str, title: str) -> None:
@@ -45,10 +48,11 @@ def plot_recovery_error(before: List[float], after: List[float], path: str, titl
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -98,8 +102,6 @@ def write_report(out: str, r: dict) -> str:
     lines += [f"| {k} | {v} |" for k, v in r["seconds"].items()]
     lines += [f"| total | {r['total_seconds']} |", ""]
     path = os.path.join(out, "report.md")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines))
-    os.replace(tmp, path)
     return path

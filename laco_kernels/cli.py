@@ -75,6 +75,27 @@ def _model_path(name: str) -> str:
     return path
 
 
+def _preflight(args, models=(), out_folder: Optional[str] = None, out_file: Optional[str] = None,
+               seqlens: Optional[dict] = None) -> None:
+    """Checks that need no weights, before any model loads (issue 13): device, output paths, positive
+    counts, windows within each model's positions, weight files readable. UsageError on failure."""
+    from . import _cli_checks as c
+
+    try:
+        c.check_device(getattr(args, "device", "cpu"))
+        c.check_positive(**{k: getattr(args, k) for k in ("batch_size", "nsamples", "max_windows", "recover_nsamples",
+                                                          "recover_epochs", "recover_batch_size", "recover_seqlen")
+                            if getattr(args, k, None) is not None})
+        c.check_out_folder(out_folder)
+        c.check_out_file(out_file, "--json")
+        for path in models:
+            for flag, value in (seqlens or {}).items():
+                c.check_seqlen(path, flag, value)
+            c.check_weight_files(path)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _load(name: str, device: str = "cpu"):
     """(model, tokenizer) from smollm2-135m, a Hugging Face folder or a laco sparse folder."""
     import torch
@@ -105,20 +126,15 @@ def _save(model, tok, out: str, pattern: Optional[str], packed: bool) -> dict:
     summary = {"swapped": 0}
     if packed:
         summary = sparsify(model, "2:4" if pattern == "2:4" else "unstructured")
-        save_sparse(model, out, tok)
-    else:
-        os.makedirs(out, exist_ok=True)
-        model.save_pretrained(out)
-        if tok is not None:
-            tok.save_pretrained(out)
+    save_sparse(model, out, tok)  # atomic; a model without packed modules is written as a plain HF folder
     return summary
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    from ._atomic import atomic_file
+
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -132,9 +148,10 @@ def cmd_prune(args) -> int:
 
     pattern = _pattern(args.pattern)
     args.sparsity = _sparsity(pattern, args.sparsity)
-    _model_path(args.model)
+    path = _model_path(args.model)
     if args.nsamples < 1 or args.seqlen < 2:
         raise UsageError(f"need --nsamples >= 1 and --seqlen >= 2, got {args.nsamples} and {args.seqlen}")
+    _preflight(args, [path], out_folder=args.out, seqlens={"--seqlen": args.seqlen})
     model, tok = _load(args.model)
     densify(model)  # a packed input prunes as a dense model
     calibration = calibration_windows(_need_tokenizer(tok, args.model), args.nsamples, args.seqlen, seed=args.seed)
@@ -173,10 +190,13 @@ def _eval(model, tok, args, name: str) -> dict:
 
 
 def cmd_eval(args) -> int:
-    if args.seqlen is not None and args.seqlen < 2:
-        raise UsageError(f"--seqlen must be >= 2, got {args.seqlen}")
+    if args.seqlen is not None and args.seqlen != 0 and args.seqlen < 2:  # 0 skips perplexity (see --help)
+        raise UsageError(f"--seqlen must be 0 (skip perplexity) or >= 2, got {args.seqlen}")
+    if args.seqlen == 0 and not args.tasks:
+        raise UsageError("nothing to evaluate: --seqlen 0 skips perplexity and no --tasks were given")
     if args.include_path and not os.path.isdir(args.include_path):
         raise UsageError(f"--include-path {args.include_path!r} is not a directory")
+    _preflight(args, [_model_path(args.model)], out_file=args.json, seqlens={"--seqlen": args.seqlen})
     model, tok = _load(args.model, args.device)
     results = _eval(model, tok, args, args.model)
     if args.json:
@@ -187,6 +207,7 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from .checkpoint import export_compressed_tensors
 
+    _preflight(args, [_model_path(args.model)], out_folder=args.out)
     model, tok = _load(args.model)
     sc = export_compressed_tensors(model, args.out, format=args.format, tokenizer=tok)
     print(f"exported {args.format} to {args.out} (global sparsity {sc['global_sparsity']:.4f}, "
@@ -244,9 +265,17 @@ def cmd_recover(args) -> int:
     from .prune.masks import is_nm
 
     _check_recover_loss(args)
+    _preflight(args, [_model_path(args.model), _model_path(args.dense)], out_folder=args.out,
+               seqlens={"--recover-seqlen": args.recover_seqlen})
     pruned, tok = _load(args.model)
     densify(pruned)
     dense, _ = _load(args.dense)
+    from ._validation import check_models_match, describe_module
+
+    try:  # before any calibration data is read or any weight trained
+        check_models_match(describe_module(dense), describe_module(pruned), ("--dense", "MODEL"))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     model, info = _recover(args.method, dense, pruned, tok, args)
     blocks = [m for n, m in model.named_modules() if type(m).__name__ == "Linear" and "lm_head" not in n]
     is24 = bool(blocks) and all(m.weight.shape[1] % 4 == 0 and is_nm(m.weight != 0, 2, 4) for m in blocks)
@@ -266,7 +295,9 @@ def cmd_run(args) -> int:
     pattern = _pattern(args.pattern)
     sparsity = _sparsity(pattern, args.sparsity)
     _check_recover_loss(args)
-    _model_path(args.model)
+    _preflight(args, [_model_path(args.model)], out_folder=args.out,
+               seqlens={"--seqlen": args.seqlen, "--calib-seqlen": args.calib_seqlen,
+                        "--recover-seqlen": args.recover_seqlen if args.recover != "none" else None})
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     times, ppl = {}, {}
@@ -442,15 +473,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expected_errors() -> tuple:
+    """Failures a user can cause and fix (bad input, files, missing optional packages, memory):
+    one line and exit 2. Anything else is a bug and keeps its traceback."""
+    errors = [UsageError, OSError, ValueError, ModuleNotFoundError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        pass
+    import torch
+
+    errors.append(torch.OutOfMemoryError)
+    return tuple(errors)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UsageError, FileNotFoundError, ValueError) as exc:
+    except _expected_errors() as exc:
         if os.environ.get("LACO_DEBUG", "0") not in ("", "0"):
             raise
-        msg = " ".join(str(exc).split())
+        msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"laco {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

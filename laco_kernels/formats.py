@@ -87,23 +87,51 @@ def _check_weight_2d(w: torch.Tensor, name: str) -> None:
     check_tensor(w, name, dtypes=FLOAT_DTYPES, ndim=2)
     if w.shape[0] == 0 or w.shape[1] == 0:
         raise ValueError(f"{name} has an empty dimension: shape {tuple(w.shape)}")
+    check_finite(w, name)
+
+
+def check_finite(w: torch.Tensor, name: str) -> None:
+    """ValueError naming ``name`` and the first (row-major) NaN / inf entry of ``w``.
+
+    The package's contract: packed formats never hold non-finite weights. A NaN has no magnitude to
+    rank (2:4 selection would keep or drop it depending on its position in the group) and a packed
+    NaN poisons every output row it touches, so it is refused wherever a weight gets packed.
+    """
+    finite = torch.isfinite(w.detach())
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        count = int((~finite).sum())
+        raise ValueError(f"{name} holds {count} non-finite value(s) (first: {w[tuple(bad)].item()} at index "
+                         f"{tuple(bad)}); packed weights must be finite: fix or re-prune the weight")
 
 
 def _save(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
-    """Write a safetensors file atomically (temporary file, then rename)."""
+    """Write a safetensors file atomically (``_atomic.atomic_file``: temporary, fsync, rename)."""
     from safetensors.torch import save_file
 
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    from ._atomic import atomic_file
+
+    path = os.fspath(path)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}  # before the temporary exists
+    with atomic_file(path) as tmp:
+        save_file(cpu, tmp, metadata=metadata)
 
 
 def _load(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    from safetensors import safe_open
+    """Every tensor and the metadata of a safetensors file; errors name the file and the problem."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a folder; expected a safetensors file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{path!r} is not a readable safetensors file ({exc})") from None
     return tensors, meta
 
 
@@ -111,6 +139,7 @@ class _Packed:
     """Shared save/load plumbing; subclasses define ``FORMAT``, ``to_tensors``, ``_from_tensors``."""
 
     FORMAT = ""
+    _TENSORS: Tuple[str, ...] = ()
     shape: Tuple[int, int]
 
     def metadata(self) -> Dict[str, str]:
@@ -125,7 +154,16 @@ class _Packed:
         """Rebuild from :meth:`to_tensors` / :meth:`metadata` output, validating the layout."""
         if metadata.get("format") != cls.FORMAT:
             raise ValueError(f"expected format {cls.FORMAT!r}, found {metadata.get('format')!r}")
-        shape = tuple(int(s) for s in json.loads(metadata["shape"]))
+        try:
+            shape = tuple(int(s) for s in json.loads(metadata["shape"]))
+            if len(shape) != 2 or min(shape) < 1:
+                raise ValueError(f"not two positive sizes: {shape}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{cls.__name__}: metadata 'shape' is missing or bad "
+                             f"({metadata.get('shape')!r}: {exc})") from None
+        missing = sorted(set(cls._TENSORS) - set(tensors))
+        if missing:
+            raise ValueError(f"{cls.__name__}: tensor(s) {missing} missing (found {sorted(tensors)})")
         obj = cls._from_tensors(tensors, shape, metadata)
         obj.validate()
         return obj
@@ -136,8 +174,13 @@ class _Packed:
 
     @classmethod
     def load(cls, path: str):
+        """Read a file written by :meth:`save`. Any problem (not a file, not safetensors, another
+        format, a missing tensor, a wrong dtype or shape) raises an error naming ``path``."""
         tensors, meta = _load(path)
-        return cls.from_tensors(tensors, meta)
+        try:
+            return cls.from_tensors(tensors, meta)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{os.fspath(path)!r}: {exc}") from None
 
     @property
     def nbytes(self) -> int:
@@ -160,6 +203,7 @@ class PackedMask(_Packed):
     bits: torch.Tensor
     shape: Tuple[int, int]
     FORMAT = "laco.packed_mask"
+    _TENSORS = ("bits",)
 
     @classmethod
     def from_bool(cls, mask: torch.Tensor) -> "PackedMask":
@@ -209,6 +253,7 @@ class Sparse24Weight(_Packed):
     meta: torch.Tensor
     shape: Tuple[int, int]
     FORMAT = "laco.sparse24"
+    _TENSORS = ("values", "meta")
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, prune: bool = False) -> "Sparse24Weight":
@@ -357,6 +402,7 @@ class BitmapWeight(_Packed):
     shape: Tuple[int, int]
     tile_k: int = 128
     FORMAT = "laco.bitmap"
+    _TENSORS = ("values", "bitmap", "offsets")
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, tile_k: int = 128) -> "BitmapWeight":

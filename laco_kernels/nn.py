@@ -17,19 +17,23 @@ State-dict convention (the design choice, documented once here)
     re-packs (and rejects a weight that does not fit the module's format). A swapped model's
     ``state_dict()`` therefore has the dense model's keys, so an ordinary checkpoint loads into
     either form unchanged. The packed tensors live in non-persistent buffers (they follow
-    ``.to()``); :mod:`laco_kernels.checkpoint` writes them packed on disk.
+    ``.to()``); ``save_pretrained`` / ``from_pretrained`` write and read them packed on disk
+    through the ``laco-sparse`` quantization method of :mod:`laco_kernels.hf` (``sparsify`` on a
+    transformers model attaches it).
 
 Forward passes go through ``laco_kernels.ops`` (CUDA -> Triton, CPU -> native extension or the
 PyTorch reference; see ``ops/dispatch.py``).
 """
 from __future__ import annotations
 
+import sys
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
-from .formats import BitmapWeight, PackedMask, Sparse24Weight
+from .formats import BitmapWeight, PackedMask, Sparse24Weight, check_finite
 from .ops.masked_gemm import masked_linear
 from .ops.sparse_gemm import bitmap_linear, sparse24_linear
 
@@ -67,32 +71,41 @@ class _DenseStateDict(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # all or nothing: every key is checked (shape, then whether the weight fits the format)
+        # before the first tensor of this module changes, and each error names its key
         wkey, bkey = prefix + "weight", prefix + "bias"
-        if wkey in state_dict:
-            w = state_dict[wkey]
-            if tuple(w.shape) != (self.out_features, self.in_features):
-                error_msgs.append(f"size mismatch for {wkey}: checkpoint has {tuple(w.shape)}, "
-                                  f"module expects {(self.out_features, self.in_features)}")
-            else:
-                try:
-                    with torch.no_grad():
-                        self._set_dense(w)
-                except ValueError as exc:
-                    error_msgs.append(f"{wkey} does not fit {type(self).__name__}: {exc}")
-        else:
+        errors: List[str] = []
+        w = state_dict.get(wkey)
+        if w is None:
             missing_keys.append(wkey)
+        elif not isinstance(w, torch.Tensor) or tuple(w.shape) != (self.out_features, self.in_features):
+            errors.append(f"size mismatch for {wkey}: checkpoint has {tuple(getattr(w, 'shape', ()))}, "
+                          f"module expects {(self.out_features, self.in_features)}")
+        b = state_dict.get(bkey) if self.bias is not None else None
         if self.bias is not None:
-            if bkey in state_dict:
-                with torch.no_grad():
-                    self.bias.copy_(state_dict[bkey])
-            else:
+            if b is None:
                 missing_keys.append(bkey)
+            elif not isinstance(b, torch.Tensor) or tuple(b.shape) != tuple(self.bias.shape):
+                errors.append(f"size mismatch for {bkey}: checkpoint has {tuple(getattr(b, 'shape', ()))}, "
+                              f"module expects {tuple(self.bias.shape)}")
         elif bkey in state_dict and strict:
             unexpected_keys.append(bkey)
         if strict:
             allowed = {wkey, bkey}
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in allowed
                                    and "." not in k[len(prefix):])
+        if not errors and w is not None:
+            try:
+                with torch.no_grad():
+                    self._set_dense(w)  # packs first, assigns only once the weight fits
+            except (TypeError, ValueError) as exc:
+                errors.append(f"{wkey} does not fit {type(self).__name__}: {exc}")
+        if errors:
+            error_msgs.extend(errors)
+            return
+        if b is not None:
+            with torch.no_grad():
+                self.bias.copy_(b)
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the dense weight (same dtype and device), bias copied."""
@@ -173,13 +186,38 @@ class SparseLinear24(_DenseStateDict):
 
     def _set_dense(self, weight: torch.Tensor) -> None:
         w24 = Sparse24Weight.from_dense(weight.to(self.values.device, self.values.dtype), prune=False)
+        self.__dict__.pop("_semi", None)  # a semi-structured copy of the old weight would be stale
         self.values.copy_(w24.values)
         self.meta.copy_(w24.meta)
         if self.trainable:
             frozen = w24.values == 0
             self.frozen_slots = frozen if bool(frozen.any()) else None
 
+    def enable_semi_structured(self, min_m: int | None = None) -> int:
+        """Opt in: rows of x >= ``min_m`` (default ``semi_structured.SEMI_STRUCTURED_MIN_M``) run on
+        torch's semi-structured 2:4 path (CUDA sparse tensor cores) when no gradient is needed;
+        fewer rows, autograd and non-CUDA inputs keep the Triton / CPU kernels. Builds the
+        semi-structured copy once and returns its size in bytes
+        (``semi_structured.semi_structured_bytes``); RuntimeError naming why when it cannot run
+        here (nothing is changed then)."""
+        from . import semi_structured as ss
+
+        if min_m is not None and int(min_m) < 1:
+            raise ValueError(f"enable_semi_structured: min_m must be >= 1, got {min_m}")
+        if self.trainable:
+            raise RuntimeError("enable_semi_structured: a trainable SparseLinear24 changes its values; "
+                               "the semi-structured copy would go stale")
+        semi = ss.build(self.dense_weight().detach())
+        self._semi, self._semi_min_m = semi, ss.SEMI_STRUCTURED_MIN_M if min_m is None else int(min_m)
+        return ss.semi_structured_bytes(self.out_features, self.in_features, self.values.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        semi = self.__dict__.get("_semi")
+        bias_grad = self.bias is not None and self.bias.requires_grad
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or bias_grad)
+        if semi is not None and not wants_grad and x.is_cuda and x.dtype == self.values.dtype and \
+                x.numel() // max(1, self.in_features) >= self._semi_min_m:  # inference only
+            return torch.nn.functional.linear(x, semi, self.bias)
         # trainable: self.values is a Parameter, and sparse24_linear differentiates w.r.t. w24.values
         return sparse24_linear(x, self.weight24(), self.bias)
 
@@ -260,8 +298,9 @@ class MaskedLinear(_DenseStateDict):
         return self.weight * self.mask.to_bool().to(self.weight.dtype)
 
     def _set_dense(self, weight: torch.Tensor) -> None:
+        bits = PackedMask.from_bool(weight.to(self.weight.device) != 0).bits  # before any change
         self.weight.copy_(weight)
-        self.mask_bits = PackedMask.from_bool(weight.to(self.weight.device) != 0).bits
+        self.mask_bits = bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return masked_linear(x, self.weight, self.mask, self.bias)
@@ -306,8 +345,12 @@ def sparsify(model: nn.Module, pattern: str = "2:4", mode: str = "inference",
     is skipped unless ``include_lm_head``; ``filter(name, module) -> bool`` narrows the choice.
     Nothing is swapped if any chosen layer fails validation.
 
-    Returns ``{"pattern", "mode", "swapped" (count), "names", "bytes_before", "bytes_after"}``
-    (bytes of the swapped layers' tensors, weight and bias included).
+    Weights must be finite (ValueError naming the layer and the first NaN / inf otherwise).
+    Linear-like layers left dense (transformers ``Conv1D`` of GPT-2, ``nn.Linear`` subclasses such as
+    peft / quantised layers) are listed in ``"skipped"`` with the reason and a UserWarning says so.
+
+    Returns ``{"pattern", "mode", "swapped" (count), "names", "bytes_before", "bytes_after",
+    "skipped" ({name: reason})}`` (bytes of the swapped layers' tensors, weight and bias included).
     """
     if pattern not in PATTERNS:
         raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
@@ -318,8 +361,12 @@ def sparsify(model: nn.Module, pattern: str = "2:4", mode: str = "inference",
                         "linear (or use SparseLinear24.from_linear / BitmapLinear.from_linear directly)")
     head = _output_embedding(model)
     chosen: Dict[str, nn.Linear] = {}
+    skipped: Dict[str, str] = {}
     for name, mod in model.named_modules():
         if type(mod) is not nn.Linear:  # exact type: subclasses (peft, quantised) have their own forward
+            why = _unsupported_reason(mod)
+            if why and (filter is None or filter(name, mod)):
+                skipped[name] = why
             continue
         if not include_lm_head and (mod is head or name == "lm_head" or name.endswith(".lm_head")):
             continue
@@ -334,6 +381,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", mode: str = "inference",
             elif mode == "inference":
                 new[name] = BitmapLinear.from_linear(lin, tile_k=tile_k)
             else:
+                check_finite(lin.weight, "weight")
                 new[name] = MaskedLinear.from_linear(lin)
         except ValueError as exc:
             raise ValueError(f"cannot sparsify layer {name!r} (weight {tuple(lin.weight.shape)}) as {pattern}: "
@@ -342,8 +390,27 @@ def sparsify(model: nn.Module, pattern: str = "2:4", mode: str = "inference",
     for name, mod in new.items():
         _set_child(model, name, mod)
     after = sum(_linear_bytes(m) for m in new.values())
+    if skipped:
+        kinds = sorted(set(skipped.values()))
+        warnings.warn(f"sparsify swapped {len(new)} nn.Linear layer(s) and left {len(skipped)} linear-like "
+                      f"layer(s) dense (e.g. {next(iter(skipped))!r}): " + "; ".join(kinds), stacklevel=2)
+    if new and "transformers" in sys.modules and hasattr(model, "save_pretrained"):
+        from .hf import attach  # model.save_pretrained now writes the packed laco-sparse format
+
+        attach(model)
     return {"pattern": pattern, "mode": mode, "swapped": len(new), "names": list(new),
-            "bytes_before": before, "bytes_after": after}
+            "bytes_before": before, "bytes_after": after, "skipped": skipped}
+
+
+def _unsupported_reason(mod: nn.Module) -> Optional[str]:
+    """Why a module that computes a linear map is not swapped (None: not a linear at all)."""
+    if type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):
+        return ("transformers Conv1D (GPT-2 style, weight stored [in, out]) is not supported: its state-dict "
+                "layout differs from nn.Linear, so a swapped model could not load its own checkpoint")
+    if isinstance(mod, nn.Linear):
+        return (f"{type(mod).__name__} subclasses nn.Linear with its own forward (adapter or quantised "
+                "layer); merge or unwrap it first")
+    return None
 
 
 def densify(model: nn.Module) -> dict:

@@ -20,6 +20,32 @@ def _linear_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return F.linear(x.float(), weight.float(), b).to(x.dtype)
 
 
+def linear_fp32_grads(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_w: bool,
+                      need_b: bool, bias_dtype: torch.dtype | None):
+    """Gradients of :func:`_linear_fp32` for 2-D ``x [M, K]``, computed as autograd computes them.
+
+    Returns ``(dX [M, K] in x's dtype, dW [N, K] float32, db [N] in bias_dtype)``, ``None`` where
+    not needed. The mm orientations are autograd's (``mm_mat1_backward`` / ``mm_mat2_backward``
+    of the ``addmm`` / ``mm`` that ``F.linear`` runs), so the custom ops' reference backward gives
+    the same bits as differentiating the reference through autograd (tests/test_compile.py).
+    """
+    g = grad_out.float()
+    xf = x.float()
+    dx = dw = db = None
+    if need_x:
+        wf = weight.float()
+        if xf.dim() == 2 and xf.stride(0) == 1 and xf.stride(1) == xf.shape[0] and xf.shape[1] > 1:
+            dx = wf.t().mm(g.t()).t()  # column-major x: autograd returns its gradient column-major
+        else:
+            dx = g.mm(wf)
+        dx = dx.to(x.dtype)
+    if need_w:
+        dw = g.t().mm(xf)  # weight.t() is column-major: autograd's grad.t().mm(x), transposed back
+    if need_b:
+        db = g.sum(0).to(bias_dtype)
+    return dx, dw, db
+
+
 def sparse24_linear(x: torch.Tensor, w24: Sparse24Weight, bias: torch.Tensor | None = None,
                     values: torch.Tensor | None = None) -> torch.Tensor:
     """x ``[..., K]`` @ dense(w24)^T + bias -> ``[..., N]``; differentiable in x, values, bias.

@@ -51,3 +51,21 @@ def test_all_zero_weight():
     assert bw.values.numel() == 0
     b = torch.randn(9)
     close(run(torch.randn(2, 64), bw, b), b.expand(2, 9), torch.float32)
+
+
+# prefill (M > 16): tile_k 64 / 128 / 256,
+# K not a multiple of tile_k (a partial last tile and a half-used last word), odd N
+PREFILL = [(17, 37, 300, torch.float16, False, 0.5, 256), (67, 45, 200, torch.float32, True, 0.9, 64),
+           (256, 33, 452, torch.float16, True, 0.7, 128)]
+
+
+@pytest.mark.parametrize("m,n,k,dtype,bias,s,tile_k", PREFILL)
+def test_prefill_matches_reference(m, n, k, dtype, bias, s, tile_k):
+    w = sparse(n, k, s, dtype)
+    w[1] = 0  # an empty row
+    w[2, :tile_k] = torch.randn(tile_k).to(dtype)  # a full tile (rank reaches tile_k - 1)
+    w[3, -1] = 1.5  # the very last column
+    bw = BitmapWeight.from_dense(w, tile_k=tile_k)
+    x = torch.randn(k, m).to(dtype).t()  # non-contiguous
+    b = torch.randn(n).to(dtype) if bias else None
+    close(run(x, bw, b), reference.bitmap_linear(x, bw, b), dtype)

@@ -179,3 +179,112 @@ def test_run_recovery_inputs_and_stage2_options(tiny_folder, tmp_path, capsys):
     assert len(report["recovery"]["stage2"]) == 2
     model, _ = load_sparse(os.path.join(out, "model"))
     assert all(type(m).__name__ == "SparseLinear24" for m in sparse_modules(model).values())
+
+
+# -- issue 13: expected failures exit 2 with one line, checked before any model loads -------------
+def _laco(argv, debug=False, timeout=300):
+    env = {**os.environ, "PYTHONPATH": REPO, "LACO_DEBUG": "1" if debug else "0"}
+    return subprocess.run([sys.executable, "-m", "laco_kernels.cli"] + argv, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def _error_line(proc):
+    lines = [l for l in proc.stderr.strip().splitlines() if "[transformers]" not in l]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def truncated_folder(tiny_folder, tmp_path_factory):
+    import shutil
+
+    folder = str(tmp_path_factory.mktemp("truncated") / "m")
+    shutil.copytree(tiny_folder, folder)
+    path = os.path.join(folder, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    return folder
+
+
+def test_cli_expected_failures_one_line_exit_2(tiny_folder, truncated_folder, tmp_path):
+    """The issue's cases as a user types them (`laco` as a subprocess): exit 2, one line naming the
+    problem, nothing run before the check."""
+    import torch
+
+    existing_file = tmp_path / "taken"
+    existing_file.write_text("keep me")
+    cases = [
+        (["eval", truncated_folder, "--seqlen", "16"], "model.safetensors' is not a complete safetensors file"),
+        (["prune", tiny_folder, "--method", "magnitude", "--out", str(existing_file)], "exists and is not a folder"),
+        (["prune", tiny_folder, "--seqlen", "4096"], "--seqlen 4096 exceeds the 128 positions"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["eval", tiny_folder, "--device", "cuda"], "CUDA is not available"))
+    for argv, expect in cases:
+        proc = _laco(argv)
+        assert proc.returncode == 2, (argv, proc.stderr[-2000:])
+        line = _error_line(proc)
+        assert line.startswith(f"laco {argv[0]}: error:") and expect in line, (argv, line)
+        assert "pruned" not in proc.stdout and "saved" not in proc.stdout, (argv, proc.stdout)  # nothing ran
+    assert existing_file.read_text() == "keep me"
+
+
+def test_cli_more_expected_failures(tiny_folder, tmp_path, capsys):
+    """Further cases through main() in-process (same code path as the subprocess, faster)."""
+    existing_file = tmp_path / "taken"
+    existing_file.write_text("keep me")
+    other = tmp_path / "other"
+    tiny_model("opt", layers=2).save_pretrained(str(other))
+    tiny_tokenizer().save_pretrained(str(other))
+    cases = [
+        (["eval", tiny_folder, "--seqlen", "1024"], "--seqlen 1024 exceeds the 128 positions"),
+        (["eval", tiny_folder, "--json", str(tmp_path)], "is a folder; give a file path"),
+        (["eval", tiny_folder, "--json", str(tmp_path / "no" / "r.json")], "does not exist"),
+        (["eval", tiny_folder, "--device", "tpu:x"], "bad --device"),
+        (["eval", tiny_folder, "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["export", tiny_folder, "--out", str(existing_file)], "exists and is not a folder"),
+        (["run", "--model", tiny_folder, "--out", str(existing_file)], "exists and is not a folder"),
+        (["run", "--model", tiny_folder, "--out", str(tmp_path / "r"), "--seqlen", "64", "--calib-seqlen", "512"],
+         "--calib-seqlen 512 exceeds the 128 positions"),
+        (["recover", tiny_folder, "--dense", tiny_folder, "--out", str(tmp_path / "r"), "--recover-loss", "nan*mse"],
+         "finite and > 0"),
+        (["recover", tiny_folder, "--dense", str(other), "--out", str(tmp_path / "r")], "--dense is opt"),
+    ]
+    capsys.readouterr()
+    for argv, expect in cases:
+        code, out, err = _run(argv, capsys)
+        assert code == 2, (argv, err)
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"laco {argv[0]}: error:") and expect in line, (argv, line)
+    assert existing_file.read_text() == "keep me" and not (tmp_path / "r").exists()
+
+
+def test_cli_debug_keeps_the_traceback(truncated_folder):
+    proc = _laco(["eval", truncated_folder, "--seqlen", "16"], debug=True)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "not a complete safetensors file" in proc.stderr
+
+
+@pytest.mark.parametrize("fault", ["weights", "swap"])
+def test_cli_dense_out_and_json_are_atomic(tiny_folder, tmp_path, monkeypatch, fault):
+    """`--dense --out` and the JSON reports go through _atomic: a failure leaves the old output whole."""
+    from _faults import InjectedFault, inject, leftovers, snapshot
+
+    from laco_kernels import _atomic, cli
+
+    model, tok = tiny_model(layers=2), tiny_tokenizer()
+    out = str(tmp_path / "o")
+    cli._save(model, tok, out, None, packed=False)
+    cli._write_json(os.path.join(out, "prune_report.json"), {"a": 1})
+    before = snapshot(out)
+    with monkeypatch.context() as m:
+        if fault == "weights":
+            m.setattr(type(model), "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(InjectedFault("x")))
+        else:
+            inject(m, _atomic, "_fsync_tree", 1)
+        with pytest.raises(InjectedFault):
+            cli._save(model, tok, out, None, packed=False)
+    with monkeypatch.context() as m:
+        inject(m, json, "dump", 1)
+        with pytest.raises(InjectedFault):
+            cli._write_json(os.path.join(out, "prune_report.json"), {"a": 2})
+    assert snapshot(out) == before and leftovers(tmp_path) == []

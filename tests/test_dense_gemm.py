@@ -5,7 +5,7 @@ import torch
 
 from conftest import TOLERANCES
 from laco_kernels.formats import BitmapWeight, Sparse24Weight
-from laco_kernels.kernels import bitmap_gemm, dense_gemm, sparse24_gemm
+from laco_kernels.kernels import bitmap_gemm, bitmap_gemv, dense_gemm, sparse24_gemm, sparse24_gemv
 
 
 @pytest.mark.parametrize("m,n,k,dtype,bias", [(1, 37, 72, torch.float16, True), (3, 70, 1028, torch.float32, False),
@@ -44,7 +44,9 @@ def _launched(monkeypatch, kernel):
     def run(*args, **kwargs):
         names = kernel.arg_names
         y = args[names.index("y_ptr")]
-        seen.append(({k: v for k, v in kwargs.items() if k not in ("grid", "warmup", "num_warps", "num_stages")},
+        # EMULATE (sparse24): True only in the interpreter, which cannot run the kernel's PTX
+        assert kwargs.get("EMULATE", True) is True
+        seen.append(({k: v for k, v in kwargs.items() if k not in ("grid", "warmup", "num_warps", "num_stages", "EMULATE")},
                      kwargs.get("num_warps"), kwargs.get("num_stages"), y.dtype))
         return orig(*args, **kwargs)
 
@@ -55,24 +57,33 @@ def _launched(monkeypatch, kernel):
 _TL = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
-@pytest.mark.parametrize("m,dtype,prec", [(1, torch.float16, None), (3, torch.float32, "tf32"),
-                                          (20, torch.float16, None), (20, torch.float32, None)])
-def test_launched_configs_are_compile_specs(monkeypatch, m, dtype, prec):
+@pytest.mark.parametrize("m,dtype,prec,arch", [(1, torch.float16, None, None), (3, torch.float32, "tf32", None),
+                                               (20, torch.float16, None, None), (20, torch.float32, None, None),
+                                               (20, torch.float16, None, 90), (20, torch.float16, None, 80)])
+def test_launched_configs_are_compile_specs(monkeypatch, m, dtype, prec, arch):
+    """Every launch (on the architecture ``arch`` would pick, e.g. the sm_90-only rows) is a compile spec
+    compiled for that architecture."""
+    monkeypatch.setattr(dense_gemm, "device_arch", lambda device: arch)
     n, k = 40, 256
     w = torch.randn(n, k)
     w24 = Sparse24Weight.from_dense(w.to(dtype), prune=True)
     bw = BitmapWeight.from_dense(w24.to_dense(), tile_k=128)
     x, b = torch.randn(m, k).to(dtype), torch.randn(n).to(dtype)
+    # small M runs the decode GEMVs (sparse24_gemv / bitmap_gemv), whose specs live in their modules
+    s24 = sparse24_gemv if m <= sparse24_gemv.GEMV_MAX_M else sparse24_gemm
+    sbm = bitmap_gemv if m <= bitmap_gemv.GEMV_MAX_M else bitmap_gemm
     jobs = [(dense_gemm, lambda: dense_gemm.dense_linear(x, w.to(dtype), b, input_precision=prec)),
-            (sparse24_gemm, lambda: sparse24_gemm.sparse24_linear(x, w24.values, w24.meta, w24.shape, b, prec)),
-            (bitmap_gemm, lambda: bitmap_gemm.bitmap_linear(x, bw.values, bw.bitmap, bw.offsets, bw.shape, 128, b, prec))]
+            (s24, lambda: sparse24_gemm.sparse24_linear(x, w24.values, w24.meta, w24.shape, b, prec)),
+            (sbm, lambda: bitmap_gemm.bitmap_linear(x, bw.values, bw.bitmap, bw.offsets, bw.shape, 128, b, prec))]
     for mod, call in jobs:
-        kernel = next(v for kname, v in vars(mod).items() if kname.endswith("_gemm_kernel"))
+        kernel = next(v for kname, v in vars(mod).items() if kname.endswith(("_gemm_kernel", "_gemv_kernel")))
         seen = _launched(monkeypatch, kernel)
         call()
         assert seen, mod.__name__
         for consts, warps, stages, y_dtype in seen:
             match = [s for s in mod.COMPILE_SPECS if s.num_warps == warps and s.num_stages == stages
                      and s.signature["x_ptr"] == _TL[dtype] and s.signature["y_ptr"] == _TL[y_dtype]
-                     and all(s.constexprs.get(key) == val for key, val in consts.items())]
+                     and all(s.constexprs.get(key) == val for key, val in consts.items()
+                             if key != "HW_POPC")]  # HW_POPC: False only in the interpreter
             assert match, f"{mod.__name__}: launch {consts} warps={warps} stages={stages} y={y_dtype} not in COMPILE_SPECS"
+            assert any((arch or 80) in s.archs for s in match), f"{mod.__name__}: {consts} not compiled for sm_{arch}"

@@ -142,3 +142,90 @@ def test_top2_of_4_matches_a_stable_sort_with_ties():
     order = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :2]
     expect = torch.zeros(500, 4, dtype=torch.bool).scatter_(-1, order, True)
     assert torch.equal(_top2_of_4(score), expect)
+
+
+# -- issue 13: atomic save, load errors naming the file, the NaN contract ------------------------
+import os  # noqa: E402
+
+import safetensors.torch  # noqa: E402
+
+from _faults import InjectedFault, inject, leftovers, snapshot  # noqa: E402
+
+_MAKERS = {"sparse24": lambda w: Sparse24Weight.from_dense(w, prune=True),
+           "bitmap": lambda w: BitmapWeight.from_dense(w, tile_k=32),
+           "mask": lambda w: PackedMask.from_weight(w)}
+
+
+@pytest.mark.parametrize("cls", list(_MAKERS))
+@pytest.mark.parametrize("existing", [False, True])
+@pytest.mark.parametrize("fault", [("safetensors", "save_file", 1), ("os", "fsync", 1), ("os", "replace", 1)])
+def test_save_fault_keeps_old_file_or_nothing(tmp_path, monkeypatch, cls, existing, fault):
+    path = str(tmp_path / "w.safetensors")
+    old = _MAKERS[cls](torch.randn(4, 32))
+    if existing:
+        old.save(path)
+    before = snapshot(path)
+    target = {"safetensors": safetensors.torch, "os": os}[fault[0]]
+    inject(monkeypatch, target, fault[1], fault[2])
+    with pytest.raises(InjectedFault):
+        _MAKERS[cls](torch.randn(4, 32)).save(path)
+    monkeypatch.undo()
+    assert snapshot(path) == before
+    assert leftovers(tmp_path) == []
+    if existing:
+        back = type(old).load(path)
+        assert all(torch.equal(back.to_tensors()[k], v) for k, v in old.to_tensors().items())
+
+
+def test_save_onto_a_folder_refuses_and_leaves_nothing(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        Sparse24Weight.from_dense(torch.randn(2, 8), prune=True).save(str(tmp_path / "d"))
+    assert sorted(os.listdir(tmp_path)) == ["d"] and os.listdir(tmp_path / "d") == []
+
+
+def test_load_errors_name_the_file(tmp_path):
+    w24 = Sparse24Weight.from_dense(torch.randn(4, 32), prune=True)
+    good = str(tmp_path / "good.safetensors")
+    w24.save(good)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\xff" * 64)  # header size far larger than the file
+    with pytest.raises(ValueError, match="junk.safetensors.*not a readable safetensors"):
+        Sparse24Weight.load(str(junk))
+    half = tmp_path / "half.safetensors"
+    half.write_bytes(open(good, "rb").read()[:40])
+    with pytest.raises(ValueError, match="half.safetensors.*not a readable safetensors"):
+        Sparse24Weight.load(str(half))
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        Sparse24Weight.load(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="nope.safetensors.*does not exist"):
+        Sparse24Weight.load(str(tmp_path / "nope.safetensors"))
+    meta = w24.metadata()
+    cases = {
+        "missing": ({"values": w24.values}, meta, r"tensor\(s\) \['meta'\] missing"),
+        "dtype": ({"values": w24.values, "meta": w24.meta.to(torch.int64)}, meta, "meta has dtype int64"),
+        "shape": ({"values": w24.values[:2], "meta": w24.meta}, meta, "values has shape"),
+        "badshape": (w24.to_tensors(), dict(meta, shape="[4"), "metadata 'shape'"),
+        "noshape": (w24.to_tensors(), {k: v for k, v in meta.items() if k != "shape"}, "metadata 'shape'"),
+        "format": (w24.to_tensors(), dict(meta, format="x"), "expected format"),
+    }
+    for name, (tensors, md, pattern) in cases.items():
+        p = str(tmp_path / f"{name}.safetensors")
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, p, metadata=md)
+        with pytest.raises((TypeError, ValueError), match=f"{name}.safetensors.*{pattern}"):
+            Sparse24Weight.load(p)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("pos", [0, 1, 2, 3])
+@pytest.mark.parametrize("maker", ["sparse24", "sparse24-prune", "bitmap", "mask"])
+def test_non_finite_weights_rejected_wherever_they_are(bad, pos, maker):
+    """The NaN contract: packing refuses NaN / inf, naming the first position, whatever the slot."""
+    w = torch.zeros(3, 8)
+    w[1, 4:8] = torch.tensor([1.0, 0.0, 2.0, 0.0])
+    w[1, 4 + pos] = bad
+    make = {"sparse24": lambda: Sparse24Weight.from_dense(w), "sparse24-prune":
+            lambda: Sparse24Weight.from_dense(w, prune=True), "bitmap": lambda: BitmapWeight.from_dense(w),
+            "mask": lambda: PackedMask.from_weight(w)}[maker]
+    with pytest.raises(ValueError, match=rf"weight holds 1 non-finite.*index \(1, {4 + pos}\)"):
+        make()

@@ -154,3 +154,37 @@ def test_bad_input():
         remove_blocks(model, [7])
     with pytest.raises(ValueError, match="scale"):
         apply_compensation(model, -1.0, 2)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+@pytest.mark.parametrize("fault", ["weights", "tokenizer", "swap"])
+def test_save_model_fault_keeps_old_folder_or_nothing(tmp_path, monkeypatch, existing, fault):
+    """Issue 13: a save that fails at the weights, the tokenizer or the swap leaves the old
+    complete folder (or no folder) and no temporary."""
+    from _faults import InjectedFault, inject, leftovers, snapshot
+    from _tiny import tiny_model, tiny_tokenizer
+
+    from laco_kernels import _atomic
+
+    model, tok = tiny_model(layers=2), tiny_tokenizer()
+    out = str(tmp_path / "m")
+    if existing:
+        save_model(model, out, tok)
+    before = snapshot(out)
+    if fault == "weights":
+        real = type(model).save_pretrained
+
+        def half_then_fail(self, folder, **kw):
+            real(self, folder, **kw)
+            raise InjectedFault("disk full after the weights")
+        monkeypatch.setattr(type(model), "save_pretrained", half_then_fail)
+    elif fault == "tokenizer":
+        monkeypatch.setattr(type(tok), "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(InjectedFault("x")))
+    else:
+        inject(monkeypatch, _atomic, "_fsync_tree", 1)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # the new save would differ
+    with pytest.raises(InjectedFault):
+        save_model(model, out, tok)
+    monkeypatch.undo()
+    assert snapshot(out) == before and leftovers(tmp_path) == []

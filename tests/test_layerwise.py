@@ -214,3 +214,39 @@ def test_bad_new_options_raise():
                     (dict(trainable="norms"), "trainable"), (dict(warmup=1.0), "warmup")):
         with pytest.raises(ValueError, match=msg):
             layerwise(dense, pruned, _ids(), progress=False, **kw)
+
+
+@pytest.mark.parametrize("fault", [("replace", 1), ("replace", 3), ("save_file", 2), ("swap", 1)])
+def test_output_dir_fault_keeps_old_folder_whole(tmp_path, monkeypatch, fault):
+    """Issue 13: writing output_dir fails at a file, the rename or the final swap: the previous
+    complete output (with its checkpoint) stays, loadable, and no temporary is left."""
+    import os
+
+    from _faults import InjectedFault, inject, leftovers, snapshot
+    from transformers import AutoModelForCausalLM
+
+    from laco_kernels import _atomic
+    from laco_kernels.recover import _checkpoint
+
+    dense, pruned = dense_and_pruned("2:4", layers=2)
+    dense.save_pretrained(tmp_path / "dense")
+    pruned.save_pretrained(tmp_path / "pruned")
+    out = str(tmp_path / "out")
+    kw = dict(epochs=1, lr=1e-3, progress=False, output_dir=out)
+    layerwise(str(tmp_path / "dense"), str(tmp_path / "pruned"), _ids(), **kw)
+    before = snapshot(out)
+    assert "_checkpoint/progress.json" in before and "model.safetensors.index.json" in before
+    if fault[0] == "swap":
+        inject(monkeypatch, _atomic, "_fsync_tree", fault[1])
+    elif fault[0] == "save_file":
+        inject(monkeypatch, _checkpoint, "save_file", fault[1])
+    else:
+        inject(monkeypatch, os, fault[0], fault[1])
+    with pytest.raises(InjectedFault):  # the rerun finds the run finished and rewrites the folder
+        layerwise(str(tmp_path / "dense"), str(tmp_path / "pruned"), _ids(), **kw)
+    monkeypatch.undo()
+    assert snapshot(out) == before
+    assert leftovers(tmp_path) == []
+    AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    res = layerwise(str(tmp_path / "dense"), str(tmp_path / "pruned"), _ids(), **kw)  # and it completes
+    assert res.resumed_from == 2 and snapshot(out) == before

@@ -62,3 +62,33 @@ def test_smollm2_loads():
         logits = model(ids).logits
     assert torch.isfinite(logits).all()
     assert tok.decode(logits[0, -1].argmax()).strip() == "Paris"
+
+
+@pytest.mark.parametrize("fault", ["weights", "tokenizer", "swap"])
+def test_smollm2_cache_is_complete_or_absent(tmp_path, monkeypatch, fault):
+    """Issue 13: building the SmolLM2 cache fails at the weights, the tokenizer or the swap: no
+    cache folder and no temporary are left, and the next call builds it whole."""
+    import safetensors.torch
+    import transformers
+    from _faults import InjectedFault, inject, leftovers
+
+    from laco_kernels import _atomic
+
+    monkeypatch.setenv("LACO_CACHE", str(tmp_path))
+    monkeypatch.setattr(loading, "smollm2_gguf_path", lambda: str(tmp_path / "x.gguf"))
+    model, tok = tiny_model(layers=1), tiny_tokenizer()
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+    with monkeypatch.context() as m:
+        if fault == "weights":
+            inject(m, safetensors.torch, "save_file", 1)
+        elif fault == "tokenizer":
+            m.setattr(type(tok), "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(InjectedFault("x")))
+        else:
+            inject(m, _atomic, "_fsync_tree", 1)
+        with pytest.raises(InjectedFault):
+            loading.smollm2_dir()
+    assert os.listdir(tmp_path) == [] and leftovers(tmp_path) == []
+    path = loading.smollm2_dir()
+    assert sorted(os.listdir(tmp_path)) == ["SmolLM2-135M-Instruct"]
+    assert os.path.exists(os.path.join(path, "model.safetensors")) and os.path.exists(os.path.join(path, "config.json"))

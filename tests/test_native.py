@@ -234,3 +234,53 @@ def test_dispatch_picks_native_when_built(monkeypatch):
     monkeypatch.setenv("LACO_BACKEND", "auto")
     for op in ("sparse24_linear", "bitmap_linear", "reconstruction_loss"):
         assert dispatch.select_backend(op, [torch.randn(2, 4)]) == "native"
+
+
+# -- issue 13: the extension must not vanish silently --------------------------------------------
+def test_extension_is_built():
+    """The suite fails when _C is missing, unless the run says it accepts that (LACO_NO_EXT=1)."""
+    import os
+
+    if os.environ.get("LACO_NO_EXT", "0") not in ("", "0"):
+        pytest.skip("LACO_NO_EXT=1: this run accepts a missing extension")
+    assert _native is not None, (f"laco_kernels._C is not importable ({_IMPORT_ERROR}): build it with "
+                                 "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`), "
+                                 "or set LACO_NO_EXT=1 to run without it")
+
+
+_HIDE_C = "import sys; sys.modules['laco_kernels._C'] = None; "  # makes `from . import _C` raise ImportError
+
+
+@pytest.mark.parametrize("no_ext", ["", "1"])
+def test_missing_extension_warns_at_import_and_at_laco_start(no_ext):
+    import os
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "LACO_NO_EXT": no_ext}
+    imp = subprocess.run([sys.executable, "-c", _HIDE_C + "import laco_kernels"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    cli = subprocess.run([sys.executable, "-c", _HIDE_C + "from laco_kernels.cli import main; "
+                          "sys.exit(main(['eval', '/no/such/model']))"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert imp.returncode == 0 and cli.returncode == 2, (imp.stderr, cli.stderr)
+    if no_ext:
+        assert "_C" not in imp.stderr and "native CPU kernels" not in cli.stderr
+    else:
+        assert "RuntimeWarning: laco_kernels: the native CPU kernels (laco_kernels._C) are not available" in imp.stderr
+        lines = cli.stderr.strip().splitlines()  # the warning (one line), then the error (one line)
+        assert "RuntimeWarning: laco_kernels: the native CPU kernels" in lines[0] and "model not found" in lines[-1]
+        assert len(lines) == 2 and "Traceback" not in cli.stderr
+
+
+def test_extension_present_no_warning():
+    import os
+    import subprocess
+
+    if _native is None:
+        pytest.skip("extension not built")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "LACO_NO_EXT": ""}
+    proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", "import laco_kernels"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr

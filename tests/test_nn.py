@@ -212,3 +212,68 @@ def test_trainable_24_freezes_empty_slots_under_adamw():
     d = mod.dense_weight()
     assert torch.all(d[w == 0] == 0)
     assert not torch.equal(d[w != 0], w[w != 0])  # the kept weights did train
+
+
+# -- issue 13: all-or-nothing load_state_dict, non-finite weights, GPT-2 Conv1D --------------------
+
+
+@pytest.mark.parametrize("kind", ["sparse24", "bitmap", "masked"])
+@pytest.mark.parametrize("bad", ["bias_long", "bias_short", "weight_shape", "weight_not_24", "weight_nan"])
+def test_load_state_dict_is_all_or_nothing(kind, bad):
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 6)
+    lin.weight.data = Sparse24Weight.from_dense(lin.weight.data, prune=True).to_dense()
+    mod = {"sparse24": SparseLinear24.from_linear, "bitmap": BitmapLinear.from_linear,
+           "masked": MaskedLinear.from_linear}[kind](lin)
+    before = {k: v.clone() for k, v in list(mod.state_dict().items()) + list(mod.named_buffers())}
+    new = Sparse24Weight.from_dense(torch.randn(6, 16), prune=True).to_dense()
+    sd = {"weight": new.clone(), "bias": torch.randn(6)}
+    key = "bias" if bad.startswith("bias") else "weight"
+    if bad == "bias_long":
+        sd["bias"] = torch.randn(7)
+    elif bad == "bias_short":
+        sd["bias"] = torch.randn(5)
+    elif bad == "weight_shape":
+        sd["weight"] = torch.randn(6, 12)
+    elif bad == "weight_not_24":
+        if kind != "sparse24":
+            pytest.skip("only the 2:4 module restricts the pattern")
+        sd["weight"] = torch.randn(6, 16)
+    else:
+        if kind == "masked":
+            pytest.skip("MaskedLinear holds a dense trainable weight")
+        sd["weight"][2, 3] = float("nan")
+    with pytest.raises(RuntimeError, match=key):
+        mod.load_state_dict(sd)
+    after = {k: v for k, v in list(mod.state_dict().items()) + list(mod.named_buffers())}
+    for k, v in before.items():
+        assert torch.equal(after[k].nan_to_num(), v.nan_to_num()), f"{k} changed by a failed load"
+    mod.load_state_dict({"weight": new, "bias": sd["bias"] if key == "weight" else torch.zeros(6)})
+    assert torch.equal(mod.dense_weight(), new)
+
+
+@pytest.mark.parametrize("pattern,mode", [("2:4", "inference"), ("unstructured", "inference"),
+                                          ("unstructured", "train")])
+def test_sparsify_rejects_non_finite_and_swaps_nothing(pattern, mode):
+    model = _pruned("2:4")
+    name = "model.layers.1.mlp.down_proj"
+    model.get_submodule(name).weight.data[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=rf"{name}.*non-finite.*\(3, 5\)"):
+        sparsify(model, pattern, mode=mode)
+    assert sparse_modules(model) == {}
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=32)).eval()
+
+
+def test_sparsify_gpt2_conv1d_says_why_nothing_was_swapped():
+    model = _tiny_gpt2()
+    with pytest.warns(UserWarning, match="left 8 linear-like.*Conv1D.*not supported"):
+        summary = sparsify(model, "unstructured")
+    assert summary["swapped"] == 0 and len(summary["skipped"]) == 8
+    assert all("Conv1D" in why for why in summary["skipped"].values())
+    assert "transformer.h.0.attn.c_attn" in summary["skipped"]

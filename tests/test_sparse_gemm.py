@@ -151,3 +151,30 @@ def test_sparse24_gradients_native_in_row_blocks(monkeypatch, dtype):
     reference.sparse24_linear(x, w24, b, values=values).backward(dy)
     for got, want in zip(grads, (x.grad, values.grad, b.grad)):
         close(got, want, dtype)
+
+
+def test_bitmap_gpu_path_routes_prefill_to_expand_on_cuda_only():
+    from laco_kernels.kernels.bitmap_gemv import GEMV_MAX_M
+    from laco_kernels.ops.sparse_gemm import bitmap_gpu_path
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert bitmap_gpu_path(1, cuda) == "gemv" and bitmap_gpu_path(GEMV_MAX_M, cuda) == "gemv"
+    assert bitmap_gpu_path(GEMV_MAX_M + 1, cuda) == "tiled" and bitmap_gpu_path(16, cuda) == "tiled"
+    assert bitmap_gpu_path(17, cuda) == "expand" and bitmap_gpu_path(4096, cuda) == "expand"
+    assert bitmap_gpu_path(4096, cpu) == "tiled"  # the interpreter always runs the kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bitmap_expand_linear_matches_reference(dtype):
+    from laco_kernels import reference
+    from laco_kernels.formats import BitmapWeight
+    from laco_kernels.ops.sparse_gemm import bitmap_expand_linear
+
+    w = torch.randn(37, 100) * (torch.rand(37, 100) > 0.7)
+    bw = BitmapWeight.from_dense(w.to(dtype))
+    x = torch.randn(100, 19).to(dtype).t()
+    b = torch.randn(37).to(dtype)
+    want = reference.bitmap_linear(x, bw, b)
+    got = bitmap_expand_linear(x, bw, b)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2 if dtype != torch.float32 else 1e-4, rtol=2e-2)

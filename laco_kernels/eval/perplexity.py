@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .._validation import check_seqlen, check_token_ids
 from ..data import wikitext_windows
 
 
@@ -22,7 +23,8 @@ from ..data import wikitext_windows
 def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 1,
                device: Union[str, torch.device] = "cpu", progress: bool = True, desc: str = "perplexity") -> tuple:
     """Summed next-token NLL (fp64) and token count over ``windows`` int64 ``[W, T]``."""
-    if windows.dim() != 2 or windows.shape[1] < 2:
+    windows = check_token_ids(windows, model, "windows")
+    if windows.shape[1] < 2:
         raise ValueError(f"windows must be [windows, seqlen >= 2] token ids, got shape {tuple(windows.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -47,6 +49,7 @@ def perplexity(model: nn.Module, tokenizer, seqlen: int = 1024, max_windows: Opt
     seqlen: window length; max_windows: keep the first windows only.
     Returns ``{"ppl", "nll" (mean per predicted token), "windows", "tokens" (predicted tokens)}``.
     """
+    check_seqlen(seqlen, model, "seqlen")  # before the corpus is tokenised
     windows = wikitext_windows(tokenizer, seqlen, max_windows)
     device = torch.device(device)
     if next(model.parameters()).device != device:

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
@@ -45,7 +45,9 @@ class CompileSpec:
     constexprs: value of every ``"constexpr"`` argument; is_gemm: the kernel does a ``tl.dot``;
     expect_tensor_core: the dot must lower to mma / wgmma (False only where a config
     deliberately asks for FMA, e.g. fp32 ``input_precision="ieee"``); representative: compiled by
-    the quick test subset too (the full report compiles every spec). To mirror what a launch
+    the quick test subset too (the full report compiles every spec); family / regime /
+    loop_weight_bytes: what the SASS audit (``_sass.py``, ``bench/sass_audit.py``) groups by and
+    divides by (see the field comments). To mirror what a launch
     compiles, give integer arguments equal to 1 (unit strides) as ``"constexpr"`` with value 1
     (Triton specializes them so at launch) and list 16-divisible arguments in ``divisible``.
     """
@@ -61,6 +63,11 @@ class CompileSpec:
     note: str = ""
     representative: bool = True  # part of the subset tests compile (all specs go in the full report)
     divisible: tuple = ()  # arguments known to be multiples of 16 (pointers: 16-byte aligned), as at launch
+    # SASS audit metadata (bench/sass_audit.py); optional, None = not audited
+    family: str | None = None   # "dense" | "sparse24" | "bitmap" | "masked" | ... (audit grouping)
+    regime: str | None = None   # "decode" | "prefill" | "train-fwd" | "train-dx" | "train-dw" | ...
+    loop_weight_bytes: Callable[[float], float] | None = None  # weight bytes (values + metadata) one program loads per steady-state loop iteration, as a function of density (fraction of kept weights; ignored by dense and 2:4)
+    archs: tuple = ARCHS  # the architectures this config is launched on (a table row may be sm_90-only)
 
     def __post_init__(self):
         if self.expect_tensor_core is None:
@@ -139,13 +146,17 @@ def _cuobjdump() -> str:
     return path
 
 
-def _resource_usage(cubin: bytes) -> Dict[str, int]:
+def run_cuobjdump(cubin: bytes, *args: str) -> str:
+    """stdout of ``cuobjdump <args> <cubin written to a temporary file>``."""
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "k.cubin")
         with open(p, "wb") as f:
             f.write(cubin)
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", p], check=True, capture_output=True,
-                             text=True).stdout
+        return subprocess.run([_cuobjdump(), *args, p], check=True, capture_output=True, text=True).stdout
+
+
+def _resource_usage(cubin: bytes) -> Dict[str, int]:
+    out = run_cuobjdump(cubin, "--dump-resource-usage")
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", out)
     if not m:
         raise RuntimeError(f"could not parse cuobjdump --dump-resource-usage output:\n{out}")
@@ -170,9 +181,11 @@ def tensor_core_kind(ptx: str) -> str:
     return "none"
 
 
-def compile_spec(spec: CompileSpec, arch: int) -> dict:
-    """Compile ``spec`` for ``sm_<arch>``; return ``{kernel, config, arch, registers, spill_bytes,
-    shared_bytes, tensor_core, ...}``. Works with or without ``TRITON_INTERPRET=1``."""
+def compile_kernel(spec: CompileSpec, arch: int):
+    """Compile ``spec`` for ``sm_<arch>``; return ``(CompiledKernel, ptxas log)``.
+
+    The kernel carries ``asm["ttgir" | "ptx" | "cubin"]`` and ``metadata``; the log holds the
+    ``ptxas -v`` lines (spills). Works with or without ``TRITON_INTERPRET=1``."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -192,9 +205,17 @@ def compile_spec(spec: CompileSpec, arch: int) -> dict:
                                options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
     finally:
         knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = old
+    return k, log.getvalue()
+
+
+def compile_spec(spec: CompileSpec, arch: int, compiled=None) -> dict:
+    """Compile ``spec`` for ``sm_<arch>``; return ``{kernel, config, arch, registers, spill_bytes,
+    shared_bytes, tensor_core, ...}``. ``compiled``: an earlier :func:`compile_kernel` result
+    (reused instead of compiling again). Works with or without ``TRITON_INTERPRET=1``."""
+    k, log = compiled if compiled is not None else compile_kernel(spec, arch)
     res = _resource_usage(k.asm["cubin"])
     return dict(kernel=spec.name, config=spec.config, arch=f"sm_{arch}", registers=res["registers"],
-                spill_bytes=_spill_bytes(log.getvalue()), shared_bytes=max(res["shared"], k.metadata.shared),
+                spill_bytes=_spill_bytes(log), shared_bytes=max(res["shared"], k.metadata.shared),
                 stack_bytes=res["stack"], local_bytes=res["local"], tensor_core=tensor_core_kind(k.asm["ptx"]),
                 num_warps=spec.num_warps, num_stages=spec.num_stages, is_gemm=spec.is_gemm,
                 expect_tensor_core=spec.expect_tensor_core)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._bits import unpack_bits
+from .bitmap_gemv import GEMV_MAX_M, bitmap_gemv
 from .dense_gemm import compile_specs, grouped_pid, launch, store_tile
 
 
@@ -57,8 +58,13 @@ def _bitmap_gemm_kernel(x_ptr, v_ptr, bitmap_ptr, offsets_ptr, b_ptr, y_ptr, M, 
 
 def bitmap_linear(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, offsets: torch.Tensor, shape,
                   tile_k: int, bias: torch.Tensor | None = None, input_precision: str | None = None) -> torch.Tensor:
-    """x [M, K] @ dense(values, bitmap, offsets)^T + bias [N] -> y [M, N] in x's dtype; ``shape`` = (N, K)."""
+    """x [M, K] @ dense(values, bitmap, offsets)^T + bias [N] -> y [M, N] in x's dtype; ``shape`` = (N, K).
+
+    M <= ``bitmap_gemv.GEMV_MAX_M`` runs the popcount decode GEMV (any tile_k) instead of the tl.dot kernel.
+    """
     n, k = shape
+    if 0 < x.shape[0] <= GEMV_MAX_M and k > 0:
+        return bitmap_gemv(x, values, bitmap, offsets, shape, tile_k, bias)
     values = values.contiguous()
     if bitmap.stride(1) != 1:
         bitmap = bitmap.contiguous()
@@ -68,9 +74,15 @@ def bitmap_linear(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, o
                   (bitmap.stride(0), offsets.stride(0)), bias, n, k, input_precision, tile_k=tile_k)
 
 
+def tile_bytes_bitmap(block_n: int, block_k: int, itemsize: int, density: float) -> float:
+    """Expected bytes of a [block_n, block_k = tile_k] bitmap tile at ``density`` (kept fraction):
+    the kept values, block_k / 32 bitmap words and one int32 offset per row."""
+    return block_n * block_k * density * itemsize + block_n * (block_k // 32) * 4 + block_n * 4
+
+
 def _specs():
     return compile_specs(_bitmap_gemm_kernel, "bitmap", {"v_ptr": "*{dt}", "bitmap_ptr": "*i32", "offsets_ptr": "*i32"},
-                         {"stride_bmn": None, "stride_on": None})
+                         {"stride_bmn": None, "stride_on": None}, tile_bytes_bitmap)
 
 
 COMPILE_SPECS = _specs()

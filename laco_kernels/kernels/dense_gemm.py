@@ -9,6 +9,9 @@ Shared here:
   family and shape regime. Launchers read it, and :func:`compile_specs` enumerates the same
   table (every regime, dtype, precision, output dtype, bias flag) into ``COMPILE_SPECS``, so the
   compile report checks exactly what can be launched.
+- Architecture rows (``_ARCH_TABLE``): a (family, regime, width) may have a row for one GPU
+  architecture (sm_90) that replaces the base row there; :func:`launch` asks
+  :func:`device_arch`, and the row's compile specs carry ``archs=(arch,)``.
 - Regimes. decode (M <= 16): BLOCK_M = 16 and one program per (N tile, K slice): no weight byte is
   read twice, and split-K (each K slice writes an fp32 partial, summed on the host) fills the
   GPU when N / BLOCK_N programs alone would leave SMs idle. prefill (M > 16): 128 x 128 (or
@@ -27,13 +30,14 @@ accumulation. Program ids: axis 0 = output tile (grouped order), axis 1 = K slic
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from functools import partial
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._compile import CompileSpec
+from ._compile import ARCHS, CompileSpec
 
 DECODE_MAX_M = 16
 PRECISIONS = ("ieee", "tf32")
@@ -60,18 +64,40 @@ class GemmConfig:
 _TABLE: Dict[Tuple[str, str, str, int | None], GemmConfig] = {}
 
 
-def _add(family, regime, width, tile_k, bm, bn, bk, warps, stages, group=8):
-    name = f"{family}-{regime}-{width}" + (f"-tk{tile_k}" if tile_k else "")
-    _TABLE[(family, regime, width, tile_k)] = GemmConfig(name, bm, bn, bk, group, warps, stages)
+# (family, regime, width, tile_k, arch) -> config used on that GPU architecture only (e.g. 90 = sm_90,
+# H100 / H200) instead of the base row; the base row then serves every other architecture.
+_ARCH_TABLE: Dict[Tuple[str, str, str, int | None, int], GemmConfig] = {}
+
+
+# same keys as _ARCH_TABLE: the grid-filling alternative of an architecture row, used while that
+# row's tiles would give fewer programs than the GPU has SMs (small M: one wave, idle SMs)
+_FILL_TABLE: Dict[Tuple[str, str, str, int | None, int], GemmConfig] = {}
+
+
+def _add(family, regime, width, tile_k, bm, bn, bk, warps, stages, group=8, arch=None, fill=False):
+    name = f"{family}-{regime}-{width}" + (f"-tk{tile_k}" if tile_k else "") + (f"-sm{arch}" if arch else "") + (
+        "-fill" if fill else "")
+    table, key = (_TABLE, (family, regime, width, tile_k)) if arch is None else (
+        _FILL_TABLE if fill else _ARCH_TABLE, (family, regime, width, tile_k, arch))
+    table[key] = GemmConfig(name, bm, bn, bk, group, warps, stages)
 
 
 # decode: fp32 tiles carry twice the bytes per element, hence half the BLOCK_K (or BLOCK_N)
 _add("dense", "decode", "16bit", None, 16, 64, 128, 8, 3)
-_add("sparse24", "decode", "16bit", None, 16, 64, 128, 4, 3)
+_add("sparse24", "decode", "16bit", None, 16, 64, 256, 4, 3)
 _add("dense", "decode", "fp32", None, 16, 64, 64, 4, 3)
 _add("sparse24", "decode", "fp32", None, 16, 32, 64, 4, 3)
 _add("dense", "prefill", "16bit", None, 128, 128, 64, 8, 3)
-_add("sparse24", "prefill", "16bit", None, 128, 128, 64, 8, 3)
+# 2:4 prefill: the decode is work per weight element and the MMA per weight element x BLOCK_M, so
+# 256 rows of x per program halve the decode per multiply-add. sm_80 (mma.sync keeps both operands
+# in registers): 256 x 128 x 64 spills, BLOCK_K 32 does not (250 registers); sm_90 (wgmma reads
+# them from shared memory) takes BLOCK_K 64
+_add("sparse24", "prefill", "16bit", None, 256, 128, 32, 8, 4)
+_add("sparse24", "prefill", "16bit", None, 256, 128, 64, 8, 3, arch=90)
+# ... and while ceil(M / 256) * ceil(N / 128) < SMs and ceil(M / 128) * ceil(N / 64) <= SMs (e.g. M <= 256
+# at N = 4096 on 132 SMs): 128 x 64 tiles, 4 warps (248 instructions per warp-iteration) spread the
+# per-program decode over up to 4x the programs in one wave
+_add("sparse24", "prefill", "16bit", None, 128, 64, 64, 4, 4, arch=90, fill=True)
 # fp32 "ieee" is an FMA GEMM (no tensor cores): 64 x 64 tiles keep it clear of spills
 _add("dense", "prefill", "fp32", None, 64, 64, 32, 4, 3)
 _add("sparse24", "prefill", "fp32", None, 64, 64, 32, 8, 3)
@@ -90,8 +116,30 @@ def regime(m: int) -> str:
     return "decode" if m <= DECODE_MAX_M else "prefill"
 
 
-def gemm_config(family: str, m: int, dtype: torch.dtype, tile_k: int | None = None) -> GemmConfig:
+def device_arch(device: torch.device) -> int | None:
+    """``10 * major + minor`` of a CUDA device (90 for an H100), None elsewhere (CPU, interpreter)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _grid(cfg: GemmConfig, m: int, n: int) -> int:
+    return triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N)
+
+
+def gemm_config(family: str, m: int, dtype: torch.dtype, tile_k: int | None = None,
+                arch: int | None = None, n: int | None = None, sms: int = _DEFAULT_SMS) -> GemmConfig:
+    """The config a launch of ``family`` uses for M rows (and N columns: with ``n`` given, an
+    architecture row whose grid would not fill ``sms`` SMs gives way to its ``_FILL_TABLE`` row
+    when that row's grid fits in one wave)."""
     key = (family, regime(m), "fp32" if dtype == torch.float32 else "16bit", tile_k)
+    if arch is not None and key + (arch,) in _ARCH_TABLE:
+        cfg = _ARCH_TABLE[key + (arch,)]
+        fill = _FILL_TABLE.get(key + (arch,))
+        if fill is not None and n is not None and _grid(cfg, m, n) < sms and _grid(fill, m, n) <= sms:
+            return fill  # the main tiles leave SMs idle and the smaller ones still fit in one wave
+        return cfg
     if key not in _TABLE:
         raise ValueError(f"no {family} GEMM configuration for M={m}, dtype={dtype}, tile_k={tile_k}"
                          + (f" (supported tile_k: {BITMAP_TILE_KS})" if family == "bitmap" else ""))
@@ -178,8 +226,12 @@ def _dense_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, K_PER_SPLIT,
 # host side: output / split-K plumbing shared by the three launchers
 # ----------------------------------------------------------------------------------------
 def launch(kernel, family: str, x: torch.Tensor, weight_args: tuple, weight_strides: tuple, bias, n: int, k: int,
-           input_precision: str | None = None, tile_k: int | None = None) -> torch.Tensor:
+           input_precision: str | None = None, tile_k: int | None = None, consts: dict | None = None,
+           arch: int | None = None) -> torch.Tensor:
     """Run ``kernel(x, *weight_args, b, y, M, N, K, K_PER_SPLIT, x strides, *weight_strides, y strides, ...)``.
+
+    consts: extra constexpr arguments of this kernel (after GROUP_M); arch: the architecture whose
+    config to use (default: x's device, :func:`device_arch`).
 
     Returns y [M, N] in x's dtype. With split-K the kernel writes fp32 partials [S, M, N] that are
     summed here (the bias is added by slice 0 only).
@@ -190,7 +242,8 @@ def launch(kernel, family: str, x: torch.Tensor, weight_args: tuple, weight_stri
         return y
     if k == 0:
         return y.zero_() if bias is None else y.copy_(bias.to(x.dtype).expand(m, n))
-    cfg = gemm_config(family, m, x.dtype, tile_k)
+    cfg = gemm_config(family, m, x.dtype, tile_k, device_arch(x.device) if arch is None else arch, n=n,
+                      sms=_num_sms(x.device))
     splits, k_per = split_k(cfg, m, n, k, x.device)
     out = y if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
     s_ys = 0 if splits == 1 else out.stride(0)
@@ -198,7 +251,7 @@ def launch(kernel, family: str, x: torch.Tensor, weight_args: tuple, weight_stri
     kernel[grid](x, *weight_args, bias if bias is not None else out, out, m, n, k, k_per,
                  x.stride(0), x.stride(1), *weight_strides, s_ys, out.stride(-2), out.stride(-1),
                  HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype, input_precision),
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta())
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(), **(consts or {}))
     if splits > 1:
         y.copy_(out.sum(0))
     return y
@@ -215,32 +268,52 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 # ----------------------------------------------------------------------------------------
 # compile specs: derived from the same table the launchers read
 # ----------------------------------------------------------------------------------------
+def _rows(family: str):
+    """(regime, width, config, architectures it is launched on) of every table row of ``family``."""
+    for (fam, reg, width, tk), cfg in _TABLE.items():
+        if fam == family:
+            yield reg, width, cfg, tuple(a for a in ARCHS if (fam, reg, width, tk, a) not in _ARCH_TABLE)
+    for (fam, reg, width, _tk, arch), cfg in list(_ARCH_TABLE.items()) + list(_FILL_TABLE.items()):
+        if fam == family:
+            yield reg, width, cfg, (arch,)
+
+
 def launchable(family: str) -> List[Tuple[GemmConfig, torch.dtype, str, torch.dtype, bool]]:
     """Every (config, input dtype, DOT_PRECISION, output-pointer dtype, has_bias) a launcher can use."""
+    return [c[:5] for c in _launchable(family)]
+
+
+def _launchable(family: str):
     out = []
-    for (fam, reg, width, _tk), cfg in _TABLE.items():
-        if fam != family:
-            continue
+    for reg, width, cfg, archs in _rows(family):
         for dtype in ((torch.float32,) if width == "fp32" else (torch.float16, torch.bfloat16)):
             precs = PRECISIONS if dtype == torch.float32 else ("ieee",)
             outs = (dtype, torch.float32) if reg == "decode" and dtype != torch.float32 else (dtype,)
             for prec in precs:
                 for out_dtype in outs:
                     for has_bias in (False, True):
-                        out.append((cfg, dtype, prec, out_dtype, has_bias))
+                        out.append((cfg, dtype, prec, out_dtype, has_bias, archs, reg))
     return out
 
 
-def compile_specs(kernel, family: str, weight_sig: Dict[str, str], weight_strides: Dict[str, int | None]) -> List[CompileSpec]:
+def compile_specs(kernel, family: str, weight_sig: Dict[str, str], weight_strides: Dict[str, int | None],
+                  tile_weight_bytes: Callable[[int, int, int, float], float] | None = None,
+                  extra_consts: Dict[str, object] | None = None) -> List[CompileSpec]:
     """CompileSpecs of a GEMM kernel with the shared argument layout (see :func:`launch`).
 
     weight_sig: the weight arguments' names -> types, ``"{dt}"`` standing for the input dtype;
     weight_strides: stride argument -> 1 (unit stride: Triton specializes it to a constant at
-    launch) or None (a runtime value, a multiple of 16 for the aligned shapes that matter).
-    The specs describe a launch on row-major tensors with N, K multiples of 16 (e.g. Llama shapes).
+    launch) or None (a runtime value, a multiple of 16 for the aligned shapes that matter);
+    tile_weight_bytes(BLOCK_N, BLOCK_K, itemsize, density): weight bytes (values + metadata) of
+    one ``[BLOCK_N, BLOCK_K]`` tile, i.e. of one K-loop iteration (the SASS audit's divisor;
+    default: a dense tile); extra_consts: constexpr arguments after GROUP_M and their compiled
+    values. Rows of ``_ARCH_TABLE`` give specs compiled for their architecture only. The specs
+    describe a launch on row-major tensors with N, K multiples of 16 (e.g. Llama shapes).
     """
+    tile_weight_bytes = tile_weight_bytes or (lambda bn, bk, isz, density: bn * bk * isz)
+    extra_consts = extra_consts or {}
     specs = []
-    for cfg, dtype, prec, out_dtype, has_bias in launchable(family):
+    for cfg, dtype, prec, out_dtype, has_bias, archs, reg in _launchable(family):
         dt, odt = _TL[dtype], _TL[out_dtype]
         strides = {"stride_xm": None, "stride_xk": 1, **weight_strides, "stride_ys": None, "stride_ym": None,
                    "stride_yn": 1}
@@ -248,8 +321,10 @@ def compile_specs(kernel, family: str, weight_sig: Dict[str, str], weight_stride
                "y_ptr": f"*{odt}", "M": "i32", "N": "i32", "K": "i32", "K_PER_SPLIT": "i32",
                **{s: ("constexpr" if v == 1 else "i32") for s, v in strides.items()},
                "HAS_BIAS": "constexpr", "DOT_PRECISION": "constexpr", "BLOCK_M": "constexpr",
-               "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr"}
-        consts = dict(HAS_BIAS=has_bias, DOT_PRECISION=prec, **cfg.meta(), **{s: 1 for s, v in strides.items() if v == 1})
+               "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
+               **{c: "constexpr" for c in extra_consts}}
+        consts = dict(HAS_BIAS=has_bias, DOT_PRECISION=prec, **cfg.meta(),
+                      **{s: 1 for s, v in strides.items() if v == 1}, **extra_consts)
         divisible = tuple(a for a, t in sig.items() if t.startswith("*")) + ("N", "K", "K_PER_SPLIT") + tuple(
             s for s, v in strides.items() if v is None)
         name = f"{cfg.name}-{dt}-{prec}-out{odt}" + ("-bias" if has_bias else "")
@@ -259,7 +334,10 @@ def compile_specs(kernel, family: str, weight_sig: Dict[str, str], weight_stride
             dtype == torch.bfloat16 or (dtype == torch.float32 and prec == "ieee" and "prefill" in cfg.name))
         specs.append(CompileSpec(kernel, sig, consts, cfg.num_warps, cfg.num_stages, name, is_gemm=True,
                                  expect_tensor_core=not (dtype == torch.float32 and prec == "ieee"),
-                                 representative=rep, divisible=divisible))
+                                 representative=rep, divisible=divisible, family=family,
+                                 regime=reg, archs=archs,
+                                 loop_weight_bytes=partial(tile_weight_bytes, cfg.BLOCK_N, cfg.BLOCK_K,
+                                                           dtype.itemsize)))
     return specs
 
 

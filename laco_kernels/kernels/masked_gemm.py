@@ -20,6 +20,8 @@ same tiling: the baseline of the traffic audit.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
@@ -46,21 +48,37 @@ def _config(rows: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
     if rows <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    # BLOCK_K 64 (the dense prefill GEMM's): the loop's fixed cost (barriers, addresses) spread over
+    # twice the K; sm_90 audit 160 instructions per 32 K -> 230 per 64 K
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def _dx_config(m: int, dtype: torch.dtype) -> dict:
     """Tiles of an input-gradient GEMM: output [BLOCK_M, BLOCK_K], reduction over N in BLOCK_N."""
-    if dtype == torch.float32:  # larger fp32 (FMA) tiles spill in the masked or the 2:4 variant
+    if dtype == torch.float32:  # FMA tiles: 64 x 32 output, 32-wide reduction (sm_90 audit: 2.08 ->
+        # 1.51 thread-instructions per multiply-add; a 64 x 64 output (1.31) spills 20 bytes on sm_90
+        # when N and K are not multiples of 16)
+        if m > 16:
+            return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2)
         return _config(1, dtype)
-    cfg = _config(m, dtype)
-    if m > 64:
-        cfg["BLOCK_N"] = 64  # a 128-wide reduction tile spills here
-    return cfg
+    if m > 64:  # a 128 x 128 output tile (128 x 32 before: 2.4x the instructions per multiply-add
+        # in the sm_90 audit); a 128-wide reduction tile spills here
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    return _config(m, dtype)
 
 
 def _dw_config(n: int, dtype: torch.dtype) -> dict:
-    """Tiles of a weight-gradient GEMM: output [BLOCK_N, BLOCK_K] over N rows, reduction over M."""
+    """Tiles of a weight-gradient GEMM: output [BLOCK_N, BLOCK_K] over N rows, reduction over M.
+
+    16-bit with n > 64 (every real layer): a square 128 x 128 output tile and a 64-row reduction
+    step, the dense prefill GEMM's multiply-adds per loaded element (a 128 x 32 output tile with a
+    128-row step, the transposed forward tiling used before, issued 3.4x the instructions per
+    multiply-add in the SASS audit).
+    """
+    if dtype != torch.float32 and n > 64:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    if dtype == torch.float32 and n > 16:  # FMA: 64 x 64 output, 32-row step (1.77 -> 1.24 per MAC)
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2)
     cfg = _config(n, dtype)
     return dict(cfg, BLOCK_N=cfg["BLOCK_M"], BLOCK_M=cfg["BLOCK_N"])
 
@@ -161,14 +179,19 @@ def _masked_linear_dw_kernel(dy_ptr, x_ptr, bits_ptr, dw_ptr, db_ptr, M, N, K,
                              GROUP_M: tl.constexpr):
     """dW[N, K] = (dY^T @ X) ⊙ mask, one [BLOCK_N, BLOCK_K] tile per program, loop over M.
 
-    With HAS_BIAS the programs of the first K tile also write db[N] = sum_m dY (they read
-    those dY tiles anyway, so the bias gradient costs no extra pass over dY).
+    With HAS_BIAS the programs of the first K tile also write db[N] = sum_m dY, in a loop of
+    their own before the GEMM loop (:func:`_bias_grad_rows`): summing each dY tile inside the GEMM
+    loop cost every program a cross-thread reduction per step (the audit's loop went from 128 to
+    284 instructions), while the separate loop reads dY once in all, like a reduction kernel.
+    (Placed after the GEMM loop it kept predicates live across it: 145 instructions instead of 127.)
     """
     pid_n, pid_k = _grouped_pid(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    if HAS_BIAS:
+        if pid_k == 0:
+            _bias_grad_rows(dy_ptr, db_ptr, offs_n, M, N, stride_dym, stride_dyn, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         # dY^T tile [BLOCK_N, BLOCK_M] read straight from dY [M, N] through its strides
@@ -177,16 +200,24 @@ def _masked_linear_dw_kernel(dy_ptr, x_ptr, bits_ptr, dw_ptr, db_ptr, M, N, K,
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         acc = tl.dot(dyt, x, acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            db += tl.sum(dyt.to(tl.float32), axis=1)
     if HAS_MASK:
         words = _load_tile_words(bits_ptr, offs_n, pid_k * BLOCK_K, N, K, stride_bn, BLOCK_K)
         acc = tl.where(unpack_bits(words, BLOCK_N, BLOCK_K) != 0, acc, 0.0)
     tl.store(dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk, acc.to(dw_ptr.dtype.element_ty),
              mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
-    if HAS_BIAS:
-        if pid_k == 0:
-            tl.store(db_ptr + offs_n, db.to(db_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _bias_grad_rows(dy_ptr, db_ptr, offs_n, M, N, stride_dym, stride_dyn,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """db[offs_n] = sum over the M rows of dY[:, offs_n], fp32 accumulation (a 2-D partial sum, one
+    reduction across threads at the end)."""
+    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        part += tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                        mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0).to(tl.float32)
+    tl.store(db_ptr + offs_n, tl.sum(part, axis=0).to(db_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 # ----------------------------------------------------------------------------------------
@@ -284,10 +315,15 @@ _UNIT_STRIDES = ("stride_xk", "stride_wk", "stride_yn", "stride_dyn", "stride_dx
                  "stride_vk", "stride_dvk")
 
 
-def _spec(kernel, ptrs: dict, cfg: dict, flags: dict, label: str, representative: bool = False):
+def _spec(kernel, ptrs: dict, cfg: dict, flags: dict, label: str, representative: bool = False,
+          family: str | None = None, regime: str | None = None, tile_weight_bytes=None):
     """CompileSpec of a launch on row-major tensors: inner strides 1 (constexpr, as the JIT
     specializes them), pointers, outer strides, N and K multiples of 16 (as for Llama shapes).
-    The configs were also checked to compile without spills when nothing is 16-divisible."""
+    The configs were also checked to compile without spills when nothing is 16-divisible.
+
+    family / regime: SASS-audit metadata; tile_weight_bytes(BLOCK_N, BLOCK_K, itemsize, density):
+    weight bytes of the [BLOCK_N, BLOCK_K] tile one loop iteration loads (None: the loop loads
+    no weight, as in the weight-gradient kernels)."""
     import inspect
 
     from ._compile import CompileSpec
@@ -302,9 +338,18 @@ def _spec(kernel, ptrs: dict, cfg: dict, flags: dict, label: str, representative
         sig[name] = "constexpr" if name in consts else ptrs.get(name, "i32")
     divisible = tuple(a for a, t in sig.items() if t.startswith("*") or (t == "i32" and a not in ("M",)))
     fp32 = ptrs.get("dy_ptr", ptrs.get("x_ptr")) == "*fp32"
+    itemsize = {"*fp16": 2, "*bf16": 2, "*fp32": 4}[ptrs.get("dy_ptr", ptrs.get("x_ptr"))]
+    wbytes = None if tile_weight_bytes is None else partial(tile_weight_bytes, cfg["BLOCK_N"], cfg["BLOCK_K"], itemsize)
     return CompileSpec(kernel, sig, consts, warps, stages, label, is_gemm=True, expect_tensor_core=not fp32,
                        note="fp32 uses input_precision='ieee' (FMA, no tensor cores) on purpose" if fp32 else "",
-                       representative=representative, divisible=divisible)
+                       representative=representative, divisible=divisible, family=family, regime=regime,
+                       loop_weight_bytes=wbytes)
+
+
+def tile_bytes_masked(block_n: int, block_k: int, itemsize: int, density: float = 1.0) -> float:
+    """Bytes of a [block_n, block_k] masked-weight tile: the dense weight and its packed mask bits
+    (the weight is stored dense, so density does not change them)."""
+    return block_n * block_k * itemsize + block_n * (block_k // 32) * 4
 
 
 def _compile_specs():
@@ -315,14 +360,14 @@ def _compile_specs():
             tag, rep = f"{dt} {regime}", dtype == torch.bfloat16 and regime == "prefill"
             specs.append(_spec(_masked_linear_fwd_kernel, dict(x_ptr=p, w_ptr=p, bits_ptr="*i32", b_ptr=p, y_ptr=p),
                                _config(rows, dtype), dict(HAS_MASK=True, HAS_BIAS=True, DOT_PRECISION="ieee"),
-                               f"{tag} masked+bias", rep))
+                               f"{tag} masked+bias", rep, "masked", "train-fwd", tile_bytes_masked))
             specs.append(_spec(_masked_linear_dx_kernel, dict(dy_ptr=p, w_ptr=p, bits_ptr="*i32", dx_ptr=p),
                                _dx_config(rows, dtype), dict(HAS_MASK=True, DOT_PRECISION="ieee"), f"{tag} masked",
-                               rep))
+                               rep, "masked", "train-dx", tile_bytes_masked))
             specs.append(_spec(_masked_linear_dw_kernel,
                                dict(dy_ptr=p, x_ptr=p, bits_ptr="*i32", dw_ptr=p, db_ptr=p),
                                _dw_config(rows, dtype), dict(HAS_MASK=True, HAS_BIAS=True, DOT_PRECISION="ieee"),
-                               f"{tag} masked+bias", rep))
+                               f"{tag} masked+bias", rep, "masked", "train-dw"))
     return specs
 
 

@@ -172,7 +172,7 @@ def _compile_specs():
                                                                                               "stride_tr", "stride_gr"))
                     specs.append(CompileSpec(kernel, sig, consts, warps, 1, f"{dt} {kind} D={d}", is_gemm=False,
                                              representative=dt == "bfloat16" and kind == "cosine" and d == 576,
-                                             divisible=divisible))
+                                             divisible=divisible, family="recon_loss", regime="train-loss"))
     return specs
 
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._bits import decode_24_nibbles, expand_24
-from .masked_gemm import _dw_config, _dx_config, _grouped_pid, _load_tile_words, _precision
+from .masked_gemm import _bias_grad_rows, _dw_config, _dx_config, _grouped_pid, _load_tile_words, _precision
 
 
 @triton.jit
@@ -67,14 +67,17 @@ def _sparse24_dv_kernel(dy_ptr, x_ptr, meta_ptr, dv_ptr, db_ptr, M, N, K,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """dV[N, K/2] = (dY^T X) at the kept positions; one [BLOCK_N, BLOCK_K/2] output tile per program.
 
-    With HAS_BIAS the programs of the first K tile also write db[N] = sum_m dY.
+    With HAS_BIAS the programs of the first K tile also write db[N] = sum_m dY, before the GEMM
+    loop (masked_gemm._bias_grad_rows: no reduction inside the loop).
     """
     pid_n, pid_k = _grouped_pid(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = pid_k * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
+    if HAS_BIAS:
+        if pid_k == 0:
+            _bias_grad_rows(dy_ptr, db_ptr, offs_n, M, N, stride_dym, stride_dyn, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         dyt = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
@@ -82,8 +85,6 @@ def _sparse24_dv_kernel(dy_ptr, x_ptr, meta_ptr, dv_ptr, db_ptr, M, N, K,
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         acc = tl.dot(dyt, x, acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            db += tl.sum(dyt.to(tl.float32), axis=1)
     i0, i1 = decode_24_nibbles(_load_tile_words(meta_ptr, offs_n, k0, N, K, stride_mn, BLOCK_K), BLOCK_N, BLOCK_K)
     groups = tl.reshape(acc, (BLOCK_N, BLOCK_K // 4, 4))
     pos = tl.arange(0, 4)[None, None, :]
@@ -93,9 +94,6 @@ def _sparse24_dv_kernel(dy_ptr, x_ptr, meta_ptr, dv_ptr, db_ptr, M, N, K,
     offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     tl.store(dv_ptr + offs_n[:, None] * stride_dvn + offs_v[None, :] * stride_dvk, dv.to(dv_ptr.dtype.element_ty),
              mask=(offs_n[:, None] < N) & (offs_v[None, :] < K // 2))
-    if HAS_BIAS:
-        if pid_k == 0:
-            tl.store(db_ptr + offs_n, db.to(db_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 # ----------------------------------------------------------------------------------------
@@ -149,6 +147,7 @@ def sparse24_values_grad(dy: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, 
 # ----------------------------------------------------------------------------------------
 def _compile_specs():
     from .masked_gemm import _TYPES, REGIMES, _spec
+    from .sparse24_gemm import tile_bytes_24
 
     specs = []
     for dtype, p in _TYPES.items():
@@ -156,10 +155,12 @@ def _compile_specs():
         for regime, rows in REGIMES.items():
             rep = dtype == torch.bfloat16 and regime == "prefill"
             specs.append(_spec(_sparse24_dx_kernel, dict(dy_ptr=p, v_ptr=p, meta_ptr="*i32", dx_ptr=p),
-                               _dx_config(rows, dtype), dict(DOT_PRECISION="ieee"), f"{dt} {regime}", rep))
+                               _dx_config(rows, dtype), dict(DOT_PRECISION="ieee"), f"{dt} {regime}", rep,
+                               "sparse24", "train-dx", tile_bytes_24))
+            # the dV loop reads dY and X only (meta is read once after it): no weight bytes
             specs.append(_spec(_sparse24_dv_kernel, dict(dy_ptr=p, x_ptr=p, meta_ptr="*i32", dv_ptr=p, db_ptr=p),
                                _dw_config(rows, dtype), dict(HAS_BIAS=True, DOT_PRECISION="ieee"),
-                               f"{dt} {regime} +bias", rep))
+                               f"{dt} {regime} +bias", rep, "sparse24", "train-dw"))
     return specs
 
 

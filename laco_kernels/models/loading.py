@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from typing import Optional, Tuple
 
 import torch
+
+from .._atomic import atomic_folder
 
 SMOLLM2 = "smollm2-135m"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,12 +47,11 @@ def smollm2_dir() -> str:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     os.makedirs(cache_dir(), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".smollm2-")
-    _save_plain_checkpoint(model, tmp)
-    tok.save_pretrained(tmp)
-    if os.path.exists(target):  # a half-written folder from a crash
-        shutil.rmtree(target)
-    os.replace(tmp, target)  # atomic: the cache is either complete or absent
+    # atomic: the cache folder is either complete or absent (a folder without model.safetensors,
+    # from an older version or a hand copy, is replaced whole)
+    with atomic_folder(target) as tmp:
+        _save_plain_checkpoint(model, tmp)
+        tok.save_pretrained(tmp)
     return target
 
 

@@ -7,18 +7,28 @@ without weight decay never makes a pruned weight nonzero (weight decay of a zero
 zero too, so AdamW keeps it at zero as well). On the Triton path no tensor of W's size is
 created besides dW (the mask is expanded tile by tile in registers).
 
-Backends (``ops.dispatch.select_backend``): CUDA tensors -> Triton; CPU -> the PyTorch
+Backends (``ops.dispatch.select_backend``): CUDA tensors -> Triton, or ``F.linear(x, W * M)``
+with autograd where the SASS audit predicts the Triton kernels slower (``ops/train_dispatch.py``;
+``LACO_TRAIN_PATH`` / ``path=`` override; the torch path materialises W ⊙ M); CPU -> the PyTorch
 reference (the native extension has no masked_linear; forcing ``LACO_BACKEND=native`` raises
 in the dispatcher); ``LACO_BACKEND=triton`` with ``TRITON_INTERPRET=1`` runs the kernels on CPU.
+
+torch.compile: :func:`masked_linear` validates and picks the backend in Python, then calls the
+custom op ``torch.ops.laco.masked_linear`` (2-D x, the mask's int32 words, the backend as a
+string); its backward is the custom op ``laco::masked_linear_backward``. Both are opaque to
+inductor, with fake implementations (docs/torch_compile.md).
 """
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_linear_inputs, check_tensor
 from ..formats import PackedMask
-from .dispatch import select_backend
+from .dispatch import call_direct, grad_or_empty, select_backend
+from .train_dispatch import choose_train_path, masked_linear_torch, requested_train_path
 
 _OP = "masked_linear"
 
@@ -42,49 +52,99 @@ def _as_packed(mask, shape, device) -> PackedMask:
     return mask
 
 
-class _MaskedLinearTriton(torch.autograd.Function):
-    """Thin autograd wrapper over kernels.masked_gemm (x already 2-D)."""
+def _masked_impl(x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor, bias: Optional[torch.Tensor],
+               backend: str) -> torch.Tensor:
+    """x ``[M, K]`` @ (weight ``[N, K]`` ⊙ bits int32 ``[N, ceil(K/32)]``)^T + bias -> ``[M, N]``.
 
-    @staticmethod
-    def forward(ctx, x2, weight, bits, bias):
+    Arguments already checked by :func:`masked_linear`; ``backend``: triton / reference.
+    """
+    if backend == "reference":
+        return reference.masked_linear(x, weight, PackedMask(bits, tuple(weight.shape)), bias)
+    from ..kernels import masked_gemm as k
+
+    return k.masked_linear_fwd(x, weight, bits, bias)
+
+
+_masked_op = torch.library.custom_op("laco::masked_linear", _masked_impl, mutates_args=())
+
+
+@_masked_op.register_fake
+def _(x, weight, bits, bias, backend):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _masked_backward_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor, backend: str,
+                        need_x: bool, need_w: bool, need_b: bool, bias_dtype: Optional[torch.dtype]
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX ``[M, K]``, dW ``[N, K]``, db ``[N]``) of :func:`_masked_op`; an empty tensor where not needed."""
+    dx = dw = db = None
+    if backend == "reference":  # what autograd through reference.masked_linear gives, bit for bit
+        mask = PackedMask(bits, tuple(weight.shape)).to_bool().to(weight.dtype)
+        dx, dwf, db = reference.linear_fp32_grads(dy, x, weight * mask if need_x else weight, need_x, need_w,
+                                                  need_b, bias_dtype)
+        if need_w:
+            dw = dwf.to(weight.dtype) * mask
+    else:  # kernels/masked_gemm.py: the mask is expanded tile by tile; db rides along in the dW pass
         from ..kernels import masked_gemm as k
 
-        ctx.save_for_backward(x2, weight, bits)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return k.masked_linear_fwd(x2, weight, bits, bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        from ..kernels import masked_gemm as k
-
-        x2, weight, bits = ctx.saved_tensors
-        need_x, need_w, _, need_b = ctx.needs_input_grad
         dx = k.masked_linear_dx(dy, weight, bits) if need_x else None
-        dw = db = None
-        if need_w:  # db rides along in the dW pass (no extra read of dY)
-            dw, db = k.masked_linear_dw(dy, x2, bits, want_bias=need_b, bias_dtype=ctx.bias_dtype)
+        if need_w:
+            dw, db = k.masked_linear_dw(dy, x, bits, want_bias=need_b, bias_dtype=bias_dtype)
         elif need_b:
-            db = dy.float().sum(0).to(ctx.bias_dtype)
-        return dx, dw, None, db
+            db = dy.float().sum(0).to(bias_dtype)
+    return grad_or_empty(dx, dy), grad_or_empty(dw, weight), grad_or_empty(db, dy)
+
+
+_masked_backward_op = torch.library.custom_op("laco::masked_linear_backward", _masked_backward_impl, mutates_args=())
+
+
+@_masked_backward_op.register_fake
+def _(dy, x, weight, bits, backend, need_x, need_w, need_b, bias_dtype):
+    return (dy.new_empty(dy.shape[0], x.shape[1]) if need_x else dy.new_empty(0),
+            x.new_empty(weight.shape) if need_w else weight.new_empty(0),
+            dy.new_empty(weight.shape[0], dtype=bias_dtype) if need_b else dy.new_empty(0))
+
+
+def _masked_setup(ctx, inputs, output):
+    x, weight, bits, bias, backend = inputs
+    ctx.save_for_backward(x, weight, bits)
+    ctx.backend = backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _masked_backward(ctx, dy):
+    x, weight, bits = ctx.saved_tensors
+    need_x, need_w, _, need_b, _ = ctx.needs_input_grad
+    dx, dw, db = torch.ops.laco.masked_linear_backward(dy, x, weight, bits, ctx.backend, need_x, need_w, need_b,
+                                                       ctx.bias_dtype)
+    return (dx if need_x else None), (dw if need_w else None), None, (db if need_b else None), None
+
+
+_masked_op.register_autograd(_masked_backward, setup_context=_masked_setup)
 
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: PackedMask | torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, path: str | None = None) -> torch.Tensor:
     """x ``[..., K]`` @ (weight ``[N, K]`` ⊙ mask)^T + bias ``[N]`` -> ``[..., N]`` in x's dtype.
 
     mask: a :class:`PackedMask` of shape ``(N, K)`` or a bool ``[N, K]`` tensor (True = kept;
     packed here; pack it once with ``PackedMask.from_bool`` when calling in a loop). x and
     weight share a float dtype (fp16 / bf16 / fp32) and device; any strides are accepted.
+    path: ``"auto"`` / ``"triton"`` / ``"torch"`` (default ``LACO_TRAIN_PATH``, else ``auto``): where
+    the Triton backend is selected, run the Triton kernels or ``F.linear(x, W * M)`` + autograd
+    (see ``ops/train_dispatch.py``).
     """
     check_tensor(weight, f"{_OP}: weight", dtypes=FLOAT_DTYPES, ndim=2)
     n, k = weight.shape
     check_linear_inputs(x, k, n, weight.dtype, weight.device, bias, _OP)
     pm = _as_packed(mask, (n, k), weight.device)
+    requested_train_path(path)  # a bad path / LACO_TRAIN_PATH fails on every backend
     backend = select_backend(_OP, [x, weight, pm.bits, bias])
-    if backend == "reference":
-        return reference.masked_linear(x, weight, pm, bias)
     if backend == "native":  # unreachable today: the dispatcher only picks ops the extension declares
         raise RuntimeError(f"{_OP}: the native extension declares this op but the ops layer has no binding for it")
     x2 = x.reshape(-1, k)
-    y = _MaskedLinearTriton.apply(x2, weight, pm.bits, bias)
+    if backend == "triton" and choose_train_path(_OP, x2.shape[0], n, k, x.dtype, x.device, path) == "torch":
+        return masked_linear_torch(x, weight, pm, bias)
+    args = (x2, weight, pm.bits, bias)
+    y = _masked_impl(*args, backend) if call_direct(*args) else torch.ops.laco.masked_linear(*args, backend)
     return y.reshape(*x.shape[:-1], n)

@@ -14,12 +14,10 @@ Backends (``ops.dispatch.select_backend``):
   which the extension does not implement, run the reference; forcing ``native`` with fp16 raises.
 - ``reference``: ``reference.py`` (plain PyTorch), differentiable through autograd.
 
-cuSPARSELt / CUTLASS (``torch.sparse.to_sparse_semi_structured``) is NOT dispatched to yet: it
-needs the weight re-compressed into its own layout (a second copy of every weight, cached per
-weight) and pads M to 32 rows. Measured on an H100 (``bench/results/gpu_gemm_graph.json``, fp16,
-CUDA-graph timing) it beats our prefill kernel 7.9-8.5x and cuBLAS 1.37-1.59x at M = 4096, and at
-M <= 16 it is slower than cuBLAS on 5 of the 6 shape/M pairs (0.31-0.93x; 1.03x at 11008x4096,
-M = 16); wiring it in for M >= 256 with a cached compressed copy is the obvious next step for prefill.
+cuSPARSELt / CUTLASS (``torch.sparse.to_sparse_semi_structured``) runs only where a module opted
+in with ``SparseLinear24.enable_semi_structured()`` (``laco_kernels/semi_structured.py``): it needs
+a second, re-compressed copy of the weight (9/16 of the dense bytes), so it is never the default.
+Bitmap prefill on CUDA goes through a transient dense weight and cuBLAS (:func:`bitmap_gpu_path`).
 
 Gradients: on the triton / native paths ``sparse24_linear`` is a small autograd Function whose
 backward gives x, the packed values (``w24.values`` if it requires grad) and bias their gradients:
@@ -29,15 +27,27 @@ torch ops). To train the values, wrap an ``nn.Parameter`` ``[N, K/2]`` with the
 metadata buffer: ``sparse24_linear(x, Sparse24Weight(param, meta, shape), bias)`` (what
 ``nn.SparseLinear24(trainable=True)`` does); the optimizer then holds state for the kept half only. ``bitmap_linear`` gives x and
 bias gradients; its packed values are not trainable (use ``masked_linear`` to train).
+
+torch.compile: the public functions validate their arguments and pick the backend in plain
+Python (dynamo traces that; the backend is fixed when a model is compiled), unpack the packed
+weight into its tensors and call the custom ops ``torch.ops.laco.sparse24_linear`` /
+``torch.ops.laco.bitmap_linear`` (2-D x, the backend as a string argument), whose backward is
+the custom op ``laco::sparse24_linear_backward`` / ``laco::bitmap_linear_backward``. The ops are
+opaque to dynamo and inductor (no graph break; inductor never traces the unpacking), have fake
+implementations for shape propagation, and do no host synchronisation on the Triton path, so a
+compiled decode step can be captured in a CUDA graph. See docs/torch_compile.md.
 """
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_linear_inputs, check_tensor
 from ..formats import BitmapWeight, Sparse24Weight, _row_chunks
-from .dispatch import requested_backend, select_backend
+from .dispatch import call_direct, grad_or_empty, requested_backend, select_backend
+from .train_dispatch import choose_train_path, requested_train_path, sparse24_linear_torch
 
 
 def _native_ok(op: str, *dtypes: torch.dtype) -> bool:
@@ -69,19 +79,13 @@ def _bias_for_kernel(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Ten
     return bias if bias is None or bias.dtype == dtype else bias.to(dtype)
 
 
+def _bias_grad(dy: torch.Tensor, bias_dtype: torch.dtype) -> torch.Tensor:
+    return dy.float().sum(0).to(bias_dtype)
+
+
 # ----------------------------------------------------------------------------------------
 # 2:4
 # ----------------------------------------------------------------------------------------
-def _sparse24_forward(x2, values, w24, bias, backend):
-    if backend == "triton":
-        from ..kernels import sparse24_gemm as k
-
-        return k.sparse24_linear(x2, values, w24.meta, w24.shape, _bias_for_kernel(bias, x2.dtype))
-    from .. import _native
-
-    return _native.sparse24_linear(x2, w24, bias, values=values)
-
-
 _BACKWARD_CHUNK = 1 << 21  # weight elements the CPU backward decompresses at once
 
 
@@ -111,48 +115,97 @@ def _sparse24_grads_cpu(dy: torch.Tensor, x2: torch.Tensor, w24: Sparse24Weight,
     return (dx.to(dy.dtype) if need_x else None), dv
 
 
-def _bias_grad(dy: torch.Tensor, bias_dtype: torch.dtype) -> torch.Tensor:
-    return dy.float().sum(0).to(bias_dtype)
+def _sparse24_impl(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor],
+                 backend: str) -> torch.Tensor:
+    """x ``[M, K]`` @ dense(values ``[N, K/2]``, meta int32 ``[N, ceil(K/32)]``)^T + bias -> ``[M, N]``.
+
+    Arguments already checked by :func:`sparse24_linear`; ``backend``: triton / native / reference.
+    """
+    w24 = Sparse24Weight(values, meta, (values.shape[0], 2 * values.shape[1]))
+    if backend == "reference":
+        return reference.sparse24_linear(x, w24, bias)
+    if backend == "triton":
+        from ..kernels import sparse24_gemm as k
+
+        return k.sparse24_linear(x, values, meta, w24.shape, _bias_for_kernel(bias, x.dtype))
+    from .. import _native
+
+    return _native.sparse24_linear(x, w24, bias)
 
 
-class _Sparse24Linear(torch.autograd.Function):
-    """y = x2 @ dense(values, w24.meta)^T + bias for 2-D x2, on the triton or native backend."""
-
-    @staticmethod
-    def forward(ctx, x2, values, bias, w24, backend):
-        ctx.w24 = w24
-        ctx.backend = backend
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x2, values)
-        return _sparse24_forward(x2, values, w24, bias, backend)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, values = ctx.saved_tensors
-        need_x, need_v, need_b = ctx.needs_input_grad[:3]
-        if ctx.backend == "triton":  # kernels/sparse24_grad.py: compressed weight only, db fused into dV
-            from ..kernels import sparse24_grad as g
-
-            w24 = ctx.w24
-            dx = g.sparse24_grad_input(dy, values, w24.meta, w24.shape) if need_x else None
-            dv = db = None
-            if need_v:
-                dv, db = g.sparse24_values_grad(dy, x2, w24.meta, w24.shape, want_bias=need_b,
-                                                bias_dtype=ctx.bias_dtype)
-            elif need_b:
-                db = _bias_grad(dy, ctx.bias_dtype)
-            return dx, dv, db, None, None
-        dx, dv = _sparse24_grads_cpu(dy, x2, ctx.w24, values, need_x, need_v)
-        db = _bias_grad(dy, ctx.bias_dtype) if need_b else None
-        return dx, dv, db, None, None
+_sparse24_op = torch.library.custom_op("laco::sparse24_linear", _sparse24_impl, mutates_args=())
 
 
-def sparse24_linear(x: torch.Tensor, w24: Sparse24Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+@_sparse24_op.register_fake
+def _(x, values, meta, bias, backend):
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
+def _sparse24_backward_impl(dy: torch.Tensor, x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, backend: str,
+                          need_x: bool, need_v: bool, need_b: bool, bias_dtype: Optional[torch.dtype]
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX ``[M, K]``, dV ``[N, K/2]``, db ``[N]``) of :func:`_sparse24_op`; an empty tensor where not needed."""
+    w24 = Sparse24Weight(values, meta, (values.shape[0], 2 * values.shape[1]))
+    dx = dv = db = None
+    if backend == "triton":  # kernels/sparse24_grad.py: compressed weight only, db fused into dV
+        from ..kernels import sparse24_grad as g
+
+        dx = g.sparse24_grad_input(dy, values, meta, w24.shape) if need_x else None
+        if need_v:
+            dv, db = g.sparse24_values_grad(dy, x, meta, w24.shape, want_bias=need_b, bias_dtype=bias_dtype)
+        elif need_b:
+            db = _bias_grad(dy, bias_dtype)
+    elif backend == "native":
+        dx, dv = _sparse24_grads_cpu(dy, x, w24, values, need_x, need_v)
+        db = _bias_grad(dy, bias_dtype) if need_b else None
+    else:  # what autograd through reference.sparse24_linear gives, bit for bit
+        dx, dw, db = reference.linear_fp32_grads(dy, x, w24.to_dense() if need_x else values, need_x, need_v,
+                                                 need_b, bias_dtype)
+        if need_v:
+            dv = dw.to(values.dtype).masked_select(w24.mask()).view(values.shape)
+    return grad_or_empty(dx, dy), grad_or_empty(dv, values), grad_or_empty(db, dy)
+
+
+_sparse24_backward_op = torch.library.custom_op("laco::sparse24_linear_backward", _sparse24_backward_impl,
+                                               mutates_args=())
+
+
+@_sparse24_backward_op.register_fake
+def _(dy, x, values, meta, backend, need_x, need_v, need_b, bias_dtype):
+    n = values.shape[0]
+    return (dy.new_empty(dy.shape[0], x.shape[1]) if need_x else dy.new_empty(0),
+            values.new_empty(values.shape) if need_v else values.new_empty(0),
+            dy.new_empty(n, dtype=bias_dtype) if need_b else dy.new_empty(0))
+
+
+def _sparse24_setup(ctx, inputs, output):
+    x, values, meta, bias, backend = inputs
+    ctx.save_for_backward(x, values, meta)
+    ctx.backend = backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _sparse24_backward(ctx, dy):
+    x, values, meta = ctx.saved_tensors
+    need_x, need_v, _, need_b, _ = ctx.needs_input_grad
+    dx, dv, db = torch.ops.laco.sparse24_linear_backward(dy, x, values, meta, ctx.backend, need_x, need_v, need_b,
+                                                         ctx.bias_dtype)
+    return (dx if need_x else None), (dv if need_v else None), None, (db if need_b else None), None
+
+
+_sparse24_op.register_autograd(_sparse24_backward, setup_context=_sparse24_setup)
+
+
+def sparse24_linear(x: torch.Tensor, w24: Sparse24Weight, bias: torch.Tensor | None = None,
+                    path: str | None = None) -> torch.Tensor:
     """x ``[..., K]`` @ dense(w24)^T + bias ``[N]`` -> ``[..., N]`` in x's dtype.
 
     w24: a :class:`Sparse24Weight` of shape ``(N, K)`` (its tensors' shapes, dtypes and device are
     checked here; ``from_dense`` already refused any non-2:4 weight).
     Differentiable in x, bias and ``w24.values`` (when it requires grad).
+    path: when the values are trained on the Triton backend, ``"auto"`` / ``"triton"`` / ``"torch"``
+    (default ``LACO_TRAIN_PATH``, else ``auto``): the Triton kernels or ``F.linear(x, dense(w24))``
+    + autograd, chosen by ``ops/train_dispatch.py`` (the audit's predictions) under ``auto``.
     """
     op = "sparse24_linear"
     if not isinstance(w24, Sparse24Weight):
@@ -165,41 +218,120 @@ def sparse24_linear(x: torch.Tensor, w24: Sparse24Weight, bias: torch.Tensor | N
     check_linear_inputs(x, k, n, w24.values.dtype, w24.values.device, bias, op)
     if w24.meta.device != x.device:
         raise ValueError(f"{op}: w24.meta is on {w24.meta.device} but x is on {x.device}")
+    requested_train_path(path)  # a bad path / LACO_TRAIN_PATH fails on every backend
     backend = select_backend(op, [x, w24.values, w24.meta, bias])
     if backend == "native" and not _native_ok(op, x.dtype):
         backend = "reference"
-    if backend == "reference":
-        return reference.sparse24_linear(x, w24, bias)
     x2 = x.reshape(-1, k)
-    y = _Sparse24Linear.apply(x2, w24.values, bias, w24, backend)
+    if (backend == "triton" and w24.values.requires_grad and torch.is_grad_enabled()
+            and choose_train_path(op, x2.shape[0], n, k, x.dtype, x.device, path) == "torch"):
+        return sparse24_linear_torch(x, w24, bias)
+    args = (x2, w24.values, w24.meta, bias)
+    y = _sparse24_impl(*args, backend) if call_direct(*args) else torch.ops.laco.sparse24_linear(*args, backend)
     return y.reshape(*x.shape[:-1], n)
 
 
 # ----------------------------------------------------------------------------------------
 # bitmap
 # ----------------------------------------------------------------------------------------
-class _BitmapLinear(torch.autograd.Function):
-    """y = x2 @ dense(bw)^T + bias for 2-D x2, on the triton or native backend (grads: x, bias)."""
+def _bitmap_impl(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, offsets: torch.Tensor,
+               bias: Optional[torch.Tensor], k: int, tile_k: int, backend: str) -> torch.Tensor:
+    """x ``[M, K]`` @ dense(values ``[nnz]``, bitmap, offsets)^T + bias -> ``[M, N]`` (N = bitmap rows).
 
-    @staticmethod
-    def forward(ctx, x2, bias, bw, backend):
-        ctx.bw = bw
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        if backend == "triton":
-            from ..kernels import bitmap_gemm as k
+    Arguments already checked by :func:`bitmap_linear`; ``backend``: triton / native / reference.
+    """
+    bw = BitmapWeight(values, bitmap, offsets, (bitmap.shape[0], k), tile_k)
+    if backend == "reference":
+        return reference.bitmap_linear(x, bw, bias)
+    if backend == "triton":
+        from ..kernels import bitmap_gemm as kb
 
-            return k.bitmap_linear(x2, bw.values, bw.bitmap, bw.offsets, bw.shape, bw.tile_k,
-                                   _bias_for_kernel(bias, x2.dtype))
-        from .. import _native
+        if bitmap_gpu_path(x.shape[0], x.device) == "expand":
+            return bitmap_expand_linear(x, bw, bias)
+        return kb.bitmap_linear(x, values, bitmap, offsets, bw.shape, tile_k, _bias_for_kernel(bias, x.dtype))
+    from .. import _native
 
-        return _native.bitmap_linear(x2, bw, bias)
+    return _native.bitmap_linear(x, bw, bias)
 
-    @staticmethod
-    def backward(ctx, dy):
-        need_x, need_b = ctx.needs_input_grad[:2]
-        dx = (dy.float() @ ctx.bw.to_dense().float()).to(dy.dtype) if need_x else None
-        db = _bias_grad(dy, ctx.bias_dtype) if need_b else None
-        return dx, db, None, None
+
+def bitmap_gpu_path(m: int, device: torch.device) -> str:
+    """Which GPU path runs a bitmap linear with ``m`` rows of x: ``"gemv"``, ``"tiled"`` or ``"expand"``.
+
+    - ``m <= kernels.bitmap_gemv.GEMV_MAX_M``: the popcount GEMV (fastest path there; still
+      predicted 0.7-0.8x of a dense GEMM, see docs/gpu_decode_kernels.md).
+    - up to ``DECODE_MAX_M`` (16): the tiled ``tl.dot`` kernel.
+    - prefill (``m > 16``) on CUDA: expand the weight to a transient dense ``[N, K]`` tensor and run
+      cuBLAS (``F.linear``). The tiled bitmap prefill loop issues about 15x the dense kernel's
+      instructions per multiply-add on sm_90 (bench/results/prefill_loops.json) and measured
+      2359-2510 us against cuBLAS's 204 at M = 4096 on an H100 (gpu_gemm_graph.json); expanding
+      moves about 10 bytes per weight (predicted ~135 us for 4096 x 11008 at 3.35 TB/s), so from
+      M > 16 on it is predicted faster than the tiled kernel (a prediction until a GPU times it).
+      It costs one dense weight of transient memory per call.
+    The interpreter (CPU tensors) always runs the kernels, so tests exercise them.
+    """
+    from ..kernels.bitmap_gemv import GEMV_MAX_M
+    from ..kernels.dense_gemm import DECODE_MAX_M
+
+    if 0 < m <= GEMV_MAX_M:
+        return "gemv"
+    if m <= DECODE_MAX_M or device.type != "cuda":
+        return "tiled"
+    return "expand"
+
+
+def bitmap_expand_linear(x: torch.Tensor, bw: BitmapWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x ``[M, K]`` @ dense(bw)^T + bias through a transient dense weight and ``F.linear`` (the GPU
+    prefill path of :func:`bitmap_gpu_path`); fp32 accumulation as cuBLAS does it, output in x's dtype."""
+    return torch.nn.functional.linear(x, bw.to_dense().to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+_bitmap_op = torch.library.custom_op("laco::bitmap_linear", _bitmap_impl, mutates_args=())
+
+
+@_bitmap_op.register_fake
+def _(x, values, bitmap, offsets, bias, k, tile_k, backend):
+    return x.new_empty(x.shape[0], bitmap.shape[0])
+
+
+def _bitmap_backward_impl(dy: torch.Tensor, x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor,
+                        offsets: torch.Tensor, k: int, tile_k: int, backend: str, need_x: bool, need_b: bool,
+                        bias_dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dX ``[M, K]``, db ``[N]``) of :func:`_bitmap_op`; an empty tensor where not needed."""
+    bw = BitmapWeight(values, bitmap, offsets, (bitmap.shape[0], k), tile_k)
+    dx = db = None
+    if backend == "reference":  # what autograd through reference.bitmap_linear gives, bit for bit
+        dx, _, db = reference.linear_fp32_grads(dy, x, bw.to_dense(), need_x, False, need_b, bias_dtype)
+    else:
+        dx = (dy.float() @ bw.to_dense().float()).to(dy.dtype) if need_x else None
+        db = _bias_grad(dy, bias_dtype) if need_b else None
+    return grad_or_empty(dx, dy), grad_or_empty(db, dy)
+
+
+_bitmap_backward_op = torch.library.custom_op("laco::bitmap_linear_backward", _bitmap_backward_impl, mutates_args=())
+
+
+@_bitmap_backward_op.register_fake
+def _(dy, x, values, bitmap, offsets, k, tile_k, backend, need_x, need_b, bias_dtype):
+    return (dy.new_empty(dy.shape[0], k) if need_x else dy.new_empty(0),
+            dy.new_empty(bitmap.shape[0], dtype=bias_dtype) if need_b else dy.new_empty(0))
+
+
+def _bitmap_setup(ctx, inputs, output):
+    x, values, bitmap, offsets, bias, k, tile_k, backend = inputs
+    ctx.save_for_backward(x, values, bitmap, offsets)
+    ctx.k, ctx.tile_k, ctx.backend = k, tile_k, backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _bitmap_backward(ctx, dy):
+    x, values, bitmap, offsets = ctx.saved_tensors
+    need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+    dx, db = torch.ops.laco.bitmap_linear_backward(dy, x, values, bitmap, offsets, ctx.k, ctx.tile_k, ctx.backend,
+                                                   need_x, need_b, ctx.bias_dtype)
+    return (dx if need_x else None), None, None, None, (db if need_b else None), None, None, None
+
+
+_bitmap_op.register_autograd(_bitmap_backward, setup_context=_bitmap_setup)
 
 
 def bitmap_linear(x: torch.Tensor, bw: BitmapWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,14 +359,13 @@ def bitmap_linear(x: torch.Tensor, bw: BitmapWeight, bias: torch.Tensor | None =
     backend = select_backend(op, [x, bw.values, bw.bitmap, bias])
     if backend == "native" and not _native_ok(op, x.dtype):
         backend = "reference"
-    if backend == "reference":
-        return reference.bitmap_linear(x, bw, bias)
     if backend == "triton":
         from ..kernels.dense_gemm import BITMAP_TILE_KS
 
         if bw.tile_k not in BITMAP_TILE_KS:
             raise ValueError(f"{op}: the Triton kernel supports tile_k in {BITMAP_TILE_KS}, this weight has "
                              f"tile_k={bw.tile_k}; repack with BitmapWeight.from_dense(W, tile_k=128)")
-    x2 = x.reshape(-1, k)
-    y = _BitmapLinear.apply(x2, bias, bw, backend)
+    args = (x.reshape(-1, k), bw.values, bw.bitmap, bw.offsets, bias)
+    y = (_bitmap_impl(*args, k, bw.tile_k, backend) if call_direct(*args)
+         else torch.ops.laco.bitmap_linear(*args, k, bw.tile_k, backend))
     return y.reshape(*x.shape[:-1], n)

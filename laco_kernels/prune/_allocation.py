@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .._validation import check_token_ids
 from ..models.adapters import block_linears, get_adapter
 from ..models.capture import BlockRunner
 
@@ -18,13 +19,9 @@ from ..models.capture import BlockRunner
 BlockCallback = Callable[[int, Dict[str, nn.Linear], Dict[str, torch.Tensor]], None]
 
 
-def check_calibration(input_ids: torch.Tensor) -> torch.Tensor:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
-            torch.int64, torch.int32):
-        raise ValueError("calibration must be an integer tensor of token ids [samples, seqlen], got "
-                         f"{type(input_ids).__name__} {getattr(input_ids, 'shape', '')} "
-                         f"{getattr(input_ids, 'dtype', '')}")
-    return input_ids.long()
+def check_calibration(input_ids: torch.Tensor, model: Optional[nn.Module] = None) -> torch.Tensor:
+    """Token ids ``[samples, seqlen]`` as int64, checked against ``model`` (``_validation.check_token_ids``)."""
+    return check_token_ids(input_ids, model, "calibration")
 
 
 @torch.no_grad()
@@ -41,7 +38,7 @@ def dense_input_statistics(model: nn.Module, input_ids: torch.Tensor, kind: str,
     """
     if kind not in ("hessian", "sq_norm"):
         raise ValueError(f"kind must be 'hessian' or 'sq_norm', got {kind!r}")
-    input_ids = check_calibration(input_ids)
+    input_ids = check_calibration(input_ids, model)
     runner = BlockRunner(model, device=device, batch_size=batch_size, stream_dtype=torch.float32,
                          progress=False)
     adapter = runner.adapter

@@ -88,7 +88,7 @@ def collapse_layers(model: nn.Module, calibration: torch.Tensor, *, C: int = 4, 
         raise ValueError(f"need C >= 2, I >= 1, 0 <= L < H <= {n} and H - L >= C; got C={C} I={I} L={L} H={H}")
     if target_removed is not None and not 0 < target_removed < n:
         raise ValueError(f"target_removed must be in [1, {n - 1}], got {target_removed}")
-    calibration = check_calibration(calibration)
+    calibration = check_calibration(calibration, model)
     runner = BlockRunner(model, device=device, batch_size=batch_size, stream_dtype=torch.float32, progress=False)
     final_norm = get_module(model, adapter.final_norm).to(runner.device)
 

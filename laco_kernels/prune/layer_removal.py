@@ -20,14 +20,13 @@ over the block's linears; ``"taylor"`` sum of |W * dL/dW| (LM loss on calibratio
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._atomic import atomic_folder
 from ..models.adapters import get_adapter, get_module
 from ..models.capture import BlockRunner
 from ._allocation import check_calibration
@@ -99,17 +98,10 @@ def save_model(model: nn.Module, out_dir: str, tokenizer=None) -> str:
     """Write a plain Hugging Face checkpoint (config.json + safetensors) atomically to ``out_dir``."""
     out_dir = os.path.abspath(out_dir)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix=".save-")
-    try:
+    with atomic_folder(out_dir) as tmp:  # the old folder stays whole until the new one is complete
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -122,7 +114,7 @@ def block_statistics(model: nn.Module, calibration: torch.Tensor, *, batch_size:
     stream before the last norm), fp64 on the CPU."""
     runner = BlockRunner(model, device=device, batch_size=batch_size, stream_dtype=torch.float32,
                          progress=False)
-    stream = runner.capture(check_calibration(calibration))
+    stream = runner.capture(check_calibration(calibration, model))
     n_blocks = len(runner.blocks)
     s, t, d = stream.shape
     bi = torch.zeros(n_blocks, dtype=torch.float64)
@@ -171,7 +163,7 @@ def layer_importance(model: nn.Module, calibration: Optional[torch.Tensor], metr
     if metric == "magnitude":
         return [float(sum(get_module(b, n).weight.detach().abs().sum() for n in adapter.linear_names()))
                 for b in blocks]
-    calibration = check_calibration(calibration)
+    calibration = check_calibration(calibration, model)
     if metric == "bi":
         return block_statistics(model, calibration, batch_size=batch_size, device=device,
                                 progress=progress)["bi"].tolist()
@@ -254,7 +246,7 @@ def remove_layers(model: nn.Module, n_remove: int, calibration: Optional[torch.T
     if not 0 < n_remove < n_blocks:
         raise ValueError(f"n_remove must be in [1, {n_blocks - 1}], got {n_remove}")
     if compensate or metric != "magnitude":
-        calibration = check_calibration(calibration)
+        calibration = check_calibration(calibration, model)
     alive = list(range(n_blocks))
     report = {"metric": metric, "iterative": iterative, "compensate": compensate, "removed": [],
               "scales": [], "importance": []}

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .._validation import check_token_ids
+from ..formats import check_finite
 from ..models.adapters import get_adapter, get_module
 from ..models.capture import BlockRunner, HiddenStream
 from .magnitude import magnitude_prune_
@@ -73,14 +75,20 @@ def resolve_sparsity(model: nn.Module, sparsity: Union[float, Dict[str, float], 
     return {name: s for name in names}
 
 
-def _check_calibration(calibration) -> torch.Tensor:
-    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype not in (
-            torch.int64, torch.int32) or calibration.numel() == 0:
-        raise ValueError("calibration must be a non-empty integer tensor of token ids [samples, seqlen] "
-                         "(see laco_kernels.data.calibration_windows), got "
-                         f"{type(calibration).__name__} {tuple(getattr(calibration, 'shape', ()))} "
-                         f"{getattr(calibration, 'dtype', '')}")
-    return calibration.long()
+def check_prunable(model: nn.Module, targets: Dict[str, float], pattern: Optional[str]) -> None:
+    """Everything about the weights that can fail, checked before the first one changes: an N:M
+    pattern needs every pruned linear's in_features divisible by M, and weights must be finite
+    (a NaN has no magnitude to rank). ValueError naming the first offending layer."""
+    m = parse_pattern(pattern)[1] if pattern is not None else None
+    for name, linear in prunable_linears(model).items():
+        if targets.get(name, 0.0) <= 0:
+            continue
+        w = linear.weight
+        if m is not None and w.shape[1] % m:
+            raise ValueError(f"pattern {pattern!r} needs in_features divisible by {m}, but {name} has weight "
+                             f"{tuple(w.shape)} (in_features={w.shape[1]}); nothing was pruned. Exclude it "
+                             "with a per-layer sparsity dict or prune unstructured")
+        check_finite(w, f"{name}.weight")
 
 
 def _stream_mse(a: HiddenStream, b: HiddenStream, chunk: int = 16) -> float:
@@ -139,6 +147,9 @@ def prune_model(model: nn.Module, method: str, sparsity: Union[float, Dict[str, 
     if calibration is None and method in _NEEDS_CALIBRATION:
         raise ValueError(f"{method} needs calibration token ids [samples, seqlen] "
                          "(laco_kernels.data.calibration_windows)")
+    if calibration is not None:
+        calibration = check_token_ids(calibration, model, "calibration")
+    check_prunable(model, targets, pattern)
     device = torch.device(device)
     blocks = get_module(model, adapter.blocks)
     prefix = adapter.blocks
@@ -155,7 +166,6 @@ def prune_model(model: nn.Module, method: str, sparsity: Union[float, Dict[str, 
                 if targets[name] > 0:
                     magnitude_prune_(linear, targets[name], pattern)
         else:
-            calibration = _check_calibration(calibration)
             report["calibration"] = list(calibration.shape)
             report["block_error"] = _prune_blocks(model, blocks, prefix, adapter, method, targets, pattern,
                                                   calibration, batch_size, device, progress, sequential,

@@ -1,7 +1,8 @@
 """Atomic, resumable checkpoints of a block-by-block recovery.
 
-Layout of ``checkpoint_dir`` (every file written to a temporary name, then ``os.replace``d, so a
-reader sees either the old complete file or the new complete one, never a torn write):
+Layout of ``checkpoint_dir`` (every file written through ``_atomic.atomic_file``: a temporary,
+fsynced, then renamed, so a reader sees either the old complete file or the new complete one,
+never a torn write, and a failed write leaves no temporary):
 
 - ``block_00007.safetensors``: the recovered weights of block 7 (its state dict, densified);
 - ``streams_00007_rank0.safetensors``: the streams leaving block 7 (``pruned`` and, for the
@@ -20,23 +21,16 @@ from typing import Any, Dict, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from .._atomic import atomic_file
+
 PROGRESS = "progress.json"
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_save_tensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:
-    """safetensors file written to ``path + .tmp``, flushed to disk, then renamed over ``path``."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-    _fsync(tmp)
-    os.replace(tmp, path)
+    """safetensors file written to a temporary, flushed to disk, then renamed over ``path``."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_file(path) as tmp:
+        save_file(cpu, tmp, metadata={"format": "pt"})
 
 
 def _header(path: str) -> Dict[str, Any]:
@@ -70,9 +64,8 @@ def atomic_copy_tensors(path: str, sources: Dict[str, str], chunk: int = 4 << 20
         off += e - b
     head = json.dumps(dict(entries, __metadata__={"format": "pt"}), separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    tmp = f"{path}.tmp-{os.getpid()}"
     buf = memoryview(bytearray(chunk))  # one reused buffer: a fresh bytes object per read would pile up
-    with open(tmp, "wb") as out:
+    with atomic_file(path) as tmp, open(tmp, "wb") as out:
         out.write(struct.pack("<Q", len(head)) + head)
         for src, start, size in plan:
             with open(src, "rb", buffering=0) as f:
@@ -83,18 +76,12 @@ def atomic_copy_tensors(path: str, sources: Dict[str, str], chunk: int = 4 << 20
                         raise IOError(f"{src!r} ends before its header says")
                     out.write(buf[:got])
                     size -= got
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_save_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    """JSON written to a temporary, flushed to disk, then renamed over ``path``."""
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def tensor_digest(t: torch.Tensor) -> str:

@@ -9,6 +9,7 @@ it), so it runs on the same fused kernel.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Tuple
 
 import torch
@@ -26,6 +27,8 @@ def parse_loss(spec: str) -> List[Tuple[float, str]]:
             weight = float(w) if w else 1.0
         except ValueError:
             raise ValueError(f"bad weight {w!r} in loss spec {spec!r}") from None
+        if not (math.isfinite(weight) and weight > 0):  # a NaN / inf / negative weight ruins a block
+            raise ValueError(f"bad weight {w!r} in loss spec {spec!r}: term weights must be finite and > 0")
         if kind not in KINDS:
             raise ValueError(f"unknown loss kind {kind!r} in {spec!r}; expected terms of {KINDS}")
         terms.append((weight, kind))

@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 from ..formats import pack_bits, unpack_bits
 from ..models.adapters import block_linears, get_adapter
 from ..models.capture import BlockRunner, HiddenStream
+from .._atomic import atomic_folder
+from .._validation import check_models_match, check_token_ids, describe_folder, describe_module
 from ._checkpoint import (RecoveryCheckpoint, atomic_copy_tensors, atomic_save_json, atomic_save_tensors,
                           tensor_digest)
 from ._losses import block_loss, parse_loss
@@ -310,8 +312,7 @@ def layerwise(dense_model: Union[nn.Module, str], pruned_model: Union[nn.Module,
     """
     cfg = LayerwiseConfig(**config)
     cfg.validate()
-    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.is_floating_point():
-        raise ValueError("calibration must be an integer tensor of token ids [samples, seqlen]")
+    calibration = check_token_ids(calibration, None, "calibration")  # type, rank, empty: before any read
     t0 = time.time()
     rank, world = _rank_world()
     on_disk = isinstance(pruned_model, str)
@@ -324,8 +325,11 @@ def layerwise(dense_model: Union[nn.Module, str], pruned_model: Union[nn.Module,
     # the dense model only lends blocks: its skeleton reads no other tensor
     dsrc = DiskSource(dense_model, with_rest=False) if on_disk else ModuleSource(dense_model)
     psrc = DiskSource(pruned_model) if on_disk else ModuleSource(pruned_model)
-    if dsrc.n_blocks != psrc.n_blocks:
-        raise ValueError(f"dense model has {dsrc.n_blocks} blocks, pruned model {psrc.n_blocks}")
+    # same family, block count and linear shapes, and ids the pruned model can embed: checked
+    # before the first block is trained (the error names the first difference)
+    check_models_match(describe_folder(dense_model) if on_disk else describe_module(dense_model),
+                       describe_folder(pruned_model) if on_disk else describe_module(pruned_model))
+    calibration = check_token_ids(calibration, psrc.model, "calibration")
     adapter = psrc.adapter
     ckpt_dir = cfg.checkpoint_dir or (os.path.join(cfg.output_dir, "_checkpoint") if on_disk else None)
     ckpt = None
@@ -509,22 +513,42 @@ def _stage2(dense_model: nn.Module, pruned_model: nn.Module, ids: torch.Tensor, 
 
 
 def _write_folder(psrc: DiskSource, ckpt: RecoveryCheckpoint, out: str) -> None:
-    """A loadable Hugging Face folder: one safetensors shard per block plus the rest, and an index."""
-    os.makedirs(out, exist_ok=True)
-    for name in os.listdir(psrc.folder):
-        if not name.endswith(".safetensors") and name != "model.safetensors.index.json" \
-                and os.path.isfile(os.path.join(psrc.folder, name)):
-            shutil.copyfile(os.path.join(psrc.folder, name), os.path.join(out, name))
-    weight_map: Dict[str, str] = {}
-    rest_keys = [k for k in psrc.wmap if not k.startswith(psrc.prefix)]
-    # unchanged tensors are copied byte by byte: never a whole embedding or head in memory
-    atomic_copy_tensors(os.path.join(out, "model-rest.safetensors"), {k: psrc.wmap[k] for k in rest_keys})
-    weight_map.update({k: "model-rest.safetensors" for k in rest_keys})
-    for l in range(psrc.n_blocks):
-        name = f"model-block-{l:05d}.safetensors"
-        state = {f"{psrc.prefix}{l}.{k}": v for k, v in ckpt.load_block(l).items()}
-        atomic_save_tensors(os.path.join(out, name), state)
-        weight_map.update({k: name for k in state})
-        del state
-    atomic_save_json(os.path.join(out, "model.safetensors.index.json"),
-                     {"metadata": {"format": "pt"}, "weight_map": weight_map})
+    """A loadable Hugging Face folder: one safetensors shard per block plus the rest, and an index.
+
+    Written whole into a sibling folder and swapped in (``_atomic.atomic_folder``): ``out`` holds the
+    previous complete folder until the new one is complete. A checkpoint inside ``out`` (the default
+    ``out/_checkpoint``) is carried over by hard links, so a failed swap cannot lose it.
+    """
+    ck_inside = os.path.abspath(ckpt.dir).startswith(os.path.abspath(out) + os.sep)
+    with atomic_folder(out) as tmp:
+        for name in os.listdir(psrc.folder):
+            if not name.endswith(".safetensors") and name != "model.safetensors.index.json" \
+                    and os.path.isfile(os.path.join(psrc.folder, name)):
+                shutil.copyfile(os.path.join(psrc.folder, name), os.path.join(tmp, name))
+        weight_map: Dict[str, str] = {}
+        rest_keys = [k for k in psrc.wmap if not k.startswith(psrc.prefix)]
+        # unchanged tensors are copied byte by byte: never a whole embedding or head in memory
+        atomic_copy_tensors(os.path.join(tmp, "model-rest.safetensors"), {k: psrc.wmap[k] for k in rest_keys})
+        weight_map.update({k: "model-rest.safetensors" for k in rest_keys})
+        for l in range(psrc.n_blocks):
+            name = f"model-block-{l:05d}.safetensors"
+            state = {f"{psrc.prefix}{l}.{k}": v for k, v in ckpt.load_block(l).items()}
+            atomic_save_tensors(os.path.join(tmp, name), state)
+            weight_map.update({k: name for k in state})
+            del state
+        atomic_save_json(os.path.join(tmp, "model.safetensors.index.json"),
+                         {"metadata": {"format": "pt"}, "weight_map": weight_map})
+        if ck_inside:
+            _link_tree(ckpt.dir, os.path.join(tmp, os.path.relpath(ckpt.dir, out)))
+
+
+def _link_tree(src: str, dst: str) -> None:
+    """Hard-link every file of ``src`` under ``dst`` (copy where links are refused)."""
+    for dirpath, _dirs, files in os.walk(src):
+        target = os.path.join(dst, os.path.relpath(dirpath, src))
+        os.makedirs(target, exist_ok=True)
+        for f in files:
+            try:
+                os.link(os.path.join(dirpath, f), os.path.join(target, f))
+            except OSError:
+                shutil.copy2(os.path.join(dirpath, f), os.path.join(target, f))

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .._validation import check_seqlen, check_token_ids
 from ..models.adapters import get_adapter
 
 
@@ -52,12 +53,11 @@ def lora(pruned_model: nn.Module, tokenizer_or_calibration, *, nsamples: int = 1
     from peft import LoraConfig, get_peft_model
 
     if isinstance(tokenizer_or_calibration, torch.Tensor):
-        ids = tokenizer_or_calibration
-        if ids.dim() != 2 or ids.is_floating_point():
-            raise ValueError(f"calibration must be int token ids [samples, seqlen], got {tuple(ids.shape)} {ids.dtype}")
+        ids = check_token_ids(tokenizer_or_calibration, pruned_model, "calibration")
     else:
         from ..data import calibration_windows
 
+        check_seqlen(seqlen, pruned_model, "seqlen")
         ids = calibration_windows(tokenizer_or_calibration, nsamples, seqlen, seed=seed)
     if epochs < 1 or batch_size < 1 or r < 1:
         raise ValueError("epochs, batch_size and r must be >= 1")

@@ -45,6 +45,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..models.adapters import get_adapter, get_module
+from .._validation import check_models_match, describe_module, model_limits
 from ._checkpoint import atomic_save_json, atomic_save_tensors
 
 Embedder = Callable[[List[str]], torch.Tensor]
@@ -515,6 +516,24 @@ def _load_adam_state(opt: torch.optim.Optimizer, params: List[nn.Parameter], sav
                             "exp_avg_sq": saved[f"adam{i}.exp_avg_sq"].clone()}
 
 
+def _check_pairs(pairs: PromptResponsePairs, model: nn.Module) -> None:
+    """Every prompt and response non-empty, ids inside the vocabulary, prompt + response within
+    the model's positions (ValueError naming the first bad pair), before any forward pass."""
+    vocab, positions = model_limits(model)
+    if len(pairs) == 0:
+        raise ValueError("pairs is empty: give at least one prompt/response pair")
+    for i, (p, r) in enumerate(zip(pairs.prompts, pairs.responses)):
+        if not p or not r:
+            raise ValueError(f"pairs[{i}] has an empty {'prompt' if not p else 'response'}")
+        ids = list(p) + list(r)
+        if min(ids) < 0 or (vocab is not None and max(ids) >= vocab):
+            raise ValueError(f"pairs[{i}] holds token id {min(ids) if min(ids) < 0 else max(ids)}, outside the "
+                             f"model's vocabulary [0, {vocab})")
+        if positions is not None and len(ids) > positions:
+            raise ValueError(f"pairs[{i}] has {len(ids)} tokens (prompt + response) but the model takes at most "
+                             f"{positions} positions")
+
+
 def restore_lcc(dense_model: nn.Module, pruned_model: nn.Module, tokenizer=None,
                 pairs: Optional[PromptResponsePairs] = None, *, n_prompts: int = 1000, max_prompt_tokens: int = 512,
                 max_response_tokens: int = 128, data_path: Optional[str] = None, top_k: Optional[int] = None,
@@ -535,6 +554,7 @@ def restore_lcc(dense_model: nn.Module, pruned_model: nn.Module, tokenizer=None,
     """
     t_start = time.perf_counter()
     seconds: Dict[str, float] = {}
+    check_models_match(describe_module(dense_model), describe_module(pruned_model))
     outs_d, heads_d, hd_d = _attention_geometry(dense_model)
     outs, n_heads, hd = _attention_geometry(pruned_model)
     if (len(outs_d), heads_d, hd_d) != (len(outs), n_heads, hd):
@@ -553,6 +573,7 @@ def restore_lcc(dense_model: nn.Module, pruned_model: nn.Module, tokenizer=None,
         if tokenizer is None:
             raise ValueError("give pairs or a tokenizer to build them")
         pairs = prompt_response_pairs(tokenizer, n_prompts, max_prompt_tokens, max_response_tokens, data_path)
+    _check_pairs(pairs, pruned_model)
     n = len(pairs)
     ckpt = _Checkpoint(checkpoint_dir, dict(
         pairs=pairs.digest(), n=n, top_k=k, rank=rank, probe_epochs=probe_epochs, probe_lr=probe_lr,

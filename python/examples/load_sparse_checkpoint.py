@@ -1,11 +1,13 @@
-"""Save a sparsified model with packed weights, load it back, and export it for vLLM.
+"""Save a sparsified model with packed weights, load it with transformers' from_pretrained, export it.
 
     python python/examples/load_sparse_checkpoint.py --out /tmp/sparse-demo
     python python/examples/load_sparse_checkpoint.py --load runs/smollm2/model    # a folder laco wrote
 
-``save_sparse`` writes config.json, the packed tensors (model.safetensors) and a manifest;
-``load_sparse`` rebuilds the model from config.json alone and gives identical logits.
-``export_compressed_tensors`` writes the 2:4 compressed-tensors layout serving engines read.
+``model.save_pretrained`` of a sparsified model writes the packed tensors with a ``laco-sparse``
+quantization_config; after ``import laco_kernels``, ``AutoModelForCausalLM.from_pretrained``
+builds SparseLinear24 / BitmapLinear modules and loads them directly (identical logits).
+``export_compressed_tensors`` writes the 2:4 compressed-tensors layout that compressed-tensors
+<= 0.14 and transformers 4.x read (docs/checkpoints.md).
 """
 import argparse
 import os
@@ -13,7 +15,8 @@ import tempfile
 
 import torch
 
-from laco_kernels.checkpoint import export_compressed_tensors, load_sparse, save_sparse
+import laco_kernels  # noqa: F401  (registers the laco-sparse format with transformers)
+from laco_kernels.checkpoint import export_compressed_tensors, save_sparse
 from laco_kernels.nn import sparse_modules, sparsify
 from laco_kernels.prune import prune_model
 
@@ -28,6 +31,8 @@ def tiny_llama():
 
 
 def main():
+    from transformers import AutoModelForCausalLM
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", default=None, help="an existing sparse folder to load (skips the save step)")
     parser.add_argument("--out", default=None, help="where to save the demo checkpoint (default: a temp folder)")
@@ -38,13 +43,12 @@ def main():
         model = tiny_llama()
         prune_model(model, "magnitude", pattern="2:4", progress=False)
         sparsify(model, "2:4")
-        folder = args.out or tempfile.mkdtemp(prefix="laco-sparse-")
-        save_sparse(model, folder)
+        folder = args.out or os.path.join(tempfile.mkdtemp(prefix="laco-sparse-"), "model")
+        save_sparse(model, folder)  # = model.save_pretrained(folder), written atomically
         print(f"saved to {folder}: {sorted(os.listdir(folder))}")
 
-    loaded, tokenizer = load_sparse(folder)
-    print(f"loaded {type(loaded).__name__} with {len(sparse_modules(loaded))} packed linears"
-          f"{' and its tokenizer' if tokenizer is not None else ''}")
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    print(f"loaded {type(loaded).__name__} with {len(sparse_modules(loaded))} packed linears")
     ids = torch.randint(0, loaded.config.vocab_size, (1, 12))
     with torch.no_grad():
         logits = loaded(input_ids=ids).logits

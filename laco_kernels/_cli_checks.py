@@ -1,0 +1,99 @@
+"""Checks of ``laco`` arguments that need no model weights, run before any model is loaded.
+
+Each raises ``ValueError`` with one line naming the flag and the problem; ``laco``'s ``main``
+turns it into exit code 2. They read at most a ``config.json`` and safetensors headers.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+def check_device(device: str, flag: str = "--device") -> None:
+    """``cpu``, or ``cuda`` / ``cuda:N`` on a machine whose torch sees that GPU."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"bad {flag} {device!r}: {exc}") from None
+    if d.type == "cpu":
+        return
+    if d.type != "cuda":
+        raise ValueError(f"{flag} {device!r}: only cpu and cuda are supported")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{flag} {device}: CUDA is not available here (torch {torch.__version__}, "
+                         f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); use --device cpu")
+    if d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _nearest_existing(path: str) -> str:
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    return p
+
+
+def check_out_folder(path: Optional[str], flag: str = "--out") -> None:
+    """An output folder: absent (its nearest existing parent writable) or an existing writable folder."""
+    if path is None:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} exists and is not a folder; give a folder path")
+    anchor = _nearest_existing(path)
+    if not os.path.isdir(anchor):
+        raise ValueError(f"{flag} {path!r}: {anchor!r} is a file, so the folder cannot be created")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path!r}: {anchor!r} is not writable")
+
+
+def check_out_file(path: Optional[str], flag: str) -> None:
+    """An output file: not a folder, in an existing writable folder."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a folder; give a file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path!r}: folder {parent!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path!r}: folder {parent!r} is not writable")
+
+
+def check_positive(**values) -> None:
+    """Every given integer option (``name=value``, None skipped) is >= 1."""
+    for name, v in values.items():
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+
+
+def check_seqlen(folder: str, flag: str, seqlen: Optional[int]) -> None:
+    """``seqlen`` within the model's positions (from config.json; no weights read)."""
+    if not seqlen:
+        return
+    from transformers import AutoConfig
+
+    from ._validation import model_limits
+
+    _, positions = model_limits(AutoConfig.from_pretrained(folder))
+    if positions is not None and seqlen > positions:
+        raise ValueError(f"{flag} {seqlen} exceeds the {positions} positions of {folder!r} "
+                         "(max_position_embeddings); use a shorter window")
+
+
+def check_weight_files(folder: str) -> None:
+    """Every ``*.safetensors`` file of a model folder has a complete header covering the file
+    (a truncated or foreign file fails here, naming it, before transformers reads anything)."""
+    from safetensors import safe_open
+
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".safetensors"):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except Exception as exc:  # safetensors raises its own SafetensorError (not an OSError)
+            raise ValueError(f"{path!r} is not a complete safetensors file ({' '.join(str(exc).split())}); "
+                             "the checkpoint is damaged: write it again") from None

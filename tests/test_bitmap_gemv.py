@@ -1,0 +1,95 @@
+"""kernels/bitmap_gemv.py (popcount decode GEMV) in the Triton interpreter against reference.bitmap_linear."""
+import pytest
+import torch
+
+from conftest import TOLERANCES
+from laco_kernels import reference
+from laco_kernels.formats import BitmapWeight
+from laco_kernels.kernels import bitmap_gemm as bg
+from laco_kernels.kernels import bitmap_gemv as bv
+
+# (M, N, K, dtype, bias, sparsity, tile_k, splits): every tile_k of the table and one outside it (96);
+# K not a multiple of 32 (half-used bitmap word) nor of the unrolled step; K = 4100 the large-K case
+CASES = [(1, 37, 72, torch.float16, True, 0.5, 64, None), (1, 70, 4100, torch.float16, False, 0.7, 128, None),
+         (2, 45, 1000, torch.float32, True, 0.7, 256, 2), (3, 33, 300, torch.float16, False, 0.9, 96, None),
+         (7, 19, 1030, torch.float32, False, 0.3, 128, 3), (16, 5, 136, torch.float16, True, 0.5, 64, None),
+         (1, 50, 4100, torch.float32, True, 0.5, 256, 7), (2, 40, 260, torch.bfloat16, True, 0.7, 128, None)]
+
+
+def close(a, b, dtype):
+    torch.testing.assert_close(a.float(), b.float(), **TOLERANCES[dtype])
+
+
+def sparse(n, k, s, dtype):
+    return (torch.randn(n, k) * (torch.rand(n, k) >= s)).to(dtype)
+
+
+@pytest.mark.parametrize("m,n,k,dtype,bias,s,tile_k,splits", CASES)
+def test_matches_reference(m, n, k, dtype, bias, s, tile_k, splits):
+    bw = BitmapWeight.from_dense(sparse(n, k, s, dtype), tile_k=tile_k)
+    x = torch.randn(m, k).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    y = bv.bitmap_gemv(x, bw.values, bw.bitmap, bw.offsets, bw.shape, bw.tile_k, b, splits=splits)
+    assert y.shape == (m, n) and y.dtype == dtype
+    close(y, reference.bitmap_linear(x, bw, b), dtype)
+
+
+def test_popcount_fallback_matches_torch():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _k(a_ptr, o_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(o_ptr + offs, bv._popc(tl.load(a_ptr + offs), False))
+
+    a = torch.tensor([0, 1, -1, 2 ** 31 - 1, -2 ** 31, 0x55555555, 12345678, -7], dtype=torch.int32)
+    out = torch.empty_like(a)
+    _k[(1,)](a, out, BLOCK=8)
+    expect = [bin(int(v) & 0xFFFFFFFF).count("1") for v in a]
+    assert out.tolist() == expect
+
+
+def test_empty_rows_and_all_zero_weight():
+    w = sparse(9, 200, 0.5, torch.float32)
+    w[3] = 0  # a row without nonzeros: its base must carry over unchanged
+    for weight in (w, torch.zeros(9, 200)):
+        bw = BitmapWeight.from_dense(weight, tile_k=64)
+        x = torch.randn(2, 200)
+        close(bv.bitmap_gemv(x, bw.values, bw.bitmap, bw.offsets, bw.shape, 64, splits=2),
+              reference.bitmap_linear(x, bw), torch.float32)
+
+
+def test_non_contiguous_x_and_launcher_routing(monkeypatch):
+    bw = BitmapWeight.from_dense(sparse(20, 96, 0.5, torch.float16), tile_k=64)
+    calls = []
+    real = bg.bitmap_gemv
+    monkeypatch.setattr(bg, "bitmap_gemv", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    for m in (1, bv.GEMV_MAX_M, bv.GEMV_MAX_M + 1):
+        x = torch.randn(96, m).half().t()
+        y = bg.bitmap_linear(x, bw.values, bw.bitmap, bw.offsets, bw.shape, bw.tile_k)
+        close(y, reference.bitmap_linear(x, bw), torch.float16)
+    assert calls == [1, bv.GEMV_MAX_M]
+
+
+def test_3d_input_through_the_public_op(triton_backend):
+    from laco_kernels.ops.sparse_gemm import bitmap_linear
+
+    bw = BitmapWeight.from_dense(sparse(30, 128, 0.7, torch.float16), tile_k=128)
+    x = torch.randn(1, 2, 128).half()
+    b = torch.randn(30).half()
+    close(bitmap_linear(x, bw, b), reference.bitmap_linear(x, bw, b), torch.float16)
+
+
+def test_bad_tile_k():
+    bw = BitmapWeight.from_dense(sparse(4, 64, 0.5, torch.float32), tile_k=64)
+    with pytest.raises(ValueError, match="tile_k"):
+        bv.bitmap_gemv(torch.randn(1, 64), bw.values, bw.bitmap, bw.offsets, bw.shape, 48)
+
+
+def test_compile_specs_describe_the_decode_loop():
+    specs = [s for s in bv.COMPILE_SPECS if s.name == "_bitmap_gemv_kernel"]
+    assert {s.constexprs["TILE_K"] for s in specs} == {64, 128, 256}
+    for s in specs:
+        assert (s.family, s.regime) == ("bitmap", "decode") and s.constexprs["HW_POPC"]
+        assert s.loop_weight_bytes(0.3) < s.loop_weight_bytes(0.5)
