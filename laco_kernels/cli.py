@@ -243,8 +243,10 @@ def _recover(method: str, dense, pruned, tok, args):
     if method == "layerwise":
         ids = calibration_windows(tok, args.recover_nsamples, args.recover_seqlen, seed=args.seed + 1)
         res = recover.layerwise(dense, pruned, ids, epochs=args.recover_epochs, lr=_recover_lr(args, method),
-                                loss=args.recover_loss, batch_size=args.recover_batch_size, device=args.device)
-        return pruned, {"method": method, "seconds": res.seconds, "blocks": res.blocks}
+                                loss=args.recover_loss, batch_size=args.recover_batch_size, device=args.device,
+                                inputs=args.recover_inputs, stage2_epochs=args.recover_stage2_epochs,
+                                stage2_lr=args.recover_stage2_lr, stage2_batch_size=args.recover_batch_size)
+        return pruned, {"method": method, "seconds": res.seconds, "blocks": res.blocks, "stage2": res.stage2}
     if method == "lora":
         res = recover.lora(pruned, tok, nsamples=args.recover_nsamples, seqlen=args.recover_seqlen,
                            epochs=args.recover_epochs, lr=_recover_lr(args, method), batch_size=args.recover_batch_size,
@@ -364,7 +366,8 @@ def _add_prune_choice(p, method="wanda", pattern=None):
                         "implied by --pattern)")
 
 
-def _add_recover_options(p, default_epochs: int, default_nsamples: int = 128, default_batch: int = 4):
+def _add_recover_options(p, default_epochs: int, default_nsamples: int = 128, default_batch: int = 4,
+                         default_inputs: str = "pruned", default_stage2: int = 0, default_stage2_lr: float = 1e-4):
     g = p.add_argument_group("recovery settings")
     g.add_argument("--recover-nsamples", type=int, default=default_nsamples,
                    help=f"calibration windows (or prompts) (default: {default_nsamples})")
@@ -379,6 +382,14 @@ def _add_recover_options(p, default_epochs: int, default_nsamples: int = 128, de
                         "'token-nmse+0.1*cosine' (default: token-nmse, which weighs every token the same)")
     g.add_argument("--recover-batch-size", type=int, default=default_batch,
                    help=f"batch size (default: {default_batch})")
+    g.add_argument("--recover-inputs", choices=("pruned", "dense", "mix"), default=default_inputs,
+                   help="layer-wise: what each block is trained on: the pruned model's stream, the dense model's "
+                        f"stream, or both in turn (default: {default_inputs})")
+    g.add_argument("--recover-stage2-epochs", type=int, default=default_stage2,
+                   help="layer-wise: passes of end-to-end KL distillation to the dense logits after the "
+                        f"block-by-block stage, masks kept (default: {default_stage2})")
+    g.add_argument("--recover-stage2-lr", type=float, default=default_stage2_lr,
+                   help=f"layer-wise: learning rate of that stage (default: {default_stage2_lr:g})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -167,6 +167,20 @@ def test_run_and_recover_recovery_defaults():
     assert rec.recover_batch_size == 4 and rec.recover_nsamples == 128
 
 
+def test_run_recovery_inputs_and_stage2_options(tiny_folder, tmp_path, capsys):
+    """--recover-inputs and --recover-stage2-epochs reach layer-wise recovery; the 2:4 pattern survives."""
+    out = str(tmp_path / "run")
+    code, stdout, _ = _run(["run", "--model", tiny_folder, "--nsamples", "2", "--calib-seqlen", "32", "--seqlen", "64",
+                            "--max-windows", "2", "--recover-nsamples", "4", "--recover-seqlen", "32",
+                            "--recover-epochs", "1", "--recover-inputs", "dense", "--recover-stage2-epochs", "2",
+                            "--recover-stage2-lr", "1e-4", "--out", out], capsys)
+    assert code == 0 and "recovered perplexity (layerwise):" in stdout
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert len(report["recovery"]["stage2"]) == 2
+    model, _ = load_sparse(os.path.join(out, "model"))
+    assert all(type(m).__name__ == "SparseLinear24" for m in sparse_modules(model).values())
+
+
 # -- issue 13: expected failures exit 2 with one line, checked before any model loads -------------
 def _laco(argv, debug=False, timeout=300):
     env = {**os.environ, "PYTHONPATH": REPO, "LACO_DEBUG": "1" if debug else "0"}

@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from _recover_util import dense_and_pruned, one_thread, tiny_llama
+from _recover_util import block_state, dense_and_pruned, one_thread, tiny_llama
 
 from laco_kernels.recover import layerwise
 from laco_kernels.recover._losses import block_loss, parse_loss
@@ -141,6 +141,79 @@ def test_disk_embedding_rows_are_read_exactly_and_checked(tmp_path):
     assert torch.equal(_read_rows("model.embed_tokens.weight", rows, wmap), full[rows])
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 300\)"):
         _read_rows("model.embed_tokens.weight", torch.tensor([3, 300]), wmap)
+
+
+def _recovered(inputs, layers, **kw):
+    dense, pruned = dense_and_pruned("2:4", layers=layers)
+    layerwise(dense, pruned, _ids(), epochs=2, lr=1e-3, inputs=inputs, progress=False, **kw)
+    return dense, pruned
+
+
+def test_inputs_dense_and_mix_train_on_the_dense_stream():
+    """Block 0 sees the same embeddings in both streams: every choice of inputs trains it alike.
+    Later blocks differ, and inputs="dense" fits block 1 on the dense stream better than
+    inputs="pruned" does (it is what it was trained on)."""
+    one = [block_state(_recovered(i, 1)[1]) for i in ("pruned", "dense", "mix")]
+    for other in one[1:]:
+        for k, v in one[0].items():
+            torch.testing.assert_close(other[k], v, atol=0, rtol=0)
+    runs = {i: _recovered(i, 2) for i in ("pruned", "dense", "mix")}
+    sp, sd, sm = (block_state(runs[i][1]) for i in ("pruned", "dense", "mix"))
+    assert any(not torch.equal(sp[k], sd[k]) for k in sp if "layers.1." in k)
+    assert any(not torch.equal(sp[k], sm[k]) for k in sp if "layers.1." in k)
+    for m in (runs["dense"][1], runs["mix"][1]):  # masks still hold
+        for k, v in m.state_dict().items():
+            if ".layers." in k and v.dim() == 2:
+                assert int((v.view(v.shape[0], -1, 4) != 0).sum(-1).max()) <= 2
+    dense = runs["pruned"][0]
+    ids = _ids()
+    with torch.no_grad():
+        h = dense(ids, output_hidden_states=True).hidden_states
+        pos = torch.arange(ids.shape[1]).unsqueeze(0)
+        rope = dense.model.rotary_emb(h[1], pos)
+
+        def err(model):
+            out = model.model.layers[1](h[1], position_embeddings=rope, attention_mask=None, position_ids=pos)
+            out = out[0] if isinstance(out, tuple) else out
+            return float(((out - h[2]) ** 2).sum())
+
+        assert err(runs["dense"][1]) < err(runs["pruned"][1])
+
+
+def test_trainable_linears_keeps_norms():
+    dense, pruned = dense_and_pruned("2:4", layers=2)
+    before = block_state(pruned)
+    layerwise(dense, pruned, _ids(), epochs=1, lr=1e-3, trainable="linears", stage2_epochs=1, progress=False)
+    after = block_state(pruned)
+    for k in before:
+        if "layernorm" in k:
+            assert torch.equal(after[k], before[k]), f"{k} was trained with trainable='linears'"
+        elif k.endswith("proj.weight"):
+            assert not torch.equal(after[k], before[k]), f"{k} was not trained"
+
+
+def test_warmup_schedule():
+    from laco_kernels.recover.layerwise import LayerwiseConfig, _schedule
+
+    cfg = LayerwiseConfig(lr=1e-3, lr_min=1e-6, warmup=0.25)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = _schedule(opt, 8, cfg)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)  # 2 warmup steps
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # then cosine down
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-6)
+
+
+def test_bad_new_options_raise():
+    dense, pruned = dense_and_pruned("2:4", layers=1)
+    for kw, msg in ((dict(inputs="teacher"), "inputs"), (dict(inputs="dense", target="ebft"), "dense-stream"),
+                    (dict(trainable="norms"), "trainable"), (dict(warmup=1.0), "warmup")):
+        with pytest.raises(ValueError, match=msg):
+            layerwise(dense, pruned, _ids(), progress=False, **kw)
 
 
 @pytest.mark.parametrize("fault", [("replace", 1), ("replace", 3), ("save_file", 2), ("swap", 1)])

@@ -39,6 +39,8 @@ from ._losses import block_loss, parse_loss
 from ._source import DiskSource, ModuleSource
 
 TARGETS = ("dense-stream", "ebft")
+INPUTS = ("pruned", "dense", "mix")
+TRAINABLE = ("all", "linears")
 PATTERNS = ("auto", "2:4", "unstructured")
 _CRASH_ENV = "_LACO_CRASH_AT"  # test hook "block:step": os._exit after that optimizer step
 
@@ -49,7 +51,11 @@ class LayerwiseConfig:
 
     batch_size is per rank (global batch = batch_size x world size). max_steps_per_block caps
     the optimizer steps of each block (memory measurements). eval_batch_size: micro-batch of the
-    no-grad passes that build the streams.
+    no-grad passes that build the streams. inputs: what each block is trained on ("pruned":
+    the pruned stream, LaCo; "dense": the dense stream; "mix": both in turn, step by step), the
+    target being the dense block's output. trainable: "all" float parameters of the block (2:4
+    values, biases, norms) or only the "linears". warmup: fraction of each block's steps of
+    linear warmup before the cosine (docs/recovery.md).
     """
 
     epochs: int = 10
@@ -76,6 +82,9 @@ class LayerwiseConfig:
     stage2_lr: float = 1e-5
     stage2_batch_size: int = 1
     temperature: float = 2.0
+    inputs: str = "pruned"
+    trainable: str = "all"
+    warmup: float = 0.0
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -86,6 +95,14 @@ class LayerwiseConfig:
             raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
         if self.lr <= 0 or self.clip <= 0:
             raise ValueError(f"lr and clip must be positive, got lr={self.lr}, clip={self.clip}")
+        if self.inputs not in INPUTS:
+            raise ValueError(f"inputs must be one of {INPUTS}, got {self.inputs!r}")
+        if self.inputs != "pruned" and self.target != "dense-stream":
+            raise ValueError(f"inputs={self.inputs!r} needs target='dense-stream' (the dense stream is its input)")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup is a fraction of each block's steps in [0, 1), got {self.warmup}")
         parse_loss(self.loss)
 
     def fingerprint(self) -> Dict[str, Any]:
@@ -170,13 +187,37 @@ def _check_masks(block: nn.Module, adapter, zeros: Dict[str, torch.Tensor], l: i
             raise RuntimeError(f"block {l} {n}: {bad} pruned weights became non-zero during recovery")
 
 
-def _set_trainable(block: nn.Module) -> List[nn.Parameter]:
+def _set_trainable(block: nn.Module, which: str = "all", adapter=None) -> List[nn.Parameter]:
+    """Parameters to train: every float parameter (``"all"``: sparse values, biases, norms) or
+    only those of the block's prunable linears (``"linears"``: norms stay frozen)."""
+    if which == "linears":
+        mods = [block.get_submodule(n) for n in adapter.linear_names()]
+        cand = [p for m in mods for p in m.parameters()]
+    else:
+        cand = list(block.parameters())
     params = []
-    for p in block.parameters():
+    for p in cand:
         if p.is_floating_point():
             p.requires_grad_(True)
             params.append(p)
     return params
+
+
+def _schedule(opt: torch.optim.Optimizer, total: int, cfg: "LayerwiseConfig"):
+    """Cosine from lr to lr_min over ``total`` steps, after a linear warmup of ``cfg.warmup * total``."""
+    total = max(total, 1)
+    warm = int(round(cfg.warmup * total))
+    if not warm:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=cfg.lr_min)
+    floor = cfg.lr_min / cfg.lr
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(total - warm, 1)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def _adamw(params: List[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -209,16 +250,19 @@ def _global_nmse(acc: torch.Tensor, world: int) -> float:
     return float(acc[0] / acc[1].clamp_min(1e-30))
 
 
-def _train_block(block: nn.Module, runner: BlockRunner, x_in: HiddenStream, target: HiddenStream,
-                 cfg: LayerwiseConfig, l: int, world: int) -> Dict[str, Any]:
-    """Train ``block`` (already sparsified, on the device) on (x_in -> target); returns loss trace."""
-    params = _set_trainable(block)
+def _train_block(block: nn.Module, runner: BlockRunner, x_ins: List[HiddenStream], target: HiddenStream,
+                 cfg: LayerwiseConfig, l: int, world: int, adapter=None) -> Dict[str, Any]:
+    """Train ``block`` (already sparsified, on the device) on (x_in -> target); returns loss trace.
+
+    x_ins: one input stream, or several used in turn, step by step (``inputs="mix"``).
+    """
+    params = _set_trainable(block, cfg.trainable, adapter)
     opt = _adamw(params, cfg.lr, cfg.weight_decay)
-    n_batches = math.ceil(len(x_in) / cfg.batch_size)
+    n_batches = math.ceil(len(target) / cfg.batch_size)
     total = cfg.epochs * n_batches
     if cfg.max_steps_per_block is not None:
         total = min(total, cfg.max_steps_per_block)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1), eta_min=cfg.lr_min)
+    sched = _schedule(opt, total, cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + l)  # per block: resume is bit-exact
     torch.manual_seed(cfg.seed * 1_000_003 + l)
     kinds = parse_loss(cfg.loss)
@@ -231,7 +275,7 @@ def _train_block(block: nn.Module, runner: BlockRunner, x_in: HiddenStream, targ
             if step >= total:
                 break
             sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
-            x = x_in[sl].to(runner.device)
+            x = x_ins[step % len(x_ins)][sl].to(runner.device)
             y = target[sl].to(runner.device, cfg.train_dtype)
             loss = block_loss(runner.forward_block(block, x), y, kinds)
             opt.zero_grad(set_to_none=True)
@@ -347,7 +391,8 @@ def layerwise(dense_model: Union[nn.Module, str], pruned_model: Union[nn.Module,
         home_dtype = next(block.parameters()).dtype
         block = _sparsify(block, pattern)
         block.to(runner.device, cfg.train_dtype)
-        rec.update(_train_block(block, runner, pruned_in, target, cfg, l, world))
+        x_ins = {"pruned": [pruned_in], "dense": [dense_in], "mix": [pruned_in, dense_in]}[cfg.inputs]
+        rec.update(_train_block(block, runner, x_ins, target, cfg, l, world, adapter))
         block = _densify(block)
         block.to("cpu", home_dtype)
         psrc.put(l, block)
@@ -430,7 +475,7 @@ def _stage2(dense_model: nn.Module, pruned_model: nn.Module, ids: torch.Tensor, 
         blocks[i] = _sparsify(blocks[i], pattern)
     for p in pruned_model.parameters():
         p.requires_grad_(False)
-    params = [p for b in blocks for p in _set_trainable(b)]
+    params = [p for b in blocks for p in _set_trainable(b, cfg.trainable, adapter)]
     dense_model.to(cfg.device)
     pruned_model.to(cfg.device)
     opt = _adamw(params, cfg.stage2_lr, cfg.weight_decay)
