@@ -139,7 +139,7 @@ def test_run_writes_report_and_plot(tiny_folder, tmp_path, capsys):
     out = str(tmp_path / "run")
     code, stdout, _ = _run(["run", "--model", tiny_folder, "--nsamples", "2", "--calib-seqlen", "32", "--seqlen", "64",
                             "--max-windows", "2", "--recover", "none", "--out", out], capsys)
-    assert code == 0 and "dense perplexity:" in stdout and "pruned perplexity (wanda 2:4):" in stdout
+    assert code == 0 and "dense perplexity:" in stdout and "pruned perplexity (sparsegpt 2:4):" in stdout
     report = json.load(open(os.path.join(out, "report.json")))
     assert set(report["ppl"]) == {"dense", "pruned"} and report["prune"]["overall_sparsity"] == 0.5
     md = open(os.path.join(out, "report.md")).read()
@@ -156,15 +156,17 @@ def test_bad_recover_loss_fails_before_loading(capsys):
 
 
 def test_run_and_recover_recovery_defaults():
-    """The main job's recovery defaults are the measured CPU recipe in the README (128 x 128 windows,
-    2 passes, batch 8, layer-wise, token-nmse); `laco recover` keeps batch 4."""
+    """The main job's defaults are the measured CPU recipe in the README (SparseGPT 2:4, then 128 x 128
+    windows, 2 passes, batch 8, layer-wise, token-nmse, 1 epoch of end-to-end KL); `laco recover`
+    keeps batch 4 and no KL stage."""
     from laco_kernels.cli import build_parser
 
     run = build_parser().parse_args(["run"])
     assert (run.recover, run.recover_nsamples, run.recover_seqlen, run.recover_epochs, run.recover_batch_size,
-            run.recover_loss) == ("layerwise", 128, 128, 2, 8, "token-nmse")
+            run.recover_loss, run.method, run.pattern, run.recover_stage2_epochs) == (
+        "layerwise", 128, 128, 2, 8, "token-nmse", "sparsegpt", "2:4", 1)
     rec = build_parser().parse_args(["recover", "m", "--out", "o"])
-    assert rec.recover_batch_size == 4 and rec.recover_nsamples == 128
+    assert rec.recover_batch_size == 4 and rec.recover_nsamples == 128 and rec.recover_stage2_epochs == 0
 
 
 def test_run_recovery_inputs_and_stage2_options(tiny_folder, tmp_path, capsys):
