@@ -59,3 +59,19 @@ def tiny_text(n_words: int = 3000, seed: int = 0) -> str:
 
 def random_ids(samples: int = 4, seqlen: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (samples, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def pruned_tiny(pattern: str = "2:4", family: str = "llama", tie: bool = False, layers: int = 2) -> torch.nn.Module:
+    """A tiny random model magnitude-pruned to 2:4 (``pattern="2:4"``) or 70% unstructured, optionally
+    with tied embeddings; the weights stay dense ``nn.Linear`` (sparsify it to pack them)."""
+    from laco_kernels.prune import prune_model
+
+    model = tiny_model(family, layers=layers)
+    if tie:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    if pattern == "2:4":
+        prune_model(model, "magnitude", pattern="2:4", progress=False)
+    else:
+        prune_model(model, "magnitude", sparsity=0.7, progress=False)
+    return model

@@ -9,26 +9,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from _consumers import consumer_site, run_consumer
-from _tiny import random_ids, tiny_model, tiny_tokenizer
+from _tiny import pruned_tiny, random_ids, tiny_model, tiny_tokenizer
 from laco_kernels._atomic import stale_temporaries
 from laco_kernels.checkpoint import (LEGACY_MANIFEST, export_compressed_tensors, is_sparse_checkpoint, load_sparse,
                                      migrate_checkpoint, save_sparse)
 from laco_kernels.nn import BitmapLinear, SparseLinear24, densify, sparse_modules, sparsify
-from laco_kernels.prune import prune_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _model(pattern="2:4", family="llama", tie=False):
-    model = tiny_model(family, layers=2)
-    if tie:
-        model.config.tie_word_embeddings = True
-        model.tie_weights()
-    if pattern == "2:4":
-        prune_model(model, "magnitude", pattern="2:4", progress=False)
-    else:
-        prune_model(model, "magnitude", sparsity=0.7, progress=False)
-    return model
+    return pruned_tiny(pattern, family, tie)
 
 
 def _logits(model, ids):

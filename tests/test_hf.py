@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from _tiny import random_ids, tiny_model
+from _tiny import pruned_tiny, random_ids, tiny_model
 from laco_kernels.hf import QUANT_METHOD, LacoSparseConfig
 from laco_kernels.nn import BitmapLinear, MaskedLinear, SparseLinear24, densify, sparse_modules, sparsify
 from laco_kernels.prune import prune_model
@@ -20,14 +20,7 @@ KIND = {SparseLinear24: "sparse24", BitmapLinear: "bitmap", MaskedLinear: "maske
 
 
 def _sparse(pattern="2:4", mode="inference", family="llama", tie=False, layers=2):
-    model = tiny_model(family, layers=layers)
-    if tie:
-        model.config.tie_word_embeddings = True
-        model.tie_weights()
-    if pattern == "2:4":
-        prune_model(model, "magnitude", pattern="2:4", progress=False)
-    else:
-        prune_model(model, "magnitude", sparsity=0.7, progress=False)
+    model = pruned_tiny(pattern, family, tie, layers)
     sparsify(model, pattern, mode=mode)
     return model
 
