@@ -55,7 +55,7 @@ MEASURED = os.path.join(RESULTS, "gpu_gemm_graph.json")
 TRAINING_MEASURED = os.path.join(RESULTS, "gpu_training.json")
 BASIS = os.path.join(RESULTS, "sass_fit_basis.json")
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K)
-MS = [1, 4, 16, 256, 4096]
+MS = [1, 2, 3, 4, 8, 16, 256, 4096]
 INFER_DTYPES = ("fp16", "bf16")
 DENSITIES = {"bitmap": (0.5, 0.3)}  # kept fraction: 50% and 70% sparsity; others one fixed figure
 BLOCKS = {"smollm2": (576, 1536), "7b": (4096, 11008)}  # (hidden, intermediate)
@@ -146,6 +146,14 @@ def _launched_on_h100(spec, cfg_name, m, n, dt) -> bool:
 
     if spec.family not in ("dense", "sparse24", "bitmap") or cfg_name is None:
         return True
+    if spec.family in ("sparse24", "bitmap"):  # the launchers send M <= GEMV_MAX_M to the GEMV kernels
+        from laco_kernels.kernels import bitmap_gemv, sparse24_gemv
+
+        gemv_max = (sparse24_gemv if spec.family == "sparse24" else bitmap_gemv).GEMV_MAX_M
+        if "gemv" in spec.name:
+            return m <= gemv_max
+        if m <= gemv_max:
+            return False
     import torch
 
     tk = spec.constexprs.get("BLOCK_K") if spec.family == "bitmap" else None

@@ -37,11 +37,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._compile import CompileSpec
+from ._compile import CompileSpec, _is_interpreted
 from ._splitk import _TL, REDUCE_SPECS, choose_splits, reduce_launch, reduce_partials, store_gemv_row
 
-GEMV_MAX_M = 3  # the GEMV repeats its work per token: predicted faster than the tl.dot kernel up to M = 3 (docs)
-_CFG = dict(BLOCK_N=32, BLOCK_W=4, UNROLL=8, num_warps=8)  # 32 rows x 1024 columns per loop iteration
+GEMV_MAX_M = 1  # predicted faster than the tl.dot decode tile only at M = 1 (10.3 vs 12.9 us at 4096 x 4096; M = 2: 13.5 vs 13.0; docs)
+_CFG = dict(BLOCK_N=32, BLOCK_W=4, UNROLL=8, num_warps=4)  # 32 rows x 1024 columns per loop iteration
 
 
 @triton.jit
@@ -54,15 +54,37 @@ def _as_f32(bits, DT: tl.constexpr):
 
 
 @triton.jit
-def _gemv24_step(acc, x_ptrs, v_ptrs, w_ptrs, shifts, g, K, MASKED: tl.constexpr, DT: tl.constexpr):
-    """One [BLOCK_N, BLOCK_W, 8]-group step. 16-bit: x_ptrs -> int64 x words, v_ptrs -> int32 pairs.
-    fp32: x_ptrs -> x row, v_ptrs -> values row (both indexed here from g)."""
+def _prmt(lo, hi, sel, EMULATE: tl.constexpr):
+    """``prmt.b32 d, lo, hi, sel`` (default mode) on int32 tensors: byte j of d is byte
+    ``sel[4j:4j+3]`` of the 8 bytes ``hi:lo`` (selector bit 3 of each nibble is never set here).
+    EMULATE (the interpreter, which cannot run PTX): the same permute in plain integer ops."""
+    if EMULATE:
+        out = tl.zeros_like(lo)
+        for j in tl.static_range(4):
+            c = (sel >> (4 * j)) & 7
+            byte = tl.where(c < 4, lo >> ((c & 3) * 8), hi >> ((c & 3) * 8)) & 0xFF
+            out = out | (byte << (8 * j))
+        return out
+    else:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [lo, hi, sel], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _gemv24_step(acc, x_ptrs, v_ptrs, w_ptrs, shifts, g, K, MASKED: tl.constexpr, DT: tl.constexpr,
+                 EMULATE: tl.constexpr):
+    """One step over BLOCK_N rows x 8 * BLOCK_W groups.
+
+    fp32: tensors [BLOCK_N, BLOCK_W, 8], one group each; x_ptrs -> x row, v_ptrs -> values row
+    (indexed here from g). 16-bit: tensors [BLOCK_N, BLOCK_W, 4], element q holds groups q and
+    q + 4 of a meta word (g is group q); x_ptrs -> int64 x words, v_ptrs -> int32 pairs, both at group q.
+    """
     ok = g < K // 4
     if MASKED:
         words = tl.load(w_ptrs, mask=ok, other=0)
     else:
         words = tl.load(w_ptrs)
-    t = words >> shifts  # nibble of this group in bits 0..3
+    t = words >> shifts  # nibble of group q in bits 0..3 (16-bit: of group q + 4 in bits 16..19)
     if DT == "fp32":
         i0 = t & 3
         i1 = (t >> 2) & 3
@@ -72,22 +94,62 @@ def _gemv24_step(acc, x_ptrs, v_ptrs, w_ptrs, shifts, g, K, MASKED: tl.constexpr
         x1 = tl.load(x_ptrs + 4 * g + i1, mask=ok, other=0.0)
         return acc + v0 * x0 + v1 * x1
     else:
+        ok4 = (g + 4) < K // 4
         if MASKED:
-            pairs = tl.load(v_ptrs, mask=ok, other=0)
-            xq = tl.load(x_ptrs, mask=ok, other=0)
+            pa = tl.load(v_ptrs, mask=ok, other=0)
+            pb = tl.load(v_ptrs + 4, mask=ok4, other=0)
+            xa = tl.load(x_ptrs, mask=ok, other=0)
+            xb = tl.load(x_ptrs + 4, mask=ok4, other=0)
         else:
-            pairs = tl.load(v_ptrs)
-            xq = tl.load(x_ptrs)
-        # x[i] sits at bits 16 i of the group's 64-bit x word
-        x0 = _as_f32(xq >> ((t & 3) * 16).to(tl.int64), DT)
-        x1 = _as_f32(xq >> ((t & 12) * 4).to(tl.int64), DT)
-        return acc + _as_f32(pairs, DT) * x0 + _as_f32(pairs >> 16, DT) * x1
+            pa = tl.load(v_ptrs)
+            pb = tl.load(v_ptrs + 4)
+            xa = tl.load(x_ptrs)
+            xb = tl.load(x_ptrs + 4)
+        if EMULATE:
+            # x[i] is bytes 2i, 2i+1 of the group's 8 x bytes. Both groups' byte-permute selectors at
+            # once, one per 16-bit half: nibbles (2 i0, 2 i0 + 1, 2 i1, 2 i1 + 1) = 0x1010 + 0x22 i0 +
+            # 0x2200 i1; i0 | i1 << 8 per half is (t & 0x00030003) + (t & 0x000C000C) * 64.
+            sel = ((t & 0x00030003) + (t & 0x000C000C) * 64) * 0x22 + 0x10101010
+            sa = _prmt(xa.to(tl.int32), (xa >> 32).to(tl.int32), sel, EMULATE)
+            sb = _prmt(xb.to(tl.int32), (xb >> 32).to(tl.int32), sel >> 16, EMULATE)
+            acc = acc + _as_f32(pa, DT) * _as_f32(sa, DT) + _as_f32(pa >> 16, DT) * _as_f32(sa >> 16, DT)
+            return acc + _as_f32(pb, DT) * _as_f32(sb, DT) + _as_f32(pb >> 16, DT) * _as_f32(sb >> 16, DT)
+        else:
+            # the same steps in one asm block, so LLVM cannot pack the halves of different groups
+            # into one register before converting them (its SLP pass did: 2 extra PRMT per group)
+            args = [t, xa.to(tl.int32), (xa >> 32).to(tl.int32), xb.to(tl.int32), (xb >> 32).to(tl.int32), pa, pb, acc]
+            if DT == "bf16":
+                return tl.inline_asm_elementwise(_GROUPS_ASM_BF16, "=f,r,r,r,r,r,r,r,f", args, dtype=tl.float32,
+                                                 is_pure=True, pack=1)
+            else:
+                return tl.inline_asm_elementwise(_GROUPS_ASM_FP16, "=f,r,r,r,r,r,r,r,f", args, dtype=tl.float32,
+                                                 is_pure=True, pack=1)
+
+
+# two 2:4 groups on the GPU: $1 = meta bits with group a's nibble at 0-3 and group b's at 16-19
+# (other bits ignored), $2 $3 / $4 $5 = x bytes 0-3, 4-7 of group a / b, $6 / $7 = kept pairs
+# v0 | v1 << 16 of a / b, $8 = accumulator; $0 = $8 + the four products, in fp32 (exact products,
+# fp32 sums: the contract of reference.py). 8 instructions pick the four x (selectors of both
+# groups in one register), then 8 conversions and 4 FMA.
+_SEL2 = ("and.b32 s, $1, 0x00030003; and.b32 u, $1, 0x000C000C; mad.lo.u32 s, u, 64, s; "
+         "mad.lo.u32 s, s, 34, 0x10101010; prmt.b32 xa, $2, $3, s; shr.b32 s, s, 16; prmt.b32 xb, $4, $5, s; ")
+_GROUPS_ASM_FP16 = tl.constexpr(
+    "{ .reg .b32 s, u, xa, xb; .reg .b16 h0, h1, h2, h3, w0, w1, w2, w3; .reg .f32 f0, f1, f2, f3, g0, g1, g2, g3, r; "
+    + _SEL2 + "mov.b32 {h0, h1}, xa; mov.b32 {h2, h3}, xb; mov.b32 {w0, w1}, $6; mov.b32 {w2, w3}, $7; "
+    "cvt.f32.f16 f0, h0; cvt.f32.f16 f1, h1; cvt.f32.f16 f2, h2; cvt.f32.f16 f3, h3; "
+    "cvt.f32.f16 g0, w0; cvt.f32.f16 g1, w1; cvt.f32.f16 g2, w2; cvt.f32.f16 g3, w3; "
+    "fma.rn.f32 r, g0, f0, $8; fma.rn.f32 r, g1, f1, r; fma.rn.f32 r, g2, f2, r; fma.rn.f32 $0, g3, f3, r; }")
+_GROUPS_ASM_BF16 = tl.constexpr(  # bf16 -> fp32: the bits shifted to the high half (low half: shl, high half: and)
+    "{ .reg .b32 s, u, xa, xb, c0, c1, c2, c3, d0, d1, d2, d3; .reg .f32 r; " + _SEL2
+    + "shl.b32 c0, xa, 16; and.b32 c1, xa, 0xffff0000; shl.b32 c2, xb, 16; and.b32 c3, xb, 0xffff0000; "
+    "shl.b32 d0, $6, 16; and.b32 d1, $6, 0xffff0000; shl.b32 d2, $7, 16; and.b32 d3, $7, 0xffff0000; "
+    "fma.rn.f32 r, d0, c0, $8; fma.rn.f32 r, d1, c1, r; fma.rn.f32 r, d2, c2, r; fma.rn.f32 $0, d3, c3, r; }")
 
 
 @triton.jit
 def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, N, K, K_PER_SPLIT, stride_xm, stride_vn, stride_mn,
                           stride_ys, stride_ym, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, DT: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, UNROLL: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, UNROLL: tl.constexpr, EMULATE: tl.constexpr):
     """y[m, n-tile] (or fp32 partial of K slice pid 2) = sum over the slice of x[m, k] * W[n, k] (+ b).
 
     x_ptr / v_ptr / b_ptr in the weight's dtype (16-bit: x rows 8-byte and value rows 4-byte
@@ -100,7 +162,10 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, N, K, K_PER_SPLI
     rows = tl.minimum(offs_n, N - 1)[:, None, None]  # clamped: no row mask in the loop
     BLOCK_G: tl.constexpr = 8 * BLOCK_W  # groups of 4 columns per step
     w = tl.arange(0, BLOCK_W)[None, :, None]
-    q = tl.arange(0, 8)[None, None, :]
+    if DT == "fp32":
+        q = tl.arange(0, 8)[None, None, :]  # one group per element
+    else:
+        q = tl.arange(0, 4)[None, None, :]  # groups q and q + 4 per element (one register of selectors)
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     g = k_lo // 4 + 8 * w + q  # group index of every element
@@ -112,15 +177,18 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, N, K, K_PER_SPLI
         x_ptrs = (x_ptr + pid_m * stride_xm).to(tl.pointer_type(tl.int64), bitcast=True) + g
         v_ptrs = (v_ptr + rows * stride_vn).to(tl.pointer_type(tl.int32), bitcast=True) + g
     w_ptrs = meta_ptr + rows * stride_mn + k_lo // 32 + w
-    acc = tl.zeros((BLOCK_N, BLOCK_W, 8), dtype=tl.float32)
+    if DT == "fp32":
+        acc = tl.zeros((BLOCK_N, BLOCK_W, 8), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_W, 4), dtype=tl.float32)
     n_steps = (k_hi - k_lo) // (4 * BLOCK_G)
     for _ in range(n_steps // UNROLL):
         for u in tl.static_range(UNROLL):
             if DT == "fp32":
-                acc = _gemv24_step(acc, x_ptrs, v_ptrs, w_ptrs + u * BLOCK_W, shifts, g + u * BLOCK_G, K, False, DT)
+                acc = _gemv24_step(acc, x_ptrs, v_ptrs, w_ptrs + u * BLOCK_W, shifts, g + u * BLOCK_G, K, False, DT, EMULATE)
             else:
                 acc = _gemv24_step(acc, x_ptrs + u * BLOCK_G, v_ptrs + u * BLOCK_G, w_ptrs + u * BLOCK_W, shifts,
-                                   g, K, False, DT)
+                                   g, K, False, DT, EMULATE)
         if DT != "fp32":
             x_ptrs += UNROLL * BLOCK_G
             v_ptrs += UNROLL * BLOCK_G
@@ -128,7 +196,7 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, N, K, K_PER_SPLI
         g += UNROLL * BLOCK_G
     # remainder: fewer than UNROLL whole steps, then a partial step (masked by g < K / 4)
     for _ in range(n_steps // UNROLL * UNROLL, tl.cdiv(k_hi - k_lo, 4 * BLOCK_G)):
-        acc = _gemv24_step(acc, x_ptrs, v_ptrs, w_ptrs, shifts, g, K, True, DT)
+        acc = _gemv24_step(acc, x_ptrs, v_ptrs, w_ptrs, shifts, g, K, True, DT, EMULATE)
         if DT != "fp32":
             x_ptrs += BLOCK_G
             v_ptrs += BLOCK_G
@@ -179,8 +247,8 @@ def sparse24_gemv(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sha
         x, values, meta, bias if bias is not None else out, out, n, k, k_per, x.stride(0), values.stride(0),
         meta.stride(0), 0 if s == 1 else out.stride(0), out.stride(-2),
         HAS_BIAS=bias is not None and s == 1, PARTIAL=s > 1,  # partials: the reduce adds the bias
-        DT=dt, BLOCK_N=cfg["BLOCK_N"], BLOCK_W=cfg["BLOCK_W"], UNROLL=cfg["UNROLL"], num_warps=cfg["num_warps"],
-        num_stages=1)
+        DT=dt, BLOCK_N=cfg["BLOCK_N"], BLOCK_W=cfg["BLOCK_W"], UNROLL=cfg["UNROLL"], EMULATE=_is_interpreted(_sparse24_gemv_kernel),
+        num_warps=cfg["num_warps"], num_stages=1)
     if s > 1:
         reduce_partials(out, bias, y)
     return y
@@ -201,9 +269,9 @@ def _specs():
                 sig = dict(x_ptr=f"*{dt}", v_ptr=f"*{dt}", meta_ptr="*i32", b_ptr=f"*{dt}", y_ptr="*fp32" if partial else f"*{dt}",
                            N="i32", K="i32", K_PER_SPLIT="i32", stride_xm="i32", stride_vn="i32", stride_mn="i32",
                            stride_ys="i32", stride_ym="i32", HAS_BIAS="constexpr", PARTIAL="constexpr", DT="constexpr",
-                           BLOCK_N="constexpr", BLOCK_W="constexpr", UNROLL="constexpr")
+                           BLOCK_N="constexpr", BLOCK_W="constexpr", UNROLL="constexpr", EMULATE="constexpr")
                 consts = dict(HAS_BIAS=has_bias, PARTIAL=partial, DT=dt, BLOCK_N=_CFG["BLOCK_N"],
-                              BLOCK_W=_CFG["BLOCK_W"], UNROLL=_CFG["UNROLL"])
+                              BLOCK_W=_CFG["BLOCK_W"], UNROLL=_CFG["UNROLL"], EMULATE=False)
                 name = f"sparse24-gemv-{dt}" + ("-partial" if partial else "-out") + ("-bias" if has_bias else "")
                 specs.append(CompileSpec(
                     _sparse24_gemv_kernel, sig, consts, _CFG["num_warps"], 1, name, is_gemm=True, expect_tensor_core=False,
