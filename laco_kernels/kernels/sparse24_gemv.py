@@ -11,24 +11,33 @@ compute-bound and 2.2x slower than the dense GEMM it replaces. Here nothing is r
 works on the compressed pairs:
 
 - the values are read as int32 words, one per group of 4 columns (``v0 | v1 << 16``), 128-bit
-  loads; the meta word of each 8 groups once; x as int64 words, one per group (its 4 columns),
-  loaded contiguously (no gather) and kept in L1 for the rows that share it;
-- per group: ``x[i0]`` and ``x[i1]`` are picked out of the 64-bit x word with one funnel shift
-  each (shift ``16 * i`` from the nibble), converted to fp32 and multiplied with the two values
-  (fp32 FMA, fp32 accumulation);
+  loads (4 groups, a "quad"); the meta word of each 8 groups once; x as int64 words, one per group
+  (its 4 columns), loaded contiguously (no gather) and kept in L1 for the rows that share it;
+- per quad (GPU, 16-bit): the quad's nibbles become byte-permute selectors, two groups per
+  register; one ``prmt`` per group picks ``x[i0] | x[i1] << 16`` out of the group's 8 x bytes;
+  the products then run on the tensor cores: two ``mma.sync.m16n8k16`` per quad, the kept pairs
+  as A exactly as loaded, the picked x as B, of which only the diagonal is kept (see
+  ``_QUAD_MMA_FP16``): fp32 accumulation of exact products, as in ``reference.py``; ~6 instructions
+  per group instead of ~15 with fp32 FMAs (conversions + FMA were most of them);
 - all tensors of the loop have one shape ``[BLOCK_N, BLOCK_W, 8]`` (rows, meta words, groups of
-  a word), so Triton gives them one register layout: no ``convert_layout``, no STS / LDS;
-- tile 32 rows x 1024 columns per iteration; the K loop is unrolled ``UNROLL`` times (pointer
-  increments once per unrolled step), tiles never masked in the loop (rows past N are clamped to row N - 1 and dropped at the store; the
-  K remainder runs after the loop with masks);
+  a word) and one register layout: no ``convert_layout``, no STS / LDS (the meta word is read by
+  a one-instruction asm load so it needs no layout of its own);
+- tile 32 rows x 1024 columns per iteration, 4 warps; the K loop is unrolled ``UNROLL`` times
+  (pointer increments once per unrolled step), tiles never masked in the loop (rows past N are
+  clamped to row N - 1 and dropped at the store; the K remainder runs after the loop with masks);
 - grid ``(M, N / BLOCK_N, S)``: tokens are the fastest axis, so the programs of the M tokens
   read the same weight tile at the same time (from L2 after the first); split-K ``S`` gives about
   one program per SM; partials are summed by ``_splitk.reduce_partials`` (one small kernel).
 
-Cost: the steady-state loop on sm_90 issues 3.4 (fp16) / 3.2 (bf16) thread-instructions per
-compressed weight byte, no STS / LDS (old kernel: 12.0, 64 STS); docs/gpu_decode_kernels.md has
-the counts and the audit's predictions. Each further token repeats the per-value work, so the
-launcher uses this kernel up to ``GEMV_MAX_M`` tokens.
+The interpreter cannot run PTX: ``EMULATE`` (set for interpreted launches) computes the same
+selectors and byte permutes with integer ops and fp32 products per group, which the tests hold
+against ``reference.py``; the warp-level mma mapping is checked separately against the compiled
+layout with a lane-by-lane model of the PTX fragment rules (tests/test_sparse24_gemv.py).
+
+Cost: the steady-state loop on sm_90 issues 1.37 thread-instructions per compressed weight byte
+(fp16 and bf16), no STS / LDS (first GEMV: 3.4; old tl.dot kernel: 12.0 with 64 STS);
+docs/gpu_decode_kernels.md has the counts and the audit's predictions. Each further token repeats
+the per-value work, so the launcher uses this kernel up to ``GEMV_MAX_M`` tokens.
 fp32 weights take a plain gather path (correct, not tuned).
 """
 from __future__ import annotations
@@ -40,7 +49,7 @@ import triton.language as tl
 from ._compile import CompileSpec, _is_interpreted
 from ._splitk import _TL, REDUCE_SPECS, choose_splits, reduce_launch, reduce_partials, store_gemv_row
 
-GEMV_MAX_M = 1  # predicted faster than the tl.dot decode tile only at M = 1 (10.3 vs 12.9 us at 4096 x 4096; M = 2: 13.5 vs 13.0; docs)
+GEMV_MAX_M = 2  # predicted faster than the tl.dot decode tile up to M = 2 (4096 x 4096: 8.8 vs 12.9 us at M = 1, 10.4 vs 13.0 at 2, 12.9 vs 13.0 at 3 but 34.7 vs 32.6 on 11008 x 4096; docs)
 _CFG = dict(BLOCK_N=32, BLOCK_W=4, UNROLL=8, num_warps=4)  # 32 rows x 1024 columns per loop iteration
 
 
@@ -71,79 +80,106 @@ def _prmt(lo, hi, sel, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _gemv24_step(acc, x_ptrs, v_ptrs, w_ptrs, shifts, g, K, MASKED: tl.constexpr, DT: tl.constexpr,
+def _gemv24_step(acc, acc2, x_ptrs, v_ptrs, w_ptrs, shifts, g, K, MASKED: tl.constexpr, DT: tl.constexpr,
                  EMULATE: tl.constexpr):
-    """One step over BLOCK_N rows x 8 * BLOCK_W groups.
+    """One step over [BLOCK_N, BLOCK_W, 8] groups (rows, meta words, groups of a word).
 
-    fp32: tensors [BLOCK_N, BLOCK_W, 8], one group each; x_ptrs -> x row, v_ptrs -> values row
-    (indexed here from g). 16-bit: tensors [BLOCK_N, BLOCK_W, 4], element q holds groups q and
-    q + 4 of a meta word (g is group q); x_ptrs -> int64 x words, v_ptrs -> int32 pairs, both at group q.
-    """
+    fp32: x_ptrs -> x row, v_ptrs -> values row (indexed here from g). 16-bit: x_ptrs -> int64 x
+    words, v_ptrs -> int32 pairs, both at the element's group. Returns the accumulators (acc2 is
+    only used by the GPU 16-bit path: the second mma of a quad, see _QUAD_MMA)."""
     ok = g < K // 4
     if MASKED:
         words = tl.load(w_ptrs, mask=ok, other=0)
+    elif DT != "fp32" and not EMULATE:
+        # GPU 16-bit steady state: the meta word read by a one-instruction asm load on an address
+        # tensor of the quad layout. A tl.load of the [BLOCK_N, BLOCK_W, 1] words gets its own
+        # layout and a shared-memory conversion to the quad layout in every step (8 STS + 16 LDS +
+        # 16 BAR per iteration on sm_90); addresses are plain arithmetic, rebuilt in any layout.
+        # The 4 elements of a quad share the address, so LLVM keeps one load of them.
+        words = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [(w_ptrs + 0 * g).to(tl.int64)],
+                                          dtype=tl.int32, is_pure=True, pack=1)
     else:
         words = tl.load(w_ptrs)
-    t = words >> shifts  # nibble of group q in bits 0..3 (16-bit: of group q + 4 in bits 16..19)
     if DT == "fp32":
+        t = words >> shifts  # nibble of this group in bits 0..3
         i0 = t & 3
         i1 = (t >> 2) & 3
         v0 = tl.load(v_ptrs + 2 * g, mask=ok, other=0.0)
         v1 = tl.load(v_ptrs + 2 * g + 1, mask=ok, other=0.0)
         x0 = tl.load(x_ptrs + 4 * g + i0, mask=ok, other=0.0)
         x1 = tl.load(x_ptrs + 4 * g + i1, mask=ok, other=0.0)
-        return acc + v0 * x0 + v1 * x1
+        return acc + v0 * x0 + v1 * x1, acc2
     else:
-        ok4 = (g + 4) < K // 4
         if MASKED:
-            pa = tl.load(v_ptrs, mask=ok, other=0)
-            pb = tl.load(v_ptrs + 4, mask=ok4, other=0)
-            xa = tl.load(x_ptrs, mask=ok, other=0)
-            xb = tl.load(x_ptrs + 4, mask=ok4, other=0)
+            pairs = tl.load(v_ptrs, mask=ok, other=0)
+            xq = tl.load(x_ptrs, mask=ok, other=0)
         else:
-            pa = tl.load(v_ptrs)
-            pb = tl.load(v_ptrs + 4)
-            xa = tl.load(x_ptrs)
-            xb = tl.load(x_ptrs + 4)
+            pairs = tl.load(v_ptrs)
+            xq = tl.load(x_ptrs)
         if EMULATE:
-            # x[i] is bytes 2i, 2i+1 of the group's 8 x bytes. Both groups' byte-permute selectors at
-            # once, one per 16-bit half: nibbles (2 i0, 2 i0 + 1, 2 i1, 2 i1 + 1) = 0x1010 + 0x22 i0 +
-            # 0x2200 i1; i0 | i1 << 8 per half is (t & 0x00030003) + (t & 0x000C000C) * 64.
-            sel = ((t & 0x00030003) + (t & 0x000C000C) * 64) * 0x22 + 0x10101010
-            sa = _prmt(xa.to(tl.int32), (xa >> 32).to(tl.int32), sel, EMULATE)
-            sb = _prmt(xb.to(tl.int32), (xb >> 32).to(tl.int32), sel >> 16, EMULATE)
-            acc = acc + _as_f32(pa, DT) * _as_f32(sa, DT) + _as_f32(pa >> 16, DT) * _as_f32(sa >> 16, DT)
-            return acc + _as_f32(pb, DT) * _as_f32(sb, DT) + _as_f32(pb >> 16, DT) * _as_f32(sb >> 16, DT)
+            # x[i] is bytes 2i, 2i+1 of the group's 8 x bytes: one byte permute with the selector
+            # nibbles (2 i0, 2 i0 + 1, 2 i1, 2 i1 + 1) = 0x1010 + 0x22 i0 + 0x2200 i1 packs
+            # x[i0] | x[i1] << 16 (i1 sits at bits 2-3 of the nibble: (t & 12) * 0x880 = 0x2200 i1)
+            t = words >> shifts
+            sel = (t & 3) * 0x22 + (t & 12) * 0x880 + 0x1010
+            xs = _prmt(xq.to(tl.int32), (xq >> 32).to(tl.int32), sel, EMULATE)
+            return acc + _as_f32(pairs, DT) * _as_f32(xs, DT) + _as_f32(pairs >> 16, DT) * _as_f32(xs >> 16, DT), acc2
         else:
-            # the same steps in one asm block, so LLVM cannot pack the halves of different groups
-            # into one register before converting them (its SLP pass did: 2 extra PRMT per group)
-            args = [t, xa.to(tl.int32), (xa >> 32).to(tl.int32), xb.to(tl.int32), (xb >> 32).to(tl.int32), pa, pb, acc]
+            # the quad's nibbles (groups 4 (q // 4) .. + 3) in bits 0..15
+            tq = words >> ((shifts >> 4) << 4)
+            args = [tq, xq.to(tl.int32), (xq >> 32).to(tl.int32), pairs, acc, acc2]
             if DT == "bf16":
-                return tl.inline_asm_elementwise(_GROUPS_ASM_BF16, "=f,r,r,r,r,r,r,r,f", args, dtype=tl.float32,
-                                                 is_pure=True, pack=1)
+                return tl.inline_asm_elementwise(_QUAD_MMA_BF16, _QUAD_CONSTRAINTS, args,
+                                                 dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
             else:
-                return tl.inline_asm_elementwise(_GROUPS_ASM_FP16, "=f,r,r,r,r,r,r,r,f", args, dtype=tl.float32,
-                                                 is_pure=True, pack=1)
+                return tl.inline_asm_elementwise(_QUAD_MMA_FP16, _QUAD_CONSTRAINTS, args,
+                                                 dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
 
 
-# two 2:4 groups on the GPU: $1 = meta bits with group a's nibble at 0-3 and group b's at 16-19
-# (other bits ignored), $2 $3 / $4 $5 = x bytes 0-3, 4-7 of group a / b, $6 / $7 = kept pairs
-# v0 | v1 << 16 of a / b, $8 = accumulator; $0 = $8 + the four products, in fp32 (exact products,
-# fp32 sums: the contract of reference.py). 8 instructions pick the four x (selectors of both
-# groups in one register), then 8 conversions and 4 FMA.
-_SEL2 = ("and.b32 s, $1, 0x00030003; and.b32 u, $1, 0x000C000C; mad.lo.u32 s, u, 64, s; "
-         "mad.lo.u32 s, s, 34, 0x10101010; prmt.b32 xa, $2, $3, s; shr.b32 s, s, 16; prmt.b32 xb, $4, $5, s; ")
-_GROUPS_ASM_FP16 = tl.constexpr(
-    "{ .reg .b32 s, u, xa, xb; .reg .b16 h0, h1, h2, h3, w0, w1, w2, w3; .reg .f32 f0, f1, f2, f3, g0, g1, g2, g3, r; "
-    + _SEL2 + "mov.b32 {h0, h1}, xa; mov.b32 {h2, h3}, xb; mov.b32 {w0, w1}, $6; mov.b32 {w2, w3}, $7; "
-    "cvt.f32.f16 f0, h0; cvt.f32.f16 f1, h1; cvt.f32.f16 f2, h2; cvt.f32.f16 f3, h3; "
-    "cvt.f32.f16 g0, w0; cvt.f32.f16 g1, w1; cvt.f32.f16 g2, w2; cvt.f32.f16 g3, w3; "
-    "fma.rn.f32 r, g0, f0, $8; fma.rn.f32 r, g1, f1, r; fma.rn.f32 r, g2, f2, r; fma.rn.f32 $0, g3, f3, r; }")
-_GROUPS_ASM_BF16 = tl.constexpr(  # bf16 -> fp32: the bits shifted to the high half (low half: shl, high half: and)
-    "{ .reg .b32 s, u, xa, xb, c0, c1, c2, c3, d0, d1, d2, d3; .reg .f32 r; " + _SEL2
-    + "shl.b32 c0, xa, 16; and.b32 c1, xa, 0xffff0000; shl.b32 c2, xb, 16; and.b32 c3, xb, 0xffff0000; "
-    "shl.b32 d0, $6, 16; and.b32 d1, $6, 0xffff0000; shl.b32 d2, $7, 16; and.b32 d3, $7, 0xffff0000; "
-    "fma.rn.f32 r, d0, c0, $8; fma.rn.f32 r, d1, c1, r; fma.rn.f32 r, d2, c2, r; fma.rn.f32 $0, d3, c3, r; }")
+# GPU 16-bit path: the products on the tensor cores, two mma.sync.m16n8k16 per quad of groups.
+# Triton lays out the [BLOCK_N, BLOCK_W, 8] tensors with 4 consecutive groups per thread (one
+# 128-bit load of pairs) and the lanes of a warp in row-major order, so lanes 4G..4G+3 hold the same
+# row (tests/test_sparse24_gemv.py checks the TTGIR layout for that). That matches the mma fragment
+# split (groupID = lane / 4, threadID_in_group = lane % 4): a quad's kept pairs p0..p3, as loaded,
+# are A's a0..a3 (a0 / a2: row groupID, k = 2 tig + {0, 1} / + 8; a1 / a3: row groupID + 8), and the
+# x picked for p0, p2 (first mma) or p1, p3 (second mma) are B's b0, b1 in column groupID. So the
+# diagonal D[G][G] of the first mma and D[G + 8][G] of the second accumulate (fp32) the products
+# of the groups the 4 lanes of the row hold; every other entry is a product of one row's values
+# with another row's x, never read (_mma_diagonal keeps the diagonal). Per quad: 1 prmt for the
+# quad's nibbles, 2 x 4 for the selectors (two groups per register, as 0x1010 + 0x22 i0 + 0x2200 i1
+# per 16-bit half), 2 shifts, 4 prmt picking x[i0] | x[i1] << 16, 2 mma.
+# Operands (pack = 4): $0-$3 / $4-$7 = the two accumulators out, $8-$11 = quad nibbles (4 copies),
+# $12-$15 / $16-$19 = x bytes 0-3 / 4-7 of groups 0..3, $20-$23 = pairs, $24-$27 / $28-$31 accumulators in.
+_QUAD_CONSTRAINTS = tl.constexpr("=f,=f,=f,=f,=f,=f,=f,=f," + ",".join(["r"] * 16) + "," + ",".join(["f"] * 8))
+_QUAD_SEL = ("prmt.b32 u, $8, 0, 0x4140; "  # nibbles of groups 0, 1 -> bits 0-7, of groups 2, 3 -> bits 16-23
+             "and.b32 s, u, 0x00030003; and.b32 v, u, 0x000C000C; mad.lo.u32 s, v, 64, s; mad.lo.u32 s, s, 34, 0x10101010; "
+             "shr.b32 u, u, 4; and.b32 t, u, 0x00030003; and.b32 v, u, 0x000C000C; mad.lo.u32 t, v, 64, t; "
+             "mad.lo.u32 t, t, 34, 0x10101010; "
+             "prmt.b32 x0, $12, $16, s; shr.b32 s, s, 16; prmt.b32 x2, $14, $18, s; "
+             "prmt.b32 x1, $13, $17, t; shr.b32 t, t, 16; prmt.b32 x3, $15, $19, t; ")
+_QUAD_DECL = "{ .reg .b32 u, s, t, v, x0, x1, x2, x3; "
+_QUAD_MMA_FP16 = tl.constexpr(
+    _QUAD_DECL + _QUAD_SEL
+    + "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$20, $21, $22, $23}, {x0, x2}, "
+    "{$24, $25, $26, $27}; mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$4, $5, $6, $7}, "
+    "{$20, $21, $22, $23}, {x1, x3}, {$28, $29, $30, $31}; }")
+_QUAD_MMA_BF16 = tl.constexpr(
+    _QUAD_DECL + _QUAD_SEL
+    + "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$20, $21, $22, $23}, {x0, x2}, "
+    "{$24, $25, $26, $27}; mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$4, $5, $6, $7}, "
+    "{$20, $21, $22, $23}, {x1, x3}, {$28, $29, $30, $31}; }")
+
+
+@triton.jit
+def _mma_diagonal(acc, acc2):
+    """Per quad, the row's sum a lane holds: D1[G][G] + D2[G + 8][G] in the lane with
+    threadID_in_group == G / 2 (c0 + c2' for even G, c1 + c3' for odd), zero elsewhere."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .u32 l, g, t, h; .reg .pred p, q; .reg .f32 a, b; mov.u32 l, %laneid; shr.u32 g, l, 2; "
+        "and.b32 t, l, 3; shr.u32 h, g, 1; setp.eq.u32 p, t, h; and.b32 h, g, 1; setp.eq.u32 q, h, 1; "
+        "selp.f32 a, $5, $4, q; selp.f32 b, $11, $10, q; add.f32 a, a, b; selp.f32 $0, a, 0f00000000, p; "
+        "mov.f32 $1, 0f00000000; mov.f32 $2, 0f00000000; mov.f32 $3, 0f00000000; }",
+        "=f,=f,=f,=f,f,f,f,f,f,f,f,f", [acc, acc2], dtype=tl.float32, is_pure=True, pack=4)
 
 
 @triton.jit
@@ -162,10 +198,7 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, N, K, K_PER_SPLI
     rows = tl.minimum(offs_n, N - 1)[:, None, None]  # clamped: no row mask in the loop
     BLOCK_G: tl.constexpr = 8 * BLOCK_W  # groups of 4 columns per step
     w = tl.arange(0, BLOCK_W)[None, :, None]
-    if DT == "fp32":
-        q = tl.arange(0, 8)[None, None, :]  # one group per element
-    else:
-        q = tl.arange(0, 4)[None, None, :]  # groups q and q + 4 per element (one register of selectors)
+    q = tl.arange(0, 8)[None, None, :]
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     g = k_lo // 4 + 8 * w + q  # group index of every element
@@ -177,17 +210,15 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, N, K, K_PER_SPLI
         x_ptrs = (x_ptr + pid_m * stride_xm).to(tl.pointer_type(tl.int64), bitcast=True) + g
         v_ptrs = (v_ptr + rows * stride_vn).to(tl.pointer_type(tl.int32), bitcast=True) + g
     w_ptrs = meta_ptr + rows * stride_mn + k_lo // 32 + w
-    if DT == "fp32":
-        acc = tl.zeros((BLOCK_N, BLOCK_W, 8), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_W, 4), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_W, 8), dtype=tl.float32)
+    acc2 = tl.zeros_like(acc)  # GPU 16-bit: the second mma's accumulator (unused otherwise)
     n_steps = (k_hi - k_lo) // (4 * BLOCK_G)
     for _ in range(n_steps // UNROLL):
         for u in tl.static_range(UNROLL):
             if DT == "fp32":
-                acc = _gemv24_step(acc, x_ptrs, v_ptrs, w_ptrs + u * BLOCK_W, shifts, g + u * BLOCK_G, K, False, DT, EMULATE)
+                acc, acc2 = _gemv24_step(acc, acc2, x_ptrs, v_ptrs, w_ptrs + u * BLOCK_W, shifts, g + u * BLOCK_G, K, False, DT, EMULATE)
             else:
-                acc = _gemv24_step(acc, x_ptrs + u * BLOCK_G, v_ptrs + u * BLOCK_G, w_ptrs + u * BLOCK_W, shifts,
+                acc, acc2 = _gemv24_step(acc, acc2, x_ptrs + u * BLOCK_G, v_ptrs + u * BLOCK_G, w_ptrs + u * BLOCK_W, shifts,
                                    g, K, False, DT, EMULATE)
         if DT != "fp32":
             x_ptrs += UNROLL * BLOCK_G
@@ -196,12 +227,14 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, N, K, K_PER_SPLI
         g += UNROLL * BLOCK_G
     # remainder: fewer than UNROLL whole steps, then a partial step (masked by g < K / 4)
     for _ in range(n_steps // UNROLL * UNROLL, tl.cdiv(k_hi - k_lo, 4 * BLOCK_G)):
-        acc = _gemv24_step(acc, x_ptrs, v_ptrs, w_ptrs, shifts, g, K, True, DT, EMULATE)
+        acc, acc2 = _gemv24_step(acc, acc2, x_ptrs, v_ptrs, w_ptrs, shifts, g, K, True, DT, EMULATE)
         if DT != "fp32":
             x_ptrs += BLOCK_G
             v_ptrs += BLOCK_G
         w_ptrs += BLOCK_W
         g += BLOCK_G
+    if DT != "fp32" and not EMULATE:
+        acc = _mma_diagonal(acc, acc2)
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
     store_gemv_row(out, y_ptr, b_ptr, offs_n, N, pid_k, pid_m, stride_ys, stride_ym, PARTIAL, HAS_BIAS)
 
@@ -274,7 +307,7 @@ def _specs():
                               BLOCK_W=_CFG["BLOCK_W"], UNROLL=_CFG["UNROLL"], EMULATE=False)
                 name = f"sparse24-gemv-{dt}" + ("-partial" if partial else "-out") + ("-bias" if has_bias else "")
                 specs.append(CompileSpec(
-                    _sparse24_gemv_kernel, sig, consts, _CFG["num_warps"], 1, name, is_gemm=True, expect_tensor_core=False,
+                    _sparse24_gemv_kernel, sig, consts, _CFG["num_warps"], 1, name, is_gemm=True, expect_tensor_core=dt != "fp32",
                     representative=(dt == "bf16" and partial) or (dt == "fp32" and has_bias),
                     divisible=("x_ptr", "v_ptr", "meta_ptr", "b_ptr", "y_ptr", "N", "K", "K_PER_SPLIT", "stride_xm",
                                "stride_vn", "stride_mn", "stride_ys", "stride_ym"),
