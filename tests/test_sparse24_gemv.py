@@ -230,3 +230,35 @@ def test_gpu_16bit_loop_has_no_shared_memory_round_trip(compiled_16bit):
     assert len(compiled_16bit) == 6  # fp16 / bf16 x (out, out + bias, partial)
     for config, r in compiled_16bit.items():
         assert r["sts"] == r["lds"] == 0 and r["hmma"] > 0, (config, r)
+
+
+def test_self_check_problem_is_a_valid_24_weight():
+    from laco_kernels.formats import Sparse24Weight
+
+    x, values, meta, dense, shape = sv._self_check_problem(torch.float16, torch.device("cpu"))
+    w = Sparse24Weight(values, meta, shape)
+    torch.testing.assert_close(w.to_dense(), dense)
+    close(sv.sparse24_gemv(x, values, meta, shape), x.float() @ dense.float().t(), torch.float16)
+
+
+def test_failed_gpu_self_check_warns_and_routes_to_the_tile_kernel(monkeypatch):
+    """On CUDA a GEMV that disagrees with the dense product is not used: one warning, then the
+    tl.dot decode kernel (simulated: the check is run on CPU tensors with a fake CUDA device)."""
+    class FakeCuda:
+        type, index = "cuda", 7
+
+    monkeypatch.setattr(sv, "_VERIFIED", {})
+    monkeypatch.setattr(sv, "_self_check_problem", lambda dt, dev: _ORIG_PROBLEM(dt, torch.device("cpu")))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "FakeGPU")
+    monkeypatch.setattr(sv, "sparse24_gemv", lambda x, v, m, s, b=None, splits=None: torch.zeros(x.shape[0], s[0]))
+    with pytest.warns(RuntimeWarning, match="failed its self-check on FakeGPU"):
+        assert sv.gemv_verified(FakeCuda(), torch.float16) is False
+    assert sv.gemv_verified(FakeCuda(), torch.float16) is False  # cached: checked once per device and dtype
+    assert sv.gemv_verified(torch.device("cpu"), torch.float16) is True
+    monkeypatch.setattr(sv, "_VERIFIED", {})
+    monkeypatch.setattr(sv, "sparse24_gemv", _ORIG_GEMV)
+    assert sv.gemv_verified(FakeCuda(), torch.bfloat16) is True  # a correct kernel passes
+
+
+_ORIG_PROBLEM = sv._self_check_problem
+_ORIG_GEMV = sv.sparse24_gemv

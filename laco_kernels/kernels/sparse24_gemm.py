@@ -36,7 +36,7 @@ import triton.language as tl
 from ._bits import PRMT_LUT_24, expand_24, expand_24_prmt
 from ._compile import _is_interpreted
 from .dense_gemm import compile_specs, grouped_pid, launch, store_tile
-from .sparse24_gemv import GEMV_MAX_M, sparse24_gemv
+from .sparse24_gemv import GEMV_MAX_M, gemv_verified, sparse24_gemv
 
 
 @triton.jit
@@ -95,7 +95,8 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     M <= ``sparse24_gemv.GEMV_MAX_M`` runs the decode GEMV instead of the tl.dot kernel.
     """
     n, k = shape
-    if 0 < x.shape[0] <= GEMV_MAX_M and k > 0:  # decode GEMV on the compressed pairs (sparse24_gemv.py)
+    # decode GEMV on the compressed pairs (sparse24_gemv.py), once it passed its per-device self-check
+    if 0 < x.shape[0] <= GEMV_MAX_M and k > 0 and gemv_verified(x.device, x.dtype):
         return sparse24_gemv(x, values, meta, shape, bias)
     if meta.stride(1) != 1:
         meta = meta.contiguous()

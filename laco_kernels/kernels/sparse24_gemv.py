@@ -340,3 +340,48 @@ def SASS_LAUNCH_PLAN(spec, m: int, n: int, k: int, density: float = 0.5):  # noq
 
 class _AuditDevice:
     type = "cpu"  # choose_splits: no CUDA device -> 132 SMs (an H100)
+
+
+_VERIFIED: dict = {}
+
+
+def _self_check_problem(dtype: torch.dtype, device) -> tuple:
+    """A small random 2:4 problem (x [2, 160], values [40, 80], meta [40, 5], dense [40, 160]) built
+    by hand (no import of formats: kernels stay below it), every valid (i0, i1) pattern present."""
+    gen = torch.Generator().manual_seed(1234)
+    n, k = 40, 160
+    combos = torch.tensor([(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)])
+    pick = combos[torch.randint(0, 6, (n, k // 4), generator=gen)]  # [n, groups, 2]
+    values = torch.randn(n, k // 2, generator=gen).to(dtype)
+    dense = torch.zeros(n, k // 4, 4, dtype=dtype)
+    dense.scatter_(2, pick, values.view(n, k // 4, 2))
+    nib = (pick[..., 0] | (pick[..., 1] << 2)).view(n, k // 32, 8).to(torch.int64)
+    words = (nib << (4 * torch.arange(8))).sum(-1)
+    meta = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    x = torch.randn(2, k, generator=gen).to(dtype)
+    return x.to(device), values.to(device), meta.to(device), dense.view(n, k).to(device), (n, k)
+
+
+def gemv_verified(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this GEMV may serve (device, dtype): True off CUDA (the interpreter runs the tested
+    EMULATE path); on CUDA, once per device and dtype, the tensor-core path is run on a small random
+    problem against a dense matmul. A mismatch (the lane mapping of its mma.sync depends on the
+    layout Triton picks, checked at build time for the Triton we test with, not on every hardware and
+    version) warns and returns False, and the launcher then uses the tl.dot decode kernel instead."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return True
+    key = (device.index, dtype)
+    if key not in _VERIFIED:
+        x, values, meta, dense, shape = _self_check_problem(dtype, device)
+        got = sparse24_gemv(x, values, meta, shape).float()
+        want = x.float() @ dense.float().t()
+        ok = bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2))
+        if not ok:
+            import warnings
+
+            warnings.warn(f"laco_kernels: the 2:4 tensor-core GEMV failed its self-check on {torch.cuda.get_device_name(device)}"
+                          f" ({dtype}, max error {(got - want).abs().max().item():.3g}); using the tl.dot decode kernel "
+                          "for M <= 2 on this device. Please report this with `python -m torch.utils.collect_env`.",
+                          RuntimeWarning, stacklevel=3)
+        _VERIFIED[key] = ok
+    return _VERIFIED[key]
