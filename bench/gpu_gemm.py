@@ -87,7 +87,7 @@ def check(gen) -> int:
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         atol, rtol = _TOL[dtype]
         for lead, n, k in [((1,), 37, 72), ((3,), 70, 1028), ((16,), 45, 100), ((67,), 130, 200), ((256,), 70, 136),
-                           ((2, 5), 96, 4096), ((1, 8), 4096, 256)]:
+                           ((2, 5), 96, 4096), ((1, 8), 4096, 256), ((2,), 300, 4100), ((1,), 1000, 11008)]:
             w = torch.randn(n, k, device="cuda", generator=gen)
             w24 = Sparse24Weight.from_dense(w.to(dtype), prune=True)
             bw = BitmapWeight.from_dense((w * (torch.rand(n, k, device="cuda", generator=gen) > 0.6)).to(dtype))

@@ -6,7 +6,7 @@
 #   check.log           bench/gpu_gemm.py --check (ops vs reference on awkward shapes, 3 dtypes)
 #   gpu_gemm_graph.json bench/gpu_gemm.py --graph: cuBLAS, dense Triton, 2:4, bitmap 50/70%,
 #                       torch semi-structured, the opt-in semi-structured dispatch; 4096x4096,
-#                       11008x4096, 4096x11008; M in {1, 4, 16, 256, 4096}; fp16 and bf16
+#                       11008x4096, 4096x11008; M in {1, 2, 4, 16, 256, 4096}; fp16 and bf16
 #   train_step.json     bench/train_step.py on CUDA, fp32 and bf16
 #   gpu_training.json   bench/gpu_training.py (training-kernel correctness + timings)
 #   suite.log           everything printed
@@ -33,7 +33,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, keep going on failu
 } > "$OUT/gpu_info.txt" 2>&1
 step check 90 "$PY" bench/gpu_gemm.py --check
 cp "$log" "$OUT/check.log"
-step gemm 270 "$PY" bench/gpu_gemm.py --graph --ms 1 4 16 256 4096 --out "$OUT/gpu_gemm_graph.json"
+step gemm 270 "$PY" bench/gpu_gemm.py --graph --ms 1 2 4 16 256 4096 --out "$OUT/gpu_gemm_graph.json"
 step train_step 60 "$PY" bench/train_step.py --devices cuda --dtypes float32 bfloat16 --out "$OUT/train_step.json"
 step gpu_training 90 env GPU_TRAINING_OUT="$OUT/gpu_training.json" "$PY" bench/gpu_training.py
 echo "done $(date -u +%T)" | tee -a "$log"
