@@ -45,7 +45,7 @@ from ._splitk import choose_splits, reduce_launch, reduce_partials, store_gemv_r
 
 BLOCK_N = 128  # rows per program and per layout block: one row per thread of 4 warps
 NUM_WARPS = 4
-UNROLL = 4  # chunks per steady-state iteration (8 values each per thread)
+UNROLL = 8  # chunks per steady-state iteration (8 values each per thread)
 MAX_GAP = 31  # 8 gaps of at most 31 columns keep a chunk's offsets below 256
 
 
@@ -151,14 +151,39 @@ def cached_layout(values: torch.Tensor, bitmap: torch.Tensor, shape, splits: int
 
 
 @triton.jit
-def _chunk(acc, xb, vp, op, j):
-    """One chunk (8 entries of each of BLOCK_N rows): acc [BLOCK_N, 8] += vals * x[base + offs]."""
-    v = tl.load(vp)
-    o = tl.load(op).to(tl.int32)
-    xv = tl.load(xb[:, None] + o)  # gather from the x row (L1-resident)
-    acc += v.to(tl.float32) * xv.to(tl.float32)
-    # next base = this chunk's last entry; the select folds to a register pick (entry 7 is in-thread)
-    return acc, xb + tl.sum(tl.where(j[None, :] == 7, o, 0), axis=1)
+def _chunk(acc, xb, vp, op, j, PAIRS: tl.constexpr, HALVES: tl.constexpr):
+    """One chunk (8 entries of each of BLOCK_N rows): acc [BLOCK_N, 8] += vals * x[base + offs].
+
+    PAIRS (bf16): vp points at the chunk's values as int32 pairs ``[BLOCK_N, 4]`` (entries 2p, 2p + 1 in
+    the low / high half), so each bf16 value widens to fp32 with one shift or one mask instead of a byte
+    move plus a shift (16 fewer instructions per 8 chunks); the byte offsets ``[BLOCK_N, 8]`` are split
+    into even / odd entries in registers; acc is a pair of ``[BLOCK_N, 4]`` accumulators.
+    """
+    if PAIRS:
+        acc_lo, acc_hi = acc
+        w = tl.load(vp)
+        o_lo, o_hi = tl.split(tl.reshape(tl.load(op).to(tl.int32), (w.shape[0], w.shape[1], 2)))
+        x_lo = tl.load(xb[:, None] + o_lo)
+        x_hi = tl.load(xb[:, None] + o_hi)
+        v_lo = (w << 16).to(tl.float32, bitcast=True)
+        v_hi = (w & -65536).to(tl.float32, bitcast=True)
+        acc_lo += v_lo * x_lo.to(tl.float32)
+        acc_hi += v_hi * x_hi.to(tl.float32)
+        return (acc_lo, acc_hi), xb + tl.sum(tl.where(j[None, :] == 3, o_hi, 0), axis=1)
+    elif HALVES:
+        acc_lo, acc_hi = acc
+        o = tl.load(op).to(tl.int32)
+        o_lo, o_hi = tl.split(tl.permute(tl.reshape(o, (o.shape[0], 2, 4)), (0, 2, 1)))
+        acc_lo += tl.load(vp).to(tl.float32) * tl.load(xb[:, None] + o_lo).to(tl.float32)
+        acc_hi += tl.load(vp + 4).to(tl.float32) * tl.load(xb[:, None] + o_hi).to(tl.float32)
+        return (acc_lo, acc_hi), xb + tl.sum(tl.where(j[None, :] == 3, o_hi, 0), axis=1)
+    else:
+        v = tl.load(vp)
+        o = tl.load(op).to(tl.int32)
+        xv = tl.load(xb[:, None] + o)  # gather from the x row (L1-resident)
+        acc += v.to(tl.float32) * xv.to(tl.float32)
+        # next base = this chunk's last entry; the select folds to a register pick (entry 7 is in-thread)
+        return acc, xb + tl.sum(tl.where(j[None, :] == 7, o, 0), axis=1)
 
 
 @triton.jit
@@ -170,28 +195,37 @@ def _bitmap_chunks_gemv_kernel(x_ptr, v_ptr, o_ptr, starts_ptr, bases_ptr, perm_
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     rows = tl.arange(0, BLOCK_N)
-    j = tl.arange(0, 8)
+    PAIRS: tl.constexpr = v_ptr.dtype.element_ty == tl.int32  # bf16 values passed as int32 pairs
+    HALVES: tl.constexpr = v_ptr.dtype.element_ty == tl.float32  # fp32: two 128-bit halves per chunk row
+    W: tl.constexpr = 4 if PAIRS or HALVES else 8  # elements per accumulator row
+    VW: tl.constexpr = 4 if PAIRS else 8  # value elements per chunk row in memory
+    j = tl.arange(0, W)
     c0 = tl.load(starts_ptr + pid_n)
     n_ch = tl.load(starts_ptr + pid_n + 1) - c0
     per = tl.cdiv(n_ch, S)
     t0 = tl.minimum(pid_k * per, n_ch)
     n_my = tl.minimum(t0 + per, n_ch) - t0
     xb = x_ptr + pid_m * stride_xm + tl.load(bases_ptr + (pid_n * S + pid_k) * BLOCK_N + rows)
-    first = (c0 + t0).to(tl.int64) * (BLOCK_N * 8)  # int64: the layout may exceed 2^31 entries
-    tile = rows[:, None] * 8 + j[None, :]
-    vp = v_ptr + first + tile
-    op = o_ptr + first + tile
-    acc = tl.zeros((BLOCK_N, 8), dtype=tl.float32)
+    vp = v_ptr + (c0 + t0).to(tl.int64) * (BLOCK_N * VW) + rows[:, None] * VW + j[None, :]
+    jo = tl.arange(0, 8)
+    op = o_ptr + (c0 + t0).to(tl.int64) * (BLOCK_N * 8) + rows[:, None] * 8 + jo[None, :]  # int64: may pass 2^31
+    if PAIRS or HALVES:
+        acc = (tl.zeros((BLOCK_N, W), dtype=tl.float32), tl.zeros((BLOCK_N, W), dtype=tl.float32))
+    else:
+        acc = tl.zeros((BLOCK_N, W), dtype=tl.float32)
     for _ in range(n_my // UNROLL):
         for u in tl.static_range(UNROLL):
-            acc, xb = _chunk(acc, xb, vp + u * BLOCK_N * 8, op + u * BLOCK_N * 8, j)
-        vp += UNROLL * BLOCK_N * 8
+            acc, xb = _chunk(acc, xb, vp + u * BLOCK_N * VW, op + u * BLOCK_N * 8, j, PAIRS, HALVES)
+        vp += UNROLL * BLOCK_N * VW
         op += UNROLL * BLOCK_N * 8
     for _ in range(n_my % UNROLL):  # remainder chunks
-        acc, xb = _chunk(acc, xb, vp, op, j)
-        vp += BLOCK_N * 8
+        acc, xb = _chunk(acc, xb, vp, op, j, PAIRS, HALVES)
+        vp += BLOCK_N * VW
         op += BLOCK_N * 8
-    out = tl.sum(acc, axis=1)
+    if PAIRS or HALVES:
+        out = tl.sum(acc[0] + acc[1], axis=1)
+    else:
+        out = tl.sum(acc, axis=1)
     store_gemv_row(out, y_ptr, b_ptr, tl.load(perm_ptr + pid_n * BLOCK_N + rows), N, pid_k, pid_m, stride_ys, stride_ym, PARTIAL, HAS_BIAS)
 
 
@@ -206,8 +240,11 @@ def chunks_gemv(x: torch.Tensor, lay: ChunkLayout, bias: torch.Tensor | None = N
         x = x.contiguous()
     nb, s = lay.starts.numel() - 1, lay.splits
     out = y if s == 1 else torch.empty(s, m, n, dtype=torch.float32, device=x.device)
+    vals, offs = lay.vals, lay.offs
+    if vals.dtype == torch.bfloat16:  # pairs (see _chunk)
+        vals = vals.view(torch.int32)
     _bitmap_chunks_gemv_kernel[(m, nb, s)](
-        x, lay.vals, lay.offs, lay.starts, lay.bases, lay.perm, bias if bias is not None else out, out, n, s, x.stride(0),
+        x, vals, offs, lay.starts, lay.bases, lay.perm, bias if bias is not None else out, out, n, s, x.stride(0),
         0 if s == 1 else out.stride(0), out.stride(-2), HAS_BIAS=bias is not None and s == 1, PARTIAL=s > 1,
         BLOCK_N=BLOCK_N, UNROLL=UNROLL, num_warps=NUM_WARPS, num_stages=1)
     if s > 1:
@@ -236,7 +273,8 @@ def _specs():
     for dt in ("fp16", "bf16", "fp32"):
         for partial in (False, True):
             for has_bias in ((False,) if partial else (False, True)):
-                sig = dict(x_ptr=f"*{dt}", v_ptr=f"*{dt}", o_ptr="*u8", starts_ptr="*i32", bases_ptr="*i32", perm_ptr="*i32",
+                sig = dict(x_ptr=f"*{dt}", v_ptr="*i32" if dt == "bf16" else f"*{dt}",
+                           o_ptr="*u8", starts_ptr="*i32", bases_ptr="*i32", perm_ptr="*i32",
                            b_ptr=f"*{dt}", y_ptr="*fp32" if partial else f"*{dt}", N="i32", S="i32", stride_xm="i32",
                            stride_ys="i32", stride_ym="i32", HAS_BIAS="constexpr", PARTIAL="constexpr",
                            BLOCK_N="constexpr", UNROLL="constexpr")
