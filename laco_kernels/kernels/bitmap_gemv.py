@@ -31,9 +31,9 @@ from ._compile import CompileSpec
 from ._splitk import choose_splits, reduce_launch, reduce_partials, store_gemv_row
 
 # a GEMV repeats its per-value work for every token; the audit predicts it faster than the tl.dot
-# kernel up to M = 10 on the chunk layout (up to 11 fp16, 10 bf16 at 50% sparsity) and up to 4 on the
-# canonical layout (docs/gpu_decode_kernels.md)
-GEMV_MAX_M = 10
+# kernel up to M = 11 on the chunk layout (fp16 and bf16, 50% and 70% sparsity, the three audited
+# shapes; M = 12 loses at 50%) and up to 4 on the canonical layout (docs/gpu_decode_kernels.md)
+GEMV_MAX_M = 11
 CANONICAL_GEMV_MAX_M = 4
 LAYOUT_ENV = "LACO_BITMAP_GPU_LAYOUT"  # "chunks" (default): derived layout, built once per weight; "canonical"
 _CFG = dict(BLOCK_N=256, UNROLL=2, num_warps=4)  # 256 rows x 2 words (64 columns) per loop iteration
