@@ -158,3 +158,22 @@ def test_compile_specs_describe_the_decode_loop():
     for s in specs:
         assert (s.family, s.regime) == ("bitmap", "decode") and s.constexprs["HW_POPC"]
         assert s.loop_weight_bytes(0.3) < s.loop_weight_bytes(0.5)
+
+
+def test_module_builds_the_derived_layout_once(monkeypatch, triton_backend):
+    from laco_kernels.nn import BitmapLinear
+
+    builds = []
+    real = bc.build_layout
+    monkeypatch.setattr(bc, "build_layout", lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    lin = torch.nn.Linear(64, 40).half()
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(40, 64) > 0.6)
+    mod = BitmapLinear.from_linear(lin)
+    x = torch.randn(1, 64).half()
+    for _ in range(3):  # through the custom op with autograd on, then without
+        close(mod(x), reference.bitmap_linear(x, mod.weight_bitmap(), mod.bias), torch.float16)
+    with torch.no_grad():
+        mod(x)
+    assert len(builds) == 1
+    assert set(mod.state_dict()) == {"weight", "bias"}  # the derived layout never reaches a checkpoint
