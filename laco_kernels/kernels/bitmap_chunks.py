@@ -69,7 +69,9 @@ def build_layout(values: torch.Tensor, bitmap: torch.Tensor, shape, splits: int 
     """Derived layout of the canonical (values ``[nnz]`` row-major, bitmap ``[N, ceil(K/32)]``) weight,
     built with torch ops on the weight's device. ``splits``: K split count (None: fill the SMs at M = 1).
 
-    Transient memory: a bool ``[N, K]`` mask and two ``[N_pad, 8 * longest row]`` work arrays."""
+    Transient memory while building: a bool ``[N, K]`` mask, about 40 bytes per kept value (int64
+    row / column indices and their derived positions) and two ``[N_pad, 8 * longest row]`` work
+    arrays (int32 columns, values): about 0.8 GB for an 11008 x 4096 weight at 50% sparsity."""
     n, k = shape
     dev = values.device
     nb = triton.cdiv(n, BLOCK_N)
