@@ -71,7 +71,8 @@ def build_layout(values: torch.Tensor, bitmap: torch.Tensor, shape, splits: int 
 
     Transient memory while building: a bool ``[N, K]`` mask, about 40 bytes per kept value (int64
     row / column indices and their derived positions) and two ``[N_pad, 8 * longest row]`` work
-    arrays (int32 columns, values): about 0.8 GB for an 11008 x 4096 weight at 50% sparsity."""
+    arrays (int32 columns, values): peak RSS grew 0.54 GB building an 11008 x 4096 fp16 weight at 50%
+    sparsity on the CPU (the layout itself: 65 MB)."""
     n, k = shape
     dev = values.device
     nb = triton.cdiv(n, BLOCK_N)
