@@ -82,6 +82,9 @@ def test_bad_layout_env(monkeypatch):
     monkeypatch.setenv(bv.LAYOUT_ENV, "dense")
     with pytest.raises(ValueError, match=bv.LAYOUT_ENV):
         bv.gpu_layout()
+    bw = BitmapWeight.from_dense(sparse(4, 64, 0.5, torch.float32), tile_k=64)
+    with pytest.raises(ValueError, match="layout"):
+        bv.bitmap_gemv(torch.randn(1, 64), bw.values, bw.bitmap, bw.offsets, bw.shape, 64, layout="dense")
 
 
 def test_chunk_layout_invariants_and_fillers():
