@@ -150,6 +150,8 @@ def _launched_on_h100(spec, cfg_name, m, n, dt) -> bool:
         from laco_kernels.kernels import bitmap_gemv, sparse24_gemv
 
         gemv_max = (sparse24_gemv if spec.family == "sparse24" else bitmap_gemv).GEMV_MAX_M
+        if spec.name == "_bitmap_gemv_kernel":  # the canonical-layout GEMV (LACO_BITMAP_GPU_LAYOUT=canonical)
+            gemv_max = bitmap_gemv.CANONICAL_GEMV_MAX_M
         if "gemv" in spec.name:
             return m <= gemv_max
         if m <= gemv_max:

@@ -94,16 +94,35 @@ def sparse24_records(m, n, k, dtype) -> List[dict]:
 
 @register("bitmap")
 def bitmap_records(m, n, k, dtype, sparsities=(0.5, 0.7)) -> List[dict]:
-    from laco_kernels.kernels import bitmap_gemm
+    """``bitmap_gemm`` (the launcher on the canonical layout: tl.dot kernel or popcount GEMV) and, where
+    M routes to a GEMV, ``bitmap_chunks`` (the default GEMV on the derived chunk layout: it reads
+    ``itemsize + 1`` bytes per entry plus one gathered x element per entry, L1 traffic on a GPU)."""
+    import os
+
+    from laco_kernels.kernels import bitmap_chunks, bitmap_gemm, bitmap_gemv
 
     out = []
     for s in sparsities:
         g = torch.Generator().manual_seed(2)
         x = torch.randn(m, k, generator=g).to(dtype)
         bw = BitmapWeight.from_dense(_weight(n, k, dtype, s, g), tile_k=128)
-        moved = measure(lambda: bitmap_gemm.bitmap_linear(x, bw.values, bw.bitmap, bw.offsets, bw.shape, bw.tile_k))
+        old = os.environ.get(bitmap_gemv.LAYOUT_ENV)
+        os.environ[bitmap_gemv.LAYOUT_ENV] = "canonical"
+        try:
+            moved = measure(lambda: bitmap_gemm.bitmap_linear(x, bw.values, bw.bitmap, bw.offsets, bw.shape, bw.tile_k))
+        finally:
+            if old is None:
+                os.environ.pop(bitmap_gemv.LAYOUT_ENV)
+            else:
+                os.environ[bitmap_gemv.LAYOUT_ENV] = old
         out.append(_record("bitmap_gemm", m, n, k, dtype, s, moved, dense_traffic(m, n, k, dtype),
                            weight_nbytes=bw.nbytes, measured_sparsity=round(1 - bw.density(), 4)))
+        if m <= bitmap_gemv.GEMV_MAX_M:
+            lay = bitmap_chunks.build_layout(bw.values, bw.bitmap, bw.shape)
+            moved = measure(lambda: bitmap_chunks.chunks_gemv(x, lay))
+            out.append(_record("bitmap_chunks", m, n, k, dtype, s, moved, dense_traffic(m, n, k, dtype),
+                               weight_nbytes=lay.nbytes(), entries=lay.vals.numel(), splits=lay.splits,
+                               measured_sparsity=round(1 - bw.density(), 4)))
     return out
 
 

@@ -60,3 +60,9 @@ def test_decode_targets_small_shape():
     assert dense >= 2 * n * k  # the baseline reads the whole fp16 weight at least once
     for r in recs:  # every packed weight byte is read (at least) once: no count can undercut the weight
         assert r["bytes_read"] >= r["weight_nbytes"], r
+    for r in (r for r in recs if r["kernel"] == "bitmap_chunks"):
+        # derived layout: each byte once, x once per entry (L1 on a GPU), split-K partials once, per program
+        # 8 bytes of block starts and its block's 128 output-row indices (perm)
+        programs = m * r["splits"] * -(-n // 128)
+        extra = 2 * k * m + r["splits"] * m * n * 4 + (8 + 4 * 128) * programs
+        assert r["bytes_read"] <= r["weight_nbytes"] + r["entries"] * 2 + extra, r

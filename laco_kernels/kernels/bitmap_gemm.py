@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._bits import unpack_bits
-from .bitmap_gemv import GEMV_MAX_M, bitmap_gemv
+from .bitmap_gemv import bitmap_gemv, gemv_max_m
 from .dense_gemm import compile_specs, grouped_pid, launch, store_tile
 
 
@@ -60,10 +60,10 @@ def bitmap_linear(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, o
                   tile_k: int, bias: torch.Tensor | None = None, input_precision: str | None = None) -> torch.Tensor:
     """x [M, K] @ dense(values, bitmap, offsets)^T + bias [N] -> y [M, N] in x's dtype; ``shape`` = (N, K).
 
-    M <= ``bitmap_gemv.GEMV_MAX_M`` runs the popcount decode GEMV (any tile_k) instead of the tl.dot kernel.
+    M <= ``bitmap_gemv.gemv_max_m()`` runs a decode GEMV (any tile_k) instead of the tl.dot kernel.
     """
     n, k = shape
-    if 0 < x.shape[0] <= GEMV_MAX_M and k > 0:
+    if 0 < x.shape[0] <= gemv_max_m() and k > 0:
         return bitmap_gemv(x, values, bitmap, offsets, shape, tile_k, bias)
     values = values.contiguous()
     if bitmap.stride(1) != 1:

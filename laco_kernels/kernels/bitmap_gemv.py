@@ -1,5 +1,10 @@
 """Bitmap (unstructured) sparse GEMV for decode, ``y = x @ dense(bw)^T + b`` at small M, in Triton.
 
+:func:`bitmap_gemv` is the entry point of both bitmap GEMVs: by default it runs ``bitmap_chunks``
+on a derived layout built once per weight (work per kept value; predicted 1.8x a dense GEMM at 70%
+sparsity); ``LACO_BITMAP_GPU_LAYOUT=canonical`` (or ``layout="canonical"``) runs this module's
+kernel on the canonical tensors, described below (no extra memory, work per dense column).
+
 Weight: the canonical :class:`~laco_kernels.formats.BitmapWeight` (values ``[nnz]`` row-major,
 bitmap int32 ``[N, ceil(K/32)]``, offsets int32 ``[N, ceil(K/tile_k)]``), read as is.
 
@@ -30,7 +35,12 @@ from triton.language.extra import libdevice
 from ._compile import CompileSpec
 from ._splitk import choose_splits, reduce_launch, reduce_partials, store_gemv_row
 
-GEMV_MAX_M = 4  # the GEMV repeats its work per token: predicted faster than the tl.dot kernel up to M = 4 (docs)
+# a GEMV repeats its per-value work for every token; the audit predicts it faster than the tl.dot
+# kernel up to M = 11 on the chunk layout (fp16 and bf16, 50% and 70% sparsity, the three audited
+# shapes; M = 12 loses at 50%) and up to 4 on the canonical layout (docs/gpu_decode_kernels.md)
+GEMV_MAX_M = 11
+CANONICAL_GEMV_MAX_M = 4
+LAYOUT_ENV = "LACO_BITMAP_GPU_LAYOUT"  # "chunks" (default): derived layout, built once per weight; "canonical"
 _CFG = dict(BLOCK_N=256, UNROLL=2, num_warps=4)  # 256 rows x 2 words (64 columns) per loop iteration
 
 
@@ -112,23 +122,47 @@ def _bitmap_gemv_kernel(x_ptr, v_ptr, bitmap_ptr, offsets_ptr, b_ptr, y_ptr, N, 
     store_gemv_row(out, y_ptr, b_ptr, offs_n, N, pid_k, pid_m, stride_ys, stride_ym, PARTIAL, HAS_BIAS)
 
 
+def gpu_layout() -> str:
+    """Which layout the bitmap GEMV reads: ``"chunks"`` (default; ``bitmap_chunks``, a derived copy
+    built once per weight) or ``"canonical"`` (this module's kernel, no extra memory), from ``$LACO_BITMAP_GPU_LAYOUT``."""
+    v = os.environ.get(LAYOUT_ENV, "chunks").strip().lower() or "chunks"
+    if v not in ("chunks", "canonical"):
+        raise ValueError(f"{LAYOUT_ENV} must be 'chunks' or 'canonical', got {v!r}")
+    return v
+
+
+def gemv_max_m() -> int:
+    """Largest M the launcher sends to a GEMV (the layout in use decides, see GEMV_MAX_M)."""
+    return GEMV_MAX_M if gpu_layout() == "chunks" else CANONICAL_GEMV_MAX_M
+
+
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def bitmap_gemv(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, offsets: torch.Tensor, shape, tile_k: int,
-                bias: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, splits: int | None = None, layout: str | None = None) -> torch.Tensor:
     """x [M, K] @ dense(values, bitmap, offsets)^T + bias [N] -> y [M, N] in x's dtype; ``shape`` = (N, K).
 
-    Any tile_k (multiple of 32) works. ``splits`` overrides the split-K choice (tests).
+    ``layout``: ``"chunks"`` runs ``bitmap_chunks`` on the derived layout (built on first use and
+    cached per ``values`` tensor, see that module for its memory), ``"canonical"`` this module's
+    popcount kernel on the canonical tensors; None: :func:`gpu_layout`. Any tile_k (multiple of 32)
+    works. ``splits`` overrides the split-K choice (tests).
     """
     n, k = shape
     m = x.shape[0]
+    if tile_k <= 0 or tile_k % 32:
+        raise ValueError(f"bitmap_gemv: tile_k must be a positive multiple of 32, got {tile_k}")
+    layout = layout or gpu_layout()
+    if layout not in ("chunks", "canonical"):
+        raise ValueError(f"bitmap_gemv: layout must be 'chunks' or 'canonical', got {layout!r}")
+    if layout == "chunks" and m > 0 and k > 0:
+        from . import bitmap_chunks
+
+        return bitmap_chunks.chunks_gemv(x, bitmap_chunks.cached_layout(values, bitmap, shape, splits), bias)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    if tile_k <= 0 or tile_k % 32:
-        raise ValueError(f"bitmap_gemv: tile_k must be a positive multiple of 32, got {tile_k}")
     values = values.contiguous()
     if x.stride(1) != 1:
         x = x.contiguous()

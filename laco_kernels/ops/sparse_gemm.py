@@ -257,8 +257,10 @@ def _bitmap_impl(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, of
 def bitmap_gpu_path(m: int, device: torch.device) -> str:
     """Which GPU path runs a bitmap linear with ``m`` rows of x: ``"gemv"``, ``"tiled"`` or ``"expand"``.
 
-    - ``m <= kernels.bitmap_gemv.GEMV_MAX_M``: the popcount GEMV (fastest path there; still
-      predicted 0.7-0.8x of a dense GEMM, see docs/gpu_decode_kernels.md).
+    - ``m <= kernels.bitmap_gemv.gemv_max_m()`` (11; 4 with ``LACO_BITMAP_GPU_LAYOUT=canonical``):
+      a decode GEMV, by default on the derived chunk layout (``kernels/bitmap_chunks.py``, built
+      once per weight; predicted 1.77-1.81x a dense GEMM at 70% sparsity, 1.10-1.12x at 50%, see
+      docs/gpu_decode_kernels.md).
     - up to ``DECODE_MAX_M`` (16): the tiled ``tl.dot`` kernel.
     - prefill (``m > 16``) on CUDA: expand the weight to a transient dense ``[N, K]`` tensor and run
       cuBLAS (``F.linear``). The tiled bitmap prefill loop issues about 15x the dense kernel's
@@ -269,10 +271,10 @@ def bitmap_gpu_path(m: int, device: torch.device) -> str:
       It costs one dense weight of transient memory per call.
     The interpreter (CPU tensors) always runs the kernels, so tests exercise them.
     """
-    from ..kernels.bitmap_gemv import GEMV_MAX_M
+    from ..kernels.bitmap_gemv import gemv_max_m
     from ..kernels.dense_gemm import DECODE_MAX_M
 
-    if 0 < m <= GEMV_MAX_M:
+    if 0 < m <= gemv_max_m():
         return "gemv"
     if m <= DECODE_MAX_M or device.type != "cuda":
         return "tiled"

@@ -1,0 +1,320 @@
+"""Bitmap decode GEMV on a derived GPU layout (row chunks with byte offsets): work per KEPT value.
+
+The canonical :class:`~laco_kernels.formats.BitmapWeight` (values row-major, bitmap, per-tile
+offsets) makes a GEMV pay per DENSE column (bit test, popcount, address, predicated gather: about
+9.6 instructions, ``bitmap_gemv._bitmap_gemv_kernel``). This module builds, once per weight, a
+derived copy in which each kept value carries its own column, so the loop only touches kept values:
+
+- rows are sorted by length (number of entries, descending; ``perm`` gives each layout row's output
+  row) and grouped in blocks of ``BLOCK_N`` (128: one row per thread of 4 warps);
+- a row's entries (kept values in column order, plus rare zero "fillers", see below) are cut in
+  **chunks of 8**; a block stores ``L_b`` chunks per row (``L_b`` = its longest row, shorter rows
+  padded with zero values), chunk-major: ``vals [sum L_b, BLOCK_N, 8]`` (the weight's dtype) and
+  ``offs [sum L_b, BLOCK_N, 8]`` (uint8): a warp's chunk is 512 contiguous value bytes (one 128-bit
+  load per thread) and 256 offset bytes (one 64-bit load);
+- the column of entry ``i`` of a chunk is ``base + offs[i]``, where ``base`` is the column of the
+  previous chunk's last entry (0 before the first). Offsets are non-decreasing in a chunk, so the
+  next chunk's base is ``base + offs[7]``: per chunk one add, per value a byte extract, a 64-bit
+  address, a gather of x (from L1: the x row is a few KB), two conversions and one fp32 FMA;
+- a gap between consecutive entries of more than ``MAX_GAP`` (31) columns gets zero fillers every
+  31 columns, so a chunk spans at most 8 x 31 = 248 < 256 columns (at 30% density a gap > 31 has
+  probability 0.7^31 ~ 2e-5; very sparse rows pay up to one filler per 31 columns);
+- padding entries repeat the row's last column (value 0), so every gathered column is in [0, K);
+- split-K cuts each block's chunk range in ``splits`` equal parts; ``bases [n_blocks, splits,
+  BLOCK_N]`` (int32) holds every row's base at each part's first chunk, ``starts [n_blocks + 1]``
+  each block's first chunk.
+
+Memory (derived copy, kept next to the canonical weight): ``(itemsize + 1)`` bytes per entry;
+entries = kept values + padding to the longest row of each 128-row block (0.2-0.6% for random
+masks at 50-70% sparsity once rows are sorted, 0 when all rows keep the same count) + fillers;
+measured for fp16 on random 4096 / 11008-sized masks: 0.91 byte per weight at 70% sparsity
+(canonical 0.76, dense 2), 1.51 at 50% (canonical 1.16). Built on first use, cached per ``values``
+tensor (:func:`cached_layout`); ``state_dict`` and checkpoints keep the canonical format.
+Numerics are the reference's: fp32 products, fp32 accumulation (the sum order differs).
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats import unpack_bits
+from ._compile import CompileSpec
+from ._splitk import choose_splits, reduce_launch, reduce_partials, store_gemv_row
+
+BLOCK_N = 128  # rows per program and per layout block: one row per thread of 4 warps
+NUM_WARPS = 4
+UNROLL = 8  # chunks per steady-state iteration (8 values each per thread)
+MAX_GAP = 31  # 8 gaps of at most 31 columns keep a chunk's offsets below 256
+
+
+@dataclass
+class ChunkLayout:
+    """The derived GPU layout of one bitmap weight (module docstring). ``splits`` is baked into ``bases``."""
+
+    vals: torch.Tensor  # [chunks, BLOCK_N, 8], the weight's dtype
+    offs: torch.Tensor  # [chunks, BLOCK_N, 8] uint8
+    starts: torch.Tensor  # [n_blocks + 1] int32: first chunk of each block
+    bases: torch.Tensor  # [n_blocks, splits, BLOCK_N] int32: column base of each row at each split's first chunk
+    perm: torch.Tensor  # [n_blocks * BLOCK_N] int32: the weight row of each layout row (N for padding rows)
+    shape: tuple
+    splits: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.vals, self.offs, self.starts, self.bases, self.perm))
+
+
+def build_layout(values: torch.Tensor, bitmap: torch.Tensor, shape, splits: int | None = None) -> ChunkLayout:
+    """Derived layout of the canonical (values ``[nnz]`` row-major, bitmap ``[N, ceil(K/32)]``) weight,
+    built with torch ops on the weight's device. ``splits``: K split count (None: fill the SMs at M = 1).
+
+    Transient memory while building: a bool ``[N, K]`` mask, about 40 bytes per kept value (int64
+    row / column indices and their derived positions) and two ``[N_pad, 8 * longest row]`` work
+    arrays (int32 columns, values): peak RSS grew 0.54 GB building an 11008 x 4096 fp16 weight at 50%
+    sparsity on the CPU (the layout itself: 65 MB)."""
+    n, k = shape
+    dev = values.device
+    nb = triton.cdiv(n, BLOCK_N)
+    rows_p = nb * BLOCK_N
+    rows, cols = unpack_bits(bitmap, k).nonzero(as_tuple=True)  # row-major: the order of `values`
+    rows, cols = rows.long(), cols.long()
+    nnz = cols.numel()
+    if nnz != values.numel():
+        raise ValueError(f"bitmap has {nnz} set bits but values holds {values.numel()}")
+    first = torch.ones(nnz, dtype=torch.bool, device=dev)
+    first[1:] = rows[1:] != rows[:-1]
+    prev = torch.zeros_like(cols)
+    prev[1:] = cols[:-1]
+    prev[first] = 0  # a row's first gap is measured from column 0 (the first chunk's base)
+    nfill = torch.clamp((cols - prev + MAX_GAP - 1) // MAX_GAP - 1, min=0)
+    per_row = torch.zeros(rows_p, dtype=torch.long, device=dev).index_add_(0, rows, nfill + 1)
+    row_start = torch.cumsum(per_row, 0) - per_row
+    pos = torch.cumsum(nfill + 1, 0) - 1 - row_start[rows]  # entry index of each kept value in its row
+    # layout row i holds weight row order[i]: rows sorted by length, so a block's rows need little padding
+    order = torch.argsort(per_row[:n], descending=True, stable=True)
+    perm = torch.full((rows_p,), n, dtype=torch.int32, device=dev)  # padding rows: n (not stored)
+    perm[:n] = order.to(torch.int32)
+    inv = torch.empty(n, dtype=torch.long, device=dev)
+    inv[order] = torch.arange(n, device=dev)
+    per_row = torch.cat([per_row[:n][order], per_row[n:]])
+    chunks = (per_row + 7) // 8
+    lb = chunks.view(nb, BLOCK_N).amax(1)
+    lmax = int(lb.max()) if nb else 0
+    cap = max(lmax, 1) * 8
+    colarr = torch.zeros(rows_p, cap, dtype=torch.int32, device=dev)
+    valarr = torch.zeros(rows_p, cap, dtype=values.dtype, device=dev)
+    colarr[inv[rows], pos] = cols.to(torch.int32)
+    valarr[inv[rows], pos] = values
+    if int(nfill.sum()):  # zero fillers every MAX_GAP columns before a value that follows a long gap
+        owner = torch.repeat_interleave(torch.arange(nnz, device=dev), nfill)
+        f = torch.arange(owner.numel(), device=dev) - (torch.cumsum(nfill, 0) - nfill)[owner] + 1
+        colarr[inv[rows[owner]], pos[owner] - nfill[owner] + f - 1] = (prev[owner] + MAX_GAP * f).to(torch.int32)
+    colarr = torch.cummax(colarr, dim=1).values  # padding repeats the row's last column (entries are sorted)
+    colv = colarr.view(rows_p, cap // 8, 8)
+    base = torch.zeros(rows_p, cap // 8, dtype=torch.int32, device=dev)
+    base[:, 1:] = colv[:, :-1, 7]
+    offs = colv - base[:, :, None]
+    if nnz and (int(offs.min()) < 0 or int(offs.max()) > 255):
+        raise AssertionError("bitmap_chunks: chunk offset out of [0, 255] (layout invariant broken)")
+    keep = torch.arange(cap // 8, device=dev)[None, :] < lb[:, None]  # [nb, lmax]: the chunks each block stores
+
+    def blockwise(t):  # [rows_p, lmax, 8] -> [sum lb, BLOCK_N, 8], chunk-major inside each block
+        return t.view(nb, BLOCK_N, cap // 8, 8).permute(0, 2, 1, 3)[keep].contiguous()
+
+    s = splits or choose_splits(nb, max(lmax, 1), dev)
+    per = (lb + s - 1) // s
+    t_s = torch.clamp(torch.minimum(torch.arange(s, device=dev)[None, :] * per[:, None], lb[:, None]), max=cap // 8 - 1)
+    bases = base.view(nb, BLOCK_N, cap // 8).gather(2, t_s[:, None, :].expand(nb, BLOCK_N, s)).permute(0, 2, 1)
+    starts = torch.zeros(nb + 1, dtype=torch.int32, device=dev)
+    starts[1:] = torch.cumsum(lb, 0).to(torch.int32)
+    return ChunkLayout(blockwise(valarr.view(rows_p, cap // 8, 8)), blockwise(offs.to(torch.uint8)), starts,
+                       bases.contiguous().to(torch.int32), perm, (n, k), s)
+
+
+# one derived layout per canonical values tensor, keyed by id() and dropped when the tensor is collected
+# (weakref.finalize; tensors cannot be WeakKeyDictionary keys: their == is elementwise); rebuilt when a
+# canonical tensor is replaced or modified in place (data pointers, version counters)
+_CACHE: dict = {}
+
+
+def cached_layout(values: torch.Tensor, bitmap: torch.Tensor, shape, splits: int | None = None) -> ChunkLayout:
+    """The derived layout of this weight, built on first use and kept while ``values`` lives."""
+    key = (bitmap.data_ptr(), values.data_ptr(), values._version, bitmap._version, tuple(shape), splits)
+    entry = _CACHE.get(id(values))
+    if entry is None or entry[0]() is not values:
+        entry = (weakref.ref(values), {})
+        _CACHE[id(values)] = entry
+        weakref.finalize(values, _CACHE.pop, id(values), None)
+    lay = entry[1].get(splits)
+    if lay is None or lay[0] != key:
+        lay = (key, build_layout(values, bitmap, shape, splits))
+        entry[1][splits] = lay
+    return lay[1]
+
+
+@triton.jit
+def _chunk(acc, xb, vp, op, j, PAIRS: tl.constexpr, HALVES: tl.constexpr):
+    """One chunk (8 entries of each of BLOCK_N rows): acc [BLOCK_N, 8] += vals * x[base + offs].
+
+    PAIRS (bf16): vp points at the chunk's values as int32 pairs ``[BLOCK_N, 4]`` (entries 2p, 2p + 1 in
+    the low / high half), so each bf16 value widens to fp32 with one shift or one mask instead of a byte
+    move plus a shift (16 fewer instructions per 8 chunks); the byte offsets ``[BLOCK_N, 8]`` are split
+    into even / odd entries in registers; acc is a pair of ``[BLOCK_N, 4]`` accumulators.
+    """
+    if PAIRS:
+        acc_lo, acc_hi = acc
+        w = tl.load(vp)
+        o_lo, o_hi = tl.split(tl.reshape(tl.load(op).to(tl.int32), (w.shape[0], w.shape[1], 2)))
+        x_lo = tl.load(xb[:, None] + o_lo)
+        x_hi = tl.load(xb[:, None] + o_hi)
+        v_lo = (w << 16).to(tl.float32, bitcast=True)
+        v_hi = (w & -65536).to(tl.float32, bitcast=True)
+        acc_lo += v_lo * x_lo.to(tl.float32)
+        acc_hi += v_hi * x_hi.to(tl.float32)
+        return (acc_lo, acc_hi), xb + tl.sum(tl.where(j[None, :] == 3, o_hi, 0), axis=1)
+    elif HALVES:
+        acc_lo, acc_hi = acc
+        o = tl.load(op).to(tl.int32)
+        o_lo, o_hi = tl.split(tl.permute(tl.reshape(o, (o.shape[0], 2, 4)), (0, 2, 1)))
+        acc_lo += tl.load(vp).to(tl.float32) * tl.load(xb[:, None] + o_lo).to(tl.float32)
+        acc_hi += tl.load(vp + 4).to(tl.float32) * tl.load(xb[:, None] + o_hi).to(tl.float32)
+        return (acc_lo, acc_hi), xb + tl.sum(tl.where(j[None, :] == 3, o_hi, 0), axis=1)
+    else:
+        v = tl.load(vp)
+        o = tl.load(op).to(tl.int32)
+        xv = tl.load(xb[:, None] + o)  # gather from the x row (L1-resident)
+        acc += v.to(tl.float32) * xv.to(tl.float32)
+        # next base = this chunk's last entry; the select folds to a register pick (entry 7 is in-thread)
+        return acc, xb + tl.sum(tl.where(j[None, :] == 7, o, 0), axis=1)
+
+
+@triton.jit
+def _bitmap_chunks_gemv_kernel(x_ptr, v_ptr, o_ptr, starts_ptr, bases_ptr, perm_ptr, b_ptr, y_ptr, N, S, stride_xm, stride_ys,
+                          stride_ym, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                          UNROLL: tl.constexpr):
+    """y[m, block] (or the fp32 partial of split pid 2) = sum over the split's chunks of vals * x[cols] (+ b)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = tl.arange(0, BLOCK_N)
+    PAIRS: tl.constexpr = v_ptr.dtype.element_ty == tl.int32  # bf16 values passed as int32 pairs
+    HALVES: tl.constexpr = v_ptr.dtype.element_ty == tl.float32  # fp32: two 128-bit halves per chunk row
+    W: tl.constexpr = 4 if PAIRS or HALVES else 8  # elements per accumulator row
+    VW: tl.constexpr = 4 if PAIRS else 8  # value elements per chunk row in memory
+    j = tl.arange(0, W)
+    c0 = tl.load(starts_ptr + pid_n)
+    n_ch = tl.load(starts_ptr + pid_n + 1) - c0
+    per = tl.cdiv(n_ch, S)
+    t0 = tl.minimum(pid_k * per, n_ch)
+    n_my = tl.minimum(t0 + per, n_ch) - t0
+    xb = x_ptr + pid_m * stride_xm + tl.load(bases_ptr + (pid_n * S + pid_k) * BLOCK_N + rows)
+    vp = v_ptr + (c0 + t0).to(tl.int64) * (BLOCK_N * VW) + rows[:, None] * VW + j[None, :]
+    jo = tl.arange(0, 8)
+    op = o_ptr + (c0 + t0).to(tl.int64) * (BLOCK_N * 8) + rows[:, None] * 8 + jo[None, :]  # int64: may pass 2^31
+    if PAIRS or HALVES:
+        acc = (tl.zeros((BLOCK_N, W), dtype=tl.float32), tl.zeros((BLOCK_N, W), dtype=tl.float32))
+    else:
+        acc = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+    for _ in range(n_my // UNROLL):
+        for u in tl.static_range(UNROLL):
+            acc, xb = _chunk(acc, xb, vp + u * BLOCK_N * VW, op + u * BLOCK_N * 8, j, PAIRS, HALVES)
+        vp += UNROLL * BLOCK_N * VW
+        op += UNROLL * BLOCK_N * 8
+    for _ in range(n_my % UNROLL):  # remainder chunks
+        acc, xb = _chunk(acc, xb, vp, op, j, PAIRS, HALVES)
+        vp += BLOCK_N * VW
+        op += BLOCK_N * 8
+    if PAIRS or HALVES:
+        out = tl.sum(acc[0] + acc[1], axis=1)
+    else:
+        out = tl.sum(acc, axis=1)
+    store_gemv_row(out, y_ptr, b_ptr, tl.load(perm_ptr + pid_n * BLOCK_N + rows), N, pid_k, pid_m, stride_ys, stride_ym, PARTIAL, HAS_BIAS)
+
+
+def chunks_gemv(x: torch.Tensor, lay: ChunkLayout, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (unit stride along K) @ dense(weight)^T + bias [N] -> y [M, N] in x's dtype."""
+    n, k = lay.shape
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    nb, s = lay.starts.numel() - 1, lay.splits
+    out = y if s == 1 else torch.empty(s, m, n, dtype=torch.float32, device=x.device)
+    vals, offs = lay.vals, lay.offs
+    if vals.dtype == torch.bfloat16:  # pairs (see _chunk)
+        vals = vals.view(torch.int32)
+    _bitmap_chunks_gemv_kernel[(m, nb, s)](
+        x, vals, offs, lay.starts, lay.bases, lay.perm, bias if bias is not None else out, out, n, s, x.stride(0),
+        0 if s == 1 else out.stride(0), out.stride(-2), HAS_BIAS=bias is not None and s == 1, PARTIAL=s > 1,
+        BLOCK_N=BLOCK_N, UNROLL=UNROLL, num_warps=NUM_WARPS, num_stages=1)
+    if s > 1:
+        reduce_partials(out, bias, y)
+    return y
+
+
+def loop_weight_bytes(dt: str):
+    """Derived-layout bytes one program loads per steady-state iteration (values + byte offsets of
+    BLOCK_N x 8 x UNROLL entries; padding entries included, whatever the density)."""
+    isz = {"fp16": 2, "bf16": 2, "fp32": 4}[dt]
+    return lambda density=0.5: BLOCK_N * 8 * UNROLL * (isz + 1)
+
+
+def expected_chunks(k: int, density: float) -> int:
+    """Expected chunks per row of a 128-row block for a random mask of ``density`` on K columns: the
+    mean row (kept values + fillers) in chunks of 8, plus one for the spread inside a block of
+    length-sorted rows (measured on random 4096 / 11008-column masks: 0.2-0.6% padding)."""
+    mean = k * density
+    gaps = mean * (1 - density) ** MAX_GAP  # P(gap > 31): one filler each (more are negligible)
+    return math.ceil((mean + gaps) / 8) + 1
+
+
+def _specs():
+    specs = []
+    for dt in ("fp16", "bf16", "fp32"):
+        for partial in (False, True):
+            for has_bias in ((False,) if partial else (False, True)):
+                sig = dict(x_ptr=f"*{dt}", v_ptr="*i32" if dt == "bf16" else f"*{dt}",
+                           o_ptr="*u8", starts_ptr="*i32", bases_ptr="*i32", perm_ptr="*i32",
+                           b_ptr=f"*{dt}", y_ptr="*fp32" if partial else f"*{dt}", N="i32", S="i32", stride_xm="i32",
+                           stride_ys="i32", stride_ym="i32", HAS_BIAS="constexpr", PARTIAL="constexpr",
+                           BLOCK_N="constexpr", UNROLL="constexpr")
+                consts = dict(HAS_BIAS=has_bias, PARTIAL=partial, BLOCK_N=BLOCK_N, UNROLL=UNROLL)
+                name = f"bitmap-chunks-{dt}" + ("-partial" if partial else "-out") + ("-bias" if has_bias else "")
+                specs.append(CompileSpec(
+                    _bitmap_chunks_gemv_kernel, sig, consts, NUM_WARPS, 1, name, is_gemm=True, expect_tensor_core=False,
+                    representative=(dt == "bf16" and partial) or (dt == "fp16" and has_bias),
+                    divisible=("x_ptr", "v_ptr", "o_ptr", "starts_ptr", "bases_ptr", "perm_ptr", "b_ptr", "y_ptr", "N",
+                               "stride_xm", "stride_ys", "stride_ym"),
+                    family="bitmap", regime="decode", loop_weight_bytes=loop_weight_bytes(dt)))
+    return specs
+
+
+COMPILE_SPECS = _specs()
+
+
+def launch_plan(spec, m: int, n: int, k: int, density: float):
+    """Launches of one :func:`chunks_gemv` call on an H100 (132 SMs), for ``bench/sass_audit.py``:
+    the GEMV (programs, average steady-state iterations, HBM bytes of the derived layout as stored:
+    padding included, expected for a random mask) and the split-K reduce."""
+    dt = spec.signature["x_ptr"][1:]
+    isz = {"fp16": 2, "bf16": 2, "fp32": 4}[dt]
+    nb = triton.cdiv(n, BLOCK_N)
+    lb = expected_chunks(k, density)
+    s = choose_splits(nb, lb, torch.device("cpu"))  # cpu: 132 SMs, the audit's H100
+    main = next(sp for sp in COMPILE_SPECS if sp.signature["x_ptr"] == spec.signature["x_ptr"]
+                and sp.constexprs["PARTIAL"] == (s > 1) and not sp.constexprs["HAS_BIAS"])
+    layout_bytes = nb * lb * BLOCK_N * 8 * (isz + 1) + nb * s * BLOCK_N * 4 + (nb + 1) * 4
+    launches = [dict(name=main.name, spec=main, programs=m * nb * s, iterations=math.ceil(lb / s) / UNROLL,
+                     bytes=float(layout_bytes) + m * k * isz + (s * m * n * 4 if s > 1 else m * n * isz))]
+    if s > 1:
+        launches.append(reduce_launch(m, n, s, dt))
+    return launches
+
+
+SASS_LAUNCH_PLAN = launch_plan  # the name bench/sass_model.py looks up
