@@ -11,6 +11,16 @@ weight's bytes and no tensor of W's size exists besides dW itself. dW is written
 masked: a pruned weight gets an exact zero gradient, so no optimizer without weight decay can
 make it nonzero.
 
+Guard (``flag=`` of :func:`masked_linear_fwd` / :func:`masked_linear_dx`, used by the ops layer
+from ``GUARD_MIN_ROWS`` tokens): :func:`pruned_nonzero` tells on the device whether W is zero at
+every pruned slot; the kernels then branch once per program to the plain GEMM loop (W ⊙ M == W,
+the dense GEMM's instruction count) or to the masked loop. The mask in the loop costs a shared-
+memory round trip plus ~3 instructions per weight element (2.25-2.44x the dense GEMM per
+multiply-add on sm_90, docs/gpu_training_kernels.md); recovery keeps pruned weights at exactly 0,
+so in practice the plain loop runs and only dW applies the mask, to its output tile.
+``EVEN`` (dX: N % BLOCK_N == 0; dW: M % BLOCK_M == 0, set by the launchers) drops the bound test
+along the loop's dimension.
+
 Inputs fp16 / bf16 / fp32 (x and W the same dtype), fp32 accumulation, outputs in x's dtype.
 fp32 inputs use ``input_precision="ieee"`` by default: on a GPU fp32 ``tl.dot`` would be TF32
 (10-bit mantissa, ~1e-3 relative error), as large as the small corrections recovery learns and

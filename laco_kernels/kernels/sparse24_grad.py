@@ -7,7 +7,9 @@ words of :class:`~laco_kernels.formats.Sparse24Weight`):
     grad values  dV [N, K/2] = (dY^T X) [N, K] gathered at the kept positions
 
 Both kernels touch only the compressed weight: dX decompresses each [BLOCK_N, BLOCK_K] tile of
-W in registers from BLOCK_K/2 values and BLOCK_K/32 meta words per row; dV accumulates a dense
+W in registers from BLOCK_K/2 values and BLOCK_K/32 meta words per row (16-bit: elementwise
+byte permutes on [BLOCK_N, BLOCK_K/4] group words, as the 2:4 prefill forward; fp32: split and
+select); dV accumulates a dense
 [BLOCK_N, BLOCK_K] tile of dY^T X in fp32, selects the two kept entries of every group of 4 in
 registers and stores only the [BLOCK_N, BLOCK_K/2] values. An optimizer therefore holds state
 for the kept half only, and the pruned half can never be revived.
@@ -147,6 +149,8 @@ def _dx24_config(m: int, dtype: torch.dtype, arch: int | None = None, k: int | N
         if arch == 90 and (k is None or triton.cdiv(m, 256) * triton.cdiv(k, 128) >= sms):
             return dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    if dtype != torch.float32 and m <= 16:  # 128 output columns: 16 x 64 x 64 spills 8 bytes on sm_90
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
     if dtype == torch.float32 and m > 16 and (n is None or n % 16 == 0) and (k is None or k % 32 == 0):
         return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2)
     return _dx_config(m, dtype)

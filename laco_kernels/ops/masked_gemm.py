@@ -7,6 +7,13 @@ without weight decay never makes a pruned weight nonzero (weight decay of a zero
 zero too, so AdamW keeps it at zero as well). On the Triton path no tensor of W's size is
 created besides dW (the mask is expanded tile by tile in registers).
 
+Triton path, >= ``kernels.masked_gemm.GUARD_MIN_ROWS`` tokens: the forward first checks on the
+device whether W is zero at every pruned slot (``kernels.masked_gemm.pruned_nonzero``: one read of
+W and its bits, no host sync) and the forward and dX kernels then run the plain GEMM loop (W ⊙ M
+== W) or, if the check fails, the masked loop: exact either way. Recovery keeps the check passing:
+a zero weight gets an exact zero gradient, and no standard optimizer moves it. The backward's dX
+reuses the forward's verdict (autograd's version check on the saved weight keeps it valid).
+
 Backends (``ops.dispatch.select_backend``): CUDA tensors -> Triton, or ``F.linear(x, W * M)``
 with autograd where the SASS audit predicts the Triton kernels slower (``ops/train_dispatch.py``;
 ``LACO_TRAIN_PATH`` / ``path=`` override; the torch path materialises W ⊙ M); CPU -> the native
