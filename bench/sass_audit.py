@@ -84,7 +84,8 @@ class Stats:
 
 
 def audited(spec: CompileSpec) -> bool:
-    return spec.is_gemm and spec.family is not None and spec.regime is not None
+    """GEMM specs with audit metadata, and the guard checks the training plans launch (no loop)."""
+    return (spec.is_gemm or spec.regime == "train-check") and spec.family is not None and spec.regime is not None
 
 
 def select(specs: List[CompileSpec], subset: bool, pattern: str | None) -> List[CompileSpec]:

@@ -113,14 +113,17 @@ class _Cpu:
 _CPU = _Cpu()  # split_k only asks device.type: "cpu" -> the default SM count (132, an H100)
 
 
-def _train_cfg(regime: str, m: int, n: int, dtype: str) -> dict:
-    """The tile config the training launchers pick (masked_gemm._config / _dx_config / _dw_config)."""
+def _train_cfg(regime: str, m: int, n: int, dtype: str, family: str = "masked", k: int | None = None) -> dict:
+    """The tile config the training launchers pick (masked_gemm._config / _dx_config / _dw_config,
+    sparse24_grad._dx24_config for the 2:4 dX)."""
     import torch
 
     from laco_kernels.kernels import masked_gemm as mg
+    from laco_kernels.kernels import sparse24_grad as sg
 
     td = getattr(torch, DTYPES[dtype])
-    return {"train-fwd": lambda: mg._config(m, td), "train-dx": lambda: mg._dx_config(m, td),
+    dx = (lambda: sg._dx24_config(m, td, 90, k, SMS, n)) if family == "sparse24" else (lambda: mg._dx_config(m, td))
+    return {"train-fwd": lambda: mg._config(m, td), "train-dx": dx,
             "train-dw": lambda: mg._dw_config(n, td)}[regime]()
 
 
@@ -129,9 +132,18 @@ def training_kernel_plan(spec_family: str, regime: str, m: int, n: int, k: int, 
     """One launch of a training kernel for a linear ``y[m, n] = x[m, k] @ W[n, k]^T``:
     ``train-fwd`` computes y, ``train-dx`` dX [m, k] (reduction over n), ``train-dw`` dW [n, k]
     (or dV [n, k/2] for 2:4; reduction over m)."""
-    cfg = _train_cfg(regime, m, n, dtype)
-    spec = find_spec(specs, family=spec_family, regime=regime, dtype=dtype, kernel=kernel,
-                     blocks={b: cfg[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")})
+    cfg = _train_cfg(regime, m, n, dtype, spec_family, k)
+    blocks = {b: cfg[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+    # the dX / dW launchers pass EVEN (the loop's dimension a multiple of its step): that variant,
+    # else (a config audited without it) the general one
+    even = {"train-dx": n % cfg["BLOCK_N"] == 0, "train-dw": m % cfg["BLOCK_M"] == 0}.get(regime)
+    spec = None
+    if even is not None:
+        spec = find_spec(specs, family=spec_family, regime=regime, dtype=dtype, kernel=kernel,
+                         blocks=dict(blocks, EVEN=even)) or find_spec(specs, family=spec_family, regime=regime,
+                                                                      dtype=dtype, kernel=kernel,
+                                                                      blocks=dict(blocks, EVEN=False))
+    spec = spec or find_spec(specs, family=spec_family, regime=regime, dtype=dtype, kernel=kernel, blocks=blocks)
     if spec is None:
         raise LookupError(f"no {spec_family} {regime} {dtype} spec with blocks {cfg}")
     custom = _module_plan(spec)
@@ -159,6 +171,25 @@ def dense_plan(m: int, n: int, k: int, dtype: str, specs: Sequence[CompileSpec])
     return inference_plan(spec, m, n, k, 1.0, specs)
 
 
+def masked_step_plan(m: int, n: int, k: int, dtype: str, specs: Sequence[CompileSpec]) -> List[dict]:
+    """``masked_linear``'s Triton launches for one linear: from ``GUARD_MIN_ROWS`` tokens the guard
+    (``pruned_nonzero``: a read of W and its bits) and the forward / dX loops it selects when W is
+    zero at the pruned slots (recovery keeps it so: ``masked-zero`` specs), else the masked loops;
+    dW is always masked."""
+    from laco_kernels.kernels import masked_gemm as mg
+
+    if m < mg.GUARD_MIN_ROWS:
+        return [p for r in ("train-fwd", "train-dx", "train-dw") for p in training_kernel_plan("masked", r, m, n, k,
+                                                                                                dtype, specs)]
+    check = find_spec(specs, family="masked", regime="train-check", dtype=dtype)
+    c = mg._CHECK_CFG
+    plan = [dict(name=check.name, spec=check, programs=triton.cdiv(n, c["BLOCK_N"]) * triton.cdiv(k, c["BLOCK_K"]),
+                 iterations=0.0, bytes=float(n * k * _ISZ[dtype] + n * triton.cdiv(k, 32) * 4))]
+    plan += training_kernel_plan("masked-zero", "train-fwd", m, n, k, dtype, specs)
+    plan += training_kernel_plan("masked-zero", "train-dx", m, n, k, dtype, specs)
+    return plan + training_kernel_plan("masked", "train-dw", m, n, k, dtype, specs)
+
+
 def training_step_plans(tokens: int, linears: Sequence[tuple], dtype: str,
                         specs: Sequence[CompileSpec]) -> Dict[str, List[dict]]:
     """Launches of one forward + backward of the block's linears ``[(name, n, k)]`` for each path:
@@ -172,8 +203,7 @@ def training_step_plans(tokens: int, linears: Sequence[tuple], dtype: str,
         out["torch"] += [_torch_pass(f"{name}:W*M", wm), *dense_plan(tokens, n, k, dtype, specs),
                          *dense_plan(tokens, k, n, dtype, specs), *dense_plan(n, k, tokens, dtype, specs),
                          _torch_pass(f"{name}:dW*M", wm)]
-        out["masked"] += [p for r in ("train-fwd", "train-dx", "train-dw")
-                          for p in training_kernel_plan("masked", r, tokens, n, k, dtype, specs)]
+        out["masked"] += masked_step_plan(tokens, n, k, dtype, specs)
         fwd24 = find_spec(specs, family="sparse24", regime=dense_gemm.regime(tokens), dtype=dtype,
                           kernel="_sparse24_gemm_kernel")
         out["sparse24"] += [*inference_plan(fwd24, tokens, n, k, 0.5, specs),

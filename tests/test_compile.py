@@ -204,7 +204,9 @@ def test_opcheck_backward_ops(op):
         bw = BitmapWeight.from_dense(w * (torch.rand(n, k) >= 0.5), tile_k=32)
         head = (dy, x, bw.values, bw.bitmap, bw.offsets, k, 32, "reference")
     else:
-        head = (dy, x, w, PackedMask.from_bool(torch.rand(n, k) >= 0.5).bits, "reference")
+        # the forward's guard flag: int32 [0] = unguarded (the reference and native backends)
+        head = (dy, x, w, PackedMask.from_bool(torch.rand(n, k) >= 0.5).bits, torch.zeros(0, dtype=torch.int32),
+                "reference")
     flags = [(True, True, True, torch.float32), (True, False, False, None)] if op != "bitmap_linear" else \
         [(True, True, torch.float32), (False, True, torch.float16)]
     for f in flags:

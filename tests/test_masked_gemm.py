@@ -81,3 +81,74 @@ def test_empty_batch():
 def test_bad_precision_is_an_error():
     with pytest.raises(ValueError, match="input_precision"):
         mg.masked_linear_fwd(torch.randn(2, 32), torch.randn(4, 32), None, input_precision="fast")
+
+
+# ----------------------------------------------------------------------------------------
+# the guard: W zero at pruned slots -> the plain GEMM loop; anything else -> the masked loop
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("nk", [(37, 70), (16, 256), (40, 1100)])
+def test_pruned_nonzero_flags_exactly_the_violations(dtype, nk):
+    n, k = nk
+    mask = make_mask(n, k, 0.5)
+    bits = PackedMask.from_bool(mask).bits
+    w = torch.randn(n, k, dtype=dtype) * mask
+    assert mg.pruned_nonzero(w, bits).tolist() == [0]
+    w[0, 0] = 5.0  # a kept slot may hold anything: still clean
+    mask[0, 0] = True
+    bits = PackedMask.from_bool(mask).bits
+    assert mg.pruned_nonzero(w, bits).tolist() == [0]
+    pruned = (~mask).nonzero()
+    for value in (1e-3, -0.5, float("nan"), float("inf")):  # one bad entry, the last pruned slot
+        bad = w.clone()
+        bad[tuple(pruned[-1])] = value
+        assert mg.pruned_nonzero(bad, bits).tolist() == [1], value
+    neg0 = w.clone()
+    neg0[tuple(pruned[0])] = -0.0  # -0 == 0: W * M is the same
+    assert mg.pruned_nonzero(neg0, bits).tolist() == [0]
+    # a strided weight view is read through its strides
+    wide = torch.zeros(n, 2 * k, dtype=dtype)
+    wide[:, ::2] = w
+    wide[tuple(pruned[-1] * torch.tensor([1, 2]))] = 1.0
+    assert mg.pruned_nonzero(wide[:, ::2], bits).tolist() == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_guarded_kernels_exact_for_clean_and_dirty_weights(dtype):
+    """With the check's flag both loops give (W ⊙ M) results; a flag forced to 0 on a dirty W
+    gives the unmasked product, so the test sees which loop ran."""
+    m, n, k = 150, 70, 100  # prefill tiles (> 64 rows), K not a multiple of 32
+    x, b, dy = torch.randn(m, k, dtype=dtype), torch.randn(n, dtype=dtype), torch.randn(m, n, dtype=dtype)
+    mask = make_mask(n, k, 0.5)
+    bits = PackedMask.from_bool(mask).bits
+    clean = torch.randn(n, k, dtype=dtype) * mask
+    dirty = clean + torch.randn(n, k, dtype=dtype) * ~mask
+    for w in (clean, dirty):
+        flag = mg.pruned_nonzero(w, bits)
+        assert flag.tolist() == [int(w is dirty)]
+        close(mg.masked_linear_fwd(x, w, bits, b, flag=flag), reference.masked_linear(x, w, mask, b), dtype)
+        close(mg.masked_linear_dx(dy, w, bits, flag=flag), dy.float() @ (w.float() * mask), dtype)
+    lie = torch.zeros(1, dtype=torch.int32)
+    close(mg.masked_linear_fwd(x, dirty, bits, b, flag=lie), F.linear(x.float(), dirty.float(), b.float()), dtype)
+    close(mg.masked_linear_dx(dy, dirty, bits, flag=lie), dy.float() @ dirty.float(), dtype)
+    with pytest.raises(ValueError, match="flag"):
+        mg.masked_linear_fwd(x, clean, bits, flag=torch.zeros(2, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_even_loops_match_reference(dtype):
+    """M and N multiples of every config's loop step: the dX / dW launches take their EVEN
+    variants (no bound test along the loop); guarded and unguarded."""
+    m, n, k = 128, 128, 100
+    x, b, dy = torch.randn(m, k, dtype=dtype), torch.randn(n, dtype=dtype), torch.randn(m, n, dtype=dtype)
+    mask = make_mask(n, k, 0.5)
+    bits = PackedMask.from_bool(mask).bits
+    assert n % mg._dx_config(m, dtype)["BLOCK_N"] == 0 and m % mg._dw_config(n, dtype)["BLOCK_M"] == 0
+    for w in (torch.randn(n, k, dtype=dtype), torch.randn(n, k, dtype=dtype) * mask):
+        for flag in (None, mg.pruned_nonzero(w, bits)):
+            close(mg.masked_linear_fwd(x, w, bits, b, flag=flag), reference.masked_linear(x, w, mask, b), dtype)
+            close(mg.masked_linear_dx(dy, w, bits, flag=flag), dy.float() @ (w.float() * mask), dtype)
+    dw, db = mg.masked_linear_dw(dy, x, bits, want_bias=True)
+    close(dw, reference.masked_weight_grad(dy, x, mask), dtype)
+    close(db, dy.float().sum(0), dtype)
+    assert bool((dw[~mask] == 0).all())

@@ -71,6 +71,38 @@ def test_adamw_keeps_pruned_weights_exactly_zero(backend, request):
     assert loss.item() < first  # it did train
 
 
+@pytest.mark.parametrize("zero_pruned", [True, False])
+def test_guarded_path_values_and_grads_for_clean_and_dirty_weights(triton_backend, monkeypatch, zero_pruned):
+    """>= GUARD_MIN_ROWS tokens: the forward checks W at the pruned slots once (the backward's dX
+    reuses the verdict) and is exact whether or not W is zero there; and AdamW keeps a zeroed W
+    clean, so recovery steps keep taking the plain-GEMM loops."""
+    from laco_kernels.kernels import masked_gemm as mg
+
+    calls = []
+    real = mg.pruned_nonzero
+    monkeypatch.setattr(mg, "pruned_nonzero", lambda w, bits: calls.append(1) or real(w, bits))
+    m, n, k = mg.GUARD_MIN_ROWS + 5, 40, 72
+    mask = make_mask(n, k, 0.5)
+    pm = PackedMask.from_bool(mask)
+    x, b, dy = torch.randn(m, k), torch.randn(n), torch.randn(m, n)
+    w = torch.randn(n, k) * (mask if zero_pruned else 1)
+    got = _grads(masked_linear, x, w, b, pm, dy)
+    want = _grads(reference.masked_linear, x, w, b, mask, dy)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, **TOLERANCES[torch.float32])
+    assert len(calls) == 1 and bool((got[2][~mask] == 0).all())
+    masked_linear(x[:3], w, pm, b)  # a few tokens: unguarded, no check
+    assert len(calls) == 1
+    if zero_pruned:
+        wp = torch.nn.Parameter(w.clone())
+        opt = torch.optim.AdamW([wp], lr=1e-2, weight_decay=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            masked_linear(x, wp, pm, b).square().mean().backward()
+            opt.step()
+        assert mg.pruned_nonzero(wp.detach(), pm.bits).tolist() == [0]
+
+
 def test_reference_backend_matches_reference(reference_backend):
     x, w, mask = torch.randn(3, 40), torch.randn(8, 40), make_mask(8, 40, 0.5)
     torch.testing.assert_close(masked_linear(x, w, mask), reference.masked_linear(x, w, mask))

@@ -100,3 +100,34 @@ def test_loop_stats_of_compiled_kernels(tmp_path):
     assert masked["arch"] == "sm_80" and masked["regime"] == "train-fwd" and masked["opcodes"].get("HMMA", 0) > 0
     assert masked["thread_instr_per_mac"] == pytest.approx(
         masked["loop_instructions"] * 32 * masked["num_warps"] / (128 * 128 * 64))  # BLOCK_K 64 at prefill
+
+
+_GUARD_SCRIPT = r"""
+import json, sys
+from laco_kernels.kernels import _sass, masked_gemm as mg
+from laco_kernels.kernels._compile import compile_kernel
+out = {}
+for label in ("bfloat16 prefill guarded+bias", "bfloat16 prefill zero-pruned+bias", "bfloat16 prefill masked+bias",
+              "bfloat16 prefill guarded even", "bfloat16 prefill zero-pruned even"):
+    spec = next(s for s in mg.COMPILE_SPECS if s.config == label)
+    ins = _sass.parse(_sass.disassemble(compile_kernel(spec, 90)[0].asm["cubin"]))
+    out[label] = sorted(b - a + 1 for a, b in _sass.loops(ins))
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+def test_guarded_kernels_hold_the_plain_loop(tmp_path):
+    """The audit models a passing guard with the "zero-pruned" specs: the guarded kernels the ops
+    layer launches must contain that very loop (sm_90) beside the masked one."""
+    out = tmp_path / "loops.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT, str(out)], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    loops = json.loads(out.read_text())
+    fwd, dx = loops["bfloat16 prefill guarded+bias"], loops["bfloat16 prefill guarded even"]
+    assert max(loops["bfloat16 prefill zero-pruned+bias"]) in fwd
+    assert max(loops["bfloat16 prefill masked+bias"]) in fwd
+    assert max(loops["bfloat16 prefill zero-pruned even"]) in dx
+    assert max(fwd) > 2 * min(fwd) and max(dx) > 2 * min(dx)  # the plain loop is well under half the masked one

@@ -60,7 +60,15 @@ def test_find_spec_picks_the_rows_launched_on_the_arch(specs):
 
 def test_training_step_plans(specs):
     plans = sm.training_step_plans(1024, [("gate", 1536, 576)], "bf16", specs)
-    assert [p["spec"].regime for p in plans["masked"]] == ["train-fwd", "train-dx", "train-dw"]
+    # guarded (>= GUARD_MIN_ROWS tokens): the check, the plain loops it selects, the masked dW
+    assert [(p["spec"].family, p["spec"].regime) for p in plans["masked"]] == [
+        ("masked", "train-check"), ("masked-zero", "train-fwd"), ("masked-zero", "train-dx"), ("masked", "train-dw")]
+    assert plans["masked"][0]["bytes"] == 1536 * 576 * 2 + 1536 * 18 * 4  # W and its bits, once
+    # the EVEN variants where the loop dimension divides: N = 1536 (dX), M = 1024 (dW)
+    assert [p["spec"].constexprs.get("EVEN") for p in plans["masked"]] == [None, None, True, True]
+    few = sm.training_step_plans(16, [("gate", 1536, 576)], "bf16", specs)
+    assert [(p["spec"].family, p["spec"].regime) for p in few["masked"]] == [
+        ("masked", "train-fwd"), ("masked", "train-dx"), ("masked", "train-dw")]
     assert [p["spec"].regime for p in plans["sparse24"]] == ["prefill", "train-dx", "train-dw"]
     assert [p["name"] for p in plans["torch"]][0] == "gate:W*M" and len(plans["torch"]) == 5
 

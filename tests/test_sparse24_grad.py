@@ -40,6 +40,25 @@ def test_prefill_tiles_and_non_contiguous():
     close(dv, reference.sparse24_values_grad(dy, x, w24), torch.float32)
 
 
+@pytest.mark.parametrize("arch", [None, 90])
+def test_prefill_16bit_dx_word_expansion(monkeypatch, arch):
+    """16-bit dX at > 64 rows reads the values as int32 group words and expands them with the
+    byte-permute emulation; arch 90 (forced, grid-fill rule off) takes the 256-row tile. Odd N,
+    K % 32 != 0, strided values (copied to unit stride by the launcher)."""
+    from laco_kernels.kernels import dense_gemm
+
+    monkeypatch.setattr(dense_gemm, "device_arch", lambda device: arch)
+    monkeypatch.setattr(sg, "_SMS", 1)
+    m, n, k = 260, 45, 100
+    assert sg._dx24_config(m, torch.float16, arch, k, 1)["BLOCK_M"] == (256 if arch == 90 else 128)
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k, dtype=torch.float16), prune=True)
+    values = w24.values.t().contiguous().t()
+    dy = torch.randn(m, n, dtype=torch.float16)
+    assert not values.is_contiguous()
+    close(sg.sparse24_grad_input(dy, values, w24.meta, w24.shape), dy.float() @ w24.to_dense().float(),
+          torch.float16)
+
+
 def test_values_grad_is_the_gradient_of_the_reference():
     """dV from the kernel equals autograd of reference.sparse24_linear w.r.t. its values."""
     n, k = 12, 40
@@ -101,3 +120,19 @@ def test_sparse24_linear_bias_only_and_adamw(triton_backend):
         opt.step()
     dense = Sparse24Weight(v.detach(), w24.meta, w24.shape).to_dense()
     assert bool((dense[~w24.mask()] == 0).all()) and not torch.equal(v.detach(), w24.values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_even_loops_and_wide_fp32_tiles(dtype):
+    """M, N multiples of the loop steps (EVEN variants of dX and dV); fp32 with N % 16 == 0 and
+    K % 32 == 0 takes the 64 x 64 dX tile."""
+    m, n, k = 128, 128, 96
+    if dtype == torch.float32:
+        assert sg._dx24_config(m, dtype, None, k, n=n)["BLOCK_K"] == 64
+        assert sg._dx24_config(m, dtype, None, k, n=n + 1)["BLOCK_K"] == 32
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k, dtype=dtype), prune=True)
+    x, dy = torch.randn(m, k, dtype=dtype), torch.randn(m, n, dtype=dtype)
+    close(sg.sparse24_grad_input(dy, w24.values, w24.meta, w24.shape), dy.float() @ w24.to_dense().float(), dtype)
+    dv, db = sg.sparse24_values_grad(dy, x, w24.meta, w24.shape, want_bias=True)
+    close(dv, reference.sparse24_values_grad(dy, x, w24), dtype)
+    close(db, dy.float().sum(0), dtype)

@@ -11,6 +11,16 @@ weight's bytes and no tensor of W's size exists besides dW itself. dW is written
 masked: a pruned weight gets an exact zero gradient, so no optimizer without weight decay can
 make it nonzero.
 
+Guard (``flag=`` of :func:`masked_linear_fwd` / :func:`masked_linear_dx`, used by the ops layer
+from ``GUARD_MIN_ROWS`` tokens): :func:`pruned_nonzero` tells on the device whether W is zero at
+every pruned slot; the kernels then branch once per program to the plain GEMM loop (W ⊙ M == W,
+the dense GEMM's instruction count) or to the masked loop. The mask in the loop costs a shared-
+memory round trip plus ~3 instructions per weight element (2.25-2.44x the dense GEMM per
+multiply-add on sm_90, docs/gpu_training_kernels.md); recovery keeps pruned weights at exactly 0,
+so in practice the plain loop runs and only dW applies the mask, to its output tile.
+``EVEN`` (dX: N % BLOCK_N == 0; dW: M % BLOCK_M == 0, set by the launchers) drops the bound test
+along the loop's dimension.
+
 Inputs fp16 / bf16 / fp32 (x and W the same dtype), fp32 accumulation, outputs in x's dtype.
 fp32 inputs use ``input_precision="ieee"`` by default: on a GPU fp32 ``tl.dot`` would be TF32
 (10-bit mantissa, ~1e-3 relative error), as large as the small corrections recovery learns and
@@ -123,17 +133,11 @@ def _masked_w_tile(w_ptr, bits_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_
 
 
 @triton.jit
-def _masked_linear_fwd_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, y_ptr, M, N, K,
-                              stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_ym, stride_yn,
-                              HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              GROUP_M: tl.constexpr):
-    """y[M, N] = x[M, K] @ (W ⊙ mask)[N, K]^T + b; one [BLOCK_M, BLOCK_N] tile per program."""
-    pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _fwd_loop(acc, x_ptr, w_ptr, bits_ptr, offs_m, offs_n, M, N, K,
+              stride_xm, stride_xk, stride_wn, stride_wk, stride_bn,
+              HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += x[offs_m, :] @ (W ⊙ mask)[offs_n, :]^T over all of K (HAS_MASK=False: plain W)."""
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
@@ -141,6 +145,35 @@ def _masked_linear_fwd_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, y_ptr, M, N, K,
         w = _masked_w_tile(w_ptr, bits_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_wk, stride_bn,
                            HAS_MASK, BLOCK_N, BLOCK_K)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _masked_linear_fwd_kernel(x_ptr, w_ptr, bits_ptr, flag_ptr, b_ptr, y_ptr, M, N, K,
+                              stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_ym, stride_yn,
+                              HAS_MASK: tl.constexpr, GUARDED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """y[M, N] = x[M, K] @ (W ⊙ mask)[N, K]^T + b; one [BLOCK_M, BLOCK_N] tile per program.
+
+    GUARDED (with HAS_MASK): ``flag_ptr`` holds :func:`pruned_nonzero`'s verdict. 0 (W is zero at
+    every pruned slot, so W ⊙ mask == W): the plain GEMM loop, no mask work; else the masked
+    loop. The branch is uniform per program, taken once before the loop.
+    """
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GUARDED:
+        if tl.load(flag_ptr) != 0:
+            acc = _fwd_loop(acc, x_ptr, w_ptr, bits_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk,
+                            stride_wn, stride_wk, stride_bn, True, DOT_PRECISION, BLOCK_N, BLOCK_K)
+        else:
+            acc = _fwd_loop(acc, x_ptr, w_ptr, bits_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk,
+                            stride_wn, stride_wk, stride_bn, False, DOT_PRECISION, BLOCK_N, BLOCK_K)
+    else:
+        acc = _fwd_loop(acc, x_ptr, w_ptr, bits_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk,
+                        stride_wn, stride_wk, stride_bn, HAS_MASK, DOT_PRECISION, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -148,27 +181,90 @@ def _masked_linear_fwd_kernel(x_ptr, w_ptr, bits_ptr, b_ptr, y_ptr, M, N, K,
 
 
 @triton.jit
-def _masked_linear_dx_kernel(dy_ptr, w_ptr, bits_ptr, dx_ptr, M, N, K,
+def _dx_loop(acc, dy_ptr, w_ptr, bits_ptr, offs_m, k0, M, N, K,
+             stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, HAS_MASK: tl.constexpr,
+             EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += dY[offs_m, :] @ (W ⊙ mask)[:, k0:k0+BLOCK_K] over all of N (HAS_MASK=False: plain W).
+
+    Plain loop: loop-invariant offset tensors plus scalar base pointers moved each step, and with
+    EVEN (N % BLOCK_N == 0) no bound test along N (sm_90, 16-bit prefill: 98 loop instructions,
+    0.96x the dense GEMM per multiply-add; 122 without EVEN)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = tl.arange(0, BLOCK_N)
+    kk = k0 + offs_k
+    dy_off = offs_m[:, None] * stride_dym + rows[None, :] * stride_dyn
+    w_off = rows[:, None] * stride_wn + kk[None, :] * stride_wk
+    m_ok = offs_m[:, None] < M
+    k_ok = kk[None, :] < K
+    for n0 in range(0, N, BLOCK_N):
+        if HAS_MASK:  # (the masked loop keeps per-element offsets: 249 instructions here, 256 the other way)
+            offs_n = n0 + rows
+            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                         mask=m_ok & (offs_n[None, :] < N), other=0.0)
+            w = _masked_w_tile(w_ptr, bits_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_wk, stride_bn,
+                               HAS_MASK, BLOCK_N, BLOCK_K)
+        elif EVEN:  # N % BLOCK_N == 0: no bound test along the loop
+            dy = tl.load(dy_ptr + n0 * stride_dyn + dy_off, mask=m_ok, other=0.0)
+            w = tl.load(w_ptr + n0 * stride_wn + w_off, mask=k_ok, other=0.0)
+        else:
+            dy = tl.load(dy_ptr + n0 * stride_dyn + dy_off, mask=m_ok & (rows[None, :] < N - n0), other=0.0)
+            w = tl.load(w_ptr + n0 * stride_wn + w_off, mask=(rows[:, None] < N - n0) & k_ok, other=0.0)
+        acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _masked_linear_dx_kernel(dy_ptr, w_ptr, bits_ptr, flag_ptr, dx_ptr, M, N, K,
                              stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_dxm, stride_dxk,
-                             HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             HAS_MASK: tl.constexpr, GUARDED: tl.constexpr, DOT_PRECISION: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr):
-    """dX[M, K] = dY[M, N] @ (W ⊙ mask)[N, K]; one [BLOCK_M, BLOCK_K] tile per program, loop over N."""
+                             GROUP_M: tl.constexpr, EVEN: tl.constexpr):
+    """dX[M, K] = dY[M, N] @ (W ⊙ mask)[N, K]; one [BLOCK_M, BLOCK_K] tile per program, loop over N.
+
+    GUARDED: as in :func:`_masked_linear_fwd_kernel` (flag 0: the plain GEMM loop)."""
     pid_m, pid_k = _grouped_pid(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
     k0 = pid_k * BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
-        w = _masked_w_tile(w_ptr, bits_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_wk, stride_bn,
-                           HAS_MASK, BLOCK_N, BLOCK_K)
-        acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
-    kk = k0 + offs_k
+    if GUARDED:
+        if tl.load(flag_ptr) != 0:
+            acc = _dx_loop(acc, dy_ptr, w_ptr, bits_ptr, offs_m, k0, M, N, K, stride_dym, stride_dyn,
+                           stride_wn, stride_wk, stride_bn, True, EVEN, DOT_PRECISION, BLOCK_N, BLOCK_K)
+        else:
+            acc = _dx_loop(acc, dy_ptr, w_ptr, bits_ptr, offs_m, k0, M, N, K, stride_dym, stride_dyn,
+                           stride_wn, stride_wk, stride_bn, False, EVEN, DOT_PRECISION, BLOCK_N, BLOCK_K)
+    else:
+        acc = _dx_loop(acc, dy_ptr, w_ptr, bits_ptr, offs_m, k0, M, N, K, stride_dym, stride_dyn,
+                       stride_wn, stride_wk, stride_bn, HAS_MASK, EVEN, DOT_PRECISION, BLOCK_N, BLOCK_K)
+    kk = k0 + tl.arange(0, BLOCK_K)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + kk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (kk[None, :] < K))
+
+
+@triton.jit
+def _dw_loop(dy_ptr, x_ptr, offs_n, offs_k, M, N, K, stride_dym, stride_dyn, stride_xm, stride_xk,
+             EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    """(dY^T X)[offs_n, offs_k] in fp32 over all of M (the dW / dV GEMM loop).
+
+    EVEN (M % BLOCK_M == 0, e.g. every power-of-two token count): no bound test along M; the
+    other bounds are loop-invariant (sm_90, 16-bit: see the audit's "even" specs)."""
+    rows = tl.arange(0, BLOCK_M)
+    # dY^T tile [BLOCK_N, BLOCK_M] read straight from dY [M, N] through its strides
+    dy_off = rows[None, :] * stride_dym + offs_n[:, None] * stride_dyn
+    x_off = rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    n_ok = offs_n[:, None] < N
+    k_ok = offs_k[None, :] < K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        if EVEN:
+            dyt = tl.load(dy_ptr + m0 * stride_dym + dy_off, mask=n_ok, other=0.0)
+            x = tl.load(x_ptr + m0 * stride_xm + x_off, mask=k_ok, other=0.0)
+        else:
+            dyt = tl.load(dy_ptr + m0 * stride_dym + dy_off, mask=(rows[None, :] < M - m0) & n_ok, other=0.0)
+            x = tl.load(x_ptr + m0 * stride_xm + x_off, mask=(rows[:, None] < M - m0) & k_ok, other=0.0)
+        acc = tl.dot(dyt, x, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -176,7 +272,7 @@ def _masked_linear_dw_kernel(dy_ptr, x_ptr, bits_ptr, dw_ptr, db_ptr, M, N, K,
                              stride_dym, stride_dyn, stride_xm, stride_xk, stride_bn, stride_dwn, stride_dwk,
                              HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr):
+                             GROUP_M: tl.constexpr, EVEN: tl.constexpr):
     """dW[N, K] = (dY^T @ X) ⊙ mask, one [BLOCK_N, BLOCK_K] tile per program, loop over M.
 
     With HAS_BIAS the programs of the first K tile also write db[N] = sum_m dY, in a loop of
@@ -191,15 +287,8 @@ def _masked_linear_dw_kernel(dy_ptr, x_ptr, bits_ptr, dw_ptr, db_ptr, M, N, K,
     if HAS_BIAS:
         if pid_k == 0:
             _bias_grad_rows(dy_ptr, db_ptr, offs_n, M, N, stride_dym, stride_dyn, BLOCK_M, BLOCK_N)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        # dY^T tile [BLOCK_N, BLOCK_M] read straight from dY [M, N] through its strides
-        dyt = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
-                      mask=(offs_m[None, :] < M) & (offs_n[:, None] < N), other=0.0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        acc = tl.dot(dyt, x, acc, input_precision=DOT_PRECISION)
+    acc = _dw_loop(dy_ptr, x_ptr, offs_n, offs_k, M, N, K, stride_dym, stride_dyn, stride_xm, stride_xk,
+                   EVEN, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_MASK:
         words = _load_tile_words(bits_ptr, offs_n, pid_k * BLOCK_K, N, K, stride_bn, BLOCK_K)
         acc = tl.where(unpack_bits(words, BLOCK_N, BLOCK_K) != 0, acc, 0.0)
@@ -218,6 +307,25 @@ def _bias_grad_rows(dy_ptr, db_ptr, offs_n, M, N, stride_dym, stride_dyn,
         part += tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                         mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0).to(tl.float32)
     tl.store(db_ptr + offs_n, tl.sum(part, axis=0).to(db_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _pruned_nonzero_kernel(w_ptr, bits_ptr, flag_ptr, N, K, stride_wn, stride_wk, stride_bn,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """flag[0] = 1 if rows [pid * BLOCK_N, +BLOCK_N) of W hold an entry that is not 0 (NaN
+    included) where the mask bit is 0. A read of W and its bits: the loop walks K, ORs the
+    violations into a register tile and reduces once at the end."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    bad = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int1)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :] * stride_wk,
+                    mask=(offs_n[:, None] < N) & (kk[None, :] < K), other=0.0)
+        keep = unpack_bits(_load_tile_words(bits_ptr, offs_n, k0, N, K, stride_bn, BLOCK_K), BLOCK_N, BLOCK_K)
+        bad = bad | ((w != 0) & (keep == 0))
+    if tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0) > 0:  # any program may write; all write 1
+        tl.store(flag_ptr, 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -239,9 +347,48 @@ def _bits_args(bits: torch.Tensor | None, like: torch.Tensor):
     return bits, bits.stride(0)
 
 
+# Guarded launches (``flag=`` of the fwd / dX launchers) pay one read of W and its bits for the
+# check; at <= 64 rows the GEMM itself is about one read of W, so the check would cost as much as
+# it saves: the ops layer guards only above this many rows (tokens).
+GUARD_MIN_ROWS = 65
+_CHECK_CFG = dict(BLOCK_N=8, BLOCK_K=256, num_warps=4)
+
+
+def pruned_nonzero(weight: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """int32 ``[1]`` on weight's device: 1 if some ``weight[n, k]`` is not 0 (or is NaN) where the
+    mask ``bits`` (int32 ``[N, ceil(K/32)]``) has a 0, else 0. Asynchronous (no host sync): the
+    guarded fwd / dX kernels read it on the device.
+
+    Why: an optimizer step with dW = (dY^T X) ⊙ M never makes a pruned weight nonzero when it
+    starts at zero (SGD, momentum, Adam, AdamW, weight decay of a zero are all zero), so in
+    recovery W ⊙ M == W; with flag 0 the fwd / dX kernels run the plain GEMM loop, with flag 1
+    (W changed outside the optimizer, or was never zeroed) the masked loop: exact either way."""
+    n, k = weight.shape
+    flag = torch.zeros(1, dtype=torch.int32, device=weight.device)
+    if n == 0 or k == 0:
+        return flag
+    bits, sbn = _bits_args(bits, weight)
+    c = _CHECK_CFG
+    grid = (triton.cdiv(n, c["BLOCK_N"]),)
+    _pruned_nonzero_kernel[grid](weight, bits, flag, n, k, weight.stride(0), weight.stride(1), sbn,
+                                 BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], num_warps=c["num_warps"])
+    return flag
+
+
+def _flag_args(flag: torch.Tensor | None, has_mask: bool, like: torch.Tensor):
+    if flag is None or not has_mask:
+        return like.new_empty(1, dtype=torch.int32), False
+    if flag.dtype != torch.int32 or flag.numel() != 1 or flag.device != like.device:
+        raise ValueError("flag must be the int32 [1] tensor of pruned_nonzero on the inputs' device")
+    return flag, True
+
+
 def masked_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor | None,
-                      bias: torch.Tensor | None = None, input_precision: str | None = None) -> torch.Tensor:
-    """x [M, K] @ (weight [N, K] ⊙ bits)^T + bias [N] -> y [M, N] in x's dtype (bits=None: no mask)."""
+                      bias: torch.Tensor | None = None, input_precision: str | None = None,
+                      flag: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ (weight [N, K] ⊙ bits)^T + bias [N] -> y [M, N] in x's dtype (bits=None: no mask).
+
+    flag: :func:`pruned_nonzero` of (weight, bits): the kernel skips the mask when it is 0."""
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -249,19 +396,22 @@ def masked_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor 
         return y
     has_mask = bits is not None
     bits, sbn = _bits_args(bits, x)
+    flag, guarded = _flag_args(flag, has_mask, x)
     cfg = _config(m, x.dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _masked_linear_fwd_kernel[grid](
-        x, weight, bits, bias if bias is not None else y, y, m, n, k,
+        x, weight, bits, flag, bias if bias is not None else y, y, m, n, k,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), sbn, y.stride(0), y.stride(1),
-        HAS_MASK=has_mask, HAS_BIAS=bias is not None,
+        HAS_MASK=has_mask, GUARDED=guarded, HAS_BIAS=bias is not None,
         DOT_PRECISION=_precision(x.dtype, input_precision), **cfg)
     return y
 
 
 def masked_linear_dx(dy: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor | None,
-                     input_precision: str | None = None) -> torch.Tensor:
-    """dY [M, N] @ (weight [N, K] ⊙ bits) -> dX [M, K] in dY's dtype (bits=None: no mask)."""
+                     input_precision: str | None = None, flag: torch.Tensor | None = None) -> torch.Tensor:
+    """dY [M, N] @ (weight [N, K] ⊙ bits) -> dX [M, K] in dY's dtype (bits=None: no mask).
+
+    flag: as in :func:`masked_linear_fwd`."""
     m, n = dy.shape
     k = weight.shape[1]
     dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
@@ -269,12 +419,14 @@ def masked_linear_dx(dy: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor 
         return dx
     has_mask = bits is not None
     bits, sbn = _bits_args(bits, dy)
+    flag, guarded = _flag_args(flag, has_mask, dy)
     cfg = _dx_config(m, dy.dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"]),)
     _masked_linear_dx_kernel[grid](
-        dy, weight, bits, dx, m, n, k,
+        dy, weight, bits, flag, dx, m, n, k,
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), sbn, dx.stride(0), dx.stride(1),
-        HAS_MASK=has_mask, DOT_PRECISION=_precision(dy.dtype, input_precision), **cfg)
+        HAS_MASK=has_mask, GUARDED=guarded, DOT_PRECISION=_precision(dy.dtype, input_precision),
+        EVEN=n % cfg["BLOCK_N"] == 0, **cfg)
     return dx
 
 
@@ -300,7 +452,8 @@ def masked_linear_dw(dy: torch.Tensor, x: torch.Tensor, bits: torch.Tensor | Non
     _masked_linear_dw_kernel[grid](
         dy, x, bits, dw, db if db is not None else dw, m, n, k,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), sbn, dw.stride(0), dw.stride(1),
-        HAS_MASK=has_mask, HAS_BIAS=want_bias, DOT_PRECISION=_precision(x.dtype, input_precision), **cfg)
+        HAS_MASK=has_mask, HAS_BIAS=want_bias, DOT_PRECISION=_precision(x.dtype, input_precision),
+        EVEN=m % cfg["BLOCK_M"] == 0, **cfg)
     return dw, db
 
 
@@ -352,22 +505,66 @@ def tile_bytes_masked(block_n: int, block_k: int, itemsize: int, density: float 
     return block_n * block_k * itemsize + block_n * (block_k // 32) * 4
 
 
+def _check_spec(dtype: torch.dtype):
+    """The guard's check kernel (no dot, no loop: one tile of W and its bits per program)."""
+    from ._compile import CompileSpec
+
+    c = dict(_CHECK_CFG)
+    warps = c.pop("num_warps")
+    sig = dict(w_ptr=_TYPES[dtype], bits_ptr="*i32", flag_ptr="*i32", N="i32", K="i32", stride_wn="i32",
+               stride_wk="constexpr", stride_bn="i32", BLOCK_N="constexpr", BLOCK_K="constexpr")
+    return CompileSpec(_pruned_nonzero_kernel, sig, dict(stride_wk=1, **c), warps, 1,
+                       f"{str(dtype).replace('torch.', '')} check", is_gemm=False, representative=False,
+                       divisible=("w_ptr", "bits_ptr", "N", "K", "stride_wn", "stride_bn"),
+                       family="masked", regime="train-check")
+
+
+def tile_bytes_dense(block_n: int, block_k: int, itemsize: int, density: float = 1.0) -> float:
+    """Bytes of a [block_n, block_k] weight tile read without its mask (guard passed)."""
+    return block_n * block_k * itemsize
+
+
 def _compile_specs():
     specs = []
     for dtype, p in _TYPES.items():
         dt = str(dtype).replace("torch.", "")
+        fwd_ptrs = dict(x_ptr=p, w_ptr=p, bits_ptr="*i32", flag_ptr="*i32", b_ptr=p, y_ptr=p)
+        dx_ptrs = dict(dy_ptr=p, w_ptr=p, bits_ptr="*i32", flag_ptr="*i32", dx_ptr=p)
         for regime, rows in REGIMES.items():
             tag, rep = f"{dt} {regime}", dtype == torch.bfloat16 and regime == "prefill"
-            specs.append(_spec(_masked_linear_fwd_kernel, dict(x_ptr=p, w_ptr=p, bits_ptr="*i32", b_ptr=p, y_ptr=p),
-                               _config(rows, dtype), dict(HAS_MASK=True, HAS_BIAS=True, DOT_PRECISION="ieee"),
+            # "masked": the mask applied in the loop (unguarded launches, and the guard's fallback)
+            specs.append(_spec(_masked_linear_fwd_kernel, fwd_ptrs, _config(rows, dtype),
+                               dict(HAS_MASK=True, GUARDED=False, HAS_BIAS=True, DOT_PRECISION="ieee"),
                                f"{tag} masked+bias", rep, "masked", "train-fwd", tile_bytes_masked))
-            specs.append(_spec(_masked_linear_dx_kernel, dict(dy_ptr=p, w_ptr=p, bits_ptr="*i32", dx_ptr=p),
-                               _dx_config(rows, dtype), dict(HAS_MASK=True, DOT_PRECISION="ieee"), f"{tag} masked",
+            specs.append(_spec(_masked_linear_dx_kernel, dx_ptrs, _dx_config(rows, dtype),
+                               dict(HAS_MASK=True, GUARDED=False, DOT_PRECISION="ieee", EVEN=False), f"{tag} masked",
                                rep, "masked", "train-dx", tile_bytes_masked))
-            specs.append(_spec(_masked_linear_dw_kernel,
-                               dict(dy_ptr=p, x_ptr=p, bits_ptr="*i32", dw_ptr=p, db_ptr=p),
-                               _dw_config(rows, dtype), dict(HAS_MASK=True, HAS_BIAS=True, DOT_PRECISION="ieee"),
-                               f"{tag} masked+bias", rep, "masked", "train-dw"))
+            if rows >= GUARD_MIN_ROWS:
+                # what a guarded launch (ops layer, >= GUARD_MIN_ROWS tokens) compiles: both loops ...
+                specs.append(_spec(_masked_linear_fwd_kernel, fwd_ptrs, _config(rows, dtype),
+                                   dict(HAS_MASK=True, GUARDED=True, HAS_BIAS=True, DOT_PRECISION="ieee"),
+                                   f"{tag} guarded+bias", False, "masked-guarded", "train-fwd", tile_bytes_masked))
+                specs.append(_spec(_masked_linear_dx_kernel, dx_ptrs, _dx_config(rows, dtype),
+                                   dict(HAS_MASK=True, GUARDED=True, DOT_PRECISION="ieee", EVEN=True),
+                                   f"{tag} guarded even",
+                                   False, "masked-guarded", "train-dx", tile_bytes_masked))
+                # ... and the loop it runs when the check passes (W zero at every pruned slot)
+                specs.append(_spec(_masked_linear_fwd_kernel, fwd_ptrs, _config(rows, dtype),
+                                   dict(HAS_MASK=False, GUARDED=False, HAS_BIAS=True, DOT_PRECISION="ieee"),
+                                   f"{tag} zero-pruned+bias", rep, "masked-zero", "train-fwd",
+                                   tile_bytes_dense))
+                for even in (True, False):  # N % BLOCK_N == 0 (every model shape) or not
+                    specs.append(_spec(_masked_linear_dx_kernel, dx_ptrs, _dx_config(rows, dtype),
+                                       dict(HAS_MASK=False, GUARDED=False, DOT_PRECISION="ieee", EVEN=even),
+                                       f"{tag} zero-pruned" + (" even" if even else ""), rep and even,
+                                       "masked-zero", "train-dx", tile_bytes_dense))
+            for even in (False, True) if rows >= GUARD_MIN_ROWS else (False,):  # M % BLOCK_M == 0 or not
+                specs.append(_spec(_masked_linear_dw_kernel,
+                                   dict(dy_ptr=p, x_ptr=p, bits_ptr="*i32", dw_ptr=p, db_ptr=p), _dw_config(rows, dtype),
+                                   dict(HAS_MASK=True, HAS_BIAS=True, DOT_PRECISION="ieee", EVEN=even),
+                                   f"{tag} masked+bias" + (" even" if even else ""), rep and even or rep and
+                                   rows < GUARD_MIN_ROWS, "masked", "train-dw"))
+    specs += [_check_spec(dtype) for dtype in _TYPES]
     return specs
 
 

@@ -7,7 +7,9 @@ words of :class:`~laco_kernels.formats.Sparse24Weight`):
     grad values  dV [N, K/2] = (dY^T X) [N, K] gathered at the kept positions
 
 Both kernels touch only the compressed weight: dX decompresses each [BLOCK_N, BLOCK_K] tile of
-W in registers from BLOCK_K/2 values and BLOCK_K/32 meta words per row; dV accumulates a dense
+W in registers from BLOCK_K/2 values and BLOCK_K/32 meta words per row (16-bit: elementwise
+byte permutes on [BLOCK_N, BLOCK_K/4] group words, as the 2:4 prefill forward; fp32: split and
+select); dV accumulates a dense
 [BLOCK_N, BLOCK_K] tile of dY^T X in fp32, selects the two kept entries of every group of 4 in
 registers and stores only the [BLOCK_N, BLOCK_K/2] values. An optimizer therefore holds state
 for the kept half only, and the pruned half can never be revived.
@@ -17,12 +19,15 @@ Inputs fp16 / bf16 / fp32, fp32 accumulation, outputs in the input dtype; fp32 u
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._bits import decode_24_nibbles, expand_24
-from .masked_gemm import _bias_grad_rows, _dw_config, _dx_config, _grouped_pid, _load_tile_words, _precision
+from ._bits import decode_24_nibbles, expand_24, expand_24_prmt
+from ._compile import _is_interpreted
+from .masked_gemm import _bias_grad_rows, _dw_config, _dw_loop, _dx_config, _grouped_pid, _load_tile_words, _precision
 
 
 @triton.jit
@@ -40,20 +45,46 @@ def _dense_w_tile(v_ptr, meta_ptr, offs_n, k0, N, K, stride_vn, stride_vk, strid
 
 
 @triton.jit
-def _sparse24_dx_kernel(dy_ptr, v_ptr, meta_ptr, dx_ptr, M, N, K,
+def _sparse24_dx_kernel(dy_ptr, v_ptr, meta_ptr, lut_ptr, dx_ptr, M, N, K,
                         stride_dym, stride_dyn, stride_vn, stride_vk, stride_mn, stride_dxm, stride_dxk,
                         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """dX[M, K] = dY[M, N] @ dense(V, meta)[N, K]; one [BLOCK_M, BLOCK_K] tile per program."""
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EMULATE: tl.constexpr, EVEN: tl.constexpr):
+    """dX[M, K] = dY[M, N] @ dense(V, meta)[N, K]; one [BLOCK_M, BLOCK_K] tile per program.
+
+    16-bit values come as int32 group words (``v_ptr`` int32 ``[N, K/4]``, one kept pair per
+    group) and are expanded as the 2:4 prefill forward does (``_bits.expand_24_prmt``: per group
+    one meta-word gather, one selector from ``lut_ptr`` and two ``prmt``, all elementwise on
+    ``[BLOCK_N, BLOCK_K/4]``, no split and no layout conversion); fp32 values by ``expand_24``.
+    """
     pid_m, pid_k = _grouped_pid(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = pid_k * BLOCK_K
+    # the program's K columns are fixed: its groups, their meta-word columns and nibble shifts too
+    g = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+    g_shift = (g % 8) * 4
+    rows = tl.arange(0, BLOCK_N)
+    m_ok = offs_m[:, None] < M
+    gk_ok = g[None, :] < K // 4
+    dy_off = offs_m[:, None] * stride_dym + rows[None, :] * stride_dyn
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
-        w = _dense_w_tile(v_ptr, meta_ptr, offs_n, k0, N, K, stride_vn, stride_vk, stride_mn, BLOCK_N, BLOCK_K)
+        offs_n = n0 + rows
+        if EVEN:  # N % BLOCK_N == 0: no bound test along the loop
+            dy = tl.load(dy_ptr + n0 * stride_dyn + dy_off, mask=m_ok, other=0.0)
+        else:
+            dy = tl.load(dy_ptr + n0 * stride_dyn + dy_off, mask=m_ok & (rows[None, :] < N - n0), other=0.0)
+        if v_ptr.dtype.element_ty == tl.int32:
+            if EVEN:
+                g_ok = gk_ok
+            else:
+                g_ok = (rows[:, None] < N - n0) & gk_ok
+            pair = tl.load(v_ptr + n0 * stride_vn + (rows[:, None] * stride_vn + g[None, :]), mask=g_ok, other=0)
+            word = tl.load(meta_ptr + n0 * stride_mn + (rows[:, None] * stride_mn + (g // 8)[None, :]), mask=g_ok,
+                           other=0)
+            sel = tl.load(lut_ptr + ((word >> g_shift[None, :]) & 0xF))
+            w = expand_24_prmt(pair, sel, dy_ptr.dtype.element_ty, EMULATE, BLOCK_N, BLOCK_K)
+        else:
+            w = _dense_w_tile(v_ptr, meta_ptr, offs_n, k0, N, K, stride_vn, stride_vk, stride_mn, BLOCK_N, BLOCK_K)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
     kk = k0 + tl.arange(0, BLOCK_K)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + kk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
@@ -64,7 +95,7 @@ def _sparse24_dx_kernel(dy_ptr, v_ptr, meta_ptr, dx_ptr, M, N, K,
 def _sparse24_dv_kernel(dy_ptr, x_ptr, meta_ptr, dv_ptr, db_ptr, M, N, K,
                         stride_dym, stride_dyn, stride_xm, stride_xk, stride_mn, stride_dvn, stride_dvk,
                         HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN: tl.constexpr):
     """dV[N, K/2] = (dY^T X) at the kept positions; one [BLOCK_N, BLOCK_K/2] output tile per program.
 
     With HAS_BIAS the programs of the first K tile also write db[N] = sum_m dY, before the GEMM
@@ -77,14 +108,8 @@ def _sparse24_dv_kernel(dy_ptr, x_ptr, meta_ptr, dv_ptr, db_ptr, M, N, K,
     if HAS_BIAS:
         if pid_k == 0:
             _bias_grad_rows(dy_ptr, db_ptr, offs_n, M, N, stride_dym, stride_dyn, BLOCK_M, BLOCK_N)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        dyt = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
-                      mask=(offs_m[None, :] < M) & (offs_n[:, None] < N), other=0.0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        acc = tl.dot(dyt, x, acc, input_precision=DOT_PRECISION)
+    acc = _dw_loop(dy_ptr, x_ptr, offs_n, offs_k, M, N, K, stride_dym, stride_dyn, stride_xm, stride_xk,
+                   EVEN, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     i0, i1 = decode_24_nibbles(_load_tile_words(meta_ptr, offs_n, k0, N, K, stride_mn, BLOCK_K), BLOCK_N, BLOCK_K)
     groups = tl.reshape(acc, (BLOCK_N, BLOCK_K // 4, 4))
     pos = tl.arange(0, 4)[None, None, :]
@@ -103,20 +128,60 @@ def _meta_arg(meta: torch.Tensor) -> torch.Tensor:
     return meta if meta.stride(1) == 1 else meta.contiguous()
 
 
+_SMS = 132  # H100 SXM: the grid-fill rule's default when the device is not a GPU
+
+
+def _dx24_config(m: int, dtype: torch.dtype, arch: int | None = None, k: int | None = None,
+                 sms: int = _SMS, n: int | None = None) -> dict:
+    """Tiles of the 2:4 input gradient ``dX [m, k] = dY [m, n] @ W [n, k]``.
+
+    16-bit, m > 64: a 128 x 128 output tile with a 64-row reduction step (the expansion is
+    elementwise, ``expand_24_prmt``). On sm_90, while 256-row tiles still fill ``sms`` SMs,
+    256 rows of dY per program (the 2:4 prefill forward's reasoning: the expansion is work per
+    weight element, the MMA per weight element x BLOCK_M; sm_90 audit: 220 loop instructions when
+    N % 64 == 0, 1.08x the dense GEMM per multiply-add). sm_80 keeps 128 rows: 256 spills 408
+    bytes there (mma.sync holds both operands in registers).
+    fp32 (FMA), m > 16: a 64 x 64 output tile, 8 warps (1.38 thread-instructions per multiply-add
+    on sm_90 against 1.61 for 64 x 32) when n and k are multiples of 16 and 32; otherwise 64 x 32
+    (64 x 64 spills 12 bytes on sm_90 without that divisibility).
+    """
+    if dtype != torch.float32 and m > 64:
+        if arch == 90 and (k is None or triton.cdiv(m, 256) * triton.cdiv(k, 128) >= sms):
+            return dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    if dtype != torch.float32 and m <= 16:  # 128 output columns: 16 x 64 x 64 spills 8 bytes on sm_90
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
+    if dtype == torch.float32 and m > 16 and (n is None or n % 16 == 0) and (k is None or k % 32 == 0):
+        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2)
+    return _dx_config(m, dtype)
+
+
 def sparse24_grad_input(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, shape,
                         input_precision: str | None = None) -> torch.Tensor:
     """dY [M, N] @ dense(values [N, K/2], meta) -> dX [M, K] in dY's dtype; ``shape`` = (N, K)."""
+    from .sparse24_gemm import _lut
+
     m = dy.shape[0]
     n, k = shape
     dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
     if m == 0:
         return dx
     meta = _meta_arg(meta)
-    cfg = _dx_config(m, dy.dtype)
+    if values.dtype in (torch.float16, torch.bfloat16):
+        # int32 group words (as the 2:4 forward): unit stride along K and 4-byte aligned rows
+        if values.stride(1) != 1 or values.stride(0) % 2 or values.storage_offset() % 2:
+            values = values.contiguous()
+        values = values.view(torch.int32)
+    from .dense_gemm import device_arch
+
+    sms = torch.cuda.get_device_properties(dy.device).multi_processor_count if dy.is_cuda else _SMS
+    cfg = _dx24_config(m, dy.dtype, device_arch(dy.device), k, sms, n)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"]),)
     _sparse24_dx_kernel[grid](
-        dy, values, meta, dx, m, n, k, dy.stride(0), dy.stride(1), values.stride(0), values.stride(1),
-        meta.stride(0), dx.stride(0), dx.stride(1), DOT_PRECISION=_precision(dy.dtype, input_precision), **cfg)
+        dy, values, meta, _lut(dy.device), dx, m, n, k, dy.stride(0), dy.stride(1), values.stride(0),
+        values.stride(1), meta.stride(0), dx.stride(0), dx.stride(1),
+        DOT_PRECISION=_precision(dy.dtype, input_precision), EMULATE=_is_interpreted(_sparse24_dx_kernel),
+        EVEN=n % cfg["BLOCK_N"] == 0, **cfg)
     return dx
 
 
@@ -138,7 +203,7 @@ def sparse24_values_grad(dy: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, 
     _sparse24_dv_kernel[grid](
         dy, x, meta, dv, db if db is not None else dv, m, n, k, dy.stride(0), dy.stride(1), x.stride(0),
         x.stride(1), meta.stride(0), dv.stride(0), dv.stride(1), HAS_BIAS=want_bias,
-        DOT_PRECISION=_precision(x.dtype, input_precision), **cfg)
+        DOT_PRECISION=_precision(x.dtype, input_precision), EVEN=m % cfg["BLOCK_M"] == 0, **cfg)
     return dv, db
 
 
@@ -146,6 +211,7 @@ def sparse24_values_grad(dy: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, 
 # compile checks (bench/compile_report.py)
 # ----------------------------------------------------------------------------------------
 def _compile_specs():
+    from ._compile import ARCHS
     from .masked_gemm import _TYPES, REGIMES, _spec
     from .sparse24_gemm import tile_bytes_24
 
@@ -154,13 +220,26 @@ def _compile_specs():
         dt = str(dtype).replace("torch.", "")
         for regime, rows in REGIMES.items():
             rep = dtype == torch.bfloat16 and regime == "prefill"
-            specs.append(_spec(_sparse24_dx_kernel, dict(dy_ptr=p, v_ptr=p, meta_ptr="*i32", dx_ptr=p),
-                               _dx_config(rows, dtype), dict(DOT_PRECISION="ieee"), f"{dt} {regime}", rep,
-                               "sparse24", "train-dx", tile_bytes_24))
+            vp = "*i32" if dtype != torch.float32 else p  # 16-bit values as int32 group words
+            if dtype != torch.float32 and regime == "prefill":  # 128 rows (sm_80, or too few tiles), 256 (sm_90)
+                cfgs = [(_dx24_config(rows, dtype), (80, 90), " 128rows"), (_dx24_config(rows, dtype, 90), (90,), "")]
+            elif dtype == torch.float32 and regime != "decode":  # 64 x 64 output, or 64 x 32 without 16-divisibility
+                cfgs = [(_dx24_config(rows, dtype), ARCHS, ""), (_dx24_config(rows, dtype, n=1), ARCHS, " narrow")]
+            else:
+                cfgs = [(_dx24_config(rows, dtype), ARCHS, "")]
+            for (cfg, archs, suffix), even in itertools.product(cfgs, (False, True) if regime == "prefill" else (False,)):
+                spec = _spec(_sparse24_dx_kernel, dict(dy_ptr=p, v_ptr=vp, meta_ptr="*i32", lut_ptr="*i32", dx_ptr=p),
+                             cfg, dict(DOT_PRECISION="ieee", EMULATE=False, EVEN=even),
+                             f"{dt} {regime}{suffix}" + (" even" if even else ""),
+                             rep and not suffix and (even or regime != "prefill"), "sparse24", "train-dx", tile_bytes_24)
+                spec.archs = archs
+                specs.append(spec)
             # the dV loop reads dY and X only (meta is read once after it): no weight bytes
-            specs.append(_spec(_sparse24_dv_kernel, dict(dy_ptr=p, x_ptr=p, meta_ptr="*i32", dv_ptr=p, db_ptr=p),
-                               _dw_config(rows, dtype), dict(HAS_BIAS=True, DOT_PRECISION="ieee"),
-                               f"{dt} {regime} +bias", rep, "sparse24", "train-dw"))
+            for even in (False, True) if regime == "prefill" else (False,):  # M % BLOCK_M == 0 or not
+                specs.append(_spec(_sparse24_dv_kernel, dict(dy_ptr=p, x_ptr=p, meta_ptr="*i32", dv_ptr=p, db_ptr=p),
+                                   _dw_config(rows, dtype), dict(HAS_BIAS=True, DOT_PRECISION="ieee", EVEN=even),
+                                   f"{dt} {regime} +bias" + (" even" if even else ""),
+                                   rep and (even or regime != "prefill"), "sparse24", "train-dw"))
     return specs
 
 

@@ -7,6 +7,13 @@ without weight decay never makes a pruned weight nonzero (weight decay of a zero
 zero too, so AdamW keeps it at zero as well). On the Triton path no tensor of W's size is
 created besides dW (the mask is expanded tile by tile in registers).
 
+Triton path, >= ``kernels.masked_gemm.GUARD_MIN_ROWS`` tokens: the forward first checks on the
+device whether W is zero at every pruned slot (``kernels.masked_gemm.pruned_nonzero``: one read of
+W and its bits, no host sync) and the forward and dX kernels then run the plain GEMM loop (W ⊙ M
+== W) or, if the check fails, the masked loop: exact either way. Recovery keeps the check passing:
+a zero weight gets an exact zero gradient, and no standard optimizer moves it. The backward's dX
+reuses the forward's verdict (autograd's version check on the saved weight keeps it valid).
+
 Backends (``ops.dispatch.select_backend``): CUDA tensors -> Triton, or ``F.linear(x, W * M)``
 with autograd where the SASS audit predicts the Triton kernels slower (``ops/train_dispatch.py``;
 ``LACO_TRAIN_PATH`` / ``path=`` override; the torch path materialises W ⊙ M); CPU -> the native
@@ -53,21 +60,33 @@ def _as_packed(mask, shape, device) -> PackedMask:
     return mask
 
 
+def _guarded(backend: str, m: int) -> bool:
+    """Whether the Triton kernels run guarded (kernels/masked_gemm.pruned_nonzero) at m tokens."""
+    from ..kernels.masked_gemm import GUARD_MIN_ROWS
+
+    return backend == "triton" and m >= GUARD_MIN_ROWS
+
+
 def _masked_impl(x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor, bias: Optional[torch.Tensor],
-               backend: str) -> torch.Tensor:
-    """x ``[M, K]`` @ (weight ``[N, K]`` ⊙ bits int32 ``[N, ceil(K/32)]``)^T + bias -> ``[M, N]``.
+                 backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x ``[M, K]`` @ (weight ``[N, K]`` ⊙ bits int32 ``[N, ceil(K/32)]``)^T + bias -> (``[M, N]``, flag).
 
     Arguments already checked by :func:`masked_linear`; ``backend``: triton / native / reference.
+    flag: int32 ``[1]``, the guard's verdict (``kernels.masked_gemm.pruned_nonzero``: 0 when weight
+    is zero at every pruned slot, so the kernels skip the mask) on the guarded Triton path (>=
+    ``GUARD_MIN_ROWS`` tokens), reused by the backward's dX; int32 ``[0]`` (no guard) otherwise.
     """
+    none = x.new_empty(0, dtype=torch.int32)
     if backend == "reference":
-        return reference.masked_linear(x, weight, PackedMask(bits, tuple(weight.shape)), bias)
+        return reference.masked_linear(x, weight, PackedMask(bits, tuple(weight.shape)), bias), none
     if backend == "native":
         from .. import _native
 
-        return _native.masked_linear_forward(x, weight, bits, bias)
+        return _native.masked_linear_forward(x, weight, bits, bias), none
     from ..kernels import masked_gemm as k
 
-    return k.masked_linear_fwd(x, weight, bits, bias)
+    flag = k.pruned_nonzero(weight, bits) if _guarded(backend, x.shape[0]) else None
+    return k.masked_linear_fwd(x, weight, bits, bias, flag=flag), (none if flag is None else flag)
 
 
 _masked_op = torch.library.custom_op("laco::masked_linear", _masked_impl, mutates_args=())
@@ -75,13 +94,17 @@ _masked_op = torch.library.custom_op("laco::masked_linear", _masked_impl, mutate
 
 @_masked_op.register_fake
 def _(x, weight, bits, bias, backend):
-    return x.new_empty(x.shape[0], weight.shape[0])
+    return (x.new_empty(x.shape[0], weight.shape[0]),
+            x.new_empty(1 if _guarded(backend, x.shape[0]) else 0, dtype=torch.int32))
 
 
-def _masked_backward_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor, backend: str,
-                        need_x: bool, need_w: bool, need_b: bool, bias_dtype: Optional[torch.dtype]
-                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dX ``[M, K]``, dW ``[N, K]``, db ``[N]``) of :func:`_masked_op`; an empty tensor where not needed."""
+def _masked_backward_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor,
+                          flag: torch.Tensor, backend: str, need_x: bool, need_w: bool, need_b: bool,
+                          bias_dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX ``[M, K]``, dW ``[N, K]``, db ``[N]``) of :func:`_masked_op`; an empty tensor where not needed.
+
+    flag: the forward's guard verdict (int32 ``[1]``), or int32 ``[0]`` (unguarded). Autograd's
+    version check on the saved weight guarantees it still describes weight."""
     dx = dw = db = None
     if backend == "reference":  # what autograd through reference.masked_linear gives, bit for bit
         mask = PackedMask(bits, tuple(weight.shape)).to_bool().to(weight.dtype)
@@ -98,7 +121,7 @@ def _masked_backward_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     else:  # kernels/masked_gemm.py: the mask is expanded tile by tile; db rides along in the dW pass
         from ..kernels import masked_gemm as k
 
-        dx = k.masked_linear_dx(dy, weight, bits) if need_x else None
+        dx = k.masked_linear_dx(dy, weight, bits, flag=flag if flag.numel() else None) if need_x else None
         if need_w:
             dw, db = k.masked_linear_dw(dy, x, bits, want_bias=need_b, bias_dtype=bias_dtype)
         elif need_b:
@@ -110,7 +133,7 @@ _masked_backward_op = torch.library.custom_op("laco::masked_linear_backward", _m
 
 
 @_masked_backward_op.register_fake
-def _(dy, x, weight, bits, backend, need_x, need_w, need_b, bias_dtype):
+def _(dy, x, weight, bits, flag, backend, need_x, need_w, need_b, bias_dtype):
     return (dy.new_empty(dy.shape[0], x.shape[1]) if need_x else dy.new_empty(0),
             x.new_empty(weight.shape) if need_w else weight.new_empty(0),
             dy.new_empty(weight.shape[0], dtype=bias_dtype) if need_b else dy.new_empty(0))
@@ -118,16 +141,16 @@ def _(dy, x, weight, bits, backend, need_x, need_w, need_b, bias_dtype):
 
 def _masked_setup(ctx, inputs, output):
     x, weight, bits, bias, backend = inputs
-    ctx.save_for_backward(x, weight, bits)
+    ctx.save_for_backward(x, weight, bits, output[1])
     ctx.backend = backend
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _masked_backward(ctx, dy):
-    x, weight, bits = ctx.saved_tensors
+def _masked_backward(ctx, dy, _dflag):
+    x, weight, bits, flag = ctx.saved_tensors
     need_x, need_w, _, need_b, _ = ctx.needs_input_grad
-    dx, dw, db = torch.ops.laco.masked_linear_backward(dy, x, weight, bits, ctx.backend, need_x, need_w, need_b,
-                                                       ctx.bias_dtype)
+    dx, dw, db = torch.ops.laco.masked_linear_backward(dy, x, weight, bits, flag, ctx.backend, need_x, need_w,
+                                                       need_b, ctx.bias_dtype)
     return (dx if need_x else None), (dw if need_w else None), None, (db if need_b else None), None
 
 
@@ -163,5 +186,5 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: PackedMask | torc
     if backend == "triton" and choose_train_path(_OP, x2.shape[0], n, k, x.dtype, x.device, path) == "torch":
         return masked_linear_torch(x, weight, pm, bias)
     args = (x2, weight, pm.bits, bias)
-    y = _masked_impl(*args, backend) if call_direct(*args) else torch.ops.laco.masked_linear(*args, backend)
+    y, _ = _masked_impl(*args, backend) if call_direct(*args) else torch.ops.laco.masked_linear(*args, backend)
     return y.reshape(*x.shape[:-1], n)
