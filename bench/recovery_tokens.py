@@ -86,7 +86,7 @@ def plot(path: str, windows: int = 32, out: str = PLOT) -> None:
     ticks = sorted({v["calibration_tokens"] for v in rows})
     ax.set_xticks(ticks, [f"{t // 1024}k" for t in ticks])
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%d"))
     ax.set_xlabel("calibration tokens (C4, windows of 128)")
     ax.set_ylabel(f"WikiText-2 perplexity (seqlen 1024, {windows} windows)")
     ax.set_title("SmolLM2-135M 2:4, same start and sample (bench/recovery_tokens.py)", fontsize=9)
