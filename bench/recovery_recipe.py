@@ -32,6 +32,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from recovery import DEFAULT_OUT, _load, _record  # noqa: E402
 
+from laco_kernels.recover._memory import PeakMemory  # noqa: E402
+
 
 def _load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -41,6 +43,12 @@ def _cpu_s() -> float:
     """CPU seconds of this process so far (user + system, all threads): load-independent work."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def _peak_mb(mem) -> dict:
+    """Peak resident set of the measured stage: above the level before it, and absolute (MB)."""
+    above = mem.peak_above_baseline()
+    return {"peak_rss_above_mb": round(above / 2**20, 1), "peak_rss_mb": round((above + mem.baseline) / 2**20, 1)}
 
 
 def _parse_value(v: str):
@@ -160,14 +168,16 @@ def main():
         from safetensors.torch import save_file
 
         load0 = _load_avg()
+        mem = PeakMemory()
         t0, c0 = time.time(), _cpu_s()
         res = layerwise(model, m, ids, **cfg)
         secs, cpu = time.time() - t0, _cpu_s() - c0
+        peak = _peak_mb(mem)
         save_file({k: v.contiguous() for k, v in m.state_dict().items() if ".layers." in k}, cache + ".tmp")
         os.replace(cache + ".tmp", cache)
         after = ppl(m)
         return dict(common, ppl_after=after, gap_closed=round((before - after) / (before - dense), 4),
-                    wall_s=round(secs, 1), cpu_s=round(cpu, 1), blocks=res.blocks, config=cfg, load_before=load0, load_after=_load_avg(),
+                    wall_s=round(secs, 1), cpu_s=round(cpu, 1), **peak, blocks=res.blocks, config=cfg, load_before=load0, load_after=_load_avg(),
                     pruned_weights_made_nonzero=zeros_kept(start, m), command=cmd)
 
     rec1 = _record(args.out, key1, stage1)
@@ -185,13 +195,16 @@ def main():
         m.load_state_dict(load_file(cache), strict=False)
         c = LayerwiseConfig(**dict(cfg, **s2))
         load0 = _load_avg()
+        mem = PeakMemory()
         t0, c0 = time.time(), _cpu_s()
         hist = _stage2(model, m, ids, c, get_adapter(m), 1)
         secs, cpu = time.time() - t0, _cpu_s() - c0
+        peak = _peak_mb(mem)
         after = ppl(m)
         return dict(common, ppl_after=after, gap_closed=round((before - after) / (before - dense), 4),
                     ppl_after_stage1=rec1["ppl_after"], wall_s=round(rec1["wall_s"] + secs, 1),
-                    stage2_wall_s=round(secs, 1), stage2_cpu_s=round(cpu, 1), stage2=hist, config=dict(cfg, **s2), load_before=load0,
+                    cpu_s=round(rec1["cpu_s"] + cpu, 1) if rec1.get("cpu_s") is not None else None,
+                    stage2_wall_s=round(secs, 1), stage2_cpu_s=round(cpu, 1), stage2_peak=peak, stage2=hist, config=dict(cfg, **s2), load_before=load0,
                     load_after=_load_avg(), pruned_weights_made_nonzero=zeros_kept(start, m), command=cmd)
 
     _record(args.out, key_of(dict(cfg, **s2)), stage2)

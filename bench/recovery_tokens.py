@@ -1,0 +1,219 @@
+"""Data-efficiency table (issue 14, item 3): layer-wise recovery vs LoRA at equal calibration tokens.
+
+    OMP_NUM_THREADS=2 python bench/recovery_tokens.py --tokens 16384 65536 --methods laco lora
+    python bench/recovery_tokens.py --table          (markdown table of the rows, no run)
+    python bench/recovery_tokens.py --plot           (bench/results/recovery_ppl_vs_tokens.png)
+
+Every row starts from the same pruned model, the SparseGPT 2:4 start that ``laco run`` makes
+(``recovery_recipe.pruned_start``: 32 x 512 C4 windows, seed 0, cached under ``--scratch``), and
+uses the same C4 sample: ``calibration_windows(tok, tokens // seqlen, seqlen, seed=1)``, what
+``laco run`` draws for recovery. It is evaluated on the same first ``--windows`` WikiText-2 windows
+of 1024 tokens. Methods (same number of passes ``--epochs`` over the sample):
+
+- ``laco``: ``laco_kernels.recover.layerwise``, the ``laco run`` stage-1 recipe (token-nmse,
+  lr 3e-3, batch 8); every pruned weight stays exactly zero (checked, ``pruned_weights_made_nonzero``).
+- ``laco+kl``: the same, then ``--stage2-epochs`` of end-to-end KL to the dense logits
+  (``--stage2-lr``), continuing from the ``laco`` row's model (its wall/CPU seconds include stage 1).
+- ``lora``: ``laco_kernels.recover.lora``, the package's LoRA baseline (r 8, lr 1e-3, batch 4, the
+  ``laco recover --method lora`` defaults), causal-LM loss, adapter unmerged: the base weights
+  keep their zeros but the effective weights ``W + BA`` are dense (merging would break 2:4).
+
+Each row: wall seconds, CPU seconds (user + system of this process; load-independent), the
+kernel's peak resident set during the recovery (above the level before it, and absolute),
+the load average before and after. Rows are keys ``tokens/<start>/<method>/n<N>x<seqlen>/...`` of
+``bench/results/recovery.json`` (resumable: a key present is skipped).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shlex
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from recovery import DEFAULT_OUT, _load, _record  # noqa: E402
+from recovery_recipe import _cpu_s, _load_avg, _peak_mb, pruned_start, zeros_kept  # noqa: E402
+
+from laco_kernels.recover._memory import PeakMemory  # noqa: E402
+
+PLOT = os.path.join(HERE, "results", "recovery_ppl_vs_tokens.png")
+LABELS = {"laco": "layer-wise (LaCo, stage 1)", "laco+kl": "layer-wise + end-to-end KL", "lora": "LoRA r=8 (unmerged)"}
+
+
+def _rows(path: str, windows: int):
+    data = _load(path)
+    return {k: v for k, v in data.items() if k.startswith("tokens/") and "ppl_after" in v and v.get("windows") == windows}
+
+
+def table(path: str, windows: int = 32) -> str:
+    lines = ["| method | tokens | ppl (dense / pruned) | gap closed | wall s | CPU s | peak RSS MB (above start) | load | command |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for k, v in sorted(_rows(path, windows).items(), key=lambda kv: (kv[1]["method"], kv[1]["calibration_tokens"])):
+        lines.append(f"| {v['method']} | {v['calibration_tokens']} | **{v['ppl_after']}** ({v['ppl_dense']} / "
+                     f"{v['ppl_before']}) | {v['gap_closed']:.1%} | {v['wall_s']} | {v['cpu_s']} | "
+                     f"{v['peak_rss_mb']} ({v['peak_rss_above_mb']}) | {v['load_before'].split()[0]} | "
+                     f"`{v['command']}` |")
+    return "\n".join(lines)
+
+
+def plot(path: str, windows: int = 32, out: str = PLOT) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    from laco_kernels._atomic import atomic_file
+
+    rows = list(_rows(path, windows).values())
+    if not rows:
+        raise SystemExit("no tokens/ rows to plot")
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for method, style in (("laco", "o-"), ("laco+kl", "s-"), ("lora", "^--")):
+        pts = sorted((v["calibration_tokens"], v["ppl_after"]) for v in rows if v["method"] == method)
+        if pts:
+            ax.plot(*zip(*pts), style, label=LABELS[method])
+    ax.axhline(rows[0]["ppl_dense"], color="gray", lw=0.8, ls=":", label=f"dense {rows[0]['ppl_dense']}")
+    ax.axhline(rows[0]["ppl_before"], color="gray", lw=0.8, ls="--", label=f"SparseGPT 2:4 start {rows[0]['ppl_before']}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ticks = sorted({v["calibration_tokens"] for v in rows})
+    ax.set_xticks(ticks, [f"{t // 1024}k" for t in ticks])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%d"))
+    ax.set_xlabel("calibration tokens (C4, windows of 128)")
+    ax.set_ylabel(f"WikiText-2 perplexity (seqlen 1024, {windows} windows)")
+    ax.set_title("SmolLM2-135M 2:4, same start and sample (bench/recovery_tokens.py)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--start", default="sparsegpt", choices=["wanda", "sparsegpt"])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536])
+    ap.add_argument("--methods", nargs="+", default=["laco", "lora"], choices=["laco", "laco+kl", "lora"])
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--laco-lr", type=float, default=3e-3)
+    ap.add_argument("--laco-batch", type=int, default=8)
+    ap.add_argument("--lora-lr", type=float, default=1e-3)
+    ap.add_argument("--lora-batch", type=int, default=4)
+    ap.add_argument("--stage2-epochs", type=int, default=1)
+    ap.add_argument("--stage2-lr", type=float, default=1e-3)
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--scratch", default="/tmp/laco_recipe")
+    ap.add_argument("--table", action="store_true")
+    ap.add_argument("--plot", action="store_true")
+    args = ap.parse_args()
+    if args.table or args.plot:
+        if args.table:
+            print(table(args.out, args.windows))
+        if args.plot:
+            plot(args.out, args.windows)
+        return
+
+    from laco_kernels.data import calibration_windows
+    from laco_kernels.eval.perplexity import perplexity
+    from laco_kernels.models.loading import load_model
+    from laco_kernels.recover import layerwise, lora
+
+    cmd = "python bench/recovery_tokens.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    model, tok = load_model("smollm2-135m")
+
+    def ppl(m):
+        return round(perplexity(m, tok, seqlen=1024, max_windows=args.windows, progress=False)["ppl"], 3)
+
+    ev = f"w{args.windows}x1024"
+    dense = _record(args.out, f"tokens/dense/{ev}", lambda: dict(ppl=ppl(model), command=cmd))["ppl"]
+    start, _ = pruned_start(model, tok, args.start, args.scratch)
+    before = _record(args.out, f"tokens/{args.start}-2:4/{ev}", lambda: dict(ppl=ppl(start), command=cmd))["ppl"]
+
+    def measured(fn):
+        load0, mem = _load_avg(), PeakMemory()
+        t0, c0 = time.time(), _cpu_s()
+        out = fn()
+        return out, dict(wall_s=round(time.time() - t0, 1), cpu_s=round(_cpu_s() - c0, 1), **_peak_mb(mem),
+                         load_before=load0, load_after=_load_avg())
+
+    for n_tok in args.tokens:
+        n = n_tok // args.seqlen
+        ids = calibration_windows(tok, n, args.seqlen, seed=1)
+        common = dict(ppl_dense=dense, ppl_before=before, calibration_samples=n, seqlen=args.seqlen,
+                      calibration_tokens=n * args.seqlen, windows=args.windows, eval_seqlen=1024, start=args.start,
+                      epochs=args.epochs, threads=torch.get_num_threads(), compute="cpu, package path", command=cmd)
+
+        def gap(p):
+            return round((before - p) / (before - dense), 4)
+
+        laco_model = None
+        for method in args.methods:
+            if method == "laco+kl" and "laco" not in args.methods:
+                raise SystemExit("laco+kl continues from the laco row: list laco before it")
+            cfg_l = dict(loss="token-nmse", lr=args.laco_lr, batch_size=args.laco_batch, epochs=args.epochs,
+                         progress=False, track_errors=False)
+            if method == "laco":
+                key = f"tokens/{args.start}-2:4/laco/n{n}x{args.seqlen}/lr{args.laco_lr:g},bs{args.laco_batch},ep{args.epochs}/{ev}"
+
+                def run_laco():
+                    nonlocal laco_model
+                    laco_model = copy.deepcopy(start)
+                    _, meas = measured(lambda: layerwise(model, laco_model, ids, **cfg_l))
+                    p = ppl(laco_model)
+                    return dict(common, method="laco", config=cfg_l, ppl_after=p, gap_closed=gap(p), **meas,
+                                pruned_weights_made_nonzero=zeros_kept(start, laco_model))
+
+                rec_laco = _record(args.out, key, run_laco)
+            elif method == "laco+kl":
+                key = (f"tokens/{args.start}-2:4/laco+kl/n{n}x{args.seqlen}/lr{args.laco_lr:g},bs{args.laco_batch},"
+                       f"ep{args.epochs},s2ep{args.stage2_epochs},s2lr{args.stage2_lr:g}/{ev}")
+
+                def run_kl():
+                    from laco_kernels.models.adapters import get_adapter
+                    from laco_kernels.recover.layerwise import LayerwiseConfig, _stage2
+
+                    if laco_model is None:
+                        raise SystemExit("the laco row of this token count is recorded but its model is not in "
+                                         "memory: delete that row or run laco+kl with a fresh laco row")
+                    c = LayerwiseConfig(**dict(cfg_l, stage2_epochs=args.stage2_epochs, stage2_lr=args.stage2_lr,
+                                               stage2_batch_size=args.laco_batch))
+                    hist, meas = measured(lambda: _stage2(model, laco_model, ids, c, get_adapter(laco_model), 1))
+                    p = ppl(laco_model)
+                    meas.update(stage2_wall_s=meas["wall_s"], stage2_cpu_s=meas["cpu_s"],
+                                wall_s=round(meas["wall_s"] + rec_laco["wall_s"], 1),
+                                cpu_s=round(meas["cpu_s"] + rec_laco["cpu_s"], 1),
+                                peak_rss_mb=max(meas["peak_rss_mb"], rec_laco["peak_rss_mb"]),
+                                peak_rss_above_mb=max(meas["peak_rss_above_mb"], rec_laco["peak_rss_above_mb"]))
+                    return dict(common, method="laco+kl", config=dict(cfg_l, stage2_epochs=args.stage2_epochs,
+                                stage2_lr=args.stage2_lr, stage2_batch_size=args.laco_batch, temperature=2.0),
+                                ppl_after=p, ppl_after_stage1=rec_laco["ppl_after"], gap_closed=gap(p), stage2=hist,
+                                **meas, pruned_weights_made_nonzero=zeros_kept(start, laco_model))
+
+                _record(args.out, key, run_kl)
+            else:
+                key = f"tokens/{args.start}-2:4/lora/n{n}x{args.seqlen}/lr{args.lora_lr:g},bs{args.lora_batch},ep{args.epochs}/{ev}"
+                cfg_r = dict(r=8, alpha=16, dropout=0.05, lr=args.lora_lr, batch_size=args.lora_batch,
+                             epochs=args.epochs, progress=False)
+
+                def run_lora():
+                    m = copy.deepcopy(start)
+                    res, meas = measured(lambda: lora(m, ids, **cfg_r))
+                    p = ppl(res.model)
+                    return dict(common, method="lora", config=cfg_r, ppl_after=p, gap_closed=gap(p), losses=res.losses,
+                                merged=False, **meas)
+
+                _record(args.out, key, run_lora)
+
+
+if __name__ == "__main__":
+    main()
