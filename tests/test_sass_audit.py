@@ -102,8 +102,9 @@ def test_quick_audit_run(tmp_path):
     assert len(fit["rows"]) == 60 and all(r["predicted_us"] > 0 for r in fit["rows"])
     preds = doc["predictions"]
     assert {(p["N"], p["K"]) for p in preds} == {(4096, 4096), (11008, 4096), (4096, 11008)}
-    assert {p["M"] for p in preds} == {1, 4, 16}  # the decode regime
+    assert {p["M"] for p in preds} == {1, 2, 3, 4, 8, 16}  # the decode regime
     for p in preds:  # the dense kernel is its own yardstick; every predicted figure says so in its name
         assert p["predicted_speedup_vs_dense_triton"] == pytest.approx(1.0)
-        assert p["measured_h100_us"] is not None and p["launches"][0] == "_dense_gemm_kernel"
+        assert p["launches"][0] == "_dense_gemm_kernel"
+        assert (p["measured_h100_us"] is not None) == (p["M"] in (1, 4, 16))  # the M the H100 run timed
     assert all(k.startswith(("predicted", "measured")) or not isinstance(v, float) for p in preds for k, v in p.items())
