@@ -74,13 +74,19 @@ json.dump([_sass.spec_stats(s, arch) for s, arch in chosen], open(sys.argv[1], "
 """
 
 
-def test_loop_stats_of_compiled_kernels(tmp_path):
-    out = tmp_path / "stats.json"
+def _run_clean(script: str, *args) -> None:
+    """Run ``script`` in a fresh Python without TRITON_INTERPRET (compiling fails in a process that
+    ran the interpreter); fail the test with its output when it fails."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(out)], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_loop_stats_of_compiled_kernels(tmp_path):
+    out = tmp_path / "stats.json"
+    _run_clean(_SCRIPT, out)
     dense, s24, masked = json.loads(out.read_text())
     for r in (dense, s24, masked):
         assert r["loop_instructions"] > 0 and r["loops"] >= 1
@@ -120,11 +126,7 @@ def test_guarded_kernels_hold_the_plain_loop(tmp_path):
     """The audit models a passing guard with the "zero-pruned" specs: the guarded kernels the ops
     layer launches must contain that very loop (sm_90) beside the masked one."""
     out = tmp_path / "loops.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT, str(out)], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_clean(_GUARD_SCRIPT, out)
     loops = json.loads(out.read_text())
     fwd, dx = loops["bfloat16 prefill guarded+bias"], loops["bfloat16 prefill guarded even"]
     assert max(loops["bfloat16 prefill zero-pruned+bias"]) in fwd
