@@ -13,9 +13,9 @@ meta). Two decodes:
   split, no layout conversion. sm_90: 228 loop instructions per warp-iteration on 256 x 128 x 64
   tiles, 1.12x the dense kernel's per multiply-add (docs/gpu_prefill_kernels.md). Decode tile
   16 x 64 x 256, 4 warps: 587 loop instructions, 0 STS, 4.1 thread-instructions per compressed
-  byte on sm_90, predicted 1.13-1.14x the dense Triton kernel at M = 4..16 on the Llama-7B shapes
+  byte on sm_90, predicted 1.13-1.14x the dense Triton kernel at M = 3..16 on the Llama-7B shapes
   (the old decode: 862 instructions, 64 STS, 12.0 per byte, 0.62x; ``bench/sass_audit.py --specs
-  'sparse24-decode-16bit*'``). M <= 3 runs ``sparse24_gemv.py``.
+  'sparse24-decode-16bit*'``). M <= 2 runs ``sparse24_gemv.py``.
 - fp32: values tile ``[BLOCK_N, BLOCK_K/2]`` + meta words, expanded by
   ``_bits.expand_24`` (split the kept pairs, ``tl.where`` by nibble, reshape).
 
