@@ -22,6 +22,14 @@ def _fault(monkeypatch, name, n):
     inject(monkeypatch, os, name, n)
 
 
+def _arm(monkeypatch, fault, module, own_name):
+    """Inject ``fault``: the writer's own call (``module.own_name``) or one of the shared FAULTS."""
+    if fault[0] == own_name:
+        inject(monkeypatch, module, own_name, fault[1])
+    else:
+        _fault(monkeypatch, *fault)
+
+
 @pytest.mark.parametrize("existing", [False, True])
 @pytest.mark.parametrize("fault", FAULTS + [("save_file", 1)])
 def test_atomic_save_tensors_fault(tmp_path, monkeypatch, existing, fault):
@@ -29,10 +37,7 @@ def test_atomic_save_tensors_fault(tmp_path, monkeypatch, existing, fault):
     if existing:
         atomic_save_tensors(path, {"w": torch.ones(3)})
     before = snapshot(path)
-    if fault[0] == "save_file":
-        inject(monkeypatch, _checkpoint, "save_file", fault[1])
-    else:
-        _fault(monkeypatch, *fault)
+    _arm(monkeypatch, fault, _checkpoint, "save_file")
     with pytest.raises(InjectedFault):
         atomic_save_tensors(path, {"w": torch.zeros(3), "v": torch.randn(2, 2)})
     monkeypatch.undo()
@@ -48,10 +53,7 @@ def test_atomic_save_json_fault(tmp_path, monkeypatch, existing, fault):
     if existing:
         atomic_save_json(path, {"finished": 1})
     before = snapshot(path)
-    if fault[0] == "dump":
-        inject(monkeypatch, json, "dump", fault[1])
-    else:
-        _fault(monkeypatch, *fault)
+    _arm(monkeypatch, fault, json, "dump")
     with pytest.raises(InjectedFault):
         atomic_save_json(path, {"finished": 2})
     monkeypatch.undo()
