@@ -33,6 +33,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         }, "smallest M that runs through decompressed panels + BLAS (active ISA)", py::arg("op"), py::arg("dtype"), py::arg("n"), py::arg("k"));
   m.def("set_panel_min_m", &laco::set_panel_min_m, "-1: measured defaults; else this M threshold for every op",
         py::arg("m"));
+  m.def("outer_min_m", [](const std::string& op, const std::string& dtype, int64_t n, int64_t k) {
+          TORCH_CHECK(op == "sparse24_linear" || op == "bitmap_linear", "outer_min_m: unknown op '", op, "'");
+          TORCH_CHECK(dtype == "float32" || dtype == "bfloat16", "outer_min_m: dtype must be float32 or bfloat16");
+          return laco::outer_min_m(op == "sparse24_linear" ? laco::LinearOp::kSparse24 : laco::LinearOp::kBitmap,
+                                   dtype == "float32" ? at::kFloat : at::kBFloat16, n, k);
+        }, "smallest M that runs through the outer-product kernel (active ISA; huge where it has none)",
+        py::arg("op"), py::arg("dtype"), py::arg("n"), py::arg("k"));
+  m.def("set_outer_min_m", &laco::set_outer_min_m, "-1: measured defaults; else this M threshold for every op",
+        py::arg("m"));
   m.def("set_panel_bytes", &laco::set_panel_bytes, "dense bytes per decompressed panel", py::arg("bytes"));
   m.def("panel_bytes", &laco::panel_bytes, "dense bytes per decompressed panel");
   m.def("set_isa", &laco::set_isa, "cap the vector ISA: auto | scalar | avx2 | avx512 (for tests)", py::arg("name"));

@@ -130,6 +130,15 @@ int64_t panel_bytes();
 at::Tensor panel_linear(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t N, int64_t K,
                         const PanelFill& fill);
 
+// Mid-M path of the 2:4 linear (csrc/outer_linear.cpp, AVX2): outer products over the kept weights.
+// outer_min_m: smallest M that takes it (below panel_min_m; huge where the active ISA has no such kernel).
+int64_t outer_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K);
+void set_outer_min_m(int64_t m);  // -1: measured defaults; 0: from M = 1 on; huge: never
+bool outer_fits(int64_t M, int64_t K);  // int32 offsets into the transposed x suffice
+// x32 [M, K] fp32 contiguous, b32 fp32 [N] or undefined; y [M, N] in out_dtype.
+at::Tensor sparse24_outer(const at::Tensor& x32, const at::Tensor& b32, const at::Tensor& values, const at::Tensor& meta,
+                          int64_t N, int64_t K, at::ScalarType out_dtype);
+
 // Columns of x per K-block for an M-block of m rows: the whole row when one row (m = 1) fits in
 // 512 KB, for m > 1 when the m rows fit in 24 KB of L1 (else each weight vector costs m L2 reads
 // of x); otherwise a multiple of `align` columns that does.

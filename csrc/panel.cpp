@@ -34,20 +34,29 @@ std::atomic<int64_t> g_min_m_override{-1};
 // average 7-13, so these are coarse) on SmolLM2 576x1536 / 1536x576 ("small": the dense weight stays in
 // cache, dense F.linear pays no memory stream, the direct kernels win longer) and 7B 4096x11008 /
 // 11008x4096 ("large": dense streams >= 16 MB from DRAM). Table and evidence: docs/cpu_kernels.md.
-// AVX2 and AVX-512 without BF16 use the same values (not tuned there; see below).
+// AVX2 has its own values (measured on an AVX2-only EPYC); AVX-512 without BF16 uses the Xeon's.
 int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_bytes) {
   const bool bf16 = dt == at::kBFloat16, large = dense_bytes >= (int64_t{16} << 20);
   if (isa == Isa::kScalar) return 2;  // the scalar kernels lose to any BLAS beyond one row of x
+  if (isa == Isa::kAvx2) {
+    // AVX2 machine (AMD EPYC family 25 model 1, 1 thread, interleaved with F.linear; docs/cpu_kernels.md).
+    // 2:4 below this M runs the direct kernel (M < 8) or the outer-product kernel (outer_linear.cpp);
+    // the panel took over from M = 64 on SmolLM2 shapes (1536x576 M = 64: panel 1.07x, outer 1.04x,
+    // M = 128: 1.01x vs 0.68x), from M = 8 on 7B fp32 (11008x4096 M = 8: panel 1.92x, outer 1.66x,
+    // direct 1.29x; MKL's sgemm is slow there at small M on the whole weight but not on 1 MB panels) and
+    // from M = 16 on 7B bf16 (M = 8: outer 1.71x, panel 1.40x; M = 16: 2.84x vs 2.51x). Bitmap: the
+    // direct kernel up to M = 8 on SmolLM2 (M = 8: direct 1.12x, panel 1.08x; M = 16: 0.80x vs 1.11x),
+    // the panel from M = 8 on 7B (M = 8 fp32: 1.84x vs 1.47x).
+    if (op == LinearOp::kSparse24) return large ? (bf16 ? 16 : 8) : 64;
+    return large ? 8 : 16;
+  }
   int64_t m;
   if (op == LinearOp::kSparse24) {
     m = bf16 ? (large ? 8 : 16) : (large ? 16 : 128);
   } else {
     m = bf16 ? 8 : (large ? 16 : 8);  // fp32 7B: the direct kernel reads 30% of the bytes, 1.85x dense at M = 8
   }
-  // AVX2 / AVX-512 without BF16: the same M. Halving it was tried and measured worse (--isa avx2,
-  // SmolLM2 1536x576, load 6: bitmap fp32 at M = 4 through panels 0.38-0.46x dense), because the
-  // decompressors there are scalar.
-  (void)isa;
+  // AVX-512 without BF16: the same M (measured on the AVX-512 BF16 Xeon only).
   return m;
 }
 }  // namespace
@@ -70,11 +79,17 @@ at::Tensor panel_linear(const at::Tensor& x, const c10::optional<at::Tensor>& bi
                         const PanelFill& fill) {
   const int64_t M = x.size(0);
   const int64_t es = static_cast<int64_t>(x.element_size());
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  // bias in x's dtype, as F.linear requires (an fp32 bias with bf16 x is rounded to bf16 first)
+  // bf16 on a CPU without AVX512_BF16 (the hardware, not the set_isa cap: torch's BLAS does not
+  // follow the cap): the bf16 GEMM there widens to fp32 internally and ran 6.9x slower than fp32 sgemm
+  // on the AVX2 machine (1536x576, M = 1024: 240 ms against 35). So the panel is widened to fp32 (exact)
+  // and multiplied with x in fp32, rounding y once at the end: fp32 accumulation, as the direct kernels.
+  const bool gemm_f32 = x.scalar_type() == at::kBFloat16 && detected_isa() < Isa::kAvx512Bf16;
+  const at::Tensor xg = gemm_f32 ? x.to(at::kFloat) : x;
+  at::Tensor y = at::empty({M, N}, xg.options());
+  if (M == 0 || N == 0) return gemm_f32 ? y.to(x.scalar_type()) : y;
+  // bias in the GEMM's dtype, as F.linear requires (an fp32 bias with bf16 x is rounded to bf16 first)
   at::Tensor b;
-  if (bias.has_value() && bias->defined()) b = bias->to(x.scalar_type()).contiguous();
+  if (bias.has_value() && bias->defined()) b = bias->to(xg.scalar_type()).contiguous();
   const int64_t row_bytes = std::max<int64_t>(K * es, 1);
   int64_t rows = std::max(g_panel_bytes.load() / row_bytes, M);
   rows = std::min(rows, std::max(g_panel_bytes.load(), kMaxPanelBytes) / row_bytes);
@@ -86,20 +101,27 @@ at::Tensor panel_linear(const at::Tensor& x, const c10::optional<at::Tensor>& bi
   if (!cache.defined() || cache.numel() < need) cache = at::empty({need}, at::TensorOptions().dtype(at::kByte));
   char* base = static_cast<char*>(cache.data_ptr());
   at::Tensor panel = at::from_blob(base, {rows, K}, x.options());
+  thread_local at::Tensor cache32;  // the widened panel (gemm_f32)
+  at::Tensor panel32;
+  if (gemm_f32) {
+    if (!cache32.defined() || cache32.numel() < rows * K) cache32 = at::empty({rows * K}, xg.options());
+    panel32 = cache32.narrow(0, 0, rows * K).view({rows, K});
+  }
   // rows per decompression chunk: ~256 KB of dense weight each, so a small panel stays on one thread
   const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / std::max<int64_t>(K * es, 1));
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t nr = std::min(rows, N - n0);
     at::parallel_for(n0, n0 + nr, grain, [&](int64_t r0, int64_t r1) { fill(r0, r1, base + (r0 - n0) * K * es); });
     at::Tensor p = panel.narrow(0, 0, nr);
+    if (gemm_f32) p = panel32.narrow(0, 0, nr).copy_(p);
     at::Tensor yb = nr == N ? y : y.narrow(1, n0, nr);
     if (b.defined()) {
-      at::addmm_out(yb, b.narrow(0, n0, nr), x, p.t());
+      at::addmm_out(yb, b.narrow(0, n0, nr), xg, p.t());
     } else {
-      at::mm_out(yb, x, p.t());
+      at::mm_out(yb, xg, p.t());
     }
   }
-  return y;
+  return gemm_f32 ? y.to(x.scalar_type()) : y;
 }
 
 }  // namespace laco

@@ -322,6 +322,48 @@ LACO_AVX512 void s24_decompress_avx512(const VT* v, const uint32_t* meta, int64_
   s24_decompress_tail<VT>(v, meta, 8 * wf, K, dst);
 }
 
+// AVX2: one meta byte (2 groups, 8 columns, 4 values) per step. The 4 values go to the kept columns in
+// order (a format invariant), so lane c takes value rank(c) = popcount(kept & ((1 << c) - 1)): one
+// permute and one AND with the kept-lane mask; bf16 bits ride in 32-bit lanes, packed back on store.
+struct RankTable {
+  alignas(32) int32_t idx[256][8];
+  RankTable() {
+    for (int b = 0; b < 256; ++b)
+      for (int c = 0; c < 8; ++c) idx[b][c] = __builtin_popcount(static_cast<unsigned>(b) & ((1u << c) - 1u)) & 7;
+  }
+};
+
+template <typename VT>
+LACO_AVX2 void s24_decompress_avx2(const VT* v, const uint32_t* meta, int64_t K, VT* dst) {
+  static const RankTable rank;
+  const uint8_t* lut = kept_mask_table().m.data();
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const int64_t wf = K / 32;
+  for (int64_t w = 0; w < wf; ++w) {
+    const uint32_t word = meta[w];
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t km = lut[(word >> (8 * q)) & 0xffu];
+      const VT* p = v + 16 * w + 4 * q;
+      __m256i packed;
+      if constexpr (std::is_same_v<VT, float>) {
+        packed = _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      } else {
+        packed = _mm256_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+      }
+      const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(km)), lane_bit), lane_bit);
+      const __m256i pi = _mm256_load_si256(reinterpret_cast<const __m256i*>(rank.idx[km]));
+      const __m256i r = _mm256_and_si256(_mm256_permutevar8x32_epi32(packed, pi), on);
+      VT* d = dst + 32 * w + 8 * q;
+      if constexpr (std::is_same_v<VT, float>) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), r);
+      } else {  // lanes hold 0..65535: the unsigned-saturating pack is exact
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+      }
+    }
+  }
+  s24_decompress_tail<VT>(v, meta, 8 * wf, K, dst);
+}
+
 LACO_AVX512BF16 void s24_decompress_bf16(const uint16_t* v, const uint32_t* meta, int64_t K, uint16_t* dst) {
   const uint8_t* lut = kept_mask_table().m.data();
   const int64_t wf = K / 32;
@@ -349,6 +391,10 @@ void s24_decompress_rows(Isa isa, const VT* values, const uint32_t* meta, int64_
     }
     if (isa >= Isa::kAvx512) {
       s24_decompress_avx512<VT>(v, mt, K, dst);
+      continue;
+    }
+    if (isa == Isa::kAvx2) {
+      s24_decompress_avx2<VT>(v, mt, K, dst);
       continue;
     }
 #endif
@@ -387,6 +433,9 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
   }
   at::Tensor x32 = linear_x_fp32(x, values, K, op);
   const int64_t M = x32.size(0);
+  if (M > 0 && N > 0 && M >= outer_min_m(LinearOp::kSparse24, x.scalar_type(), N, K) && outer_fits(M, K)) {
+    return sparse24_outer(x32, b32, values, meta, N, K, x.scalar_type());
+  }
   at::Tensor y = at::empty({M, N}, x32.options());
   if (M == 0 || N == 0) return y.to(x.scalar_type());
 

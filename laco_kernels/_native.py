@@ -62,6 +62,22 @@ def panel_min_m(op: str, dtype: torch.dtype, shape) -> int:
     return _C.panel_min_m(op, "float32" if dtype == torch.float32 else "bfloat16", int(n), int(k))
 
 
+def outer_min_m(op: str, dtype: torch.dtype, shape) -> int:
+    """Smallest M at which ``op`` runs through the outer-product kernel (csrc/outer_linear.cpp: each kept
+    weight times a vector of 8 rows of x transposed) instead of the direct kernel; it applies below
+    :func:`panel_min_m`. Huge where the active ISA has no such kernel (it exists for AVX2 only)."""
+    if dtype not in _DTYPES:
+        raise TypeError(f"outer_min_m: dtype must be float32 or bfloat16, got {dtype}")
+    n, k = shape
+    return _C.outer_min_m(op, "float32" if dtype == torch.float32 else "bfloat16", int(n), int(k))
+
+
+def set_outer_min_m(m: int | None) -> None:
+    """Force the outer-product threshold for every op (0: from M = 1; a huge M: never); None restores
+    the measured defaults. For tests and benchmarks."""
+    _C.set_outer_min_m(-1 if m is None else int(m))
+
+
 def set_panel_min_m(m: int | None) -> None:
     """Force the panel threshold for every op (0: always panels; a huge M: never); None restores the
     measured defaults. For tests and benchmarks."""

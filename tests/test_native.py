@@ -287,12 +287,16 @@ def test_extension_present_no_warning():
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 # ---------------------------------------------------------------------------------------------
-# Panel path (csrc/panel.cpp): above panel_min_m the linears decompress row blocks and call the BLAS.
-@pytest.fixture(params=["direct", "panel"])
+# Paths by M: direct kernels, the 2:4 outer-product kernel (csrc/outer_linear.cpp, AVX2) from
+# outer_min_m, decompressed panels + BLAS (csrc/panel.cpp) from panel_min_m.
+@pytest.fixture(params=["direct", "outer", "panel"])
 def linear_path(request):
-    """Force one side of the panel threshold for every op (restored to the measured defaults after)."""
-    _native.set_panel_min_m(10**9 if request.param == "direct" else 0)
+    """Force one path for every op (restored to the measured defaults after). "outer" exists for 2:4 on
+    AVX2; elsewhere that setting runs the direct kernels."""
+    _native.set_outer_min_m(0 if request.param == "outer" else 10**9)
+    _native.set_panel_min_m(0 if request.param == "panel" else 10**9)
     yield request.param
+    _native.set_outer_min_m(None)
     _native.set_panel_min_m(None)
 
 
@@ -315,6 +319,60 @@ def test_linears_both_sides_of_the_panel_threshold(isa_and_threads, linear_path,
         assert y24.dtype == ybm.dtype == dtype and y24.shape == ybm.shape == (m, n)
         _close(y24, reference.sparse24_linear(x, w24, b), dtype)
         _close(ybm, reference.bitmap_linear(x, bw, b), dtype)
+
+
+# M = 8, 9 (one partial vector), 64 / 65 / 130 (one to three blocks of 64 rows, the last partial);
+# K = 100 (one K-block), 1000 and 8196 (K-blocks of 64-640 columns, a partial meta word at the end)
+OUTER_SHAPES = [(1, 3, 36), (8, 33, 100), (9, 17, 1000), (64, 5, 1000), (65, 7, 8196), (130, 19, 1000)]
+
+
+@needs_ext
+@pytest.mark.skipif("avx2" not in ISAS, reason="the outer-product kernel is AVX2 code")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", OUTER_SHAPES, ids=str)
+def test_sparse24_outer_kernel_matches_reference(threads, dtype, shape):
+    m, n, k = shape
+    old = torch.get_num_threads()
+    _native.set_isa("avx2")
+    _native.set_outer_min_m(0)
+    _native.set_panel_min_m(10**9)
+    torch.set_num_threads(threads)
+    try:
+        assert _native.outer_min_m("sparse24_linear", dtype, (n, k)) == 0
+        w24 = Sparse24Weight.from_dense(torch.randn(n, k).to(dtype), prune=True)
+        x = torch.randn(k, m).to(dtype).t()  # non-contiguous
+        for b in (None, torch.randn(n).to(dtype), torch.randn(n)):
+            y = _native.sparse24_linear(x, w24, b)
+            assert y.dtype == dtype and y.shape == (m, n)
+            _close(y, reference.sparse24_linear(x, w24, b), dtype)
+        # one kept weight per output (x = I): exact, so offsets and values are placed right bit for bit
+        eye = torch.eye(k).to(dtype)
+        assert torch.equal(_native.sparse24_linear(eye, w24).t(), w24.to_dense())
+    finally:
+        _native.set_isa("auto")
+        _native.set_outer_min_m(None)
+        _native.set_panel_min_m(None)
+        torch.set_num_threads(old)
+
+
+@needs_ext
+def test_outer_threshold_is_reported_and_avx2_only():
+    old_isa = _native.isa()
+    try:
+        for isa in ISAS:
+            _native.set_isa(isa)
+            for dt in DTYPES:
+                m24 = _native.outer_min_m("sparse24_linear", dt, (576, 1536))
+                if isa == "avx2":  # below the panel threshold: the path is used between the two
+                    assert 2 <= m24 < _native.panel_min_m("sparse24_linear", dt, (576, 1536))
+                else:
+                    assert m24 > 10**12
+                assert _native.outer_min_m("bitmap_linear", dt, (576, 1536)) > 10**12
+    finally:
+        _native.set_isa(old_isa)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        _native.outer_min_m("sparse24_linear", torch.float16, (8, 8))
 
 
 @needs_ext

@@ -1,0 +1,250 @@
+// Mid-M path of the 2:4 linear (AVX2 CPUs): outer products over the kept weights only.
+//
+// The direct kernels (sparse24_linear.cpp, bitmap_linear.cpp) expand a vector of weights and take dot
+// products with rows of x: dense multiply-adds, plus a gather or an expand per vector. From a few rows of
+// x on, the BLAS behind F.linear does dense multiply-adds faster than that. This path does only the kept
+// ones: x is transposed once into xt [K, Mp] (Mp = M rounded up to 8, zero rows added), and for output row
+// n every kept weight w[n, c] is broadcast and multiplied with the vectors xt[c, m0 : m0 + 8 * MBV],
+// accumulating y^T[n, m0 : ...] in MBV ymm registers. Per kept weight: one broadcast load, MBV loads and
+// MBV FMAs, no shuffles, and half the multiply-adds of the dense GEMM.
+//
+// Blocking: rows of x in blocks of at most 64 (8 accumulators), and K in blocks whose xt slice (K_blk x
+// 64 rows x 4 bytes) stays in L1 while a thread's weight rows pass over it. Each row's kept weights of a
+// K-block are first decoded into (offset into xt, fp32 value) pairs; then the FMA loop runs over them.
+// Every output element is produced by one thread in a fixed order (deterministic for any thread count).
+// Measured on the AVX2 machine (docs/cpu_kernels.md); AVX-512 machines keep their measured direct /
+// panel thresholds, as this path was not measured there.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <utility>
+#include <vector>
+
+#include "laco_cpu.h"
+
+namespace laco {
+namespace {
+
+constexpr int kMaxMBV = 8;                     // 8 vectors of 8 rows: 64 rows of x per block
+int64_t outer_xt_bytes() {  // xt slice per K-block (Zen 3 L1D: 32 KB); LACO_OUTER_XT_BYTES for tuning runs
+  static const int64_t v = [] {
+    const char* e = std::getenv("LACO_OUTER_XT_BYTES");
+    return e ? std::max<int64_t>(1024, std::atoll(e)) : int64_t{20} * 1024;
+  }();
+  return v;
+}
+std::atomic<int64_t> g_outer_min_m_override{-1};
+constexpr int64_t kRowChunk = 16;
+
+// Kept weights of row n over columns [k0, k1): writes off[j] (float index of column c_j in xt, c_j * Mp)
+// and returns their fp32 values (either vals, filled here, or a pointer into the fp32 values tensor).
+struct Decoded {
+  int64_t count;
+  const float* vals;
+};
+using Decode = std::function<Decoded(int64_t n, int64_t k0, int64_t k1, int64_t mp, int32_t* off, float* vals)>;
+
+#if LACO_X86
+// y^T[n, block] += sum_j val[j] * xt[off[j] + block]; acc_io holds the MBV * 8 partial sums.
+// U sets of accumulators (summed at the end) keep U * MBV FMA chains in flight when MBV is small.
+// Every accumulator index is a compile-time constant (fold expressions, not loops), so GCC keeps them in
+// registers: with loop indices it kept the array on the stack and stored all of it every step.
+template <size_t... V>
+LACO_AVX2 LACO_INLINE void outer_fma(std::index_sequence<V...>, __m256 w, const float* xr, __m256* acc) {
+  ((acc[V] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * V), acc[V])), ...);
+}
+
+template <int MBV, size_t... U>
+LACO_AVX2 LACO_INLINE void outer_step(std::index_sequence<U...>, const int32_t* off, const float* val, const float* xt,
+                                      __m256* acc) {
+  (outer_fma(std::make_index_sequence<MBV>{}, _mm256_broadcast_ss(val + U), xt + off[U], acc + U * MBV), ...);
+}
+
+template <int MBV, size_t... I>
+LACO_AVX2 LACO_INLINE void outer_init(std::index_sequence<I...>, const float* acc_io, __m256* acc) {
+  ((acc[I] = I < MBV ? _mm256_loadu_ps(acc_io + 8 * (I % MBV)) : _mm256_setzero_ps()), ...);
+}
+
+template <int MBV, size_t... I>
+LACO_AVX2 LACO_INLINE void outer_fold(std::index_sequence<I...>, __m256* acc) {  // acc[v] += acc[MBV + I]
+  ((acc[I % MBV] = _mm256_add_ps(acc[I % MBV], acc[MBV + I])), ...);
+}
+
+template <size_t... V>
+LACO_AVX2 LACO_INLINE void outer_store(std::index_sequence<V...>, const __m256* acc, float* acc_io) {
+  (_mm256_storeu_ps(acc_io + 8 * V, acc[V]), ...);
+}
+
+template <int MBV, int U>
+LACO_AVX2 void outer_row_avx2(const int32_t* off, const float* val, int64_t cnt, const float* xt, float* acc_io) {
+  __m256 acc[U * MBV];
+  outer_init<MBV>(std::make_index_sequence<U * MBV>{}, acc_io, acc);
+  int64_t j = 0;
+  for (; j + U <= cnt; j += U) outer_step<MBV>(std::make_index_sequence<U>{}, off + j, val + j, xt, acc);
+  for (; j < cnt; ++j) outer_step<MBV>(std::make_index_sequence<1>{}, off + j, val + j, xt, acc);
+  outer_fold<MBV>(std::make_index_sequence<(U - 1) * MBV>{}, acc);
+  outer_store(std::make_index_sequence<MBV>{}, acc, acc_io);
+}
+
+void outer_row(int mbv, const int32_t* off, const float* val, int64_t cnt, const float* xt, float* acc) {
+  switch (mbv) {
+    case 1: return outer_row_avx2<1, 4>(off, val, cnt, xt, acc);
+    case 2: return outer_row_avx2<2, 4>(off, val, cnt, xt, acc);
+    case 3: return outer_row_avx2<3, 2>(off, val, cnt, xt, acc);
+    case 4: return outer_row_avx2<4, 2>(off, val, cnt, xt, acc);
+    case 5: return outer_row_avx2<5, 1>(off, val, cnt, xt, acc);
+    case 6: return outer_row_avx2<6, 1>(off, val, cnt, xt, acc);
+    case 7: return outer_row_avx2<7, 1>(off, val, cnt, xt, acc);
+    default: return outer_row_avx2<8, 1>(off, val, cnt, xt, acc);
+  }
+}
+
+// 2:4 decode, 4 groups (16 columns, 8 values) per step: the index arithmetic of s24_half_avx2.
+template <typename VT>
+LACO_AVX2 Decoded s24_decode_avx2(const VT* v, const uint32_t* meta, int64_t g0, int64_t g1, int64_t mp, int32_t* off,
+                                  float* vals) {
+  const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
+  const __m256i three = _mm256_set1_epi32(3), vmp = _mm256_set1_epi32(static_cast<int>(mp));
+  int64_t g = g0, j = 0;
+  for (; g < g1 && (g & 3); ++g, j += 2) {  // to a half-word boundary
+    const uint32_t nib = (meta[g >> 3] >> (4 * (g & 7))) & 0xFu;
+    off[j] = static_cast<int32_t>((4 * g + (nib & 3u)) * mp);
+    off[j + 1] = static_cast<int32_t>((4 * g + (nib >> 2)) * mp);
+  }
+  for (; g + 4 <= g1; g += 4, j += 8) {
+    const uint32_t half = meta[g >> 3] >> (4 * (g & 7));
+    const __m256i col = _mm256_add_epi32(
+        _mm256_add_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(half)), shifts), three),
+                         base),
+        _mm256_set1_epi32(static_cast<int>(4 * g)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(off + j), _mm256_mullo_epi32(col, vmp));
+  }
+  for (; g < g1; ++g, j += 2) {
+    const uint32_t nib = (meta[g >> 3] >> (4 * (g & 7))) & 0xFu;
+    off[j] = static_cast<int32_t>((4 * g + (nib & 3u)) * mp);
+    off[j + 1] = static_cast<int32_t>((4 * g + (nib >> 2)) * mp);
+  }
+  const int64_t cnt = 2 * (g1 - g0);
+  if constexpr (std::is_same_v<VT, float>) {
+    return {cnt, v + 2 * g0};
+  } else {
+    const uint16_t* p = v + 2 * g0;
+    int64_t i = 0;
+    for (; i + 8 <= cnt; i += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(vals + i), _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    for (; i < cnt; ++i) vals[i] = bf16_to_f32(p[i]);
+    return {cnt, vals};
+  }
+}
+#endif
+
+// Smallest M for this path on AVX2 (below it the direct kernel; from panel_min_m on the panel path).
+// Measured on the AVX2 machine (AMD EPYC, family 25 model 1, 1 thread; docs/cpu_kernels.md): the outer
+// kernel beat the direct one from M = 8 on (1536x576 fp32 1.89x vs 1.51x dense, bf16 2.36x vs 1.71x;
+// M = 4: 1.88x vs 2.47x) on both SmolLM2 and 7B shapes.
+int64_t default_outer_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t N, int64_t K) {
+  (void)dt; (void)N; (void)K;
+  if (isa != Isa::kAvx2 || op != LinearOp::kSparse24) return int64_t{1} << 62;
+  return 8;
+}
+
+}  // namespace
+
+int64_t outer_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
+  const int64_t o = g_outer_min_m_override.load();
+  const Isa isa = active_isa();
+  // the kernel exists for 2:4 on AVX2 (bitmap: measured slower than the panel path at 50%, about even at
+  // 70%, so the panel path serves it; AVX-512: not measured there, the direct / panel thresholds stand)
+  if (isa != Isa::kAvx2 || op != LinearOp::kSparse24) return int64_t{1} << 62;
+  return o >= 0 ? o : default_outer_min_m(op, dt, isa, N, K);
+}
+
+void set_outer_min_m(int64_t m) { g_outer_min_m_override = m; }
+
+bool outer_fits(int64_t M, int64_t K) {
+  (void)M;
+  return K * 8 * kMaxMBV < (int64_t{1} << 31);  // int32 offsets into one M-block's xt
+}
+
+// y [M, N] in out_dtype = x32 [M, K] @ W^T + b32, W given by decode. x32 fp32 contiguous; b32 fp32 or undefined.
+at::Tensor outer_linear(const at::Tensor& x32, const at::Tensor& b32, int64_t N, int64_t K, int64_t k_align,
+                        at::ScalarType out_dtype, const Decode& decode) {
+#if LACO_X86
+  const int64_t M = x32.size(0), mp = (M + 7) / 8 * 8;
+  const int64_t nblocks = (mp + 8 * kMaxMBV - 1) / (8 * kMaxMBV);
+  // xt per M-block: [K, 8 * mbv] contiguous (zero rows past M), so a K-block's slice is one dense piece of
+  // L1 (a shared [K, Mp] layout with Mp = 128 put the slice on a quarter of the L1 sets: 2x slower)
+  std::vector<at::Tensor> xts;
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t m0 = b * 8 * kMaxMBV, rows = std::min<int64_t>(8 * kMaxMBV, M - m0);
+    at::Tensor t = at::zeros({K, (rows + 7) / 8 * 8}, x32.options());
+    t.narrow(1, 0, rows).copy_(x32.narrow(0, m0, rows).t());
+    xts.push_back(t);
+  }
+  at::Tensor yt = at::empty({N, mp}, x32.options());
+  float* ytp = yt.data_ptr<float>();
+  const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  const int64_t xt_bytes = outer_xt_bytes();
+  at::parallel_for(0, N, linear_row_grain(M, K), [&](int64_t n0, int64_t n1) {
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const int64_t m0 = b * 8 * kMaxMBV;
+      const int64_t w = xts[b].size(1);
+      const int mbv = static_cast<int>(w / 8);
+      const float* xtp = xts[b].data_ptr<float>();
+      int64_t kb = xt_bytes / (w * static_cast<int64_t>(sizeof(float)));
+      kb = std::min(K, std::max(k_align, kb / k_align * k_align));
+      std::vector<int32_t> off(static_cast<size_t>(kb + 64));
+      std::vector<float> vals(static_cast<size_t>(kb + 64));
+      for (int64_t n = n0; n < n1; ++n) std::fill(ytp + n * mp + m0, ytp + n * mp + m0 + w, bp ? bp[n] : 0.f);
+      // kRowChunk rows at a time pass over each K-block's xt slice (L1) in turn: the slice is reused
+      // kRowChunk times and each row's weights are still read in order (kRowChunk streams). With all of
+      // the thread's rows per K-block instead, the weight reads jumped a row (KBs) every few hundred bytes
+      // (TLB and prefetch misses: 2-3x slower at M = 64 on SmolLM2 shapes).
+      for (int64_t c0 = n0; c0 < n1; c0 += kRowChunk) {
+        const int64_t c1 = std::min(n1, c0 + kRowChunk);
+        for (int64_t k0 = 0; k0 < K; k0 += kb) {
+          const int64_t k1 = std::min(K, k0 + kb);
+          for (int64_t n = c0; n < c1; ++n) {
+            const Decoded d = decode(n, k0, k1, w, off.data(), vals.data());
+            outer_row(mbv, off.data(), d.vals, d.count, xtp, ytp + n * mp + m0);
+          }
+        }
+      }
+    }
+  });
+  return yt.narrow(1, 0, M).t().to(out_dtype).contiguous();
+#else
+  (void)x32; (void)b32; (void)N; (void)K; (void)k_align; (void)out_dtype; (void)decode;
+  TORCH_CHECK(false, "outer_linear: x86 only");
+#endif
+}
+
+at::Tensor sparse24_outer(const at::Tensor& x32, const at::Tensor& b32, const at::Tensor& values, const at::Tensor& meta,
+                          int64_t N, int64_t K, at::ScalarType out_dtype) {
+#if LACO_X86
+  const int64_t W = (K / 4 + 7) / 8;
+  const uint32_t* mt = reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>());
+  if (values.scalar_type() == at::kFloat) {
+    const float* v = values.data_ptr<float>();
+    return outer_linear(x32, b32, N, K, 32, out_dtype, [=](int64_t n, int64_t k0, int64_t k1, int64_t mp, int32_t* off,
+                                                          float* vals) {
+      return s24_decode_avx2<float>(v + n * (K / 2), mt + n * W, k0 / 4, k1 / 4, mp, off, vals);
+    });
+  }
+  const uint16_t* v = reinterpret_cast<const uint16_t*>(values.data_ptr());
+  return outer_linear(x32, b32, N, K, 32, out_dtype, [=](int64_t n, int64_t k0, int64_t k1, int64_t mp, int32_t* off,
+                                                        float* vals) {
+    return s24_decode_avx2<uint16_t>(v + n * (K / 2), mt + n * W, k0 / 4, k1 / 4, mp, off, vals);
+  });
+#else
+  (void)x32; (void)b32; (void)values; (void)meta; (void)N; (void)K; (void)out_dtype;
+  TORCH_CHECK(false, "sparse24_outer: x86 only");
+#endif
+}
+
+}  // namespace laco
