@@ -42,6 +42,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("op"), py::arg("dtype"), py::arg("n"), py::arg("k"));
   m.def("set_outer_min_m", &laco::set_outer_min_m, "-1: measured defaults; else this M threshold for every op",
         py::arg("m"));
+  m.def("prefetch_bytes", [](const std::string& op) {
+          TORCH_CHECK(op == "sparse24_linear" || op == "bitmap_linear", "prefetch_bytes: unknown op '", op, "'");
+          return laco::prefetch_bytes(op == "sparse24_linear" ? laco::LinearOp::kSparse24 : laco::LinearOp::kBitmap);
+        }, "software prefetch distance of the direct kernel's values stream at M = 1", py::arg("op"));
+  m.def("set_prefetch_bytes", [](const std::string& op, int64_t bytes) {
+          TORCH_CHECK(op == "sparse24_linear" || op == "bitmap_linear", "set_prefetch_bytes: unknown op '", op, "'");
+          laco::set_prefetch_bytes(op == "sparse24_linear" ? laco::LinearOp::kSparse24 : laco::LinearOp::kBitmap, bytes);
+        }, "set that distance (-1: the default)", py::arg("op"), py::arg("bytes"));
   m.def("set_panel_bytes", &laco::set_panel_bytes, "dense bytes per decompressed panel", py::arg("bytes"));
   m.def("panel_bytes", &laco::panel_bytes, "dense bytes per decompressed panel");
   m.def("set_isa", &laco::set_isa, "cap the vector ISA: auto | scalar | avx2 | avx512 (for tests)", py::arg("name"));

@@ -37,7 +37,7 @@ constexpr int kMaxMB = 8;
 // EPYC (Zen 5, KVM), M = 1, 70% sparse fp32, 4096x11008, 1 thread: values 2 KB ahead 4.2-4.7 ms,
 // 6 KB 2.9-3.2 ms (~19 GB/s), 12 KB and more slower again; bitmap 2 KB ahead a little better
 // than one row (1.4 KB) ahead.
-constexpr int64_t kPfValueBytes = 6144;
+// The values distance is prefetch_bytes(LinearOp::kBitmap) (default 6144, set_prefetch_bytes to tune).
 constexpr int64_t kPfBitmapWords = 512;
 
 // Bits of word w that are real columns (padding bits past K are ignored even if set).
@@ -91,10 +91,10 @@ LACO_AVX512 LACO_INLINE __m512 expand16_avx512(const VT*& p, uint32_t bits16) {
 template <typename VT, int MB>
 LACO_AVX512 void bm_avx512(const BmArgs& a, int64_t n, int64_t m0, int64_t w0, int64_t w1, const VT* p, float* out) {
   const uint32_t* bits = a.bitmap + n * a.W;
-  // software prefetch: the same K-block of the next row (its values start at pf), or kPfValueBytes ahead
+  // software prefetch: the same K-block of the next row (its values start at pf), or prefetch_bytes(kBitmap) ahead
   const char* pf = a.pf_next_row ? reinterpret_cast<const char*>(static_cast<const VT*>(a.values) +
                                                                  a.offsets[std::min(n + 1, a.N - 1) * a.T + 32 * w0 / a.tile_k])
-                                 : reinterpret_cast<const char*>(p) + kPfValueBytes;
+                                 : reinterpret_cast<const char*>(p) + prefetch_bytes(LinearOp::kBitmap);
   const int64_t pf_bits = a.pf_next_row ? a.W : kPfBitmapWords;
   const char* p_start = reinterpret_cast<const char*>(p);
   const float* x = a.x + m0 * a.K;
@@ -131,11 +131,18 @@ LACO_AVX512 void bm_avx512(const BmArgs& a, int64_t n, int64_t m0, int64_t w0, i
 }
 
 // Lane j of entry b = index among the set bits of b of bit j (where bit j is set).
+// Per bitmap byte: idx[c] = rank of column c among the set bits (the packed value it takes), on[c] = all
+// ones where bit c is set. Both are table loads: building the lane mask with broadcast / AND / compare cost
+// 3 more instructions per 8 columns in the decode loop, which is instruction-bound at 70% sparsity.
 struct PermTable {
   alignas(32) std::array<std::array<int32_t, 8>, 256> idx;
+  alignas(32) std::array<std::array<int32_t, 8>, 256> on;
   PermTable() {
     for (int b = 0; b < 256; ++b)
-      for (int j = 0; j < 8; ++j) idx[b][j] = __builtin_popcount(b & ((1 << j) - 1));
+      for (int j = 0; j < 8; ++j) {
+        idx[b][j] = __builtin_popcount(b & ((1 << j) - 1));
+        on[b][j] = (b >> j) & 1 ? -1 : 0;
+      }
   }
 };
 const PermTable& perm_table() {
@@ -149,37 +156,58 @@ LACO_AVX2 void bm_avx2(const BmArgs& a, int64_t n, int64_t m0, int64_t w0, int64
   const float* x = a.x + m0 * a.K;
   const VT* safe_end = static_cast<const VT*>(a.values) + a.nnz - 8;  // an 8-wide load from p <= this is in bounds
   const int32_t* perm = &perm_table().idx[0][0];
-  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   // software prefetch as in bm_avx512 (the AVX2 path had none)
   const char* pf = a.pf_next_row ? reinterpret_cast<const char*>(static_cast<const VT*>(a.values) +
                                                                  a.offsets[std::min(n + 1, a.N - 1) * a.T + 32 * w0 / a.tile_k])
-                                 : reinterpret_cast<const char*>(p) + kPfValueBytes;
+                                 : reinterpret_cast<const char*>(p) + prefetch_bytes(LinearOp::kBitmap);
   const int64_t pf_bits = a.pf_next_row ? a.W : kPfBitmapWords;
   const char* p_start = reinterpret_cast<const char*>(p);
   __m256 acc0[MB], acc1[MB];
   for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
   const int64_t wfull = std::min(w1, a.K / 32);
   int64_t w = w0;
+  const int32_t* onp = &perm_table().on[0][0];
   for (; w < wfull; ++w) {
     const uint32_t b = bits[w];
     _mm_prefetch(pf + (reinterpret_cast<const char*>(p) - p_start), _MM_HINT_T0);
     if ((w & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(bits + pf_bits + w), _MM_HINT_T0);
+    if (p + 24 <= safe_end) {
+      // whole word in bounds (its last byte loads at most 8 values from p + 24): the four bytes' value
+      // pointers come from prefix popcounts, so their loads do not wait on each other
+      const int c1 = __builtin_popcount(b & 0xffu), c2 = __builtin_popcount(b & 0xffffu),
+                c3 = __builtin_popcount(b & 0xffffffu);
+      const VT* pq[4] = {p, p + c1, p + c2, p + c3};
 #pragma GCC unroll 4
-    for (int q = 0; q < 4; ++q) {
+      for (int q = 0; q < 4; ++q) {
+        const uint32_t byte = (b >> (8 * q)) & 0xffu;
+        const __m256i pi = _mm256_load_si256(reinterpret_cast<const __m256i*>(perm + 8 * byte));
+        const __m256 on = _mm256_load_ps(reinterpret_cast<const float*>(onp + 8 * byte));
+        const __m256 vv = _mm256_and_ps(_mm256_permutevar8x32_ps(load8_f32_avx2(pq[q]), pi), on);
+#pragma GCC unroll 8
+        for (int i = 0; i < MB; ++i) {
+          const __m256 xv = _mm256_loadu_ps(x + i * a.K + 32 * w + 8 * q);
+          if (q & 1) acc1[i] = _mm256_fmadd_ps(vv, xv, acc1[i]);
+          else acc0[i] = _mm256_fmadd_ps(vv, xv, acc0[i]);
+        }
+      }
+      p += __builtin_popcount(b);
+      continue;
+    }
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {  // the last values of the tensor: per byte, copying what would overrun
       const uint32_t byte = (b >> (8 * q)) & 0xffu;
       const int c = __builtin_popcount(byte);
       __m256 packed;
       if (p <= safe_end) {
         packed = load8_f32_avx2(p);
-      } else {  // the last few values of the tensor: copy, never read past the end
+      } else {
         alignas(32) VT tmp[8] = {};
         std::copy(p, p + c, tmp);
         packed = load8_f32_avx2(tmp);
       }
       p += c;
-      const __m256i sel = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(byte)), lane_bit);
-      const __m256 on = _mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, lane_bit));
       const __m256i pi = _mm256_load_si256(reinterpret_cast<const __m256i*>(perm + 8 * byte));
+      const __m256 on = _mm256_load_ps(reinterpret_cast<const float*>(onp + 8 * byte));
       const __m256 vv = _mm256_and_ps(_mm256_permutevar8x32_ps(packed, pi), on);
 #pragma GCC unroll 8
       for (int i = 0; i < MB; ++i) {
@@ -209,7 +237,7 @@ LACO_AVX512BF16 void bm_avx512bf16(const BmArgs& a, int64_t n, int64_t m0, int64
   const uint16_t* x = a.x16 + m0 * a.K;
   const char* pf = a.pf_next_row ? reinterpret_cast<const char*>(static_cast<const uint16_t*>(a.values) +
                                                                  a.offsets[std::min(n + 1, a.N - 1) * a.T + 32 * w0 / a.tile_k])
-                                 : reinterpret_cast<const char*>(p) + kPfValueBytes;
+                                 : reinterpret_cast<const char*>(p) + prefetch_bytes(LinearOp::kBitmap);
   const int64_t pf_bits = a.pf_next_row ? a.W : kPfBitmapWords;
   const char* p_start = reinterpret_cast<const char*>(p);
   __m512 acc0[MB], acc1[MB];

@@ -58,6 +58,22 @@ void set_isa(const std::string& name) {
   }
 }
 
+namespace {
+// Software prefetch distance of the direct kernels' values stream when rows are read whole (M = 1 decode),
+// per op. Defaults measured on a Zen 5 EPYC (see sparse24_linear.cpp / bitmap_linear.cpp); on the AVX2
+// EPYC of docs/cpu_kernels.md a sweep was inconclusive under load, so they stand. Settable for tuning runs.
+std::atomic<int64_t> g_prefetch_bytes[2] = {{4096}, {6144}};
+constexpr int64_t kDefaultPrefetch[2] = {4096, 6144};
+}  // namespace
+
+int64_t prefetch_bytes(LinearOp op) { return g_prefetch_bytes[static_cast<int>(op)].load(std::memory_order_relaxed); }
+
+void set_prefetch_bytes(LinearOp op, int64_t bytes) {
+  TORCH_CHECK(bytes >= -1 && bytes <= (int64_t{1} << 20), "set_prefetch_bytes: need -1 (default) or 0..1 MiB, got ",
+              bytes);
+  g_prefetch_bytes[static_cast<int>(op)] = bytes < 0 ? kDefaultPrefetch[static_cast<int>(op)] : bytes;
+}
+
 int64_t linear_k_block(int64_t m, int64_t k, int64_t align) {
   // one x row may live in L2 (the weights dominate the traffic); several rows must fit in L1,
   // else every weight vector costs m L2 reads of x

@@ -139,6 +139,10 @@ bool outer_fits(int64_t M, int64_t K);  // int32 offsets into the transposed x s
 at::Tensor sparse24_outer(const at::Tensor& x32, const at::Tensor& b32, const at::Tensor& values, const at::Tensor& meta,
                           int64_t N, int64_t K, at::ScalarType out_dtype);
 
+// Software prefetch distance (bytes) of a direct kernel's values stream at M = 1 (whole rows).
+int64_t prefetch_bytes(LinearOp op);
+void set_prefetch_bytes(LinearOp op, int64_t bytes);  // -1: the default
+
 // Columns of x per K-block for an M-block of m rows: the whole row when one row (m = 1) fits in
 // 512 KB, for m > 1 when the m rows fit in 24 KB of L1 (else each weight vector costs m L2 reads
 // of x); otherwise a multiple of `align` columns that does.

@@ -12,7 +12,7 @@
 //
 // Parallel over output rows N (each thread streams a contiguous range of weight rows); x rows are
 // handled in blocks of up to 8 so each weight vector feeds up to 8 FMAs, and K is blocked so those
-// rows stay in L1 (prefetch in software, see kPfBytes). Accumulation is fp32; every
+// rows stay in L1 (prefetch in software, see prefetch_bytes). Accumulation is fp32; every
 // output element is produced by one thread in a fixed order (deterministic for any thread count).
 #include <ATen/Parallel.h>
 
@@ -37,7 +37,7 @@ constexpr int kMaxMB = 8;
 // Prefetch distance in the values stream when rows are read whole. Measured on an AMD EPYC (Zen 5,
 // KVM), M = 1, fp32, 1 thread: 11008x4096 4.4 ms at 2 KB, 3.1 ms at 4 KB; 4096x11008 4.0 ms at
 // 2 KB, 3.7 ms at 4-6 KB (~26 GB/s, dense F.linear's rate); 12 KB slower again.
-constexpr int64_t kPfBytes = 4096;
+// (the default of prefetch_bytes(LinearOp::kSparse24), common.cpp; set_prefetch_bytes to tune)
 
 
 // Partial sums over groups [g0, g1) of rows m0..m0+mb of x with weight row n (any ISA's tail).
@@ -237,9 +237,9 @@ void s24_run(S24Args a, const float* bias, float* y) {
   // K-blocks sized so the x rows of one M-block stay in cache while the thread's weight rows stream past
   const int64_t kb = linear_k_block(std::min<int64_t>(a.M, kMaxMB), a.K, 32);  // multiple of 32 unless all of K
   // Software prefetch: the hardware prefetchers of the machines we measured cover the weight stream
-  // poorly, so the distance sets the memory-level parallelism. Whole rows: kPfBytes ahead in the one
+  // poorly, so the distance sets the memory-level parallelism. Whole rows: prefetch_bytes(kSparse24) ahead in the one
   // contiguous values stream; K-blocks: the same block of the next row (the stream jumps between rows).
-  a.pf_bytes = kb == a.K ? kPfBytes : (a.K / 2) * static_cast<int64_t>(sizeof(VT));
+  a.pf_bytes = kb == a.K ? prefetch_bytes(LinearOp::kSparse24) : (a.K / 2) * static_cast<int64_t>(sizeof(VT));
   const int64_t grain = linear_row_grain(a.M, a.K);
   at::parallel_for(0, a.N, grain, [&](int64_t n0, int64_t n1) {
     float part[kMaxMB];

@@ -78,6 +78,17 @@ def set_outer_min_m(m: int | None) -> None:
     _C.set_outer_min_m(-1 if m is None else int(m))
 
 
+def prefetch_bytes(op: str) -> int:
+    """Software prefetch distance (bytes) of ``op``'s direct kernel in its values stream at M = 1."""
+    return _C.prefetch_bytes(op)
+
+
+def set_prefetch_bytes(op: str, nbytes: int | None) -> None:
+    """Set that distance (0 .. 1 MiB; None restores the default). Results do not depend on it; the best
+    value depends on the machine's memory system (bench/cpu_kernels.py records the one used)."""
+    _C.set_prefetch_bytes(op, -1 if nbytes is None else int(nbytes))
+
+
 def set_panel_min_m(m: int | None) -> None:
     """Force the panel threshold for every op (0: always panels; a huge M: never); None restores the
     measured defaults. For tests and benchmarks."""

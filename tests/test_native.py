@@ -357,6 +357,30 @@ def test_sparse24_outer_kernel_matches_reference(threads, dtype, shape):
 
 
 @needs_ext
+def test_prefetch_distance_changes_speed_not_results():
+    n, k = 9, 8196  # M = 1 reads whole rows: the prefetch path
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k), prune=True)
+    bw = BitmapWeight.from_dense(torch.randn(n, k) * (torch.rand(n, k) < 0.3))
+    x = torch.randn(1, k)
+    base = (_native.sparse24_linear(x, w24), _native.bitmap_linear(x, bw))
+    try:
+        for nbytes in (0, 64, 1 << 20):
+            for op in ("sparse24_linear", "bitmap_linear"):
+                _native.set_prefetch_bytes(op, nbytes)
+                assert _native.prefetch_bytes(op) == nbytes
+            assert torch.equal(_native.sparse24_linear(x, w24), base[0])
+            assert torch.equal(_native.bitmap_linear(x, bw), base[1])
+    finally:
+        for op in ("sparse24_linear", "bitmap_linear"):
+            _native.set_prefetch_bytes(op, None)
+    assert _native.prefetch_bytes("sparse24_linear") == 4096 and _native.prefetch_bytes("bitmap_linear") == 6144
+    with pytest.raises(RuntimeError, match="set_prefetch_bytes"):
+        _native.set_prefetch_bytes("bitmap_linear", 1 << 30)
+    with pytest.raises(RuntimeError, match="unknown op"):
+        _native.prefetch_bytes("dense")
+
+
+@needs_ext
 def test_outer_threshold_is_reported_and_avx2_only():
     old_isa = _native.isa()
     try:
