@@ -89,32 +89,44 @@ def test_bad_layout_env(monkeypatch):
 
 def test_chunk_layout_invariants_and_fillers():
     k = 2000
-    w = sparse(140, k, 0.7, torch.float32)  # 140 rows: two blocks, the second mostly padding rows
+    w = sparse(40, k, 0.7, torch.float32)  # 40 rows: two blocks of 32, the second mostly padding rows
     w[5] = 0
     w[5, 0], w[5, k - 1] = 1.0, 2.0  # a gap of 1999 columns: 64 zero fillers
     w[9] = 0  # an empty row
     w[11] = torch.randn(k)  # a dense row: its block is as long as it
+    w[12] = 0
+    w[12, 1990:] = 1.0  # 10 values at the end: lane 0 takes all, the other lanes start at the last column
     bw = BitmapWeight.from_dense(w)
     lay = bc.build_layout(bw.values, bw.bitmap, bw.shape, splits=3)
-    nb = bc.triton.cdiv(140, bc.BLOCK_N)
+    nb = bc.triton.cdiv(40, bc.ROWS)
+    assert bc.ROWS * bc.LANES == bc.BLOCK_N
     assert lay.vals.shape[1:] == (bc.BLOCK_N, 8) and lay.offs.dtype == torch.uint8 and lay.splits == 3
     assert lay.starts.tolist()[0] == 0 and lay.starts[-1] == lay.vals.shape[0] and lay.bases.shape == (nb, 3, bc.BLOCK_N)
-    assert sorted(lay.perm[:140].tolist()) == list(range(140)) and (lay.perm[140:] == 140).all()
-    # decode every layout row back to a dense row: columns = running base + offsets, all inside [0, K)
-    dense = torch.zeros(nb * bc.BLOCK_N, k)
+    assert sorted(lay.perm[:40].tolist()) == list(range(40)) and (lay.perm[40:] == 40).all()
+    # decode every layout row (weight row r // LANES of its block, lane r % LANES) back to dense: columns =
+    # running base (from bases at the block's first chunk) + offsets, all inside [0, K), nondecreasing
+    dense = torch.zeros(nb * bc.ROWS, k)
     for b in range(nb):
         c0, c1 = int(lay.starts[b]), int(lay.starts[b + 1])
-        base = torch.zeros(bc.BLOCK_N, dtype=torch.long)
+        base = lay.bases[b, 0].long()
         for t in range(c0, c1):
             cols = base[:, None] + lay.offs[t].long()
-            assert int(cols.max()) < k
+            assert int(cols.max()) < k and (cols.diff(dim=1) >= 0).all()
             for r in range(bc.BLOCK_N):
-                dense[b * bc.BLOCK_N + r].index_add_(0, cols[r], lay.vals[t, r].float())
+                dense[b * bc.ROWS + r // bc.LANES].index_add_(0, cols[r], lay.vals[t, r].float())
             base = cols[:, 7]
-    out = torch.zeros(141, k)
+        # the bases of every split are the running bases at that split's first chunk
+        per = -(-(c1 - c0) // 3)
+        for sp in range(1, 3):
+            if sp * per < c1 - c0:
+                start = lay.bases[b, 0].long()
+                for t in range(c0, c0 + sp * per):
+                    start = start + lay.offs[t, :, 7].long()
+                assert torch.equal(lay.bases[b, sp].long(), start)
+    out = torch.zeros(41, k)
     out.index_add_(0, lay.perm.long(), dense)
-    torch.testing.assert_close(out[:140], w)
-    assert int(lay.starts[1]) == k // 8 and int(lay.perm[0]) == 11  # rows sorted by length: the dense row first
+    torch.testing.assert_close(out[:40], w)
+    assert int(lay.starts[1]) == -(-k // (8 * bc.LANES)) and int(lay.perm[0]) == 11  # sorted by length: the dense row first
     x = torch.randn(3, k)
     close(bc.chunks_gemv(x, lay, None), reference.bitmap_linear(x, bw), torch.float32)
 
