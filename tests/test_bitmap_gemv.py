@@ -91,7 +91,7 @@ def test_chunk_layout_invariants_and_fillers():
     k = 2000
     w = sparse(40, k, 0.7, torch.float32)  # 40 rows: two blocks of 32, the second mostly padding rows
     w[5] = 0
-    w[5, 0], w[5, k - 1] = 1.0, 2.0  # a gap of 1999 columns: 64 zero fillers
+    w[5, 0], w[5, k - 1] = 1.0, 2.0  # a gap of 1999 columns: 133 zero fillers
     w[9] = 0  # an empty row
     w[11] = torch.randn(k)  # a dense row: its block is as long as it
     w[12] = 0
@@ -100,9 +100,14 @@ def test_chunk_layout_invariants_and_fillers():
     lay = bc.build_layout(bw.values, bw.bitmap, bw.shape, splits=3)
     nb = bc.triton.cdiv(40, bc.ROWS)
     assert bc.ROWS * bc.LANES == bc.BLOCK_N
-    assert lay.vals.shape[1:] == (bc.BLOCK_N, 8) and lay.offs.dtype == torch.uint8 and lay.splits == 3
+    assert lay.vals.shape[1:] == (bc.BLOCK_N, 8) and lay.offs.shape[1:] == (bc.BLOCK_N,) and lay.splits == 3
     assert lay.starts.tolist()[0] == 0 and lay.starts[-1] == lay.vals.shape[0] and lay.bases.shape == (nb, 3, bc.BLOCK_N)
     assert sorted(lay.perm[:40].tolist()) == list(range(40)) and (lay.perm[40:] == 40).all()
+    # the 8 4-bit gaps of every chunk row (byte b of the word = gap 2b | gap 2b + 1 << 4)
+    words = lay.offs.view(torch.uint8).view(-1, bc.BLOCK_N, 4).long()
+    gaps = torch.stack([words & 15, words >> 4], dim=-1).view(-1, bc.BLOCK_N, 8)
+    assert int(gaps.max()) <= bc.MAX_GAP == 15
+    offs = torch.cumsum(gaps, dim=-1)
     # decode every layout row (weight row r // LANES of its block, lane r % LANES) back to dense: columns =
     # running base (from bases at the block's first chunk) + offsets, all inside [0, K), nondecreasing
     dense = torch.zeros(nb * bc.ROWS, k)
@@ -110,7 +115,7 @@ def test_chunk_layout_invariants_and_fillers():
         c0, c1 = int(lay.starts[b]), int(lay.starts[b + 1])
         base = lay.bases[b, 0].long()
         for t in range(c0, c1):
-            cols = base[:, None] + lay.offs[t].long()
+            cols = base[:, None] + offs[t]
             assert int(cols.max()) < k and (cols.diff(dim=1) >= 0).all()
             for r in range(bc.BLOCK_N):
                 dense[b * bc.ROWS + r // bc.LANES].index_add_(0, cols[r], lay.vals[t, r].float())
@@ -121,7 +126,7 @@ def test_chunk_layout_invariants_and_fillers():
             if sp * per < c1 - c0:
                 start = lay.bases[b, 0].long()
                 for t in range(c0, c0 + sp * per):
-                    start = start + lay.offs[t, :, 7].long()
+                    start = start + offs[t, :, 7]
                 assert torch.equal(lay.bases[b, sp].long(), start)
     out = torch.zeros(41, k)
     out.index_add_(0, lay.perm.long(), dense)
@@ -161,10 +166,11 @@ def test_chunk_specs_describe_the_decode_loop():
     assert {s.signature["x_ptr"] for s in bc.COMPILE_SPECS} == {"*fp16", "*bf16", "*fp32"}
     for s in bc.COMPILE_SPECS:
         assert (s.family, s.regime) == ("bitmap", "decode") and s.constexprs["BLOCK_N"] == bc.BLOCK_N
-        assert s.loop_weight_bytes(0.3) == bc.BLOCK_N * 8 * bc.UNROLL * (1 + (4 if "fp32" in s.config else 2))
+        assert s.loop_weight_bytes(0.3) == bc.BLOCK_N * 8 * bc.UNROLL * (0.5 + (4 if "fp32" in s.config else 2))
+        assert s.expect_tensor_core == ("fp32" not in s.config) and s.constexprs["EMULATE"] is False
     plan = bc.SASS_LAUNCH_PLAN(bc.COMPILE_SPECS[0], 1, 4096, 4096, 0.3)
     assert plan[0]["programs"] >= 132 and plan[-1]["name"].startswith("_splitk_reduce")
-    assert 0.9 * 4096 * 4096 * 0.3 * 3 < plan[0]["bytes"] < 1.05 * 4096 * 4096 * 0.3 * 3
+    assert 0.9 * 4096 * 4096 * 0.3 * 2.5 < plan[0]["bytes"] < 1.05 * 4096 * 4096 * 0.3 * 2.5  # fp16 + 4-bit gap
 
 
 def test_compile_specs_describe_the_decode_loop():

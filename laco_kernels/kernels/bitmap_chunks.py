@@ -51,7 +51,7 @@ LANES = 4  # layout rows (consecutive lanes) per weight row: each takes a quarte
 ROWS = BLOCK_N // LANES  # weight rows per program and per layout block
 NUM_WARPS = 4
 UNROLL = 8  # chunks per steady-state iteration (8 values each per thread)
-MAX_GAP = 31  # 8 gaps of at most 31 columns keep a chunk's offsets below 256
+MAX_GAP = 15  # gaps are stored in 4 bits
 
 
 @dataclass
@@ -59,7 +59,7 @@ class ChunkLayout:
     """The derived GPU layout of one bitmap weight (module docstring). ``splits`` is baked into ``bases``."""
 
     vals: torch.Tensor  # [chunks, BLOCK_N, 8], the weight's dtype
-    offs: torch.Tensor  # [chunks, BLOCK_N, 8] uint8
+    offs: torch.Tensor  # [chunks, BLOCK_N] int32: the 8 column gaps of a chunk row, 4 bits each
     starts: torch.Tensor  # [n_blocks + 1] int32: first chunk of each block
     bases: torch.Tensor  # [n_blocks, splits, BLOCK_N] int32: column base of each layout row at each split's first chunk
     perm: torch.Tensor  # [n_blocks * ROWS] int32: the weight row of each block row (N for padding rows)
@@ -127,16 +127,19 @@ def build_layout(values: torch.Tensor, bitmap: torch.Tensor, shape, splits: int 
     base = torch.zeros_like(colarr)
     base[:, 1:] = colarr[:, :-1]
     base = base.view(rows_p, LANES, lmax, 8)[..., 0]  # column before each chunk's first entry (0 at a row's start)
-    offs = colarr.view(rows_p, LANES, lmax, 8) - base[..., None]
+    colv = colarr.view(rows_p, LANES, lmax, 8)
+    gaps = torch.diff(colv, dim=3, prepend=base[..., None])  # column gap of every entry to the one before it
     keep = torch.arange(lmax, device=dev)[None, :] < lb[:, None]  # [nb, lmax]: the chunks each block stores
 
     def blockwise(t):  # [rows_p, LANES, lmax, ...] -> [sum lb, BLOCK_N, ...]: chunk-major, layout row = 4 row + lane
         t = t.view(nb, ROWS, LANES, lmax, *t.shape[3:]).transpose(2, 3).transpose(1, 2)
         return t.reshape(nb, lmax, BLOCK_N, *t.shape[4:])[keep].contiguous()
 
-    offs = blockwise(offs)
-    if nnz and (int(offs.min()) < 0 or int(offs.max()) > 255):
-        raise AssertionError("bitmap_chunks: chunk offset out of [0, 255] (layout invariant broken)")
+    gaps = blockwise(gaps)
+    if nnz and (int(gaps.min()) < 0 or int(gaps.max()) > MAX_GAP):
+        raise AssertionError("bitmap_chunks: column gap out of [0, 15] (layout invariant broken)")
+    gaps = gaps.to(torch.uint8).view(*gaps.shape[:-1], 4, 2)
+    words = (gaps[..., 0] | (gaps[..., 1] << 4)).contiguous().view(torch.int32)[..., 0]  # byte b: gaps 2b, 2b + 1
     s = splits or choose_splits(nb, lmax, dev)
     per = (lb + s - 1) // s
     t_s = torch.clamp(torch.minimum(torch.arange(s, device=dev)[None, :] * per[:, None], lb[:, None]), max=lmax - 1)
@@ -144,7 +147,7 @@ def build_layout(values: torch.Tensor, bitmap: torch.Tensor, shape, splits: int 
     bases = bases.gather(2, t_s[:, None, :].expand(nb, BLOCK_N, s)).permute(0, 2, 1)
     starts = torch.zeros(nb + 1, dtype=torch.int32, device=dev)
     starts[1:] = torch.cumsum(lb, 0).to(torch.int32)
-    return ChunkLayout(blockwise(valarr.view(rows_p, LANES, lmax, 8)), offs.to(torch.uint8), starts,
+    return ChunkLayout(blockwise(valarr.view(rows_p, LANES, lmax, 8)), words, starts,
                        bases.contiguous().to(torch.int32), perm, (n, k), s)
 
 
@@ -170,24 +173,42 @@ def cached_layout(values: torch.Tensor, bitmap: torch.Tensor, shape, splits: int
 
 
 @triton.jit
-def _chunk(acc, xb, vp, op, j, MMA: tl.constexpr, HALVES: tl.constexpr, DT: tl.constexpr):
+def _columns(op, je):
+    """Column offsets [BLOCK_N, 8] of a chunk's entries from its base, and the next base's offset [BLOCK_N]:
+    prefix sums of the 8 4-bit gaps of the chunk row's word (byte b = gap 2b | gap 2b + 1 << 4), in
+    registers (SWAR: no gap exceeds 15, so every partial sum stays below 121 and no byte carries into
+    the next). op: [BLOCK_N, 1] pointers to the words; the word and its sums live once per row."""
+    w = tl.load(op)
+    lo = w & 0x0F0F0F0F  # gaps 0, 2, 4, 6
+    hi = (w >> 4) & 0x0F0F0F0F  # gaps 1, 3, 5, 7
+    odd = (lo + hi) * 0x01010101  # byte b: offset of entry 2b + 1 (sum of gaps 0 .. 2b + 1)
+    cum = tl.where(je % 2 == 1, odd, odd - hi)  # even entries: minus their successor's gap
+    o = (cum >> (8 * (je // 2))) & 0xFF  # constant per element: a byte extract
+    return o, tl.sum((odd >> 24) & 0xFF, axis=1)  # entry 7: the next chunk's base
+
+
+@triton.jit
+def _chunk(acc, xb, vp, op, j, je, MMA: tl.constexpr, HALVES: tl.constexpr, DT: tl.constexpr, EMULATE: tl.constexpr):
     """One chunk (8 entries of each of BLOCK_N layout rows): acc += vals * x[base + offs]; returns the next bases.
 
     MMA (GPU, fp16 / bf16): acc [BLOCK_N, 8] holds the two mma accumulators of _CHUNK_MMA (see there);
     HALVES (fp32): two 128-bit halves per chunk row, acc is a pair of [BLOCK_N, 4]; otherwise (the
     interpreter's 16-bit path) fp32 products of the same tensors.
     """
+    o, step = _columns(op, je)
     if HALVES:
         acc_lo, acc_hi = acc
-        o = tl.load(op).to(tl.int32)
         o_lo, o_hi = tl.split(tl.permute(tl.reshape(o, (o.shape[0], 2, 4)), (0, 2, 1)))
         acc_lo += tl.load(vp).to(tl.float32) * tl.load(xb[:, None] + o_lo).to(tl.float32)
         acc_hi += tl.load(vp + 4).to(tl.float32) * tl.load(xb[:, None] + o_hi).to(tl.float32)
-        return (acc_lo, acc_hi), xb + tl.sum(tl.where(j[None, :] == 3, o_hi, 0), axis=1)
+        return (acc_lo, acc_hi), xb + step
     else:
         v = tl.load(vp)
-        o = tl.load(op).to(tl.int32)
-        xv = tl.load(xb[:, None] + o)  # gather from the x row (L1-resident)
+        if MMA:  # the gather as asm loads too, so that the value load alone sets the layout (see _columns)
+            xv = tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [(xb[:, None] + o).to(tl.int64)],
+                                           dtype=tl.int16, is_pure=True, pack=1)
+        else:
+            xv = tl.load(xb[:, None] + o)  # gather from the x row (L1-resident)
         if MMA:
             if DT == "bf16":
                 acc = tl.inline_asm_elementwise(_CHUNK_MMA_BF16, _CHUNK_CONSTRAINTS, [v, xv, acc], dtype=tl.float32,
@@ -197,8 +218,7 @@ def _chunk(acc, xb, vp, op, j, MMA: tl.constexpr, HALVES: tl.constexpr, DT: tl.c
                                                 is_pure=True, pack=8)
         else:
             acc += v.to(tl.float32) * xv.to(tl.float32)
-        # next base = this chunk's last entry; the select folds to a register pick (entry 7 is in-thread)
-        return acc, xb + tl.sum(tl.where(j[None, :] == 7, o, 0), axis=1)
+        return acc, xb + step  # next base = this chunk's last entry
 
 
 # GPU 16-bit path: the products on the tensor cores, two mma.sync.m16n8k16 per chunk. The [BLOCK_N, 8]
@@ -262,21 +282,21 @@ def _bitmap_chunks_gemv_kernel(x_ptr, v_ptr, o_ptr, starts_ptr, bases_ptr, perm_
     n_my = tl.minimum(t0 + per, n_ch) - t0
     xb = x_ptr + pid_m * stride_xm + tl.load(bases_ptr + (pid_n * S + pid_k) * BLOCK_N + rows)
     vp = v_ptr + (c0 + t0).to(tl.int64) * (BLOCK_N * 8) + rows[:, None] * 8 + j[None, :]
-    jo = tl.arange(0, 8)
-    op = o_ptr + (c0 + t0).to(tl.int64) * (BLOCK_N * 8) + rows[:, None] * 8 + jo[None, :]  # int64: may pass 2^31
+    je = tl.arange(0, 8)[None, :]
+    op = o_ptr + (c0 + t0).to(tl.int64) * BLOCK_N + rows[:, None]  # [BLOCK_N, 1]: each row's gap word
     if HALVES:
         acc = (tl.zeros((BLOCK_N, W), dtype=tl.float32), tl.zeros((BLOCK_N, W), dtype=tl.float32))
     else:
         acc = tl.zeros((BLOCK_N, W), dtype=tl.float32)
     for _ in range(n_my // UNROLL):
         for u in tl.static_range(UNROLL):
-            acc, xb = _chunk(acc, xb, vp + u * BLOCK_N * 8, op + u * BLOCK_N * 8, j, MMA, HALVES, DT)
+            acc, xb = _chunk(acc, xb, vp + u * BLOCK_N * 8, op + u * BLOCK_N, j, je, MMA, HALVES, DT, EMULATE)
         vp += UNROLL * BLOCK_N * 8
-        op += UNROLL * BLOCK_N * 8
+        op += UNROLL * BLOCK_N
     for _ in range(n_my % UNROLL):  # remainder chunks
-        acc, xb = _chunk(acc, xb, vp, op, j, MMA, HALVES, DT)
+        acc, xb = _chunk(acc, xb, vp, op, j, je, MMA, HALVES, DT, EMULATE)
         vp += BLOCK_N * 8
-        op += BLOCK_N * 8
+        op += BLOCK_N
     if HALVES:
         out = tl.sum(acc[0] + acc[1], axis=1)
     elif MMA:
@@ -314,7 +334,7 @@ def loop_weight_bytes(dt: str):
     """Derived-layout bytes one program loads per steady-state iteration (values + byte offsets of
     BLOCK_N x 8 x UNROLL entries; padding entries included, whatever the density)."""
     isz = {"fp16": 2, "bf16": 2, "fp32": 4}[dt]
-    return lambda density=0.5: BLOCK_N * 8 * UNROLL * (isz + 1)
+    return lambda density=0.5: BLOCK_N * 8 * UNROLL * (isz + 0.5)
 
 
 def expected_chunks(k: int, density: float) -> int:
@@ -323,7 +343,7 @@ def expected_chunks(k: int, density: float) -> int:
     inside a block of length-sorted rows (measured block lengths on random 4096 / 11008-column masks at
     50% / 70% sparsity: mean row / 32 + 0.50-0.56; 0.3-1.3% padding)."""
     mean = k * density
-    gaps = mean * (1 - density) ** MAX_GAP  # P(gap > 31): one filler each (more are negligible)
+    gaps = mean * (1 - density) ** MAX_GAP  # P(gap > 15): one filler each (more are rare)
     return math.ceil((mean + gaps) / (8 * LANES) + 0.5)
 
 
@@ -333,7 +353,7 @@ def _specs():
         for partial in (False, True):
             for has_bias in ((False,) if partial else (False, True)):
                 sig = dict(x_ptr=f"*{dt}", v_ptr=f"*{dt}",
-                           o_ptr="*u8", starts_ptr="*i32", bases_ptr="*i32", perm_ptr="*i32",
+                           o_ptr="*i32", starts_ptr="*i32", bases_ptr="*i32", perm_ptr="*i32",
                            b_ptr=f"*{dt}", y_ptr="*fp32" if partial else f"*{dt}", N="i32", S="i32", stride_xm="i32",
                            stride_ys="i32", stride_ym="i32", HAS_BIAS="constexpr", PARTIAL="constexpr",
                            BLOCK_N="constexpr", LANES="constexpr", UNROLL="constexpr", EMULATE="constexpr")
@@ -363,7 +383,7 @@ def launch_plan(spec, m: int, n: int, k: int, density: float):
     s = choose_splits(nb, lb, torch.device("cpu"))  # cpu: 132 SMs, the audit's H100
     main = next(sp for sp in COMPILE_SPECS if sp.signature["x_ptr"] == spec.signature["x_ptr"]
                 and sp.constexprs["PARTIAL"] == (s > 1) and not sp.constexprs["HAS_BIAS"])
-    layout_bytes = nb * lb * BLOCK_N * 8 * (isz + 1) + nb * s * BLOCK_N * 4 + (nb + 1) * 4 + nb * ROWS * 4
+    layout_bytes = nb * lb * BLOCK_N * 8 * (isz + 0.5) + nb * s * BLOCK_N * 4 + (nb + 1) * 4 + nb * ROWS * 4
     launches = [dict(name=main.name, spec=main, programs=m * nb * s, iterations=math.ceil(lb / s) / UNROLL,
                      bytes=float(layout_bytes) + m * k * isz + (s * m * n * 4 if s > 1 else m * n * isz))]
     if s > 1:
