@@ -198,3 +198,140 @@ def test_module_builds_the_derived_layout_once(monkeypatch, triton_backend):
         mod(x)
     assert len(builds) == 1
     assert set(mod.state_dict()) == {"weight", "bias"}  # the derived layout never reaches a checkpoint
+
+
+# ---- the GPU 16-bit path (two mma.sync per chunk) cannot run in the interpreter: its lane mapping is
+# ---- checked against the compiled layout, and its arithmetic by a lane-level model of the PTX fragments
+
+_COMPILE_CHUNKS = r"""
+import json, re, sys
+from laco_kernels.kernels import _sass, bitmap_chunks as bc
+from laco_kernels.kernels._compile import compile_kernel
+pat = re.compile(r"#blocked\d* = #ttg.blocked<\{sizePerThread = \[1, 8\], threadsPerWarp = \[(\d+), (\d+)\], "
+                 r"warpsPerCTA = \[(\d+), (\d+)\], order = \[1, 0\]\}>")
+out = {}
+for spec in bc.COMPILE_SPECS:
+    if spec.signature["x_ptr"] == "*fp32":
+        continue
+    k = compile_kernel(spec, 90)[0]
+    layouts = [tuple(int(v) for v in m.groups()) for m in map(pat.match, k.asm["ttgir"].splitlines()) if m]
+    st = _sass.loop_stats(_sass.disassemble(k.asm["cubin"]), spec.num_warps)
+    out[spec.config] = dict(layouts=layouts, sts=st["sts"], lds=st["lds"], hmma=st["opcodes"].get("HMMA", 0),
+                            ldg=st["opcodes"].get("LDG", 0), loop=st["loop_instructions"])
+open(sys.argv[1], "w").write(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled_chunks(tmp_path_factory):
+    """sm_90 facts of the 16-bit chunk GEMV specs: the [1, 8] blocked layouts of the TTGIR and the loop's
+    STS / LDS / HMMA / LDG counts (compiled in a clean process: lowering fails in one that ran the interpreter)."""
+    import json
+
+    from test_sass import _run_clean
+
+    out = tmp_path_factory.mktemp("chunks") / "facts.json"
+    _run_clean(_COMPILE_CHUNKS, out)
+    return json.loads(out.read_text())
+
+
+def test_gpu_16bit_chunk_loop_is_registers_and_tensor_cores(compiled_chunks):
+    assert len(compiled_chunks) == 6  # fp16 / bf16 x (out, out + bias, partial)
+    for config, r in compiled_chunks.items():
+        assert r["sts"] == r["lds"] == 0, (config, r)
+        # per chunk: 2 mma, 8 gathers + the values + the gap word
+        assert r["hmma"] == 2 * bc.UNROLL and r["ldg"] == 10 * bc.UNROLL, (config, r)
+
+
+def _half(bits, dt):
+    import numpy as np
+
+    if dt == "fp16":
+        return float(np.array([bits], dtype=np.uint16).view(np.float16)[0])
+    return float(np.array([bits << 16], dtype=np.uint32).view(np.float32)[0])
+
+
+def _mma_operands(asm):
+    """(A, B, C, D) operand numbers of each mma.sync in the chunk asm, read from its text."""
+    import re
+
+    stmts = re.findall(r"mma\.sync[^{]*\{([^}]*)\},\s*\{([^}]*)\},\s*\{([^}]*)\},\s*\{([^}]*)\}", asm)
+    return [tuple([int(t.strip().lstrip("$")) for t in grp.split(",")] for grp in (a, b, c, d)) for d, a, b, c in stmts]
+
+
+def _simulate_chunk_mma(lay, x, layout, dt):
+    """Run the kernel's GPU path (two mma.sync per chunk, then _mma_diagonal and the sum of a row's
+    LANES layout rows) lane by lane, on the lane -> layout row map read from the TTGIR, with the PTX
+    fragment rules; 16-bit operands packed two per register, element 2i in the low half. One block."""
+    import numpy as np
+
+    tr, tc, wr, wc = layout
+    assert tc == 1 and wc == 1 and tr == 32, layout
+    ops = _mma_operands(bc._CHUNK_MMA_FP16.value if dt == "fp16" else bc._CHUNK_MMA_BF16.value)
+    assert len(ops) == 2 and all(len(a) == 4 and len(b) == 2 for a, b, c, d in ops)
+    # accumulators: out $0-$3 / $4-$7 and in $16-$19 / $20-$23 (the kernel keeps them as acc[0:4] / acc[4:8])
+    assert [(d, c) for a, b, c, d in ops] == [([0, 1, 2, 3], [16, 17, 18, 19]), ([4, 5, 6, 7], [20, 21, 22, 23])]
+    words = lay.offs.view(torch.uint8).view(-1, bc.BLOCK_N, 4).long()
+    gaps = torch.stack([words & 15, words >> 4], dim=-1).view(-1, bc.BLOCK_N, 8)
+    offs = torch.cumsum(gaps, dim=-1)
+    vbits = lay.vals.view(torch.int16).long() & 0xFFFF  # [chunks, BLOCK_N, 8]
+    xbits = x.view(torch.int16).long() & 0xFFFF
+    c0, c1 = int(lay.starts[0]), int(lay.starts[1])
+    base = lay.bases[0, 0].long()
+    out = np.zeros(bc.ROWS)
+    for warp in range(wr):
+        acc, acc2 = np.zeros((32, 4)), np.zeros((32, 4))
+        b = base.clone()
+        for t in range(c0, c1):
+            cols = b[:, None] + offs[t]
+            mats = [(np.zeros((16, 16)), np.zeros((16, 8))) for _ in ops]
+            for lane in range(32):
+                r = warp * tr + lane  # the layout row this lane holds
+                v = [int(vbits[t, r, e]) for e in range(8)]
+                xs = [int(xbits[cols[r, e]]) for e in range(8)]
+                regs = {8 + i: v[2 * i] | v[2 * i + 1] << 16 for i in range(4)}  # $8..$11: value pairs as loaded
+                regs.update({12 + i: xs[2 * i] | xs[2 * i + 1] << 16 for i in range(4)})  # $12..$15: x pairs
+                gid, tig = divmod(lane, 4)
+                for (a, bb, _, _), (Am, Bm) in zip(ops, mats):
+                    for h in range(2):
+                        Am[gid, 2 * tig + h] = _half((regs[a[0]] >> 16 * h) & 0xFFFF, dt)
+                        Am[gid + 8, 2 * tig + h] = _half((regs[a[1]] >> 16 * h) & 0xFFFF, dt)
+                        Am[gid, 2 * tig + 8 + h] = _half((regs[a[2]] >> 16 * h) & 0xFFFF, dt)
+                        Am[gid + 8, 2 * tig + 8 + h] = _half((regs[a[3]] >> 16 * h) & 0xFFFF, dt)
+                        Bm[2 * tig + h, gid] = _half((regs[bb[0]] >> 16 * h) & 0xFFFF, dt)
+                        Bm[2 * tig + 8 + h, gid] = _half((regs[bb[1]] >> 16 * h) & 0xFFFF, dt)
+            for (Am, Bm), accs in zip(mats, (acc, acc2)):
+                D = Am @ Bm
+                for lane in range(32):
+                    gid, tig = divmod(lane, 4)
+                    accs[lane] += [D[gid, 2 * tig], D[gid, 2 * tig + 1], D[gid + 8, 2 * tig], D[gid + 8, 2 * tig + 1]]
+            b = cols[:, 7]
+        for lane in range(32):  # _mma_diagonal, then the sum over the LANES layout rows of a weight row
+            gid, tig = divmod(lane, 4)
+            if tig == gid >> 1:
+                out[(warp * tr + lane) // bc.LANES] += acc[lane][gid & 1] + acc2[lane][2 + (gid & 1)]
+    return out
+
+
+@pytest.mark.parametrize("dt", ["fp16", "bf16"])
+def test_chunk_mma_lane_model_matches_reference(dt, compiled_chunks):
+    """The compiled layout gives each lane one layout row, in order, so a weight row's LANES layout rows
+    are the 4 lanes of an mma group; with that layout the two mma.sync per chunk + the diagonal pick
+    compute exactly the row dot products (model of the PTX fragment rules, lane by lane)."""
+    spec = next(s for s in bc.COMPILE_SPECS if s.signature["x_ptr"] == f"*{dt}" and not s.constexprs["PARTIAL"]
+                and not s.constexprs["HAS_BIAS"])
+    layouts = compiled_chunks[spec.config]["layouts"]
+    assert len(layouts) == 1, layouts  # one layout with 8 entries per thread: the one the chunk asm runs in
+    tdt = torch.float16 if dt == "fp16" else torch.bfloat16
+    k = 300
+    w = sparse(bc.ROWS, k, 0.6, tdt)
+    w[3] = 0
+    w[3, 0], w[3, k - 1] = 1.0, 2.0  # fillers
+    bw = BitmapWeight.from_dense(w)
+    lay = bc.build_layout(bw.values, bw.bitmap, bw.shape, splits=1)
+    x = torch.randn(k).to(tdt)
+    got = torch.from_numpy(_simulate_chunk_mma(lay, x, layouts[0], dt))
+    out = torch.zeros(bc.ROWS + 1, dtype=torch.float64)
+    out.index_add_(0, lay.perm.long(), got)
+    want = reference.bitmap_linear(x[None].float(), BitmapWeight.from_dense(w.float()))[0].double()
+    torch.testing.assert_close(out[:bc.ROWS], want, rtol=1e-5, atol=1e-4)
