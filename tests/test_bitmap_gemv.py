@@ -335,3 +335,37 @@ def test_chunk_mma_lane_model_matches_reference(dt, compiled_chunks):
     out.index_add_(0, lay.perm.long(), got)
     want = reference.bitmap_linear(x[None].float(), BitmapWeight.from_dense(w.float()))[0].double()
     torch.testing.assert_close(out[:bc.ROWS], want, rtol=1e-5, atol=1e-4)
+
+
+def test_chunk_self_check_problem_passes_in_the_interpreter():
+    x, lay, want = bc._self_check_problem(torch.float16, torch.device("cpu"))
+    assert lay.starts.numel() == 3 and lay.vals.shape[0] > 0  # two blocks of ROWS = 32 weight rows
+    close(bc.chunks_gemv(x, lay), want, torch.float16)
+
+
+def test_failed_gpu_self_check_warns_and_routes_to_the_canonical_gemv(monkeypatch):
+    """On CUDA a chunk GEMV that disagrees with the dense product is not used: one warning, then the
+    canonical-layout GEMV (simulated: the check runs on CPU tensors with a fake CUDA device)."""
+    class FakeCuda:
+        type, index = "cuda", 7
+
+    orig_problem, orig_gemv, orig_verified = bc._self_check_problem, bc.chunks_gemv, bc.gemv_verified
+    monkeypatch.setattr(bc, "_VERIFIED", {})
+    monkeypatch.setattr(bc, "_self_check_problem", lambda dt, dev: orig_problem(dt, torch.device("cpu")))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "FakeGPU")
+    monkeypatch.setattr(bc, "chunks_gemv", lambda x, lay, b=None: torch.zeros(x.shape[0], lay.shape[0]))
+    with pytest.warns(RuntimeWarning, match="failed its self-check on FakeGPU"):
+        assert bc.gemv_verified(FakeCuda(), torch.float16) is False
+    assert bc.gemv_verified(FakeCuda(), torch.float16) is False  # cached: checked once per device and dtype
+    assert bc.gemv_verified(torch.device("cpu"), torch.float16) is True
+    assert bc.gemv_verified(FakeCuda(), torch.float32) is True  # fp32: no tensor cores, nothing to check
+    # bitmap_gemv asks the check, and runs the canonical kernel when it fails (the broken GEMV is not called)
+    bw = BitmapWeight.from_dense(sparse(20, 96, 0.5, torch.float16), tile_k=64)
+    x = torch.randn(2, 96).half()
+    monkeypatch.setattr(bc, "gemv_verified", lambda dev, dt: False)
+    close(bv.bitmap_gemv(x, bw.values, bw.bitmap, bw.offsets, bw.shape, 64, layout="chunks"),
+          reference.bitmap_linear(x, bw), torch.float16)
+    monkeypatch.setattr(bc, "_VERIFIED", {})
+    monkeypatch.setattr(bc, "chunks_gemv", orig_gemv)
+    monkeypatch.setattr(bc, "gemv_verified", orig_verified)
+    assert bc.gemv_verified(FakeCuda(), torch.bfloat16) is True  # a correct kernel passes

@@ -392,3 +392,47 @@ def launch_plan(spec, m: int, n: int, k: int, density: float):
 
 
 SASS_LAUNCH_PLAN = launch_plan  # the name bench/sass_model.py looks up
+
+
+_VERIFIED: dict = {}
+
+
+def _self_check_problem(dtype: torch.dtype, device) -> tuple:
+    """x [2, 300], the layout of a random [45, 300] weight (two blocks, fillers, an empty row) and x @ W^T (fp32)."""
+    from ..formats import BitmapWeight
+
+    gen = torch.Generator().manual_seed(1234)
+    w = torch.randn(45, 300, generator=gen) * (torch.rand(45, 300, generator=gen) > 0.6)
+    w[5] = 0
+    w[5, 0], w[5, 299] = 1.0, 2.0  # a long gap: fillers
+    w[9] = 0  # an empty row
+    w = w.to(dtype)
+    bw = BitmapWeight.from_dense(w)
+    x = torch.randn(2, 300, generator=gen).to(dtype)
+    lay = build_layout(bw.values.to(device), bw.bitmap.to(device), bw.shape)
+    return x.to(device), lay, (x.float() @ w.float().t()).to(device)
+
+
+def gemv_verified(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the chunk GEMV may serve (device, dtype): True off CUDA (the interpreter runs the tested
+    EMULATE path) and for fp32 (no tensor cores); on CUDA, once per device and 16-bit dtype, the
+    tensor-core path is run on a small random weight (two blocks, fillers, an empty row) against a dense
+    matmul. Its lane mapping depends on the register layout Triton picks (checked at build time against
+    the Triton we test with, not on every hardware and version): a mismatch warns and returns False, and
+    ``bitmap_gemv`` then uses the canonical-layout GEMV instead."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return True
+    key = (device.index, dtype)
+    if key not in _VERIFIED:
+        x, lay, want = _self_check_problem(dtype, device)
+        got = chunks_gemv(x, lay).float()
+        ok = bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2))
+        if not ok:
+            import warnings
+
+            warnings.warn(f"laco_kernels: the bitmap chunk GEMV failed its self-check on {torch.cuda.get_device_name(device)}"
+                          f" ({dtype}, max error {(got - want).abs().max().item():.3g}); using the canonical-layout GEMV "
+                          "on this device. Please report this with `python -m torch.utils.collect_env`.",
+                          RuntimeWarning, stacklevel=3)
+        _VERIFIED[key] = ok
+    return _VERIFIED[key]

@@ -159,7 +159,8 @@ def bitmap_gemv(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, off
     if layout == "chunks" and m > 0 and k > 0:
         from . import bitmap_chunks
 
-        return bitmap_chunks.chunks_gemv(x, bitmap_chunks.cached_layout(values, bitmap, shape, splits), bias)
+        if bitmap_chunks.gemv_verified(x.device, x.dtype):  # False: the GPU self-check failed (warned once)
+            return bitmap_chunks.chunks_gemv(x, bitmap_chunks.cached_layout(values, bitmap, shape, splits), bias)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
