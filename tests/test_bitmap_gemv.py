@@ -369,3 +369,22 @@ def test_failed_gpu_self_check_warns_and_routes_to_the_canonical_gemv(monkeypatc
     monkeypatch.setattr(bc, "chunks_gemv", orig_gemv)
     monkeypatch.setattr(bc, "gemv_verified", orig_verified)
     assert bc.gemv_verified(FakeCuda(), torch.bfloat16) is True  # a correct kernel passes
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("s", [0.5, 0.9])
+def test_chunk_gemv_many_tokens_odd_shapes_strided_x(dtype, s):
+    """The chunk GEMV itself for M = 1..16 (the launcher routes up to GEMV_MAX_M), odd N (3 blocks, the
+    last mostly padding rows) and K, 90% sparsity (gaps > 15 columns: fillers), x a column slice of a wider
+    tensor (row stride != K) or transposed (copied), bias on and off, split-K forced and automatic."""
+    n, k = 67, 333
+    w = sparse(n, k, s, dtype)
+    bw = BitmapWeight.from_dense(w)
+    wide = torch.randn(16, k + 13).to(dtype)
+    for m, bias, splits in ((1, True, None), (2, False, 3), (5, True, 2), (11, False, None), (16, True, None)):
+        x = wide[:m, 7:7 + k]  # unit stride along K, row stride k + 13
+        b = torch.randn(n).to(dtype) if bias else None
+        lay = bc.build_layout(bw.values, bw.bitmap, bw.shape, splits)
+        close(bc.chunks_gemv(x, lay, b), reference.bitmap_linear(x, bw, b), dtype)
+    xt = torch.randn(k, 3).to(dtype).t()  # stride along K != 1
+    close(bc.chunks_gemv(xt, bc.build_layout(bw.values, bw.bitmap, bw.shape), None), reference.bitmap_linear(xt, bw), dtype)
