@@ -96,6 +96,7 @@ def build_layout(values: torch.Tensor, bitmap: torch.Tensor, shape, splits: int 
     per_row = torch.zeros(rows_p, dtype=torch.long, device=dev).index_add_(0, rows, nfill + 1)
     row_start = torch.cumsum(per_row, 0) - per_row
     pos = torch.cumsum(nfill + 1, 0) - 1 - row_start[rows]  # entry index of each kept value in its row
+    del first, row_start  # nnz-sized temporaries are most of the build's memory: drop them early
     # block row i holds weight row order[i]: rows sorted by length, so a block's rows need little padding
     order = torch.argsort(per_row[:n], descending=True, stable=True)
     perm = torch.full((rows_p,), n, dtype=torch.int32, device=dev)  # padding rows: n (not stored)
@@ -105,22 +106,34 @@ def build_layout(values: torch.Tensor, bitmap: torch.Tensor, shape, splits: int 
     per_row = torch.cat([per_row[:n][order], per_row[n:]])
     lb = ((per_row + 8 * LANES - 1) // (8 * LANES)).view(nb, ROWS).amax(1)  # chunks per lane of each block
     lmax = max(int(lb.max()) if nb else 0, 1)
-    span = 8 * lb.repeat_interleave(ROWS)  # [rows_p] entries per lane of each row's block
+    span32 = (8 * lb.repeat_interleave(ROWS)).to(torch.int32)  # [rows_p] entries per lane of each row's block
 
-    def slot(r, p):  # entry p of block row r -> its place in a [LANES, lmax, 8] row: lane p // span, then in order
-        q = span[r]
-        return (p // q) * (8 * lmax) + p % q
+    def slot(r, p, row_stride=0):  # entry p of block row r -> its place in a [LANES, lmax, 8] row (+ r * row_stride):
+        q = span32[r]  # lane p // span, then in order; int32 temporaries, in place (nnz-sized: the build's memory)
+        p32 = p.to(torch.int32)
+        lane = torch.div(p32, q, rounding_mode="floor")
+        p32.sub_(lane * q)
+        del q
+        p32.add_(lane.mul_(8 * lmax))
+        del lane
+        out = p32.long()
+        del p32
+        return out.add_(r, alpha=row_stride) if row_stride else out
 
     colarr = torch.zeros(rows_p, LANES * lmax * 8, dtype=torch.int32, device=dev)
     valarr = torch.zeros(rows_p, LANES * lmax * 8, dtype=values.dtype, device=dev)
     r_of = inv[rows]
-    colarr[r_of, slot(r_of, pos)] = cols.to(torch.int32)
-    valarr[r_of, slot(r_of, pos)] = values
+    del rows
+    flat = slot(r_of, pos, LANES * lmax * 8)  # one int64 index per kept value, used twice
+    colarr.view(-1)[flat] = cols.to(torch.int32)
+    valarr.view(-1)[flat] = values
+    del flat, cols
     if int(nfill.sum()):  # zero fillers every MAX_GAP columns before a value that follows a long gap
         owner = torch.repeat_interleave(torch.arange(nnz, device=dev), nfill)
         f = torch.arange(owner.numel(), device=dev) - (torch.cumsum(nfill, 0) - nfill)[owner] + 1
         ro = r_of[owner]
         colarr[ro, slot(ro, pos[owner] - nfill[owner] + f - 1)] = (prev[owner] + MAX_GAP * f).to(torch.int32)
+    del prev, nfill, pos, r_of
     # padding (the end of a lane, the chunks past its block's length) repeats the last column before it:
     # entries are sorted, so a running max fills it, and a lane's first base is its predecessor's last column
     colarr = torch.cummax(colarr, dim=1).values
