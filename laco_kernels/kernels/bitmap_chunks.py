@@ -1,36 +1,45 @@
-"""Bitmap decode GEMV on a derived GPU layout (row chunks with byte offsets): work per KEPT value.
+"""Bitmap decode GEMV on a derived GPU layout (lane chunks with 4-bit column gaps): work per KEPT value.
 
 The canonical :class:`~laco_kernels.formats.BitmapWeight` (values row-major, bitmap, per-tile
 offsets) makes a GEMV pay per DENSE column (bit test, popcount, address, predicated gather: about
 9.6 instructions, ``bitmap_gemv._bitmap_gemv_kernel``). This module builds, once per weight, a
 derived copy in which each kept value carries its own column, so the loop only touches kept values:
 
-- rows are sorted by length (number of entries, descending; ``perm`` gives each layout row's output
-  row) and grouped in blocks of ``BLOCK_N`` (128: one row per thread of 4 warps);
-- a row's entries (kept values in column order, plus rare zero "fillers", see below) are cut in
-  **chunks of 8**; a block stores ``L_b`` chunks per row (``L_b`` = its longest row, shorter rows
-  padded with zero values), chunk-major: ``vals [sum L_b, BLOCK_N, 8]`` (the weight's dtype) and
-  ``offs [sum L_b, BLOCK_N, 8]`` (uint8): a warp's chunk is 512 contiguous value bytes (one 128-bit
-  load per thread) and 256 offset bytes (one 64-bit load);
-- the column of entry ``i`` of a chunk is ``base + offs[i]``, where ``base`` is the column of the
-  previous chunk's last entry (0 before the first). Offsets are non-decreasing in a chunk, so the
-  next chunk's base is ``base + offs[7]``: per chunk one add, per value a byte extract, a 64-bit
-  address, a gather of x (from L1: the x row is a few KB), two conversions and one fp32 FMA;
-- a gap between consecutive entries of more than ``MAX_GAP`` (31) columns gets zero fillers every
-  31 columns, so a chunk spans at most 8 x 31 = 248 < 256 columns (at 30% density a gap > 31 has
-  probability 0.7^31 ~ 2e-5; very sparse rows pay up to one filler per 31 columns);
-- padding entries repeat the row's last column (value 0), so every gathered column is in [0, K);
+- rows are sorted by length (number of entries, descending; ``perm`` gives each block row's output
+  row) and grouped in blocks of ``ROWS`` (32) weight rows; each weight row is split in ``LANES`` (4)
+  contiguous quarters of its entries, the **layout rows**: 128 per block, one per thread of 4 warps,
+  the 4 of weight row G of a warp on lanes 4G..4G+3 (an ``mma.sync`` group, see ``_CHUNK_MMA``);
+- a layout row's entries (kept values in column order, plus rare zero "fillers", see below) are cut
+  in **chunks of 8**; a block stores ``L_b`` chunks per layout row (its longest row / 32, rounded
+  up; shorter rows padded with zero values), chunk-major: ``vals [sum L_b, BLOCK_N, 8]`` (the
+  weight's dtype; a warp's chunk is 512 contiguous bytes, one 128-bit load per thread) and ``offs
+  [sum L_b, BLOCK_N]`` (int32): the 8 column gaps of the chunk row, 4 bits each (byte b = gap 2b |
+  gap 2b + 1 << 4; one 32-bit load);
+- the column of entry ``i`` of a chunk is ``base + gap[0] + ... + gap[i]``, where ``base`` is the
+  column of the layout row's previous entry (the previous chunk's last, or for a lane's first chunk
+  the previous lane's last; 0 at a row's start); the kernel forms the 8 prefix sums in registers
+  (SWAR, ``_columns``), and the next chunk's base is entry 7's column;
+- a gap of more than ``MAX_GAP`` (15) columns gets zero fillers every 15 columns (at 30% density a
+  gap > 15 has probability 0.7^15 ~ 0.5%; very sparse rows pay up to one filler per 15 columns);
+- padding entries repeat the last column before them (value 0), so every gathered column is in [0, K);
 - split-K cuts each block's chunk range in ``splits`` equal parts; ``bases [n_blocks, splits,
-  BLOCK_N]`` (int32) holds every row's base at each part's first chunk, ``starts [n_blocks + 1]``
-  each block's first chunk.
+  BLOCK_N]`` (int32) holds every layout row's base at each part's first chunk, ``starts
+  [n_blocks + 1]`` each block's first chunk.
 
-Memory (derived copy, kept next to the canonical weight): ``(itemsize + 1)`` bytes per entry;
-entries = kept values + padding to the longest row of each 128-row block (0.2-0.6% for random
-masks at 50-70% sparsity once rows are sorted, 0 when all rows keep the same count) + fillers;
-measured for fp16 on random 4096 / 11008-sized masks: 0.91 byte per weight at 70% sparsity
-(canonical 0.76, dense 2), 1.51 at 50% (canonical 1.16). Built on first use, cached per ``values``
-tensor (:func:`cached_layout`); ``state_dict`` and checkpoints keep the canonical format.
-Numerics are the reference's: fp32 products, fp32 accumulation (the sum order differs).
+Per chunk and thread the GPU loop (fp16 / bf16) issues the gap word's SWAR, 8 byte extracts, 8
+64-bit addresses and x gathers (one-instruction asm loads, from L1: the x row is a few KB), 4 packs
+of x pairs and two ``mma.sync`` whose diagonal accumulates the products (exact, fp32): 5.92
+instructions per entry on sm_90 (first version, fp32 FMAs and byte offsets: 7.39).
+
+Memory (derived copy, kept next to the canonical weight): ``(itemsize + 0.5)`` bytes per entry;
+entries = kept values + padding to the longest row of each 32-row block + fillers (0.3-1.8% for
+random masks at 50-70% sparsity once rows are sorted); measured for fp16 on random 4096 /
+11008-sized masks: 0.77 byte per weight at 70% sparsity (canonical 0.76, dense 2), 1.26-1.27 at 50%
+(canonical 1.16). Built on first use, cached per ``values`` tensor (:func:`cached_layout`);
+``state_dict`` and checkpoints keep the canonical format. Numerics are the reference's: exact
+products, fp32 accumulation (the sum order differs). The interpreter runs an ``EMULATE`` path
+(fp32 products of the same tensors); the GPU path is checked by a lane-level model of its mma
+fragments on the compiled layout (tests) and by :func:`gemv_verified` on first use.
 """
 from __future__ import annotations
 
@@ -76,8 +85,8 @@ def build_layout(values: torch.Tensor, bitmap: torch.Tensor, shape, splits: int 
 
     Transient memory while building: a bool ``[N, K]`` mask, about 40 bytes per kept value (int64
     row / column indices and their derived positions) and two ``[N_pad, 32 * longest lane]`` work
-    arrays (int32 columns, values): peak RSS grew 0.54 GB building an 11008 x 4096 fp16 weight at 50%
-    sparsity on the CPU (the layout itself: 65 MB)."""
+    arrays (int32 columns, values): peak RSS grew 0.82 GB building an 11008 x 4096 fp16 weight at 50%
+    sparsity on the CPU (the layout itself: 57 MB)."""
     n, k = shape
     dev = values.device
     nb = triton.cdiv(n, ROWS)
