@@ -226,11 +226,7 @@ def _chunk(acc, xb, vp, op, j, je, MMA: tl.constexpr, HALVES: tl.constexpr, DT: 
         return (acc_lo, acc_hi), xb + step
     else:
         v = tl.load(vp)
-        if MMA:  # the gather as asm loads too, so that the value load alone sets the layout (see _columns)
-            xv = tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [(xb[:, None] + o).to(tl.int64)],
-                                           dtype=tl.int16, is_pure=True, pack=1)
-        else:
-            xv = tl.load(xb[:, None] + o)  # gather from the x row (L1-resident)
+        xv = tl.load(xb[:, None] + o)  # gather from the x row (L1-resident)
         if MMA:
             if DT == "bf16":
                 acc = tl.inline_asm_elementwise(_CHUNK_MMA_BF16, _CHUNK_CONSTRAINTS, [v, xv, acc], dtype=tl.float32,
