@@ -96,7 +96,7 @@ def sparse24_records(m, n, k, dtype) -> List[dict]:
 def bitmap_records(m, n, k, dtype, sparsities=(0.5, 0.7)) -> List[dict]:
     """``bitmap_gemm`` (the launcher on the canonical layout: tl.dot kernel or popcount GEMV) and, where
     M routes to a GEMV, ``bitmap_chunks`` (the default GEMV on the derived chunk layout: it reads
-    ``itemsize + 1`` bytes per entry plus one gathered x element per entry, L1 traffic on a GPU)."""
+    ``itemsize + 0.5`` bytes per entry plus one gathered x element per entry, L1 traffic on a GPU)."""
     import os
 
     from laco_kernels.kernels import bitmap_chunks, bitmap_gemm, bitmap_gemv

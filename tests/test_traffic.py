@@ -62,7 +62,9 @@ def test_decode_targets_small_shape():
         assert r["bytes_read"] >= r["weight_nbytes"], r
     for r in (r for r in recs if r["kernel"] == "bitmap_chunks"):
         # derived layout: each byte once, x once per entry (L1 on a GPU), split-K partials once, per program
-        # 8 bytes of block starts and its block's 128 output-row indices (perm)
-        programs = m * r["splits"] * -(-n // 128)
-        extra = 2 * k * m + r["splits"] * m * n * 4 + (8 + 4 * 128) * programs
+        # 8 bytes of block starts, its 128 layout rows' bases and its block's 32 output-row indices (perm)
+        from laco_kernels.kernels import bitmap_chunks
+
+        programs = m * r["splits"] * -(-n // bitmap_chunks.ROWS)
+        extra = 2 * k * m + r["splits"] * m * n * 4 + (8 + 4 * bitmap_chunks.BLOCK_N + 4 * bitmap_chunks.ROWS) * programs
         assert r["bytes_read"] <= r["weight_nbytes"] + r["entries"] * 2 + extra, r

@@ -1,8 +1,8 @@
 """Bitmap (unstructured) sparse GEMV for decode, ``y = x @ dense(bw)^T + b`` at small M, in Triton.
 
 :func:`bitmap_gemv` is the entry point of both bitmap GEMVs: by default it runs ``bitmap_chunks``
-on a derived layout built once per weight (work per kept value; predicted 1.8x a dense GEMM at 70%
-sparsity); ``LACO_BITMAP_GPU_LAYOUT=canonical`` (or ``layout="canonical"``) runs this module's
+on a derived layout built once per weight (work per kept value, products on the tensor cores;
+predicted 2.1x a dense GEMM at 70% sparsity, M = 1); ``LACO_BITMAP_GPU_LAYOUT=canonical`` (or ``layout="canonical"``) runs this module's
 kernel on the canonical tensors, described below (no extra memory, work per dense column).
 
 Weight: the canonical :class:`~laco_kernels.formats.BitmapWeight` (values ``[nnz]`` row-major,
@@ -36,9 +36,10 @@ from ._compile import CompileSpec
 from ._splitk import choose_splits, reduce_launch, reduce_partials, store_gemv_row
 
 # a GEMV repeats its per-value work for every token; the audit predicts it faster than the tl.dot
-# kernel up to M = 11 on the chunk layout (fp16 and bf16, 50% and 70% sparsity, the three audited
-# shapes; M = 12 loses at 50%) and up to 4 on the canonical layout (docs/gpu_decode_kernels.md)
-GEMV_MAX_M = 11
+# kernel (tile_k 128) up to M = 13 on the chunk layout (fp16 and bf16, 50% and 70% sparsity, the three
+# audited shapes; M = 14 loses at 50% on 4096 x 4096) and up to 4 on the canonical layout
+# (docs/gpu_decode_kernels.md)
+GEMV_MAX_M = 13
 CANONICAL_GEMV_MAX_M = 4
 LAYOUT_ENV = "LACO_BITMAP_GPU_LAYOUT"  # "chunks" (default): derived layout, built once per weight; "canonical"
 _CFG = dict(BLOCK_N=256, UNROLL=2, num_warps=4)  # 256 rows x 2 words (64 columns) per loop iteration
@@ -159,7 +160,8 @@ def bitmap_gemv(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, off
     if layout == "chunks" and m > 0 and k > 0:
         from . import bitmap_chunks
 
-        return bitmap_chunks.chunks_gemv(x, bitmap_chunks.cached_layout(values, bitmap, shape, splits), bias)
+        if bitmap_chunks.gemv_verified(x.device, x.dtype):  # False: the GPU self-check failed (warned once)
+            return bitmap_chunks.chunks_gemv(x, bitmap_chunks.cached_layout(values, bitmap, shape, splits), bias)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y

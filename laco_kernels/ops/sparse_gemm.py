@@ -257,10 +257,10 @@ def _bitmap_impl(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, of
 def bitmap_gpu_path(m: int, device: torch.device) -> str:
     """Which GPU path runs a bitmap linear with ``m`` rows of x: ``"gemv"``, ``"tiled"`` or ``"expand"``.
 
-    - ``m <= kernels.bitmap_gemv.gemv_max_m()`` (11; 4 with ``LACO_BITMAP_GPU_LAYOUT=canonical``):
+    - ``m <= kernels.bitmap_gemv.gemv_max_m()`` (13; 4 with ``LACO_BITMAP_GPU_LAYOUT=canonical``):
       a decode GEMV, by default on the derived chunk layout (``kernels/bitmap_chunks.py``, built
-      once per weight; predicted 1.77-1.81x a dense GEMM at 70% sparsity, 1.10-1.12x at 50%, see
-      docs/gpu_decode_kernels.md).
+      once per weight; products on the tensor cores; predicted 2.09-2.14x a dense GEMM at 70%
+      sparsity, 1.33-1.34x at 50%, at M = 1, see docs/gpu_decode_kernels.md).
     - up to ``DECODE_MAX_M`` (16): the tiled ``tl.dot`` kernel.
     - prefill (``m > 16``) on CUDA: expand the weight to a transient dense ``[N, K]`` tensor and run
       cuBLAS (``F.linear``). The tiled bitmap prefill loop issues about 15x the dense kernel's
