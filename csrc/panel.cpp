@@ -27,6 +27,7 @@ namespace {
 // docs/cpu_kernels.md). Hence: 1 MB, or M rows when M is larger (x re-packed at most ~once per own size).
 std::atomic<int64_t> g_panel_bytes{int64_t{1} << 20};
 constexpr int64_t kMaxPanelBytes = int64_t{8} << 20;
+constexpr int64_t kHugePanelBytes = int64_t{64} << 20;
 std::atomic<int64_t> g_min_m_override{-1};
 
 // Smallest M that takes the panel path, per op, dtype, ISA of the direct kernel and weight size.
@@ -47,8 +48,14 @@ int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_byt
     // from M = 16 on 7B bf16 (M = 8: outer 1.71x, panel 1.40x; M = 16: 2.84x vs 2.51x). Bitmap: the
     // direct kernel up to M = 8 on SmolLM2 (M = 8: direct 1.12x, panel 1.08x; M = 16: 0.80x vs 1.11x),
     // the panel from M = 8 on 7B (M = 8 fp32: 1.84x vs 1.47x).
-    if (op == LinearOp::kSparse24) return large ? (bf16 ? 16 : 8) : 64;
-    return large ? 8 : 16;
+    // Small fp32 weights depend on the thread count (idle machine, bench/results/cpu_kernels_avx2_smollm2.json):
+    // one thread: 2:4 panel from M = 16 (1536x576 M = 16 / 32: panel 1.20x / 1.09x, outer 1.11x / 0.90x;
+    // 576x1536: 1.06x / 0.92x vs 0.85x / 0.76x), bitmap panel from M = 8 (576x1536 70% M = 8: 1.08x vs
+    // direct 0.89x); two threads: 2:4 outer up to M = 63 (1536x576 M = 32: 1.45x vs panel 0.86x; 576x1536
+    // M = 16: 1.58x vs 0.82x), bitmap direct up to M = 15 (1536x576 70% M = 8: 1.98x vs 1.33x).
+    const bool one_thread = at::get_num_threads() == 1;
+    if (op == LinearOp::kSparse24) return large ? (bf16 ? 16 : 8) : (!bf16 && one_thread ? 16 : 64);
+    return large ? 8 : (!bf16 && one_thread ? 8 : 16);
   }
   int64_t m;
   if (op == LinearOp::kSparse24) {
@@ -92,20 +99,35 @@ at::Tensor panel_linear(const at::Tensor& x, const c10::optional<at::Tensor>& bi
   if (bias.has_value() && bias->defined()) b = bias->to(xg.scalar_type()).contiguous();
   const int64_t row_bytes = std::max<int64_t>(K * es, 1);
   int64_t rows = std::max(g_panel_bytes.load() / row_bytes, M);
-  rows = std::min(rows, std::max(g_panel_bytes.load(), kMaxPanelBytes) / row_bytes);
+  // The BLAS re-packs x (M x K) for every panel. Once x passes 4 MB that costs more than the panels'
+  // decompression (7B fp32, M = 1024: 22 panels of 8 MB, 0.91-0.97x dense), so panels may then grow to
+  // 4x x's bytes, at most 64 MB; such a panel is allocated for the call, not kept.
+  const int64_t x_bytes = M * K * es;
+  const int64_t cap = x_bytes > (int64_t{4} << 20) ? std::min(4 * x_bytes, kHugePanelBytes)
+                                                   : std::max(g_panel_bytes.load(), kMaxPanelBytes);
+  rows = std::min(rows, std::max<int64_t>(cap, g_panel_bytes.load()) / row_bytes);
   rows = std::min(std::max<int64_t>(16, rows / 16 * 16), N);
   // The panel buffer is kept per calling thread and reused: a fresh multi-MB allocation is mmapped and
   // page-faulted on every call (measured: ~0.2 ms of a 0.35 ms SmolLM2-sized call at M = 1).
   thread_local at::Tensor cache;
   const int64_t need = rows * K * es;
-  if (!cache.defined() || cache.numel() < need) cache = at::empty({need}, at::TensorOptions().dtype(at::kByte));
-  char* base = static_cast<char*>(cache.data_ptr());
+  at::Tensor big;  // a panel above kMaxPanelBytes: this call only
+  if (need > kMaxPanelBytes) {
+    big = at::empty({need}, at::TensorOptions().dtype(at::kByte));
+  } else if (!cache.defined() || cache.numel() < need) {
+    cache = at::empty({need}, at::TensorOptions().dtype(at::kByte));
+  }
+  char* base = static_cast<char*>((big.defined() ? big : cache).data_ptr());
   at::Tensor panel = at::from_blob(base, {rows, K}, x.options());
   thread_local at::Tensor cache32;  // the widened panel (gemm_f32)
   at::Tensor panel32;
   if (gemm_f32) {
-    if (!cache32.defined() || cache32.numel() < rows * K) cache32 = at::empty({rows * K}, xg.options());
-    panel32 = cache32.narrow(0, 0, rows * K).view({rows, K});
+    if (big.defined()) {
+      panel32 = at::empty({rows, K}, xg.options());
+    } else {
+      if (!cache32.defined() || cache32.numel() < rows * K) cache32 = at::empty({rows * K}, xg.options());
+      panel32 = cache32.narrow(0, 0, rows * K).view({rows, K});
+    }
   }
   // rows per decompression chunk: ~256 KB of dense weight each, so a small panel stays on one thread
   const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / std::max<int64_t>(K * es, 1));
