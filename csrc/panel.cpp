@@ -48,7 +48,7 @@ int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_byt
     // from M = 16 on 7B bf16 (M = 8: outer 1.71x, panel 1.40x; M = 16: 2.84x vs 2.51x). Bitmap: the
     // direct kernel up to M = 8 on SmolLM2 (M = 8: direct 1.12x, panel 1.08x; M = 16: 0.80x vs 1.11x),
     // the panel from M = 8 on 7B (M = 8 fp32: 1.84x vs 1.47x).
-    // Small fp32 weights depend on the thread count (idle machine, bench/results/cpu_kernels_avx2_smollm2.json):
+    // Small fp32 weights depend on the thread count (idle machine, bench/results/cpu_kernels_epyc_avx2_smollm2.json):
     // one thread: 2:4 panel from M = 16 (1536x576 M = 16 / 32: panel 1.20x / 1.09x, outer 1.11x / 0.90x;
     // 576x1536: 1.06x / 0.92x vs 0.85x / 0.76x), bitmap panel from M = 8 (576x1536 70% M = 8: 1.08x vs
     // direct 0.89x); two threads: 2:4 outer up to M = 63 (1536x576 M = 32: 1.45x vs panel 0.86x; 576x1536
