@@ -219,9 +219,7 @@ LACO_AVX2 void bm_avx2(const BmArgs& a, int64_t n, int64_t m0, int64_t w0, int64
   }
   for (int i = 0; i < MB; ++i) {
     const __m256 s = _mm256_add_ps(acc0[i], acc1[i]);
-    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    out[i] += _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+    out[i] += hsum8_avx2(s);
   }
   if (w < w1) bm_scalar<VT>(a, n, m0, MB, w, w1, p, out);
 }

@@ -86,6 +86,13 @@ LACO_AVX2 LACO_INLINE __m256 load8_f32_avx2(const VT* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
 }
+
+// Sum of the 8 lanes (the direct kernels' row epilogue).
+LACO_AVX2 LACO_INLINE float hsum8_avx2(__m256 s) {
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+}
 #endif
 
 // ---- ops (each in its own csrc/<op>.cpp) -------------------------------------------------

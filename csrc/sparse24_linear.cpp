@@ -145,9 +145,7 @@ LACO_AVX2 void s24_avx2(const S24Args& a, int64_t n, int64_t m0, int64_t g0, int
   for (int i = 0; i < MB; ++i) {
     __m256 s = acc[0][i];
     for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[u][i]);
-    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    out[i] += _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+    out[i] += hsum8_avx2(s);
   }
   if (4 * h1 < g1) s24_scalar<VT>(a, n, m0, MB, 4 * h1, g1, out);
 }

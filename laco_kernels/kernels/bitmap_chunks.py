@@ -53,6 +53,7 @@ import triton.language as tl
 
 from ..formats import unpack_bits
 from ._compile import CompileSpec, _is_interpreted
+from ._selfcheck import self_check_once
 from ._splitk import choose_splits, reduce_launch, reduce_partials, store_gemv_row
 
 BLOCK_N = 128  # layout rows per program and per layout block: one per thread of 4 warps
@@ -440,17 +441,8 @@ def gemv_verified(device: torch.device, dtype: torch.dtype) -> bool:
     ``bitmap_gemv`` then uses the canonical-layout GEMV instead."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return True
-    key = (device.index, dtype)
-    if key not in _VERIFIED:
+    def run():
         x, lay, want = _self_check_problem(dtype, device)
-        got = chunks_gemv(x, lay).float()
-        ok = bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2))
-        if not ok:
-            import warnings
+        return chunks_gemv(x, lay), want
 
-            warnings.warn(f"laco_kernels: the bitmap chunk GEMV failed its self-check on {torch.cuda.get_device_name(device)}"
-                          f" ({dtype}, max error {(got - want).abs().max().item():.3g}); using the canonical-layout GEMV "
-                          "on this device. Please report this with `python -m torch.utils.collect_env`.",
-                          RuntimeWarning, stacklevel=3)
-        _VERIFIED[key] = ok
-    return _VERIFIED[key]
+    return self_check_once(_VERIFIED, device, dtype, run, "the bitmap chunk GEMV", "the canonical-layout GEMV")

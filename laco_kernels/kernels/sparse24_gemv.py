@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from ._compile import CompileSpec, _is_interpreted
+from ._selfcheck import self_check_once
 from ._splitk import _TL, REDUCE_SPECS, choose_splits, reduce_launch, reduce_partials, store_gemv_row
 
 GEMV_MAX_M = 2  # predicted faster than the tl.dot decode tile up to M = 2 (4096 x 4096: 8.8 vs 12.9 us at M = 1, 10.4 vs 13.0 at 2, 12.9 vs 13.0 at 3 but 34.7 vs 32.6 on 11008 x 4096; docs)
@@ -370,18 +371,9 @@ def gemv_verified(device: torch.device, dtype: torch.dtype) -> bool:
     version) warns and returns False, and the launcher then uses the tl.dot decode kernel instead."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return True
-    key = (device.index, dtype)
-    if key not in _VERIFIED:
+    def run():
         x, values, meta, dense, shape = _self_check_problem(dtype, device)
-        got = sparse24_gemv(x, values, meta, shape).float()
-        want = x.float() @ dense.float().t()
-        ok = bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2))
-        if not ok:
-            import warnings
+        return sparse24_gemv(x, values, meta, shape), x.float() @ dense.float().t()
 
-            warnings.warn(f"laco_kernels: the 2:4 tensor-core GEMV failed its self-check on {torch.cuda.get_device_name(device)}"
-                          f" ({dtype}, max error {(got - want).abs().max().item():.3g}); using the tl.dot decode kernel "
-                          "for M <= 2 on this device. Please report this with `python -m torch.utils.collect_env`.",
-                          RuntimeWarning, stacklevel=3)
-        _VERIFIED[key] = ok
-    return _VERIFIED[key]
+    return self_check_once(_VERIFIED, device, dtype, run, "the 2:4 tensor-core GEMV",
+                           "the tl.dot decode kernel for M <= 2")
