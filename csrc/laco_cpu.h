@@ -138,10 +138,10 @@ at::Tensor panel_linear(const at::Tensor& x, const c10::optional<at::Tensor>& bi
                         const PanelFill& fill);
 
 // Mid-M path of the 2:4 linear (csrc/outer_linear.cpp, AVX2): outer products over the kept weights.
-// outer_min_m: smallest M that takes it (below panel_min_m; huge where the active ISA has no such kernel).
+// outer_min_m: smallest M that takes it (below panel_min_m; huge where the active ISA has no such kernel
+// or K is too large for its int32 offsets).
 int64_t outer_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K);
 void set_outer_min_m(int64_t m);  // -1: measured defaults; 0: from M = 1 on; huge: never
-bool outer_fits(int64_t M, int64_t K);  // int32 offsets into the transposed x suffice
 // x32 [M, K] fp32 contiguous, b32 fp32 [N] or undefined; y [M, N] in out_dtype.
 at::Tensor sparse24_outer(const at::Tensor& x32, const at::Tensor& b32, const at::Tensor& values, const at::Tensor& meta,
                           int64_t N, int64_t K, at::ScalarType out_dtype);

@@ -142,29 +142,23 @@ LACO_AVX2 Decoded s24_decode_avx2(const VT* v, const uint32_t* meta, int64_t g0,
 // Measured on the AVX2 machine (AMD EPYC, family 25 model 1, 1 thread; docs/cpu_kernels.md): the outer
 // kernel beat the direct one from M = 8 on (1536x576 fp32 1.89x vs 1.51x dense, bf16 2.36x vs 1.71x;
 // M = 4: 1.88x vs 2.47x) on both SmolLM2 and 7B shapes.
-int64_t default_outer_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t N, int64_t K) {
-  (void)dt; (void)N; (void)K;
-  if (isa != Isa::kAvx2 || op != LinearOp::kSparse24) return int64_t{1} << 62;
-  return 8;
-}
+constexpr int64_t kDefaultOuterMinM = 8;
 
 }  // namespace
 
 int64_t outer_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
-  const int64_t o = g_outer_min_m_override.load();
-  const Isa isa = active_isa();
+  (void)dt; (void)N;
   // the kernel exists for 2:4 on AVX2 (bitmap: measured slower than the panel path at 50%, about even at
-  // 70%, so the panel path serves it; AVX-512: not measured there, the direct / panel thresholds stand)
-  if (isa != Isa::kAvx2 || op != LinearOp::kSparse24) return int64_t{1} << 62;
-  return o >= 0 ? o : default_outer_min_m(op, dt, isa, N, K);
+  // 70%, so the panel path serves it; AVX-512: not measured there, the direct / panel thresholds stand),
+  // and its int32 offsets into one M-block's xt [K, 64] need K * 64 < 2^31
+  if (active_isa() != Isa::kAvx2 || op != LinearOp::kSparse24 || K * 8 * kMaxMBV >= (int64_t{1} << 31)) {
+    return int64_t{1} << 62;
+  }
+  const int64_t o = g_outer_min_m_override.load();
+  return o >= 0 ? o : kDefaultOuterMinM;
 }
 
 void set_outer_min_m(int64_t m) { g_outer_min_m_override = m; }
-
-bool outer_fits(int64_t M, int64_t K) {
-  (void)M;
-  return K * 8 * kMaxMBV < (int64_t{1} << 31);  // int32 offsets into one M-block's xt
-}
 
 // y [M, N] in out_dtype = x32 [M, K] @ W^T + b32, W given by decode. x32 fp32 contiguous; b32 fp32 or undefined.
 at::Tensor outer_linear(const at::Tensor& x32, const at::Tensor& b32, int64_t N, int64_t K, int64_t k_align,

@@ -431,7 +431,7 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
   }
   at::Tensor x32 = linear_x_fp32(x, values, K, op);
   const int64_t M = x32.size(0);
-  if (M > 0 && N > 0 && M >= outer_min_m(LinearOp::kSparse24, x.scalar_type(), N, K) && outer_fits(M, K)) {
+  if (M > 0 && N > 0 && M >= outer_min_m(LinearOp::kSparse24, x.scalar_type(), N, K)) {
     return sparse24_outer(x32, b32, values, meta, N, K, x.scalar_type());
   }
   at::Tensor y = at::empty({M, N}, x32.options());

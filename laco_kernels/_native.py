@@ -62,6 +62,15 @@ def panel_min_m(op: str, dtype: torch.dtype, shape) -> int:
     return _C.panel_min_m(op, "float32" if dtype == torch.float32 else "bfloat16", int(n), int(k))
 
 
+def _threshold_arg(fn: str, m) -> int:
+    """None -> -1 (the measured defaults); else a non-negative int M."""
+    if m is None:
+        return -1
+    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        raise ValueError(f"{fn}: m must be None (measured defaults) or an int >= 0, got {m!r}")
+    return m
+
+
 def outer_min_m(op: str, dtype: torch.dtype, shape) -> int:
     """Smallest M at which ``op`` runs through the outer-product kernel (csrc/outer_linear.cpp: each kept
     weight times a vector of 8 rows of x transposed) instead of the direct kernel; it applies below
@@ -75,7 +84,7 @@ def outer_min_m(op: str, dtype: torch.dtype, shape) -> int:
 def set_outer_min_m(m: int | None) -> None:
     """Force the outer-product threshold for every op (0: from M = 1; a huge M: never); None restores
     the measured defaults. For tests and benchmarks."""
-    _C.set_outer_min_m(-1 if m is None else int(m))
+    _C.set_outer_min_m(_threshold_arg("set_outer_min_m", m))
 
 
 def prefetch_bytes(op: str) -> int:
@@ -92,7 +101,7 @@ def set_prefetch_bytes(op: str, nbytes: int | None) -> None:
 def set_panel_min_m(m: int | None) -> None:
     """Force the panel threshold for every op (0: always panels; a huge M: never); None restores the
     measured defaults. For tests and benchmarks."""
-    _C.set_panel_min_m(-1 if m is None else int(m))
+    _C.set_panel_min_m(_threshold_arg("set_panel_min_m", m))
 
 
 def _check_cpu(op: str, bias: torch.Tensor | None = None, **tensors) -> None:

@@ -397,6 +397,17 @@ def test_outer_threshold_is_reported_and_avx2_only():
         _native.set_isa(old_isa)
     with pytest.raises(TypeError, match="float32 or bfloat16"):
         _native.outer_min_m("sparse24_linear", torch.float16, (8, 8))
+    for setter in (_native.set_outer_min_m, _native.set_panel_min_m):
+        for bad in (-1, 2.5, "8", True):
+            with pytest.raises(ValueError, match="m must be None"):
+                setter(bad)
+    old_isa = _native.isa()
+    try:
+        if "avx2" in ISAS:
+            _native.set_isa("avx2")  # K too large for the kernel's int32 offsets: never chosen
+            assert _native.outer_min_m("sparse24_linear", torch.float32, (8, 1 << 25)) > 10**12
+    finally:
+        _native.set_isa(old_isa)
 
 
 @needs_ext
