@@ -290,7 +290,8 @@ def plots(args):
         ax.set_ylabel("WikiText-2 perplexity after recovery")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(os.path.join(HERE, "results", "recovery_ppl_vs_tokens.png"), dpi=120)
+        # not recovery_ppl_vs_tokens.png: that is the data-efficiency plot of bench/recovery_tokens.py
+        fig.savefig(os.path.join(HERE, "results", "recovery_wanda_recipes.png"), dpi=120)
 
 
 def main():

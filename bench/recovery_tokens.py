@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import os
 import shlex
 import sys
@@ -51,11 +52,24 @@ def _rows(path: str, windows: int):
     return {k: v for k, v in data.items() if k.startswith("tokens/") and "ppl_after" in v and v.get("windows") == windows}
 
 
+def _recipe(v: dict) -> str:
+    """Passes, KL stage and precision of a row, for the table."""
+    c = v.get("config", {})
+    prec = "bf16" if c.get("autocast") else "fp32"
+    text = f"{c.get('epochs', v.get('epochs'))} passes"
+    if v["method"] == "laco+kl":
+        text += f" + KL {c.get('stage2_epochs')} x lr {c.get('stage2_lr'):g}"
+    return f"{text}, {prec}"
+
+
 def table(path: str, windows: int = 32) -> str:
-    lines = ["| method | tokens | ppl (dense / pruned) | gap closed | wall s | CPU s | peak RSS MB (above start) | load | command |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for k, v in sorted(_rows(path, windows).items(), key=lambda kv: (kv[1]["method"], kv[1]["calibration_tokens"])):
-        lines.append(f"| {v['method']} | {v['calibration_tokens']} | **{v['ppl_after']}** ({v['ppl_dense']} / "
+    lines = ["| method | tokens | recipe | ppl (dense / pruned) | gap closed | wall s | CPU s | peak RSS MB (above start) "
+             "| load | command |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for k, v in sorted(_rows(path, windows).items(), key=lambda kv: (kv[1]["method"], kv[1]["calibration_tokens"],
+                                                                      kv[1]["seqlen"], kv[0])):
+        toks = f"{v['calibration_tokens']} ({v['calibration_samples']} x {v['seqlen']})"
+        lines.append(f"| {v['method']} | {toks} | {_recipe(v)} | **{v['ppl_after']}** ({v['ppl_dense']} / "
                      f"{v['ppl_before']}) | {v['gap_closed']:.1%} | {v['wall_s']} | {v['cpu_s']} | "
                      f"{v['peak_rss_mb']} ({v['peak_rss_above_mb']}) | {v['load_before'].split()[0]} | "
                      f"`{v['command']}` |")
@@ -63,6 +77,8 @@ def table(path: str, windows: int = 32) -> str:
 
 
 def plot(path: str, windows: int = 32, out: str = PLOT) -> None:
+    """Perplexity against tokens, one line per method: the best row of each token count (windows of
+    128 tokens only; the table lists every row with its recipe)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,14 +87,23 @@ def plot(path: str, windows: int = 32, out: str = PLOT) -> None:
 
     from laco_kernels._atomic import atomic_file
 
-    rows = list(_rows(path, windows).values())
+    rows = [v for v in _rows(path, windows).values() if v["seqlen"] == 128]
     if not rows:
         raise SystemExit("no tokens/ rows to plot")
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for method, style in (("laco", "o-"), ("laco+kl", "s-"), ("lora", "^--")):
-        pts = sorted((v["calibration_tokens"], v["ppl_after"]) for v in rows if v["method"] == method)
+        best = {}
+        for v in rows:
+            if v["method"] == method:
+                t = v["calibration_tokens"]
+                if t not in best or v["ppl_after"] < best[t]["ppl_after"]:
+                    best[t] = v
+        pts = sorted((t, v["ppl_after"]) for t, v in best.items())
         if pts:
             ax.plot(*zip(*pts), style, label=LABELS[method])
+            for t, v in best.items():
+                ax.annotate(f"{v['ppl_after']:.1f}", (t, v["ppl_after"]), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)
     ax.axhline(rows[0]["ppl_dense"], color="gray", lw=0.8, ls=":", label=f"dense {rows[0]['ppl_dense']}")
     ax.axhline(rows[0]["ppl_before"], color="gray", lw=0.8, ls="--", label=f"SparseGPT 2:4 start {rows[0]['ppl_before']}")
     ax.set_xscale("log", base=2)
@@ -89,12 +114,41 @@ def plot(path: str, windows: int = 32, out: str = PLOT) -> None:
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%d"))
     ax.set_xlabel("calibration tokens (C4, windows of 128)")
     ax.set_ylabel(f"WikiText-2 perplexity (seqlen 1024, {windows} windows)")
-    ax.set_title("SmolLM2-135M 2:4, same start and sample (bench/recovery_tokens.py)", fontsize=9)
+    ax.set_title("SmolLM2-135M 2:4, same start and sample; best row per point (bench/recovery_tokens.py)", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_file(out) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def _save_blocks(model, path: str) -> None:
+    """The decoder blocks of ``model`` as safetensors (the stage-1 cache; written atomically)."""
+    from safetensors.torch import save_file
+
+    from laco_kernels._atomic import atomic_file
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if ".layers." in k}, tmp)
+
+
+def _stage1_model(start, cache: str, run, recorded_ppl: float, ppl):
+    """The recorded stage-1 model of a ``laco`` row: from its cache, or recomputed (the run is
+    deterministic; the recomputed model must give the recorded perplexity, else this stops)."""
+    from safetensors.torch import load_file
+
+    m = copy.deepcopy(start)
+    if os.path.exists(cache):
+        m.load_state_dict(load_file(cache), strict=False)
+        return m
+    print(f"stage-1 cache {cache} missing: recomputing the recorded laco row", flush=True)
+    run(m)
+    got = ppl(m)
+    if abs(got - recorded_ppl) > 1e-3 * recorded_ppl:
+        raise SystemExit(f"recomputed stage 1 gives ppl {got}, the recorded row {recorded_ppl}: not the same model")
+    _save_blocks(m, cache)
+    return m
 
 
 def main():
@@ -109,8 +163,11 @@ def main():
     ap.add_argument("--laco-batch", type=int, default=8)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--lora-batch", type=int, default=4)
+    ap.add_argument("--laco-epochs", type=int, default=None, help="passes of the layer-wise stage (default: --epochs)")
+    ap.add_argument("--autocast", action="store_true",
+                    help="train under bf16 autocast (both methods; AMX / AVX512-BF16 CPUs); keys end in ,bf16")
     ap.add_argument("--stage2-epochs", type=int, default=1)
-    ap.add_argument("--stage2-lr", type=float, default=1e-3)
+    ap.add_argument("--stage2-lr", type=float, default=1e-4)
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--scratch", default="/tmp/laco_recipe")
     ap.add_argument("--table", action="store_true")
@@ -146,6 +203,7 @@ def main():
         return out, dict(wall_s=round(time.time() - t0, 1), cpu_s=round(_cpu_s() - c0, 1), **_peak_mb(mem),
                          load_before=load0, load_after=_load_avg())
 
+    bf = ",bf16" if args.autocast else ""
     for n_tok in args.tokens:
         n = n_tok // args.seqlen
         ids = calibration_windows(tok, n, args.seqlen, seed=1)
@@ -160,31 +218,36 @@ def main():
         for method in args.methods:
             if method == "laco+kl" and "laco" not in args.methods:
                 raise SystemExit("laco+kl continues from the laco row: list laco before it")
-            cfg_l = dict(loss="token-nmse", lr=args.laco_lr, batch_size=args.laco_batch, epochs=args.epochs,
+            lep = args.laco_epochs or args.epochs
+            cfg_l = dict(loss="token-nmse", lr=args.laco_lr, batch_size=args.laco_batch, epochs=lep, autocast=args.autocast,
                          progress=False, track_errors=False)
             if method == "laco":
-                key = f"tokens/{args.start}-2:4/laco/n{n}x{args.seqlen}/lr{args.laco_lr:g},bs{args.laco_batch},ep{args.epochs}/{ev}"
+                key = f"tokens/{args.start}-2:4/laco/n{n}x{args.seqlen}/lr{args.laco_lr:g},bs{args.laco_batch},ep{lep}{bf}/{ev}"
+
+                cache = os.path.join(args.scratch, "tokens-" + hashlib.sha1(key.encode()).hexdigest()[:16]
+                                     + ".safetensors")
 
                 def run_laco():
                     nonlocal laco_model
                     laco_model = copy.deepcopy(start)
                     _, meas = measured(lambda: layerwise(model, laco_model, ids, **cfg_l))
+                    _save_blocks(laco_model, cache)
                     p = ppl(laco_model)
-                    return dict(common, method="laco", config=cfg_l, ppl_after=p, gap_closed=gap(p), **meas,
+                    return dict(common, method="laco", epochs=lep, config=cfg_l, ppl_after=p, gap_closed=gap(p), **meas,
                                 pruned_weights_made_nonzero=zeros_kept(start, laco_model))
 
                 rec_laco = _record(args.out, key, run_laco)
+                if laco_model is None and "laco+kl" in args.methods:
+                    laco_model = _stage1_model(start, cache, lambda m: layerwise(model, m, ids, **cfg_l),
+                                               rec_laco["ppl_after"], ppl)
             elif method == "laco+kl":
                 key = (f"tokens/{args.start}-2:4/laco+kl/n{n}x{args.seqlen}/lr{args.laco_lr:g},bs{args.laco_batch},"
-                       f"ep{args.epochs},s2ep{args.stage2_epochs},s2lr{args.stage2_lr:g}/{ev}")
+                       f"ep{lep},s2ep{args.stage2_epochs},s2lr{args.stage2_lr:g}{bf}/{ev}")
 
                 def run_kl():
                     from laco_kernels.models.adapters import get_adapter
                     from laco_kernels.recover.layerwise import LayerwiseConfig, _stage2
 
-                    if laco_model is None:
-                        raise SystemExit("the laco row of this token count is recorded but its model is not in "
-                                         "memory: delete that row or run laco+kl with a fresh laco row")
                     c = LayerwiseConfig(**dict(cfg_l, stage2_epochs=args.stage2_epochs, stage2_lr=args.stage2_lr,
                                                stage2_batch_size=args.laco_batch))
                     hist, meas = measured(lambda: _stage2(model, laco_model, ids, c, get_adapter(laco_model), 1))
@@ -194,15 +257,15 @@ def main():
                                 cpu_s=round(meas["cpu_s"] + rec_laco["cpu_s"], 1),
                                 peak_rss_mb=max(meas["peak_rss_mb"], rec_laco["peak_rss_mb"]),
                                 peak_rss_above_mb=max(meas["peak_rss_above_mb"], rec_laco["peak_rss_above_mb"]))
-                    return dict(common, method="laco+kl", config=dict(cfg_l, stage2_epochs=args.stage2_epochs,
+                    return dict(common, method="laco+kl", epochs=lep, config=dict(cfg_l, stage2_epochs=args.stage2_epochs,
                                 stage2_lr=args.stage2_lr, stage2_batch_size=args.laco_batch, temperature=2.0),
                                 ppl_after=p, ppl_after_stage1=rec_laco["ppl_after"], gap_closed=gap(p), stage2=hist,
                                 **meas, pruned_weights_made_nonzero=zeros_kept(start, laco_model))
 
                 _record(args.out, key, run_kl)
             else:
-                key = f"tokens/{args.start}-2:4/lora/n{n}x{args.seqlen}/lr{args.lora_lr:g},bs{args.lora_batch},ep{args.epochs}/{ev}"
-                cfg_r = dict(r=8, alpha=16, dropout=0.05, lr=args.lora_lr, batch_size=args.lora_batch,
+                key = f"tokens/{args.start}-2:4/lora/n{n}x{args.seqlen}/lr{args.lora_lr:g},bs{args.lora_batch},ep{args.epochs}{bf}/{ev}"
+                cfg_r = dict(r=8, alpha=16, dropout=0.05, lr=args.lora_lr, batch_size=args.lora_batch, autocast=args.autocast,
                              epochs=args.epochs, progress=False)
 
                 def run_lora():

@@ -47,6 +47,13 @@ def isa() -> str:
     return _C.active_isa()
 
 
+def has_bf16_gemm() -> bool:
+    """True when this CPU has AVX512-BF16 (the hardware, not the ``set_isa`` cap): torch's bf16
+    GEMMs are then fast (AMX / VDPBF16PS); without it they are several times slower than fp32
+    (6.9x on an AVX2 EPYC, docs/cpu_kernels.md), so bf16 work is widened to fp32 instead."""
+    return _C.detected_isa() == "avx512bf16"
+
+
 def set_isa(name: str) -> None:
     """Cap the ISA (``"auto"``, ``"scalar"``, ``"avx2"``, ``"avx512"``, ``"avx512bf16"``); for tests and benchmarks."""
     _C.set_isa(name)
@@ -113,6 +120,14 @@ def _check_cpu(op: str, bias: torch.Tensor | None = None, **tensors) -> None:
         if t.dtype not in _DTYPES:
             raise TypeError(f"{op} (native): {name} has dtype {t.dtype}; native kernels take float32 or "
                             "bfloat16 (check supports_dtype and use the reference otherwise)")
+
+
+def sparse24_to_dense(values: torch.Tensor, meta: torch.Tensor, shape) -> torch.Tensor:
+    """Dense ``[N, K]`` (values' dtype) of a 2:4 weight: values ``[N, K/2]`` fp32 / bf16, int32 meta
+    ``[N, ceil(K/32)]`` (CPU; the vectorised decompressor of the panel path). Not differentiable."""
+    n, k = shape
+    _check_cpu("sparse24_to_dense", values=values)
+    return _C.sparse24_to_dense(values.contiguous(), meta.contiguous(), int(n), int(k))
 
 
 def sparse24_linear(x: torch.Tensor, w24: Sparse24Weight, bias: torch.Tensor | None = None,

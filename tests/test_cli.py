@@ -183,6 +183,28 @@ def test_run_recovery_inputs_and_stage2_options(tiny_folder, tmp_path, capsys):
     assert all(type(m).__name__ == "SparseLinear24" for m in sparse_modules(model).values())
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_run_recover_precision_reaches_recovery(tiny_folder, tmp_path, capsys, precision):
+    """--recover-precision bf16 trains under autocast (recorded in the report), fp32 without; the
+    saved model is 2:4 either way. auto resolves from the CPU (_recover_autocast)."""
+    from laco_kernels.cli import _recover_autocast, build_parser
+
+    out = str(tmp_path / "run")
+    code, stdout, _ = _run(["run", "--model", tiny_folder, "--nsamples", "2", "--calib-seqlen", "32", "--seqlen", "64",
+                            "--max-windows", "2", "--recover-nsamples", "4", "--recover-seqlen", "32",
+                            "--recover-epochs", "1", "--recover-stage2-epochs", "1", "--recover-precision", precision,
+                            "--out", out], capsys)
+    assert code == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["recovery"]["precision"] == ("bf16 autocast" if precision == "bf16" else "fp32")
+    model, _ = load_sparse(os.path.join(out, "model"))
+    assert all(type(m).__name__ == "SparseLinear24" for m in sparse_modules(model).values())
+    args = build_parser().parse_args(["run"])
+    assert args.recover_precision == "auto"
+    args.device = "cuda"
+    assert _recover_autocast(args) is False
+
+
 # -- issue 13: expected failures exit 2 with one line, checked before any model loads -------------
 def _laco(argv, debug=False, timeout=300):
     env = {**os.environ, "PYTHONPATH": REPO, "LACO_DEBUG": "1" if debug else "0"}

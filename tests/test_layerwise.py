@@ -85,6 +85,33 @@ def test_ebft_target_and_stage2_keep_mask():
         assert torch.all(pruned2.state_dict()[k][z] == 0)
 
 
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
+def test_autocast_trains_both_stages_and_keeps_mask(pattern):
+    """autocast=True (bf16 on the CPU) runs stage 1 and stage 2, keeps every pruned weight at 0,
+    keeps the parameters fp32, and improves the logits about as much as fp32 does."""
+    dense, pruned = dense_and_pruned(pattern)
+    pruned32 = copy.deepcopy(pruned)
+    zeros = {k: v == 0 for k, v in pruned.state_dict().items() if ".layers." in k and v.dim() == 2}
+    ids = _ids()
+
+    def kl(m):
+        with torch.no_grad():
+            t = dense(ids).logits.log_softmax(-1)
+            return (t.exp() * (t - m(ids).logits.log_softmax(-1))).sum(-1).mean().item()
+
+    k0 = kl(pruned)
+    kw = dict(epochs=3, lr=1e-3, loss="token-nmse", stage2_epochs=2, stage2_lr=3e-4, progress=False)
+    res = layerwise(dense, pruned, ids, autocast=True, **kw)
+    layerwise(dense, pruned32, ids, **kw)
+    assert len(res.stage2) == 2
+    assert all(p.dtype == torch.float32 for p in pruned.parameters())
+    for k, z in zeros.items():
+        assert torch.all(pruned.state_dict()[k][z] == 0), f"{k}: pruned weights became non-zero"
+    k16, k32 = kl(pruned), kl(pruned32)
+    assert k16 < 0.85 * k0
+    assert k16 < 1.25 * k32, (k16, k32)
+
+
 def test_disk_models_match_in_memory(tmp_path):
     """Models given as safetensors folders (block-by-block loading) give the in-memory result."""
     from transformers import AutoModelForCausalLM

@@ -41,3 +41,14 @@ def test_lora_bad_calibration_raises():
     _, pruned = dense_and_pruned("2:4", layers=1)
     with pytest.raises(ValueError, match="token ids"):
         lora(pruned, torch.zeros(4, 8), progress=False)
+
+
+def test_lora_autocast_trains_in_bf16_and_keeps_fp32_parameters():
+    _, pruned = dense_and_pruned("2:4", layers=2)
+    ids = _ids()
+    with torch.no_grad():
+        loss0 = pruned(input_ids=ids, labels=ids).loss.item()
+    res = lora(pruned, ids, epochs=6, batch_size=4, lr=1e-2, progress=False, autocast=True)
+    assert all(p.dtype == torch.float32 for p in res.model.parameters())
+    with torch.no_grad():
+        assert res.model(input_ids=ids, labels=ids).loss.item() < loss0

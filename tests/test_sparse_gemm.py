@@ -153,6 +153,37 @@ def test_sparse24_gradients_native_in_row_blocks(monkeypatch, dtype):
         close(got, want, dtype)
 
 
+def test_sparse24_cpu_autocast_runs_bf16_and_matches_reference():
+    """Under CPU autocast the 2:4 op casts x, values and bias to bf16 like F.linear (bf16 out), and
+    its gradients reach the fp32 values / x / bias within bf16 error of the fp32 reference; with
+    autocast off the same call stays fp32 and exact to fp32 rounding."""
+    if not dispatch.native_supports("sparse24_linear"):
+        pytest.skip("native extension not built")
+    n, k, m = 96, 64, 33
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k), prune=True)
+    values = w24.values.clone().requires_grad_()
+    x = torch.randn(m, k).requires_grad_()
+    b = torch.randn(n).requires_grad_()
+    dy = torch.randn(m, n)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sparse24_linear(x, Sparse24Weight(values, w24.meta, w24.shape), b)
+    assert y.dtype == torch.bfloat16
+    y.float().backward(dy)
+    grads = [t.grad.clone() for t in (x, values, b)]
+    for t in (x, values, b):
+        t.grad = None
+    want = reference.sparse24_linear(x, w24, b, values=values)
+    want.backward(dy)
+    torch.testing.assert_close(y.float(), want.detach(), atol=0.05 * want.abs().max().item(), rtol=0.02)
+    for got, ref in zip(grads, (x.grad, values.grad, b.grad)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, atol=0.02 * ref.abs().max().item(), rtol=0.02)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        y32 = sparse24_linear(x, Sparse24Weight(values, w24.meta, w24.shape), b)
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32, want, atol=1e-4, rtol=1e-5)
+
+
 def test_bitmap_gpu_path_routes_prefill_to_expand_on_cuda_only():
     from laco_kernels.kernels.bitmap_gemv import GEMV_MAX_M
     from laco_kernels.ops.sparse_gemm import bitmap_gpu_path
@@ -178,3 +209,17 @@ def test_bitmap_expand_linear_matches_reference(dtype):
     got = bitmap_expand_linear(x, bw, b)
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2 if dtype != torch.float32 else 1e-4, rtol=2e-2)
+
+
+@pytest.mark.parametrize("k", [4, 12, 44, 64, 100, 576])
+def test_kept_columns_are_the_mask_positions(k):
+    """The byte-table decode of the 2:4 metadata lists the kept columns in the values' order,
+    padding groups past K/4 cut off (K = 4 mod 8 leaves half a meta byte)."""
+    from laco_kernels.ops.sparse_gemm import kept_columns
+
+    w24 = Sparse24Weight.from_dense(torch.randn(7, k), prune=True)
+    cols = kept_columns(w24.meta, k)
+    assert cols.shape == (7, k // 2) and cols.dtype == torch.int64
+    dense = w24.to_dense()
+    assert torch.equal(dense.gather(1, cols), w24.values)
+    assert torch.equal(cols, w24.mask().nonzero()[:, 1].view(7, k // 2))

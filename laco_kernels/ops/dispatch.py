@@ -83,14 +83,16 @@ def call_direct(*tensors: torch.Tensor | None) -> bool:
     dispatch modes see; in plain eager inference their dispatch only adds time (about 50 us a
     call measured on this CPU, as much as a small decode GEMV). So the implementation runs
     directly (the same function, the same numbers) when nothing needs the op: not compiling, no
-    tensor needs a gradient recorded, every tensor a plain (non-meta) ``torch.Tensor``, and no
-    dispatch mode, torch-function mode or functorch transform is active.
+    tensor needs a gradient recorded, every tensor a plain (non-meta) ``torch.Tensor``, no
+    dispatch mode, torch-function mode or functorch transform is active, and autocast is off.
     """
     if torch.compiler.is_compiling():  # checked first: dynamo folds it and never traces the rest
         return False
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._functorch.peek_interpreter_stack() is not None):
         return False
+    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+        return False  # the custom op's autocast rule (ops/sparse_gemm.py) must see the call
     grad = torch.is_grad_enabled()
     for t in tensors:
         if t is not None and (type(t) is not torch.Tensor or t.is_meta or (grad and t.requires_grad)):

@@ -155,6 +155,8 @@ def _masked_backward(ctx, dy, _dflag):
 
 
 _masked_op.register_autograd(_masked_backward, setup_context=_masked_setup)
+# CPU autocast (bf16) casts x, weight and bias to bf16 like F.linear (layer-wise recovery's autocast)
+torch.library.register_autocast("laco::masked_linear", "cpu", torch.bfloat16)
 
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: PackedMask | torch.Tensor,
@@ -170,7 +172,9 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: PackedMask | torc
     """
     check_tensor(weight, f"{_OP}: weight", dtypes=FLOAT_DTYPES, ndim=2)
     n, k = weight.shape
-    check_linear_inputs(x, k, n, weight.dtype, weight.device, bias, _OP)
+    # under CPU autocast x and weight may differ in dtype: the op's autocast rule casts both to bf16
+    autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    check_linear_inputs(x, k, n, x.dtype if autocast else weight.dtype, weight.device, bias, _OP)
     pm = _as_packed(mask, (n, k), weight.device)
     requested_train_path(path)  # a bad path / LACO_TRAIN_PATH fails on every backend
     backend = select_backend(_OP, [x, weight, pm.bits, bias])

@@ -55,7 +55,10 @@ class LayerwiseConfig:
     the pruned stream, LaCo; "dense": the dense stream; "mix": both in turn, step by step), the
     target being the dense block's output. trainable: "all" float parameters of the block (2:4
     values, biases, norms) or only the "linears". warmup: fraction of each block's steps of
-    linear warmup before the cosine (docs/recovery.md).
+    linear warmup before the cosine (docs/recovery.md). autocast: run the training forward and
+    backward passes (and stage 2's dense teacher) under ``torch.autocast(device, bfloat16)``; the
+    parameters, optimizer state and streams keep their dtypes. On a CPU with AVX512-BF16 / AMX
+    the GEMMs then run in bf16 (the 2:4 op has a CPU autocast rule, ``ops/sparse_gemm.py``).
     """
 
     epochs: int = 10
@@ -85,6 +88,7 @@ class LayerwiseConfig:
     inputs: str = "pruned"
     trainable: str = "all"
     warmup: float = 0.0
+    autocast: bool = False
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -229,6 +233,11 @@ def _adamw(params: List[nn.Parameter], lr: float, weight_decay: float) -> torch.
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
 
 
+def _autocast(cfg: "LayerwiseConfig"):
+    """bf16 autocast on the compute device when ``cfg.autocast``, else a no-op context."""
+    return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.autocast)
+
+
 def _crash_point():
     spec = os.environ.get(_CRASH_ENV)
     return tuple(int(x) for x in spec.split(":")) if spec else None
@@ -277,7 +286,9 @@ def _train_block(block: nn.Module, runner: BlockRunner, x_ins: List[HiddenStream
             sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
             x = x_ins[step % len(x_ins)][sl].to(runner.device)
             y = target[sl].to(runner.device, cfg.train_dtype)
-            loss = block_loss(runner.forward_block(block, x), y, kinds)
+            with _autocast(cfg):
+                out = runner.forward_block(block, x)
+            loss = block_loss(out.float(), y, kinds)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             _average_grads(params, world)
@@ -489,9 +500,12 @@ def _stage2(dense_model: nn.Module, pruned_model: nn.Module, ids: torch.Tensor, 
         total = 0.0
         for b in torch.randperm(n_batches, generator=gen).tolist():
             x = ids[b * bs:(b + 1) * bs].to(cfg.device)
-            with torch.no_grad():
-                t_logp = torch.log_softmax(dense_model(input_ids=x, use_cache=False).logits.float() / T, -1)
-            s_logp = torch.log_softmax(pruned_model(input_ids=x, use_cache=False).logits.float() / T, -1)
+            with torch.no_grad(), _autocast(cfg):
+                t_logits = dense_model(input_ids=x, use_cache=False).logits
+            t_logp = torch.log_softmax(t_logits.float() / T, -1)
+            with _autocast(cfg):
+                s_logits = pruned_model(input_ids=x, use_cache=False).logits
+            s_logp = torch.log_softmax(s_logits.float() / T, -1)
             kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * T * T
             opt.zero_grad(set_to_none=True)
             kl.backward()

@@ -42,13 +42,15 @@ def _target_modules(model: nn.Module) -> List[str]:
 def lora(pruned_model: nn.Module, tokenizer_or_calibration, *, nsamples: int = 128, seqlen: int = 128,
          r: int = 8, alpha: int = 16, dropout: float = 0.05, lr: float = 3e-4, weight_decay: float = 0.0,
          epochs: int = 2, batch_size: int = 4, clip: float = 1.0, lr_min: float = 0.0, device: str = "cpu",
-         seed: int = 0, merge: bool = False, max_steps: Optional[int] = None, progress: bool = True) -> LoraResult:
+         seed: int = 0, merge: bool = False, max_steps: Optional[int] = None, progress: bool = True,
+         autocast: bool = False) -> LoraResult:
     """Train LoRA adapters on ``pruned_model`` with the causal-LM loss over calibration windows.
 
     tokenizer_or_calibration: token ids ``[samples, seqlen]`` (int64), or a tokenizer, in which case
     ``nsamples`` C4 windows of ``seqlen`` tokens are drawn (``laco_kernels.data.calibration_windows``).
     AdamW with a cosine schedule to ``lr_min``, gradient clip ``clip``; ``max_steps`` stops early
-    (memory measurements). The model is wrapped in place by peft.
+    (memory measurements); ``autocast``: forward and backward under ``torch.autocast(device,
+    bfloat16)`` (parameters stay in their dtype). The model is wrapped in place by peft.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -85,7 +87,8 @@ def lora(pruned_model: nn.Module, tokenizer_or_calibration, *, nsamples: int = 1
             if step >= total:
                 break
             x = ids[b * batch_size:(b + 1) * batch_size].to(device)
-            loss = model(input_ids=x, labels=x, use_cache=False).loss
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+                loss = model(input_ids=x, labels=x, use_cache=False).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, clip)
