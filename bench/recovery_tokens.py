@@ -168,6 +168,7 @@ def main():
                     help="train under bf16 autocast (both methods; AMX / AVX512-BF16 CPUs); keys end in ,bf16")
     ap.add_argument("--stage2-epochs", type=int, default=1)
     ap.add_argument("--stage2-lr", type=float, default=1e-4)
+    ap.add_argument("--temperature", type=float, default=2.0, help="KL stage temperature (default: 2)")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--scratch", default="/tmp/laco_recipe")
     ap.add_argument("--table", action="store_true")
@@ -242,14 +243,15 @@ def main():
                                                rec_laco["ppl_after"], ppl)
             elif method == "laco+kl":
                 key = (f"tokens/{args.start}-2:4/laco+kl/n{n}x{args.seqlen}/lr{args.laco_lr:g},bs{args.laco_batch},"
-                       f"ep{lep},s2ep{args.stage2_epochs},s2lr{args.stage2_lr:g}{bf}/{ev}")
+                       f"ep{lep},s2ep{args.stage2_epochs},s2lr{args.stage2_lr:g}{bf}"
+                       + (f",T{args.temperature:g}" if args.temperature != 2.0 else "") + f"/{ev}")
 
                 def run_kl():
                     from laco_kernels.models.adapters import get_adapter
                     from laco_kernels.recover.layerwise import LayerwiseConfig, _stage2
 
                     c = LayerwiseConfig(**dict(cfg_l, stage2_epochs=args.stage2_epochs, stage2_lr=args.stage2_lr,
-                                               stage2_batch_size=args.laco_batch))
+                                               stage2_batch_size=args.laco_batch, temperature=args.temperature))
                     hist, meas = measured(lambda: _stage2(model, laco_model, ids, c, get_adapter(laco_model), 1))
                     p = ppl(laco_model)
                     meas.update(stage2_wall_s=meas["wall_s"], stage2_cpu_s=meas["cpu_s"],
@@ -258,7 +260,8 @@ def main():
                                 peak_rss_mb=max(meas["peak_rss_mb"], rec_laco["peak_rss_mb"]),
                                 peak_rss_above_mb=max(meas["peak_rss_above_mb"], rec_laco["peak_rss_above_mb"]))
                     return dict(common, method="laco+kl", epochs=lep, config=dict(cfg_l, stage2_epochs=args.stage2_epochs,
-                                stage2_lr=args.stage2_lr, stage2_batch_size=args.laco_batch, temperature=2.0),
+                                stage2_lr=args.stage2_lr, stage2_batch_size=args.laco_batch,
+                                temperature=args.temperature),
                                 ppl_after=p, ppl_after_stage1=rec_laco["ppl_after"], gap_closed=gap(p), stage2=hist,
                                 **meas, pruned_weights_made_nonzero=zeros_kept(start, laco_model))
 

@@ -153,6 +153,13 @@ def _launched_on_h100(spec, cfg_name, m, n, dt) -> bool:
         gemv_max = (sparse24_gemv if spec.family == "sparse24" else bitmap_gemv).GEMV_MAX_M
         if spec.name == "_bitmap_gemv_kernel":  # the canonical-layout GEMV (LACO_BITMAP_GPU_LAYOUT=canonical)
             gemv_max = bitmap_gemv.CANONICAL_GEMV_MAX_M
+        if spec.family == "sparse24" and dt in ("fp16", "bf16"):  # 16-bit: the sparse tensor-core kernel first
+            from laco_kernels.kernels import sparse24_mma
+
+            if spec.name == "_sparse24_mma_kernel":
+                return m <= sparse24_mma.MMA_MAX_M
+            if m <= sparse24_mma.MMA_MAX_M:  # the GEMV and the tl.dot tile are its fallbacks only
+                return False
         if "gemv" in spec.name:
             return m <= gemv_max
         if m <= gemv_max:

@@ -228,10 +228,14 @@ def _recover_lr(args, method: str) -> float:
 
 
 def _check_recover_loss(args) -> None:
-    """Reject a bad --recover-loss before any model is loaded (ValueError names the bad term)."""
+    """Reject a bad --recover-loss (ValueError names the bad term) or --recover-stage2-nsamples before any
+    model is loaded."""
     from .recover._losses import parse_loss
 
     parse_loss(args.recover_loss)
+    n2 = getattr(args, "recover_stage2_nsamples", None)
+    if n2 is not None and (n2 < 1 or not args.recover_stage2_epochs):
+        raise UsageError(f"--recover-stage2-nsamples {n2}: needs a positive count and --recover-stage2-epochs >= 1")
 
 
 def _recover_autocast(args) -> bool:
@@ -257,14 +261,19 @@ def _recover(method: str, dense, pruned, tok, args):
     tok = _need_tokenizer(tok, "the model")
     autocast = _recover_autocast(args)
     if method == "layerwise":
-        ids = calibration_windows(tok, args.recover_nsamples, args.recover_seqlen, seed=args.seed + 1)
-        res = recover.layerwise(dense, pruned, ids, epochs=args.recover_epochs, lr=_recover_lr(args, method),
+        n2 = args.recover_stage2_nsamples
+        drawn = calibration_windows(tok, max(args.recover_nsamples, n2 or 0), args.recover_seqlen, seed=args.seed + 1)
+        ids, ids2 = drawn[:args.recover_nsamples], (drawn[:n2] if n2 else None)
+        res = recover.layerwise(dense, pruned, ids, stage2_calibration=ids2, epochs=args.recover_epochs,
+                                lr=_recover_lr(args, method),
                                 loss=args.recover_loss, batch_size=args.recover_batch_size, device=args.device,
                                 inputs=args.recover_inputs, stage2_epochs=args.recover_stage2_epochs,
                                 stage2_lr=args.recover_stage2_lr, stage2_batch_size=args.recover_batch_size,
                                 autocast=autocast)
         return pruned, {"method": method, "seconds": res.seconds, "blocks": res.blocks, "stage2": res.stage2,
-                        "precision": "bf16 autocast" if autocast else "fp32"}
+                        "precision": "bf16 autocast" if autocast else "fp32", "tokens": res.tokens,
+                        "stage2_tokens": res.stage2_tokens,
+                        "calibration_tokens": int(drawn[:max(args.recover_nsamples, n2 or 0)].numel())}
     if method == "lora":
         res = recover.lora(pruned, tok, nsamples=args.recover_nsamples, seqlen=args.recover_seqlen,
                            epochs=args.recover_epochs, lr=_recover_lr(args, method), batch_size=args.recover_batch_size,
@@ -409,6 +418,10 @@ def _add_recover_options(p, default_epochs: int, default_nsamples: int = 128, de
                         f"block-by-block stage, masks kept (default: {default_stage2})")
     g.add_argument("--recover-stage2-lr", type=float, default=default_stage2_lr,
                    help=f"layer-wise: learning rate of that stage (default: {default_stage2_lr:g})")
+    g.add_argument("--recover-stage2-nsamples", type=int, default=None,
+                   help="layer-wise: windows of that stage (default: the same as the block-by-block stage). "
+                        "Both stages draw from one sample: the first --recover-nsamples windows train the "
+                        "blocks, the first --recover-stage2-nsamples the KL stage")
     g.add_argument("--recover-precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="layer-wise and LoRA: train under bf16 autocast (weights and optimizer stay fp32) or in "
                         "fp32; auto: bf16 on CPUs with AVX512-BF16 / AMX, fp32 elsewhere (default: auto)"),

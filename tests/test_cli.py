@@ -183,6 +183,22 @@ def test_run_recovery_inputs_and_stage2_options(tiny_folder, tmp_path, capsys):
     assert all(type(m).__name__ == "SparseLinear24" for m in sparse_modules(model).values())
 
 
+def test_run_stage2_on_its_own_windows(tiny_folder, tmp_path, capsys):
+    """--recover-stage2-nsamples: the KL stage runs on the first N windows of one sample (here more than the
+    block stage's 4); the report says how many tokens each stage saw. A bad count is refused up front."""
+    out = str(tmp_path / "run")
+    code, stdout, _ = _run(["run", "--model", tiny_folder, "--nsamples", "2", "--calib-seqlen", "32", "--seqlen", "64",
+                            "--max-windows", "2", "--recover-nsamples", "4", "--recover-seqlen", "32",
+                            "--recover-epochs", "1", "--recover-stage2-epochs", "1", "--recover-stage2-nsamples", "6",
+                            "--out", out], capsys)
+    assert code == 0
+    rec = json.load(open(os.path.join(out, "report.json")))["recovery"]
+    assert (rec["tokens"], rec["stage2_tokens"], rec["calibration_tokens"]) == (4 * 32, 6 * 32, 6 * 32)
+    proc = _laco(["run", "--model", tiny_folder, "--recover-stage2-nsamples", "0", "--out", str(tmp_path / "bad")])
+    assert proc.returncode == 2 and "--recover-stage2-nsamples 0" in proc.stderr, proc.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "bad")
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_run_recover_precision_reaches_recovery(tiny_folder, tmp_path, capsys, precision):
     """--recover-precision bf16 trains under autocast (recorded in the report), fp32 without; the

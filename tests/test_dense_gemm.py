@@ -5,7 +5,8 @@ import torch
 
 from conftest import TOLERANCES
 from laco_kernels.formats import BitmapWeight, Sparse24Weight
-from laco_kernels.kernels import bitmap_chunks, bitmap_gemm, bitmap_gemv, dense_gemm, sparse24_gemm, sparse24_gemv
+from laco_kernels.kernels import (bitmap_chunks, bitmap_gemm, bitmap_gemv, dense_gemm, sparse24_gemm, sparse24_gemv,
+                                  sparse24_mma)
 
 
 @pytest.mark.parametrize("m,n,k,dtype,bias", [(1, 37, 72, torch.float16, True), (3, 70, 1028, torch.float32, False),
@@ -69,15 +70,19 @@ def test_launched_configs_are_compile_specs(monkeypatch, m, dtype, prec, arch):
     w24 = Sparse24Weight.from_dense(w.to(dtype), prune=True)
     bw = BitmapWeight.from_dense(w24.to_dense(), tile_k=128)
     x, b = torch.randn(m, k).to(dtype), torch.randn(n).to(dtype)
-    # small M runs the decode GEMVs (sparse24_gemv / bitmap_chunks: the bitmap GEMV's default layout), whose specs
-    # live in their modules
-    s24 = sparse24_gemv if m <= sparse24_gemv.GEMV_MAX_M else sparse24_gemm
+    # small M runs the decode kernels (16-bit 2:4: sparse24_mma, fp32: sparse24_gemv; bitmap_chunks: the bitmap
+    # GEMV's default layout), whose specs live in their modules
+    if dtype != torch.float32 and m <= sparse24_mma.MMA_MAX_M:
+        s24 = sparse24_mma
+    else:
+        s24 = sparse24_gemv if m <= sparse24_gemv.GEMV_MAX_M else sparse24_gemm
     sbm = bitmap_chunks if m <= bitmap_gemv.GEMV_MAX_M else bitmap_gemm
     jobs = [(dense_gemm, lambda: dense_gemm.dense_linear(x, w.to(dtype), b, input_precision=prec)),
             (s24, lambda: sparse24_gemm.sparse24_linear(x, w24.values, w24.meta, w24.shape, b, prec)),
             (sbm, lambda: bitmap_gemm.bitmap_linear(x, bw.values, bw.bitmap, bw.offsets, bw.shape, 128, b, prec))]
     for mod, call in jobs:
-        kernel = next(v for kname, v in vars(mod).items() if kname.endswith(("_gemm_kernel", "_gemv_kernel")))
+        kernel = next(v for kname, v in vars(mod).items() if kname.endswith(("_gemm_kernel", "_gemv_kernel",
+                                                                                   "_mma_kernel")))
         seen = _launched(monkeypatch, kernel)
         call()
         assert seen, mod.__name__

@@ -241,6 +241,25 @@ def test_bad_new_options_raise():
                     (dict(trainable="norms"), "trainable"), (dict(warmup=1.0), "warmup")):
         with pytest.raises(ValueError, match=msg):
             layerwise(dense, pruned, _ids(), progress=False, **kw)
+    with pytest.raises(ValueError, match="stage2_epochs is 0"):  # its own windows for a stage that does not run
+        layerwise(dense, pruned, _ids(), stage2_calibration=_ids(), progress=False)
+
+
+def test_stage2_runs_on_its_own_windows(monkeypatch):
+    """stage2_calibration: stage 2 trains on those windows (not the block stage's), pruned weights stay 0."""
+    import importlib
+
+    lw = importlib.import_module("laco_kernels.recover.layerwise")  # the module (the package exports the function)
+    dense, pruned = dense_and_pruned("2:4", layers=1)
+    seen = []
+    real = lw._stage2
+    monkeypatch.setattr(lw, "_stage2", lambda d, p, ids, *a: seen.append(ids.clone()) or real(d, p, ids, *a))
+    ids2 = _ids()[:2].flip(1).contiguous()
+    res = layerwise(dense, pruned, _ids(), stage2_calibration=ids2, epochs=1, stage2_epochs=1, progress=False)
+    assert len(seen) == 1 and sorted(map(tuple, seen[0].tolist())) == sorted(map(tuple, ids2.tolist()))
+    assert res.stage2_tokens == ids2.numel() and res.tokens == _ids().numel() and len(res.stage2) == 1
+    zero = pruned.model.layers[0].mlp.up_proj.weight == 0
+    assert zero.float().mean() == 0.5
 
 
 @pytest.mark.parametrize("fault", [("replace", 1), ("replace", 3), ("save_file", 2), ("swap", 1)])

@@ -173,9 +173,12 @@ def _spill_bytes(ptxas_log: str) -> int:
 
 
 def tensor_core_kind(ptx: str) -> str:
-    """``"wgmma"``, ``"mma"`` or ``"none"``: the tensor-core instruction family present in the PTX."""
+    """``"wgmma"``, ``"mma"``, ``"mma.sp"`` (sparse, ``sparse24_mma.py``) or ``"none"``: the tensor-core
+    instruction family present in the PTX."""
     if re.search(r"\bwgmma\.", ptx):
         return "wgmma"
+    if re.search(r"\bmma\.sp(::ordered_metadata)?\.sync\b", ptx):
+        return "mma.sp"
     if re.search(r"\bmma\.sync\b", ptx):
         return "mma"
     return "none"

@@ -95,3 +95,20 @@ def reduce_launch(m: int, n: int, s: int, dt: str, has_bias: bool = False) -> di
     isz = {"fp16": 2, "bf16": 2, "fp32": 4}[dt]
     return dict(name=spec.name, spec=spec, programs=triton.cdiv(m * n, _REDUCE_BLOCK), iterations=float(s),
                 bytes=float(s * m * n * 4 + m * n * isz + (n * isz if has_bias else 0)))
+
+
+class AuditDevice:
+    """What ``choose_splits`` sees in the SASS audit: no CUDA device -> 132 SMs (an H100)."""
+    type = "cpu"
+
+
+def splitk_plan(main, programs: int, iterations: float, weight_bytes: float, m: int, n: int, k: int, isz: int,
+                s: int, dt: str) -> list:
+    """The audit's launch records (``bench/sass_model.py``) of one split-K decode call: the main kernel
+    (the weight from HBM once: the programs sharing a row block run together; x; the output or the fp32
+    partials) and, with ``s > 1`` slices, :func:`reduce_partials`."""
+    launches = [dict(name=main.name, spec=main, programs=programs, iterations=iterations,
+                     bytes=float(weight_bytes) + m * k * isz + (s * m * n * 4 if s > 1 else m * n * isz))]
+    if s > 1:
+        launches.append(reduce_launch(m, n, s, dt))
+    return launches

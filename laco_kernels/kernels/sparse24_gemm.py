@@ -37,6 +37,7 @@ from ._bits import PRMT_LUT_24, expand_24, expand_24_prmt
 from ._compile import _is_interpreted
 from .dense_gemm import compile_specs, grouped_pid, launch, store_tile
 from .sparse24_gemv import GEMV_MAX_M, gemv_verified, sparse24_gemv
+from .sparse24_mma import MMA_MAX_M, mma_verified, sparse24_mma
 
 
 @triton.jit
@@ -92,11 +93,17 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     """x [M, K] @ dense(values [N, K/2], meta [N, ceil(K/32)])^T + bias [N] -> y [M, N] in x's dtype.
 
     ``shape`` = (N, K). x and values may have any strides; meta needs unit stride along K.
-    M <= ``sparse24_gemv.GEMV_MAX_M`` runs the decode GEMV instead of the tl.dot kernel.
+    fp16 / bf16 with M <= ``sparse24_mma.MMA_MAX_M`` runs the sparse tensor-core decode kernel; fp32
+    (or a failed self-check of that kernel) with M <= ``sparse24_gemv.GEMV_MAX_M`` the decode GEMV.
     """
     n, k = shape
-    # decode GEMV on the compressed pairs (sparse24_gemv.py), once it passed its per-device self-check
-    if 0 < x.shape[0] <= GEMV_MAX_M and k > 0 and gemv_verified(x.device, x.dtype):
+    m = x.shape[0]
+    # 16-bit decode on the sparse tensor cores (sparse24_mma.py), once it passed its per-device self-check
+    if (0 < m <= MMA_MAX_M and k > 0 and x.dtype in (torch.float16, torch.bfloat16)
+            and mma_verified(x.device, x.dtype)):
+        return sparse24_mma(x, values, meta, shape, bias)
+    # else the GEMV on the compressed pairs (sparse24_gemv.py; fp32, or the fallback), same self-check
+    if 0 < m <= GEMV_MAX_M and k > 0 and gemv_verified(x.device, x.dtype):
         return sparse24_gemv(x, values, meta, shape, bias)
     if meta.stride(1) != 1:
         meta = meta.contiguous()

@@ -48,7 +48,8 @@ import triton.language as tl
 
 from ._compile import CompileSpec, _is_interpreted
 from ._selfcheck import self_check_once
-from ._splitk import _TL, REDUCE_SPECS, choose_splits, reduce_launch, reduce_partials, store_gemv_row
+from ._splitk import (_TL, REDUCE_SPECS, AuditDevice, choose_splits, reduce_launch, reduce_partials, splitk_plan,
+                      store_gemv_row)
 
 GEMV_MAX_M = 2  # predicted faster than the tl.dot decode tile up to M = 2 (4096 x 4096: 8.8 vs 12.9 us at M = 1, 10.4 vs 13.0 at 2, 12.9 vs 13.0 at 3 but 34.7 vs 32.6 on 11008 x 4096; docs)
 _CFG = dict(BLOCK_N=32, BLOCK_W=4, UNROLL=8, num_warps=4)  # 32 rows x 1024 columns per loop iteration
@@ -325,22 +326,13 @@ def SASS_LAUNCH_PLAN(spec, m: int, n: int, k: int, density: float = 0.5):  # noq
     if spec.name != "_sparse24_gemv_kernel":
         return [reduce_launch(m, n, 1, spec.signature["y_ptr"][1:])]
     dt = spec.constexprs["DT"]
-    n_tiles, s, k_per = launch_geometry(m, n, k, _AuditDevice())
+    n_tiles, s, k_per = launch_geometry(m, n, k, AuditDevice())
     main = next(sp for sp in COMPILE_SPECS if sp.name == spec.name and sp.constexprs["DT"] == dt
                 and sp.constexprs["PARTIAL"] == (s > 1) and not sp.constexprs["HAS_BIAS"])
     isz = {"fp16": 2, "bf16": 2, "fp32": 4}[dt]
     chunk = _CFG["UNROLL"] * 32 * _CFG["BLOCK_W"]
     w_bytes = n * (k // 2) * isz + n * triton.cdiv(k, 32) * 4
-    launches = [dict(name=main.name, spec=main, programs=m * n_tiles * s, iterations=k / s / chunk,
-                     bytes=float(w_bytes) + m * k * isz  # weight from HBM once: the M tokens' programs run together
-                     + (s * m * n * 4 if s > 1 else m * n * isz))]
-    if s > 1:
-        launches.append(reduce_launch(m, n, s, dt))
-    return launches
-
-
-class _AuditDevice:
-    type = "cpu"  # choose_splits: no CUDA device -> 132 SMs (an H100)
+    return splitk_plan(main, m * n_tiles * s, k / s / chunk, w_bytes, m, n, k, isz, s, dt)
 
 
 _VERIFIED: dict = {}

@@ -123,6 +123,7 @@ class LayerwiseResult:
     blocks: List[Dict[str, Any]] = field(default_factory=list)
     stage2: List[float] = field(default_factory=list)
     tokens: int = 0
+    stage2_tokens: int = 0  # the windows stage 2 ran on (``stage2_calibration`` or the same as ``tokens``)
     seconds: float = 0.0
     resumed_from: int = 0
 
@@ -310,13 +311,16 @@ def _train_block(block: nn.Module, runner: BlockRunner, x_ins: List[HiddenStream
 
 
 def layerwise(dense_model: Union[nn.Module, str], pruned_model: Union[nn.Module, str],
-              calibration: torch.Tensor, **config) -> LayerwiseResult:
+              calibration: torch.Tensor, stage2_calibration: Optional[torch.Tensor] = None,
+              **config) -> LayerwiseResult:
     """Recover ``pruned_model`` block by block towards ``dense_model``; see the module docstring.
 
     dense_model / pruned_model: causal LMs in RAM (``nn.Module``, same family and shapes; the
     pruned one is updated in place) or Hugging Face folders with safetensors weights (read block
     by block; the recovered model is written to ``output_dir``). calibration: token ids
     ``[samples, seqlen]`` (int64), the same on every rank (each rank takes its shard).
+    stage2_calibration: token ids for stage 2 (end-to-end KL) when it should see other windows than
+    the layer-wise stage (more, fewer or longer); default ``calibration``.
     config: fields of :class:`LayerwiseConfig`. Returns a :class:`LayerwiseResult` whose
     ``blocks`` hold, per block, the normalised error ``||out - target||^2 / ||target||^2`` over the
     calibration set before and after training, and the training losses.
@@ -324,6 +328,10 @@ def layerwise(dense_model: Union[nn.Module, str], pruned_model: Union[nn.Module,
     cfg = LayerwiseConfig(**config)
     cfg.validate()
     calibration = check_token_ids(calibration, None, "calibration")  # type, rank, empty: before any read
+    if stage2_calibration is not None:
+        if not cfg.stage2_epochs:
+            raise ValueError("stage2_calibration is given but stage2_epochs is 0: stage 2 would not run")
+        stage2_calibration = check_token_ids(stage2_calibration, None, "stage2_calibration")
     t0 = time.time()
     rank, world = _rank_world()
     on_disk = isinstance(pruned_model, str)
@@ -341,6 +349,8 @@ def layerwise(dense_model: Union[nn.Module, str], pruned_model: Union[nn.Module,
     check_models_match(describe_folder(dense_model) if on_disk else describe_module(dense_model),
                        describe_folder(pruned_model) if on_disk else describe_module(pruned_model))
     calibration = check_token_ids(calibration, psrc.model, "calibration")
+    if stage2_calibration is not None:
+        stage2_calibration = check_token_ids(stage2_calibration, psrc.model, "stage2_calibration")
     adapter = psrc.adapter
     ckpt_dir = cfg.checkpoint_dir or (os.path.join(cfg.output_dir, "_checkpoint") if on_disk else None)
     ckpt = None
@@ -444,7 +454,10 @@ def layerwise(dense_model: Union[nn.Module, str], pruned_model: Union[nn.Module,
     result = LayerwiseResult(model=cfg.output_dir if on_disk else pruned_model, blocks=records,
                              tokens=int(calibration.numel()), resumed_from=start)
     if cfg.stage2_epochs:
-        result.stage2 = _stage2(dense_model, pruned_model, ids, cfg, adapter, world)
+        ids2 = ids if stage2_calibration is None else stage2_calibration[
+            _shard_indices(len(stage2_calibration), cfg.stage2_batch_size, rank, world)]
+        result.stage2 = _stage2(dense_model, pruned_model, ids2, cfg, adapter, world)
+        result.stage2_tokens = int((calibration if stage2_calibration is None else stage2_calibration).numel())
     if on_disk and rank == 0:
         _write_folder(psrc, ckpt, cfg.output_dir)
     _barrier(world)
