@@ -58,7 +58,7 @@ def _recipe(v: dict) -> str:
     prec = "bf16" if c.get("autocast") else "fp32"
     text = f"{c.get('epochs', v.get('epochs'))} passes"
     if v["method"] == "laco+kl":
-        text += f" + KL {c.get('stage2_epochs')} x lr {c.get('stage2_lr'):g}"
+        text += f" + KL {c.get('stage2_epochs')} x lr {c.get('stage2_lr'):g}, T = {c.get('temperature', 2.0):g}"
     return f"{text}, {prec}"
 
 

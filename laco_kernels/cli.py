@@ -236,6 +236,8 @@ def _check_recover_loss(args) -> None:
     n2 = getattr(args, "recover_stage2_nsamples", None)
     if n2 is not None and (n2 < 1 or not args.recover_stage2_epochs):
         raise UsageError(f"--recover-stage2-nsamples {n2}: needs a positive count and --recover-stage2-epochs >= 1")
+    if getattr(args, "recover_temperature", 1.0) <= 0:
+        raise UsageError(f"--recover-temperature {args.recover_temperature}: must be > 0")
 
 
 def _recover_autocast(args) -> bool:
@@ -269,10 +271,11 @@ def _recover(method: str, dense, pruned, tok, args):
                                 loss=args.recover_loss, batch_size=args.recover_batch_size, device=args.device,
                                 inputs=args.recover_inputs, stage2_epochs=args.recover_stage2_epochs,
                                 stage2_lr=args.recover_stage2_lr, stage2_batch_size=args.recover_batch_size,
+                                temperature=args.recover_temperature,
                                 autocast=autocast)
         return pruned, {"method": method, "seconds": res.seconds, "blocks": res.blocks, "stage2": res.stage2,
                         "precision": "bf16 autocast" if autocast else "fp32", "tokens": res.tokens,
-                        "stage2_tokens": res.stage2_tokens,
+                        "stage2_tokens": res.stage2_tokens, "temperature": args.recover_temperature,
                         "calibration_tokens": int(drawn[:max(args.recover_nsamples, n2 or 0)].numel())}
     if method == "lora":
         res = recover.lora(pruned, tok, nsamples=args.recover_nsamples, seqlen=args.recover_seqlen,
@@ -418,6 +421,8 @@ def _add_recover_options(p, default_epochs: int, default_nsamples: int = 128, de
                         f"block-by-block stage, masks kept (default: {default_stage2})")
     g.add_argument("--recover-stage2-lr", type=float, default=default_stage2_lr,
                    help=f"layer-wise: learning rate of that stage (default: {default_stage2_lr:g})")
+    g.add_argument("--recover-temperature", type=float, default=1.0,
+                   help="layer-wise: temperature of the KL stage (default: 1)")
     g.add_argument("--recover-stage2-nsamples", type=int, default=None,
                    help="layer-wise: windows of that stage (default: the same as the block-by-block stage). "
                         "Both stages draw from one sample: the first --recover-nsamples windows train the "

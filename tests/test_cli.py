@@ -194,9 +194,11 @@ def test_run_stage2_on_its_own_windows(tiny_folder, tmp_path, capsys):
     assert code == 0
     rec = json.load(open(os.path.join(out, "report.json")))["recovery"]
     assert (rec["tokens"], rec["stage2_tokens"], rec["calibration_tokens"]) == (4 * 32, 6 * 32, 6 * 32)
-    proc = _laco(["run", "--model", tiny_folder, "--recover-stage2-nsamples", "0", "--out", str(tmp_path / "bad")])
-    assert proc.returncode == 2 and "--recover-stage2-nsamples 0" in proc.stderr, proc.stderr[-2000:]
-    assert not os.path.exists(tmp_path / "bad")
+    assert rec["temperature"] == 1.0  # the KL stage's default
+    for flag, value in (("--recover-stage2-nsamples", "0"), ("--recover-temperature", "0")):
+        proc = _laco(["run", "--model", tiny_folder, flag, value, "--out", str(tmp_path / "bad")])
+        assert proc.returncode == 2 and f"{flag} 0" in proc.stderr, proc.stderr[-2000:]
+        assert not os.path.exists(tmp_path / "bad")
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])

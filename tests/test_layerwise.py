@@ -238,7 +238,8 @@ def test_warmup_schedule():
 def test_bad_new_options_raise():
     dense, pruned = dense_and_pruned("2:4", layers=1)
     for kw, msg in ((dict(inputs="teacher"), "inputs"), (dict(inputs="dense", target="ebft"), "dense-stream"),
-                    (dict(trainable="norms"), "trainable"), (dict(warmup=1.0), "warmup")):
+                    (dict(trainable="norms"), "trainable"), (dict(warmup=1.0), "warmup"),
+                    (dict(stage2_epochs=1, temperature=0.0), "temperature")):
         with pytest.raises(ValueError, match=msg):
             layerwise(dense, pruned, _ids(), progress=False, **kw)
     with pytest.raises(ValueError, match="stage2_epochs is 0"):  # its own windows for a stage that does not run

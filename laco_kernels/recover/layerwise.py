@@ -84,7 +84,7 @@ class LayerwiseConfig:
     stage2_epochs: int = 0
     stage2_lr: float = 1e-5
     stage2_batch_size: int = 1
-    temperature: float = 2.0
+    temperature: float = 1.0  # KL stage; T = 1 beat T = 2 by 1.5 ppl at 16k tokens (docs/recovery.md)
     inputs: str = "pruned"
     trainable: str = "all"
     warmup: float = 0.0
@@ -97,6 +97,8 @@ class LayerwiseConfig:
             raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.lr <= 0 or self.clip <= 0:
             raise ValueError(f"lr and clip must be positive, got lr={self.lr}, clip={self.clip}")
         if self.inputs not in INPUTS:
