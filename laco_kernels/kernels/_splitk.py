@@ -33,6 +33,18 @@ def choose_splits(programs: int, k_chunks: int, device: torch.device, max_splits
     return triton.cdiv(k_chunks, per)
 
 
+def slice_k(programs: int, k: int, chunk: int, device, splits: int | None = None, granule: int = 32) -> tuple:
+    """(K slices, columns per slice) of a split-K decode launch with ``programs`` per slice: slices of
+    whole ``chunk``-column steps chosen by :func:`choose_splits`, or (``splits`` given, tests) of whole
+    ``granule``-column steps, so a test can reach a kernel's remainder paths."""
+    if splits is None:
+        s = choose_splits(programs, triton.cdiv(k, chunk), device)
+        k_per = triton.cdiv(triton.cdiv(k, s), chunk) * chunk
+    else:
+        k_per = triton.cdiv(triton.cdiv(k, splits), granule) * granule
+    return triton.cdiv(k, k_per), k_per
+
+
 @triton.jit
 def _splitk_reduce_kernel(p_ptr, b_ptr, y_ptr, MN, N, S, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """y[MN] = sum_s p[s, MN] (+ b[n]) in y's dtype; p fp32 ``[S, M, N]`` contiguous."""

@@ -48,7 +48,7 @@ import triton.language as tl
 
 from ._compile import CompileSpec, _is_interpreted
 from ._selfcheck import self_check_once
-from ._splitk import (_TL, REDUCE_SPECS, AuditDevice, choose_splits, reduce_launch, reduce_partials, splitk_plan,
+from ._splitk import (_TL, REDUCE_SPECS, AuditDevice, reduce_launch, reduce_partials, slice_k, splitk_plan,
                       store_gemv_row)
 
 GEMV_MAX_M = 2  # predicted faster than the tl.dot decode tile up to M = 2 (4096 x 4096: 8.8 vs 12.9 us at M = 1, 10.4 vs 13.0 at 2, 12.9 vs 13.0 at 3 but 34.7 vs 32.6 on 11008 x 4096; docs)
@@ -244,14 +244,8 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, N, K, K_PER_SPLI
 def launch_geometry(m: int, n: int, k: int, device, splits: int | None = None):
     """(row tiles, K slices, columns per slice) of a launch; slices are whole unrolled steps
     (``splits`` given: whole 128-column steps, so tests reach the remainder loop)."""
-    chunk = _CFG["UNROLL"] * 32 * _CFG["BLOCK_W"]
     n_tiles = triton.cdiv(n, _CFG["BLOCK_N"])
-    if splits is None:
-        s = choose_splits(m * n_tiles, triton.cdiv(k, chunk), device)
-        k_per = triton.cdiv(triton.cdiv(k, s), chunk) * chunk
-    else:
-        k_per = triton.cdiv(triton.cdiv(k, splits), 128) * 128
-    return n_tiles, triton.cdiv(k, k_per), k_per
+    return (n_tiles,) + slice_k(m * n_tiles, k, _CFG["UNROLL"] * 32 * _CFG["BLOCK_W"], device, splits, granule=128)
 
 
 def sparse24_gemv(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, shape, bias: torch.Tensor | None = None,

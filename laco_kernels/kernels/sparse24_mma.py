@@ -1,15 +1,15 @@
-"""2:4 sparse decode on the sparse tensor cores: ``y = x @ dense(values, meta)^T + b`` for 3 <= M <= 16.
+"""2:4 sparse decode on the sparse tensor cores: ``y = x @ dense(values, meta)^T + b`` for 1 <= M <= 16.
 
 Weight: the canonical :class:`~laco_kernels.formats.Sparse24Weight` (values ``[N, K/2]``, meta int32
 ``[N, ceil(K/32)]``, nibble ``g % 8`` of word ``g // 8`` = ``i0 | i1 << 2`` with ``i0 < i1``), read as
 is: no derived layout, no extra memory.
 
-Why: the GEMV (``sparse24_gemv.py``) repeats its per-value work for every token, and the ``tl.dot``
-decode tile (``sparse24_gemm.py``) rebuilds a dense tile (4.1 thread-instructions per compressed byte,
+Why: the GEMV (``sparse24_gemv.py``, now the fallback) repeats its per-value work for every token, and
+the ``tl.dot`` decode tile (``sparse24_gemm.py``) rebuilds a dense tile (4.1 thread-instructions per compressed byte,
 predicted 1.13x the dense kernel at M = 16). ``mma.sp.m16n8k32`` takes the kept pairs and a metadata
 word in exactly our format: 16 weight rows x 32 columns against 8 tokens per instruction, nothing
-decompressed. One warp owns 16 rows; per 32-column tile each thread issues 4 value loads, 2 meta
-loads, 1 byte permute, 4 x loads and one ``mma.sp`` per 8 tokens (about 13-18 instructions for 18
+decompressed. One warp owns 16 rows; per 32-column tile each thread issues 4 value loads, 1 meta
+load, 1 shuffle, 1 byte permute, 4 x loads and one ``mma.sp`` per 8 tokens (about 17-23 instructions for 18
 weight bytes).
 
 Fragment mapping (PTX ISA, sparse ``mma.m16n8k32``, 16-bit; lane = 4 gid + tig):
@@ -17,8 +17,9 @@ Fragment mapping (PTX ISA, sparse ``mma.m16n8k32``, 16-bit; lane = 4 gid + tig):
 - A (the weight, rows = output features): ``a0`` / ``a1`` = the kept pair (one int32 word, as stored)
   of group ``tig`` of row ``gid`` / ``gid + 8``; ``a2`` / ``a3`` = group ``tig + 4`` of the same rows;
 - metadata, sparsity selector 0: lanes with ``tig`` 0 and 1 hold the nibbles of groups 0-3 and 4-7,
-  row ``gid`` in bits 0-15 and row ``gid + 8`` in bits 16-31: one ``prmt`` of the two rows' meta
-  words (selector 0x5410 or 0x7632). Lanes 2 and 3 are not read;
+  row ``gid`` in bits 0-15 and row ``gid + 8`` in bits 16-31. Lane 0 loads row ``gid``'s meta word,
+  lane 1 row ``gid + 8``'s; a ``shfl.bfly 1`` swaps them and one ``prmt`` (selector 0x5410 on lane 0,
+  0x3276 on lane 1) packs the halves. Lanes 2 and 3 are not read;
 - B (x^T, 32 x 8): register ``j`` = columns ``2 tig + 8 j``, ``+ 1`` of token ``gid``: one int32 word;
 - D: ``d0, d1`` = row ``gid``, tokens ``2 tig``, ``2 tig + 1``; ``d2, d3`` = row ``gid + 8``.
 
@@ -28,9 +29,12 @@ those of the thread that holds the element whatever the layout. The padding nibb
 partial meta word are 0 (an invalid pattern for ``mma.sp``); the tail tile patches them to
 ``0b0100`` with zero values.
 
-Interpreter: ``EMULATE`` computes each thread's four (eight) outputs directly from its rows and
-tokens (no PTX); ``tests/test_sparse24_mma.py`` runs the PTX fragment rules lane by lane on the
-same index formulas (``fragment_indices``) and the GPU path self-checks on first use.
+Interpreter (``EMULATE``): the same loads as the GPU path (masked where a lane's data is unused, so
+the traffic audit counts distinct loads), then the shuffle, the metadata packing and the instruction
+itself, emulated from the PTX fragment rules with reshapes and masked sums (``_emulate_mma``), so the
+interpreter tests check the fragment construction, not only the arithmetic. A numpy lane model in
+``tests/test_sparse24_mma.py`` checks the same rules independently; on a GPU the kernel self-checks
+once per device and dtype (``mma_verified``) before it serves.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ import triton.language as tl
 
 from ._compile import CompileSpec, _is_interpreted
 from ._selfcheck import self_check_once
-from ._splitk import _TL, AuditDevice, choose_splits, reduce_launch, reduce_partials, splitk_plan
+from ._splitk import _TL, AuditDevice, reduce_launch, reduce_partials, slice_k, splitk_plan
 
 MMA_MAX_M = 16  # two mma.sp per tile cover 16 tokens; above, the tl.dot tile (prefill config)
 _CFG = dict(WARPS=4, UNROLL=4)  # 64 rows per program (16 per warp), 4 tiles of 32 columns per loop iteration
@@ -357,22 +361,15 @@ def _sparse24_mma_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, K_PER_SP
 def launch_geometry(m: int, n: int, k: int, device, splits: int | None = None):
     """(row tiles, K slices, columns per slice) of a launch: slices are whole unrolled steps
     (``splits`` given: whole 32-column tiles, so tests reach the single-tile and tail paths)."""
-    rows = 16 * _CFG["WARPS"]
-    chunk = 32 * _CFG["UNROLL"]
-    n_tiles = triton.cdiv(n, rows)
-    if splits is None:
-        s = choose_splits(n_tiles, triton.cdiv(k, chunk), device)
-        k_per = triton.cdiv(triton.cdiv(k, s), chunk) * chunk
-    else:
-        k_per = triton.cdiv(triton.cdiv(k, splits), 32) * 32
-    return n_tiles, triton.cdiv(k, k_per), k_per
+    n_tiles = triton.cdiv(n, 16 * _CFG["WARPS"])
+    return (n_tiles,) + slice_k(n_tiles, k, 32 * _CFG["UNROLL"], device, splits, granule=32)
 
 
 def sparse24_mma(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, shape, bias: torch.Tensor | None = None,
                  splits: int | None = None) -> torch.Tensor:
     """x [M, K] @ dense(values [N, K/2], meta [N, ceil(K/32)])^T + bias [N] -> y [M, N] in x's dtype.
 
-    fp16 / bf16 only, 1 <= M <= ``MMA_MAX_M`` (the launcher sends 3..16 here). ``splits`` overrides
+    fp16 / bf16 only, 1 <= M <= ``MMA_MAX_M`` (the launcher sends every 16-bit M <= 16 here). ``splits`` overrides
     the split-K choice (tests). x and values rows need unit stride along K and 4-byte alignment,
     meta rows unit stride; others are copied.
     """
