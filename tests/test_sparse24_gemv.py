@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import TOLERANCES
+from conftest import TOLERANCES, check_24_kernel, check_self_check_fallback
 from laco_kernels import reference
 from laco_kernels.formats import Sparse24Weight
 from laco_kernels.kernels import sparse24_gemm as sg
@@ -23,12 +23,7 @@ def close(a, b, dtype):
 
 @pytest.mark.parametrize("m,n,k,dtype,bias,splits", CASES)
 def test_matches_reference(m, n, k, dtype, bias, splits):
-    w24 = Sparse24Weight.from_dense(torch.randn(n, k).to(dtype), prune=True)
-    x = torch.randn(m, k).to(dtype)
-    b = torch.randn(n).to(dtype) if bias else None
-    y = sv.sparse24_gemv(x, w24.values, w24.meta, w24.shape, b, splits=splits)
-    assert y.shape == (m, n) and y.dtype == dtype
-    close(y, reference.sparse24_linear(x, w24, b), dtype)
+    check_24_kernel(sv.sparse24_gemv, m, n, k, dtype, bias, splits=splits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -244,21 +239,5 @@ def test_self_check_problem_is_a_valid_24_weight():
 def test_failed_gpu_self_check_warns_and_routes_to_the_tile_kernel(monkeypatch):
     """On CUDA a GEMV that disagrees with the dense product is not used: one warning, then the
     tl.dot decode kernel (simulated: the check is run on CPU tensors with a fake CUDA device)."""
-    class FakeCuda:
-        type, index = "cuda", 7
+    check_self_check_fallback(monkeypatch, sv, "sparse24_gemv", sv.gemv_verified)
 
-    monkeypatch.setattr(sv, "_VERIFIED", {})
-    monkeypatch.setattr(sv, "_self_check_problem", lambda dt, dev: _ORIG_PROBLEM(dt, torch.device("cpu")))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "FakeGPU")
-    monkeypatch.setattr(sv, "sparse24_gemv", lambda x, v, m, s, b=None, splits=None: torch.zeros(x.shape[0], s[0]))
-    with pytest.warns(RuntimeWarning, match="failed its self-check on FakeGPU"):
-        assert sv.gemv_verified(FakeCuda(), torch.float16) is False
-    assert sv.gemv_verified(FakeCuda(), torch.float16) is False  # cached: checked once per device and dtype
-    assert sv.gemv_verified(torch.device("cpu"), torch.float16) is True
-    monkeypatch.setattr(sv, "_VERIFIED", {})
-    monkeypatch.setattr(sv, "sparse24_gemv", _ORIG_GEMV)
-    assert sv.gemv_verified(FakeCuda(), torch.bfloat16) is True  # a correct kernel passes
-
-
-_ORIG_PROBLEM = sv._self_check_problem
-_ORIG_GEMV = sv.sparse24_gemv

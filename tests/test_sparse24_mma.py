@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TOLERANCES
+from conftest import TOLERANCES, check_24_kernel, check_self_check_fallback
 from laco_kernels import reference
 from laco_kernels.formats import Sparse24Weight
 from laco_kernels.kernels import sparse24_gemm as sg
@@ -30,12 +30,7 @@ def close(a, b, dtype):
 
 @pytest.mark.parametrize("m,n,k,dtype,bias,splits", CASES)
 def test_matches_reference(m, n, k, dtype, bias, splits):
-    w24 = Sparse24Weight.from_dense(torch.randn(n, k).to(dtype), prune=True)
-    x = torch.randn(m, k).to(dtype)
-    b = torch.randn(n).to(dtype) if bias else None
-    y = sm.sparse24_mma(x, w24.values, w24.meta, w24.shape, b, splits=splits)
-    assert y.shape == (m, n) and y.dtype == dtype
-    close(y, reference.sparse24_linear(x, w24, b), dtype)
+    check_24_kernel(sm.sparse24_mma, m, n, k, dtype, bias, splits=splits)
 
 
 def test_non_contiguous_misaligned_and_3d_inputs(triton_backend):
@@ -79,23 +74,7 @@ def test_launcher_routes_16bit_decode_to_the_mma_kernel(monkeypatch):
 def test_failed_gpu_self_check_warns_and_falls_back(monkeypatch):
     """On CUDA a kernel that disagrees with the dense product is not used: one warning, then the
     GEMV / tl.dot decode (simulated: the check runs on CPU tensors with a fake CUDA device)."""
-    from laco_kernels.kernels import sparse24_gemv as sv
-
-    class FakeCuda:
-        type, index = "cuda", 7
-
-    orig_problem, orig_mma = sv._self_check_problem, sm.sparse24_mma
-    monkeypatch.setattr(sm, "_VERIFIED", {})
-    monkeypatch.setattr(sv, "_self_check_problem", lambda dt, dev: orig_problem(dt, torch.device("cpu")))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "FakeGPU")
-    monkeypatch.setattr(sm, "sparse24_mma", lambda x, v, m, s, b=None, splits=None: torch.zeros(x.shape[0], s[0]))
-    with pytest.warns(RuntimeWarning, match="failed its self-check on FakeGPU"):
-        assert sm.mma_verified(FakeCuda(), torch.float16) is False
-    assert sm.mma_verified(FakeCuda(), torch.float16) is False  # cached per device and dtype
-    assert sm.mma_verified(torch.device("cpu"), torch.float16) is True
-    monkeypatch.setattr(sm, "_VERIFIED", {})
-    monkeypatch.setattr(sm, "sparse24_mma", orig_mma)
-    assert sm.mma_verified(FakeCuda(), torch.bfloat16) is True  # the real kernel passes (interpreter path)
+    check_self_check_fallback(monkeypatch, sm, "sparse24_mma", sm.mma_verified)
 
 
 def test_compile_specs_describe_the_decode_loop():

@@ -54,7 +54,7 @@ import triton.language as tl
 from ..formats import unpack_bits
 from ._compile import CompileSpec, _is_interpreted
 from ._selfcheck import self_check_once
-from ._splitk import choose_splits, reduce_launch, reduce_partials, store_gemv_row
+from ._splitk import choose_splits, reduce_partials, splitk_plan, store_gemv_row
 
 BLOCK_N = 128  # layout rows per program and per layout block: one per thread of 4 warps
 LANES = 4  # layout rows (consecutive lanes) per weight row: each takes a quarter of the row's entries
@@ -403,11 +403,7 @@ def launch_plan(spec, m: int, n: int, k: int, density: float):
     main = next(sp for sp in COMPILE_SPECS if sp.signature["x_ptr"] == spec.signature["x_ptr"]
                 and sp.constexprs["PARTIAL"] == (s > 1) and not sp.constexprs["HAS_BIAS"])
     layout_bytes = nb * lb * BLOCK_N * 8 * (isz + 0.5) + nb * s * BLOCK_N * 4 + (nb + 1) * 4 + nb * ROWS * 4
-    launches = [dict(name=main.name, spec=main, programs=m * nb * s, iterations=math.ceil(lb / s) / UNROLL,
-                     bytes=float(layout_bytes) + m * k * isz + (s * m * n * 4 if s > 1 else m * n * isz))]
-    if s > 1:
-        launches.append(reduce_launch(m, n, s, dt))
-    return launches
+    return splitk_plan(main, m * nb * s, math.ceil(lb / s) / UNROLL, layout_bytes, m, n, k, isz, s, dt)
 
 
 SASS_LAUNCH_PLAN = launch_plan  # the name bench/sass_model.py looks up

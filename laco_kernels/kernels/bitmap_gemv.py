@@ -33,7 +33,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ._compile import CompileSpec
-from ._splitk import choose_splits, reduce_launch, reduce_partials, store_gemv_row
+from ._splitk import AuditDevice, choose_splits, reduce_partials, splitk_plan, store_gemv_row
 
 # a GEMV repeats its per-value work for every token; the audit predicts it faster than the tl.dot
 # kernel (tile_k 128) up to M = 13 on the chunk layout (fp16 and bf16, 50% and 70% sparsity, the three
@@ -234,18 +234,10 @@ def SASS_LAUNCH_PLAN(spec, m: int, n: int, k: int, density: float = 0.5):  # noq
     GEMV (programs, average steady-state iterations, HBM bytes at ``density``) and the split-K reduce."""
     dt = spec.signature["x_ptr"][1:]
     tile_k = spec.constexprs["TILE_K"]
-    n_tiles, s, k_per = launch_geometry(m, n, k, tile_k, _AuditDevice())
+    n_tiles, s, k_per = launch_geometry(m, n, k, tile_k, AuditDevice())
     main = next(sp for sp in COMPILE_SPECS if sp.signature["x_ptr"] == spec.signature["x_ptr"]
                 and sp.constexprs["TILE_K"] == tile_k and sp.constexprs["PARTIAL"] == (s > 1)
                 and not sp.constexprs["HAS_BIAS"])
     isz = {"fp16": 2, "bf16": 2, "fp32": 4}[dt]
     w_bytes = n * k * density * isz + n * triton.cdiv(k, 32) * 4 + n * triton.cdiv(k, tile_k) * 4
-    launches = [dict(name=main.name, spec=main, programs=m * n_tiles * s, iterations=k / s / (32 * _CFG["UNROLL"]),
-                     bytes=float(w_bytes) + m * k * isz + (s * m * n * 4 if s > 1 else m * n * isz))]
-    if s > 1:
-        launches.append(reduce_launch(m, n, s, dt))
-    return launches
-
-
-class _AuditDevice:
-    type = "cpu"  # choose_splits: no CUDA device -> 132 SMs (an H100)
+    return splitk_plan(main, m * n_tiles * s, k / s / (32 * _CFG["UNROLL"]), w_bytes, m, n, k, isz, s, dt)
