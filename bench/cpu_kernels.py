@@ -84,25 +84,31 @@ def round_robin(fns: dict, rounds: int, warmup: int = 2) -> dict:
     return {name: {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts)} for name, ts in times.items()}
 
 
-PATHS = ("direct", "outer", "panel")
+PATHS = ("direct", "outer", "amx", "panel")
 
 
 def _forced(native, path, fn):
     """fn with one path forced for every op: the direct kernel, the 2:4 outer-product kernel (AVX2; where
-    the CPU has no such kernel this runs the direct one) or decompressed panels + BLAS."""
+    the CPU has no such kernel this runs the direct one), AMX tiles (bf16 on AMX CPUs) or decompressed
+    panels + BLAS."""
     def call():
         native.set_outer_min_m(0 if path == "outer" else 10 ** 9)
+        native.set_amx_min_m(0 if path == "amx" else 10 ** 9)
         native.set_panel_min_m(0 if path == "panel" else 10 ** 9)
         try:
             return fn()
         finally:
             native.set_outer_min_m(None)
+            native.set_amx_min_m(None)
             native.set_panel_min_m(None)
     return call
 
 
 def dispatched_path(native, op: str, dt, shape, m: int) -> str:
-    """The path ``op`` takes at M = m under the measured thresholds."""
+    """The path ``op`` takes at M = m under the measured thresholds (the order of the C++ dispatch)."""
+    lo, hi = native.amx_range(op, dt, shape)
+    if lo <= m < hi:
+        return "amx"
     if m >= native.panel_min_m(op, dt, shape):
         return "panel"
     return "outer" if m >= native.outer_min_m(op, dt, shape) else "direct"
@@ -126,6 +132,8 @@ def bench_kernels(native, shapes, ms, dtypes, threads_list, rounds, paths=False)
                     for side in PATHS:
                         if side == "outer" and native.outer_min_m("sparse24_linear", dt, (n, k)) > 10 ** 12:
                             continue  # no outer-product kernel on this ISA
+                        if side == "amx" and native.amx_range("sparse24_linear", dt, (n, k))[0] > 10 ** 12:
+                            continue  # no AMX (or fp32)
                         fns[f"2:4/{side}"] = _forced(native, side, lambda: native.sparse24_linear(x, w24))
                         if side != "outer":  # 2:4 only
                             fns[f"bitmap70/{side}"] = _forced(native, side, lambda: native.bitmap_linear(x, bms["bitmap70"]))
@@ -369,7 +377,7 @@ def main(argv=None) -> None:
         panel_min_m=thresholds, sparse24_outer_min_m=outer, panel_bytes=_native._C.panel_bytes(),
         prefetch_bytes={op: _native._C.prefetch_bytes(op) for op in ("sparse24_linear", "bitmap_linear")},
         threshold_evidence=threshold_evidence(kernels), cpu_isa_flags=cpu_isa_flags(), isa=_native.isa(),
-        detected_isa=_native._C.detected_isa(), torch=torch.__version__, threads_available=os.cpu_count(),
+        detected_isa=_native._C.detected_isa(), amx=_native.amx_available(), torch=torch.__version__, threads_available=os.cpu_count(),
         load_average_before=load_before, load_average_after=os.getloadavg(), quick=args.quick,
         command=" ".join(sys.argv),
         notes=("dense = F.linear on the dense weight of the same dtype and thread count; bitmapXX = unstructured "

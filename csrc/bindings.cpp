@@ -25,23 +25,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(loss fp32 scalar, stats fp32) for pred/target [R,D]", py::arg("pred"), py::arg("target"), py::arg("kind"));
   m.def("reconstruction_loss_backward", &laco::reconstruction_loss_backward, "grad_pred [R,D] in pred's dtype",
         py::arg("grad_out"), py::arg("pred"), py::arg("target"), py::arg("kind"), py::arg("stats"));
-  m.def("panel_min_m", [](const std::string& op, const std::string& dtype, int64_t n, int64_t k) {
-          TORCH_CHECK(op == "sparse24_linear" || op == "bitmap_linear", "panel_min_m: unknown op '", op, "'");
-          TORCH_CHECK(dtype == "float32" || dtype == "bfloat16", "panel_min_m: dtype must be float32 or bfloat16");
-          return laco::panel_min_m(op == "sparse24_linear" ? laco::LinearOp::kSparse24 : laco::LinearOp::kBitmap,
-                                   dtype == "float32" ? at::kFloat : at::kBFloat16, n, k);
-        }, "smallest M that runs through decompressed panels + BLAS (active ISA)", py::arg("op"), py::arg("dtype"), py::arg("n"), py::arg("k"));
+  // thresholds by M: panel, outer-product and AMX ranges (same arguments, same checks)
+  using Threshold = int64_t (*)(laco::LinearOp, at::ScalarType, int64_t, int64_t);
+  const auto def_threshold = [&m](const char* name, Threshold fn, const char* doc) {
+    m.def(name, [name, fn](const std::string& op, const std::string& dtype, int64_t n, int64_t k) {
+            TORCH_CHECK(op == "sparse24_linear" || op == "bitmap_linear", name, ": unknown op '", op, "'");
+            TORCH_CHECK(dtype == "float32" || dtype == "bfloat16", name, ": dtype must be float32 or bfloat16");
+            return fn(op == "sparse24_linear" ? laco::LinearOp::kSparse24 : laco::LinearOp::kBitmap,
+                      dtype == "float32" ? at::kFloat : at::kBFloat16, n, k);
+          }, doc, py::arg("op"), py::arg("dtype"), py::arg("n"), py::arg("k"));
+  };
+  def_threshold("panel_min_m", &laco::panel_min_m, "smallest M that runs through decompressed panels + BLAS (active ISA)");
+  def_threshold("outer_min_m", &laco::outer_min_m,
+                "smallest M that runs through the outer-product kernel (active ISA; huge where it has none)");
+  def_threshold("amx_min_m", &laco::amx_min_m, "smallest M that runs on AMX tiles (huge where there are none, or for fp32)");
+  def_threshold("amx_max_m", &laco::amx_max_m, "first M past the AMX range (the panel path from there on)");
   m.def("set_panel_min_m", &laco::set_panel_min_m, "-1: measured defaults; else this M threshold for every op",
         py::arg("m"));
-  m.def("outer_min_m", [](const std::string& op, const std::string& dtype, int64_t n, int64_t k) {
-          TORCH_CHECK(op == "sparse24_linear" || op == "bitmap_linear", "outer_min_m: unknown op '", op, "'");
-          TORCH_CHECK(dtype == "float32" || dtype == "bfloat16", "outer_min_m: dtype must be float32 or bfloat16");
-          return laco::outer_min_m(op == "sparse24_linear" ? laco::LinearOp::kSparse24 : laco::LinearOp::kBitmap,
-                                   dtype == "float32" ? at::kFloat : at::kBFloat16, n, k);
-        }, "smallest M that runs through the outer-product kernel (active ISA; huge where it has none)",
-        py::arg("op"), py::arg("dtype"), py::arg("n"), py::arg("k"));
   m.def("set_outer_min_m", &laco::set_outer_min_m, "-1: measured defaults; else this M threshold for every op",
         py::arg("m"));
+  m.def("set_amx_min_m", &laco::set_amx_min_m, "-1: measured defaults; else this M threshold for every op",
+        py::arg("m"));
+  m.def("amx_available", &laco::amx_available, "CPU has AMX-BF16 and the OS granted the tile state");
+  m.def("set_amx_enabled", &laco::set_amx_enabled, "turn the AMX path on / off (tests, benchmarks)", py::arg("on"));
   m.def("prefetch_bytes", [](const std::string& op) {
           TORCH_CHECK(op == "sparse24_linear" || op == "bitmap_linear", "prefetch_bytes: unknown op '", op, "'");
           return laco::prefetch_bytes(op == "sparse24_linear" ? laco::LinearOp::kSparse24 : laco::LinearOp::kBitmap);

@@ -449,6 +449,35 @@ void bm_decompress_rows(Isa isa, const BmArgs& a, int64_t r0, int64_t r1, VT* ds
     bm_decompress_tail<VT>(a, bits, 0, p, dst);
   }
 }
+
+#if LACO_X86
+// Kept columns of row n in [k0, k1) for the outer-product kernel (outer_linear.cpp); k0 is a multiple of
+// tile_k, so the row's values from k0 on start at offsets[n, k0 / tile_k]. 16 columns per step: the set
+// bits select lanes of (c + lane) * mp by a register compress.
+template <typename VT>
+LACO_AVX512 Decoded bm_outer_decode(const BmArgs& a, int64_t n, int64_t k0, int64_t k1, int64_t mp, int32_t* off,
+                                    float* vals) {
+  const uint32_t* bits = a.bitmap + n * a.W;
+  const int64_t vi = a.offsets[n * a.T + k0 / a.tile_k];
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i vmp = _mm512_set1_epi32(static_cast<int>(mp));
+  int64_t j = 0;
+  for (int64_t c = k0; c < k1; c += 16) {
+    uint32_t m16 = (bits[c >> 5] >> (c & 31)) & 0xFFFFu;
+    if (c + 16 > k1) m16 &= (1u << (k1 - c)) - 1u;
+    const __m512i idx = _mm512_mullo_epi32(_mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(c))), vmp);
+    _mm512_storeu_si512(off + j, _mm512_maskz_compress_epi32(static_cast<__mmask16>(m16), idx));
+    j += __builtin_popcount(m16);
+  }
+  if constexpr (std::is_same_v<VT, float>) {
+    return {j, static_cast<const float*>(a.values) + vi};
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(a.values) + vi;
+    for (int64_t i = 0; i < j; ++i) vals[i] = bf16_to_f32(p[i]);
+    return {j, vals};
+  }
+}
+#endif
 }  // namespace
 
 at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmap,
@@ -479,6 +508,21 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at
   TORCH_CHECK(off[0] == 0 && off[(N - 1) * T] <= nnz, op, ": offsets are inconsistent with ", nnz, " values");
   BmArgs a{nullptr, nullptr, values.data_ptr(), reinterpret_cast<const uint32_t*>(bitmap.data_ptr<int32_t>()),
            off, M, N, K, W, T, tile_k, nnz, false};
+  if (M >= amx_min_m(LinearOp::kBitmap, x.scalar_type(), N, K) && M < amx_max_m(LinearOp::kBitmap, x.scalar_type(), N, K)) {
+    const Isa isa = active_isa();
+    const char* vbase = static_cast<const char*>(a.values);
+    const char* bbase = reinterpret_cast<const char*>(a.bitmap);
+    return amx_linear(
+        x, bias, N, K,
+        [=](int64_t r0, int64_t r1, void* dst) {
+          bm_decompress_rows<uint16_t>(isa, a, r0, r1, static_cast<uint16_t*>(dst));
+        },
+        [=](int64_t r0, int64_t r1, int s) {
+          if (s == 1) return std::make_pair(bbase + r0 * a.W * 4, (r1 - r0) * a.W * 4);
+          const int64_t v0 = a.offsets[r0 * a.T], v1 = r1 < a.N ? a.offsets[r1 * a.T] : a.nnz;
+          return std::make_pair(vbase + v0 * 2, (v1 - v0) * 2);
+        });
+  }
   if (M >= panel_min_m(LinearOp::kBitmap, x.scalar_type(), N, K)) {
     const Isa isa = active_isa();
     if (values.scalar_type() == at::kFloat) {
@@ -491,6 +535,20 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at
     });
   }
   at::Tensor x32 = linear_x_fp32(x, values, K, op);
+#if LACO_X86
+  if (M >= outer_min_m(LinearOp::kBitmap, x.scalar_type(), N, K)) {
+    if (values.scalar_type() == at::kFloat) {
+      return outer_linear(x32, b32, N, K, tile_k, x.scalar_type(), [=](int64_t n, int64_t k0, int64_t k1, int64_t mp,
+                                                                       int32_t* off, float* vals) {
+        return bm_outer_decode<float>(a, n, k0, k1, mp, off, vals);
+      });
+    }
+    return outer_linear(x32, b32, N, K, tile_k, x.scalar_type(), [=](int64_t n, int64_t k0, int64_t k1, int64_t mp,
+                                                                     int32_t* off, float* vals) {
+      return bm_outer_decode<uint16_t>(a, n, k0, k1, mp, off, vals);
+    });
+  }
+#endif
   at::Tensor y = at::empty({M, N}, x32.options());
   at::Tensor x16 = x.scalar_type() == at::kBFloat16 ? x.contiguous() : at::Tensor();
   a.x = x32.data_ptr<float>();

@@ -89,7 +89,7 @@ int64_t linear_row_grain(int64_t m, int64_t k) {
   // (a shared machine) a parallel region waits for a descheduled thread: measured 7.6 ms per
   // 1536x576 2:4 call at M = 1 on 2 threads (0.04 ms on 1) on a 2-core machine whose other core was
   // busy. The old grain (64K weights) split that op in 13 chunks; now it runs on one thread.
-  constexpr int64_t kMinChunkMacs = int64_t{1} << 20;
+  constexpr int64_t kMinChunkMacs = int64_t{1} << 18;
   return std::max<int64_t>(1, kMinChunkMacs / std::max<int64_t>(m * k, 1));
 }
 

@@ -142,9 +142,38 @@ at::Tensor panel_linear(const at::Tensor& x, const c10::optional<at::Tensor>& bi
 // or K is too large for its int32 offsets).
 int64_t outer_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K);
 void set_outer_min_m(int64_t m);  // -1: measured defaults; 0: from M = 1 on; huge: never
+// Kept weights of row n over columns [k0, k1) for the outer-product kernel: decode writes off[j] (float
+// index of column c_j in the M-block's xt, c_j * mp; at most k1 - k0 + 64 entries) and returns the count
+// and their fp32 values (vals, filled by decode, or a pointer into an fp32 values tensor).
+struct Decoded {
+  int64_t count;
+  const float* vals;
+};
+using Decode = std::function<Decoded(int64_t n, int64_t k0, int64_t k1, int64_t mp, int32_t* off, float* vals)>;
+// y [M, N] in out_dtype = x32 [M, K] @ W^T + b32 with W given by decode; every K-block starts at a
+// multiple of k_align. x32 fp32 contiguous, b32 fp32 [N] or undefined.
+at::Tensor outer_linear(const at::Tensor& x32, const at::Tensor& b32, int64_t N, int64_t K, int64_t k_align,
+                        at::ScalarType out_dtype, const Decode& decode);
 // x32 [M, K] fp32 contiguous, b32 fp32 [N] or undefined; y [M, N] in out_dtype.
 at::Tensor sparse24_outer(const at::Tensor& x32, const at::Tensor& b32, const at::Tensor& values, const at::Tensor& meta,
                           int64_t N, int64_t K, at::ScalarType out_dtype);
+
+// bf16 path on Intel AMX tiles (csrc/amx_linear.cpp): rows decompressed by `fill` straight into the
+// tile layout. amx_available: the CPU has AMX-BF16 / AMX-TILE (and AVX512_BF16) and the OS granted the
+// tile state. amx_min_m: smallest M that takes it (huge for fp32, without AMX, when disabled or when the
+// ISA is capped below avx512bf16); the path runs for amx_min_m <= M < amx_max_m.
+bool amx_available();
+void set_amx_enabled(bool on);
+int64_t amx_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K);
+// first M past the AMX range (the panel path from there on); huge when set_amx_min_m forces the path
+int64_t amx_max_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K);
+void set_amx_min_m(int64_t m);  // -1: measured defaults; 0: from M = 1 on; huge: never
+// spans(r0, r1, s): the s-th (0 or 1) contiguous byte range holding rows [r0, r1) of the packed weight
+// ({nullptr, 0} if none), prefetched while the previous rows are multiplied.
+using RowSpans = std::function<std::pair<const char*, int64_t>(int64_t, int64_t, int)>;
+// x: [M, K] bf16 CPU (any strides), already checked; returns y [M, N] bf16.
+at::Tensor amx_linear(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t N, int64_t K,
+                      const PanelFill& fill, const RowSpans& spans);
 
 // Software prefetch distance (bytes) of a direct kernel's values stream at M = 1 (whole rows).
 int64_t prefetch_bytes(LinearOp op);

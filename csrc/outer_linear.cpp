@@ -30,16 +30,12 @@ constexpr int kMaxMBV = 8;                     // 8 vectors of 8 rows: 64 rows o
 // xt slice per K-block: it stays in L1 (32 KB on Zen 3) while kRowChunk rows pass over it. 20 KB measured
 // best of 8 / 20 / 64 / 256 KB (1536x576 fp32, M = 16: 0.81x / 1.31x / 0.95x / 0.77x dense; noisy machine).
 constexpr int64_t kXtBytes = 20 * 1024;
+constexpr int64_t kXtBytesAvx512 = 32 * 1024;
 std::atomic<int64_t> g_outer_min_m_override{-1};
 constexpr int64_t kRowChunk = 16;
 
 // Kept weights of row n over columns [k0, k1): writes off[j] (float index of column c_j in xt, c_j * Mp)
 // and returns their fp32 values (either vals, filled here, or a pointer into the fp32 values tensor).
-struct Decoded {
-  int64_t count;
-  const float* vals;
-};
-using Decode = std::function<Decoded(int64_t n, int64_t k0, int64_t k1, int64_t mp, int32_t* off, float* vals)>;
 
 #if LACO_X86
 // y^T[n, block] += sum_j val[j] * xt[off[j] + block]; acc_io holds the MBV * 8 partial sums.
@@ -96,6 +92,53 @@ void outer_row(int mbv, const int32_t* off, const float* val, int64_t cnt, const
   }
 }
 
+// The same kernel in zmm registers (AVX-512 CPUs): 16 rows of x per vector, at most 4 vectors (64 rows).
+template <size_t... V>
+LACO_AVX512 LACO_INLINE void outer_fma512(std::index_sequence<V...>, __m512 w, const float* xr, __m512* acc) {
+  ((acc[V] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xr + 16 * V), acc[V])), ...);
+}
+
+template <int MBV, size_t... U>
+LACO_AVX512 LACO_INLINE void outer_step512(std::index_sequence<U...>, const int32_t* off, const float* val,
+                                           const float* xt, __m512* acc) {
+  (outer_fma512(std::make_index_sequence<MBV>{}, _mm512_set1_ps(val[U]), xt + off[U], acc + U * MBV), ...);
+}
+
+template <int MBV, size_t... I>
+LACO_AVX512 LACO_INLINE void outer_init512(std::index_sequence<I...>, const float* acc_io, __m512* acc) {
+  ((acc[I] = I < MBV ? _mm512_loadu_ps(acc_io + 16 * (I % MBV)) : _mm512_setzero_ps()), ...);
+}
+
+template <int MBV, size_t... I>
+LACO_AVX512 LACO_INLINE void outer_fold512(std::index_sequence<I...>, __m512* acc) {
+  ((acc[I % MBV] = _mm512_add_ps(acc[I % MBV], acc[MBV + I])), ...);
+}
+
+template <size_t... V>
+LACO_AVX512 LACO_INLINE void outer_store512(std::index_sequence<V...>, const __m512* acc, float* acc_io) {
+  (_mm512_storeu_ps(acc_io + 16 * V, acc[V]), ...);
+}
+
+template <int MBV, int U>
+LACO_AVX512 void outer_row_avx512(const int32_t* off, const float* val, int64_t cnt, const float* xt, float* acc_io) {
+  __m512 acc[U * MBV];
+  outer_init512<MBV>(std::make_index_sequence<U * MBV>{}, acc_io, acc);
+  int64_t j = 0;
+  for (; j + U <= cnt; j += U) outer_step512<MBV>(std::make_index_sequence<U>{}, off + j, val + j, xt, acc);
+  for (; j < cnt; ++j) outer_step512<MBV>(std::make_index_sequence<1>{}, off + j, val + j, xt, acc);
+  outer_fold512<MBV>(std::make_index_sequence<(U - 1) * MBV>{}, acc);
+  outer_store512(std::make_index_sequence<MBV>{}, acc, acc_io);
+}
+
+void outer_row512(int mbv, const int32_t* off, const float* val, int64_t cnt, const float* xt, float* acc) {
+  switch (mbv) {
+    case 1: return outer_row_avx512<1, 4>(off, val, cnt, xt, acc);
+    case 2: return outer_row_avx512<2, 4>(off, val, cnt, xt, acc);
+    case 3: return outer_row_avx512<3, 2>(off, val, cnt, xt, acc);
+    default: return outer_row_avx512<4, 2>(off, val, cnt, xt, acc);
+  }
+}
+
 // 2:4 decode, 4 groups (16 columns, 8 values) per step: the index arithmetic of s24_half_avx2.
 template <typename VT>
 LACO_AVX2 Decoded s24_decode_avx2(const VT* v, const uint32_t* meta, int64_t g0, int64_t g1, int64_t mp, int32_t* off,
@@ -143,19 +186,39 @@ LACO_AVX2 Decoded s24_decode_avx2(const VT* v, const uint32_t* meta, int64_t g0,
 // kernel beat the direct one from M = 8 on (1536x576 fp32 1.89x vs 1.51x dense, bf16 2.36x vs 1.71x;
 // M = 4: 1.88x vs 2.47x) on both SmolLM2 and 7B shapes.
 constexpr int64_t kDefaultOuterMinM = 8;
+// AVX-512 (zmm variant), fp32: measured on the AMX Xeon (docs/cpu_kernels.md, forced paths interleaved
+// with F.linear, one thread). 2:4 7B, outer / direct / panel: M = 16 1.71x / 1.13x / 0.65x (11008x4096),
+// M = 64 1.38x / 0.52x / 0.74x, M = 8 1.71x / 2.47x / 1.78x (direct wins); 2:4 1536x576 M = 32 1.25x / 1.16x /
+// 1.05x, M = 16 1.14x / 1.43x; with two threads the direct kernel held to M = 32 on the small shapes.
+// Bitmap 70% 1536x576: M = 16 1.41x / 0.69x / 0.88x, M = 128 1.26x / 0.36x / 0.85x, M = 256 0.67x / - / 0.87x
+// (the panel takes over there, panel.cpp); 7B 50%: M = 16 1.25x-1.82x vs panel 0.58x-1.08x. bf16: the AMX
+// path covers the middle range where there are tiles; without AMX not measured, so not chosen.
+int64_t avx512_default_outer_min_m(LinearOp op, at::ScalarType dt, int64_t dense_bytes) {
+  if (dt != at::kFloat) return int64_t{1} << 62;
+  if (op == LinearOp::kBitmap) return 16;  // below the panel threshold only with one thread (panel.cpp)
+  const bool large = dense_bytes >= (int64_t{16} << 20);
+  if (large) return 16;
+  return at::get_num_threads() == 1 ? 32 : 64;
+}
 
 }  // namespace
 
 int64_t outer_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
-  (void)dt; (void)N;
   // the kernel exists for 2:4 on AVX2 (bitmap: measured slower than the panel path at 50%, about even at
   // 70%, so the panel path serves it; AVX-512: not measured there, the direct / panel thresholds stand),
   // and its int32 offsets into one M-block's xt [K, 64] need K * 64 < 2^31
-  if (active_isa() != Isa::kAvx2 || op != LinearOp::kSparse24 || K * 8 * kMaxMBV >= (int64_t{1} << 31)) {
+  // AVX2: 2:4 only (the bitmap there: measured slower than the panel path at 50%, about even at 70%);
+  // AVX-512: both formats (the bitmap decode is a register compress, bm_outer_decode). int32 offsets into
+  // one M-block's xt [K, 64] need K * 64 < 2^31.
+  const Isa isa = active_isa();
+  if (isa < Isa::kAvx2 || (isa == Isa::kAvx2 && op != LinearOp::kSparse24) ||
+      K * 8 * kMaxMBV >= (int64_t{1} << 31)) {
     return int64_t{1} << 62;
   }
   const int64_t o = g_outer_min_m_override.load();
-  return o >= 0 ? o : kDefaultOuterMinM;
+  if (o >= 0) return o;
+  if (isa == Isa::kAvx2) return kDefaultOuterMinM;
+  return avx512_default_outer_min_m(op, dt, N * K * static_cast<int64_t>(c10::elementSize(dt)));
 }
 
 void set_outer_min_m(int64_t m) { g_outer_min_m_override = m; }
@@ -164,26 +227,27 @@ void set_outer_min_m(int64_t m) { g_outer_min_m_override = m; }
 at::Tensor outer_linear(const at::Tensor& x32, const at::Tensor& b32, int64_t N, int64_t K, int64_t k_align,
                         at::ScalarType out_dtype, const Decode& decode) {
 #if LACO_X86
-  const int64_t M = x32.size(0), mp = (M + 7) / 8 * 8;
+  const int64_t vw = active_isa() >= Isa::kAvx512 ? 16 : 8;  // rows of x per vector register
+  const int64_t M = x32.size(0), mp = (M + vw - 1) / vw * vw;
   const int64_t nblocks = (mp + 8 * kMaxMBV - 1) / (8 * kMaxMBV);
   // xt per M-block: [K, 8 * mbv] contiguous (zero rows past M), so a K-block's slice is one dense piece of
   // L1 (a shared [K, Mp] layout with Mp = 128 put the slice on a quarter of the L1 sets: 2x slower)
   std::vector<at::Tensor> xts;
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t m0 = b * 8 * kMaxMBV, rows = std::min<int64_t>(8 * kMaxMBV, M - m0);
-    at::Tensor t = at::zeros({K, (rows + 7) / 8 * 8}, x32.options());
+    at::Tensor t = at::zeros({K, (rows + vw - 1) / vw * vw}, x32.options());
     t.narrow(1, 0, rows).copy_(x32.narrow(0, m0, rows).t());
     xts.push_back(t);
   }
   at::Tensor yt = at::empty({N, mp}, x32.options());
   float* ytp = yt.data_ptr<float>();
   const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
-  const int64_t xt_bytes = kXtBytes;
+  const int64_t xt_bytes = vw == 16 ? kXtBytesAvx512 : kXtBytes;
   at::parallel_for(0, N, linear_row_grain(M, K), [&](int64_t n0, int64_t n1) {
     for (int64_t b = 0; b < nblocks; ++b) {
       const int64_t m0 = b * 8 * kMaxMBV;
       const int64_t w = xts[b].size(1);
-      const int mbv = static_cast<int>(w / 8);
+      const int mbv = static_cast<int>(w / vw);
       const float* xtp = xts[b].data_ptr<float>();
       int64_t kb = xt_bytes / (w * static_cast<int64_t>(sizeof(float)));
       kb = std::min(K, std::max(k_align, kb / k_align * k_align));
@@ -200,7 +264,11 @@ at::Tensor outer_linear(const at::Tensor& x32, const at::Tensor& b32, int64_t N,
           const int64_t k1 = std::min(K, k0 + kb);
           for (int64_t n = c0; n < c1; ++n) {
             const Decoded d = decode(n, k0, k1, w, off.data(), vals.data());
-            outer_row(mbv, off.data(), d.vals, d.count, xtp, ytp + n * mp + m0);
+            if (vw == 16) {
+              outer_row512(mbv, off.data(), d.vals, d.count, xtp, ytp + n * mp + m0);
+            } else {
+              outer_row(mbv, off.data(), d.vals, d.count, xtp, ytp + n * mp + m0);
+            }
           }
         }
       }

@@ -59,9 +59,12 @@ int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_byt
   }
   int64_t m;
   if (op == LinearOp::kSparse24) {
-    m = bf16 ? (large ? 8 : 16) : (large ? 16 : 128);
+    m = bf16 ? (large ? 8 : 16) : 128;  // fp32: the outer-product kernel below 128 (outer_linear.cpp)
   } else {
-    m = bf16 ? 8 : (large ? 16 : 8);  // fp32 7B: the direct kernel reads 30% of the bytes, 1.85x dense at M = 8
+    // fp32, one thread: the outer-product kernel from M = 16 (outer_linear.cpp) up to 256; with two threads
+    // (not measured for the outer kernel on 7B; on SmolLM2 shapes it did not beat the panel) the old values.
+    // fp32 7B: the direct kernel reads 30% of the bytes, 1.85x dense at M = 8.
+    m = bf16 ? 8 : (at::get_num_threads() == 1 ? 256 : (large ? 16 : 8));
   }
   // AVX-512 without BF16: the same M (measured on the AVX-512 BF16 Xeon only).
   return m;
@@ -107,6 +110,10 @@ at::Tensor panel_linear(const at::Tensor& x, const c10::optional<at::Tensor>& bi
                                                    : std::max(g_panel_bytes.load(), kMaxPanelBytes);
   rows = std::min(rows, std::max<int64_t>(cap, g_panel_bytes.load()) / row_bytes);
   rows = std::min(std::max<int64_t>(16, rows / 16 * 16), N);
+  // A cache-sized weight at compute-bound M: one panel of the whole weight, so the BLAS is called once
+  // (each call re-lays its operands; measured on the AMX Xeon, 576x1536 M = 256: 1 MB panels 0.80x of
+  // F.linear, one panel 0.89x bf16 / 0.96x fp32).
+  if (M >= 128 && N * K * es <= kMaxPanelBytes) rows = N;
   // The panel buffer is kept per calling thread and reused: a fresh multi-MB allocation is mmapped and
   // page-faulted on every call (measured: ~0.2 ms of a 0.35 ms SmolLM2-sized call at M = 1).
   thread_local at::Tensor cache;

@@ -365,9 +365,34 @@ LACO_AVX2 void s24_decompress_avx2(const VT* v, const uint32_t* meta, int64_t K,
 LACO_AVX512BF16 void s24_decompress_bf16(const uint16_t* v, const uint32_t* meta, int64_t K, uint16_t* dst) {
   const uint8_t* lut = kept_mask_table().m.data();
   const int64_t wf = K / 32;
-  for (int64_t w = 0; w < wf; ++w) {
+  // Four meta words (128 columns) per step: their kept masks come from one 16-entry byte table (nibble ->
+  // the 4-bit mask of its group; nibble = i0 | i1 << 2, i0 < i1) applied with pshufb to the low and high nibbles of the 16 meta bytes,
+  // instead of 16 scalar table loads (the scalar version ran at ~11 GB/s of dense output, which made the
+  // decompression, not the memory stream, the cost of the AMX path on 7B shapes).
+  const __m128i nib_lut = _mm_setr_epi8(0, 0, 0, 0, 0x3, 0, 0, 0, 0x5, 0x6, 0, 0, 0x9, 0xA, 0xC, 0);
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  int64_t w = 0;
+  for (; w + 4 <= wf; w += 4) {
+    const __m128i mb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(meta + w));
+    const __m128i lo = _mm_shuffle_epi8(nib_lut, _mm_and_si128(mb, low4));
+    const __m128i hi = _mm_shuffle_epi8(nib_lut, _mm_and_si128(_mm_srli_epi16(mb, 4), low4));
+    const __m128i km = _mm_or_si128(lo, _mm_slli_epi16(hi, 4));
+    const uint64_t k01 = static_cast<uint64_t>(_mm_cvtsi128_si64(km));
+    const uint64_t k23 = static_cast<uint64_t>(_mm_extract_epi64(km, 1));
+    const uint32_t kms[4] = {static_cast<uint32_t>(k01), static_cast<uint32_t>(k01 >> 32), static_cast<uint32_t>(k23),
+                             static_cast<uint32_t>(k23 >> 32)};
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m512i vals =
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * (w + j))));
+      _mm512_storeu_si512(dst + 32 * (w + j), _mm512_maskz_expand_epi16(static_cast<__mmask32>(kms[j]), vals));
+    }
+  }
+  for (; w < wf; ++w) {
     const uint32_t km = kept_mask32(meta[w], lut);
-    _mm512_storeu_si512(dst + 32 * w, _mm512_maskz_expandloadu_epi16(static_cast<__mmask32>(km), v + 16 * w));
+    // register-form expand of a 32-byte load: the memory form (expand-load) is microcoded on Intel cores
+    const __m512i vals = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * w)));
+    _mm512_storeu_si512(dst + 32 * w, _mm512_maskz_expand_epi16(static_cast<__mmask32>(km), vals));
   }
   s24_decompress_tail<uint16_t>(v, meta, 8 * wf, K, dst);
 }
@@ -415,6 +440,21 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
               W, "], got ", meta.sizes());
   linear_check_x(x, values, K, op);
   at::Tensor b32 = linear_bias_fp32(bias, N, op);
+  if (x.size(0) >= amx_min_m(LinearOp::kSparse24, x.scalar_type(), N, K) &&
+      x.size(0) < amx_max_m(LinearOp::kSparse24, x.scalar_type(), N, K)) {
+    const Isa isa = active_isa();
+    const uint32_t* mp = reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>());
+    const uint16_t* vp = reinterpret_cast<const uint16_t*>(values.data_ptr());
+    return amx_linear(
+        x, bias, N, K,
+        [=](int64_t r0, int64_t r1, void* dst) {
+          s24_decompress_rows<uint16_t>(isa, vp, mp, K, W, r0, r1, static_cast<uint16_t*>(dst));
+        },
+        [=](int64_t r0, int64_t r1, int s) {
+          return s == 0 ? std::make_pair(reinterpret_cast<const char*>(vp + r0 * (K / 2)), (r1 - r0) * K)
+                        : std::make_pair(reinterpret_cast<const char*>(mp + r0 * W), (r1 - r0) * W * 4);
+        });
+  }
   if (x.size(0) >= panel_min_m(LinearOp::kSparse24, x.scalar_type(), N, K)) {
     const Isa isa = active_isa();
     const uint32_t* mp = reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>());

@@ -15,7 +15,9 @@ The ops layer calls, for CPU tensors whose dtypes pass :func:`supports_dtype`:
 Native kernels take float32 and bfloat16 (accumulation in fp32; bf16 outputs rounded to
 nearest even). Above an M threshold (:func:`panel_min_m`, measured per op, dtype and ISA)
 the sparse linears decompress blocks of weight rows into a dense panel and run the BLAS that
-``F.linear`` uses on it (csrc/panel.cpp); below it, the direct kernels. float16 is not implemented natively: ``supports_dtype`` says False and the
+``F.linear`` uses on it (csrc/panel.cpp); below it, the direct kernels. bf16 on a CPU with AMX tiles
+runs a middle range of M (:func:`amx_range`) on the tiles, the rows decompressed straight into
+the tile layout (csrc/amx_linear.cpp). float16 is not implemented natively: ``supports_dtype`` says False and the
 caller must run the reference. None of these functions is differentiable; the autograd
 Functions in ``ops/`` call the backward explicitly.
 """
@@ -92,6 +94,33 @@ def set_outer_min_m(m: int | None) -> None:
     """Force the outer-product threshold for every op (0: from M = 1; a huge M: never); None restores
     the measured defaults. For tests and benchmarks."""
     _C.set_outer_min_m(_threshold_arg("set_outer_min_m", m))
+
+
+def amx_available() -> bool:
+    """True when this CPU has AMX-BF16 tiles (and AVX512_BF16) and the OS granted the tile state."""
+    return bool(_C.amx_available())
+
+
+def amx_range(op: str, dtype: torch.dtype, shape) -> Tuple[int, int]:
+    """``(lo, hi)``: ``op`` runs on AMX tiles (csrc/amx_linear.cpp: rows decompressed straight into the tile
+    layout) for ``lo <= M < hi``. bf16 only; ``lo`` is huge without AMX, for fp32, when disabled by
+    :func:`set_amx_enabled` or when the ISA is capped below ``avx512bf16``. Above it the panel path runs."""
+    if dtype not in _DTYPES:
+        raise TypeError(f"amx_range: dtype must be float32 or bfloat16, got {dtype}")
+    n, k = shape
+    name = "float32" if dtype == torch.float32 else "bfloat16"
+    return int(_C.amx_min_m(op, name, int(n), int(k))), int(_C.amx_max_m(op, name, int(n), int(k)))
+
+
+def set_amx_min_m(m: int | None) -> None:
+    """Force the AMX path from M = ``m`` on, for every larger M too (0: always, where available; a huge M:
+    never); None restores the measured range. For tests and benchmarks."""
+    _C.set_amx_min_m(_threshold_arg("set_amx_min_m", m))
+
+
+def set_amx_enabled(on: bool) -> None:
+    """Turn the AMX path on or off (it is on by default where :func:`amx_available`)."""
+    _C.set_amx_enabled(bool(on))
 
 
 def prefetch_bytes(op: str) -> int:

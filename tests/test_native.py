@@ -289,14 +289,22 @@ def test_extension_present_no_warning():
 # ---------------------------------------------------------------------------------------------
 # Paths by M: direct kernels, the 2:4 outer-product kernel (csrc/outer_linear.cpp, AVX2) from
 # outer_min_m, decompressed panels + BLAS (csrc/panel.cpp) from panel_min_m.
-@pytest.fixture(params=["direct", "outer", "panel"])
+HAS_AMX = bool(_native and _native.amx_available())
+
+
+@pytest.fixture(params=["direct", "outer", "amx", "panel"])
 def linear_path(request):
     """Force one path for every op (restored to the measured defaults after). "outer" exists for 2:4 on
-    AVX2; elsewhere that setting runs the direct kernels."""
+    AVX2; elsewhere that setting runs the direct kernels. "amx" (csrc/amx_linear.cpp) exists for bf16 on
+    CPUs with AMX tiles at the avx512bf16 ISA; it is skipped elsewhere."""
+    if request.param == "amx" and not HAS_AMX:
+        pytest.skip("this CPU (or OS) has no AMX tiles")
     _native.set_outer_min_m(0 if request.param == "outer" else 10**9)
+    _native.set_amx_min_m(0 if request.param == "amx" else 10**9)
     _native.set_panel_min_m(0 if request.param == "panel" else 10**9)
     yield request.param
     _native.set_outer_min_m(None)
+    _native.set_amx_min_m(None)
     _native.set_panel_min_m(None)
 
 
@@ -309,6 +317,8 @@ PANEL_SHAPES = [(1, 5, 36), (3, 17, 100), (67, 9, 1000), (20, 37, 8196)]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", PANEL_SHAPES, ids=str)
 def test_linears_both_sides_of_the_panel_threshold(isa_and_threads, linear_path, dtype, shape):
+    if linear_path == "amx" and (dtype != torch.bfloat16 or isa_and_threads != "avx512bf16"):
+        pytest.skip("the AMX path is bf16 at the avx512bf16 ISA only")
     m, n, k = shape
     w = torch.randn(n, k)
     w24 = Sparse24Weight.from_dense(w.to(dtype), prune=True)
@@ -327,14 +337,17 @@ OUTER_SHAPES = [(1, 3, 36), (8, 33, 100), (9, 17, 1000), (64, 5, 1000), (65, 7, 
 
 
 @needs_ext
-@pytest.mark.skipif("avx2" not in ISAS, reason="the outer-product kernel is AVX2 code")
+@pytest.mark.skipif("avx2" not in ISAS, reason="the outer-product kernel is AVX2 / AVX-512 code")
+@pytest.mark.parametrize("isa", [i for i in ("avx2", "avx512") if i in ISAS])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", OUTER_SHAPES, ids=str)
-def test_sparse24_outer_kernel_matches_reference(threads, dtype, shape):
+def test_sparse24_outer_kernel_matches_reference(isa, threads, dtype, shape):
+    """ymm (8 rows of x per vector) on AVX2, zmm (16 rows) on AVX-512; forced on both."""
     m, n, k = shape
     old = torch.get_num_threads()
-    _native.set_isa("avx2")
+    _native.set_isa(isa)
+    _native.set_amx_min_m(10**9)
     _native.set_outer_min_m(0)
     _native.set_panel_min_m(10**9)
     torch.set_num_threads(threads)
@@ -349,9 +362,18 @@ def test_sparse24_outer_kernel_matches_reference(threads, dtype, shape):
         # one kept weight per output (x = I): exact, so offsets and values are placed right bit for bit
         eye = torch.eye(k).to(dtype)
         assert torch.equal(_native.sparse24_linear(eye, w24).t(), w24.to_dense())
+        if isa == "avx512":  # the bitmap's outer kernel (AVX-512 only): tile_k 32 and 128, an empty row
+            w = torch.randn(n, k) * (torch.rand(n, k) < 0.35)
+            w[0] = 0
+            for tile_k in (32, 128):
+                bw = BitmapWeight.from_dense(w.to(dtype), tile_k=tile_k)
+                for b in (None, torch.randn(n).to(dtype)):
+                    _close(_native.bitmap_linear(x, bw, b), reference.bitmap_linear(x, bw, b), dtype)
+                assert torch.equal(_native.bitmap_linear(eye, bw).t(), bw.to_dense())
     finally:
         _native.set_isa("auto")
         _native.set_outer_min_m(None)
+        _native.set_amx_min_m(None)
         _native.set_panel_min_m(None)
         torch.set_num_threads(old)
 
@@ -381,18 +403,24 @@ def test_prefetch_distance_changes_speed_not_results():
 
 
 @needs_ext
-def test_outer_threshold_is_reported_and_avx2_only():
+def test_outer_threshold_is_reported_per_isa():
     old_isa = _native.isa()
     try:
         for isa in ISAS:
             _native.set_isa(isa)
             for dt in DTYPES:
-                m24 = _native.outer_min_m("sparse24_linear", dt, (576, 1536))
-                if isa == "avx2":  # below the panel threshold: the path is used between the two
-                    assert 2 <= m24 < _native.panel_min_m("sparse24_linear", dt, (576, 1536))
-                else:
-                    assert m24 > 10**12
-                assert _native.outer_min_m("bitmap_linear", dt, (576, 1536)) > 10**12
+                for shape in ((576, 1536), (11008, 4096)):
+                    m24 = _native.outer_min_m("sparse24_linear", dt, shape)
+                    mbm = _native.outer_min_m("bitmap_linear", dt, shape)
+                    if isa == "avx2":  # 2:4 only; on SmolLM2 shapes used below the panel threshold
+                        assert 2 <= m24 < 10**12 and mbm > 10**12
+                        if shape == (576, 1536):
+                            assert m24 < _native.panel_min_m("sparse24_linear", dt, shape)
+                    elif isa.startswith("avx512") and dt == torch.float32:  # zmm kernel, both formats
+                        assert 2 <= m24 < _native.panel_min_m("sparse24_linear", dt, shape)
+                        assert 2 <= mbm < 10**12
+                    else:  # scalar ISA; bf16 on AVX-512 (AMX tiles or panels serve the middle range)
+                        assert m24 > 10**12 and mbm > 10**12
     finally:
         _native.set_isa(old_isa)
     with pytest.raises(TypeError, match="float32 or bfloat16"):
@@ -427,12 +455,69 @@ def test_decompressors_are_exact(isa_and_threads, dtype):
     assert torch.equal(_native._C.sparse24_to_dense(w24.values, w24.meta, n, k), w24.to_dense())
     # through the panel GEMM: x = I gives the dense weight back (exact: one nonzero product per output)
     _native.set_panel_min_m(0)
+    _native.set_amx_min_m(10**9)
     try:
         eye = torch.eye(k).to(dtype)
         assert torch.equal(_native.sparse24_linear(eye, w24).t(), w24.to_dense())
         assert torch.equal(_native.bitmap_linear(eye, bw).t(), bw.to_dense())
     finally:
         _native.set_panel_min_m(None)
+        _native.set_amx_min_m(None)
+
+
+@needs_ext
+@pytest.mark.skipif(not HAS_AMX, reason="this CPU (or OS) has no AMX tiles")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 5, 36), (16, 32, 64), (17, 31, 100), (33, 65, 1000), (70, 40, 260)], ids=str)
+def test_amx_tiles_match_reference_and_are_exact_on_identity(threads, shape):
+    """The AMX path: M around the 16-row tile and 32-row block edges (1, 16, 17, 33, 70), N not a multiple of
+    32, K not a multiple of 32 (padded), non-contiguous x, bias or not; and x = I gives the decompressed
+    weight back bit for bit (one nonzero product per output), which pins the tile layout down exactly."""
+    m, n, k = shape
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    _native.set_amx_min_m(0)
+    try:
+        w = torch.randn(n, k)
+        w24 = Sparse24Weight.from_dense(w.bfloat16(), prune=True)
+        bw = BitmapWeight.from_dense((w * (torch.rand(n, k) < 0.4)).bfloat16())
+        x = torch.randn(k, m).bfloat16().t()
+        for b in (None, torch.randn(n).bfloat16()):
+            _close(_native.sparse24_linear(x, w24, b), reference.sparse24_linear(x, w24, b), torch.bfloat16)
+            _close(_native.bitmap_linear(x, bw, b), reference.bitmap_linear(x, bw, b), torch.bfloat16)
+        eye = torch.eye(k).bfloat16()
+        assert torch.equal(_native.sparse24_linear(eye, w24).t(), w24.to_dense())
+        assert torch.equal(_native.bitmap_linear(eye, bw).t(), bw.to_dense())
+    finally:
+        _native.set_amx_min_m(None)
+        torch.set_num_threads(old)
+
+
+@needs_ext
+def test_amx_range_is_reported_bf16_only_and_can_be_turned_off():
+    for op in ("sparse24_linear", "bitmap_linear"):
+        for shape in ((576, 1536), (11008, 4096)):
+            lo, hi = _native.amx_range(op, torch.bfloat16, shape)
+            if HAS_AMX:
+                assert 1 <= lo < hi <= 1024
+            else:
+                assert lo > 10**12
+            assert _native.amx_range(op, torch.float32, shape)[0] > 10**12
+    if HAS_AMX:
+        try:
+            _native.set_amx_enabled(False)
+            assert _native.amx_range("sparse24_linear", torch.bfloat16, (576, 1536))[0] > 10**12
+            _native.set_amx_enabled(True)
+            _native.set_isa("avx512")  # the tile path needs the avx512bf16 ISA (its conversions)
+            assert _native.amx_range("sparse24_linear", torch.bfloat16, (576, 1536))[0] > 10**12
+        finally:
+            _native.set_amx_enabled(True)
+            _native.set_isa("auto")
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        _native.amx_range("sparse24_linear", torch.float16, (8, 8))
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="m must be None"):
+            _native.set_amx_min_m(bad)
 
 
 @needs_ext
