@@ -292,7 +292,10 @@ def test_extension_present_no_warning():
 HAS_AMX = bool(_native and _native.amx_available())
 
 
-@pytest.fixture(params=["direct", "outer", "amx", "panel"])
+LINEAR_PATHS = ("direct", "outer", "amx", "panel")
+
+
+@pytest.fixture
 def linear_path(request):
     """Force one path for every op (restored to the measured defaults after). "outer" exists for 2:4 on
     AVX2; elsewhere that setting runs the direct kernels. "amx" (csrc/amx_linear.cpp) exists for bf16 on
@@ -312,13 +315,18 @@ def linear_path(request):
 PANEL_SHAPES = [(1, 5, 36), (3, 17, 100), (67, 9, 1000), (20, 37, 8196)]
 
 
+# the AMX path exists at the avx512bf16 ISA only: no such combinations are generated elsewhere
+PATH_CONFIGS = [(c, p) for c in CONFIGS for p in LINEAR_PATHS if p != "amx" or c[0] == "avx512bf16"]
+
+
 @needs_ext
-@pytest.mark.parametrize("isa_and_threads", CONFIGS, indirect=True, ids=lambda c: f"{c[0]}-t{c[1]}")
+@pytest.mark.parametrize("isa_and_threads,linear_path", PATH_CONFIGS, indirect=True,
+                         ids=[f"{c[0]}-t{c[1]}-{p}" for c, p in PATH_CONFIGS])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", PANEL_SHAPES, ids=str)
 def test_linears_both_sides_of_the_panel_threshold(isa_and_threads, linear_path, dtype, shape):
-    if linear_path == "amx" and (dtype != torch.bfloat16 or isa_and_threads != "avx512bf16"):
-        pytest.skip("the AMX path is bf16 at the avx512bf16 ISA only")
+    if linear_path == "amx" and dtype != torch.bfloat16:
+        pytest.skip("the AMX path is bf16 only")
     m, n, k = shape
     w = torch.randn(n, k)
     w24 = Sparse24Weight.from_dense(w.to(dtype), prune=True)
