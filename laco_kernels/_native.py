@@ -176,6 +176,22 @@ def sparse24_linear(x: torch.Tensor, w24: Sparse24Weight, bias: torch.Tensor | N
     return y.reshape(*x.shape[:-1], n)
 
 
+def sparse24_linear_checked(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                            bias: torch.Tensor | None) -> torch.Tensor:
+    """The ops layer's call: x2 ``[M, K]`` and the weight's tensors already checked there (devices,
+    dtypes, shapes), so only the C++ checks run. The Python checks of :func:`sparse24_linear` cost
+    ~12 us a call, three times the kernel of a small decode linear (measured: 16.8 vs 4.3 us)."""
+    return _C.sparse24_linear(x2.contiguous(), values.contiguous(), meta.contiguous(), bias,
+                              values.shape[0], x2.shape[1])
+
+
+def bitmap_linear_checked(x2: torch.Tensor, bw: BitmapWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """As :func:`sparse24_linear_checked`, for a bitmap weight (x2 ``[M, K]``, checked by the ops layer)."""
+    n, k = bw.shape
+    return _C.bitmap_linear(x2.contiguous(), bw.values.contiguous(), bw.bitmap.contiguous(),
+                            bw.offsets.contiguous(), bw.tile_k, bias, n, k)
+
+
 def bitmap_linear(x: torch.Tensor, bw: BitmapWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x ``[..., K]`` @ dense(bw)^T + bias -> ``[..., N]`` in x's dtype (CPU, fp32 / bf16).
 

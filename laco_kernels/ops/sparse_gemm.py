@@ -161,7 +161,7 @@ def _sparse24_impl(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bi
         return k.sparse24_linear(x, values, meta, w24.shape, _bias_for_kernel(bias, x.dtype))
     from .. import _native
 
-    return _native.sparse24_linear(x, w24, bias)
+    return _native.sparse24_linear_checked(x, values, meta, bias)
 
 
 _sparse24_op = torch.library.custom_op("laco::sparse24_linear", _sparse24_impl, mutates_args=())
@@ -288,7 +288,7 @@ def _bitmap_impl(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, of
         return kb.bitmap_linear(x, values, bitmap, offsets, bw.shape, tile_k, _bias_for_kernel(bias, x.dtype))
     from .. import _native
 
-    return _native.bitmap_linear(x, bw, bias)
+    return _native.bitmap_linear_checked(x, bw, bias)
 
 
 def bitmap_gpu_path(m: int, device: torch.device) -> str:
