@@ -120,7 +120,9 @@ def set_amx_min_m(m: int | None) -> None:
 
 def set_amx_enabled(on: bool) -> None:
     """Turn the AMX path on or off (it is on by default where :func:`amx_available`)."""
-    _C.set_amx_enabled(bool(on))
+    if not isinstance(on, bool):
+        raise TypeError(f"set_amx_enabled: on must be True or False, got {on!r}")
+    _C.set_amx_enabled(on)
 
 
 def prefetch_bytes(op: str) -> int:

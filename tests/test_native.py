@@ -526,6 +526,8 @@ def test_amx_range_is_reported_bf16_only_and_can_be_turned_off():
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="m must be None"):
             _native.set_amx_min_m(bad)
+    with pytest.raises(TypeError, match="True or False"):
+        _native.set_amx_enabled("no")  # a truthy string must not switch the path on
 
 
 @needs_ext
