@@ -122,9 +122,9 @@ def _train_cfg(regime: str, m: int, n: int, dtype: str, family: str = "masked", 
     from laco_kernels.kernels import sparse24_grad as sg
 
     td = getattr(torch, DTYPES[dtype])
-    dx = (lambda: sg._dx24_config(m, td, 90, k, SMS, n)) if family == "sparse24" else (lambda: mg._dx_config(m, td))
-    return {"train-fwd": lambda: mg._config(m, td), "train-dx": dx,
-            "train-dw": lambda: mg._dw_config(n, td)}[regime]()
+    dx = (lambda: sg._dx24_config(m, td, 90, k, SMS, n)) if family == "sparse24" else (lambda: mg._dx_config(m, td, k, SMS, n))
+    return {"train-fwd": lambda: mg._config(m, td, n, SMS, k), "train-dx": dx,
+            "train-dw": lambda: mg._dw_config(n, td, k, SMS)}[regime]()
 
 
 def training_kernel_plan(spec_family: str, regime: str, m: int, n: int, k: int, dtype: str,

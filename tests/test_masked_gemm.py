@@ -152,3 +152,43 @@ def test_even_loops_match_reference(dtype):
     close(dw, reference.masked_weight_grad(dy, x, mask), dtype)
     close(db, dy.float().sum(0), dtype)
     assert bool((dw[~mask] == 0).all())
+
+
+def test_fp32_tile_choice_fills_the_gpu():
+    """fp32 takes the largest FMA tile whose grid still has a program per SM (the 64 x 64 forward /
+    dX tiles only with N % 16 == 0 and K % 32 == 0), else the smallest."""
+    f32 = torch.float32
+    big = mg._config(4096, f32, 4096, 132, 4096)
+    assert (big["BLOCK_M"], big["BLOCK_N"]) == (64, 64)
+    assert mg._config(4096, f32, 4096, 132, 4100)["BLOCK_M"] == 32  # K not 32-divisible
+    assert mg._config(256, f32, 128, 132, 4096)["BLOCK_M"] == 32  # nothing fills: the smallest tile
+    assert mg._config(4096, f32) == mg._config(100, f32, 64, 132, 64)  # no column count: the smallest tile
+    assert mg._dx_config(4096, f32, 4096, 132, 4096)["BLOCK_K"] == 64
+    assert mg._dx_config(4096, f32, 4096, 132, 4095)["BLOCK_K"] == 32
+    assert mg._dx_config(128, f32, 64, 132, 64)["BLOCK_K"] == 32
+    assert mg._dw_config(4096, f32, 4096)["BLOCK_N"] == 128 and mg._dw_config(576, f32, 64)["BLOCK_N"] == 64
+    assert mg._config(4096, torch.float16, 4096, 1, 4096) == mg._config(4096, torch.float16)  # 16-bit: one tile
+
+
+@pytest.mark.parametrize("nk", [(70, 100), (96, 128)])
+def test_fp32_every_tile_matches_reference(monkeypatch, nk):
+    """With one SM the launchers take the large fp32 tiles (64 x 64 forward / dX where N and K
+    allow, 128-column dW; the small ones run in the other tests); M not a multiple of any tile,
+    guarded and not."""
+    sms = 1
+    monkeypatch.setattr(mg, "_SMS", sms)
+    m, (n, k) = 150, nk
+    f32 = torch.float32
+    x, b, dy = torch.randn(m, k), torch.randn(n), torch.randn(m, n)
+    mask = make_mask(n, k, 0.5)
+    bits = PackedMask.from_bool(mask).bits
+    assert mg._config(m, f32, n, mg._SMS, k)["BLOCK_M"] == (64 if n == 96 else 32)
+    assert mg._dw_config(n, f32, k, mg._SMS)["BLOCK_N"] == 128
+    for w in (torch.randn(n, k), torch.randn(n, k) * mask):
+        for flag in (None, mg.pruned_nonzero(w, bits)):
+            close(mg.masked_linear_fwd(x, w, bits, b, flag=flag), reference.masked_linear(x, w, mask, b), f32)
+            close(mg.masked_linear_dx(dy, w, bits, flag=flag), dy @ (w * mask), f32)
+    dw, db = mg.masked_linear_dw(dy, x, bits, want_bias=True)
+    close(dw, reference.masked_weight_grad(dy, x, mask), f32)
+    close(db, dy.sum(0), f32)
+    assert bool((dw[~mask] == 0).all())

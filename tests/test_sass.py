@@ -51,6 +51,33 @@ def test_parse_and_steady_loop_on_a_listing():
     assert _sass.thread_instr_per_byte(5, 4, 0) is None
 
 
+# a dW-like kernel: a long loop without MMAs (the db row sum) before a shorter GEMM loop
+_SASS_TWO_LOOPS = """
+        /*0000*/                   S2R R9, SR_CTAID.X ;
+        /*0010*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*0020*/                   HADD2.F32 R5, -RZ, R4.H0_H0 ;
+        /*0030*/                   FADD R6, R6, R5 ;
+        /*0040*/                   HADD2.F32 R5, -RZ, R4.H1_H1 ;
+        /*0050*/                   FADD R7, R7, R5 ;
+        /*0060*/               @P1 BRA 0x10 ;
+        /*0070*/                   LDGSTS.E.BYPASS.128 [R17], desc[UR14][R10.64] ;
+        /*0080*/                   HGMMA.64x128x16.F32 R24, gdesc[UR4], R24 ;
+        /*0090*/               @P2 BRA 0x70 ;
+        /*00a0*/                   EXIT ;
+"""
+
+
+def test_steady_loop_prefers_the_tensor_core_loop():
+    ins = _sass.parse(_SASS_TWO_LOOPS)
+    assert _sass.loops(ins) == [(1, 6), (7, 9)]
+    assert _sass.steady_loop(ins) == (7, 9)  # not the longer db loop
+    st = _sass.loop_stats(_SASS_TWO_LOOPS, num_warps=4)
+    assert st["loop_instructions"] == 3 and st["classes"]["tensor_core"] == 1
+    # without tensor-core instructions anywhere the largest span wins (FMA kernels)
+    no_tc = _SASS_TWO_LOOPS.replace("HGMMA.64x128x16.F32 R24, gdesc[UR4], R24", "FFMA R24, R25, R26, R24")
+    assert _sass.steady_loop(_sass.parse(no_tc)) == (1, 6)
+
+
 def test_no_loop_and_bad_listings():
     st = _sass.loop_stats("/*0000*/  EXIT ;\n/*0010*/  BRA 0x10;", num_warps=1)
     assert st["loop_instructions"] == 0 and st["loop_span"] is None

@@ -8,8 +8,9 @@ kernel's main loop issues per warp and iteration. Pipeline (Triton 3.9):
 2. :func:`disassemble` runs the ``cuobjdump -sass`` that ships in ``triton/backends/nvidia/bin``;
 3. :func:`parse` turns each ``/*addr*/  [@pred] OPCODE operands ;`` line into an :class:`Instr`;
 4. :func:`steady_loop` finds the steady-state loop: a branch whose target address is at or
-   before its own address closes a loop, and the largest such span is the K loop (software
-   pipelining puts the prologue before it and the epilogue after it);
+   before its own address closes a loop, and the span with the most tensor-core instructions
+   (then the largest) is the K loop (software pipelining puts the prologue before it and the
+   epilogue after it);
 5. :func:`loop_stats` counts the loop's instructions (= instructions per warp per iteration),
    the shared-memory stores / loads that are *not* the load pipeline (``STS`` / ``LDS``: layout
    conversions through shared memory; ``LDGSTS`` async copies and ``LDSM`` matrix loads are the
@@ -132,9 +133,20 @@ def loops(instrs: Sequence[Instr]) -> List[Tuple[int, int]]:
 
 
 def steady_loop(instrs: Sequence[Instr]) -> Tuple[int, int] | None:
-    """The largest backward-branch span (first, last index, inclusive), or None (no loop)."""
+    """The steady-state loop (first, last index, inclusive), or None (no loop): among the
+    backward-branch spans, the one with the most tensor-core instructions, then the largest.
+
+    Size alone is not enough: a kernel with a second, shorter-running loop (the db row sum of the
+    dW / dV kernels, once per program of the first K tile) can have that loop longer in
+    instructions than its GEMM loop once the GEMM loop loses its bound tests (``EVEN``)."""
     spans = loops(instrs)
-    return max(spans, key=lambda s: s[1] - s[0]) if spans else None
+    if not spans:
+        return None
+
+    def tensor_core(span):
+        return sum(1 for i in instrs[span[0]:span[1] + 1] if not i.never and i.cls == "tensor_core")
+
+    return max(spans, key=lambda s: (tensor_core(s), s[1] - s[0]))
 
 
 def loop_stats(sass: str | Sequence[Instr], num_warps: int) -> dict:

@@ -42,8 +42,45 @@ from ._bits import unpack_bits
 # ----------------------------------------------------------------------------------------
 # configs per shape regime (decode: few rows; prefill / training: many rows)
 # ----------------------------------------------------------------------------------------
-def _config(rows: int, dtype: torch.dtype) -> dict:
-    """Tile sizes for a GEMM whose "rows" dimension (M for y and dX, N for dW) is ``rows``.
+_SMS = 132  # H100 SXM: the grid-fill rule's default when the device is not a GPU
+
+# fp32 ("ieee": FMA units, tiles in registers) prefill / training tiles, largest first:
+# (output rows per program, output columns per program, config, needs N % 16 == 0 and K % 32 == 0).
+# A launcher takes the first whose grid fills the GPU (at least one program per SM), else the last:
+# a larger tile issues fewer shared-memory loads per multiply-add, but on a grid smaller than the
+# GPU it only lengthens the one wave. sm_90 audit, thread-instructions per multiply-add over the
+# dense fp32 prefill GEMM's, plain loop (guard passed) / masked loop: forward 64 x 64 1.02x / 1.11x
+# (32 x 64: 1.12x / 1.25x), dX 64 x 64 1.02x / 1.13x (64 x 32: 1.17x / 1.29x), dW 128 x 64 0.97x,
+# 64 x 64 with 4 warps 0.985x (8 warps: 1.02x). The 64 x 64 forward / dX tiles spill 32-40 bytes
+# in their masked loop when N and K are not 16-divisible, hence the condition; 128-row forward / dX
+# tiles (0.97-0.98x plain) spill 800-1300 bytes in the masked loop the guarded kernel also holds.
+_FP32_FWD = ((64, 64, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2), True),
+             (32, 64, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2), False))
+# dX: output [BLOCK_M, BLOCK_K], reduction over N in BLOCK_N
+_FP32_DX = ((64, 64, dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2), True),
+            (64, 32, dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2), False))
+# dW / dV: output [BLOCK_N, BLOCK_K], reduction over M in BLOCK_M (the mask is applied after the loop)
+_FP32_DW = ((128, 64, dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2), False),
+            (64, 64, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3), False))
+
+
+def _fill(tiles, rows: int, cols: int | None, sms: int, divisible: bool) -> dict:
+    """The first of ``tiles`` allowed for ``divisible`` whose grid over a ``rows x cols`` output has
+    at least ``sms`` programs, else the last (``cols`` None: the last)."""
+    if cols is not None:
+        for r, c, cfg, needs_div in tiles:
+            if (divisible or not needs_div) and triton.cdiv(rows, r) * triton.cdiv(cols, c) >= sms:
+                return dict(cfg)
+    return dict(tiles[-1][2])
+
+
+def _divisible(n: int | None, k: int | None) -> bool:
+    return n is not None and k is not None and n % 16 == 0 and k % 32 == 0
+
+
+def _config(rows: int, dtype: torch.dtype, cols: int | None = None, sms: int = _SMS, k: int | None = None) -> dict:
+    """Tile sizes for a GEMM whose "rows" dimension (M for y and dX, N for dW) is ``rows``
+    (fp32 grid-fill choice: ``cols`` = N, the output's other dimension, ``k`` = K, ``sms`` = SMs).
 
     BLOCK_K is a multiple of 32 (one mask word per 32 columns). fp32 with ``ieee`` precision
     runs on FMA units with the tiles in registers, so its tiles are smaller. Every config is
@@ -53,7 +90,7 @@ def _config(rows: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
         if rows <= 16:
             return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2)
+        return _fill(_FP32_FWD, rows, cols, sms, _divisible(cols, k))
     if rows <= 16:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
     if rows <= 64:
@@ -63,13 +100,12 @@ def _config(rows: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def _dx_config(m: int, dtype: torch.dtype) -> dict:
-    """Tiles of an input-gradient GEMM: output [BLOCK_M, BLOCK_K], reduction over N in BLOCK_N."""
-    if dtype == torch.float32:  # FMA tiles: 64 x 32 output, 32-wide reduction (sm_90 audit: 2.08 ->
-        # 1.51 thread-instructions per multiply-add; a 64 x 64 output (1.31) spills 20 bytes on sm_90
-        # when N and K are not multiples of 16)
+def _dx_config(m: int, dtype: torch.dtype, k: int | None = None, sms: int = _SMS, n: int | None = None) -> dict:
+    """Tiles of an input-gradient GEMM: output [BLOCK_M, BLOCK_K], reduction over N in BLOCK_N
+    (``k``: dX's columns, ``n``: the reduction, for the fp32 grid-fill choice)."""
+    if dtype == torch.float32:  # FMA tiles (_FP32_DX)
         if m > 16:
-            return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2)
+            return _fill(_FP32_DX, m, k, sms, _divisible(n, k))
         return _config(1, dtype)
     if m > 64:  # a 128 x 128 output tile (128 x 32 before: 2.4x the instructions per multiply-add
         # in the sm_90 audit); a 128-wide reduction tile spills here
@@ -77,8 +113,9 @@ def _dx_config(m: int, dtype: torch.dtype) -> dict:
     return _config(m, dtype)
 
 
-def _dw_config(n: int, dtype: torch.dtype) -> dict:
-    """Tiles of a weight-gradient GEMM: output [BLOCK_N, BLOCK_K] over N rows, reduction over M.
+def _dw_config(n: int, dtype: torch.dtype, k: int | None = None, sms: int = _SMS) -> dict:
+    """Tiles of a weight-gradient GEMM: output [BLOCK_N, BLOCK_K] over N rows, reduction over M
+    (``k``: the weight's columns, for the fp32 grid-fill choice).
 
     16-bit with n > 64 (every real layer): a square 128 x 128 output tile and a 64-row reduction
     step, the dense prefill GEMM's multiply-adds per loaded element (a 128 x 32 output tile with a
@@ -87,10 +124,14 @@ def _dw_config(n: int, dtype: torch.dtype) -> dict:
     """
     if dtype != torch.float32 and n > 64:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
-    if dtype == torch.float32 and n > 16:  # FMA: 64 x 64 output, 32-row step (1.77 -> 1.24 per MAC)
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2)
+    if dtype == torch.float32 and n > 16:  # FMA tiles (_FP32_DW)
+        return _fill(_FP32_DW, n, k, sms, True)
     cfg = _config(n, dtype)
     return dict(cfg, BLOCK_N=cfg["BLOCK_M"], BLOCK_M=cfg["BLOCK_N"])
+
+
+def _device_sms(t: torch.Tensor) -> int:
+    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else _SMS
 
 
 @triton.jit
@@ -397,7 +438,7 @@ def masked_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor 
     has_mask = bits is not None
     bits, sbn = _bits_args(bits, x)
     flag, guarded = _flag_args(flag, has_mask, x)
-    cfg = _config(m, x.dtype)
+    cfg = _config(m, x.dtype, n, _device_sms(x), k)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _masked_linear_fwd_kernel[grid](
         x, weight, bits, flag, bias if bias is not None else y, y, m, n, k,
@@ -420,7 +461,7 @@ def masked_linear_dx(dy: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor 
     has_mask = bits is not None
     bits, sbn = _bits_args(bits, dy)
     flag, guarded = _flag_args(flag, has_mask, dy)
-    cfg = _dx_config(m, dy.dtype)
+    cfg = _dx_config(m, dy.dtype, k, _device_sms(dy), n)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"]),)
     _masked_linear_dx_kernel[grid](
         dy, weight, bits, flag, dx, m, n, k,
@@ -447,7 +488,7 @@ def masked_linear_dw(dy: torch.Tensor, x: torch.Tensor, bits: torch.Tensor | Non
         return dw, db
     has_mask = bits is not None
     bits, sbn = _bits_args(bits, x)
-    cfg = _dw_config(n, x.dtype)
+    cfg = _dw_config(n, x.dtype, k, _device_sms(x))
     grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(k, cfg["BLOCK_K"]),)
     _masked_linear_dw_kernel[grid](
         dy, x, bits, dw, db if db is not None else dw, m, n, k,
@@ -524,6 +565,17 @@ def tile_bytes_dense(block_n: int, block_k: int, itemsize: int, density: float =
     return block_n * block_k * itemsize
 
 
+def _tile_variants(kind: str, rows: int, dtype: torch.dtype):
+    """``[(label suffix, config)]`` a launcher can pick for ``rows`` (fp32 prefill: every tile of the
+    grid-fill rule, the one used on small grids unlabelled; otherwise the single config)."""
+    fn = {"fwd": _config, "dx": _dx_config, "dw": _dw_config}[kind]
+    out = [("", fn(rows, dtype))]
+    if dtype == torch.float32 and rows > 64:
+        tiles = {"fwd": _FP32_FWD, "dx": _FP32_DX, "dw": _FP32_DW}[kind]
+        out += [(f" t{r}x{c}", dict(cfg)) for r, c, cfg, _ in tiles[:-1]]
+    return out
+
+
 def _compile_specs():
     specs = []
     for dtype, p in _TYPES.items():
@@ -532,38 +584,44 @@ def _compile_specs():
         dx_ptrs = dict(dy_ptr=p, w_ptr=p, bits_ptr="*i32", flag_ptr="*i32", dx_ptr=p)
         for regime, rows in REGIMES.items():
             tag, rep = f"{dt} {regime}", dtype == torch.bfloat16 and regime == "prefill"
-            # "masked": the mask applied in the loop (unguarded launches, and the guard's fallback)
-            specs.append(_spec(_masked_linear_fwd_kernel, fwd_ptrs, _config(rows, dtype),
-                               dict(HAS_MASK=True, GUARDED=False, HAS_BIAS=True, DOT_PRECISION="ieee"),
-                               f"{tag} masked+bias", rep, "masked", "train-fwd", tile_bytes_masked))
-            specs.append(_spec(_masked_linear_dx_kernel, dx_ptrs, _dx_config(rows, dtype),
-                               dict(HAS_MASK=True, GUARDED=False, DOT_PRECISION="ieee", EVEN=False), f"{tag} masked",
-                               rep, "masked", "train-dx", tile_bytes_masked))
-            if rows >= GUARD_MIN_ROWS:
-                # what a guarded launch (ops layer, >= GUARD_MIN_ROWS tokens) compiles: both loops ...
-                specs.append(_spec(_masked_linear_fwd_kernel, fwd_ptrs, _config(rows, dtype),
-                                   dict(HAS_MASK=True, GUARDED=True, HAS_BIAS=True, DOT_PRECISION="ieee"),
-                                   f"{tag} guarded+bias", False, "masked-guarded", "train-fwd", tile_bytes_masked))
-                specs.append(_spec(_masked_linear_dx_kernel, dx_ptrs, _dx_config(rows, dtype),
-                                   dict(HAS_MASK=True, GUARDED=True, DOT_PRECISION="ieee", EVEN=True),
-                                   f"{tag} guarded even",
-                                   False, "masked-guarded", "train-dx", tile_bytes_masked))
-                # ... and the loop it runs when the check passes (W zero at every pruned slot)
-                specs.append(_spec(_masked_linear_fwd_kernel, fwd_ptrs, _config(rows, dtype),
-                                   dict(HAS_MASK=False, GUARDED=False, HAS_BIAS=True, DOT_PRECISION="ieee"),
-                                   f"{tag} zero-pruned+bias", rep, "masked-zero", "train-fwd",
-                                   tile_bytes_dense))
-                for even in (True, False):  # N % BLOCK_N == 0 (every model shape) or not
-                    specs.append(_spec(_masked_linear_dx_kernel, dx_ptrs, _dx_config(rows, dtype),
-                                       dict(HAS_MASK=False, GUARDED=False, DOT_PRECISION="ieee", EVEN=even),
-                                       f"{tag} zero-pruned" + (" even" if even else ""), rep and even,
-                                       "masked-zero", "train-dx", tile_bytes_dense))
-            for even in (False, True) if rows >= GUARD_MIN_ROWS else (False,):  # M % BLOCK_M == 0 or not
-                specs.append(_spec(_masked_linear_dw_kernel,
-                                   dict(dy_ptr=p, x_ptr=p, bits_ptr="*i32", dw_ptr=p, db_ptr=p), _dw_config(rows, dtype),
-                                   dict(HAS_MASK=True, HAS_BIAS=True, DOT_PRECISION="ieee", EVEN=even),
-                                   f"{tag} masked+bias" + (" even" if even else ""), rep and even or rep and
-                                   rows < GUARD_MIN_ROWS, "masked", "train-dw"))
+            for t, cfg in _tile_variants("fwd", rows, dtype):
+                # "masked": the mask applied in the loop (unguarded launches, and the guard's fallback)
+                specs.append(_spec(_masked_linear_fwd_kernel, fwd_ptrs, cfg,
+                                   dict(HAS_MASK=True, GUARDED=False, HAS_BIAS=True, DOT_PRECISION="ieee"),
+                                   f"{tag} masked+bias{t}", rep, "masked", "train-fwd", tile_bytes_masked))
+                if rows >= GUARD_MIN_ROWS:
+                    # what a guarded launch (ops layer, >= GUARD_MIN_ROWS tokens) compiles: both loops ...
+                    specs.append(_spec(_masked_linear_fwd_kernel, fwd_ptrs, cfg,
+                                       dict(HAS_MASK=True, GUARDED=True, HAS_BIAS=True, DOT_PRECISION="ieee"),
+                                       f"{tag} guarded+bias{t}", False, "masked-guarded", "train-fwd",
+                                       tile_bytes_masked))
+                    # ... and the loop it runs when the check passes (W zero at every pruned slot)
+                    specs.append(_spec(_masked_linear_fwd_kernel, fwd_ptrs, cfg,
+                                       dict(HAS_MASK=False, GUARDED=False, HAS_BIAS=True, DOT_PRECISION="ieee"),
+                                       f"{tag} zero-pruned+bias{t}", rep, "masked-zero", "train-fwd",
+                                       tile_bytes_dense))
+            for t, cfg in _tile_variants("dx", rows, dtype):
+                specs.append(_spec(_masked_linear_dx_kernel, dx_ptrs, cfg,
+                                   dict(HAS_MASK=True, GUARDED=False, DOT_PRECISION="ieee", EVEN=False),
+                                   f"{tag} masked{t}", rep, "masked", "train-dx", tile_bytes_masked))
+                if rows >= GUARD_MIN_ROWS:
+                    specs.append(_spec(_masked_linear_dx_kernel, dx_ptrs, cfg,
+                                       dict(HAS_MASK=True, GUARDED=True, DOT_PRECISION="ieee", EVEN=True),
+                                       f"{tag} guarded even{t}", False, "masked-guarded", "train-dx",
+                                       tile_bytes_masked))
+                    for even in (True, False):  # N % BLOCK_N == 0 (every model shape) or not
+                        specs.append(_spec(_masked_linear_dx_kernel, dx_ptrs, cfg,
+                                           dict(HAS_MASK=False, GUARDED=False, DOT_PRECISION="ieee", EVEN=even),
+                                           f"{tag} zero-pruned" + (" even" if even else "") + t,
+                                           rep and even and not t, "masked-zero", "train-dx", tile_bytes_dense))
+            for t, cfg in _tile_variants("dw", rows, dtype):
+                for even in (False, True) if rows >= GUARD_MIN_ROWS else (False,):  # M % BLOCK_M == 0 or not
+                    specs.append(_spec(_masked_linear_dw_kernel,
+                                       dict(dy_ptr=p, x_ptr=p, bits_ptr="*i32", dw_ptr=p, db_ptr=p), cfg,
+                                       dict(HAS_MASK=True, HAS_BIAS=True, DOT_PRECISION="ieee", EVEN=even),
+                                       f"{tag} masked+bias" + (" even" if even else "") + t,
+                                       not t and (rep and even or rep and rows < GUARD_MIN_ROWS), "masked",
+                                       "train-dw"))
     specs += [_check_spec(dtype) for dtype in _TYPES]
     return specs
 

@@ -198,7 +198,8 @@ def sparse24_values_grad(dy: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, 
             db.zero_()
         return dv, db
     meta = _meta_arg(meta)
-    cfg = _dw_config(n, x.dtype)
+    sms = torch.cuda.get_device_properties(dy.device).multi_processor_count if dy.is_cuda else _SMS
+    cfg = _dw_config(n, x.dtype, k, sms)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(k, cfg["BLOCK_K"]),)
     _sparse24_dv_kernel[grid](
         dy, x, meta, dv, db if db is not None else dv, m, n, k, dy.stride(0), dy.stride(1), x.stride(0),
@@ -212,7 +213,7 @@ def sparse24_values_grad(dy: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, 
 # ----------------------------------------------------------------------------------------
 def _compile_specs():
     from ._compile import ARCHS
-    from .masked_gemm import _TYPES, REGIMES, _spec
+    from .masked_gemm import _TYPES, REGIMES, _spec, _tile_variants
     from .sparse24_gemm import tile_bytes_24
 
     specs = []
@@ -235,11 +236,12 @@ def _compile_specs():
                 spec.archs = archs
                 specs.append(spec)
             # the dV loop reads dY and X only (meta is read once after it): no weight bytes
-            for even in (False, True) if regime == "prefill" else (False,):  # M % BLOCK_M == 0 or not
+            for (t, cfg), even in itertools.product(_tile_variants("dw", rows, dtype),
+                                                    (False, True) if regime == "prefill" else (False,)):
                 specs.append(_spec(_sparse24_dv_kernel, dict(dy_ptr=p, x_ptr=p, meta_ptr="*i32", dv_ptr=p, db_ptr=p),
-                                   _dw_config(rows, dtype), dict(HAS_BIAS=True, DOT_PRECISION="ieee", EVEN=even),
-                                   f"{dt} {regime} +bias" + (" even" if even else ""),
-                                   rep and (even or regime != "prefill"), "sparse24", "train-dw"))
+                                   cfg, dict(HAS_BIAS=True, DOT_PRECISION="ieee", EVEN=even),
+                                   f"{dt} {regime} +bias" + (" even" if even else "") + t,
+                                   not t and rep and (even or regime != "prefill"), "sparse24", "train-dw"))
     return specs
 
 

@@ -21,7 +21,10 @@ the op, which wins over the variable:
   backend runs the kernels.
 
 Predictions, not measurements: the table holds the audit model's predicted time ratios (fitted
-to H100 timings); no GPU has confirmed this choice yet.
+to H100 timings), scaled down per dtype where an H100 measurement of the training step
+(``bench/results/gpu_training.json``) found the model too kind to the Triton path. That is fp32:
+cuBLAS's fp32 GEMM measured up to 3.6x faster than the model's yardstick (our FMA GEMM), so fp32
+trains on the torch path at every grid point. No GPU has confirmed the current kernels' choice yet.
 """
 from __future__ import annotations
 
