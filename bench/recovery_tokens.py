@@ -44,7 +44,8 @@ from recovery_recipe import _cpu_s, _load_avg, _peak_mb, pruned_start, zeros_kep
 from laco_kernels.recover._memory import PeakMemory  # noqa: E402
 
 PLOT = os.path.join(HERE, "results", "recovery_ppl_vs_tokens.png")
-LABELS = {"laco": "layer-wise (LaCo, stage 1)", "laco+kl": "layer-wise + end-to-end KL", "lora": "LoRA r=8 (unmerged)"}
+LABELS = {"laco": "layer-wise (LaCo, stage 1)", "laco+kl": "layer-wise + end-to-end KL", "kl": "end-to-end KL only",
+          "lora": "LoRA r=8 (unmerged)"}
 
 
 def _rows(path: str, windows: int):
@@ -57,8 +58,11 @@ def _recipe(v: dict) -> str:
     c = v.get("config", {})
     prec = "bf16" if c.get("autocast") else "fp32"
     text = f"{c.get('epochs', v.get('epochs'))} passes"
-    if v["method"] == "laco+kl":
-        text += f" + KL {c.get('stage2_epochs')} x lr {c.get('stage2_lr'):g}, T = {c.get('temperature', 2.0):g}"
+    if v["method"] in ("laco+kl", "kl"):
+        kl = (f"KL {c.get('stage2_epochs')} x lr {c.get('stage2_lr'):g}, T = {c.get('temperature', 2.0):g}"
+              + (f", batch {c['stage2_batch_size']}" if c.get("stage2_batch_size") else "")
+              + (f", windows of {c['stage2_seqlen']}" if c.get("stage2_seqlen") else ""))
+        text = kl if v["method"] == "kl" else f"{text} + {kl}"
     return f"{text}, {prec}"
 
 
@@ -91,7 +95,7 @@ def plot(path: str, windows: int = 32, out: str = PLOT) -> None:
     if not rows:
         raise SystemExit("no tokens/ rows to plot")
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    for method, style in (("laco", "o-"), ("laco+kl", "s-"), ("lora", "^--")):
+    for method, style in (("laco", "o-"), ("laco+kl", "s-"), ("kl", "d:"), ("lora", "^--")):
         best = {}
         for v in rows:
             if v["method"] == method:
@@ -156,7 +160,7 @@ def main():
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--start", default="sparsegpt", choices=["wanda", "sparsegpt"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536])
-    ap.add_argument("--methods", nargs="+", default=["laco", "lora"], choices=["laco", "laco+kl", "lora"])
+    ap.add_argument("--methods", nargs="+", default=["laco", "lora"], choices=["laco", "laco+kl", "kl", "lora"])
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--laco-lr", type=float, default=3e-3)
@@ -168,6 +172,10 @@ def main():
                     help="train under bf16 autocast (both methods; AMX / AVX512-BF16 CPUs); keys end in ,bf16")
     ap.add_argument("--stage2-epochs", type=int, default=1)
     ap.add_argument("--stage2-lr", type=float, default=1e-4)
+    ap.add_argument("--stage2-seqlen", type=int, default=None,
+                    help="window length of the KL stage's own windows (same token count; default: the layer-wise windows)")
+    ap.add_argument("--stage2-batch", type=int, default=None,
+                    help="windows per KL step (default: --laco-batch); fewer means more optimizer steps")
     ap.add_argument("--temperature", type=float, default=2.0, help="KL stage temperature (default: 2)")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--scratch", default="/tmp/laco_recipe")
@@ -216,6 +224,21 @@ def main():
             return round((before - p) / (before - dense), 4)
 
         laco_model = None
+        s2bs = args.stage2_batch or args.laco_batch
+
+        def kl_stage(student):
+            """The KL stage on ``student`` (in place): (loss per pass, measurements, its settings)."""
+            from laco_kernels.models.adapters import get_adapter
+            from laco_kernels.recover.layerwise import LayerwiseConfig, _stage2
+
+            s2 = dict(stage2_epochs=args.stage2_epochs, stage2_lr=args.stage2_lr, stage2_batch_size=s2bs,
+                      temperature=args.temperature)
+            c = LayerwiseConfig(**dict(cfg_l, **s2))
+            ids2 = ids if not args.stage2_seqlen else calibration_windows(
+                tok, n_tok // args.stage2_seqlen, args.stage2_seqlen, seed=1)
+            hist, meas = measured(lambda: _stage2(model, student, ids2, c, get_adapter(student), 1))
+            return hist, meas, dict(s2, stage2_seqlen=args.stage2_seqlen)
+
         for method in args.methods:
             if method == "laco+kl" and "laco" not in args.methods:
                 raise SystemExit("laco+kl continues from the laco row: list laco before it")
@@ -244,28 +267,39 @@ def main():
             elif method == "laco+kl":
                 key = (f"tokens/{args.start}-2:4/laco+kl/n{n}x{args.seqlen}/lr{args.laco_lr:g},bs{args.laco_batch},"
                        f"ep{lep},s2ep{args.stage2_epochs},s2lr{args.stage2_lr:g}{bf}"
-                       + (f",T{args.temperature:g}" if args.temperature != 2.0 else "") + f"/{ev}")
+                       + (f",T{args.temperature:g}" if args.temperature != 2.0 else "")
+                       + (f",s2bs{s2bs}" if s2bs != args.laco_batch else "")
+                       + (f",s2len{args.stage2_seqlen}" if args.stage2_seqlen else "") + f"/{ev}")
 
                 def run_kl():
-                    from laco_kernels.models.adapters import get_adapter
-                    from laco_kernels.recover.layerwise import LayerwiseConfig, _stage2
-
-                    c = LayerwiseConfig(**dict(cfg_l, stage2_epochs=args.stage2_epochs, stage2_lr=args.stage2_lr,
-                                               stage2_batch_size=args.laco_batch, temperature=args.temperature))
-                    hist, meas = measured(lambda: _stage2(model, laco_model, ids, c, get_adapter(laco_model), 1))
+                    hist, meas, s2 = kl_stage(laco_model)
                     p = ppl(laco_model)
                     meas.update(stage2_wall_s=meas["wall_s"], stage2_cpu_s=meas["cpu_s"],
                                 wall_s=round(meas["wall_s"] + rec_laco["wall_s"], 1),
                                 cpu_s=round(meas["cpu_s"] + rec_laco["cpu_s"], 1),
                                 peak_rss_mb=max(meas["peak_rss_mb"], rec_laco["peak_rss_mb"]),
                                 peak_rss_above_mb=max(meas["peak_rss_above_mb"], rec_laco["peak_rss_above_mb"]))
-                    return dict(common, method="laco+kl", epochs=lep, config=dict(cfg_l, stage2_epochs=args.stage2_epochs,
-                                stage2_lr=args.stage2_lr, stage2_batch_size=args.laco_batch,
-                                temperature=args.temperature),
+                    return dict(common, method="laco+kl", epochs=lep, config=dict(cfg_l, **s2),
                                 ppl_after=p, ppl_after_stage1=rec_laco["ppl_after"], gap_closed=gap(p), stage2=hist,
                                 **meas, pruned_weights_made_nonzero=zeros_kept(start, laco_model))
 
                 _record(args.out, key, run_kl)
+            elif method == "kl":  # the KL stage alone, straight from the pruned start
+                key = (f"tokens/{args.start}-2:4/kl/n{n}x{args.seqlen}/s2ep{args.stage2_epochs},s2lr{args.stage2_lr:g}{bf}"
+                       + (f",T{args.temperature:g}" if args.temperature != 2.0 else "")
+                       + (f",s2bs{args.stage2_batch}" if args.stage2_batch else "")
+                       + (f",s2len{args.stage2_seqlen}" if args.stage2_seqlen else "") + f"/{ev}")
+
+                def run_kl_only():
+                    m = copy.deepcopy(start)
+                    hist, meas, s2 = kl_stage(m)
+                    p = ppl(m)
+                    return dict(common, method="kl", epochs=args.stage2_epochs,
+                                config=dict(autocast=args.autocast, epochs=0, **s2),
+                                ppl_after=p, gap_closed=gap(p), stage2=hist, **meas,
+                                pruned_weights_made_nonzero=zeros_kept(start, m))
+
+                _record(args.out, key, run_kl_only)
             else:
                 key = f"tokens/{args.start}-2:4/lora/n{n}x{args.seqlen}/lr{args.lora_lr:g},bs{args.lora_batch},ep{args.epochs}{bf}/{ev}"
                 cfg_r = dict(r=8, alpha=16, dropout=0.05, lr=args.lora_lr, batch_size=args.lora_batch, autocast=args.autocast,

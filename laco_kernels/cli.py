@@ -236,6 +236,9 @@ def _check_recover_loss(args) -> None:
     n2 = getattr(args, "recover_stage2_nsamples", None)
     if n2 is not None and (n2 < 1 or not args.recover_stage2_epochs):
         raise UsageError(f"--recover-stage2-nsamples {n2}: needs a positive count and --recover-stage2-epochs >= 1")
+    l2 = getattr(args, "recover_stage2_seqlen", None)
+    if l2 is not None and (l2 < 1 or not args.recover_stage2_epochs):
+        raise UsageError(f"--recover-stage2-seqlen {l2}: needs a positive length and --recover-stage2-epochs >= 1")
     if getattr(args, "recover_temperature", 1.0) <= 0:
         raise UsageError(f"--recover-temperature {args.recover_temperature}: must be > 0")
 
@@ -263,20 +266,31 @@ def _recover(method: str, dense, pruned, tok, args):
     tok = _need_tokenizer(tok, "the model")
     autocast = _recover_autocast(args)
     if method == "layerwise":
-        n2 = args.recover_stage2_nsamples
-        drawn = calibration_windows(tok, max(args.recover_nsamples, n2 or 0), args.recover_seqlen, seed=args.seed + 1)
-        ids, ids2 = drawn[:args.recover_nsamples], (drawn[:n2] if n2 else None)
+        n2, l2 = args.recover_stage2_nsamples, args.recover_stage2_seqlen
+        bs2 = args.recover_batch_size
+        if l2 and l2 != args.recover_seqlen:  # the KL stage on windows of its own length, same tokens per step
+            drawn = calibration_windows(tok, args.recover_nsamples, args.recover_seqlen, seed=args.seed + 1)
+            n2 = n2 or max(1, args.recover_nsamples * args.recover_seqlen // l2)
+            ids, ids2 = drawn, calibration_windows(tok, n2, l2, seed=args.seed + 2)
+            bs2 = max(1, args.recover_batch_size * args.recover_seqlen // l2)
+            calib_tokens = int(drawn.numel() + ids2.numel())
+        else:
+            drawn = calibration_windows(tok, max(args.recover_nsamples, n2 or 0), args.recover_seqlen,
+                                        seed=args.seed + 1)
+            ids, ids2 = drawn[:args.recover_nsamples], (drawn[:n2] if n2 else None)
+            calib_tokens = int(drawn.numel())
         res = recover.layerwise(dense, pruned, ids, stage2_calibration=ids2, epochs=args.recover_epochs,
                                 lr=_recover_lr(args, method),
                                 loss=args.recover_loss, batch_size=args.recover_batch_size, device=args.device,
                                 inputs=args.recover_inputs, stage2_epochs=args.recover_stage2_epochs,
-                                stage2_lr=args.recover_stage2_lr, stage2_batch_size=args.recover_batch_size,
+                                stage2_lr=args.recover_stage2_lr, stage2_batch_size=bs2,
                                 temperature=args.recover_temperature,
                                 autocast=autocast)
         return pruned, {"method": method, "seconds": res.seconds, "blocks": res.blocks, "stage2": res.stage2,
                         "precision": "bf16 autocast" if autocast else "fp32", "tokens": res.tokens,
                         "stage2_tokens": res.stage2_tokens, "temperature": args.recover_temperature,
-                        "calibration_tokens": int(drawn[:max(args.recover_nsamples, n2 or 0)].numel())}
+                        "stage2_seqlen": int(ids2.shape[1]) if ids2 is not None else args.recover_seqlen,
+                        "stage2_batch_size": bs2, "calibration_tokens": calib_tokens}
     if method == "lora":
         res = recover.lora(pruned, tok, nsamples=args.recover_nsamples, seqlen=args.recover_seqlen,
                            epochs=args.recover_epochs, lr=_recover_lr(args, method), batch_size=args.recover_batch_size,
@@ -291,13 +305,29 @@ def _recover(method: str, dense, pruned, tok, args):
     return pruned, {"method": method, "seconds": res.seconds, "losses": res.losses}
 
 
+def _auto_stage2_seqlen(args, path: str) -> None:
+    """``laco run``'s default KL window (``auto_stage2_seqlen``, 512) where --recover-stage2-seqlen is
+    not given, the KL stage runs and the model has that many positions; otherwise the block stage's
+    windows, as before."""
+    auto = getattr(args, "auto_stage2_seqlen", None)
+    if args.recover_stage2_seqlen is not None or not auto or not args.recover_stage2_epochs:
+        return
+    from transformers import AutoConfig
+
+    from ._validation import model_limits
+
+    _, positions = model_limits(AutoConfig.from_pretrained(path))
+    if positions is None or positions >= auto:
+        args.recover_stage2_seqlen = auto
+
+
 def cmd_recover(args) -> int:
     from .nn import densify
     from .prune.masks import is_nm
 
     _check_recover_loss(args)
     _preflight(args, [_model_path(args.model), _model_path(args.dense)], out_folder=args.out,
-               seqlens={"--recover-seqlen": args.recover_seqlen})
+               seqlens={"--recover-seqlen": args.recover_seqlen, "--recover-stage2-seqlen": args.recover_stage2_seqlen})
     pruned, tok = _load(args.model)
     densify(pruned)
     dense, _ = _load(args.dense)
@@ -326,9 +356,11 @@ def cmd_run(args) -> int:
     pattern = _pattern(args.pattern)
     sparsity = _sparsity(pattern, args.sparsity)
     _check_recover_loss(args)
+    _auto_stage2_seqlen(args, _model_path(args.model))
     _preflight(args, [_model_path(args.model)], out_folder=args.out,
                seqlens={"--seqlen": args.seqlen, "--calib-seqlen": args.calib_seqlen,
-                        "--recover-seqlen": args.recover_seqlen if args.recover != "none" else None})
+                        "--recover-seqlen": args.recover_seqlen if args.recover != "none" else None,
+                        "--recover-stage2-seqlen": args.recover_stage2_seqlen if args.recover != "none" else None})
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     times, ppl = {}, {}
@@ -398,7 +430,8 @@ def _add_prune_choice(p, method="wanda", pattern=None):
 
 
 def _add_recover_options(p, default_epochs: int, default_nsamples: int = 128, default_batch: int = 4,
-                         default_inputs: str = "pruned", default_stage2: int = 0, default_stage2_lr: float = 1e-4):
+                         default_inputs: str = "pruned", default_stage2: int = 0, default_stage2_lr: float = 1e-4,
+                         default_stage2_seqlen: int | None = None):
     g = p.add_argument_group("recovery settings")
     g.add_argument("--recover-nsamples", type=int, default=default_nsamples,
                    help=f"calibration windows (or prompts) (default: {default_nsamples})")
@@ -427,6 +460,14 @@ def _add_recover_options(p, default_epochs: int, default_nsamples: int = 128, de
                    help="layer-wise: windows of that stage (default: the same as the block-by-block stage). "
                         "Both stages draw from one sample: the first --recover-nsamples windows train the "
                         "blocks, the first --recover-stage2-nsamples the KL stage")
+    g.add_argument("--recover-stage2-seqlen", type=int, default=None,
+                   help="layer-wise: tokens per window of the KL stage, drawn as windows of their own (longer windows "
+                        "teach the long-range context the evaluation uses); its batch keeps the tokens per step of "
+                        "the block stage (--recover-batch-size x --recover-seqlen) and, without "
+                        "--recover-stage2-nsamples, its windows hold the block stage's token count (default: "
+                        + (f"{default_stage2_seqlen} where the model has that many positions, else the block "
+                           "stage's windows)" if default_stage2_seqlen else "the block stage's windows)"))
+    p.set_defaults(auto_stage2_seqlen=default_stage2_seqlen)
     g.add_argument("--recover-precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="layer-wise and LoRA: train under bf16 autocast (weights and optimizer stay fp32) or in "
                         "fp32; auto: bf16 on CPUs with AVX512-BF16 / AMX, fp32 elsewhere (default: auto)"),
@@ -463,9 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
     # against 68.63 in 489 s for Wanda 2:4 + layer-wise (bench/results/laco_run_default.json)
     # round 4 (docs/recovery.md): the KL pass at lr 3e-4 beat 1e-4 (62.24 vs 63.27 at 32 windows,
     # 16k tokens), and bf16 autocast matched fp32 (62.18 vs 62.24) in about 0.6x the time; these
-    # defaults reached 60.76 in 597 s (bench/results/laco_run_default_round4.json)
+    # defaults reached 60.76 in 597 s (bench/results/laco_run_default_round4.json). Round 7: the KL
+    # pass on windows of 512 tokens (same 16k tokens and tokens per step) reached 54.48 in 561 s
+    # against 59.31 in 671 s (bench/results/laco_run_s2len512.json)
     _add_recover_options(p, default_epochs=2, default_nsamples=128, default_batch=8, default_stage2=1,
-                         default_stage2_lr=3e-4)
+                         default_stage2_lr=3e-4, default_stage2_seqlen=512)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("prune", formatter_class=fmt, help="prune a model and save it",

@@ -184,21 +184,48 @@ def test_run_recovery_inputs_and_stage2_options(tiny_folder, tmp_path, capsys):
 
 
 def test_run_stage2_on_its_own_windows(tiny_folder, tmp_path, capsys):
-    """--recover-stage2-nsamples: the KL stage runs on the first N windows of one sample (here more than the
-    block stage's 4); the report says how many tokens each stage saw. A bad count is refused up front."""
+    """--recover-stage2-nsamples: the KL stage runs on N windows of its own (here more than the block
+    stage's 4), with --recover-stage2-seqlen of that length, at the block stage's tokens per step
+    (batch 4 x 32 -> 2 x 64); the report says how many tokens each stage saw. A bad count or length
+    is refused up front."""
     out = str(tmp_path / "run")
     code, stdout, _ = _run(["run", "--model", tiny_folder, "--nsamples", "2", "--calib-seqlen", "32", "--seqlen", "64",
                             "--max-windows", "2", "--recover-nsamples", "4", "--recover-seqlen", "32",
-                            "--recover-epochs", "1", "--recover-stage2-epochs", "1", "--recover-stage2-nsamples", "6",
-                            "--out", out], capsys)
+                            "--recover-batch-size", "4", "--recover-epochs", "1", "--recover-stage2-epochs", "1",
+                            "--recover-stage2-nsamples", "6", "--recover-stage2-seqlen", "64", "--out", out], capsys)
     assert code == 0
     rec = json.load(open(os.path.join(out, "report.json")))["recovery"]
-    assert (rec["tokens"], rec["stage2_tokens"], rec["calibration_tokens"]) == (4 * 32, 6 * 32, 6 * 32)
+    assert (rec["tokens"], rec["stage2_tokens"], rec["calibration_tokens"]) == (4 * 32, 6 * 64, 4 * 32 + 6 * 64)
+    assert (rec["stage2_seqlen"], rec["stage2_batch_size"]) == (64, 2)
     assert rec["temperature"] == 1.0  # the KL stage's default
-    for flag, value in (("--recover-stage2-nsamples", "0"), ("--recover-temperature", "0")):
-        proc = _laco(["run", "--model", tiny_folder, flag, value, "--out", str(tmp_path / "bad")])
-        assert proc.returncode == 2 and f"{flag} 0" in proc.stderr, proc.stderr[-2000:]
+    for flag, value in (("--recover-stage2-nsamples", "0"), ("--recover-temperature", "0"),
+                        ("--recover-stage2-seqlen", "0"), ("--recover-stage2-seqlen", "100000")):
+        proc = _laco(["run", "--model", tiny_folder, "--seqlen", "64", "--calib-seqlen", "32", "--recover-seqlen", "32",
+                      flag, value, "--out", str(tmp_path / "bad")])
+        assert proc.returncode == 2 and f"{flag} {value}" in proc.stderr, proc.stderr[-2000:]
         assert not os.path.exists(tmp_path / "bad")
+
+
+def test_run_default_kl_window_is_512_where_the_model_has_the_positions(tmp_path):
+    """laco run's KL stage defaults to 512-token windows (round 7) where the model has 512 positions;
+    a shorter model keeps the block stage's windows; an explicit value or no KL stage is left alone."""
+    from transformers import LlamaConfig
+
+    from laco_kernels.cli import _auto_stage2_seqlen, build_parser
+
+    for positions, want in ((2048, 512), (128, None)):
+        folder = tmp_path / f"p{positions}"
+        LlamaConfig(max_position_embeddings=positions).save_pretrained(folder)
+        args = build_parser().parse_args(["run", "--model", str(folder)])
+        _auto_stage2_seqlen(args, str(folder))
+        assert args.recover_stage2_seqlen == want
+    folder = str(tmp_path / "p2048")
+    for extra, want in ((["--recover-stage2-seqlen", "256"], 256), (["--recover-stage2-epochs", "0"], None)):
+        args = build_parser().parse_args(["run", "--model", folder, *extra])
+        _auto_stage2_seqlen(args, folder)
+        assert args.recover_stage2_seqlen == want
+    args = build_parser().parse_args(["recover", "m", "--dense", "d", "--out", "o"])
+    assert args.recover_stage2_seqlen is None and args.auto_stage2_seqlen is None  # laco recover: no default
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
