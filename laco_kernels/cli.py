@@ -356,8 +356,9 @@ def cmd_run(args) -> int:
     pattern = _pattern(args.pattern)
     sparsity = _sparsity(pattern, args.sparsity)
     _check_recover_loss(args)
-    _auto_stage2_seqlen(args, _model_path(args.model))
-    _preflight(args, [_model_path(args.model)], out_folder=args.out,
+    path = _model_path(args.model)
+    _auto_stage2_seqlen(args, path)
+    _preflight(args, [path], out_folder=args.out,
                seqlens={"--seqlen": args.seqlen, "--calib-seqlen": args.calib_seqlen,
                         "--recover-seqlen": args.recover_seqlen if args.recover != "none" else None,
                         "--recover-stage2-seqlen": args.recover_stage2_seqlen if args.recover != "none" else None})

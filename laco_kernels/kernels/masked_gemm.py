@@ -130,8 +130,11 @@ def _dw_config(n: int, dtype: torch.dtype, k: int | None = None, sms: int = _SMS
     return dict(cfg, BLOCK_N=cfg["BLOCK_M"], BLOCK_M=cfg["BLOCK_N"])
 
 
-def _device_sms(t: torch.Tensor) -> int:
-    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else _SMS
+def _device_sms(t: torch.Tensor, default: int | None = None) -> int:
+    """SMs of ``t``'s GPU; off a GPU (the interpreter) ``default``, else this module's ``_SMS``."""
+    if t.is_cuda:
+        return torch.cuda.get_device_properties(t.device).multi_processor_count
+    return _SMS if default is None else default
 
 
 @triton.jit

@@ -27,7 +27,8 @@ import triton.language as tl
 
 from ._bits import decode_24_nibbles, expand_24, expand_24_prmt
 from ._compile import _is_interpreted
-from .masked_gemm import _bias_grad_rows, _dw_config, _dw_loop, _dx_config, _grouped_pid, _load_tile_words, _precision
+from .masked_gemm import (_bias_grad_rows, _device_sms, _dw_config, _dw_loop, _dx_config, _grouped_pid,
+                          _load_tile_words, _precision)
 
 
 @triton.jit
@@ -174,7 +175,7 @@ def sparse24_grad_input(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tens
         values = values.view(torch.int32)
     from .dense_gemm import device_arch
 
-    sms = torch.cuda.get_device_properties(dy.device).multi_processor_count if dy.is_cuda else _SMS
+    sms = _device_sms(dy, _SMS)
     cfg = _dx24_config(m, dy.dtype, device_arch(dy.device), k, sms, n)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"]),)
     _sparse24_dx_kernel[grid](
@@ -198,7 +199,7 @@ def sparse24_values_grad(dy: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, 
             db.zero_()
         return dv, db
     meta = _meta_arg(meta)
-    sms = torch.cuda.get_device_properties(dy.device).multi_processor_count if dy.is_cuda else _SMS
+    sms = _device_sms(dy, _SMS)
     cfg = _dw_config(n, x.dtype, k, sms)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(k, cfg["BLOCK_K"]),)
     _sparse24_dv_kernel[grid](
