@@ -4,9 +4,10 @@ Needs CUDA (run it where a GPU is lent). Checks, for fp16 / bf16 / fp32 and awkw
 (M = 1, odd N and K, a large K): masked_linear forward and all gradients, the 2:4 backward
 through ``sparse24_linear`` (dX, dV, db), and the fused reconstruction loss (value and grad),
 each against ``reference.py`` computed on the same GPU in fp32 (bf16 included, which the
-interpreter cannot check). Then times, with ``triton.testing.do_bench``, one forward + backward
-of masked_linear against the same kernels without the mask and against ``F.linear(x, W * M)``
-with autograd, at SmolLM2 MLP shapes. Writes ``bench/results/gpu_training.json``.
+interpreter cannot check), on both the fused-kernel path and the expand path. Then times, with
+``triton.testing.do_bench``, one forward + backward of masked_linear against the same kernels
+without the mask and against ``F.linear(x, W * M)`` with autograd, and every training path
+(``triton`` / ``expand`` / ``torch``) of masked_linear and the 2:4 op, at SmolLM2 MLP shapes. Writes ``bench/results/gpu_training.json``.
 """
 from __future__ import annotations
 
@@ -50,21 +51,22 @@ def check_correctness(dev="cuda"):
             x, w, b, dy = (torch.randn(*s, device=dev, dtype=dtype) for s in ((m, k), (n, k), (n,), (m, n)))
             mask = torch.rand(n, k, device=dev) < 0.5
             pm = PackedMask.from_bool(mask)
-            got = _grads(lambda x, w, b: masked_linear(x, w, pm, b), (x, w, b), dy)
+            w24 = Sparse24Weight.from_dense(w, prune=True)
             want = _grads(lambda x, w, b: reference.masked_linear(x.float(), w.float(), mask, b.float()),
                           (x, w, b), dy.float())
-            errs = [_err(g, r) for g, r in zip(got, want)]
-            zero = bool((got[2][~mask] == 0).all())
-            rows.append(dict(op="masked_linear", dtype=str(dtype), shape=(m, n, k), errs=errs, pruned_grad_zero=zero,
-                             ok=max(errs) <= TOL[dtype] and zero))
-            w24 = Sparse24Weight.from_dense(w, prune=True)
-            got = _grads(lambda x, v, b: sparse24_linear(x, Sparse24Weight(v, w24.meta, w24.shape), b),
-                         (x, w24.values, b), dy)
-            want = _grads(lambda x, v, b: reference.sparse24_linear(x.float(), w24, b.float(), values=v.float()),
-                          (x, w24.values, b), dy.float())
-            errs = [_err(g, r) for g, r in zip(got, want)]
-            rows.append(dict(op="sparse24_linear(values)", dtype=str(dtype), shape=(m, n, k), errs=errs,
-                             ok=max(errs) <= TOL[dtype]))
+            want24 = _grads(lambda x, v, b: reference.sparse24_linear(x.float(), w24, b.float(), values=v.float()),
+                            (x, w24.values, b), dy.float())
+            for path in ("triton", "expand"):  # the fused kernels, and the expand path (weight_expand + cuBLAS)
+                got = _grads(lambda x, w, b: masked_linear(x, w, pm, b, path=path), (x, w, b), dy)
+                errs = [_err(g, r) for g, r in zip(got, want)]
+                zero = bool((got[2][~mask] == 0).all())
+                rows.append(dict(op=f"masked_linear[{path}]", dtype=str(dtype), shape=(m, n, k), errs=errs,
+                                 pruned_grad_zero=zero, ok=max(errs) <= TOL[dtype] and zero))
+                got = _grads(lambda x, v, b: sparse24_linear(x, Sparse24Weight(v, w24.meta, w24.shape), b, path=path),
+                             (x, w24.values, b), dy)
+                errs = [_err(g, r) for g, r in zip(got, want24)]
+                rows.append(dict(op=f"sparse24_linear(values)[{path}]", dtype=str(dtype), shape=(m, n, k), errs=errs,
+                                 ok=max(errs) <= TOL[dtype]))
         for kind in ("mse", "nmse", "cosine"):
             p, t = torch.randn(8, 128, 576, device=dev, dtype=dtype), torch.randn(8, 128, 576, device=dev, dtype=dtype)
             got = _grads(lambda p: reconstruction_loss(p, t, kind), (p,), torch.tensor(1.0, device=dev))
@@ -82,6 +84,7 @@ def time_kernels(dev="cuda"):
 
     from laco_kernels.kernels import masked_gemm as mg
     from laco_kernels.ops.masked_gemm import masked_linear
+    from laco_kernels.ops.sparse_gemm import sparse24_linear
 
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
@@ -104,9 +107,21 @@ def time_kernels(dev="cuda"):
             def torch_materialized():
                 F.linear(xs, ws * mask).backward(dy)
 
+            w24 = Sparse24Weight.from_dense(w, prune=True)
+            v24 = w24.values.clone().requires_grad_()
+
+            def ops(op, path):
+                if op == "masked":
+                    return lambda: masked_linear(xs, ws, pm, path=path).backward(dy)
+                return lambda: sparse24_linear(xs, Sparse24Weight(v24, w24.meta, w24.shape), path=path).backward(dy)
+
             r = dict(dtype=str(dtype), shape=(m, n, k), ms_masked_kernels=do_bench(lambda: kernels(bits)),
                      ms_unmasked_kernels=do_bench(lambda: kernels(None)), ms_masked_linear_autograd=do_bench(ours_autograd),
                      ms_torch_W_times_M_autograd=do_bench(torch_materialized))
+            # every training path of both ops through the public op + autograd (the auto dispatch's choices)
+            for op in ("masked", "sparse24"):
+                for path in ("triton", "expand", "torch"):
+                    r[f"ms_{op}_{path}_path"] = do_bench(ops(op, path))
             rows.append(r)
     return rows
 
@@ -126,6 +141,8 @@ def main():
         print(f"{r['dtype']:15s} {str(r['shape']):18s} masked {r['ms_masked_kernels']:.3f} ms  unmasked "
               f"{r['ms_unmasked_kernels']:.3f} ms  masked_linear+autograd {r['ms_masked_linear_autograd']:.3f} ms  "
               f"F.linear(x, W*M)+autograd {r['ms_torch_W_times_M_autograd']:.3f} ms", flush=True)
+        print("    paths (ms): " + "  ".join(f"{op} {p} {r[f'ms_{op}_{p}_path']:.3f}" for op in ("masked", "sparse24")
+                                         for p in ("triton", "expand", "torch")), flush=True)
     out = os.environ.get("GPU_TRAINING_OUT", OUT)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".tmp", "w") as f:

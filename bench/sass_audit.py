@@ -84,8 +84,10 @@ class Stats:
 
 
 def audited(spec: CompileSpec) -> bool:
-    """GEMM specs with audit metadata, and the guard checks the training plans launch (no loop)."""
-    return (spec.is_gemm or spec.regime == "train-check") and spec.family is not None and spec.regime is not None
+    """GEMM specs with audit metadata, and the guard checks and weight expansions the training plans
+    launch (no loop)."""
+    return ((spec.is_gemm or spec.regime in ("train-check", "train-expand")) and spec.family is not None
+            and spec.regime is not None)
 
 
 def select(specs: List[CompileSpec], subset: bool, pattern: str | None) -> List[CompileSpec]:
@@ -314,13 +316,13 @@ def report(doc):
         print("   no prediction:", reason)
     print("\nPREDICTED recovery step (MLP block linears, fwd + bwd; torch = F.linear(x, W*M) + autograd, "
           "its GEMMs as dense GEMMs)")
-    print(f"{'block':8s} {'tokens':>6s} {'dt':4s} {'torch us':>9s} {'masked us':>10s} {'x':>5s} {'2:4 us':>9s} "
-          f"{'x':>5s}")
+    paths = ("masked", "masked_expand", "sparse24", "sparse24_expand")
+    print(f"{'block':8s} {'tokens':>6s} {'dt':4s} {'torch us':>9s} "
+          + " ".join(f"{p + ' us':>20s} {'x':>5s}" for p in paths))
     for s in doc["training"]:
         t, x = s["predicted_step_us"], s["predicted_speedup_vs_torch"]
-        print(f"{s['block']:8s} {s['tokens']:6d} {s['dtype']:4s} {t['torch']:9.0f} {t['masked']:10.0f} "
-              f"{x['masked']:5.2f} "
-              f"{t['sparse24']:9.0f} {x['sparse24']:5.2f}")
+        print(f"{s['block']:8s} {s['tokens']:6d} {s['dtype']:4s} {t['torch']:9.0f} "
+              + " ".join(f"{t[p]:20.0f} {x[p]:5.2f}" for p in paths))
     if doc["training_check"]:
         print("\ncheck vs gpu_training.json (do_bench, eager launches; not in the fit): predicted / measured ms")
         for c in doc["training_check"]:

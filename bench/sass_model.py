@@ -190,6 +190,19 @@ def masked_step_plan(m: int, n: int, k: int, dtype: str, specs: Sequence[Compile
     return plan + training_kernel_plan("masked", "train-dw", m, n, k, dtype, specs)
 
 
+def _sparse24_forward_spec(m: int, n: int, dtype: str, specs: Sequence[CompileSpec]) -> CompileSpec:
+    """The 2:4 forward spec ``dense_gemm.launch`` runs for ``m`` rows and ``n`` output columns on an
+    H100 (sm_90, ``SMS`` SMs): its architecture row, or the grid-filling row it gives way to."""
+    import torch
+
+    cfg = dense_gemm.gemm_config("sparse24", m, getattr(torch, DTYPES[dtype]), arch=90, n=n, sms=SMS)
+    spec = find_spec(specs, family="sparse24", regime=dense_gemm.regime(m), dtype=dtype, kernel="_sparse24_gemm_kernel",
+                     blocks=cfg.meta())
+    if spec is None:
+        raise LookupError(f"no sparse24 forward spec for {cfg}")
+    return spec
+
+
 def training_step_plans(tokens: int, linears: Sequence[tuple], dtype: str,
                         specs: Sequence[CompileSpec]) -> Dict[str, List[dict]]:
     """Launches of one forward + backward of the block's linears ``[(name, n, k)]`` for each path:
@@ -197,19 +210,37 @@ def training_step_plans(tokens: int, linears: Sequence[tuple], dtype: str,
     the dense Triton GEMM), ``masked`` = masked_linear fwd / dX / dW, ``sparse24`` = the 2:4 forward
     (inference kernel) / dX / dV."""
     isz = _ISZ[dtype]
-    out: Dict[str, List[dict]] = {"torch": [], "masked": [], "sparse24": []}
+    out: Dict[str, List[dict]] = {"torch": [], "masked": [], "sparse24": [], "masked_expand": [], "sparse24_expand": []}
     for name, n, k in linears:
         wm = n * k * (2 * isz + 1)  # read W and a bool mask, write the product
         out["torch"] += [_torch_pass(f"{name}:W*M", wm), *dense_plan(tokens, n, k, dtype, specs),
                          *dense_plan(tokens, k, n, dtype, specs), *dense_plan(n, k, tokens, dtype, specs),
                          _torch_pass(f"{name}:dW*M", wm)]
         out["masked"] += masked_step_plan(tokens, n, k, dtype, specs)
-        fwd24 = find_spec(specs, family="sparse24", regime=dense_gemm.regime(tokens), dtype=dtype,
-                          kernel="_sparse24_gemm_kernel")
+        fwd24 = _sparse24_forward_spec(tokens, n, dtype, specs)
         out["sparse24"] += [*inference_plan(fwd24, tokens, n, k, 0.5, specs),
                             *[p for r in ("train-dx", "train-dw")
                               for p in training_kernel_plan("sparse24", r, tokens, n, k, dtype, specs)]]
+        # the expand path: the dense weight written once per GEMM that reads it (forward, dX),
+        # cuBLAS GEMMs (modelled as the torch path's), the weight gradient in our kernels
+        for fam in ("masked", "sparse24"):
+            exp = expand_plan(fam, n, k, dtype, specs)
+            out[f"{fam}_expand"] += [*exp, *dense_plan(tokens, n, k, dtype, specs), *exp,
+                                     *dense_plan(tokens, k, n, dtype, specs),
+                                     *training_kernel_plan(fam, "train-dw", tokens, n, k, dtype, specs)]
     return out
+
+
+def expand_plan(family: str, n: int, k: int, dtype: str, specs: Sequence[CompileSpec]) -> List[dict]:
+    """One launch of ``kernels/weight_expand.py``'s kernel of ``family`` (no loop: one tile a program)."""
+    from laco_kernels.kernels import weight_expand as we
+
+    spec = find_spec(specs, family=family, regime="train-expand", dtype=dtype)
+    if spec is None:
+        raise LookupError(f"no {family} train-expand {dtype} spec")
+    programs = triton.cdiv(n, we._CFG["BLOCK_N"]) * triton.cdiv(k, we._CFG["BLOCK_K"])
+    return [dict(name=spec.name, spec=spec, programs=programs, iterations=0.0,
+                 bytes=we.expand_bytes(family, n, k, _ISZ[dtype]))]
 
 
 # ----------------------------------------------------------------------------------------

@@ -181,12 +181,13 @@ OPS = ("sparse24_linear", "bitmap_linear", "masked_linear", "reconstruction_loss
 
 
 @pytest.mark.parametrize("op,impl", [(op, impl) for op in OPS for impl in ("native", "reference", "triton")
-                                     if not (op == "masked_linear" and impl == "native")])  # no native masked
+                                     if not (op == "masked_linear" and impl == "native")]  # no native masked
+                         + [(op, "triton_expand") for op in ("sparse24_linear", "masked_linear")])  # expand path
 def test_opcheck(op, impl):
     """Schema, fake tensors, autograd registration and AOT dispatch (static and dynamic shapes)."""
     if impl == "native" and not dispatch.native_supports(op):
         pytest.skip("the native extension laco_kernels._C is not built")
-    dtype = torch.float16 if impl == "triton" else torch.float32  # the interpreter gets bf16 dot wrong
+    dtype = torch.float16 if impl.startswith("triton") else torch.float32  # the interpreter gets bf16 dot wrong
     for args in _opcheck_cases(dtype)[op]:
         torch.library.opcheck(getattr(torch.ops.laco, op).default, (*args, impl))
 

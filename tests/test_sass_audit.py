@@ -71,6 +71,22 @@ def test_training_step_plans(specs):
         ("masked", "train-fwd"), ("masked", "train-dx"), ("masked", "train-dw")]
     assert [p["spec"].regime for p in plans["sparse24"]] == ["prefill", "train-dx", "train-dw"]
     assert [p["name"] for p in plans["torch"]][0] == "gate:W*M" and len(plans["torch"]) == 5
+    # the 2:4 forward is the config the launcher picks (here the 256-row sm_90 row: 48 programs, and
+    # its 128 x 64 fill row would need 192 > 132); a down projection (N = 576) takes the fill row
+    assert plans["sparse24"][0]["spec"].constexprs["BLOCK_M"] == 256
+    down = sm.training_step_plans(1024, [("down", 576, 1536)], "bf16", specs)
+    assert down["sparse24"][0]["spec"].config.startswith("sparse24-prefill-16bit-sm90-fill")
+    # the weight gradients are the bias-free launches (Llama-style linears) on the small-grid tile
+    for path in ("masked", "sparse24"):
+        dw = plans[path][-1]["spec"]
+        assert dw.constexprs["HAS_BIAS"] is False and dw.constexprs["BLOCK_N"] == 64 and dw.num_warps == 4
+    # the expand paths: expansion, cuBLAS-modelled forward, expansion again, dX, our weight gradient
+    for fam in ("masked", "sparse24"):
+        ex = plans[f"{fam}_expand"]
+        assert [p["spec"].regime for p in ex] == ["train-expand", "prefill", "train-expand", "prefill", "train-dw"]
+        assert ex[0]["spec"].family == fam and ex[0]["iterations"] == 0.0
+        assert ex[1]["name"] == ex[3]["name"] == "_dense_gemm_kernel"
+    assert plans["sparse24_expand"][0]["bytes"] == 1536 * 288 * 2 + 1536 * 18 * 4 + 1536 * 576 * 2
 
 
 def test_fit_recovers_known_constants():

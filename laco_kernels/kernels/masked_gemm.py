@@ -50,8 +50,11 @@ _SMS = 132  # H100 SXM: the grid-fill rule's default when the device is not a GP
 # a larger tile issues fewer shared-memory loads per multiply-add, but on a grid smaller than the
 # GPU it only lengthens the one wave. sm_90 audit, thread-instructions per multiply-add over the
 # dense fp32 prefill GEMM's, plain loop (guard passed) / masked loop: forward 64 x 64 1.02x / 1.11x
-# (32 x 64: 1.12x / 1.25x), dX 64 x 64 1.02x / 1.13x (64 x 32: 1.17x / 1.29x), dW 128 x 64 0.97x,
-# 64 x 64 with 4 warps 0.985x (8 warps: 1.02x). The 64 x 64 forward / dX tiles spill 32-40 bytes
+# (32 x 64: 1.12x / 1.25x), dX 64 x 64 1.02x / 1.13x (64 x 32: 1.17x / 1.29x), dW 128 x 64 0.97x
+# (3 stages: with 2 the bias-free dV spilled 80 bytes on sm_80), 64 x 64 with a 16-row step and
+# 4 warps 0.99x (the 32-row step, 0.985x, spills 120-152 bytes bias-free on sm_80 and 48 on sm_90
+# at 1 stage, found once the audit compiled the bias-free launches; 8 warps: 1.02x). The 64 x 64
+# forward / dX tiles spill 32-40 bytes
 # in their masked loop when N and K are not 16-divisible, hence the condition; 128-row forward / dX
 # tiles (0.97-0.98x plain) spill 800-1300 bytes in the masked loop the guarded kernel also holds.
 _FP32_FWD = ((64, 64, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2), True),
@@ -60,8 +63,12 @@ _FP32_FWD = ((64, 64, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_wa
 _FP32_DX = ((64, 64, dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2), True),
             (64, 32, dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2), False))
 # dW / dV: output [BLOCK_N, BLOCK_K], reduction over M in BLOCK_M (the mask is applied after the loop)
-_FP32_DW = ((128, 64, dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2), False),
-            (64, 64, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3), False))
+_FP32_DW = ((128, 64, dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3), False),
+            (64, 64, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2), False))
+
+
+# 16-bit dW / dV on grids that leave SMs idle (``_dw_config``)
+_DW16_FILL = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
 
 
 def _fill(tiles, rows: int, cols: int | None, sms: int, divisible: bool) -> dict:
@@ -120,9 +127,14 @@ def _dw_config(n: int, dtype: torch.dtype, k: int | None = None, sms: int = _SMS
     16-bit with n > 64 (every real layer): a square 128 x 128 output tile and a 64-row reduction
     step, the dense prefill GEMM's multiply-adds per loaded element (a 128 x 32 output tile with a
     128-row step, the transposed forward tiling used before, issued 3.4x the instructions per
-    multiply-add in the SASS audit).
+    multiply-add in the SASS audit). When that grid has fewer programs than ``sms`` (SmolLM2's
+    576 x 1536 weights: 60 programs on 132 SMs) a 64 x 128 output tile with 4 warps: each program
+    then issues 0.56x the thread-instructions (sm_90: 106 loop instructions x 4 warps + a 1,078-
+    instruction epilogue against 91 x 8 + 1,021; the gather / mask epilogue is paid per program).
     """
     if dtype != torch.float32 and n > 64:
+        if k is not None and triton.cdiv(n, 128) * triton.cdiv(k, 128) < sms:
+            return dict(_DW16_FILL)
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
     if dtype == torch.float32 and n > 16:  # FMA tiles (_FP32_DW)
         return _fill(_FP32_DW, n, k, sms, True)
@@ -570,12 +582,15 @@ def tile_bytes_dense(block_n: int, block_k: int, itemsize: int, density: float =
 
 def _tile_variants(kind: str, rows: int, dtype: torch.dtype):
     """``[(label suffix, config)]`` a launcher can pick for ``rows`` (fp32 prefill: every tile of the
-    grid-fill rule, the one used on small grids unlabelled; otherwise the single config)."""
+    grid-fill rule, the one used on small grids unlabelled; 16-bit dW / dV: the main tile and the
+    small-grid one; otherwise the single config)."""
     fn = {"fwd": _config, "dx": _dx_config, "dw": _dw_config}[kind]
     out = [("", fn(rows, dtype))]
     if dtype == torch.float32 and rows > 64:
         tiles = {"fwd": _FP32_FWD, "dx": _FP32_DX, "dw": _FP32_DW}[kind]
         out += [(f" t{r}x{c}", dict(cfg)) for r, c, cfg, _ in tiles[:-1]]
+    elif kind == "dw" and rows > 64:  # 16-bit small-grid dW / dV tile
+        out.append((" t64x128", dict(_DW16_FILL)))
     return out
 
 
@@ -619,12 +634,15 @@ def _compile_specs():
                                            rep and even and not t, "masked-zero", "train-dx", tile_bytes_dense))
             for t, cfg in _tile_variants("dw", rows, dtype):
                 for even in (False, True) if rows >= GUARD_MIN_ROWS else (False,):  # M % BLOCK_M == 0 or not
-                    specs.append(_spec(_masked_linear_dw_kernel,
-                                       dict(dy_ptr=p, x_ptr=p, bits_ptr="*i32", dw_ptr=p, db_ptr=p), cfg,
-                                       dict(HAS_MASK=True, HAS_BIAS=True, DOT_PRECISION="ieee", EVEN=even),
-                                       f"{tag} masked+bias" + (" even" if even else "") + t,
-                                       not t and (rep and even or rep and rows < GUARD_MIN_ROWS), "masked",
-                                       "train-dw"))
+                    # + bias (db fused), and without (the linears of Llama-style blocks: what the
+                    # audit's recovery-step plans launch) from GUARD_MIN_ROWS rows on
+                    for bias in (True, False) if rows >= GUARD_MIN_ROWS else (True,):
+                        specs.append(_spec(_masked_linear_dw_kernel,
+                                           dict(dy_ptr=p, x_ptr=p, bits_ptr="*i32", dw_ptr=p, db_ptr=p), cfg,
+                                           dict(HAS_MASK=True, HAS_BIAS=bias, DOT_PRECISION="ieee", EVEN=even),
+                                           f"{tag} masked" + ("+bias" if bias else "") + (" even" if even else "") + t,
+                                           bias and not t and (rep and even or rep and rows < GUARD_MIN_ROWS),
+                                           "masked", "train-dw"))
     specs += [_check_spec(dtype) for dtype in _TYPES]
     return specs
 

@@ -237,12 +237,14 @@ def _compile_specs():
                 spec.archs = archs
                 specs.append(spec)
             # the dV loop reads dY and X only (meta is read once after it): no weight bytes
-            for (t, cfg), even in itertools.product(_tile_variants("dw", rows, dtype),
-                                                    (False, True) if regime == "prefill" else (False,)):
+            # prefill: + bias (db fused) and without (the audit's recovery-step plans: bias-free linears)
+            for (t, cfg), even, bias in itertools.product(_tile_variants("dw", rows, dtype),
+                                                          (False, True) if regime == "prefill" else (False,),
+                                                          (True, False) if regime == "prefill" else (True,)):
                 specs.append(_spec(_sparse24_dv_kernel, dict(dy_ptr=p, x_ptr=p, meta_ptr="*i32", dv_ptr=p, db_ptr=p),
-                                   cfg, dict(HAS_BIAS=True, DOT_PRECISION="ieee", EVEN=even),
-                                   f"{dt} {regime} +bias" + (" even" if even else "") + t,
-                                   not t and rep and (even or regime != "prefill"), "sparse24", "train-dw"))
+                                   cfg, dict(HAS_BIAS=bias, DOT_PRECISION="ieee", EVEN=even),
+                                   f"{dt} {regime}" + (" +bias" if bias else "") + (" even" if even else "") + t,
+                                   bias and not t and rep and (even or regime != "prefill"), "sparse24", "train-dw"))
     return specs
 
 

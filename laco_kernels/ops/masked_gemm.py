@@ -36,7 +36,7 @@ from .. import reference
 from .._checks import FLOAT_DTYPES, check_linear_inputs, check_tensor
 from ..formats import PackedMask
 from .dispatch import call_direct, grad_or_empty, requested_backend, select_backend
-from .train_dispatch import choose_train_path, masked_linear_torch, requested_train_path
+from .train_dispatch import EXPAND, choose_train_path, masked_linear_torch, requested_train_path
 
 _OP = "masked_linear"
 
@@ -83,6 +83,11 @@ def _masked_impl(x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor, bias
         from .. import _native
 
         return _native.masked_linear_forward(x, weight, bits, bias), none
+    if backend == EXPAND:  # training "expand" path: W ⊙ M written once, then cuBLAS (kernels/weight_expand.py)
+        from ..kernels.weight_expand import masked_to_dense
+
+        b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
+        return torch.nn.functional.linear(x, masked_to_dense(weight, bits), b), none
     from ..kernels import masked_gemm as k
 
     flag = k.pruned_nonzero(weight, bits) if _guarded(backend, x.shape[0]) else None
@@ -121,7 +126,12 @@ def _masked_backward_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     else:  # kernels/masked_gemm.py: the mask is expanded tile by tile; db rides along in the dW pass
         from ..kernels import masked_gemm as k
 
-        dx = k.masked_linear_dx(dy, weight, bits, flag=flag if flag.numel() else None) if need_x else None
+        if need_x and backend == EXPAND:  # re-expanded (nothing of W's size is kept from the forward)
+            from ..kernels.weight_expand import masked_to_dense
+
+            dx = torch.mm(dy, masked_to_dense(weight, bits))
+        elif need_x:
+            dx = k.masked_linear_dx(dy, weight, bits, flag=flag if flag.numel() else None)
         if need_w:
             dw, db = k.masked_linear_dw(dy, x, bits, want_bias=need_b, bias_dtype=bias_dtype)
         elif need_b:
@@ -187,8 +197,12 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: PackedMask | torc
                                 "(float32 / bfloat16 only)")
             backend = "reference"
     x2 = x.reshape(-1, k)
-    if backend == "triton" and choose_train_path(_OP, x2.shape[0], n, k, x.dtype, x.device, path) == "torch":
-        return masked_linear_torch(x, weight, pm, bias)
+    if backend == "triton":
+        train_path = choose_train_path(_OP, x2.shape[0], n, k, x.dtype, x.device, path)
+        if train_path == "torch":
+            return masked_linear_torch(x, weight, pm, bias)
+        if train_path == "expand":
+            backend = EXPAND
     args = (x2, weight, pm.bits, bias)
     y, _ = _masked_impl(*args, backend) if call_direct(*args) else torch.ops.laco.masked_linear(*args, backend)
     return y.reshape(*x.shape[:-1], n)

@@ -47,7 +47,7 @@ from .. import reference
 from .._checks import FLOAT_DTYPES, check_linear_inputs, check_tensor
 from ..formats import BitmapWeight, Sparse24Weight, _row_chunks
 from .dispatch import call_direct, grad_or_empty, requested_backend, select_backend
-from .train_dispatch import choose_train_path, requested_train_path, sparse24_linear_torch
+from .train_dispatch import EXPAND, choose_train_path, requested_train_path, sparse24_linear_torch
 
 
 def _native_ok(op: str, *dtypes: torch.dtype) -> bool:
@@ -155,6 +155,10 @@ def _sparse24_impl(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bi
     w24 = Sparse24Weight(values, meta, (values.shape[0], 2 * values.shape[1]))
     if backend == "reference":
         return reference.sparse24_linear(x, w24, bias)
+    if backend == EXPAND:  # training "expand" path: one dense expansion, then cuBLAS (kernels/weight_expand.py)
+        from ..kernels.weight_expand import sparse24_to_dense
+
+        return torch.nn.functional.linear(x, sparse24_to_dense(values, meta, w24.shape), _bias_for_kernel(bias, x.dtype))
     if backend == "triton":
         from ..kernels import sparse24_gemm as k
 
@@ -178,10 +182,15 @@ def _sparse24_backward_impl(dy: torch.Tensor, x: torch.Tensor, values: torch.Ten
     """(dX ``[M, K]``, dV ``[N, K/2]``, db ``[N]``) of :func:`_sparse24_op`; an empty tensor where not needed."""
     w24 = Sparse24Weight(values, meta, (values.shape[0], 2 * values.shape[1]))
     dx = dv = db = None
-    if backend == "triton":  # kernels/sparse24_grad.py: compressed weight only, db fused into dV
+    if backend in ("triton", EXPAND):  # kernels/sparse24_grad.py: compressed weight only, db fused into dV
         from ..kernels import sparse24_grad as g
 
-        dx = g.sparse24_grad_input(dy, values, meta, w24.shape) if need_x else None
+        if need_x and backend == EXPAND:  # re-expanded (nothing of W's size is kept from the forward)
+            from ..kernels.weight_expand import sparse24_to_dense
+
+            dx = torch.mm(dy, sparse24_to_dense(values, meta, w24.shape))
+        elif need_x:
+            dx = g.sparse24_grad_input(dy, values, meta, w24.shape)
         if need_v:
             dv, db = g.sparse24_values_grad(dy, x, meta, w24.shape, want_bias=need_b, bias_dtype=bias_dtype)
         elif need_b:
@@ -260,9 +269,12 @@ def sparse24_linear(x: torch.Tensor, w24: Sparse24Weight, bias: torch.Tensor | N
     if backend == "native" and not _native_ok(op, x.dtype):
         backend = "reference"
     x2 = x.reshape(-1, k)
-    if (backend == "triton" and w24.values.requires_grad and torch.is_grad_enabled()
-            and choose_train_path(op, x2.shape[0], n, k, x.dtype, x.device, path) == "torch"):
-        return sparse24_linear_torch(x, w24, bias)
+    if backend == "triton" and w24.values.requires_grad and torch.is_grad_enabled():
+        train_path = choose_train_path(op, x2.shape[0], n, k, x.dtype, x.device, path)
+        if train_path == "torch":
+            return sparse24_linear_torch(x, w24, bias)
+        if train_path == "expand":
+            backend = EXPAND
     args = (x2, w24.values, w24.meta, bias)
     y = _sparse24_impl(*args, backend) if call_direct(*args) else torch.ops.laco.sparse24_linear(*args, backend)
     return y.reshape(*x.shape[:-1], n)

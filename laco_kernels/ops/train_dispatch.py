@@ -14,10 +14,18 @@ the op, which wins over the variable:
   MATERIALISES, per call, the unpacked bool mask (N*K bytes) and W ⊙ M (N*K elements, kept for the
   backward), and in the backward a dense [N, K] gradient (2:4: transient, before the gather to dV).
   The optimizer state is unchanged (2:4 still trains the [N, K/2] values: about half the state).
-- ``auto``: on CUDA tensors with ``LACO_BACKEND=auto``, ``torch`` wherever the SASS audit PREDICTS
-  the Triton step slower (table ``_train_dispatch_table.RATIO``, nearest grid point in log M, N,
-  K; generated from ``bench/results/sass_audit.json`` by ``bench/train_dispatch_table.py``), else
-  ``triton``. Elsewhere (``LACO_BACKEND=triton`` forced, the CPU interpreter) ``triton``: a forced
+- ``expand``: one memory-bound Triton kernel writes the dense weight (``kernels/weight_expand.py``:
+  2:4 values -> dense, or W ⊙ M with exact zeros), ``F.linear`` / ``mm`` (cuBLAS) run the forward
+  and dX on it (re-expanded in the backward, so nothing of W's size is kept between the two), and
+  the weight gradient stays in our kernels (2:4: dV ``[N, K/2]`` gathered; masked: dW with exact
+  zeros; db fused). Transient memory: one dense W per call; optimizer state as ``triton``. It
+  wins where the grid is small (few thousand tokens): the fused kernels decompress each weight
+  tile once per row tile of x, the expansion once in all.
+- ``auto``: on CUDA tensors with ``LACO_BACKEND=auto``, the path the SASS audit PREDICTS fastest:
+  ``triton`` or ``expand`` where one of them is predicted at least as fast as ``torch`` (tables
+  ``_train_dispatch_table.RATIO`` and ``RATIO_EXPAND``, nearest grid point in log M, N, K;
+  generated from ``bench/results/sass_audit.json`` by ``bench/train_dispatch_table.py``), else
+  ``torch``. Elsewhere (``LACO_BACKEND=triton`` forced, the CPU interpreter) ``triton``: a forced
   backend runs the kernels.
 
 Predictions, not measurements: the table holds the audit model's predicted time ratios (fitted
@@ -36,7 +44,8 @@ import torch
 from . import _train_dispatch_table as _table
 from .dispatch import requested_backend
 
-TRAIN_PATHS = ("auto", "triton", "torch")
+TRAIN_PATHS = ("auto", "triton", "expand", "torch")
+EXPAND = "triton_expand"  # the backend string the custom ops receive for the expand path
 TRAIN_OPS = ("masked_linear", "sparse24_linear")
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -51,10 +60,12 @@ def requested_train_path(path: str | None = None) -> str:
     return name
 
 
-def predicted_ratio(op: str, m: int, n: int, k: int, dtype: torch.dtype) -> float:
-    """PREDICTED time of the torch path over the Triton path for one training step of a linear
-    ``[m, k] x [n, k]^T`` (> 1: Triton predicted faster), from the grid point nearest in log
-    space. m: tokens (rows of x), n: out_features, k: in_features."""
+def predicted_ratio(op: str, m: int, n: int, k: int, dtype: torch.dtype, path: str = "triton") -> float:
+    """PREDICTED time of the torch path over ``path``'s (``"triton"`` or ``"expand"``) for one
+    training step of a linear ``[m, k] x [n, k]^T`` (> 1: ``path`` predicted faster), from the
+    grid point nearest in log space. m: tokens (rows of x), n: out_features, k: in_features."""
+    if path not in ("triton", "expand"):
+        raise ValueError(f"predicted_ratio: path must be 'triton' or 'expand', got {path!r}")
     if op not in TRAIN_OPS:
         raise ValueError(f"train path: unknown op {op!r}; expected one of {TRAIN_OPS}")
     if dtype not in _DTYPES:
@@ -65,12 +76,12 @@ def predicted_ratio(op: str, m: int, n: int, k: int, dtype: torch.dtype) -> floa
     lm, ln, lk = math.log(m), math.log(n), math.log(k)
     tok = min(_table.TOKENS, key=lambda t: abs(math.log(t) - lm))
     nk = min(_table.SHAPES, key=lambda s: (math.log(s[0]) - ln) ** 2 + (math.log(s[1]) - lk) ** 2)
-    return _table.RATIO[(op, dt, tok, nk[0], nk[1])]
+    return (_table.RATIO if path == "triton" else _table.RATIO_EXPAND)[(op, dt, tok, nk[0], nk[1])]
 
 
 def choose_train_path(op: str, m: int, n: int, k: int, dtype: torch.dtype, device: torch.device | str,
                       path: str | None = None) -> str:
-    """``"triton"`` or ``"torch"`` for ``op`` on a linear of this shape, dtype and device, given that
+    """``"triton"``, ``"expand"`` or ``"torch"`` for ``op`` on a linear of this shape, dtype and device, given that
     the backend dispatcher chose Triton (see the module docstring for the rules)."""
     want = requested_train_path(path)
     if want != "auto":
@@ -78,7 +89,10 @@ def choose_train_path(op: str, m: int, n: int, k: int, dtype: torch.dtype, devic
     dev = torch.device(device).type
     if dev != "cuda" or requested_backend() != "auto":
         return "triton"
-    return "triton" if predicted_ratio(op, m, n, k, dtype) >= 1.0 else "torch"
+    fused, expand = predicted_ratio(op, m, n, k, dtype), predicted_ratio(op, m, n, k, dtype, "expand")
+    if max(fused, expand) < 1.0:
+        return "torch"
+    return "triton" if fused >= expand else "expand"
 
 
 def masked_linear_torch(x: torch.Tensor, weight: torch.Tensor, bits_mask, bias: torch.Tensor | None) -> torch.Tensor:

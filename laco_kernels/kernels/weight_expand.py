@@ -1,0 +1,156 @@
+"""Expand a trained sparse weight to a dense one in a single memory-bound pass (the "expand" path).
+
+- 2:4: values ``[N, K/2]`` + meta int32 ``[N, ceil(K/32)]`` -> dense ``[N, K]`` in the values'
+  dtype (16-bit: the values read as int32 group words and expanded by two ``prmt`` per group,
+  ``_bits.expand_24_prmt``, as the 2:4 GEMMs do; fp32: ``_bits.expand_24``).
+- masked: weight ``[N, K]`` + packed mask bits int32 ``[N, ceil(K/32)]`` -> ``W ⊙ M`` ``[N, K]``
+  (pruned slots exactly 0, also where W holds NaN / inf there).
+
+Why: the fused training kernels (``masked_gemm.py``, the 2:4 forward + ``sparse24_grad.py``)
+decompress every weight tile once per row tile of x. At a few thousand tokens there are only a
+few row tiles, the grid leaves SMs idle and the per-tile decompression is not amortised (SASS
+audit: the 16-bit 2:4 step on SmolLM2 at 1,024 tokens predicted 0.74x the torch path). Expanding
+once costs one read of the compressed weight and one write of the dense one; the forward and
+input-gradient GEMMs then run on cuBLAS (``F.linear`` / ``mm``) and the weight gradient stays in
+our kernels (dV ``[N, K/2]`` gathered, masked dW with exact zeros, db fused), so the optimizer
+still holds state for the kept values only. ``ops/train_dispatch.py`` picks this path per shape.
+
+Launchers take 2-D tensors with any strides (16-bit 2:4 values need unit stride along K: they
+are reinterpreted as int32 words, else copied). The references are ``Sparse24Weight.to_dense``
+and ``weight * PackedMask.to_bool()`` (with exact zeros at pruned slots).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._bits import expand_24_prmt
+from ._compile import ARCHS, CompileSpec, _is_interpreted
+from .masked_gemm import _masked_w_tile
+from .sparse24_grad import _dense_w_tile
+
+# one [BLOCK_N, BLOCK_K] tile per program: 16 KB of dense 16-bit output, 4 warps (memory-bound)
+_CFG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4)
+
+
+@triton.jit
+def _sparse24_expand_kernel(w_ptr, v_ptr, meta_ptr, lut_ptr, N, K, stride_vn, stride_vk, stride_mn,
+                            stride_wn, stride_wk, EMULATE: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
+    """w[N, K] = dense(V, meta); one [BLOCK_N, BLOCK_K] tile per program (grid: N tiles x K tiles).
+    (The output pointer comes first: the audit reads a spec's dtype from its first pointer.)
+
+    16-bit values come as int32 group words (``v_ptr`` int32 ``[N, K/4]``); padding groups past K
+    load zero words, which decode to zeros (and are not stored).
+    """
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    if v_ptr.dtype.element_ty == tl.int32:
+        g = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+        ok = (offs_n[:, None] < N) & (g[None, :] < K // 4)
+        pair = tl.load(v_ptr + offs_n[:, None] * stride_vn + g[None, :], mask=ok, other=0)
+        word = tl.load(meta_ptr + offs_n[:, None] * stride_mn + (g // 8)[None, :], mask=ok, other=0)
+        sel = tl.load(lut_ptr + ((word >> ((g % 8) * 4)[None, :]) & 0xF))
+        w = expand_24_prmt(pair, sel, w_ptr.dtype.element_ty, EMULATE, BLOCK_N, BLOCK_K)
+    else:
+        w = _dense_w_tile(v_ptr, meta_ptr, offs_n, k0, N, K, stride_vn, stride_vk, stride_mn, BLOCK_N, BLOCK_K)
+    kk = k0 + tl.arange(0, BLOCK_K)
+    tl.store(w_ptr + offs_n[:, None] * stride_wn + kk[None, :] * stride_wk, w,
+             mask=(offs_n[:, None] < N) & (kk[None, :] < K))
+
+
+@triton.jit
+def _masked_expand_kernel(w_ptr, bits_ptr, out_ptr, N, K, stride_wn, stride_wk, stride_bn, stride_on, stride_ok,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[N, K] = W ⊙ mask (tl.where: a pruned slot is 0 whatever W holds there)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = tl.arange(0, BLOCK_K)
+    w = _masked_w_tile(w_ptr, bits_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_wk, stride_bn, True,
+                       BLOCK_N, BLOCK_K)
+    kk = k0 + offs_k
+    tl.store(out_ptr + offs_n[:, None] * stride_on + kk[None, :] * stride_ok, w,
+             mask=(offs_n[:, None] < N) & (kk[None, :] < K))
+
+
+def _grid(n: int, k: int):
+    return triton.cdiv(n, _CFG["BLOCK_N"]), triton.cdiv(k, _CFG["BLOCK_K"])
+
+
+def sparse24_to_dense(values: torch.Tensor, meta: torch.Tensor, shape) -> torch.Tensor:
+    """dense(values [N, K/2], meta int32 [N, ceil(K/32)]) -> [N, K] in values' dtype; ``shape`` = (N, K)."""
+    from .sparse24_gemm import _lut
+
+    n, k = shape
+    w = torch.empty(n, k, dtype=values.dtype, device=values.device)
+    if n == 0 or k == 0:
+        return w
+    if meta.stride(1) != 1:
+        meta = meta.contiguous()
+    if values.dtype in (torch.float16, torch.bfloat16):
+        # int32 group words: unit stride along K and 4-byte aligned rows (every packed weight has them)
+        if values.stride(1) != 1 or values.stride(0) % 2 or values.storage_offset() % 2:
+            values = values.contiguous()
+        values = values.view(torch.int32)
+    cfg = dict(_CFG)
+    warps = cfg.pop("num_warps")
+    _sparse24_expand_kernel[_grid(n, k)](
+        w, values, meta, _lut(values.device), n, k, values.stride(0), values.stride(1), meta.stride(0),
+        w.stride(0), w.stride(1), EMULATE=_is_interpreted(_sparse24_expand_kernel), num_warps=warps, **cfg)
+    return w
+
+
+def masked_to_dense(weight: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] ⊙ mask (bits int32 [N, ceil(K/32)]) -> [N, K] in weight's dtype, exact zeros where pruned."""
+    n, k = weight.shape
+    out = torch.empty(n, k, dtype=weight.dtype, device=weight.device)
+    if n == 0 or k == 0:
+        return out
+    if bits.stride(1) != 1:
+        bits = bits.contiguous()
+    cfg = dict(_CFG)
+    warps = cfg.pop("num_warps")
+    _masked_expand_kernel[_grid(n, k)](weight, bits, out, n, k, weight.stride(0), weight.stride(1), bits.stride(0),
+                                       out.stride(0), out.stride(1), num_warps=warps, **cfg)
+    return out
+
+
+def expand_bytes(kind: str, n: int, k: int, itemsize: int) -> float:
+    """Bytes one expansion moves: the compressed weight read once, the dense one written
+    (2:4: K/2 values + K/32 meta words per row; masked: the dense W + its bits)."""
+    words = n * triton.cdiv(k, 32) * 4
+    read = n * (k // 2) * itemsize + words if kind == "sparse24" else n * k * itemsize + words
+    return float(read + n * k * itemsize)
+
+
+# ----------------------------------------------------------------------------------------
+# compile checks (bench/compile_report.py) and SASS-audit records (regime "train-expand": no loop)
+# ----------------------------------------------------------------------------------------
+def _compile_specs():
+    specs = []
+    blocks = {b: _CFG[b] for b in ("BLOCK_N", "BLOCK_K")}
+    for dtype, p in {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}.items():
+        dt = str(dtype).replace("torch.", "")
+        vp = "*i32" if dtype != torch.float32 else p
+        sig = dict(w_ptr=p, v_ptr=vp, meta_ptr="*i32", lut_ptr="*i32", N="i32", K="i32", stride_vn="i32",
+                   stride_vk="constexpr", stride_mn="i32", stride_wn="i32", stride_wk="constexpr",
+                   EMULATE="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr")
+        specs.append(CompileSpec(_sparse24_expand_kernel, sig, dict(stride_vk=1, stride_wk=1, EMULATE=False, **blocks),
+                                 _CFG["num_warps"], 1, f"{dt} expand", is_gemm=False,
+                                 representative=dtype == torch.bfloat16,
+                                 divisible=("w_ptr", "v_ptr", "meta_ptr", "lut_ptr", "N", "K", "stride_vn",
+                                            "stride_mn", "stride_wn"),
+                                 family="sparse24", regime="train-expand", archs=ARCHS))
+        sig = dict(w_ptr=p, bits_ptr="*i32", out_ptr=p, N="i32", K="i32", stride_wn="i32", stride_wk="constexpr",
+                   stride_bn="i32", stride_on="i32", stride_ok="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr")
+        specs.append(CompileSpec(_masked_expand_kernel, sig, dict(stride_wk=1, stride_ok=1, **blocks),
+                                 _CFG["num_warps"], 1, f"{dt} expand", is_gemm=False,
+                                 representative=dtype == torch.bfloat16,
+                                 divisible=("w_ptr", "bits_ptr", "out_ptr", "N", "K", "stride_wn", "stride_bn",
+                                            "stride_on"),
+                                 family="masked", regime="train-expand", archs=ARCHS))
+    return specs
+
+
+COMPILE_SPECS = _compile_specs()
