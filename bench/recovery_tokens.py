@@ -57,11 +57,13 @@ def _recipe(v: dict) -> str:
     """Passes, KL stage and precision of a row, for the table."""
     c = v.get("config", {})
     prec = "bf16" if c.get("autocast") else "fp32"
-    text = f"{c.get('epochs', v.get('epochs'))} passes"
+    text = f"{c.get('epochs', v.get('epochs'))} passes" + (
+        f" on {c['inputs']}-stream inputs" if c.get("inputs", "pruned") != "pruned" else "")
     if v["method"] in ("laco+kl", "kl"):
         kl = (f"KL {c.get('stage2_epochs')} x lr {c.get('stage2_lr'):g}, T = {c.get('temperature', 2.0):g}"
               + (f", batch {c['stage2_batch_size']}" if c.get("stage2_batch_size") else "")
-              + (f", windows of {c['stage2_seqlen']}" if c.get("stage2_seqlen") else ""))
+              + (f", windows of {c['stage2_seqlen']}" if c.get("stage2_seqlen") else "")
+              + (f", + {c['stage2_hidden']:g} x block-output token-nmse" if c.get("stage2_hidden") else ""))
         text = kl if v["method"] == "kl" else f"{text} + {kl}"
     return f"{text}, {prec}"
 
@@ -177,6 +179,10 @@ def main():
     ap.add_argument("--stage2-batch", type=int, default=None,
                     help="windows per KL step (default: --laco-batch); fewer means more optimizer steps")
     ap.add_argument("--temperature", type=float, default=2.0, help="KL stage temperature (default: 2)")
+    ap.add_argument("--stage2-hidden", type=float, default=0.0,
+                    help="KL stage: + this x the mean token-nmse of the block outputs (LayerwiseConfig.stage2_hidden)")
+    ap.add_argument("--inputs", default="pruned", choices=["pruned", "dense", "mix"],
+                    help="layer-wise stage: what each block trains on (LayerwiseConfig.inputs); keys add ,in<inputs>")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--scratch", default="/tmp/laco_recipe")
     ap.add_argument("--table", action="store_true")
@@ -232,7 +238,7 @@ def main():
             from laco_kernels.recover.layerwise import LayerwiseConfig, _stage2
 
             s2 = dict(stage2_epochs=args.stage2_epochs, stage2_lr=args.stage2_lr, stage2_batch_size=s2bs,
-                      temperature=args.temperature)
+                      temperature=args.temperature, stage2_hidden=args.stage2_hidden)
             c = LayerwiseConfig(**dict(cfg_l, **s2))
             ids2 = ids if not args.stage2_seqlen else calibration_windows(
                 tok, n_tok // args.stage2_seqlen, args.stage2_seqlen, seed=1)
@@ -244,9 +250,10 @@ def main():
                 raise SystemExit("laco+kl continues from the laco row: list laco before it")
             lep = args.laco_epochs or args.epochs
             cfg_l = dict(loss="token-nmse", lr=args.laco_lr, batch_size=args.laco_batch, epochs=lep, autocast=args.autocast,
-                         progress=False, track_errors=False)
+                         progress=False, track_errors=False, inputs=args.inputs)
+            inp = f",in{args.inputs}" if args.inputs != "pruned" else ""
             if method == "laco":
-                key = f"tokens/{args.start}-2:4/laco/n{n}x{args.seqlen}/lr{args.laco_lr:g},bs{args.laco_batch},ep{lep}{bf}/{ev}"
+                key = f"tokens/{args.start}-2:4/laco/n{n}x{args.seqlen}/lr{args.laco_lr:g},bs{args.laco_batch},ep{lep}{bf}{inp}/{ev}"
 
                 cache = os.path.join(args.scratch, "tokens-" + hashlib.sha1(key.encode()).hexdigest()[:16]
                                      + ".safetensors")
@@ -266,10 +273,11 @@ def main():
                                                rec_laco["ppl_after"], ppl)
             elif method == "laco+kl":
                 key = (f"tokens/{args.start}-2:4/laco+kl/n{n}x{args.seqlen}/lr{args.laco_lr:g},bs{args.laco_batch},"
-                       f"ep{lep},s2ep{args.stage2_epochs},s2lr{args.stage2_lr:g}{bf}"
+                       f"ep{lep},s2ep{args.stage2_epochs},s2lr{args.stage2_lr:g}{bf}{inp}"
                        + (f",T{args.temperature:g}" if args.temperature != 2.0 else "")
                        + (f",s2bs{s2bs}" if s2bs != args.laco_batch else "")
-                       + (f",s2len{args.stage2_seqlen}" if args.stage2_seqlen else "") + f"/{ev}")
+                       + (f",s2len{args.stage2_seqlen}" if args.stage2_seqlen else "")
+                       + (f",hid{args.stage2_hidden:g}" if args.stage2_hidden else "") + f"/{ev}")
 
                 def run_kl():
                     hist, meas, s2 = kl_stage(laco_model)

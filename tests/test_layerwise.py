@@ -239,7 +239,9 @@ def test_bad_new_options_raise():
     dense, pruned = dense_and_pruned("2:4", layers=1)
     for kw, msg in ((dict(inputs="teacher"), "inputs"), (dict(inputs="dense", target="ebft"), "dense-stream"),
                     (dict(trainable="norms"), "trainable"), (dict(warmup=1.0), "warmup"),
-                    (dict(stage2_epochs=1, temperature=0.0), "temperature")):
+                    (dict(stage2_epochs=1, temperature=0.0), "temperature"),
+                    (dict(stage2_epochs=1, stage2_hidden=-1.0), "stage2_hidden"),
+                    (dict(stage2_epochs=1, stage2_hidden=float("nan")), "stage2_hidden")):
         with pytest.raises(ValueError, match=msg):
             layerwise(dense, pruned, _ids(), progress=False, **kw)
     with pytest.raises(ValueError, match="stage2_epochs is 0"):  # its own windows for a stage that does not run
@@ -297,3 +299,22 @@ def test_output_dir_fault_keeps_old_folder_whole(tmp_path, monkeypatch, fault):
     AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
     res = layerwise(str(tmp_path / "dense"), str(tmp_path / "pruned"), _ids(), **kw)  # and it completes
     assert res.resumed_from == 2 and snapshot(out) == before
+
+
+def test_stage2_hidden_adds_the_block_outputs_term():
+    """stage2_hidden > 0: the KL stage's loss adds the weighted mean token-nmse of every block's
+    output against the dense model's (so its loss is larger than KL alone at the same start and
+    the model moves differently); pruned weights stay 0."""
+    dense, pruned = dense_and_pruned("2:4")
+    runs = {}
+    for w in (0.0, 1.0):
+        m = copy.deepcopy(pruned)
+        res = layerwise(dense, m, _ids(), epochs=1, lr=1e-3, stage2_epochs=1, stage2_lr=3e-4, stage2_hidden=w,
+                        progress=False)
+        runs[w] = (res.stage2[0], m)
+    assert runs[1.0][0] > runs[0.0][0]
+    a, b = (dict(runs[w][1].named_parameters()) for w in (0.0, 1.0))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    for k, v in pruned.state_dict().items():
+        if ".layers." in k and v.dim() == 2:
+            assert torch.all(runs[1.0][1].state_dict()[k][v == 0] == 0), k

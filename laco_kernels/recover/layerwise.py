@@ -85,6 +85,7 @@ class LayerwiseConfig:
     stage2_lr: float = 1e-5
     stage2_batch_size: int = 1
     temperature: float = 1.0  # KL stage; T = 1 beat T = 2 by 1.5 ppl at 16k tokens (docs/recovery.md)
+    stage2_hidden: float = 0.0  # KL stage: + this x the mean token-nmse of every block's output vs the dense one
     inputs: str = "pruned"
     trainable: str = "all"
     warmup: float = 0.0
@@ -99,6 +100,8 @@ class LayerwiseConfig:
             raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not (math.isfinite(self.stage2_hidden) and self.stage2_hidden >= 0):
+            raise ValueError(f"stage2_hidden must be a finite weight >= 0, got {self.stage2_hidden}")
         if self.lr <= 0 or self.clip <= 0:
             raise ValueError(f"lr and clip must be positive, got lr={self.lr}, clip={self.clip}")
         if self.inputs not in INPUTS:
@@ -494,6 +497,7 @@ def _stage2(dense_model: nn.Module, pruned_model: nn.Module, ids: torch.Tensor, 
     from ..models.adapters import get_module
 
     T = cfg.temperature
+    hidden = cfg.stage2_hidden > 0
     blocks = get_module(pruned_model, adapter.blocks)
     zeros = [_masks(b, adapter) for b in blocks]
     pattern = cfg.pattern if cfg.pattern != "auto" else _detect_pattern(blocks[0], adapter)
@@ -516,12 +520,16 @@ def _stage2(dense_model: nn.Module, pruned_model: nn.Module, ids: torch.Tensor, 
         for b in torch.randperm(n_batches, generator=gen).tolist():
             x = ids[b * bs:(b + 1) * bs].to(cfg.device)
             with torch.no_grad(), _autocast(cfg):
-                t_logits = dense_model(input_ids=x, use_cache=False).logits
-            t_logp = torch.log_softmax(t_logits.float() / T, -1)
+                t_out = dense_model(input_ids=x, use_cache=False, output_hidden_states=hidden)
+            t_logp = torch.log_softmax(t_out.logits.float() / T, -1)
             with _autocast(cfg):
-                s_logits = pruned_model(input_ids=x, use_cache=False).logits
-            s_logp = torch.log_softmax(s_logits.float() / T, -1)
+                s_out = pruned_model(input_ids=x, use_cache=False, output_hidden_states=hidden)
+            s_logp = torch.log_softmax(s_out.logits.float() / T, -1)
             kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * T * T
+            if hidden:  # every block's output (embeddings excluded), each token weighing the same
+                pairs = list(zip(s_out.hidden_states[1:], t_out.hidden_states[1:]))
+                kl = kl + cfg.stage2_hidden * sum(block_loss(sh, th, [(1.0, "token-nmse")])
+                                                  for sh, th in pairs) / len(pairs)
             opt.zero_grad(set_to_none=True)
             kl.backward()
             _average_grads(params, world)
