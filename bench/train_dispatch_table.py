@@ -38,6 +38,8 @@ sys.path.insert(0, HERE)
 import compile_report  # noqa: E402
 import sass_model as sm  # noqa: E402
 
+from laco_kernels.ops.train_dispatch import best_path  # noqa: E402
+
 AUDIT = os.path.join(HERE, "results", "sass_audit.json")
 OUT = os.path.join(os.path.dirname(HERE), "laco_kernels", "ops", "_train_dispatch_table.py")
 TOKENS = (1, 16, 64, 256, 1024, 4096, 8192)
@@ -123,8 +125,7 @@ def main(argv=None) -> int:
         f.write(text)
     os.replace(tmp, args.out)
     fused, expand = tabs
-    paths = {key: ("torch" if max(fused[key], expand[key]) < 1.0 else "triton" if fused[key] >= expand[key]
-                   else "expand") for key in fused}
+    paths = {key: best_path(fused[key], expand[key]) for key in fused}
     counts = {p: sum(v == p for v in paths.values()) for p in ("triton", "expand", "torch")}
     print(f"wrote {args.out}: {len(fused)} points; auto picks triton at {counts['triton']}, "
           f"expand at {counts['expand']}, torch at {counts['torch']}")

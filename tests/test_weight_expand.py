@@ -54,6 +54,22 @@ def test_empty_weights():
     assert we.masked_to_dense(torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.int32)).shape == (3, 0)
 
 
+def test_bad_arguments_raise_before_any_launch():
+    w24 = Sparse24Weight.from_dense(torch.randn(8, 64), prune=True)
+    with pytest.raises(ValueError, match="K not divisible by 4"):
+        we.sparse24_to_dense(w24.values, w24.meta, (8, 62))
+    with pytest.raises(ValueError, match=r"values has shape \(8, 32\); shape \(8, 128\)"):
+        we.sparse24_to_dense(w24.values, w24.meta, (8, 128))
+    with pytest.raises(TypeError, match="meta has dtype int64"):
+        we.sparse24_to_dense(w24.values, w24.meta.long(), (8, 64))
+    with pytest.raises(TypeError, match="values has dtype float64"):
+        we.sparse24_to_dense(w24.values.double(), w24.meta, (8, 64))
+    with pytest.raises(ValueError, match="bits has shape"):
+        we.masked_to_dense(torch.randn(8, 64), torch.zeros(8, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="weight must have 2 dimensions"):
+        we.masked_to_dense(torch.randn(64), torch.zeros(1, 2, dtype=torch.int32))
+
+
 def test_expand_bytes():
     assert we.expand_bytes("sparse24", 2, 64, 2) == 2 * 32 * 2 + 2 * 2 * 4 + 2 * 64 * 2
     assert we.expand_bytes("masked", 2, 64, 4) == 2 * 64 * 4 + 2 * 2 * 4 + 2 * 64 * 4

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._bits import expand_24_prmt
 from ._compile import ARCHS, CompileSpec, _is_interpreted
 from .masked_gemm import _masked_w_tile
@@ -32,6 +33,7 @@ from .sparse24_grad import _dense_w_tile
 
 # one [BLOCK_N, BLOCK_K] tile per program: 16 KB of dense 16-bit output, 4 warps (memory-bound)
 _CFG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4)
+_BLOCKS = {b: _CFG[b] for b in ("BLOCK_N", "BLOCK_K")}
 
 
 @triton.jit
@@ -78,11 +80,27 @@ def _grid(n: int, k: int):
     return triton.cdiv(n, _CFG["BLOCK_N"]), triton.cdiv(k, _CFG["BLOCK_K"])
 
 
+def _check_words(words: torch.Tensor, name: str, n: int, k: int, op: str) -> None:
+    check_tensor(words, f"{op}: {name}", dtypes=(torch.int32,), ndim=2)
+    if tuple(words.shape) != (n, -(-k // 32)):
+        raise ValueError(f"{op}: {name} has shape {tuple(words.shape)}; a [{n}, {k}] weight needs ({n}, {-(-k // 32)})")
+
+
 def sparse24_to_dense(values: torch.Tensor, meta: torch.Tensor, shape) -> torch.Tensor:
-    """dense(values [N, K/2], meta int32 [N, ceil(K/32)]) -> [N, K] in values' dtype; ``shape`` = (N, K)."""
+    """dense(values [N, K/2], meta int32 [N, ceil(K/32)]) -> [N, K] in values' dtype; ``shape`` = (N, K).
+
+    Bad arguments (types, shapes, K not a multiple of 4, devices) raise before any launch."""
     from .sparse24_gemm import _lut
 
+    op = "sparse24_to_dense"
     n, k = shape
+    if k % 4:
+        raise ValueError(f"{op}: shape {tuple(shape)} has K not divisible by 4 (2:4 groups)")
+    check_tensor(values, f"{op}: values", dtypes=FLOAT_DTYPES, ndim=2)
+    if tuple(values.shape) != (n, k // 2):
+        raise ValueError(f"{op}: values has shape {tuple(values.shape)}; shape {tuple(shape)} needs ({n}, {k // 2})")
+    _check_words(meta, "meta", n, k, op)
+    check_same_device(values=values, meta=meta)
     w = torch.empty(n, k, dtype=values.dtype, device=values.device)
     if n == 0 or k == 0:
         return w
@@ -93,26 +111,28 @@ def sparse24_to_dense(values: torch.Tensor, meta: torch.Tensor, shape) -> torch.
         if values.stride(1) != 1 or values.stride(0) % 2 or values.storage_offset() % 2:
             values = values.contiguous()
         values = values.view(torch.int32)
-    cfg = dict(_CFG)
-    warps = cfg.pop("num_warps")
     _sparse24_expand_kernel[_grid(n, k)](
         w, values, meta, _lut(values.device), n, k, values.stride(0), values.stride(1), meta.stride(0),
-        w.stride(0), w.stride(1), EMULATE=_is_interpreted(_sparse24_expand_kernel), num_warps=warps, **cfg)
+        w.stride(0), w.stride(1), EMULATE=_is_interpreted(_sparse24_expand_kernel), num_warps=_CFG["num_warps"],
+        **_BLOCKS)
     return w
 
 
 def masked_to_dense(weight: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """weight [N, K] ⊙ mask (bits int32 [N, ceil(K/32)]) -> [N, K] in weight's dtype, exact zeros where pruned."""
+    """weight [N, K] ⊙ mask (bits int32 [N, ceil(K/32)]) -> [N, K] in weight's dtype, exact zeros where pruned.
+
+    Bad arguments (types, shapes, devices) raise before any launch."""
+    check_tensor(weight, "masked_to_dense: weight", dtypes=FLOAT_DTYPES, ndim=2)
     n, k = weight.shape
+    _check_words(bits, "bits", n, k, "masked_to_dense")
+    check_same_device(weight=weight, bits=bits)
     out = torch.empty(n, k, dtype=weight.dtype, device=weight.device)
     if n == 0 or k == 0:
         return out
     if bits.stride(1) != 1:
         bits = bits.contiguous()
-    cfg = dict(_CFG)
-    warps = cfg.pop("num_warps")
     _masked_expand_kernel[_grid(n, k)](weight, bits, out, n, k, weight.stride(0), weight.stride(1), bits.stride(0),
-                                       out.stride(0), out.stride(1), num_warps=warps, **cfg)
+                                       out.stride(0), out.stride(1), num_warps=_CFG["num_warps"], **_BLOCKS)
     return out
 
 
@@ -129,7 +149,7 @@ def expand_bytes(kind: str, n: int, k: int, itemsize: int) -> float:
 # ----------------------------------------------------------------------------------------
 def _compile_specs():
     specs = []
-    blocks = {b: _CFG[b] for b in ("BLOCK_N", "BLOCK_K")}
+    blocks = _BLOCKS
     for dtype, p in {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}.items():
         dt = str(dtype).replace("torch.", "")
         vp = "*i32" if dtype != torch.float32 else p

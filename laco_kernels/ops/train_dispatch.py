@@ -60,23 +60,34 @@ def requested_train_path(path: str | None = None) -> str:
     return name
 
 
-def predicted_ratio(op: str, m: int, n: int, k: int, dtype: torch.dtype, path: str = "triton") -> float:
-    """PREDICTED time of the torch path over ``path``'s (``"triton"`` or ``"expand"``) for one
-    training step of a linear ``[m, k] x [n, k]^T`` (> 1: ``path`` predicted faster), from the
-    grid point nearest in log space. m: tokens (rows of x), n: out_features, k: in_features."""
-    if path not in ("triton", "expand"):
-        raise ValueError(f"predicted_ratio: path must be 'triton' or 'expand', got {path!r}")
+def _grid_key(op: str, m: int, n: int, k: int, dtype: torch.dtype) -> tuple:
+    """The table key of the grid point nearest to (m, n, k) in log space (checked arguments)."""
     if op not in TRAIN_OPS:
         raise ValueError(f"train path: unknown op {op!r}; expected one of {TRAIN_OPS}")
     if dtype not in _DTYPES:
         raise TypeError(f"{op}: no training-path prediction for dtype {dtype}")
     if min(m, n, k) < 1:
         raise ValueError(f"{op}: shape m={m}, n={n}, k={k} has an empty dimension")
-    dt = _DTYPES[dtype]
     lm, ln, lk = math.log(m), math.log(n), math.log(k)
     tok = min(_table.TOKENS, key=lambda t: abs(math.log(t) - lm))
     nk = min(_table.SHAPES, key=lambda s: (math.log(s[0]) - ln) ** 2 + (math.log(s[1]) - lk) ** 2)
-    return (_table.RATIO if path == "triton" else _table.RATIO_EXPAND)[(op, dt, tok, nk[0], nk[1])]
+    return op, _DTYPES[dtype], tok, nk[0], nk[1]
+
+
+def predicted_ratio(op: str, m: int, n: int, k: int, dtype: torch.dtype, path: str = "triton") -> float:
+    """PREDICTED time of the torch path over ``path``'s (``"triton"`` or ``"expand"``) for one
+    training step of a linear ``[m, k] x [n, k]^T`` (> 1: ``path`` predicted faster), from the
+    grid point nearest in log space. m: tokens (rows of x), n: out_features, k: in_features."""
+    if path not in ("triton", "expand"):
+        raise ValueError(f"predicted_ratio: path must be 'triton' or 'expand', got {path!r}")
+    return (_table.RATIO if path == "triton" else _table.RATIO_EXPAND)[_grid_key(op, m, n, k, dtype)]
+
+
+def best_path(fused: float, expand: float) -> str:
+    """The path of larger predicted torch / path ratio when one is >= 1 (fused wins ties), else torch."""
+    if max(fused, expand) < 1.0:
+        return "torch"
+    return "triton" if fused >= expand else "expand"
 
 
 def choose_train_path(op: str, m: int, n: int, k: int, dtype: torch.dtype, device: torch.device | str,
@@ -89,10 +100,8 @@ def choose_train_path(op: str, m: int, n: int, k: int, dtype: torch.dtype, devic
     dev = torch.device(device).type
     if dev != "cuda" or requested_backend() != "auto":
         return "triton"
-    fused, expand = predicted_ratio(op, m, n, k, dtype), predicted_ratio(op, m, n, k, dtype, "expand")
-    if max(fused, expand) < 1.0:
-        return "torch"
-    return "triton" if fused >= expand else "expand"
+    key = _grid_key(op, m, n, k, dtype)  # one nearest-point search per call (it runs on every training step)
+    return best_path(_table.RATIO[key], _table.RATIO_EXPAND[key])
 
 
 def masked_linear_torch(x: torch.Tensor, weight: torch.Tensor, bits_mask, bias: torch.Tensor | None) -> torch.Tensor:
