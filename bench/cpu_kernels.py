@@ -6,7 +6,9 @@ times dense ``F.linear``
 (same dtype, same threads), the 2:4 kernel and the bitmap kernel at 50% and 70% sparsity, as dispatched
 (``path``: the ``direct`` kernel, the 2:4 ``outer``-product kernel from ``_native.outer_min_m`` (AVX2 CPUs)
 or ``panel`` = decompressed row blocks + BLAS from ``_native.panel_min_m``; recorded per row). ``--paths``
-also times each path forced (``2:4/direct``, ``2:4/outer``, ``2:4/panel``, ``bitmap70/direct``, ...): the
+also times each path forced (``2:4/direct``, ``2:4/outer``, ``2:4/panel``, ``bitmap70/direct``, ...; ``panel``
+with one threaded BLAS call per panel, ``split`` with the weight rows split between threads, each running
+its own panels through a sequential BLAS call; the two differ only with several threads): the
 evidence the thresholds in csrc/panel.cpp and csrc/outer_linear.cpp come from (``threshold_evidence`` in the
 JSON: per op, dtype, shape, threads and M, the fastest forced path). Candidates run
 round-robin (one call each per round) so machine noise hits all of them alike; medians (and minima)
@@ -84,7 +86,7 @@ def round_robin(fns: dict, rounds: int, warmup: int = 2) -> dict:
     return {name: {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts)} for name, ts in times.items()}
 
 
-PATHS = ("direct", "outer", "amx", "panel")
+PATHS = ("direct", "outer", "amx", "panel", "split")
 
 
 def _forced(native, path, fn):
@@ -94,13 +96,15 @@ def _forced(native, path, fn):
     def call():
         native.set_outer_min_m(0 if path == "outer" else 10 ** 9)
         native.set_amx_min_m(0 if path == "amx" else 10 ** 9)
-        native.set_panel_min_m(0 if path == "panel" else 10 ** 9)
+        native.set_panel_min_m(0 if path in ("panel", "split") else 10 ** 9)
+        native.set_panel_split(path == "split")
         try:
             return fn()
         finally:
             native.set_outer_min_m(None)
             native.set_amx_min_m(None)
             native.set_panel_min_m(None)
+            native.set_panel_split(None)
     return call
 
 

@@ -132,6 +132,10 @@ using PanelFill = std::function<void(int64_t, int64_t, void*)>;
 int64_t panel_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K);
 void set_panel_min_m(int64_t m);  // -1: measured defaults; 0: always the panel; huge: never
 void set_panel_bytes(int64_t bytes);
+// Split the panel path's rows between threads, each running its own panels through a sequential BLAS
+// call: -1 measured default, 0 off, 1 on (benchmarks, tests). panel_split: what a call would do.
+void set_panel_split(int64_t mode);
+bool panel_split(int64_t M, int64_t N, int64_t K, int64_t element_size);
 int64_t panel_bytes();
 // x: [M, K] CPU fp32 / bf16 (any strides), already checked; returns y [M, N] in x's dtype.
 at::Tensor panel_linear(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t N, int64_t K,

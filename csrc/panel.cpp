@@ -85,6 +85,46 @@ void set_panel_bytes(int64_t bytes) {
 
 int64_t panel_bytes() { return g_panel_bytes.load(); }
 
+namespace {
+// The calling thread's reused panel buffer (slot 0: the panel, slot 1: its fp32 widening). A fresh
+// multi-MB allocation is mmapped and page-faulted on every call (measured: ~0.2 ms of a 0.35 ms
+// SmolLM2-sized call at M = 1), so buffers up to kMaxPanelBytes are kept; larger ones live for the call
+// (`hold` keeps them alive).
+char* thread_panel(int slot, int64_t bytes, at::Tensor& hold) {
+  thread_local at::Tensor cache[2];
+  if (bytes > kMaxPanelBytes) {
+    hold = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+    return static_cast<char*>(hold.data_ptr());
+  }
+  at::Tensor& c = cache[slot];
+  if (!c.defined() || c.numel() < bytes) c = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  return static_cast<char*>(c.data_ptr());
+}
+
+std::atomic<int> g_split_override{-1};
+}  // namespace
+
+void set_panel_split(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, "set_panel_split: -1 (measured default), 0 (off) or 1 (on), got ", mode);
+  g_split_override = static_cast<int>(mode);
+}
+
+bool panel_split(int64_t M, int64_t N, int64_t K, int64_t es) {
+  const int o = g_split_override.load();
+  const int threads = at::get_num_threads();
+  if (threads < 2 || at::in_parallel_region() || N < 16 * threads) return false;  // >= 16 rows a thread
+  if (o >= 0) return o == 1;
+  // Measured on the AMX Xeon, 2 threads, fp32, bitmap 50% / 70% and 2:4 forced onto the panel path
+  // (four interleaved runs, medians; docs/cpu_kernels.md "Panels split by thread"): split against one
+  // threaded BLAS call per panel, speed-up over F.linear. 576x1536 (K = 2.7 N): M = 16 1.04x / 0.94x
+  // (50%), 1.16x / 1.00x (70%); M = 32 1.02x / 0.91x, 1.04x / 0.98x; M = 64 0.82x / 0.76x, 0.83x / 0.80x.
+  // 1536x576: M = 64 0.98x / 0.79x, 1.01x / 0.84x, but M = 16 and 32 2-5% slower, M = 8 and M >= 128
+  // slower on both shapes (the threaded BLAS splits a larger GEMM well). bf16: not split (the AMX path
+  // serves M < 256 there; at M >= 256 the split was slower in 3 of 4 cells).
+  if (es != 4) return false;
+  return M > 32 ? M <= 64 : (M >= 16 && K >= 2 * N);
+}
+
 at::Tensor panel_linear(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t N, int64_t K,
                         const PanelFill& fill) {
   const int64_t M = x.size(0);
@@ -94,12 +134,14 @@ at::Tensor panel_linear(const at::Tensor& x, const c10::optional<at::Tensor>& bi
   // on the AVX2 machine (1536x576, M = 1024: 240 ms against 35). So the panel is widened to fp32 (exact)
   // and multiplied with x in fp32, rounding y once at the end: fp32 accumulation, as the direct kernels.
   const bool gemm_f32 = x.scalar_type() == at::kBFloat16 && detected_isa() < Isa::kAvx512Bf16;
-  const at::Tensor xg = gemm_f32 ? x.to(at::kFloat) : x;
+  // detached: the split path calls the BLAS from pool threads, which do not inherit the caller's
+  // below-autograd dispatch state, and an out= GEMM refuses inputs that require grad there
+  const at::Tensor xg = (gemm_f32 ? x.to(at::kFloat) : x).detach();
   at::Tensor y = at::empty({M, N}, xg.options());
   if (M == 0 || N == 0) return gemm_f32 ? y.to(x.scalar_type()) : y;
   // bias in the GEMM's dtype, as F.linear requires (an fp32 bias with bf16 x is rounded to bf16 first)
   at::Tensor b;
-  if (bias.has_value() && bias->defined()) b = bias->to(xg.scalar_type()).contiguous();
+  if (bias.has_value() && bias->defined()) b = bias->to(xg.scalar_type()).contiguous().detach();
   const int64_t row_bytes = std::max<int64_t>(K * es, 1);
   int64_t rows = std::max(g_panel_bytes.load() / row_bytes, M);
   // The BLAS re-packs x (M x K) for every panel. Once x passes 4 MB that costs more than the panels'
@@ -114,41 +156,53 @@ at::Tensor panel_linear(const at::Tensor& x, const c10::optional<at::Tensor>& bi
   // (each call re-lays its operands; measured on the AMX Xeon, 576x1536 M = 256: 1 MB panels 0.80x of
   // F.linear, one panel 0.89x bf16 / 0.96x fp32).
   if (M >= 128 && N * K * es <= kMaxPanelBytes) rows = N;
-  // The panel buffer is kept per calling thread and reused: a fresh multi-MB allocation is mmapped and
-  // page-faulted on every call (measured: ~0.2 ms of a 0.35 ms SmolLM2-sized call at M = 1).
-  thread_local at::Tensor cache;
-  const int64_t need = rows * K * es;
-  at::Tensor big;  // a panel above kMaxPanelBytes: this call only
-  if (need > kMaxPanelBytes) {
-    big = at::empty({need}, at::TensorOptions().dtype(at::kByte));
-  } else if (!cache.defined() || cache.numel() < need) {
-    cache = at::empty({need}, at::TensorOptions().dtype(at::kByte));
-  }
-  char* base = static_cast<char*>((big.defined() ? big : cache).data_ptr());
-  at::Tensor panel = at::from_blob(base, {rows, K}, x.options());
-  thread_local at::Tensor cache32;  // the widened panel (gemm_f32)
-  at::Tensor panel32;
-  if (gemm_f32) {
-    if (big.defined()) {
-      panel32 = at::empty({rows, K}, xg.options());
-    } else {
-      if (!cache32.defined() || cache32.numel() < rows * K) cache32 = at::empty({rows * K}, xg.options());
-      panel32 = cache32.narrow(0, 0, rows * K).view({rows, K});
-    }
-  }
-  // rows per decompression chunk: ~256 KB of dense weight each, so a small panel stays on one thread
-  const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / std::max<int64_t>(K * es, 1));
-  for (int64_t n0 = 0; n0 < N; n0 += rows) {
-    const int64_t nr = std::min(rows, N - n0);
-    at::parallel_for(n0, n0 + nr, grain, [&](int64_t r0, int64_t r1) { fill(r0, r1, base + (r0 - n0) * K * es); });
-    at::Tensor p = panel.narrow(0, 0, nr);
-    if (gemm_f32) p = panel32.narrow(0, 0, nr).copy_(p);
+
+  // One block of weight rows [n0, n0 + nr): decompress into `base` (fp32-widened into `base32` where
+  // gemm_f32), then one GEMM into y's column block.
+  auto gemm_block = [&](int64_t n0, int64_t nr, char* base, char* base32) {
+    at::Tensor p = at::from_blob(base, {nr, K}, x.options());
+    if (gemm_f32) p = at::from_blob(base32, {nr, K}, xg.options()).copy_(p);
     at::Tensor yb = nr == N ? y : y.narrow(1, n0, nr);
     if (b.defined()) {
       at::addmm_out(yb, b.narrow(0, n0, nr), xg, p.t());
     } else {
       at::mm_out(yb, xg, p.t());
     }
+  };
+
+  if (panel_split(M, N, K, es)) {
+    // Each thread takes a contiguous share of the weight rows and runs its own panels through a
+    // single-threaded BLAS call (the BLAS runs sequentially inside a parallel region): no barrier
+    // between decompression and GEMM, and each thread's panel stays in its own core's cache.
+    const int64_t T = at::get_num_threads();
+    const int64_t share = (N + T - 1) / T;
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t lo = std::min(N, t * share), hi = std::min(N, lo + share);
+        if (lo >= hi) continue;
+        const int64_t prow = std::min(rows, hi - lo);
+        at::Tensor hold, hold32;
+        char* base = thread_panel(0, prow * K * es, hold);
+        char* base32 = gemm_f32 ? thread_panel(1, prow * K * 4, hold32) : nullptr;
+        for (int64_t n0 = lo; n0 < hi; n0 += prow) {
+          const int64_t nr = std::min(prow, hi - n0);
+          fill(n0, n0 + nr, base);
+          gemm_block(n0, nr, base, base32);
+        }
+      }
+    });
+    return gemm_f32 ? y.to(x.scalar_type()) : y;
+  }
+
+  at::Tensor hold, hold32;
+  char* base = thread_panel(0, rows * K * es, hold);
+  char* base32 = gemm_f32 ? thread_panel(1, rows * K * 4, hold32) : nullptr;
+  // rows per decompression chunk: ~256 KB of dense weight each, so a small panel stays on one thread
+  const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / std::max<int64_t>(K * es, 1));
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t nr = std::min(rows, N - n0);
+    at::parallel_for(n0, n0 + nr, grain, [&](int64_t r0, int64_t r1) { fill(r0, r1, base + (r0 - n0) * K * es); });
+    gemm_block(n0, nr, base, base32);
   }
   return gemm_f32 ? y.to(x.scalar_type()) : y;
 }

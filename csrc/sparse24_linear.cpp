@@ -103,6 +103,45 @@ LACO_AVX512 void s24_avx512(const S24Args& a, int64_t n, int64_t m0, int64_t g0,
   if (8 * w1 < g1) s24_scalar<VT>(a, n, m0, MB, 8 * w1, g1, out);
 }
 
+// M = 1, whole rows: R weight rows at a time, word by word. Why: one row at a time is one sequential
+// stream, and its software prefetches (into L1) are capped by the core's fill buffers; R interleaved
+// streams let the L2 hardware prefetcher run ahead on each of them, and each x word (two loads) serves
+// R rows. Row r's prefetch runs pf_bytes ahead in its own row and, past its end, continues in row r + R
+// (the row it will read next), so a new group of rows starts with its first lines already on the way.
+template <typename VT, int R>
+LACO_AVX512 void s24_rows_m1_avx512(const S24Args& a, int64_t n, float* out) {
+  const int64_t row_bytes = (a.K / 2) * static_cast<int64_t>(sizeof(VT));
+  const VT* v[R];
+  const uint32_t* meta[R];
+  for (int r = 0; r < R; ++r) {
+    v[r] = static_cast<const VT*>(a.values) + (n + r) * (a.K / 2);
+    meta[r] = a.meta + (n + r) * a.W;
+  }
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i three = _mm512_set1_epi32(3);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const int64_t w1 = a.K / 32;  // full meta words; the groups past 8 * w1 go scalar
+  const int64_t skip = (R - 1) * row_bytes;
+  for (int64_t w = 0; w < w1; ++w) {
+    const __m512 xlo = _mm512_loadu_ps(a.x + 32 * w), xhi = _mm512_loadu_ps(a.x + 32 * w + 16);
+    int64_t pf = 16 * w * static_cast<int64_t>(sizeof(VT)) + a.pf_bytes;
+    if (pf >= row_bytes) pf += skip;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(v[r]) + pf, _MM_HINT_T0);
+      const __m512i word = _mm512_set1_epi32(static_cast<int>(meta[r][w]));
+      const __m512i idx = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(word, shifts), three), base);
+      acc[r] = _mm512_fmadd_ps(load16_f32_avx512(v[r] + 16 * w), _mm512_permutex2var_ps(xlo, idx, xhi), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    out[r] = _mm512_reduce_add_ps(acc[r]);
+    if (8 * w1 < a.K / 4) s24_scalar<VT>(a, n + r, 0, 1, 8 * w1, a.K / 4, out + r);
+  }
+}
+
 // One half meta word (16 columns) of one weight row against MB rows of x.
 template <typename VT, int MB>
 LACO_AVX2 LACO_INLINE void s24_half_avx2(const VT* v, const uint32_t* meta, const float* x, int64_t K, int64_t h,
@@ -239,6 +278,29 @@ void s24_run(S24Args a, const float* bias, float* y) {
   // contiguous values stream; K-blocks: the same block of the next row (the stream jumps between rows).
   a.pf_bytes = kb == a.K ? prefetch_bytes(LinearOp::kSparse24) : (a.K / 2) * static_cast<int64_t>(sizeof(VT));
   const int64_t grain = linear_row_grain(a.M, a.K);
+#if LACO_X86
+  // M = 1, whole rows, fp32 (or bf16 widened) on AVX-512: four rows at a time (s24_rows_m1_avx512).
+  // Measured on the AMX Xeon, one thread, interleaved with F.linear: 11008x4096 5.3 ms (1.82x, 18 GB/s)
+  // against 8.3 ms (1.32x, 11.5 GB/s) a row at a time, 4096x11008 1.74x against 1.16x; two rows 1.62x,
+  // eight 1.81x. SmolLM2 shapes (cache-resident): 1.42-1.61x against 1.52-1.60x, within noise.
+  if (a.M == 1 && kb == a.K && isa >= Isa::kAvx512 &&
+      !(std::is_same_v<VT, uint16_t> && isa >= Isa::kAvx512Bf16 && a.x16)) {
+    constexpr int R = 4;
+    at::parallel_for(0, a.N, grain, [&](int64_t n0, int64_t n1) {
+      float part[R];
+      int64_t n = n0;
+      for (; n + R <= n1; n += R) {
+        s24_rows_m1_avx512<VT, R>(a, n, part);
+        for (int r = 0; r < R; ++r) y[n + r] = (bias ? bias[n + r] : 0.f) + part[r];
+      }
+      for (; n < n1; ++n) {  // the last rows of the range, one at a time, in the same order of sums (any
+        s24_rows_m1_avx512<VT, 1>(a, n, part);  // thread split gives the same bits)
+        y[n] = (bias ? bias[n] : 0.f) + part[0];
+      }
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, a.N, grain, [&](int64_t n0, int64_t n1) {
     float part[kMaxMB];
     for (int64_t k0 = 0; k0 < a.K; k0 += kb) {

@@ -142,6 +142,21 @@ def set_panel_min_m(m: int | None) -> None:
     _C.set_panel_min_m(_threshold_arg("set_panel_min_m", m))
 
 
+def set_panel_split(on: bool | None) -> None:
+    """Force how the panel path uses several threads: True splits the weight rows between threads, each
+    running its own panels through a sequential BLAS call; False decompresses each panel on all threads
+    and calls the threaded BLAS once per panel; None restores the measured default. For tests and
+    benchmarks."""
+    _C.set_panel_split(-1 if on is None else int(bool(on)))
+
+
+def panel_split(shape, m: int) -> bool:
+    """Whether a panel-path call with x [m, K] on a [N, K] weight would split rows between threads now
+    (the element size matters only through the measured rule)."""
+    n, k = (int(v) for v in shape)
+    return bool(_C.panel_split(int(m), n, k, 4))
+
+
 def _check_cpu(op: str, bias: torch.Tensor | None = None, **tensors) -> None:
     """CPU tensors of a native dtype (bias: CPU, any float dtype; it is used in fp32)."""
     for name, t in {**tensors, "bias": bias}.items():

@@ -27,8 +27,8 @@ _ISA_ORDER = ("scalar", "avx2", "avx512", "avx512bf16")
 ISAS = list(_ISA_ORDER[: _ISA_ORDER.index(_native._C.detected_isa()) + 1]) if _native else ["scalar"]
 DTYPES = [torch.float32, torch.bfloat16]
 # (M, N, K): M=1 decode, odd M, M=16, M=67 (several M-blocks); N, K not multiples of vector widths;
-# K=1000 splits into several K-blocks once M > 1; K=8196 is the large-K case
-SHAPES = [(1, 5, 36), (3, 17, 100), (16, 33, 260), (67, 9, 1000), (1, 7, 8196), (3, 3, 8196)]
+# K=1000 splits into several K-blocks once M > 1; K=8196 is the large-K case; (1, 70, 1000): M = 1 rows four at a time on two threads, with remainders
+SHAPES = [(1, 5, 36), (3, 17, 100), (16, 33, 260), (67, 9, 1000), (1, 7, 8196), (3, 3, 8196), (1, 70, 1000)]
 
 
 @pytest.fixture
@@ -292,7 +292,7 @@ def test_extension_present_no_warning():
 HAS_AMX = bool(_native and _native.amx_available())
 
 
-LINEAR_PATHS = ("direct", "outer", "amx", "panel")
+LINEAR_PATHS = ("direct", "outer", "amx", "panel", "split")
 
 
 @pytest.fixture
@@ -304,15 +304,18 @@ def linear_path(request):
         pytest.skip("this CPU (or OS) has no AMX tiles")
     _native.set_outer_min_m(0 if request.param == "outer" else 10**9)
     _native.set_amx_min_m(0 if request.param == "amx" else 10**9)
-    _native.set_panel_min_m(0 if request.param == "panel" else 10**9)
+    _native.set_panel_min_m(0 if request.param in ("panel", "split") else 10**9)
+    _native.set_panel_split(request.param == "split")
     yield request.param
     _native.set_outer_min_m(None)
     _native.set_amx_min_m(None)
     _native.set_panel_min_m(None)
+    _native.set_panel_split(None)
 
 
-# several panels: 1 MB panels of K=8196 fp32 rows hold 16 rows, N=37 makes 3 (the last one partial)
-PANEL_SHAPES = [(1, 5, 36), (3, 17, 100), (67, 9, 1000), (20, 37, 8196)]
+# several panels: 1 MB panels of K=8196 fp32 rows hold 16 rows, N=37 makes 3 (the last one partial);
+# N = 70 and 120 are split between threads by the "split" path (35 / 60 rows each with two threads)
+PANEL_SHAPES = [(1, 5, 36), (3, 17, 100), (67, 9, 1000), (20, 37, 8196), (9, 70, 300), (40, 120, 2052)]
 
 
 # the AMX path exists at the avx512bf16 ISA only: no such combinations are generated elsewhere
@@ -545,6 +548,56 @@ def test_panel_thresholds_are_reported():
         _native.panel_min_m("bitmap_linear", torch.float16, (8, 8))
     with pytest.raises(RuntimeError, match="unknown op"):
         _native.panel_min_m("dense", torch.float32, (8, 8))
+
+
+@needs_ext
+def test_panel_split_rule_and_override():
+    """The measured rule (fp32, two threads: 33-64 rows of x, or 16-32 where K >= 2N), one thread never,
+    and the override both ways."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert _native.panel_split((576, 1536), 64) and _native.panel_split((1536, 576), 64)
+        assert _native.panel_split((576, 1536), 16) and not _native.panel_split((1536, 576), 16)
+        assert not _native.panel_split((576, 1536), 128) and not _native.panel_split((576, 1536), 8)
+        assert not _native.panel_split((20, 1536), 64)  # fewer than 16 rows a thread
+        _native.set_panel_split(True)
+        assert _native.panel_split((1536, 576), 1024)
+        _native.set_panel_split(False)
+        assert not _native.panel_split((576, 1536), 64)
+        _native.set_panel_split(None)
+        torch.set_num_threads(1)
+        assert not _native.panel_split((576, 1536), 64)
+    finally:
+        _native.set_panel_split(None)
+        torch.set_num_threads(old)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_panels_several_per_thread_match_one_call(dtype):
+    """64 KB panels: each thread's 61 / 60 rows go through four panels (the last partial); the split result
+    equals the reference and the unsplit panel path's."""
+    old, old_bytes = torch.get_num_threads(), _native._C.panel_bytes()
+    m, n, k = 21, 121, 2052
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k).to(dtype), prune=True)
+    x, b = torch.randn(m, k).to(dtype), torch.randn(n).to(dtype)
+    try:
+        torch.set_num_threads(2)
+        _native._C.set_panel_bytes(64 << 10)
+        _native.set_panel_min_m(0)
+        _native.set_amx_min_m(10**9)
+        _native.set_panel_split(True)
+        split = _native.sparse24_linear(x, w24, b)
+        _native.set_panel_split(False)
+        whole = _native.sparse24_linear(x, w24, b)
+    finally:
+        _native._C.set_panel_bytes(old_bytes)
+        for setter in (_native.set_panel_min_m, _native.set_amx_min_m, _native.set_panel_split):
+            setter(None)
+        torch.set_num_threads(old)
+    _close(split, reference.sparse24_linear(x, w24, b), dtype)
+    _close(split, whole, dtype)
 
 
 # ---------------------------------------------------------------------------------------------

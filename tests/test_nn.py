@@ -277,3 +277,66 @@ def test_sparsify_gpt2_conv1d_says_why_nothing_was_swapped():
     assert summary["swapped"] == 0 and len(summary["skipped"]) == 8
     assert all("Conv1D" in why for why in summary["skipped"].values())
     assert "transformer.h.0.attn.c_attn" in summary["skipped"]
+
+
+# ---- eager CPU inference fast path of the packed modules (nn._native_fast) -------------------------
+def _fast_case(kind, dtype, bias=True):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 40, bias=bias).to(dtype)
+    if kind == "2:4":
+        return SparseLinear24.from_linear(lin, prune=True)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(40, 64) > 0.6)
+    return BitmapLinear.from_linear(lin)
+
+
+@pytest.mark.parametrize("kind", ["2:4", "bitmap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_fast_path_equals_the_op_path_and_is_taken(kind, dtype, bias, monkeypatch):
+    from laco_kernels import _native, nn as lnn
+    from laco_kernels.ops.sparse_gemm import bitmap_linear, sparse24_linear
+
+    if not _native.supports("sparse24_linear"):
+        pytest.skip("native extension not built")
+    mod = _fast_case(kind, dtype, bias)
+    x = torch.randn(2, 3, 64).to(dtype)[:, ::2]  # 3-D, non-contiguous
+    answers = []
+    real = lnn._native_fast
+    monkeypatch.setattr(lnn, "_native_fast", lambda *a: answers.append(real(*a)) or answers[-1])
+    with torch.no_grad():
+        y = mod(x)
+        ref = (sparse24_linear(x, mod.weight24(), mod.bias) if kind == "2:4"
+               else bitmap_linear(x, mod.weight_bitmap(), mod.bias))  # the op path
+    assert answers and answers[-1] is not None  # the fast path answered
+    assert y.shape == (2, 2, 40) and y.dtype == dtype
+    assert torch.equal(y, ref)
+
+
+def test_fast_path_steps_aside_where_the_op_must_see_the_call(monkeypatch):
+    from laco_kernels import _native, nn as lnn
+
+    if not _native.supports("sparse24_linear"):
+        pytest.skip("native extension not built")
+    mod = _fast_case("2:4", torch.float32)
+    x = torch.randn(3, 64)
+
+    def f(x, bias=mod.bias):
+        return lnn._native_fast("sparse24_linear", x, mod.values, bias, 40, 64, mod.meta)
+
+    with torch.no_grad():
+        assert f(x) is not None
+        assert f(x.double()) is None  # wrong dtype: the op's error
+        assert f(torch.randn(3, 60)) is None  # wrong K: the op's error
+        assert f(x, mod.bias.double()) is None and f(x, torch.randn(39)) is None
+        assert f(x[:0]) is None
+        monkeypatch.setenv("LACO_BACKEND", "reference")
+        assert f(x) is None  # a backend override is honoured
+        monkeypatch.delenv("LACO_BACKEND")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert f(x) is None  # the autocast rule must see the call
+    assert f(x) is None  # grad mode, and the bias Parameter requires grad: autograd records the op
+    assert f(x.requires_grad_(), None) is None
+    with pytest.raises(ValueError, match="features"):
+        with torch.no_grad():
+            mod(torch.randn(3, 60))
