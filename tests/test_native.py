@@ -144,6 +144,28 @@ def test_linears_same_bits_for_any_thread_count(dtype, mnk):
 
 
 @needs_ext
+@pytest.mark.skipif("avx2" not in ISAS, reason="the four-row decode kernels are AVX2 / AVX-512 code")
+@pytest.mark.parametrize("isa", [i for i in ("avx2", "avx512") if i in ISAS])
+def test_decode_rows_kernel_same_bits_for_any_thread_count(isa):
+    """M = 1 reads four weight rows at a time; the rows left at the end of a thread's range take the same
+    kernel with one row, so a different split between threads gives the same bits."""
+    w24 = Sparse24Weight.from_dense(torch.randn(301, 1000), prune=True)
+    x = torch.randn(1, 1000)
+    old = torch.get_num_threads()
+    _native.set_isa(isa)
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(_native.sparse24_linear(x, w24))
+    finally:
+        _native.set_isa("auto")
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1])
+    _close(outs[0], reference.sparse24_linear(x, w24), torch.float32)
+
+
+@needs_ext
 def test_native_rejects_bad_inputs():
     w24 = Sparse24Weight.from_dense(torch.randn(8, 16), prune=True)
     with pytest.raises(ValueError, match="features"):
