@@ -103,6 +103,15 @@ LACO_AVX512 void s24_avx512(const S24Args& a, int64_t n, int64_t m0, int64_t g0,
   if (8 * w1 < g1) s24_scalar<VT>(a, n, m0, MB, 8 * w1, g1, out);
 }
 
+// Values and meta of weight rows n .. n + R - 1 (the four-row decode kernels below).
+template <typename VT, int R>
+LACO_INLINE void s24_row_ptrs(const S24Args& a, int64_t n, const VT* (&v)[R], const uint32_t* (&meta)[R]) {
+  for (int r = 0; r < R; ++r) {
+    v[r] = static_cast<const VT*>(a.values) + (n + r) * (a.K / 2);
+    meta[r] = a.meta + (n + r) * a.W;
+  }
+}
+
 // M = 1, whole rows: R weight rows at a time, word by word. Why: one row at a time is one sequential
 // stream, and its software prefetches (into L1) are capped by the core's fill buffers; R interleaved
 // streams let the L2 hardware prefetcher run ahead on each of them, and each x word (two loads) serves
@@ -113,10 +122,7 @@ LACO_AVX512 void s24_rows_m1_avx512(const S24Args& a, int64_t n, float* out) {
   const int64_t row_bytes = (a.K / 2) * static_cast<int64_t>(sizeof(VT));
   const VT* v[R];
   const uint32_t* meta[R];
-  for (int r = 0; r < R; ++r) {
-    v[r] = static_cast<const VT*>(a.values) + (n + r) * (a.K / 2);
-    meta[r] = a.meta + (n + r) * a.W;
-  }
+  s24_row_ptrs<VT, R>(a, n, v, meta);
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
   const __m512i three = _mm512_set1_epi32(3);
@@ -198,10 +204,7 @@ LACO_AVX2 void s24_rows_m1_avx2(const S24Args& a, int64_t n, float* out) {
   const int64_t row_bytes = (a.K / 2) * static_cast<int64_t>(sizeof(VT));
   const VT* v[R];
   const uint32_t* meta[R];
-  for (int r = 0; r < R; ++r) {
-    v[r] = static_cast<const VT*>(a.values) + (n + r) * (a.K / 2);
-    meta[r] = a.meta + (n + r) * a.W;
-  }
+  s24_row_ptrs<VT, R>(a, n, v, meta);
   const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
   const __m256i three = _mm256_set1_epi32(3);

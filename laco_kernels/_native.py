@@ -147,12 +147,16 @@ def set_panel_split(on: bool | None) -> None:
     running its own panels through a sequential BLAS call; False decompresses each panel on all threads
     and calls the threaded BLAS once per panel; None restores the measured default. For tests and
     benchmarks."""
-    _C.set_panel_split(-1 if on is None else int(bool(on)))
+    if on is not None and not isinstance(on, bool):
+        raise TypeError(f"set_panel_split: on must be True, False or None, got {on!r}")
+    _C.set_panel_split(-1 if on is None else int(on))
 
 
 def panel_split(shape, m: int) -> bool:
     """Whether a panel-path call with x [m, K] on a [N, K] weight would split rows between threads now
     (the element size matters only through the measured rule)."""
+    if len(tuple(shape)) != 2 or int(m) < 0 or any(int(v) < 0 for v in shape):
+        raise ValueError(f"panel_split: need shape (N, K) and m >= 0, got shape {tuple(shape)} and m {m}")
     n, k = (int(v) for v in shape)
     return bool(_C.panel_split(int(m), n, k, 4))
 

@@ -590,6 +590,10 @@ def test_panel_split_rule_and_override():
         _native.set_panel_split(None)
         torch.set_num_threads(1)
         assert not _native.panel_split((576, 1536), 64)
+        with pytest.raises(TypeError, match="True, False or None"):
+            _native.set_panel_split("no")  # a truthy string must not switch the split on
+        with pytest.raises(ValueError, match="shape"):
+            _native.panel_split((576,), 64)
     finally:
         _native.set_panel_split(None)
         torch.set_num_threads(old)
