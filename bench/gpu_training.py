@@ -7,7 +7,7 @@ each against ``reference.py`` computed on the same GPU in fp32 (bf16 included, w
 interpreter cannot check), on both the fused-kernel path and the expand path. Then times, with
 ``triton.testing.do_bench``, one forward + backward of masked_linear against the same kernels
 without the mask and against ``F.linear(x, W * M)`` with autograd, and every training path
-(``triton`` / ``expand`` / ``torch``) of masked_linear and the 2:4 op, at SmolLM2 MLP shapes. Writes ``bench/results/gpu_training.json``.
+(``triton`` / ``expand`` / ``torch``) of masked_linear and the 2:4 op, at SmolLM2 MLP shapes (``--shapes 7b``: Llama-7B MLP linears at 4096 and 8192 tokens; ``--skip-check`` times only). Writes ``bench/results/gpu_training.json``.
 """
 from __future__ import annotations
 
@@ -79,7 +79,11 @@ def check_correctness(dev="cuda"):
     return rows
 
 
-def time_kernels(dev="cuda"):
+SHAPES = {"smollm2": ((512, 1536, 576), (512, 576, 1536), (4096, 1536, 576)),  # (tokens M, N, K) of MLP linears
+          "7b": ((4096, 11008, 4096), (4096, 4096, 11008), (8192, 11008, 4096))}
+
+
+def time_kernels(dev="cuda", shapes=SHAPES["smollm2"]):
     from triton.testing import do_bench
 
     from laco_kernels.kernels import masked_gemm as mg
@@ -88,7 +92,7 @@ def time_kernels(dev="cuda"):
 
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
-        for m, n, k in ((512, 1536, 576), (512, 576, 1536), (4096, 1536, 576)):
+        for m, n, k in shapes:
             x, w, dy = (torch.randn(*s, device=dev, dtype=dtype) for s in ((m, k), (n, k), (m, n)))
             mask = torch.rand(n, k, device=dev) < 0.5
             bits = PackedMask.from_bool(mask).bits
@@ -126,17 +130,24 @@ def time_kernels(dev="cuda"):
     return rows
 
 
-def main():
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", choices=sorted(SHAPES), default="smollm2", help="timed (tokens, N, K) set")
+    ap.add_argument("--skip-check", action="store_true", help="timings only (the correctness part ran before)")
+    args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu_training.py needs a CUDA GPU")
     import triton
 
-    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
-    res["correctness"] = check_correctness()
+    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               shapes=args.shapes)
+    res["correctness"] = [] if args.skip_check else check_correctness()
     for r in res["correctness"]:
         print(f"{r['op']:28s} {r['dtype']:15s} {str(r['shape']):18s} {'ok ' if r['ok'] else 'BAD'} "
               + " ".join(f"{e:.1e}" for e in r["errs"]), flush=True)
-    res["timing"] = time_kernels()
+    res["timing"] = time_kernels(shapes=SHAPES[args.shapes])
     for r in res["timing"]:
         print(f"{r['dtype']:15s} {str(r['shape']):18s} masked {r['ms_masked_kernels']:.3f} ms  unmasked "
               f"{r['ms_unmasked_kernels']:.3f} ms  masked_linear+autograd {r['ms_masked_linear_autograd']:.3f} ms  "

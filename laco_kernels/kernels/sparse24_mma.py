@@ -47,7 +47,8 @@ from ._selfcheck import self_check_once
 from ._splitk import _TL, AuditDevice, reduce_launch, reduce_partials, slice_k, splitk_plan
 
 MMA_MAX_M = 16  # two mma.sp per tile cover 16 tokens; above, the tl.dot tile (prefill config)
-_CFG = dict(WARPS=4, UNROLL=4)  # 64 rows per program (16 per warp), 4 tiles of 32 columns per loop iteration
+# 64 rows per program (16 per warp), 4 tiles of 32 columns per loop iteration, no software pipelining of the loop
+_CFG = dict(WARPS=4, UNROLL=4, STAGES=1)
 
 
 def _mma_asm(dt: str, halves: int) -> str:
@@ -392,7 +393,7 @@ def sparse24_mma(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, shap
         meta.stride(0), 0 if s == 1 else out.stride(0), out.stride(-2),
         HAS_BIAS=bias is not None and s == 1, PARTIAL=s > 1, DT=_TL[x.dtype], HALVES=1 if m <= 8 else 2,
         WARPS=_CFG["WARPS"], UNROLL=_CFG["UNROLL"], EMULATE=_is_interpreted(_sparse24_mma_kernel),
-        num_warps=_CFG["WARPS"], num_stages=1)
+        num_warps=_CFG["WARPS"], num_stages=_CFG["STAGES"])
     if s > 1:
         reduce_partials(out, bias, y)
     return y
@@ -420,7 +421,7 @@ def _specs():
                     name = (f"sparse24-mma-{dt}-m{8 * halves}" + ("-partial" if partial else "-out")
                             + ("-bias" if has_bias else ""))
                     specs.append(CompileSpec(
-                        _sparse24_mma_kernel, sig, consts, _CFG["WARPS"], 1, name, is_gemm=True,
+                        _sparse24_mma_kernel, sig, consts, _CFG["WARPS"], _CFG["STAGES"], name, is_gemm=True,
                         expect_tensor_core=True, representative=dt == "bf16" and halves == 2 and partial,
                         divisible=("x_ptr", "v_ptr", "meta_ptr", "b_ptr", "y_ptr", "N", "K", "K_PER_SPLIT",
                                    "stride_xm", "stride_vn", "stride_mn", "stride_ys", "stride_ym"),
