@@ -20,7 +20,8 @@ def test_representative_specs_compile_without_spills_and_with_tensor_cores(tmp_p
     names = {s.name for s in specs}
     assert {"_dense_gemm_kernel", "_sparse24_gemm_kernel", "_bitmap_gemm_kernel", "_masked_linear_fwd_kernel",
             "_masked_linear_dw_kernel", "_sparse24_dv_kernel", "_recon_loss_fwd_kernel", "_sparse24_gemv_kernel",
-            "_bitmap_gemv_kernel", "_splitk_reduce_kernel"} <= names
+            "_bitmap_gemv_kernel", "_splitk_reduce_kernel", "_sparse24_expand_kernel", "_masked_expand_kernel",
+            "_bitmap_expand_kernel"} <= names
     out = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compile_report.py"), "--subset",

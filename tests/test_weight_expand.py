@@ -4,12 +4,12 @@ import torch
 
 from conftest import TOLERANCES
 from laco_kernels import reference
-from laco_kernels.formats import PackedMask, Sparse24Weight
+from laco_kernels.formats import BitmapWeight, PackedMask, Sparse24Weight
 from laco_kernels.kernels import masked_gemm as mg
 from laco_kernels.kernels import sparse24_grad as sg
 from laco_kernels.kernels import weight_expand as we
 from laco_kernels.ops.masked_gemm import masked_linear
-from laco_kernels.ops.sparse_gemm import sparse24_linear
+from laco_kernels.ops.sparse_gemm import bitmap_expand_linear, sparse24_linear
 from test_masked_gemm import make_mask
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]  # elementwise: bf16 is exact in the interpreter too
@@ -73,6 +73,146 @@ def test_bad_arguments_raise_before_any_launch():
 def test_expand_bytes():
     assert we.expand_bytes("sparse24", 2, 64, 2) == 2 * 32 * 2 + 2 * 2 * 4 + 2 * 64 * 2
     assert we.expand_bytes("masked", 2, 64, 4) == 2 * 64 * 4 + 2 * 2 * 4 + 2 * 64 * 4
+    # bitmap: kept values, bits, one offset per row and tile, the dense write
+    assert we.expand_bytes("bitmap", 2, 300, 2, density=0.5, tile_k=128) == 300 * 2 + 2 * 10 * 4 + 2 * 3 * 4 + 2 * 300 * 2
+
+
+# ----------------------------------------------------------------------------------------
+# bitmap (unstructured): the GPU prefill path of bitmap_linear
+# ----------------------------------------------------------------------------------------
+def _bitmap(n, k, density, dtype, tile_k=128):
+    w = torch.randn(n, k, dtype=dtype) * (torch.rand(n, k) < density).to(dtype)
+    return BitmapWeight.from_dense(w, tile_k=tile_k)
+
+
+def _expand(bw: BitmapWeight, values=None):
+    return we.bitmap_to_dense(bw.values if values is None else values, bw.bitmap, bw.offsets, bw.shape, bw.tile_k)
+
+
+# one row; K % 32 != 0; K past 2 tiles of 128 (last one partial); K not a multiple of tile_k 256 and
+# N past one row block (BLOCK_N = 4096 // tile_k); tile_k 64 with N past a block of 64
+BITMAP_SHAPES = [(1, 72, 128), (37, 100, 128), (37, 300, 128), (70, 4100, 256), (67, 200, 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("density", [0.0, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("n,k,tile_k", BITMAP_SHAPES)
+def test_bitmap_to_dense_is_exact(dtype, density, n, k, tile_k):
+    bw = _bitmap(n, k, density, dtype, tile_k)
+    got = _expand(bw)
+    assert got.dtype == dtype and got.shape == (n, k)
+    assert torch.equal(got, bw.to_dense())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bitmap_to_dense_copies_bits(dtype):
+    """A copy, not arithmetic: -0.0, NaN payloads and subnormals come out with the same bits as to_dense()
+    (the format never packs them, but nothing in the kernel may rely on that)."""
+    bw = _bitmap(33, 260, 0.5, dtype)
+    ints = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}[dtype]
+    v = bw.values.clone()
+    v[::7] = -0.0
+    v[1::7] = float("nan")
+    v[2::7] = torch.finfo(dtype).tiny / 4  # subnormal
+    raw = v.view(ints)
+    raw[3::7] = raw[1::7][: raw[3::7].numel()] ^ 1  # another NaN payload
+    got, want = _expand(bw, v), BitmapWeight(v, bw.bitmap, bw.offsets, bw.shape, bw.tile_k).to_dense()
+    assert torch.equal(got.view(ints), want.view(ints))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bitmap_to_dense_strided_inputs(dtype):
+    bw = _bitmap(40, 300, 0.5, dtype)
+    nnz = bw.values.numel()
+    values = torch.randn(2 * nnz, dtype=dtype)[::2]  # other values, same bitmap; stride 2: the launcher copies
+    bitmap = torch.zeros(40, 2 * bw.bitmap.shape[1], dtype=torch.int32)[:, ::2]
+    offsets = torch.zeros(40, 2 * bw.offsets.shape[1], dtype=torch.int32)[:, ::2]
+    bitmap.copy_(bw.bitmap)
+    offsets.copy_(bw.offsets)
+    assert not values.is_contiguous() and bitmap.stride(1) != 1 and offsets.stride(1) != 1
+    got = we.bitmap_to_dense(values, bitmap, offsets, bw.shape, bw.tile_k)
+    assert torch.equal(got, BitmapWeight(values.contiguous(), bw.bitmap, bw.offsets, bw.shape).to_dense())
+    # bitmap and offsets as row slices of bigger tensors (row stride > width: passed as strides, not copied)
+    big_b = torch.zeros(40, bw.bitmap.shape[1] + 3, dtype=torch.int32)
+    big_o = torch.zeros(40, bw.offsets.shape[1] + 5, dtype=torch.int32)
+    big_b[:, :-3], big_o[:, :-5] = bw.bitmap, bw.offsets
+    got = we.bitmap_to_dense(bw.values, big_b[:, :-3], big_o[:, :-5], bw.shape, bw.tile_k)
+    assert torch.equal(got, bw.to_dense())
+
+
+def test_bitmap_to_dense_empty():
+    assert we.bitmap_to_dense(torch.zeros(0), torch.zeros(0, 2, dtype=torch.int32), torch.zeros(0, 1, dtype=torch.int32),
+                              (0, 64), 128).shape == (0, 64)
+    assert we.bitmap_to_dense(torch.zeros(0), torch.zeros(3, 0, dtype=torch.int32), torch.zeros(3, 0, dtype=torch.int32),
+                              (3, 0), 128).shape == (3, 0)
+
+
+def test_bitmap_to_dense_bad_arguments_raise_before_any_launch(monkeypatch):
+    monkeypatch.setattr(we._bitmap_expand_kernel, "run", lambda *a, **kw: pytest.fail("launched"))
+    bw = _bitmap(8, 100, 0.5, torch.float32)
+    v, b, o = bw.values, bw.bitmap, bw.offsets
+    with pytest.raises(ValueError, match=r"tile_k=96 is not one the kernel supports \(64, 128, 256\)"):
+        we.bitmap_to_dense(v, b, o, bw.shape, 96)
+    with pytest.raises(ValueError, match="tile_k=True"):
+        we.bitmap_to_dense(v, b, o, bw.shape, True)
+    with pytest.raises(ValueError, match="tile_k=128.0"):
+        we.bitmap_to_dense(v, b, o, bw.shape, 128.0)
+    with pytest.raises(ValueError, match="int32 indexing"):
+        we.bitmap_to_dense(v, b, o, (65536, 32768), 128)
+    with pytest.raises(ValueError, match="values must have 1 dimensions"):
+        we.bitmap_to_dense(v.view(1, -1), b, o, bw.shape, 128)
+    with pytest.raises(TypeError, match="values has dtype float64"):
+        we.bitmap_to_dense(v.double(), b, o, bw.shape, 128)
+    with pytest.raises(ValueError, match=r"bitmap has shape \(8, 4\); a \[8, 200\] weight needs \(8, 7\)"):
+        we.bitmap_to_dense(v, b, o, (8, 200), 128)
+    with pytest.raises(TypeError, match="bitmap has dtype int64"):
+        we.bitmap_to_dense(v, b.long(), o, bw.shape, 128)
+    with pytest.raises(ValueError, match=r"offsets has shape \(8, 1\); a \[8, 100\] weight with tile_k=64 needs \(8, 2\)"):
+        we.bitmap_to_dense(v, b, o, bw.shape, 64)
+    with pytest.raises(TypeError, match="offsets has dtype int64"):
+        we.bitmap_to_dense(v, b, o.long(), bw.shape, 128)
+    with pytest.raises(ValueError, match="same device"):
+        we.bitmap_to_dense(v.to("meta"), b, o, bw.shape, 128)
+
+
+def test_bitmap_expand_launches_are_compile_specs(monkeypatch):
+    """Every launch of the bitmap expansion (each tile_k, each dtype) is a spec the compile report compiles."""
+    from laco_kernels.kernels.dense_gemm import BITMAP_TILE_KS
+
+    seen = []
+    kernel = we._bitmap_expand_kernel
+    orig = kernel.run
+
+    def run(*args, **kwargs):
+        seen.append(({k: v for k, v in kwargs.items() if k not in ("grid", "warmup", "num_warps", "num_stages")},
+                     kwargs.get("num_warps"), args[kernel.arg_names.index("w_ptr")].dtype))
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", run)
+    tl_names = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+    for dtype in DTYPES:
+        for tile_k in BITMAP_TILE_KS:
+            _expand(_bitmap(5, 70, 0.5, dtype, tile_k))
+    assert len(seen) == len(DTYPES) * len(BITMAP_TILE_KS)
+    specs = [s for s in we.COMPILE_SPECS if s.name == "_bitmap_expand_kernel"]
+    for consts, warps, dtype in seen:
+        match = [s for s in specs if s.num_warps == warps and s.signature["w_ptr"] == tl_names[dtype]
+                 and s.signature["v_ptr"] == tl_names[dtype] and all(s.constexprs[c] == v for c, v in consts.items())]
+        assert match and set(match[0].archs) == {80, 90}, (consts, warps, dtype)
+    assert sum(s.representative for s in specs) == 1  # the quick compile test: bf16, tile_k 128
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bitmap_expand_linear_kernel_path(monkeypatch, dtype):
+    """kernel=True (the CUDA default, run here by the interpreter): the same bits as the to_dense path;
+    on CPU tensors the default is to_dense (the kernel is never called)."""
+    bw = _bitmap(37, 300, 0.3, dtype)
+    x, b = torch.randn(300, 21, dtype=dtype).t(), torch.randn(37, dtype=dtype)
+    want = bitmap_expand_linear(x, bw, b, kernel=False)
+    assert torch.equal(bitmap_expand_linear(x, bw, b, kernel=True), want)
+    torch.testing.assert_close(want.float(), reference.bitmap_linear(x, bw, b).float(), **TOLERANCES[dtype])
+    monkeypatch.setattr(we, "bitmap_to_dense", lambda *a: pytest.fail("kernel on CPU tensors"))
+    assert torch.equal(bitmap_expand_linear(x, bw, b), want)
 
 
 def _grads(fn, leaves, dy):

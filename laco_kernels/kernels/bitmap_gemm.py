@@ -26,6 +26,26 @@ from .dense_gemm import compile_specs, grouped_pid, launch, store_tile
 
 
 @triton.jit
+def _bitmap_w_tile(v_ptr, bitmap_ptr, offsets_ptr, offs_n, k0, N, K, stride_bmn, stride_on, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """dense(bitmap weight)[offs_n, k0 : k0 + BLOCK_K] as a ``[BLOCK_N, BLOCK_K]`` tile in the values' dtype.
+
+    ``BLOCK_K == tile_k`` and ``k0`` a multiple of it: the tile is one tile of each row, so one offset
+    per row plus the rank of every set bit inside the tile locate its value. Zero at unset bits, past
+    N and past K (the format keeps padding bits past K zero, so nothing is gathered there).
+    Shared by the tiled GEMM and the expansion kernel (``weight_expand.py``).
+    """
+    n_ok = offs_n < N
+    wk = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    words = tl.load(bitmap_ptr + offs_n[:, None] * stride_bmn + wk[None, :],
+                    mask=n_ok[:, None] & (wk[None, :] < tl.cdiv(K, 32)), other=0)
+    base = tl.load(offsets_ptr + offs_n * stride_on + k0 // BLOCK_K, mask=n_ok, other=0)
+    bits = unpack_bits(words, BLOCK_N, BLOCK_K)  # 0 past K and past N: padding bits are zero
+    rank = tl.cumsum(bits, axis=1) - bits  # nonzeros before this column in the row's tile
+    return tl.load(v_ptr + (base[:, None] + rank), mask=bits != 0, other=0.0)
+
+
+@triton.jit
 def _bitmap_gemm_kernel(x_ptr, v_ptr, bitmap_ptr, offsets_ptr, b_ptr, y_ptr, M, N, K, K_PER_SPLIT,
                         stride_xm, stride_xk, stride_bmn, stride_on, stride_ys, stride_ym, stride_yn,
                         HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -36,22 +56,13 @@ def _bitmap_gemm_kernel(x_ptr, v_ptr, bitmap_ptr, offsets_ptr, b_ptr, y_ptr, M, 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_w = tl.arange(0, BLOCK_K // 32)
-    n_ok = offs_n < N
-    n_words = tl.cdiv(K, 32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = pid_k * K_PER_SPLIT
     for k0 in range(k_lo, tl.minimum(k_lo + K_PER_SPLIT, K), BLOCK_K):
         kk = k0 + offs_k
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
-        wk = k0 // 32 + offs_w
-        words = tl.load(bitmap_ptr + offs_n[:, None] * stride_bmn + wk[None, :],
-                        mask=n_ok[:, None] & (wk[None, :] < n_words), other=0)
-        base = tl.load(offsets_ptr + offs_n * stride_on + k0 // BLOCK_K, mask=n_ok, other=0)
-        bits = unpack_bits(words, BLOCK_N, BLOCK_K)  # 0 past K and past N: padding bits are zero
-        rank = tl.cumsum(bits, axis=1) - bits  # nonzeros before this column in the row's tile
-        w = tl.load(v_ptr + (base[:, None] + rank), mask=bits != 0, other=0.0)
+        w = _bitmap_w_tile(v_ptr, bitmap_ptr, offsets_ptr, offs_n, k0, N, K, stride_bmn, stride_on, BLOCK_N, BLOCK_K)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     store_tile(acc, b_ptr, y_ptr, offs_m, offs_n, pid_k, M, N, stride_ys, stride_ym, stride_yn, HAS_BIAS)
 

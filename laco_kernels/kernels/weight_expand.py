@@ -5,6 +5,10 @@
   ``_bits.expand_24_prmt``, as the 2:4 GEMMs do; fp32: ``_bits.expand_24``).
 - masked: weight ``[N, K]`` + packed mask bits int32 ``[N, ceil(K/32)]`` -> ``W ⊙ M`` ``[N, K]``
   (pruned slots exactly 0, also where W holds NaN / inf there).
+- bitmap (unstructured, inference): values ``[nnz]`` + bitmap int32 ``[N, ceil(K/32)]`` + offsets
+  int32 ``[N, ceil(K/tile_k)]`` -> dense ``[N, K]`` in the values' dtype (a copy, bit for bit
+  ``BitmapWeight.to_dense()``); each tile decoded by ``bitmap_gemm._bitmap_w_tile``, the tiled
+  GEMM's own decode. The GPU prefill path of ``ops.sparse_gemm.bitmap_linear`` runs it, then cuBLAS.
 
 Why: the fused training kernels (``masked_gemm.py``, the 2:4 forward + ``sparse24_grad.py``)
 decompress every weight tile once per row tile of x. At a few thousand tokens there are only a
@@ -15,9 +19,15 @@ input-gradient GEMMs then run on cuBLAS (``F.linear`` / ``mm``) and the weight g
 our kernels (dV ``[N, K/2]`` gathered, masked dW with exact zeros, db fused), so the optimizer
 still holds state for the kept values only. ``ops/train_dispatch.py`` picks this path per shape.
 
+Why bitmap: ``BitmapWeight.to_dense()`` (torch ``masked_scatter`` over an unpacked bool mask) took
+about 350 us for a 4096 x 4096 weight on an H200; one pass reading the compressed weight and writing
+the dense one moves ~3.2 bytes per weight (fp16, 50% density), a predicted ~11 us there (a
+prediction until a GPU times it).
+
 Launchers take 2-D tensors with any strides (16-bit 2:4 values need unit stride along K: they
-are reinterpreted as int32 words, else copied). The references are ``Sparse24Weight.to_dense``
-and ``weight * PackedMask.to_bool()`` (with exact zeros at pruned slots).
+are reinterpreted as int32 words, else copied; 1-D bitmap values are made contiguous). The
+references are ``Sparse24Weight.to_dense``, ``weight * PackedMask.to_bool()`` (with exact zeros
+at pruned slots) and ``BitmapWeight.to_dense``.
 """
 from __future__ import annotations
 
@@ -28,12 +38,22 @@ import triton.language as tl
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._bits import expand_24_prmt
 from ._compile import ARCHS, CompileSpec, _is_interpreted
+from .bitmap_gemm import _bitmap_w_tile
+from .dense_gemm import BITMAP_TILE_KS
 from .masked_gemm import _masked_w_tile
 from .sparse24_grad import _dense_w_tile
 
 # one [BLOCK_N, BLOCK_K] tile per program: 16 KB of dense 16-bit output, 4 warps (memory-bound)
 _CFG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4)
 _BLOCKS = {b: _CFG[b] for b in ("BLOCK_N", "BLOCK_K")}
+# bitmap: BLOCK_K is the weight's tile_k (one offset per row and program, as in the tiled GEMM), the
+# tiled GEMM's tile_k values only (BITMAP_TILE_KS; tl.arange needs a power of two). BLOCK_N * tile_k =
+# 4,096 elements: a gathered element keeps its bit, rank and 64-bit address in registers, so 16 of them
+# per thread at 8 warps (32-40 registers and no spills on sm_80 / sm_90; the row scan stays inside a
+# warp, no shared memory, except fp32 at tile_k 256; 4 warps or 8,192 elements stage it through shared
+# memory). About 16-22 thread-instructions per element: ~8.5 us of issue for 4096 x 4096 on an H200,
+# under the ~11 us of memory traffic
+_BITMAP_ELEMS, _BITMAP_WARPS = 4096, 8
 
 
 @triton.jit
@@ -73,6 +93,19 @@ def _masked_expand_kernel(w_ptr, bits_ptr, out_ptr, N, K, stride_wn, stride_wk, 
                        BLOCK_N, BLOCK_K)
     kk = k0 + offs_k
     tl.store(out_ptr + offs_n[:, None] * stride_on + kk[None, :] * stride_ok, w,
+             mask=(offs_n[:, None] < N) & (kk[None, :] < K))
+
+
+@triton.jit
+def _bitmap_expand_kernel(w_ptr, v_ptr, bitmap_ptr, offsets_ptr, N, K, stride_bmn, stride_on, stride_wn, stride_wk,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """w[N, K] = dense(values [nnz], bitmap, offsets); one [BLOCK_N, BLOCK_K = tile_k] tile per program
+    (grid: N tiles x K tiles). Only set bits gather a value; the rest of the tile stores +0."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    w = _bitmap_w_tile(v_ptr, bitmap_ptr, offsets_ptr, offs_n, k0, N, K, stride_bmn, stride_on, BLOCK_N, BLOCK_K)
+    kk = k0 + tl.arange(0, BLOCK_K)
+    tl.store(w_ptr + offs_n[:, None] * stride_wn + kk[None, :] * stride_wk, w,
              mask=(offs_n[:, None] < N) & (kk[None, :] < K))
 
 
@@ -136,11 +169,56 @@ def masked_to_dense(weight: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def expand_bytes(kind: str, n: int, k: int, itemsize: int) -> float:
+def _bitmap_blocks(tile_k: int) -> dict:
+    return dict(BLOCK_N=_BITMAP_ELEMS // tile_k, BLOCK_K=tile_k)
+
+
+def bitmap_to_dense(values: torch.Tensor, bitmap: torch.Tensor, offsets: torch.Tensor, shape, tile_k: int
+                    ) -> torch.Tensor:
+    """dense(values [nnz], bitmap int32 [N, ceil(K/32)], offsets int32 [N, ceil(K/tile_k)]) -> [N, K]
+    in values' dtype; ``shape`` = (N, K), ``tile_k`` in ``dense_gemm.BITMAP_TILE_KS``.
+
+    Bad arguments (types, shapes, tile_k, devices, N * K past int32 indexing) raise before any
+    launch; the content (set bits == nnz, offsets matching the bitmap) is ``BitmapWeight.validate()``'s
+    to check, once, as for ``bitmap_linear``."""
+    op = "bitmap_to_dense"
+    n, k = shape
+    if not isinstance(tile_k, int) or isinstance(tile_k, bool) or tile_k not in BITMAP_TILE_KS:
+        raise ValueError(f"{op}: tile_k={tile_k!r} is not one the kernel supports {BITMAP_TILE_KS} (use "
+                         "BitmapWeight.to_dense(), or repack with BitmapWeight.from_dense(W, tile_k=128))")
+    if n * k > 2 ** 31 - 1:
+        raise ValueError(f"{op}: shape {tuple(shape)} has {n * k} elements, past the kernel's int32 indexing")
+    check_tensor(values, f"{op}: values", dtypes=FLOAT_DTYPES, ndim=1)
+    _check_words(bitmap, "bitmap", n, k, op)
+    check_tensor(offsets, f"{op}: offsets", dtypes=(torch.int32,), ndim=2)
+    if tuple(offsets.shape) != (n, -(-k // tile_k)):
+        raise ValueError(f"{op}: offsets has shape {tuple(offsets.shape)}; a [{n}, {k}] weight with tile_k={tile_k} "
+                         f"needs ({n}, {-(-k // tile_k)})")
+    check_same_device(values=values, bitmap=bitmap, offsets=offsets)
+    w = torch.empty(n, k, dtype=values.dtype, device=values.device)
+    if n == 0 or k == 0:
+        return w
+    values = values.contiguous()  # the kernel gathers values[offset + rank]: unit stride
+    if bitmap.stride(1) != 1:
+        bitmap = bitmap.contiguous()
+    if offsets.stride(1) != 1:
+        offsets = offsets.contiguous()
+    blocks = _bitmap_blocks(tile_k)
+    _bitmap_expand_kernel[(triton.cdiv(n, blocks["BLOCK_N"]), triton.cdiv(k, tile_k))](
+        w, values, bitmap, offsets, n, k, bitmap.stride(0), offsets.stride(0), w.stride(0), w.stride(1),
+        num_warps=_BITMAP_WARPS, **blocks)
+    return w
+
+
+def expand_bytes(kind: str, n: int, k: int, itemsize: int, density: float = 1.0, tile_k: int = 128) -> float:
     """Bytes one expansion moves: the compressed weight read once, the dense one written
-    (2:4: K/2 values + K/32 meta words per row; masked: the dense W + its bits)."""
+    (2:4: K/2 values + K/32 meta words per row; masked: the dense W + its bits; bitmap: the
+    ``density * N * K`` kept values, the bits and one int32 offset per row and tile_k columns)."""
     words = n * triton.cdiv(k, 32) * 4
-    read = n * (k // 2) * itemsize + words if kind == "sparse24" else n * k * itemsize + words
+    if kind == "bitmap":
+        read = density * n * k * itemsize + words + n * triton.cdiv(k, tile_k) * 4
+    else:
+        read = n * (k // 2) * itemsize + words if kind == "sparse24" else n * k * itemsize + words
     return float(read + n * k * itemsize)
 
 
@@ -170,6 +248,17 @@ def _compile_specs():
                                  divisible=("w_ptr", "bits_ptr", "out_ptr", "N", "K", "stride_wn", "stride_bn",
                                             "stride_on"),
                                  family="masked", regime="train-expand", archs=ARCHS))
+        # bitmap (inference prefill): regime "prefill-expand", not a training-plan step of the SASS audit
+        for tile_k in BITMAP_TILE_KS:
+            sig = dict(w_ptr=p, v_ptr=p, bitmap_ptr="*i32", offsets_ptr="*i32", N="i32", K="i32", stride_bmn="i32",
+                       stride_on="i32", stride_wn="i32", stride_wk="constexpr", BLOCK_N="constexpr",
+                       BLOCK_K="constexpr")
+            specs.append(CompileSpec(_bitmap_expand_kernel, sig, dict(stride_wk=1, **_bitmap_blocks(tile_k)),
+                                     _BITMAP_WARPS, 1, f"{dt} expand tk{tile_k}", is_gemm=False,
+                                     representative=dtype == torch.bfloat16 and tile_k == 128,
+                                     divisible=("w_ptr", "v_ptr", "bitmap_ptr", "offsets_ptr", "N", "K",
+                                                "stride_bmn", "stride_wn"),
+                                     family="bitmap", regime="prefill-expand", archs=ARCHS))
     return specs
 
 

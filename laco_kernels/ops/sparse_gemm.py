@@ -311,13 +311,14 @@ def bitmap_gpu_path(m: int, device: torch.device) -> str:
       once per weight; products on the tensor cores; predicted 2.09-2.14x a dense GEMM at 70%
       sparsity, 1.33-1.34x at 50%, at M = 1, see docs/gpu_decode_kernels.md).
     - up to ``DECODE_MAX_M`` (16): the tiled ``tl.dot`` kernel.
-    - prefill (``m > 16``) on CUDA: expand the weight to a transient dense ``[N, K]`` tensor and run
-      cuBLAS (``F.linear``). The tiled bitmap prefill loop issues about 15x the dense kernel's
-      instructions per multiply-add on sm_90 (bench/results/prefill_loops.json) and measured
-      2359-2510 us against cuBLAS's 204 at M = 4096 on an H100 (gpu_gemm_graph.json); expanding
-      moves about 10 bytes per weight (predicted ~135 us for 4096 x 11008 at 3.35 TB/s), so from
-      M > 16 on it is predicted faster than the tiled kernel (a prediction until a GPU times it).
-      It costs one dense weight of transient memory per call.
+    - prefill (``m > 16``) on CUDA: expand the weight to a transient dense ``[N, K]`` tensor
+      (:func:`bitmap_expand_linear`) and run cuBLAS (``F.linear``). The tiled bitmap prefill loop
+      issues about 15x the dense kernel's instructions per multiply-add on sm_90
+      (bench/results/prefill_loops.json) and measured 2359-2510 us against cuBLAS's 204 at M = 4096
+      on an H100 (gpu_gemm_graph.json); the expansion kernel moves about 3.2 bytes per weight (fp16,
+      50% density: ~43 us predicted for 4096 x 11008 at 3.35 TB/s), so from M > 16 on the path is
+      predicted faster than the tiled kernel (a prediction until a GPU times it). It costs one dense
+      weight of transient memory per call.
     The interpreter (CPU tensors) always runs the kernels, so tests exercise them.
     """
     from ..kernels.bitmap_gemv import gemv_max_m
@@ -330,10 +331,29 @@ def bitmap_gpu_path(m: int, device: torch.device) -> str:
     return "expand"
 
 
-def bitmap_expand_linear(x: torch.Tensor, bw: BitmapWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def bitmap_expand_linear(x: torch.Tensor, bw: BitmapWeight, bias: Optional[torch.Tensor],
+                         kernel: Optional[bool] = None) -> torch.Tensor:
     """x ``[M, K]`` @ dense(bw)^T + bias through a transient dense weight and ``F.linear`` (the GPU
-    prefill path of :func:`bitmap_gpu_path`); fp32 accumulation as cuBLAS does it, output in x's dtype."""
-    return torch.nn.functional.linear(x, bw.to_dense().to(x.dtype), None if bias is None else bias.to(x.dtype))
+    prefill path of :func:`bitmap_gpu_path`); fp32 accumulation as cuBLAS does it, output in x's dtype.
+
+    The dense weight: ``kernels.weight_expand.bitmap_to_dense`` (one Triton pass, the same bits as
+    ``bw.to_dense()``; predicted ~11 us for 4096 x 4096 fp16 at 50% density on an H200, against
+    ~350 us for the ``masked_scatter`` of ``to_dense``: a prediction until a GPU times it) when the
+    weight is on CUDA with a tile_k the kernel supports (``dense_gemm.BITMAP_TILE_KS``), else
+    ``bw.to_dense()``.
+    ``kernel=True`` forces the kernel (the interpreter runs it on CPU tensors), False ``to_dense``.
+    """
+    from ..kernels.dense_gemm import BITMAP_TILE_KS
+
+    if kernel is None:
+        kernel = bw.values.device.type == "cuda" and bw.tile_k in BITMAP_TILE_KS
+    if kernel:
+        from ..kernels.weight_expand import bitmap_to_dense
+
+        dense = bitmap_to_dense(bw.values, bw.bitmap, bw.offsets, bw.shape, bw.tile_k)
+    else:
+        dense = bw.to_dense()
+    return torch.nn.functional.linear(x, dense.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 _bitmap_op = torch.library.custom_op("laco::bitmap_linear", _bitmap_impl, mutates_args=())
