@@ -6,14 +6,18 @@ sm_90: the loop's instructions per warp and iteration, its STS / LDS outside the
 thread-instructions per weight byte (2:4 at its fixed density, bitmap at 50% and 70% sparsity)
 and per multiply-add (and that figure over the dense prefill GEMM's: the training kernels'
 yardstick). Then a two-term roofline (``bench/sass_model.py``) is fitted to the H100 rows of
-``bench/results/gpu_gemm_graph.json`` and printed beside them, and used to PREDICT:
+``bench/results/gpu_gemm_graph_h100.json`` and printed beside them, and used to PREDICT:
 
 - every inference kernel (decode / prefill regimes) on 4096 x 4096, 11008 x 4096, 4096 x 11008,
   M in {1, 4, 16, 256, 4096}, fp16 and bf16, with the dense Triton GEMM's prediction beside it;
 - one recovery step (forward + backward of an MLP block's three linears) of SmolLM2 (576 / 1536)
   and 7B (4096 / 11008) blocks at 1,024 and 8,192 tokens, fp32 / bf16 / fp16, for the masked and
   2:4 training kernels and for ``F.linear(x, W * M)`` + autograd (modelled as dense GEMMs);
-- the rows of ``bench/results/gpu_training.json`` (an out-of-sample check of the training plans).
+- the rows of ``bench/results/gpu_training_h100.json`` (an out-of-sample check of the training plans).
+
+The H200 run of 2026-12-04 (``gpu_gemm_graph.json``, ``gpu_decode_sweep.json``, ``gpu_training*.json``)
+is not in the fit: it timed kernels whose launch configuration changed afterwards (the 2:4 decode's
+K slices), and those measurements replace the predictions where they exist (README, dispatch).
 
 The fit uses the loop statistics of the kernels as they were when the H100 rows were measured,
 frozen in ``bench/results/sass_fit_basis.json`` (``--write-fit-basis`` rewrites it from the
@@ -51,8 +55,8 @@ from laco_kernels.kernels.dense_gemm import regime as m_regime  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 DEFAULT_OUT = os.path.join(RESULTS, "sass_audit.json")
-MEASURED = os.path.join(RESULTS, "gpu_gemm_graph.json")
-TRAINING_MEASURED = os.path.join(RESULTS, "gpu_training.json")
+MEASURED = os.path.join(RESULTS, "gpu_gemm_graph_h100.json")  # the fit basis froze the kernels of the H100 run
+TRAINING_MEASURED = os.path.join(RESULTS, "gpu_training_h100.json")
 BASIS = os.path.join(RESULTS, "sass_fit_basis.json")
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K)
 MS = [1, 2, 3, 4, 8, 16, 256, 4096]
@@ -127,7 +131,7 @@ def fit_rows(specs, stats: Stats, use_basis: bool) -> tuple:
 def write_basis(rows):
     with open(MEASURED) as f:
         meta = json.load(f)["meta"]
-    doc = dict(note=f"SASS features (sm_90, Triton {triton.__version__}) of the kernels timed in gpu_gemm_graph.json; "
+    doc = dict(note=f"SASS features (sm_90, Triton {triton.__version__}) of the kernels timed in gpu_gemm_graph_h100.json; "
                "the audit fits its model on these. Rewrite (--write-fit-basis) only with new measurements.",
                measured_meta=meta, written=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                rows=rows)
@@ -222,7 +226,7 @@ def predictions(selected, specs, stats: Stats, fitted, skipped: List[str]) -> Li
 
 
 def training(specs, stats: Stats, fitted) -> tuple:
-    """Predicted recovery steps of MLP blocks, and the check against gpu_training.json."""
+    """Predicted recovery steps of MLP blocks, and the check against gpu_training_h100.json."""
     kind, params = fitted["kind"], fitted["params"]
 
     def time_of(plan):
@@ -324,7 +328,7 @@ def report(doc):
         print(f"{s['block']:8s} {s['tokens']:6d} {s['dtype']:4s} {t['torch']:9.0f} "
               + " ".join(f"{t[p]:20.0f} {x[p]:5.2f}" for p in paths))
     if doc["training_check"]:
-        print("\ncheck vs gpu_training.json (do_bench, eager launches; not in the fit): predicted / measured ms")
+        print("\ncheck vs gpu_training_h100.json (do_bench, eager launches; not in the fit): predicted / measured ms")
         for c in doc["training_check"]:
             print(f"   {c['dtype']:4s} {str(c['shape']):18s} masked kernels {c['predicted_masked_kernels_ms']:.3f} / "
                   f"{c['measured_masked_kernels_ms']:.3f}   torch {c['predicted_torch_ms']:.3f} / "
@@ -362,7 +366,7 @@ def run(subset=False, pattern=None, archs=ARCHS, out=DEFAULT_OUT, use_basis=True
         meta=dict(triton=triton.__version__, archs=[f"sm_{a}" for a in archs], subset=subset, specs_pattern=pattern,
                   seconds=round(time.time() - t0, 1), training=with_training, load=os.getloadavg()[0],
                   note="predicted_* values come from the fitted model, not from a GPU; measured_* from "
-                       "gpu_gemm_graph.json / gpu_training.json (H100, Triton 3.6, the kernels as they were then)"),
+                       "gpu_gemm_graph_h100.json / gpu_training_h100.json (H100, Triton 3.6, the kernels as they were then)"),
         fit=dict(fitted, basis=basis, rows=[{k: v for k, v in r.items() if k != "features"} for r in rows]),
         specs=[r for r, _ in records], predictions=predictions(selected, specs, stats, fitted, skipped),
         predictions_skipped=sorted(set(skipped)),

@@ -24,21 +24,22 @@ def num_sms(device: torch.device) -> int:
     return _DEFAULT_SMS
 
 
-def choose_splits(programs: int, k_chunks: int, device: torch.device, max_splits: int = 16) -> int:
-    """Number of K slices: enough programs for one per SM (fewer slices mean fewer partial sums and
+def choose_splits(programs: int, k_chunks: int, device: torch.device, max_splits: int = 16, per_sm: int = 1) -> int:
+    """Number of K slices: enough programs for ``per_sm`` per SM (fewer slices mean fewer partial sums and
     no reduce launch; each program's prologue / epilogue is paid once per slice), each slice a whole
     number of ``k_chunks`` (the GEMV's unrolled K step), at most ``max_splits``."""
-    want = min(k_chunks, max_splits, max(1, triton.cdiv(num_sms(device), max(programs, 1))))
+    want = min(k_chunks, max_splits, max(1, triton.cdiv(per_sm * num_sms(device), max(programs, 1))))
     per = triton.cdiv(k_chunks, want)
     return triton.cdiv(k_chunks, per)
 
 
-def slice_k(programs: int, k: int, chunk: int, device, splits: int | None = None, granule: int = 32) -> tuple:
+def slice_k(programs: int, k: int, chunk: int, device, splits: int | None = None, granule: int = 32,
+            per_sm: int = 1) -> tuple:
     """(K slices, columns per slice) of a split-K decode launch with ``programs`` per slice: slices of
     whole ``chunk``-column steps chosen by :func:`choose_splits`, or (``splits`` given, tests) of whole
     ``granule``-column steps, so a test can reach a kernel's remainder paths."""
     if splits is None:
-        s = choose_splits(programs, triton.cdiv(k, chunk), device)
+        s = choose_splits(programs, triton.cdiv(k, chunk), device, per_sm=per_sm)
         k_per = triton.cdiv(triton.cdiv(k, s), chunk) * chunk
     else:
         k_per = triton.cdiv(triton.cdiv(k, splits), granule) * granule

@@ -47,8 +47,13 @@ from ._selfcheck import self_check_once
 from ._splitk import _TL, AuditDevice, reduce_launch, reduce_partials, slice_k, splitk_plan
 
 MMA_MAX_M = 16  # two mma.sp per tile cover 16 tokens; above, the tl.dot tile (prefill config)
-# 64 rows per program (16 per warp), 4 tiles of 32 columns per loop iteration, no software pipelining of the loop
-_CFG = dict(WARPS=4, UNROLL=4, STAGES=1)
+# 32 rows per program (16 per warp), 4 tiles of 32 columns per loop iteration, no software pipelining of the
+# loop, K sliced until there are PER_SM programs per SM. Measured on an H200 (bench/gpu_decode_sweep.py ->
+# bench/results/gpu_decode_sweep.json, fp16, 7B shapes, M = 1 / 4 / 16): the number of K slices decides the
+# time (one program per SM, the old rule, left the memory pipe empty: 4096 x 11008 at M = 1 took 50 us);
+# warps 2 / 4 / 8, unroll 2 / 4 / 8 and 1 or 3 stages change it by a few percent once the slices are right.
+# 8 two-warp programs per SM (16 warps) came within 7% of the fastest configuration at every measured point.
+_CFG = dict(WARPS=2, UNROLL=4, STAGES=1, PER_SM=8)
 
 
 def _mma_asm(dt: str, halves: int) -> str:
@@ -363,7 +368,7 @@ def launch_geometry(m: int, n: int, k: int, device, splits: int | None = None):
     """(row tiles, K slices, columns per slice) of a launch: slices are whole unrolled steps
     (``splits`` given: whole 32-column tiles, so tests reach the single-tile and tail paths)."""
     n_tiles = triton.cdiv(n, 16 * _CFG["WARPS"])
-    return (n_tiles,) + slice_k(n_tiles, k, 32 * _CFG["UNROLL"], device, splits, granule=32)
+    return (n_tiles,) + slice_k(n_tiles, k, 32 * _CFG["UNROLL"], device, splits, granule=32, per_sm=_CFG["PER_SM"])
 
 
 def sparse24_mma(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, shape, bias: torch.Tensor | None = None,

@@ -168,6 +168,28 @@ def _sparse24_impl(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bi
     return _native.sparse24_linear_checked(x, values, meta, bias)
 
 
+def sparse24_gpu_path(m: int, device: torch.device, dtype: torch.dtype) -> str:
+    """Which GPU path runs a 2:4 linear with ``m`` rows of x when its values are not trained (trained
+    values follow ``ops.train_dispatch``): ``"kernel"`` or ``"expand"``.
+
+    - fp16 / bf16 with ``m <= kernels.sparse24_mma.MMA_MAX_M`` (16): ``"kernel"`` (the sparse
+      tensor-core decode, ``kernels/sparse24_mma.py``).
+    - otherwise on CUDA: ``"expand"``: ``kernels/weight_expand.sparse24_to_dense`` writes a transient
+      dense ``[N, K]`` weight and cuBLAS (``F.linear``) runs the product. Measured on an H200
+      (bench/results/gpu_decode_sweep.json, 4096 x 4096): fp16 M = 32 39.7 us against 153.8 for the
+      ``tl.dot`` tile kernel, M = 4096 232 against 1233 (cuBLAS on a stored dense weight: 10.1 / 201);
+      fp32 M = 4 62.6 us against 234.7 for the fp32 decode GEMV / tile, M = 256 208.6 against 1407.
+      fp32 at M = 1-2 was not timed; the fp32 decode time was flat in M from 4 to 16 (230-235 us), so
+      the expansion is taken there too. It costs one dense weight of transient memory per call.
+    The interpreter (CPU tensors) always runs the kernels, so tests exercise them.
+    """
+    from ..kernels.sparse24_mma import MMA_MAX_M
+
+    if device.type != "cuda" or (dtype in (torch.float16, torch.bfloat16) and 0 < m <= MMA_MAX_M):
+        return "kernel"
+    return "expand"
+
+
 _sparse24_op = torch.library.custom_op("laco::sparse24_linear", _sparse24_impl, mutates_args=())
 
 
@@ -248,7 +270,8 @@ def sparse24_linear(x: torch.Tensor, w24: Sparse24Weight, bias: torch.Tensor | N
     Differentiable in x, bias and ``w24.values`` (when it requires grad).
     path: when the values are trained on the Triton backend, ``"auto"`` / ``"triton"`` / ``"torch"``
     (default ``LACO_TRAIN_PATH``, else ``auto``): the Triton kernels or ``F.linear(x, dense(w24))``
-    + autograd, chosen by ``ops/train_dispatch.py`` (the audit's predictions) under ``auto``.
+    + autograd, chosen by ``ops/train_dispatch.py`` under ``auto``. Values not trained: on CUDA past the
+    decode kernel's M (:func:`sparse24_gpu_path`) a transient dense weight and cuBLAS.
     """
     op = "sparse24_linear"
     if not isinstance(w24, Sparse24Weight):
@@ -275,6 +298,8 @@ def sparse24_linear(x: torch.Tensor, w24: Sparse24Weight, bias: torch.Tensor | N
             return sparse24_linear_torch(x, w24, bias)
         if train_path == "expand":
             backend = EXPAND
+    elif backend == "triton" and sparse24_gpu_path(x2.shape[0], x.device, x.dtype) == "expand":
+        backend = EXPAND  # inference past the decode kernel's M on CUDA: transient dense weight + cuBLAS
     args = (x2, w24.values, w24.meta, bias)
     y = _sparse24_impl(*args, backend) if call_direct(*args) else torch.ops.laco.sparse24_linear(*args, backend)
     return y.reshape(*x.shape[:-1], n)
@@ -295,7 +320,7 @@ def _bitmap_impl(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, of
     if backend == "triton":
         from ..kernels import bitmap_gemm as kb
 
-        if bitmap_gpu_path(x.shape[0], x.device) == "expand":
+        if bitmap_gpu_path(x.shape[0], x.device, x.dtype) == "expand":
             return bitmap_expand_linear(x, bw, bias)
         return kb.bitmap_linear(x, values, bitmap, offsets, bw.shape, tile_k, _bias_for_kernel(bias, x.dtype))
     from .. import _native
@@ -303,22 +328,22 @@ def _bitmap_impl(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, of
     return _native.bitmap_linear_checked(x, bw, bias)
 
 
-def bitmap_gpu_path(m: int, device: torch.device) -> str:
+def bitmap_gpu_path(m: int, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Which GPU path runs a bitmap linear with ``m`` rows of x: ``"gemv"``, ``"tiled"`` or ``"expand"``.
 
     - ``m <= kernels.bitmap_gemv.gemv_max_m()`` (13; 4 with ``LACO_BITMAP_GPU_LAYOUT=canonical``):
       a decode GEMV, by default on the derived chunk layout (``kernels/bitmap_chunks.py``, built
-      once per weight; products on the tensor cores; predicted 2.09-2.14x a dense GEMM at 70%
-      sparsity, 1.33-1.34x at 50%, at M = 1, see docs/gpu_decode_kernels.md).
-    - up to ``DECODE_MAX_M`` (16): the tiled ``tl.dot`` kernel.
-    - prefill (``m > 16``) on CUDA: expand the weight to a transient dense ``[N, K]`` tensor
-      (:func:`bitmap_expand_linear`) and run cuBLAS (``F.linear``). The tiled bitmap prefill loop
-      issues about 15x the dense kernel's instructions per multiply-add on sm_90
-      (bench/results/prefill_loops.json) and measured 2359-2510 us against cuBLAS's 204 at M = 4096
-      on an H100 (gpu_gemm_graph.json); the expansion kernel moves about 3.2 bytes per weight (fp16,
-      50% density: ~43 us predicted for 4096 x 11008 at 3.35 TB/s), so from M > 16 on the path is
-      predicted faster than the tiled kernel (a prediction until a GPU times it). It costs one dense
-      weight of transient memory per call.
+      once per weight; products on the tensor cores). Measured on an H200 (fp16, M = 1,
+      bench/results/gpu_gemm_graph.json): 70% sparsity 9.8 / 15.0 / 19.6 us against cuBLAS's
+      10.5 / 24.9 / 28.6 on 4096 x 4096 / 11008 x 4096 / 4096 x 11008; 50% 12.9 / 36.2 / 49.4 (slower).
+    - up to ``DECODE_MAX_M`` (16), fp16 / bf16: the tiled ``tl.dot`` kernel (H200, fp16, 4096 x 4096,
+      M = 16: 48.5 us against 75.4 for the expansion below).
+    - otherwise on CUDA (prefill, ``m > 16``; fp32 past the GEMV): expand the weight to a transient
+      dense ``[N, K]`` tensor (:func:`bitmap_expand_linear`, ``weight_expand.bitmap_to_dense``) and run
+      cuBLAS (``F.linear``). Measured on an H200 (bench/results/gpu_decode_sweep.json, 4096 x 4096,
+      50%): the expansion alone 62.5 us (fp16; ``BitmapWeight.to_dense``'s masked scatter: 375), fp16
+      M = 4096 260 us against cuBLAS's 201 on a stored dense weight; fp32 M = 16 120.8 us against
+      146.9 for the tiled kernel. It costs one dense weight of transient memory per call.
     The interpreter (CPU tensors) always runs the kernels, so tests exercise them.
     """
     from ..kernels.bitmap_gemv import gemv_max_m
@@ -326,7 +351,7 @@ def bitmap_gpu_path(m: int, device: torch.device) -> str:
 
     if 0 < m <= gemv_max_m():
         return "gemv"
-    if m <= DECODE_MAX_M or device.type != "cuda":
+    if device.type != "cuda" or (m <= DECODE_MAX_M and dtype != torch.float32):
         return "tiled"
     return "expand"
 
