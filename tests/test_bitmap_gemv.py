@@ -170,7 +170,8 @@ def test_chunk_specs_describe_the_decode_loop():
         assert s.expect_tensor_core == ("fp32" not in s.config) and s.constexprs["EMULATE"] is False
     plan = bc.SASS_LAUNCH_PLAN(bc.COMPILE_SPECS[0], 1, 4096, 4096, 0.3)
     assert plan[0]["programs"] >= 132 and plan[-1]["name"].startswith("_splitk_reduce")
-    assert 0.9 * 4096 * 4096 * 0.3 * 2.5 < plan[0]["bytes"] < 1.05 * 4096 * 4096 * 0.3 * 2.5  # fp16 + 4-bit gap
+    # fp16 + 4-bit gap, plus one int32 column base per layout row and K slice (5 slices here: +2.6%)
+    assert 0.9 * 4096 * 4096 * 0.3 * 2.5 < plan[0]["bytes"] < 1.08 * 4096 * 4096 * 0.3 * 2.5
 
 
 def test_compile_specs_describe_the_decode_loop():

@@ -62,6 +62,10 @@ ROWS = BLOCK_N // LANES  # weight rows per program and per layout block
 NUM_WARPS = 4
 UNROLL = 8  # chunks per steady-state iteration (8 values each per thread)
 MAX_GAP = 15  # gaps are stored in 4 bits
+# K slices until PER_SM programs per SM: on an H200 (bench/results/gpu_decode_sweep.json, fp16, M = 1) one program
+# per SM left 50% sparsity at 12.9 / 36.1 / 49.6 us on 4096 x 4096 / 11008 x 4096 / 4096 x 11008 where 4 / 2 / 8
+# slices took 11.7 / 26.7 / 27.7 (70%: 10.2 / 15.0 / 18.8 against 9.2 at 4 slices / 16.4 at 2 / 17.4 at 4)
+PER_SM = 4
 
 
 @dataclass
@@ -163,7 +167,7 @@ def build_layout(values: torch.Tensor, bitmap: torch.Tensor, shape, splits: int 
         raise AssertionError("bitmap_chunks: column gap out of [0, 15] (layout invariant broken)")
     gaps = gaps.to(torch.uint8).view(*gaps.shape[:-1], 4, 2)
     words = (gaps[..., 0] | (gaps[..., 1] << 4)).contiguous().view(torch.int32)[..., 0]  # byte b: gaps 2b, 2b + 1
-    s = splits or choose_splits(nb, lmax, dev)
+    s = splits or choose_splits(nb, lmax, dev, per_sm=PER_SM)
     per = (lb + s - 1) // s
     t_s = torch.clamp(torch.minimum(torch.arange(s, device=dev)[None, :] * per[:, None], lb[:, None]), max=lmax - 1)
     bases = base.view(nb, ROWS, LANES, lmax).reshape(nb, BLOCK_N, lmax)
@@ -399,7 +403,7 @@ def launch_plan(spec, m: int, n: int, k: int, density: float):
     isz = {"fp16": 2, "bf16": 2, "fp32": 4}[dt]
     nb = triton.cdiv(n, ROWS)
     lb = expected_chunks(k, density)
-    s = choose_splits(nb, math.ceil(lb), torch.device("cpu"))  # cpu: 132 SMs, the audit's H100
+    s = choose_splits(nb, math.ceil(lb), torch.device("cpu"), per_sm=PER_SM)  # cpu: 132 SMs, the audit's H100
     main = next(sp for sp in COMPILE_SPECS if sp.signature["x_ptr"] == spec.signature["x_ptr"]
                 and sp.constexprs["PARTIAL"] == (s > 1) and not sp.constexprs["HAS_BIAS"])
     layout_bytes = nb * lb * BLOCK_N * 8 * (isz + 0.5) + nb * s * BLOCK_N * 4 + (nb + 1) * 4 + nb * ROWS * 4
