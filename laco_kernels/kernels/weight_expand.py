@@ -20,9 +20,8 @@ our kernels (dV ``[N, K/2]`` gathered, masked dW with exact zeros, db fused), so
 still holds state for the kept values only. ``ops/train_dispatch.py`` picks this path per shape.
 
 Why bitmap: ``BitmapWeight.to_dense()`` (torch ``masked_scatter`` over an unpacked bool mask) took
-about 350 us for a 4096 x 4096 weight on an H200; one pass reading the compressed weight and writing
-the dense one moves ~3.2 bytes per weight (fp16, 50% density), a predicted ~11 us there (a
-prediction until a GPU times it).
+375 us for a 4096 x 4096 fp16 weight at 50% density on an H200; this kernel took 62.5 us there
+(bench/results/gpu_decode_sweep.json), 0.85 TB/s against the ~11 us a full-bandwidth pass would take.
 
 Launchers take 2-D tensors with any strides (16-bit 2:4 values need unit stride along K: they
 are reinterpreted as int32 words, else copied; 1-D bitmap values are made contiguous). The

@@ -361,13 +361,18 @@ def bitmap_expand_linear(x: torch.Tensor, bw: BitmapWeight, bias: Optional[torch
     """x ``[M, K]`` @ dense(bw)^T + bias through a transient dense weight and ``F.linear`` (the GPU
     prefill path of :func:`bitmap_gpu_path`); fp32 accumulation as cuBLAS does it, output in x's dtype.
 
-    The dense weight: ``kernels.weight_expand.bitmap_to_dense`` (one Triton pass, the same bits as
-    ``bw.to_dense()``; predicted ~11 us for 4096 x 4096 fp16 at 50% density on an H200, against
-    ~350 us for the ``masked_scatter`` of ``to_dense``: a prediction until a GPU times it) when the
-    weight is on CUDA with a tile_k the kernel supports (``dense_gemm.BITMAP_TILE_KS``), else
-    ``bw.to_dense()``.
-    ``kernel=True`` forces the kernel (the interpreter runs it on CPU tensors), False ``to_dense``.
+    The dense weight: :func:`_bitmap_dense` (``kernel`` as there).
     """
+    dense = _bitmap_dense(bw, kernel)
+    return torch.nn.functional.linear(x, dense.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def _bitmap_dense(bw: BitmapWeight, kernel: Optional[bool] = None) -> torch.Tensor:
+    """``bw`` as a dense ``[N, K]`` tensor: ``kernels.weight_expand.bitmap_to_dense`` (one Triton pass, the
+    same bits as ``bw.to_dense()``; H200, 4096 x 4096 fp16 at 50% density: 62.5 us against 375 for the
+    ``masked_scatter`` of ``to_dense``, bench/results/gpu_decode_sweep.json) when the weight is on CUDA
+    with a tile_k the kernel supports (``dense_gemm.BITMAP_TILE_KS``), else ``bw.to_dense()``.
+    ``kernel=True`` forces the kernel (the interpreter runs it on CPU tensors), False ``to_dense``."""
     from ..kernels.dense_gemm import BITMAP_TILE_KS
 
     if kernel is None:
@@ -375,10 +380,8 @@ def bitmap_expand_linear(x: torch.Tensor, bw: BitmapWeight, bias: Optional[torch
     if kernel:
         from ..kernels.weight_expand import bitmap_to_dense
 
-        dense = bitmap_to_dense(bw.values, bw.bitmap, bw.offsets, bw.shape, bw.tile_k)
-    else:
-        dense = bw.to_dense()
-    return torch.nn.functional.linear(x, dense.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return bitmap_to_dense(bw.values, bw.bitmap, bw.offsets, bw.shape, bw.tile_k)
+    return bw.to_dense()
 
 
 _bitmap_op = torch.library.custom_op("laco::bitmap_linear", _bitmap_impl, mutates_args=())
@@ -398,7 +401,7 @@ def _bitmap_backward_impl(dy: torch.Tensor, x: torch.Tensor, values: torch.Tenso
     if backend == "reference":  # what autograd through reference.bitmap_linear gives, bit for bit
         dx, _, db = reference.linear_fp32_grads(dy, x, bw.to_dense(), need_x, False, need_b, bias_dtype)
     else:
-        dx = (dy.float() @ bw.to_dense().float()).to(dy.dtype) if need_x else None
+        dx = (dy.float() @ _bitmap_dense(bw).float()).to(dy.dtype) if need_x else None
         db = _bias_grad(dy, bias_dtype) if need_b else None
     return grad_or_empty(dx, dy), grad_or_empty(db, dy)
 
