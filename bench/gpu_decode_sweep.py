@@ -33,7 +33,11 @@ import torch.nn.functional as F  # noqa: E402
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 DEV = "cuda"
 MMA_MS, EXPAND_MS = (1, 4, 16), (4, 8, 16, 32, 64, 256, 4096)
-CONFIGS = [(w, u, 1) for w in (2, 4, 8) for u in (2, 4, 8)] + [(4, 4, 3), (4, 8, 3), (8, 4, 3), (2, 8, 3)]
+# (warps, unroll, num_stages, prefetch); --configs prefetch: the register double-buffered loop against the plain one
+CONFIGS = [(w, u, 1, False) for w in (2, 4, 8) for u in (2, 4, 8)] + [(4, 4, 3, False), (4, 8, 3, False),
+                                                                      (8, 4, 3, False), (2, 8, 3, False)]
+PREFETCH_CONFIGS = [(2, 4, 1, False), (2, 4, 1, True), (2, 8, 1, True), (4, 4, 1, True), (2, 2, 1, True)]
+MULTS = (0.5, 1, 2, 4, 8, 16)
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu_decode_sweep.json")
 
 
@@ -74,11 +78,11 @@ def sweep_mma(gen, records):
             cub = _timer(lambda: F.linear(x, wd))
             records.append(dict(part="mma", method="cublas", M=m, N=n, K=k, us=cub))
             best = None
-            for warps, unroll, stages in CONFIGS:
-                mm._CFG.update(WARPS=warps, UNROLL=unroll, STAGES=stages)
+            for warps, unroll, stages, prefetch in CONFIGS:
+                mm._CFG.update(WARPS=warps, UNROLL=unroll, STAGES=stages, PREFETCH=prefetch)
                 try:
                     _, s_auto, _ = mm.launch_geometry(m, n, k, x.device)
-                    for mult in (0.5, 1, 2, 4, 8, 16):
+                    for mult in MULTS:
                         s = max(1, int(s_auto * mult))
                         if mult != 1 and s == s_auto:
                             continue
@@ -87,21 +91,23 @@ def sweep_mma(gen, records):
                         ok = _ok(fn(), want, dtype)
                         us = _timer(fn) if ok else None
                         rec = dict(part="mma", method="sparse24_mma", M=m, N=n, K=k, warps=warps, unroll=unroll, stages=stages,
+                                   prefetch=prefetch,
                                    splits=s, auto_splits=mult == 1, ok=ok, us=us, vs_cublas=(cub / us) if us else None)
                         records.append(rec)
                         if us and (best is None or us < best["us"]):
                             best = rec
                 except Exception as ex:  # a config the kernel cannot build: record it, keep sweeping
                     records.append(dict(part="mma", method="sparse24_mma", M=m, N=n, K=k, warps=warps, unroll=unroll,
-                                        stages=stages, error=f"{type(ex).__name__}: {str(ex)[:200]}"))
+                                        stages=stages, prefetch=prefetch, error=f"{type(ex).__name__}: {str(ex)[:200]}"))
                 finally:
                     mm._CFG.clear()
                     mm._CFG.update(base)
             dflt = next((r["us"] for r in records if r.get("part") == "mma" and r.get("M") == m and r["N"] == n
                          and r["K"] == k and r.get("warps") == base["WARPS"] and r.get("unroll") == base["UNROLL"]
-                         and r.get("stages") == base["STAGES"] and r.get("auto_splits")), None)
+                         and r.get("stages") == base["STAGES"] and r.get("prefetch") == base["PREFETCH"]
+                         and r.get("auto_splits")), None)
             _saved_print(f"mma N={n:5d} K={k:5d} M={m:2d}: cublas {cub:6.1f} us  default {dflt} us  best "
-                  + (f"{best['us']:6.1f} us (warps {best['warps']}, unroll {best['unroll']}, stages {best['stages']}, splits {best['splits']})"
+                  + (f"{best['us']:6.1f} us (warps {best['warps']}, unroll {best['unroll']}, stages {best['stages']}, prefetch {best['prefetch']}, splits {best['splits']})"
                      if best else "none"), flush=True)
 
 
@@ -193,11 +199,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--parts", nargs="+", default=["mma", "bitmap", "expand"], choices=["mma", "bitmap", "expand"])
+    ap.add_argument("--configs", choices=["launch", "prefetch"], default="launch",
+                    help="mma part: the launch-configuration grid, or the prefetch loop against the plain one")
+    ap.add_argument("--ms", type=int, nargs="+", help="M values of the mma part (default 1 4 16)")
     ap.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter, tiny shapes, no timing")
     args = ap.parse_args(argv)
-    global DEV, SHAPES, MMA_MS, EXPAND_MS, CONFIGS
+    global DEV, SHAPES, MMA_MS, EXPAND_MS, CONFIGS, MULTS
+    if args.configs == "prefetch":
+        CONFIGS, MULTS = PREFETCH_CONFIGS, (0.5, 1, 2)
+    if args.ms:
+        MMA_MS = tuple(args.ms)
     if args.dry_run:
-        DEV, SHAPES, MMA_MS, EXPAND_MS, CONFIGS = "cpu", [(70, 200)], (1, 11), (4, 40), [(1, 2, 1), (2, 1, 3)]
+        DEV, SHAPES, MMA_MS, EXPAND_MS, CONFIGS = "cpu", [(70, 200)], (1, 11), (4, 40), CONFIGS[:1] + [(2, 1, 3, True)]
     elif not torch.cuda.is_available():
         print("bench/gpu_decode_sweep.py needs a CUDA GPU")
         return 2

@@ -33,6 +33,14 @@ def test_matches_reference(m, n, k, dtype, bias, splits):
     check_24_kernel(sm.sparse24_mma, m, n, k, dtype, bias, splits=splits)
 
 
+@pytest.mark.parametrize("m,n,k,dtype,bias,splits", CASES + [(2, 40, 1056, torch.float16, False, 1)])
+def test_prefetch_variant_matches_reference(m, n, k, dtype, bias, splits, monkeypatch):
+    """PREFETCH (register double buffering of whole unrolled steps): same results, the last step's
+    prefetch predicated off (K = 1056: 8 whole steps in one slice, so the loop runs many iterations)."""
+    monkeypatch.setitem(sm._CFG, "PREFETCH", True)
+    check_24_kernel(sm.sparse24_mma, m, n, k, dtype, bias, splits=splits)
+
+
 def test_non_contiguous_misaligned_and_3d_inputs(triton_backend):
     from laco_kernels.ops.sparse_gemm import sparse24_linear
 

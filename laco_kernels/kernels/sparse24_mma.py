@@ -53,7 +53,9 @@ MMA_MAX_M = 16  # two mma.sp per tile cover 16 tokens; above, the tl.dot tile (p
 # time (one program per SM, the old rule, left the memory pipe empty: 4096 x 11008 at M = 1 took 50 us);
 # warps 2 / 4 / 8, unroll 2 / 4 / 8 and 1 or 3 stages change it by a few percent once the slices are right.
 # 8 two-warp programs per SM (16 warps) came within 7% of the fastest configuration at every measured point.
-_CFG = dict(WARPS=2, UNROLL=4, STAGES=1, PER_SM=8)
+# PREFETCH (register double buffering of whole unrolled steps) measured 3-6% faster on two shapes and 2% slower
+# on the third (bench/results/gpu_decode_prefetch.json): kept as an option, off (docs/gpu_decode_kernels.md).
+_CFG = dict(WARPS=2, UNROLL=4, STAGES=1, PER_SM=8, PREFETCH=False)
 
 
 def _mma_asm(dt: str, halves: int) -> str:
@@ -176,10 +178,10 @@ def _ld(ptr, used, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _tile(c0, c1, c2, c3, c4, c5, c6, c7, v0, v1, mp, xa, xb, sel, gt, n_groups, tig, ok_a, ok_b,
-          MASKED: tl.constexpr, HALVES: tl.constexpr, DT: tl.constexpr, WARPS: tl.constexpr,
-          EMULATE: tl.constexpr):
-    """One 32-column tile (groups gt .. gt + 7), accumulated into c0..c7 (the same loads on both paths).
+def _tile_loads(v0, v1, mp, xa, xb, gt, n_groups, tig, ok_a, ok_b, MASKED: tl.constexpr, HALVES: tl.constexpr,
+                EMULATE: tl.constexpr):
+    """The operands of one 32-column tile (groups gt .. gt + 7): (w, a0, a1, a2, a3, b0, ..., b7), the same
+    loads on both paths.
 
     v0 / v1 -> int32 pair words of rows gid / gid + 8 at group gt + tig; mp -> the meta word of row
     gid (lane tig 0) or gid + 8 (lane tig 1), exchanged by a shuffle; xa / xb -> int32 x words (column
@@ -229,6 +231,41 @@ def _tile(c0, c1, c2, c3, c4, c5, c6, c7, v0, v1, mp, xa, xb, sel, gt, n_groups,
             b7 = _ld(xb + 12, ok_b, EMULATE)
         else:
             b4, b5, b6, b7 = b0, b1, b2, b3
+    return w, a0, a1, a2, a3, b0, b1, b2, b3, b4, b5, b6, b7
+
+
+@triton.jit
+def _prefetch_loads(v0, v1, mp, xa, xb, tig, ok_a, ok_b, live, HALVES: tl.constexpr, EMULATE: tl.constexpr):
+    """:func:`_tile_loads` of a whole tile, predicated on the scalar ``live`` (False: the step after a
+    slice's last one, nothing is read and the zeros are never used)."""
+    live = tl.where(live, tig >= 0, tig < 0)  # the scalar predicate as a per-thread mask (a where: bool data)
+    mine = (tig < 2) & live
+    w = tl.load(mp, mask=mine if EMULATE else live, other=0)
+    a0 = tl.load(v0, mask=live, other=0)
+    a1 = tl.load(v1, mask=live, other=0)
+    a2 = tl.load(v0 + 4, mask=live, other=0)
+    a3 = tl.load(v1 + 4, mask=live, other=0)
+    la = (ok_a & live) if EMULATE else live
+    b0 = tl.load(xa, mask=la, other=0)
+    b1 = tl.load(xa + 4, mask=la, other=0)
+    b2 = tl.load(xa + 8, mask=la, other=0)
+    b3 = tl.load(xa + 12, mask=la, other=0)
+    if HALVES == 2:
+        lb = (ok_b & live) if EMULATE else live
+        b4 = tl.load(xb, mask=lb, other=0)
+        b5 = tl.load(xb + 4, mask=lb, other=0)
+        b6 = tl.load(xb + 8, mask=lb, other=0)
+        b7 = tl.load(xb + 12, mask=lb, other=0)
+    else:
+        b4, b5, b6, b7 = b0, b1, b2, b3
+    return w, a0, a1, a2, a3, b0, b1, b2, b3, b4, b5, b6, b7
+
+
+@triton.jit
+def _tile_mma(c0, c1, c2, c3, c4, c5, c6, c7, ops, sel, tig, HALVES: tl.constexpr, DT: tl.constexpr,
+              WARPS: tl.constexpr, EMULATE: tl.constexpr):
+    """c0..c7 += the tile whose operands :func:`_tile_loads` returned (``ops``)."""
+    w, a0, a1, a2, a3, b0, b1, b2, b3, b4, b5, b6, b7 = ops
     if EMULATE:
         # the shuffle: lane tig 0 / 1 gets (its word, the partner's word) -> prmt with its selector
         w3 = tl.reshape(w, (WARPS, 8, 4))
@@ -268,6 +305,15 @@ def _tile(c0, c1, c2, c3, c4, c5, c6, c7, v0, v1, mp, xa, xb, sel, gt, n_groups,
 
 
 @triton.jit
+def _tile(c0, c1, c2, c3, c4, c5, c6, c7, v0, v1, mp, xa, xb, sel, gt, n_groups, tig, ok_a, ok_b,
+          MASKED: tl.constexpr, HALVES: tl.constexpr, DT: tl.constexpr, WARPS: tl.constexpr,
+          EMULATE: tl.constexpr):
+    """One 32-column tile (groups gt .. gt + 7) loaded and accumulated into c0..c7."""
+    ops = _tile_loads(v0, v1, mp, xa, xb, gt, n_groups, tig, ok_a, ok_b, MASKED, HALVES, EMULATE)
+    return _tile_mma(c0, c1, c2, c3, c4, c5, c6, c7, ops, sel, tig, HALVES, DT, WARPS, EMULATE)
+
+
+@triton.jit
 def _store(c, y_ptr, b_ptr, row, tok, M, N, pid_k, stride_ys, stride_ym, PARTIAL: tl.constexpr,
            HAS_BIAS: tl.constexpr):
     """y[tok, row] = c (+ b[row]) in y's dtype, or the raw fp32 partial of K slice pid_k."""
@@ -284,7 +330,8 @@ def _store(c, y_ptr, b_ptr, row, tok, M, N, pid_k, stride_ys, stride_ym, PARTIAL
 @triton.jit
 def _sparse24_mma_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_vn, stride_mn,
                          stride_ys, stride_ym, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, DT: tl.constexpr,
-                         HALVES: tl.constexpr, WARPS: tl.constexpr, UNROLL: tl.constexpr, EMULATE: tl.constexpr):
+                         HALVES: tl.constexpr, WARPS: tl.constexpr, UNROLL: tl.constexpr, EMULATE: tl.constexpr,
+                         PREFETCH: tl.constexpr = False):
     """y[m, rows] (or the fp32 partial of K slice pid 1) for the program's 16 * WARPS rows.
 
     x_ptr: x [M, K] (DT, rows 4-byte aligned, unit stride); v_ptr: values viewed as int32 [N, K/4]
@@ -327,17 +374,44 @@ def _sparse24_mma_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, K_PER_SP
     c7 = tl.zeros_like(c0)
     n_full = (k_hi - k_lo) // 32
     gt = k_lo // 4
-    for _ in range(n_full // UNROLL):
+    if PREFETCH:
+        # register double buffering: the loads of step i + 1 are issued before the mma.sp of step i, so a
+        # warp keeps a whole unrolled step (UNROLL x 576 weight bytes) in flight; without it ptxas
+        # interleaves each tile's loads with the previous tile's mma.sp (about one tile in flight)
+        n_steps = n_full // UNROLL
+        cur = ()
         for u in tl.static_range(UNROLL):
-            c0, c1, c2, c3, c4, c5, c6, c7 = _tile(
-                c0, c1, c2, c3, c4, c5, c6, c7, v0 + 8 * u, v1 + 8 * u, mp + u, xa + 16 * u, xb + 16 * u, sel,
-                gt + 8 * u, n_groups, tig, ok_a, ok_b, False, HALVES, DT, WARPS, EMULATE)
-        v0 += 8 * UNROLL
-        v1 += 8 * UNROLL
-        mp += UNROLL
-        xa += 16 * UNROLL
-        xb += 16 * UNROLL
-        gt += 8 * UNROLL
+            cur = cur + (_prefetch_loads(v0 + 8 * u, v1 + 8 * u, mp + u, xa + 16 * u, xb + 16 * u, tig, ok_a, ok_b,
+                                         n_steps > 0, HALVES, EMULATE),)
+        for it in range(n_steps):
+            live = it + 1 < n_steps
+            nxt = ()
+            for u in tl.static_range(UNROLL):
+                o = UNROLL + u
+                nxt = nxt + (_prefetch_loads(v0 + 8 * o, v1 + 8 * o, mp + o, xa + 16 * o, xb + 16 * o, tig, ok_a,
+                                             ok_b, live, HALVES, EMULATE),)
+            for u in tl.static_range(UNROLL):
+                c0, c1, c2, c3, c4, c5, c6, c7 = _tile_mma(c0, c1, c2, c3, c4, c5, c6, c7, cur[u], sel, tig,
+                                                           HALVES, DT, WARPS, EMULATE)
+            cur = nxt
+            v0 += 8 * UNROLL
+            v1 += 8 * UNROLL
+            mp += UNROLL
+            xa += 16 * UNROLL
+            xb += 16 * UNROLL
+            gt += 8 * UNROLL
+    else:
+        for _ in range(n_full // UNROLL):
+            for u in tl.static_range(UNROLL):
+                c0, c1, c2, c3, c4, c5, c6, c7 = _tile(
+                    c0, c1, c2, c3, c4, c5, c6, c7, v0 + 8 * u, v1 + 8 * u, mp + u, xa + 16 * u, xb + 16 * u, sel,
+                    gt + 8 * u, n_groups, tig, ok_a, ok_b, False, HALVES, DT, WARPS, EMULATE)
+            v0 += 8 * UNROLL
+            v1 += 8 * UNROLL
+            mp += UNROLL
+            xa += 16 * UNROLL
+            xb += 16 * UNROLL
+            gt += 8 * UNROLL
     for _ in range(n_full // UNROLL * UNROLL, n_full):  # whole tiles short of an unrolled step
         c0, c1, c2, c3, c4, c5, c6, c7 = _tile(
             c0, c1, c2, c3, c4, c5, c6, c7, v0, v1, mp, xa, xb, sel, gt, n_groups, tig, ok_a, ok_b,
@@ -398,6 +472,7 @@ def sparse24_mma(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, shap
         meta.stride(0), 0 if s == 1 else out.stride(0), out.stride(-2),
         HAS_BIAS=bias is not None and s == 1, PARTIAL=s > 1, DT=_TL[x.dtype], HALVES=1 if m <= 8 else 2,
         WARPS=_CFG["WARPS"], UNROLL=_CFG["UNROLL"], EMULATE=_is_interpreted(_sparse24_mma_kernel),
+        PREFETCH=_CFG["PREFETCH"],
         num_warps=_CFG["WARPS"], num_stages=_CFG["STAGES"])
     if s > 1:
         reduce_partials(out, bias, y)
@@ -420,9 +495,9 @@ def _specs():
                                y_ptr="*fp32" if partial else f"*{dt}", M="i32", N="i32", K="i32", K_PER_SPLIT="i32",
                                stride_xm="i32", stride_vn="i32", stride_mn="i32", stride_ys="i32", stride_ym="i32",
                                HAS_BIAS="constexpr", PARTIAL="constexpr", DT="constexpr", HALVES="constexpr",
-                               WARPS="constexpr", UNROLL="constexpr", EMULATE="constexpr")
+                               WARPS="constexpr", UNROLL="constexpr", EMULATE="constexpr", PREFETCH="constexpr")
                     consts = dict(HAS_BIAS=has_bias, PARTIAL=partial, DT=dt, HALVES=halves, WARPS=_CFG["WARPS"],
-                                  UNROLL=_CFG["UNROLL"], EMULATE=False)
+                                  UNROLL=_CFG["UNROLL"], EMULATE=False, PREFETCH=_CFG["PREFETCH"])
                     name = (f"sparse24-mma-{dt}-m{8 * halves}" + ("-partial" if partial else "-out")
                             + ("-bias" if has_bias else ""))
                     specs.append(CompileSpec(
