@@ -14,9 +14,10 @@ W and its bits, no host sync) and the forward and dX kernels then run the plain 
 a zero weight gets an exact zero gradient, and no standard optimizer moves it. The backward's dX
 reuses the forward's verdict (autograd's version check on the saved weight keeps it valid).
 
-Backends (``ops.dispatch.select_backend``): CUDA tensors -> Triton, or ``F.linear(x, W * M)``
-with autograd where the SASS audit predicts the Triton kernels slower (``ops/train_dispatch.py``;
-``LACO_TRAIN_PATH`` / ``path=`` override; the torch path materialises W ⊙ M); CPU -> the native
+Backends (``ops.dispatch.select_backend``): CUDA tensors -> the training path measured fastest on an
+H200 at the nearest measured shape: the fused Triton kernels, the expand path (transient dense W +
+cuBLAS) or ``F.linear(x, W * M)`` with autograd (``ops/train_dispatch.py``; ``LACO_TRAIN_PATH`` /
+``path=`` override; the torch path materialises W ⊙ M); CPU -> the native
 extension (csrc/masked_linear.cpp: the mask applied block by block in one vector pass, every
 product through the BLAS of ``F.linear``; fp32 / bf16, fp16 runs the reference) when built, else
 the PyTorch reference; ``LACO_BACKEND=triton`` with ``TRITON_INTERPRET=1`` runs the kernels on CPU.
