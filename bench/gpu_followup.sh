@@ -8,17 +8,8 @@
 #   device run:  bash bench/gpu_followup.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" LACO_NO_EXT=1 TRITON_DEFAULT_FP_FUSION=1 PYTHONUNBUFFERED=1
-OUT="${OUT:-bench/results/gpu_run}"
-mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
+source bench/gpu_step.sh
 log="$OUT/followup.log"
-step() {  # step NAME SECONDS CMD...: run with a time limit, keep going on failure, log the status
-    local name=$1 limit=$2; shift 2
-    echo "== $name ($(date -u +%T), limit ${limit}s): $*" | tee -a "$log"
-    timeout "$limit" "$@" >> "$log" 2>&1
-    echo "== $name: exit $?" | tee -a "$log"
-}
 step sweep 330 "$PY" bench/gpu_decode_sweep.py --out "$OUT/gpu_decode_sweep.json"
 step train_7b 90 env GPU_TRAINING_OUT="$OUT/gpu_training_7b.json" "$PY" bench/gpu_training.py --shapes 7b --skip-check
 echo "done $(date -u +%T)" | tee -a "$log"

@@ -17,17 +17,8 @@
 #   device run:  bash bench/gpu_suite.sh          (the device tool sets $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" LACO_NO_EXT=1 TRITON_DEFAULT_FP_FUSION=1
-OUT="${OUT:-bench/results/gpu_run}"
-mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
+source bench/gpu_step.sh
 log="$OUT/suite.log"
-step() {  # step NAME SECONDS CMD...: run with a time limit, keep going on failure, log the status
-    local name=$1 limit=$2; shift 2
-    echo "== $name ($(date -u +%T), limit ${limit}s): $*" | tee -a "$log"
-    timeout "$limit" "$@" >> "$log" 2>&1
-    echo "== $name: exit $?" | tee -a "$log"
-}
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } > "$OUT/gpu_info.txt" 2>&1

@@ -314,6 +314,12 @@ def _tile(c0, c1, c2, c3, c4, c5, c6, c7, v0, v1, mp, xa, xb, sel, gt, n_groups,
 
 
 @triton.jit
+def _advance(v0, v1, mp, xa, xb, gt, TILES: tl.constexpr):
+    """The tile pointers (value words, meta word, x words) and group index moved TILES tiles of 32 columns on."""
+    return v0 + 8 * TILES, v1 + 8 * TILES, mp + TILES, xa + 16 * TILES, xb + 16 * TILES, gt + 8 * TILES
+
+
+@triton.jit
 def _store(c, y_ptr, b_ptr, row, tok, M, N, pid_k, stride_ys, stride_ym, PARTIAL: tl.constexpr,
            HAS_BIAS: tl.constexpr):
     """y[tok, row] = c (+ b[row]) in y's dtype, or the raw fp32 partial of K slice pid_k."""
@@ -394,34 +400,19 @@ def _sparse24_mma_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, K_PER_SP
                 c0, c1, c2, c3, c4, c5, c6, c7 = _tile_mma(c0, c1, c2, c3, c4, c5, c6, c7, cur[u], sel, tig,
                                                            HALVES, DT, WARPS, EMULATE)
             cur = nxt
-            v0 += 8 * UNROLL
-            v1 += 8 * UNROLL
-            mp += UNROLL
-            xa += 16 * UNROLL
-            xb += 16 * UNROLL
-            gt += 8 * UNROLL
+            v0, v1, mp, xa, xb, gt = _advance(v0, v1, mp, xa, xb, gt, UNROLL)
     else:
         for _ in range(n_full // UNROLL):
             for u in tl.static_range(UNROLL):
                 c0, c1, c2, c3, c4, c5, c6, c7 = _tile(
                     c0, c1, c2, c3, c4, c5, c6, c7, v0 + 8 * u, v1 + 8 * u, mp + u, xa + 16 * u, xb + 16 * u, sel,
                     gt + 8 * u, n_groups, tig, ok_a, ok_b, False, HALVES, DT, WARPS, EMULATE)
-            v0 += 8 * UNROLL
-            v1 += 8 * UNROLL
-            mp += UNROLL
-            xa += 16 * UNROLL
-            xb += 16 * UNROLL
-            gt += 8 * UNROLL
+            v0, v1, mp, xa, xb, gt = _advance(v0, v1, mp, xa, xb, gt, UNROLL)
     for _ in range(n_full // UNROLL * UNROLL, n_full):  # whole tiles short of an unrolled step
         c0, c1, c2, c3, c4, c5, c6, c7 = _tile(
             c0, c1, c2, c3, c4, c5, c6, c7, v0, v1, mp, xa, xb, sel, gt, n_groups, tig, ok_a, ok_b,
             False, HALVES, DT, WARPS, EMULATE)
-        v0 += 8
-        v1 += 8
-        mp += 1
-        xa += 16
-        xb += 16
-        gt += 8
+        v0, v1, mp, xa, xb, gt = _advance(v0, v1, mp, xa, xb, gt, 1)
     if (k_hi - k_lo) % 32 != 0:  # the last K slice ends in a partial tile (K % 32 != 0)
         c0, c1, c2, c3, c4, c5, c6, c7 = _tile(
             c0, c1, c2, c3, c4, c5, c6, c7, v0, v1, mp, xa, xb, sel, gt, n_groups, tig, ok_a, ok_b,
