@@ -188,7 +188,7 @@ def test_lane_model_of_the_ptx_path_matches_reference(m, k, dtype):
 
 
 _COMPILE = r"""
-import json, re, sys
+import dataclasses, itertools, json, re, sys
 sys.path.insert(0, sys.argv[1])
 from laco_kernels.kernels import _sass, sparse24_mma as sm
 from laco_kernels.kernels._compile import compile_kernel, tensor_core_kind
@@ -196,11 +196,12 @@ out = {}
 for spec in sm.COMPILE_SPECS:  # one spec per (dtype, halves) pairing the test suite can afford: fp16 x 1, bf16 x 2
     if spec.config not in ("sparse24-mma-fp16-m8-out", "sparse24-mma-bf16-m16-partial"):
         continue
-    for arch in (80, 90):
-        k, log = compile_kernel(spec, arch)
-        st = _sass.loop_stats(_sass.disassemble(k.asm["cubin"]), spec.num_warps)
+    variants = [("", spec), ("/prefetch", dataclasses.replace(spec, constexprs={**spec.constexprs, "PREFETCH": True}))]
+    for (tag, sp), arch in itertools.product(variants, (80, 90)):
+        k, log = compile_kernel(sp, arch)
+        st = _sass.loop_stats(_sass.disassemble(k.asm["cubin"]), sp.num_warps)
         ops = st["opcodes"]
-        out[f"{spec.config}/sm_{arch}"] = dict(
+        out[f"{spec.config}/sm_{arch}{tag}"] = dict(
             sts=st["sts"], lds=st["lds"], loop=st["loop_instructions"], hmma_sp=_sass.disassemble(
                 k.asm["cubin"]).count("HMMA.SP."), loop_hmma=ops.get("HMMA", 0), tc=tensor_core_kind(k.asm["ptx"]),
             layouts=len(re.findall(r"^#\w+ = #ttg\.", k.asm["ttgir"], re.M)),
@@ -219,10 +220,13 @@ def test_compiled_loop_runs_on_the_sparse_tensor_cores():
     proc = subprocess.run([sys.executable, "-c", _COMPILE, root], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(res) == 4  # (fp16, 1 half, out) and (bf16, 2 halves, partial) x sm_80 / sm_90; the audit compiles all
+    # (fp16, 1 half, out) and (bf16, 2 halves, partial) x sm_80 / sm_90 x (plain, PREFETCH); the audit compiles all
+    assert len(res) == 8
     for name, r in res.items():
         halves = 2 if "-m16-" in name else 1
         assert r["tc"] == "mma.sp" and r["hmma_sp"] > 0, (name, r)
         assert r["loop_hmma"] == sm._CFG["UNROLL"] * halves, (name, r)
         assert r["sts"] == r["lds"] == 0 and r["converts"] == 0 and r["layouts"] == 1, (name, r)
-        assert r["loop"] <= 100 * halves, (name, r)  # 66 (M <= 8) / 95 (M <= 16) on sm_90 when written
+        assert not r["spills"], (name, r)
+        # sm_90 when written: 66 (M <= 8) / 95 (M <= 16); PREFETCH (loads of the next step in the loop) 101 / 133
+        assert r["loop"] <= (110 if name.endswith("/prefetch") else 100) * halves, (name, r)
