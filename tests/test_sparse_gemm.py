@@ -211,6 +211,22 @@ def test_sparse24_gpu_path_expands_past_the_decode_kernel_on_cuda_only():
                for dt in (torch.float16, torch.float32))
 
 
+@pytest.mark.parametrize("fn_name", ["sparse24_gpu_path", "bitmap_gpu_path"])
+def test_gpu_path_choice_checks_its_arguments(fn_name):
+    from laco_kernels.ops import sparse_gemm
+
+    fn = getattr(sparse_gemm, fn_name)
+    assert fn(4096, "cuda", torch.float16) == "expand" and fn(4096, "cpu", torch.float16) != "expand"
+    with pytest.raises(ValueError, match=f"{fn_name}: m must be"):
+        fn(-1, "cuda", torch.float16)
+    with pytest.raises(ValueError, match="m must be"):
+        fn(2.5, "cuda", torch.float16)
+    with pytest.raises(TypeError, match="dtype must be"):
+        fn(1, "cuda", torch.int8)
+    with pytest.raises(ValueError, match="is not a device"):
+        fn(1, "tpu:x", torch.float16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_sparse24_inference_expand_backend_matches_reference(dtype):
     """The backend string the public op sends on CUDA past the decode kernel: same result as the reference."""

@@ -168,6 +168,19 @@ def _sparse24_impl(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bi
     return _native.sparse24_linear_checked(x, values, meta, bias)
 
 
+def _check_path_args(name: str, m, device, dtype) -> torch.device:
+    """The device as a ``torch.device`` after checking the arguments of a GPU path choice: m an int >= 0,
+    device a ``torch.device`` or a device string, dtype a float dtype of the ops (or None)."""
+    if isinstance(m, bool) or not isinstance(m, (int, torch.SymInt)) or m < 0:
+        raise ValueError(f"{name}: m must be a row count (int >= 0), got {m!r}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+    try:
+        return torch.device(device)
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"{name}: device {device!r} is not a device: {e}") from None
+
+
 def sparse24_gpu_path(m: int, device: torch.device, dtype: torch.dtype) -> str:
     """Which GPU path runs a 2:4 linear with ``m`` rows of x when its values are not trained (trained
     values follow ``ops.train_dispatch``): ``"kernel"`` or ``"expand"``.
@@ -185,6 +198,7 @@ def sparse24_gpu_path(m: int, device: torch.device, dtype: torch.dtype) -> str:
     """
     from ..kernels.sparse24_mma import MMA_MAX_M
 
+    device = _check_path_args("sparse24_gpu_path", m, device, dtype)
     if device.type != "cuda" or (dtype in (torch.float16, torch.bfloat16) and 0 < m <= MMA_MAX_M):
         return "kernel"
     return "expand"
@@ -349,6 +363,7 @@ def bitmap_gpu_path(m: int, device: torch.device, dtype: torch.dtype | None = No
     from ..kernels.bitmap_gemv import gemv_max_m
     from ..kernels.dense_gemm import DECODE_MAX_M
 
+    device = _check_path_args("bitmap_gpu_path", m, device, dtype)
     if 0 < m <= gemv_max_m():
         return "gemv"
     if device.type != "cuda" or (m <= DECODE_MAX_M and dtype != torch.float32):
