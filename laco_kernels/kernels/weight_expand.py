@@ -50,8 +50,9 @@ _BLOCKS = {b: _CFG[b] for b in ("BLOCK_N", "BLOCK_K")}
 # 4,096 elements: a gathered element keeps its bit, rank and 64-bit address in registers, so 16 of them
 # per thread at 8 warps (32-40 registers and no spills on sm_80 / sm_90; the row scan stays inside a
 # warp, no shared memory, except fp32 at tile_k 256; 4 warps or 8,192 elements stage it through shared
-# memory). About 16-22 thread-instructions per element: ~8.5 us of issue for 4096 x 4096 on an H200,
-# under the ~11 us of memory traffic
+# memory). About 16-22 thread-instructions per element (256-360 SASS instructions per thread, 16 elements):
+# ~8.5 us of issue for 4096 x 4096 on an H200 by that count, ~11 us of memory traffic, yet 57.8-62.5 us
+# measured there (bench/results/gpu_decode_sweep.json): latency-bound, the gathers wait on the row scan
 _BITMAP_ELEMS, _BITMAP_WARPS = 4096, 8
 
 
