@@ -52,7 +52,8 @@ _BLOCKS = {b: _CFG[b] for b in ("BLOCK_N", "BLOCK_K")}
 # warp, no shared memory, except fp32 at tile_k 256; 4 warps or 8,192 elements stage it through shared
 # memory). About 16-22 thread-instructions per element (256-360 SASS instructions per thread, 16 elements):
 # ~8.5 us of issue for 4096 x 4096 on an H200 by that count, ~11 us of memory traffic, yet 57.8-62.5 us
-# measured there (bench/results/gpu_decode_sweep.json): latency-bound, the gathers wait on the row scan
+# measured there (bench/results/gpu_decode_sweep.json); why is not measured (a guess: the gathers wait on
+# the row scan, so few bytes are in flight)
 _BITMAP_ELEMS, _BITMAP_WARPS = 4096, 8
 
 
