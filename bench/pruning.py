@@ -2,6 +2,7 @@
 SparseGPT at 2:4 and at 50% unstructured (sequential, block by block on the pruned stream).
 
     flock /tmp/laco_heavy.lock nice -n 5 python bench/pruning.py            # writes bench/results/pruning.json
+    python bench/pruning.py --methods sparsegpt:2:4 --windows 16 --permute 16  # channels reordered first
 
 Resumes: records already in the JSON (same method, pattern, sparsity, calibration, windows) are
 skipped; the file is rewritten atomically after every record. Prints a table at the end.
@@ -30,7 +31,7 @@ RUNS = [("dense", None, 0.0), ("wanda", "2:4", 0.5), ("magnitude", "2:4", 0.5), 
 
 def _key(rec: dict) -> tuple:
     return (rec["model"], rec["method"], rec["pattern"], rec["sparsity"], json.dumps(rec["calibration"]),
-            rec["seqlen"], rec["windows"])
+            rec["seqlen"], rec["windows"], rec.get("permute", 0), rec.get("batch_size", 4))
 
 
 def _write(path: str, records: list) -> None:
@@ -51,6 +52,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--device", default="cpu", help="where blocks and the evaluation compute (cpu, cuda)")
     ap.add_argument("--methods", default="", help="comma list of method[:pattern] to run (default: all)")
+    ap.add_argument("--permute", type=int, default=0,
+                    help="N:M runs: reorder MLP / value channels first with this many swap rounds (default: 0, off)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "pruning.json"))
     args = ap.parse_args(argv)
@@ -68,6 +71,10 @@ def main(argv=None) -> None:
         rec = {"model": args.model, "method": method, "pattern": pattern, "sparsity": sparsity,
                "calibration": None if method in ("dense", "magnitude") else calib_desc,
                "seqlen": args.seqlen, "windows": args.windows}
+        if args.permute and pattern is not None and method != "dense":
+            rec["permute"] = args.permute
+        if args.batch_size != 4:
+            rec["batch_size"] = args.batch_size
         if _key(rec) in done:
             print(f"skip {method} {pattern or 'unstructured'}: already in {args.out}")
             continue
@@ -78,8 +85,10 @@ def main(argv=None) -> None:
                 calibration = calibration_windows(tok, args.nsamples, args.calib_seqlen, seed=args.seed)
             report = prune_model(model, method, sparsity, pattern,
                                  calibration if rec["calibration"] is not None else None,
-                                 batch_size=args.batch_size, device=args.device)
+                                 batch_size=args.batch_size, device=args.device, permute=rec.get("permute", False))
             rec["prune_seconds"] = report["seconds"]
+            if "permutation" in report:
+                rec["permutation"] = report["permutation"]
             rec["achieved_sparsity"] = report["overall_sparsity"]
             rec["block_error"] = report["block_error"]
         t1 = time.perf_counter()
@@ -97,8 +106,9 @@ def main(argv=None) -> None:
     for r in records:
         cal = r["calibration"]
         cal_s = f"C4 {cal['samples']}x{cal['seqlen']}" if cal else "-"
+        perm = f", permute {r['permute']}" if r.get("permute") else ""
         print(f"{r['method']:10s} {r['pattern'] or 'unstructured':12s} {r['sparsity']:8.2f} {r['ppl']:10.2f} "
-              f"{r['seconds']:8.0f}  {cal_s}")
+              f"{r['seconds']:8.0f}  {cal_s}{perm}, {r['windows']} windows")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,11 @@ def _parse_value(v: str):
 
 
 def pruned_start(model, tok, method: str, scratch: str, device: str = "cpu"):
-    """A deep copy of ``model`` pruned as ``laco run`` does (cached on disk per method)."""
+    """A deep copy of ``model`` pruned as ``laco run`` does (cached on disk per method).
+
+    method: ``wanda``, ``sparsegpt``, or either with ``+permute`` (``prune_model(permute=16)``:
+    MLP and value channels reordered before 2:4 selection).
+    """
     from safetensors.torch import load_file, save_file
 
     from laco_kernels.data import calibration_windows
@@ -73,7 +77,9 @@ def pruned_start(model, tok, method: str, scratch: str, device: str = "cpu"):
         pruned.load_state_dict(load_file(path), strict=False)
         return pruned, None
     calib = calibration_windows(tok, 32, 512, seed=0)
-    rep = prune_model(pruned, method, pattern="2:4", calibration=calib, device=device, progress=False)
+    base, _, extra = method.partition("+")
+    rep = prune_model(pruned, base, pattern="2:4", calibration=calib, device=device, progress=False,
+                      permute=16 if extra == "permute" else False)
     os.makedirs(scratch, exist_ok=True)
     state = {k: v.contiguous() for k, v in pruned.state_dict().items() if ".layers." in k}
     save_file(state, path + ".tmp")
@@ -109,7 +115,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--tag", default="recipe")
-    ap.add_argument("--start", default="sparsegpt", choices=["wanda", "sparsegpt", "magnitude"])
+    ap.add_argument("--start", default="sparsegpt", choices=["wanda", "sparsegpt", "magnitude", "sparsegpt+permute"])
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=8)

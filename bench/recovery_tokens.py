@@ -160,7 +160,7 @@ def _stage1_model(start, cache: str, run, recorded_ppl: float, ppl):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT)
-    ap.add_argument("--start", default="sparsegpt", choices=["wanda", "sparsegpt"])
+    ap.add_argument("--start", default="sparsegpt", choices=["wanda", "sparsegpt", "sparsegpt+permute"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--methods", nargs="+", default=["laco", "lora"], choices=["laco", "laco+kl", "kl", "lora"])
     ap.add_argument("--seqlen", type=int, default=128)

@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Optional
 
+from ._cli_checks import PERMUTE_AUTO, add_permute_arguments, check_permute, permute_value
+
 _EPILOG = "Data: WikiText-2 / C4 from ../shared/data next to the repository, or $LACO_DATA_DIR."
 
 
@@ -151,6 +153,7 @@ def cmd_prune(args) -> int:
     path = _model_path(args.model)
     if args.nsamples < 1 or args.seqlen < 2:
         raise UsageError(f"need --nsamples >= 1 and --seqlen >= 2, got {args.nsamples} and {args.seqlen}")
+    check_permute(args, pattern)
     _preflight(args, [path], out_folder=args.out, seqlens={"--seqlen": args.seqlen})
     model, tok = _load(args.model)
     densify(model)  # a packed input prunes as a dense model
@@ -159,7 +162,8 @@ def cmd_prune(args) -> int:
     report = {"model": args.model, "where": where}
     if sparsity is not None:
         report["prune"] = prune_model(model, args.method, sparsity=sparsity, pattern=pattern, calibration=calibration,
-                                      batch_size=args.batch_size, device=args.device)
+                                      batch_size=args.batch_size, device=args.device,
+                                      permute=permute_value(args, pattern))
         print(f"pruned {args.method} {pattern or 'unstructured'}: overall sparsity "
               f"{report['prune']['overall_sparsity']:.4f} in {report['prune']['seconds']:.1f} s")
     if args.out:
@@ -356,6 +360,7 @@ def cmd_run(args) -> int:
     pattern = _pattern(args.pattern)
     sparsity = _sparsity(pattern, args.sparsity)
     _check_recover_loss(args)
+    check_permute(args, pattern)
     path = _model_path(args.model)
     _auto_stage2_seqlen(args, path)
     _preflight(args, [path], out_folder=args.out,
@@ -384,7 +389,11 @@ def cmd_run(args) -> int:
     calibration = step("calibration", lambda: calibration_windows(tok, args.nsamples, args.calib_seqlen, seed=args.seed))
     dense = copy.deepcopy(model) if args.recover != "none" else None
     report = step("prune", lambda: prune_model(model, args.method, sparsity=sparsity, pattern=pattern,
-                                               calibration=calibration, batch_size=args.batch_size, device=args.device))
+                                               calibration=calibration, batch_size=args.batch_size, device=args.device,
+                                               permute=permute_value(args, pattern),
+                                               # RestoreLCC compares value channels with the dense model's
+                                               permute_parts=("mlp",) if args.recover == "restore-lcc"
+                                               else ("mlp", "value")))
     ppl["pruned"] = step("pruned perplexity", lambda: ppl_of(model))["ppl"]
     print(f"pruned perplexity ({args.method} {pattern or f'{sparsity:.0%} unstructured'}): {ppl['pruned']:.3f}",
           flush=True)
@@ -418,7 +427,7 @@ def _add_common(p, batch_size: int = 8):
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default: 0)")
 
 
-def _add_prune_choice(p, method="wanda", pattern=None):
+def _add_prune_choice(p, method="wanda", pattern=None, permute=None):
     from .prune import METHODS
 
     p.add_argument("--method", choices=METHODS, default=method, help=f"pruning method (default: {method})")
@@ -428,6 +437,7 @@ def _add_prune_choice(p, method="wanda", pattern=None):
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction of weights removed for unstructured pruning, in [0, 1) (default: 0.5; "
                         "implied by --pattern)")
+    add_permute_arguments(p, permute)
 
 
 def _add_recover_options(p, default_epochs: int, default_nsamples: int = 128, default_batch: int = 4,
@@ -489,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "About 10 minutes for SmolLM2-135M on 2 CPU cores with the defaults.")
     p.add_argument("--model", default="smollm2-135m", help="model name or folder (default: smollm2-135m)")
     p.add_argument("--out", default="runs/smollm2", help="output folder (default: runs/smollm2)")
-    _add_prune_choice(p, "sparsegpt", "2:4")
+    _add_prune_choice(p, "sparsegpt", "2:4", permute=PERMUTE_AUTO)
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default: 32)")
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default: 512)")
     p.add_argument("--seqlen", type=int, default=1024, help="perplexity window length (default: 1024)")

@@ -104,6 +104,49 @@ def test_prune_eval_export_end_to_end(tiny_folder, tmp_path, capsys):
     assert config["quantization_config"]["sparsity_config"]["format"] == "sparse-24-bitmask"
 
 
+def test_prune_with_channel_permutation(tiny_folder, tmp_path, capsys):
+    """--permute reaches prune_model: the report has each block's cost before / after, the saved
+    model is 2:4 and computes what the same pruning in Python gives."""
+    out = str(tmp_path / "perm")
+    code, stdout, _ = _run(["prune", tiny_folder, "--method", "sparsegpt", "--pattern", "2:4", "--nsamples", "4",
+                            "--seqlen", "32", "--permute", "3", "--out", out], capsys)
+    assert code == 0 and "overall sparsity 0.5000" in stdout
+    perm = json.load(open(os.path.join(out, "prune_report.json")))["prune"]["permutation"]
+    assert len(perm) == 2 and all(b["down"]["after"] <= b["down"]["before"] for b in perm)
+    model, _ = load_sparse(out)
+    assert all(isinstance(m, SparseLinear24) for m in sparse_modules(model).values())
+
+
+@pytest.mark.parametrize("argv, permuted", [(["--no-permute"], False), (["--pattern", "unstructured"], False),
+                                            (["--permute", "0"], True)])
+def test_run_permute_default_and_switches(tiny_folder, tmp_path, capsys, argv, permuted):
+    """`laco run` reorders channels for N:M by default; --no-permute turns it off, an unstructured
+    pattern has nothing to reorder (no error), --permute 0 keeps only the sorted start."""
+    out = str(tmp_path / "run")
+    code, _, err = _run(["run", "--model", tiny_folder, "--nsamples", "2", "--calib-seqlen", "32", "--seqlen", "64",
+                         "--max-windows", "1", "--recover", "none", "--out", out] + argv, capsys)
+    assert code == 0, err
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert ("permutation" in report["prune"]) == permuted
+
+
+def test_run_restore_lcc_reorders_only_the_mlp(tiny_folder, tmp_path, capsys, monkeypatch):
+    """RestoreLCC compares value channels with the dense model's: `laco run --recover restore-lcc`
+    reorders only the MLP channels, so the pruned model it hands over is one RestoreLCC accepts."""
+    import laco_kernels.cli as cli
+
+    seen = {}
+
+    def fake_recover(method, dense, pruned, tok, args):
+        seen["mark"] = pruned.config.laco_channels_permuted
+        raise ValueError("stop here")  # a one-line error: the test needs only the handover
+
+    monkeypatch.setattr(cli, "_recover", fake_recover)
+    code, _, err = _run(["run", "--model", tiny_folder, "--nsamples", "2", "--calib-seqlen", "32", "--seqlen", "64",
+                         "--max-windows", "1", "--recover", "restore-lcc", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "stop here" in err and seen["mark"] == ["mlp"]
+
+
 def test_prune_unstructured_magnitude_dense_save(tiny_folder, tmp_path, capsys):
     out = str(tmp_path / "p")
     code, stdout, _ = _run(["prune", tiny_folder, "--method", "magnitude", "--sparsity", "0.6", "--nsamples", "2",
@@ -126,6 +169,7 @@ def test_run_recovers_by_default_and_keeps_2_4(tiny_folder, tmp_path, capsys):
     report = json.load(open(os.path.join(out, "report.json")))
     assert set(report["ppl"]) == {"dense", "pruned", "recovered"}
     assert report["recovery"]["method"] == "layerwise" and len(report["recovery"]["blocks"]) > 0
+    assert len(report["prune"]["permutation"]) == 2  # channels reordered before 2:4 selection by default
     md = open(os.path.join(out, "report.md")).read()
     assert "of the perplexity gap" in md and "recovery_error.png" in md
     with open(os.path.join(out, "recovery_error.png"), "rb") as f:
@@ -318,6 +362,9 @@ def test_cli_more_expected_failures(tiny_folder, tmp_path, capsys):
         (["recover", tiny_folder, "--dense", tiny_folder, "--out", str(tmp_path / "r"), "--recover-loss", "nan*mse"],
          "finite and > 0"),
         (["recover", tiny_folder, "--dense", str(other), "--out", str(tmp_path / "r")], "--dense is opt"),
+        (["prune", tiny_folder, "--method", "wanda", "--permute", "--out", str(tmp_path / "r")],
+         "--permute reorders channels for an N:M pattern"),
+        (["run", "--model", tiny_folder, "--out", str(tmp_path / "r"), "--permute", "-1"], "swap rounds >= 0"),
     ]
     capsys.readouterr()
     for argv, expect in cases:

@@ -7,7 +7,7 @@ import torch
 from _tiny import random_ids, tiny_model
 from laco_kernels.prune import prunable_linears, prune_model
 from laco_kernels.prune.masks import is_nm, nm_mask, unstructured_mask
-from laco_kernels.prune.sparsegpt import HessianAccumulator, sparsegpt_prune
+from laco_kernels.prune.sparsegpt import HessianAccumulator, SharedInputGram, sparsegpt_prune
 from laco_kernels.prune.wanda import wanda_score
 
 
@@ -153,3 +153,47 @@ def test_per_layer_dict_sparsegpt():
         w = prunable_linears(model)[n].weight
         assert int((w == 0).sum()) == int(w.numel() * spec[n] + 0.5), n
     assert report["sparsity"] == "per-layer"
+
+
+def test_shared_input_gram_matches_separate_accumulators():
+    """Linears reading one tensor share its X^T X; a different tensor (even one allocated where a
+    freed one was) or the same tensor changed in place is never mistaken for the cached one."""
+    shared = SharedInputGram()
+    accs = [HessianAccumulator(shared) for _ in range(3)]
+    alone = HessianAccumulator()
+    xs = []
+    for s in range(4):
+        x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(s))
+        for a in accs:
+            a.add(x)
+        alone.add(x)
+        xs.append(x.clone())
+        del x  # the next tensor may reuse this memory: the cache holds the old one, so it cannot
+    y = torch.randn(3, 8)
+    accs[0].add(y)
+    y.mul_(2)  # in place: a new version, recomputed
+    accs[1].add(y)
+    expect = sum(x.reshape(-1, 8).t() @ x.reshape(-1, 8) for x in xs)
+    torch.testing.assert_close(accs[2].result(), alone.result())
+    torch.testing.assert_close(accs[2].result(), expect * (2.0 / 40))
+    torch.testing.assert_close(accs[0].xtx, expect + y.t() @ y / 4)
+    torch.testing.assert_close(accs[1].xtx, expect + y.t() @ y)
+    assert accs[0].result() is not accs[1].result() and accs[0].tokens == 43
+
+
+def test_prune_model_sparsegpt_shares_grams_without_changing_the_result(monkeypatch):
+    """prune_model shares one Gram matrix among q/k/v and gate/up; the pruned weights are the same
+    as with one accumulator per linear, and the Gram matrices are computed 4 times a block, not 7."""
+    import laco_kernels.prune.sequential as seq
+
+    ids = random_ids(4, 16, seed=2)
+    shared_model, plain_model = tiny_model("llama", seed=3), tiny_model("llama", seed=3)
+    calls = []
+    real = SharedInputGram.gram
+    monkeypatch.setattr(SharedInputGram, "gram", lambda self, x: (calls.append(x is not self._x), real(self, x))[1])
+    prune_model(shared_model, "sparsegpt", pattern="2:4", calibration=ids, batch_size=4, progress=False)
+    assert len(calls) == 3 * 7 and sum(calls) == 3 * 4  # 3 blocks x 7 linears; 4 distinct inputs a block
+    monkeypatch.setattr(seq, "HessianAccumulator", lambda shared=None: HessianAccumulator())
+    prune_model(plain_model, "sparsegpt", pattern="2:4", calibration=ids, batch_size=4, progress=False)
+    for (n, a), b in zip(prunable_linears(shared_model).items(), prunable_linears(plain_model).values()):
+        torch.testing.assert_close(a.weight, b.weight, msg=n)

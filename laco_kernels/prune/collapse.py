@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..models.adapters import ModelAdapter, get_adapter, get_module
 from ..models.capture import BlockRunner
 from ._allocation import check_calibration
+from .permute import check_not_permuted
 from .layer_removal import remove_blocks
 
 VARIANTS = ("formula", "published-code")
@@ -80,6 +81,7 @@ def collapse_layers(model: nn.Module, calibration: torch.Tensor, *, C: int = 4, 
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    check_not_permuted(model, ["mlp", "value"], "layer collapse (weights of adjacent blocks)")
     adapter = get_adapter(model)
     blocks = get_module(model, adapter.blocks)
     n = len(blocks)

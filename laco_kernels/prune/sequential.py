@@ -17,7 +17,7 @@ the dense model's own stream. Embeddings and the LM head are never touched.
 from __future__ import annotations
 
 import time
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -29,7 +29,8 @@ from ..models.adapters import get_adapter, get_module
 from ..models.capture import BlockRunner, HiddenStream
 from .magnitude import magnitude_prune_
 from .masks import check_sparsity, parse_pattern, sparsity_of
-from .sparsegpt import HessianAccumulator, sparsegpt_prune
+from .permute import PERMUTE_PARTS, mark_permuted, permute_block_
+from .sparsegpt import HessianAccumulator, SharedInputGram, sparsegpt_prune
 from .wanda import SqNormAccumulator, wanda_prune_
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -117,7 +118,8 @@ def prune_model(model: nn.Module, method: str, sparsity: Union[float, Dict[str, 
                 pattern: Optional[str] = None, calibration: Optional[torch.Tensor] = None, *,
                 batch_size: int = 8, device: Union[str, torch.device] = "cpu", progress: bool = True,
                 sequential: bool = True, stream_dtype: torch.dtype = torch.float32,
-                offload_dir: Optional[str] = None, blocksize: int = 128, percdamp: float = 0.01) -> dict:
+                offload_dir: Optional[str] = None, blocksize: int = 128, percdamp: float = 0.01,
+                permute: Union[bool, int] = False, permute_parts: Sequence[str] = PERMUTE_PARTS) -> dict:
     """Prune every linear of the decoder blocks of ``model`` in place.
 
     method: ``"magnitude"`` (no calibration needed), ``"wanda"`` or ``"sparsegpt"``.
@@ -132,6 +134,12 @@ def prune_model(model: nn.Module, method: str, sparsity: Union[float, Dict[str, 
     stays where it is); sequential: statistics from the pruned stream (True, published) or from
     the dense stream (False, one-shot); stream_dtype / offload_dir: how block inputs are stored
     (see BlockRunner); blocksize / percdamp: SparseGPT's column block and dampening.
+    permute: with an N:M pattern and calibration, reorder each block's MLP hidden channels and
+    value channels first (``prune.permute``: the block computes the same function) so that the
+    inputs of ``down`` and ``o`` group well under N:M; True = 16 swap rounds, an int = that many.
+    permute_parts: which to reorder, ``"mlp"`` (hidden channels: gate / up rows, down columns) and
+    ``"value"`` (v rows, o columns). The model's config records what was reordered
+    (``laco_channels_permuted``); RestoreLCC (value) and layer collapse (both) refuse such models.
 
     Returns a report: ``method``, ``pattern``, ``sparsity`` (target: float, or "per-layer"),
     ``layers`` ``{full name: achieved sparsity}``, ``overall_sparsity`` (parameter-weighted),
@@ -150,6 +158,16 @@ def prune_model(model: nn.Module, method: str, sparsity: Union[float, Dict[str, 
     if calibration is not None:
         calibration = check_token_ids(calibration, model, "calibration")
     check_prunable(model, targets, pattern)
+    if not isinstance(permute, (bool, int)) or permute < 0:
+        raise ValueError(f"permute must be a bool or a number of swap rounds >= 0, got {permute!r}")
+    if permute is not False and pattern is None:
+        raise ValueError("permute=... reorders channels for an N:M pattern; pass pattern='2:4' (or another N:M)")
+    if permute is not False and calibration is None:
+        raise ValueError("permute=... needs calibration token ids (it runs inside the block-by-block pass)")
+    parts = tuple(permute_parts) if isinstance(permute_parts, (list, tuple, set, frozenset)) else ()
+    if not parts or not set(parts) <= set(PERMUTE_PARTS):
+        raise ValueError(f"permute_parts must be a non-empty subset of {PERMUTE_PARTS}, got {permute_parts!r}")
+    rounds = 16 if permute is True else int(permute) if permute is not False else None
     device = torch.device(device)
     blocks = get_module(model, adapter.blocks)
     prefix = adapter.blocks
@@ -157,6 +175,8 @@ def prune_model(model: nn.Module, method: str, sparsity: Union[float, Dict[str, 
               "sparsity": "per-layer" if isinstance(sparsity, dict) else float(next(iter(targets.values()))),
               "sequential": sequential if calibration is not None else None,
               "calibration": None, "layers": {}, "block_error": None}
+    if rounds is not None:
+        report["permutation"] = []
 
     was_training = model.training
     model.eval()
@@ -169,7 +189,8 @@ def prune_model(model: nn.Module, method: str, sparsity: Union[float, Dict[str, 
             report["calibration"] = list(calibration.shape)
             report["block_error"] = _prune_blocks(model, blocks, prefix, adapter, method, targets, pattern,
                                                   calibration, batch_size, device, progress, sequential,
-                                                  stream_dtype, offload_dir, blocksize, percdamp)
+                                                  stream_dtype, offload_dir, blocksize, percdamp,
+                                                  rounds, report.get("permutation"), parts)
     finally:
         model.train(was_training)
 
@@ -182,7 +203,8 @@ def prune_model(model: nn.Module, method: str, sparsity: Union[float, Dict[str, 
 
 
 def _prune_blocks(model, blocks, prefix, adapter, method, targets, pattern, calibration, batch_size, device,
-                  progress, sequential, stream_dtype, offload_dir, blocksize, percdamp):
+                  progress, sequential, stream_dtype, offload_dir, blocksize, percdamp, rounds=None, perm_log=None,
+                  parts=PERMUTE_PARTS):
     runner = BlockRunner(model, device=device, batch_size=batch_size, stream_dtype=stream_dtype,
                          offload_dir=offload_dir, progress=False)
     stream = runner.capture(calibration)
@@ -195,16 +217,23 @@ def _prune_blocks(model, blocks, prefix, adapter, method, targets, pattern, cali
                     if targets[f"{prefix}.{i}.{name}"] > 0}
             stats = {}
             handles = []
+            shared = SharedInputGram()  # q/k/v (gate/up) read one tensor: its X^T X is computed once
             if method != "magnitude":
-                acc_type = SqNormAccumulator if method == "wanda" else HessianAccumulator
                 for name, linear in todo.items():
-                    stats[name] = acc = acc_type()
+                    stats[name] = acc = SqNormAccumulator() if method == "wanda" else HessianAccumulator(shared)
                     handles.append(linear.register_forward_hook(lambda _m, args, _o, acc=acc: acc.add(args[0])))
             try:  # 1. dense block on this block's input: statistics + dense reference outputs
                 dense_out = runner.run_block(block, stream, desc=f"block {i} dense")
             finally:
                 for h in handles:
                     h.remove()
+                shared.clear()
+            if rounds is not None:  # reorder channels (function unchanged): better N:M groups for down / o
+                n, m = parse_pattern(pattern)
+                names = [k for k in todo if (k != adapter.down or "mlp" in parts) and (k != adapter.o or "value" in parts)]
+                costs = permute_block_(block, adapter, model.config, stats, n, m, names=names, rounds=rounds, seed=i)
+                perm_log.append({k: {"before": b, "after": a} for k, (b, a) in costs.items()})
+                mark_permuted(model.config, [{"down": "mlp", "o": "value"}[k] for k in costs])
             for name, linear in todo.items():  # 2. prune every linear from the same inputs
                 _prune_linear(method, linear, targets[f"{prefix}.{i}.{name}"], pattern, stats.get(name),
                               device, blocksize, percdamp)

@@ -33,17 +33,56 @@ import torch
 from .masks import check_sparsity, n_pruned, nm_mask, parse_pattern
 
 
-class HessianAccumulator:
-    """Running ``X^T X`` ``[in, in]`` (fp32) over the inputs ``x`` ``[..., in]`` a linear sees.
+def _version(x: torch.Tensor):
+    """The in-place version counter of ``x`` (None for inference tensors, which have none)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
 
-    :meth:`result` returns ``H = (2/n) X^T X`` with n the number of tokens.
+
+class SharedInputGram:
+    """``X^T X`` of the last input seen, reused when the next linear gets the *same tensor object*.
+
+    q / k / v (and gate / up) of a block read one tensor; sharing one cache among their
+    accumulators computes its Gram matrix once instead of three (two) times. The cache holds the
+    input itself, so the tensor cannot be freed and its memory reused by a different one while a
+    later call could mistake it for the cached one.
     """
 
     def __init__(self):
+        self._x: Optional[torch.Tensor] = None
+        self._gram: Optional[torch.Tensor] = None
+
+    def gram(self, x: torch.Tensor) -> torch.Tensor:
+        version = _version(x)
+        if x is not self._x or version is None or self._version != version:
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            self._x, self._version, self._gram = x, version, flat.t() @ flat
+        return self._gram
+
+    def clear(self) -> None:
+        self._x = self._gram = None
+
+
+class HessianAccumulator:
+    """Running ``X^T X`` ``[in, in]`` (fp32) over the inputs ``x`` ``[..., in]`` a linear sees.
+
+    :meth:`result` returns ``H = (2/n) X^T X`` with n the number of tokens. ``shared``: a
+    :class:`SharedInputGram` common to the linears that read the same tensor.
+    """
+
+    def __init__(self, shared: Optional[SharedInputGram] = None):
         self.xtx: Optional[torch.Tensor] = None
         self.tokens = 0
+        self.shared = shared
 
     def add(self, x: torch.Tensor) -> None:
+        if self.shared is not None:
+            upd = self.shared.gram(x)
+            self.xtx = upd.clone() if self.xtx is None else self.xtx.add_(upd)
+            self.tokens += x.numel() // x.shape[-1]
+            return
         x = x.detach().reshape(-1, x.shape[-1]).float()
         upd = x.t() @ x
         self.xtx = upd if self.xtx is None else self.xtx.add_(upd)

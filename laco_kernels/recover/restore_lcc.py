@@ -45,6 +45,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..models.adapters import get_adapter, get_module
+from ..prune.permute import check_not_permuted
 from .._validation import check_models_match, describe_module, model_limits
 from ._checkpoint import atomic_save_json, atomic_save_tensors
 
@@ -555,6 +556,7 @@ def restore_lcc(dense_model: nn.Module, pruned_model: nn.Module, tokenizer=None,
     t_start = time.perf_counter()
     seconds: Dict[str, float] = {}
     check_models_match(describe_module(dense_model), describe_module(pruned_model))
+    check_not_permuted(pruned_model, ["value"], "RestoreLCC (the o projection's inputs, dense vs pruned)")
     outs_d, heads_d, hd_d = _attention_geometry(dense_model)
     outs, n_heads, hd = _attention_geometry(pruned_model)
     if (len(outs_d), heads_d, hd_d) != (len(outs), n_heads, hd):
