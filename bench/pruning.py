@@ -31,7 +31,7 @@ RUNS = [("dense", None, 0.0), ("wanda", "2:4", 0.5), ("magnitude", "2:4", 0.5), 
 
 def _key(rec: dict) -> tuple:
     return (rec["model"], rec["method"], rec["pattern"], rec["sparsity"], json.dumps(rec["calibration"]),
-            rec["seqlen"], rec["windows"], rec.get("permute", 0), rec.get("batch_size", 4))
+            rec["seqlen"], rec["windows"], rec.get("permute", 0), rec.get("permute_parts"), rec.get("batch_size", 4))
 
 
 def _write(path: str, records: list) -> None:
@@ -54,6 +54,7 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", default="", help="comma list of method[:pattern] to run (default: all)")
     ap.add_argument("--permute", type=int, default=0,
                     help="N:M runs: reorder MLP / value channels first with this many swap rounds (default: 0, off)")
+    ap.add_argument("--permute-parts", default="mlp,value", help="with --permute: mlp, value or both (default)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "pruning.json"))
     args = ap.parse_args(argv)
@@ -73,6 +74,8 @@ def main(argv=None) -> None:
                "seqlen": args.seqlen, "windows": args.windows}
         if args.permute and pattern is not None and method != "dense":
             rec["permute"] = args.permute
+            if args.permute_parts != "mlp,value":
+                rec["permute_parts"] = args.permute_parts
         if args.batch_size != 4:
             rec["batch_size"] = args.batch_size
         if _key(rec) in done:
@@ -85,7 +88,8 @@ def main(argv=None) -> None:
                 calibration = calibration_windows(tok, args.nsamples, args.calib_seqlen, seed=args.seed)
             report = prune_model(model, method, sparsity, pattern,
                                  calibration if rec["calibration"] is not None else None,
-                                 batch_size=args.batch_size, device=args.device, permute=rec.get("permute", False))
+                                 batch_size=args.batch_size, device=args.device, permute=rec.get("permute", False),
+                                 permute_parts=tuple(args.permute_parts.split(",")))
             rec["prune_seconds"] = report["seconds"]
             if "permutation" in report:
                 rec["permutation"] = report["permutation"]
@@ -106,7 +110,7 @@ def main(argv=None) -> None:
     for r in records:
         cal = r["calibration"]
         cal_s = f"C4 {cal['samples']}x{cal['seqlen']}" if cal else "-"
-        perm = f", permute {r['permute']}" if r.get("permute") else ""
+        perm = f", permute {r['permute']} ({r.get('permute_parts', 'mlp,value')})" if r.get("permute") else ""
         print(f"{r['method']:10s} {r['pattern'] or 'unstructured':12s} {r['sparsity']:8.2f} {r['ppl']:10.2f} "
               f"{r['seconds']:8.0f}  {cal_s}{perm}, {r['windows']} windows")
 

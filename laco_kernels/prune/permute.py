@@ -17,7 +17,8 @@ Yu, NeurIPS 2021, "Channel Permutations for N:M Sparsity"; our own implementatio
 the better of the identity and a round-robin of the columns sorted by total saliency (each group
 gets one column of every quantile), then improves it by rounds of single swaps: each round pairs
 the groups at random and applies, for every pair, the best of its M * M one-channel swaps if it
-lowers the pair's cost. The cost never increases.
+lowers the pair's cost (scored on the rows of largest saliency, ``max_rows``). The result is never
+worse than the identity on all rows (checked at the end).
 
 ``docs/recovery.md`` has the measured effect on SmolLM2 (``permute=True`` of ``prune_model``).
 """

@@ -230,7 +230,8 @@ def _prune_blocks(model, blocks, prefix, adapter, method, targets, pattern, cali
                 shared.clear()
             if rounds is not None:  # reorder channels (function unchanged): better N:M groups for down / o
                 n, m = parse_pattern(pattern)
-                names = [k for k in todo if (k != adapter.down or "mlp" in parts) and (k != adapter.o or "value" in parts)]
+                part_of = {adapter.down: "mlp", adapter.o: "value"}
+                names = [k for k in todo if k not in part_of or part_of[k] in parts]
                 costs = permute_block_(block, adapter, model.config, stats, n, m, names=names, rounds=rounds, seed=i)
                 perm_log.append({k: {"before": b, "after": a} for k, (b, a) in costs.items()})
                 mark_permuted(model.config, [{"down": "mlp", "o": "value"}[k] for k in costs])
