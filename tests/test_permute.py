@@ -165,3 +165,32 @@ def test_consumers_that_compare_channels_refuse_a_permuted_model():
     prune_model(value, "wanda", pattern="2:4", calibration=ids, progress=False, permute=2)
     with pytest.raises(ValueError, match="RestoreLCC .* value channels"):
         restore_lcc(dense, value, pairs=[("a", "b")] * 4)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(rounds=-1), "rounds must be"), (dict(rounds=1.5), "rounds must be"),
+                                       (dict(max_rows=0), "max_rows must be"), (dict(n=2, m=2), "0 < n < m")])
+def test_bad_search_arguments_raise(kw, match):
+    args = dict(n=2, m=4)
+    args.update({k: kw.pop(k) for k in ("n", "m") if k in kw})
+    with pytest.raises(ValueError, match=match):
+        nm_channel_permutation(torch.rand(4, 8), args["n"], args["m"], **kw)
+
+
+@pytest.mark.parametrize("bad, match", [("nan-o", "finite"), ("parts", "parts must be"), ("nm", "0 < n < m")])
+def test_permute_block_checks_everything_before_moving_a_weight(bad, match):
+    """A failure in the value part (a NaN weight in o) comes after the MLP order is chosen: the MLP
+    weights must not have moved either."""
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    block = get_module(model, adapter.blocks)[0]
+    if bad == "nan-o":
+        with torch.no_grad():
+            get_module(block, adapter.o).weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    kw = dict(parts=("mlp", "heads")) if bad == "parts" else {}
+    n, m = (4, 4) if bad == "nm" else (2, 4)
+    with pytest.raises(ValueError, match=match):
+        permute_block_(block, adapter, model.config, {}, n, m, rounds=2, **kw)
+    for k, v in block.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True, msg=k)
+    assert getattr(model.config, "laco_channels_permuted", None) is None

@@ -24,9 +24,14 @@ worse than the identity on all rows (checked at the end).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+
+from ..models.adapters import get_module
+
+PERMUTE_PARTS = ("mlp", "value")  # MLP hidden channels; value channels within each kv head
+MARK = "laco_channels_permuted"  # config attribute: which channel groups prune_model reordered
 
 
 def _dropped(g: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor:
@@ -44,6 +49,7 @@ def group_cost(sal: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
     sal: ``[R, C]`` non-negative, C divisible by m. Returns ``[C // m]`` (fp64 sums).
     """
+    _check(sal, n, m)
     r, c = sal.shape
     return _dropped(sal.reshape(r, c // m, m), n, m).double().sum(0)
 
@@ -52,8 +58,8 @@ def _check(sal: torch.Tensor, n: int, m: int) -> None:
     if not isinstance(sal, torch.Tensor) or sal.dim() != 2 or not sal.is_floating_point():
         raise ValueError(f"saliency must be a 2-D float tensor [rows, columns], got "
                          f"{getattr(sal, 'shape', type(sal).__name__)}")
-    if not (0 < n < m):
-        raise ValueError(f"need 0 < n < m for an n:m pattern, got {n}:{m}")
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+        raise ValueError(f"need integers 0 < n < m for an n:m pattern, got {n}:{m}")
     if sal.shape[1] % m:
         raise ValueError(f"columns ({sal.shape[1]}) must be a multiple of m={m}")
     if not bool(torch.isfinite(sal).all()) or bool((sal < 0).any()):
@@ -119,11 +125,16 @@ def nm_channel_permutation(sal: torch.Tensor, n: int = 2, m: int = 4, *, rounds:
     saliency only (faster for tall matrices; the start and the final check use all rows).
     """
     _check(sal, n, m)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"rounds must be an int >= 0, got {rounds!r}")
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+        raise ValueError(f"max_rows must be None or an int >= 1, got {max_rows!r}")
     sal = sal.detach().float().cpu()  # a small search: on the CPU wherever the weights live
     c = sal.shape[1]
     ident = torch.arange(c)
+    ident_cost = group_cost(sal, n, m).sum()
     start = _round_robin(sal, m)
-    perm = start if group_cost(sal[:, start], n, m).sum() < group_cost(sal, n, m).sum() else ident.clone()
+    perm = start if group_cost(sal[:, start], n, m).sum() < ident_cost else ident.clone()
     work = sal
     if max_rows is not None and max_rows < sal.shape[0]:
         work = sal[torch.topk(sal.sum(1), max_rows).indices]
@@ -131,7 +142,7 @@ def nm_channel_permutation(sal: torch.Tensor, n: int = 2, m: int = 4, *, rounds:
     gen = torch.Generator().manual_seed(seed)
     for _ in range(rounds):
         _swap_round(work, perm, n, m, gen)
-    if group_cost(sal[:, perm], n, m).sum() > group_cost(sal, n, m).sum():  # rows subset misled it
+    if group_cost(sal[:, perm], n, m).sum() > ident_cost:  # the rows subset misled it
         perm = ident
     return perm
 
@@ -180,8 +191,9 @@ def _heads(config):
 
 
 @torch.no_grad()
-def permute_block_(block, adapter, config, stats: dict, n: int, m: int, *, names=None, rounds: int = 16,
-                   seed: int = 0, max_rows: Optional[int] = 256) -> dict:
+def permute_block_(block, adapter, config, stats: dict, n: int, m: int, *, names=None,
+                   parts: Sequence[str] = PERMUTE_PARTS, rounds: int = 16, seed: int = 0,
+                   max_rows: Optional[int] = 256) -> dict:
     """Reorder the MLP hidden channels and the value channels of ``block`` in place (the block's
     function is unchanged) so that the ``down`` and ``o`` inputs group well under ``n:m``.
 
@@ -189,27 +201,27 @@ def permute_block_(block, adapter, config, stats: dict, n: int, m: int, *, names
     SparseGPT; missing or None = weights only). The entries of ``down`` and ``o`` are replaced by
     views in the new channel order, so pruning that follows reads consistent statistics.
     names: the block-relative linear names that will be pruned (default: all); ``down`` / ``o``
-    are only reordered when they are among them.
+    are only reordered when they are among them. parts: ``"mlp"`` and / or ``"value"``; what was
+    reordered is recorded on ``config`` (:func:`mark_permuted`).
     Returns ``{"down": (cost before, after), "o": (...)}`` (dropped saliency) for what was permuted.
     """
-    from ..models.adapters import get_module
-
-    out = {}
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+        raise ValueError(f"need integers 0 < n < m for an n:m pattern, got {n}:{m}")
+    if isinstance(parts, str) or not set(parts) <= set(PERMUTE_PARTS):
+        raise ValueError(f"parts must be a subset of {PERMUTE_PARTS}, got {parts!r}")
     names = set(adapter.linear_names() if names is None else names)
-    if adapter.down in names:  # MLP hidden channels: rows of gate/up, columns of down
+    # every order is chosen (and every input checked) before any weight moves: never half-applied
+    plans = {}  # report key -> (saliency, order of its columns, [(module, "rows" / "cols", order)], stats key)
+    if "mlp" in parts and adapter.down in names:  # MLP hidden channels: rows of gate/up, columns of down
         down = get_module(block, adapter.down)
         feeders = [get_module(block, name) for name in (adapter.gate, adapter.up) if name]
         if down.weight.shape[1] % m == 0 and all(f.weight.shape[0] == down.weight.shape[1] for f in feeders):
             sal = _saliency(down, stats.get(adapter.down))
             perm = nm_channel_permutation(sal, n, m, rounds=rounds, seed=seed, max_rows=max_rows)
-            out["down"] = (float(group_cost(sal, n, m).sum()), float(group_cost(sal[:, perm], n, m).sum()))
-            for f in feeders:
-                _take_rows_(f, perm)
-            _take_cols_(down, perm)
-            if stats.get(adapter.down) is not None:
-                stats[adapter.down] = PermutedStats(stats[adapter.down], perm)
+            moves = [(f, "rows", perm) for f in feeders] + [(down, "cols", perm)]
+            plans["down"] = (sal, perm, moves, adapter.down)
     geo = _heads(config)
-    if adapter.v and adapter.o in names and geo:  # value channels within each kv head: rows of v, columns of o
+    if "value" in parts and adapter.v and adapter.o in names and geo:  # value channels within each kv head
         heads, kv, hd = geo
         v, o = get_module(block, adapter.v), get_module(block, adapter.o)
         if (hd % m == 0 and heads % kv == 0 and v.weight.shape[0] == kv * hd
@@ -225,16 +237,18 @@ def permute_block_(block, adapter, config, stats: dict, n: int, m: int, *, names
                 v_perm[g * hd:(g + 1) * hd] = g * hd + sigma
                 for h in hs:
                     o_perm[h * hd:(h + 1) * hd] = h * hd + sigma
-            out["o"] = (float(group_cost(sal, n, m).sum()), float(group_cost(sal[:, o_perm], n, m).sum()))
-            _take_rows_(v, v_perm)
-            _take_cols_(o, o_perm)
-            if stats.get(adapter.o) is not None:
-                stats[adapter.o] = PermutedStats(stats[adapter.o], o_perm)
+            plans["o"] = (sal, o_perm, [(v, "rows", v_perm), (o, "cols", o_perm)], adapter.o)
+    out = {}
+    for key, (sal, perm, moves, stats_key) in plans.items():
+        out[key] = (float(group_cost(sal, n, m).sum()), float(group_cost(sal[:, perm], n, m).sum()))
+        for mod, axis, p in moves:
+            (_take_rows_ if axis == "rows" else _take_cols_)(mod, p)
+        if stats.get(stats_key) is not None:
+            stats[stats_key] = PermutedStats(stats[stats_key], perm)
+    mark_permuted(config, [{"down": "mlp", "o": "value"}[k] for k in out])
     return out
 
 
-PERMUTE_PARTS = ("mlp", "value")  # MLP hidden channels; value channels within each kv head
-MARK = "laco_channels_permuted"  # config attribute: which channel groups prune_model reordered
 
 
 def mark_permuted(config, parts) -> None:

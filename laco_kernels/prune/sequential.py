@@ -29,7 +29,7 @@ from ..models.adapters import get_adapter, get_module
 from ..models.capture import BlockRunner, HiddenStream
 from .magnitude import magnitude_prune_
 from .masks import check_sparsity, parse_pattern, sparsity_of
-from .permute import PERMUTE_PARTS, mark_permuted, permute_block_
+from .permute import PERMUTE_PARTS, permute_block_
 from .sparsegpt import HessianAccumulator, SharedInputGram, sparsegpt_prune
 from .wanda import SqNormAccumulator, wanda_prune_
 
@@ -230,11 +230,9 @@ def _prune_blocks(model, blocks, prefix, adapter, method, targets, pattern, cali
                 shared.clear()
             if rounds is not None:  # reorder channels (function unchanged): better N:M groups for down / o
                 n, m = parse_pattern(pattern)
-                part_of = {adapter.down: "mlp", adapter.o: "value"}
-                names = [k for k in todo if k not in part_of or part_of[k] in parts]
-                costs = permute_block_(block, adapter, model.config, stats, n, m, names=names, rounds=rounds, seed=i)
+                costs = permute_block_(block, adapter, model.config, stats, n, m, names=todo, parts=parts,
+                                       rounds=rounds, seed=i)
                 perm_log.append({k: {"before": b, "after": a} for k, (b, a) in costs.items()})
-                mark_permuted(model.config, [{"down": "mlp", "o": "value"}[k] for k in costs])
             for name, linear in todo.items():  # 2. prune every linear from the same inputs
                 _prune_linear(method, linear, targets[f"{prefix}.{i}.{name}"], pattern, stats.get(name),
                               device, blocksize, percdamp)

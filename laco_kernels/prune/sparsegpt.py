@@ -33,6 +33,12 @@ import torch
 from .masks import check_sparsity, n_pruned, nm_mask, parse_pattern
 
 
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """``X^T X`` ``[in, in]`` fp32 of ``x`` ``[..., in]``."""
+    flat = x.detach().reshape(-1, x.shape[-1]).float()
+    return flat.t() @ flat
+
+
 def _version(x: torch.Tensor):
     """The in-place version counter of ``x`` (None for inference tensors, which have none)."""
     try:
@@ -52,13 +58,13 @@ class SharedInputGram:
 
     def __init__(self):
         self._x: Optional[torch.Tensor] = None
+        self._version = None
         self._gram: Optional[torch.Tensor] = None
 
     def gram(self, x: torch.Tensor) -> torch.Tensor:
         version = _version(x)
         if x is not self._x or version is None or self._version != version:
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
-            self._x, self._version, self._gram = x, version, flat.t() @ flat
+            self._x, self._version, self._gram = x, version, _gram(x)
         return self._gram
 
     def clear(self) -> None:
@@ -78,15 +84,12 @@ class HessianAccumulator:
         self.shared = shared
 
     def add(self, x: torch.Tensor) -> None:
-        if self.shared is not None:
-            upd = self.shared.gram(x)
-            self.xtx = upd.clone() if self.xtx is None else self.xtx.add_(upd)
-            self.tokens += x.numel() // x.shape[-1]
-            return
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        upd = x.t() @ x
-        self.xtx = upd if self.xtx is None else self.xtx.add_(upd)
-        self.tokens += x.shape[0]
+        upd = _gram(x) if self.shared is None else self.shared.gram(x)
+        if self.xtx is None:  # a shared Gram matrix is read by the other accumulators too: copy it
+            self.xtx = upd if self.shared is None else upd.clone()
+        else:
+            self.xtx.add_(upd)
+        self.tokens += x.numel() // x.shape[-1]
 
     def result(self) -> torch.Tensor:
         if self.xtx is None:
