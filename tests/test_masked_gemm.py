@@ -154,6 +154,25 @@ def test_even_loops_match_reference(dtype):
     assert bool((dw[~mask] == 0).all())
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_peeled_last_step_matches_reference(dtype):
+    """N and M not multiples of the loop steps, with whole steps before the partial one: the
+    plain dX loop and the dW loop run unbounded steps, then the peeled last step."""
+    m, n, k = 150, 150, 100
+    cdx, cdw = mg._dx_config(m, dtype, k, n=n), mg._dw_config(n, dtype, k)
+    assert n // cdx["BLOCK_N"] >= 1 and n % cdx["BLOCK_N"] != 0
+    assert m // cdw["BLOCK_M"] >= 1 and m % cdw["BLOCK_M"] != 0
+    x, dy = torch.randn(m, k, dtype=dtype), torch.randn(m, n, dtype=dtype)
+    mask = make_mask(n, k, 0.5)
+    bits = PackedMask.from_bool(mask).bits
+    w = torch.randn(n, k, dtype=dtype) * mask
+    close(mg.masked_linear_dx(dy, w, bits, flag=mg.pruned_nonzero(w, bits)), dy.float() @ w.float(), dtype)
+    close(mg.masked_linear_dx(dy, w, None), dy.float() @ w.float(), dtype)
+    dw, db = mg.masked_linear_dw(dy, x, bits, want_bias=True)
+    close(dw, reference.masked_weight_grad(dy, x, mask), dtype)
+    close(db, dy.float().sum(0), dtype)
+
 def test_fp32_tile_choice_fills_the_gpu():
     """fp32 takes the largest FMA tile whose grid still has a program per SM (the 64 x 64 forward /
     dX tiles only with N % 16 == 0 and K % 32 == 0), else the smallest."""

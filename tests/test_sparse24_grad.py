@@ -136,3 +136,17 @@ def test_even_loops_and_wide_fp32_tiles(dtype):
     dv, db = sg.sparse24_values_grad(dy, x, w24.meta, w24.shape, want_bias=True)
     close(dv, reference.sparse24_values_grad(dy, x, w24), dtype)
     close(db, dy.float().sum(0), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_peeled_last_step_matches_reference(dtype):
+    """N and M not multiples of the dX / dV loop steps, with whole steps before the partial one
+    (the peeled last step after the unbounded loop)."""
+    m, n, k = 150, 150, 96
+    assert n % sg._dx24_config(m, dtype, None, k, n=n)["BLOCK_N"] != 0
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k, dtype=dtype), prune=True)
+    x, dy = torch.randn(m, k, dtype=dtype), torch.randn(m, n, dtype=dtype)
+    close(sg.sparse24_grad_input(dy, w24.values, w24.meta, w24.shape), dy.float() @ w24.to_dense().float(), dtype)
+    dv, db = sg.sparse24_values_grad(dy, x, w24.meta, w24.shape, want_bias=True)
+    close(dv, reference.sparse24_values_grad(dy, x, w24), dtype)
+    close(db, dy.float().sum(0), dtype)

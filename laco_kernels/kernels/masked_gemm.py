@@ -18,8 +18,10 @@ the dense GEMM's instruction count) or to the masked loop. The mask in the loop 
 memory round trip plus ~3 instructions per weight element (2.25-2.44x the dense GEMM per
 multiply-add on sm_90, docs/gpu_training_kernels.md); recovery keeps pruned weights at exactly 0,
 so in practice the plain loop runs and only dW applies the mask, to its output tile.
-``EVEN`` (dX: N % BLOCK_N == 0; dW: M % BLOCK_M == 0, set by the launchers) drops the bound test
-along the loop's dimension.
+The dX / dW loops step over whole tiles without a bound test along the loop's dimension; when
+that dimension is not a multiple of the step, the partial last step is peeled after the loop
+(16-bit; the fp32 FMA tiles keep the bound test in the loop, where peeling spilled registers).
+``EVEN`` (dX: N % BLOCK_N == 0; dW: M % BLOCK_M == 0, set by the launchers) leaves that step out.
 
 Inputs fp16 / bf16 / fp32 (x and W the same dtype), fp32 accumulation, outputs in x's dtype.
 fp32 inputs use ``input_precision="ieee"`` by default: on a GPU fp32 ``tl.dot`` would be TF32
@@ -237,14 +239,27 @@ def _masked_linear_fwd_kernel(x_ptr, w_ptr, bits_ptr, flag_ptr, b_ptr, y_ptr, M,
 
 
 @triton.jit
+def _dx_tiles(dy_ptr, w_ptr, n0, left, dy_off, w_off, rows, m_ok, k_ok, stride_dyn, stride_wn, BOUND: tl.constexpr):
+    """One step of the plain dX loop: dY [BLOCK_M, BLOCK_N] and W [BLOCK_N, BLOCK_K] at rows n0.. of
+    the reduction; BOUND: only ``left`` rows remain."""
+    if BOUND:
+        dy = tl.load(dy_ptr + n0 * stride_dyn + dy_off, mask=m_ok & (rows[None, :] < left), other=0.0)
+        w = tl.load(w_ptr + n0 * stride_wn + w_off, mask=(rows[:, None] < left) & k_ok, other=0.0)
+    else:
+        dy = tl.load(dy_ptr + n0 * stride_dyn + dy_off, mask=m_ok, other=0.0)
+        w = tl.load(w_ptr + n0 * stride_wn + w_off, mask=k_ok, other=0.0)
+    return dy, w
+
+
+@triton.jit
 def _dx_loop(acc, dy_ptr, w_ptr, bits_ptr, offs_m, k0, M, N, K,
              stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, HAS_MASK: tl.constexpr,
              EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc += dY[offs_m, :] @ (W ⊙ mask)[:, k0:k0+BLOCK_K] over all of N (HAS_MASK=False: plain W).
 
-    Plain loop: loop-invariant offset tensors plus scalar base pointers moved each step, and with
-    EVEN (N % BLOCK_N == 0) no bound test along N (sm_90, 16-bit prefill: 98 loop instructions,
-    0.96x the dense GEMM per multiply-add; 122 without EVEN)."""
+    Plain loop: loop-invariant offset tensors plus scalar base pointers moved each step, no bound
+    test along N (sm_90, 16-bit prefill: 98 loop instructions, 0.96x the dense GEMM per multiply-add;
+    99 when N % BLOCK_N != 0 and the last step is peeled, 122 with the bound test in the loop)."""
     offs_k = tl.arange(0, BLOCK_K)
     rows = tl.arange(0, BLOCK_N)
     kk = k0 + offs_k
@@ -252,20 +267,32 @@ def _dx_loop(acc, dy_ptr, w_ptr, bits_ptr, offs_m, k0, M, N, K,
     w_off = rows[:, None] * stride_wn + kk[None, :] * stride_wk
     m_ok = offs_m[:, None] < M
     k_ok = kk[None, :] < K
-    for n0 in range(0, N, BLOCK_N):
-        if HAS_MASK:  # (the masked loop keeps per-element offsets: 249 instructions here, 256 the other way)
+    if HAS_MASK:  # (the masked loop keeps per-element offsets: 249 instructions here, 256 the other way)
+        for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + rows
             dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                          mask=m_ok & (offs_n[None, :] < N), other=0.0)
             w = _masked_w_tile(w_ptr, bits_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_wk, stride_bn,
                                HAS_MASK, BLOCK_N, BLOCK_K)
-        elif EVEN:  # N % BLOCK_N == 0: no bound test along the loop
-            dy = tl.load(dy_ptr + n0 * stride_dyn + dy_off, mask=m_ok, other=0.0)
-            w = tl.load(w_ptr + n0 * stride_wn + w_off, mask=k_ok, other=0.0)
-        else:
-            dy = tl.load(dy_ptr + n0 * stride_dyn + dy_off, mask=m_ok & (rows[None, :] < N - n0), other=0.0)
-            w = tl.load(w_ptr + n0 * stride_wn + w_off, mask=(rows[:, None] < N - n0) & k_ok, other=0.0)
-        acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+    elif (not EVEN) and (dy_ptr.dtype.element_ty == tl.float32):
+        # fp32 (FMA tiles): the bound test stays in the loop (peeling the last step spilled 8 bytes
+        # in the 64 x 64 tile on sm_90, for 1.04x -> 1.03x of the dense GEMM)
+        for n0 in range(0, N, BLOCK_N):
+            dy, w = _dx_tiles(dy_ptr, w_ptr, n0, N - n0, dy_off, w_off, rows, m_ok, k_ok, stride_dyn, stride_wn, True)
+            acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+    else:
+        # whole BLOCK_N steps without a bound test along N; a partial last step (not EVEN) peeled
+        # after the loop, so the steady loop is the EVEN one for every N
+        n_full = N if EVEN else N - N % BLOCK_N
+        for n0 in range(0, n_full, BLOCK_N):
+            dy, w = _dx_tiles(dy_ptr, w_ptr, n0, N - n0, dy_off, w_off, rows, m_ok, k_ok, stride_dyn, stride_wn, False)
+            acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+        if not EVEN:
+            if n_full < N:
+                dy, w = _dx_tiles(dy_ptr, w_ptr, n_full, N - n_full, dy_off, w_off, rows, m_ok, k_ok, stride_dyn,
+                                  stride_wn, True)
+                acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
     return acc
 
 
@@ -298,13 +325,27 @@ def _masked_linear_dx_kernel(dy_ptr, w_ptr, bits_ptr, flag_ptr, dx_ptr, M, N, K,
 
 
 @triton.jit
+def _dw_tiles(dy_ptr, x_ptr, m0, left, dy_off, x_off, rows, n_ok, k_ok, stride_dym, stride_xm,
+              BOUND: tl.constexpr):
+    """One step of the dW loop: dY^T [BLOCK_N, BLOCK_M] and X [BLOCK_M, BLOCK_K] at rows m0..;
+    BOUND: only ``left`` rows remain."""
+    if BOUND:
+        dyt = tl.load(dy_ptr + m0 * stride_dym + dy_off, mask=(rows[None, :] < left) & n_ok, other=0.0)
+        x = tl.load(x_ptr + m0 * stride_xm + x_off, mask=(rows[:, None] < left) & k_ok, other=0.0)
+    else:
+        dyt = tl.load(dy_ptr + m0 * stride_dym + dy_off, mask=n_ok, other=0.0)
+        x = tl.load(x_ptr + m0 * stride_xm + x_off, mask=k_ok, other=0.0)
+    return dyt, x
+
+
+@triton.jit
 def _dw_loop(dy_ptr, x_ptr, offs_n, offs_k, M, N, K, stride_dym, stride_dyn, stride_xm, stride_xk,
              EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr):
     """(dY^T X)[offs_n, offs_k] in fp32 over all of M (the dW / dV GEMM loop).
 
-    EVEN (M % BLOCK_M == 0, e.g. every power-of-two token count): no bound test along M; the
-    other bounds are loop-invariant (sm_90, 16-bit: see the audit's "even" specs)."""
+    No bound test along M in the loop (16-bit: a partial last step is peeled; EVEN, M % BLOCK_M
+    == 0, leaves it out); the other bounds are loop-invariant (sm_90, 16-bit: see the audit's "even" specs)."""
     rows = tl.arange(0, BLOCK_M)
     # dY^T tile [BLOCK_N, BLOCK_M] read straight from dY [M, N] through its strides
     dy_off = rows[None, :] * stride_dym + offs_n[:, None] * stride_dyn
@@ -312,14 +353,26 @@ def _dw_loop(dy_ptr, x_ptr, offs_n, offs_k, M, N, K, stride_dym, stride_dyn, str
     n_ok = offs_n[:, None] < N
     k_ok = offs_k[None, :] < K
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        if EVEN:
-            dyt = tl.load(dy_ptr + m0 * stride_dym + dy_off, mask=n_ok, other=0.0)
-            x = tl.load(x_ptr + m0 * stride_xm + x_off, mask=k_ok, other=0.0)
-        else:
-            dyt = tl.load(dy_ptr + m0 * stride_dym + dy_off, mask=(rows[None, :] < M - m0) & n_ok, other=0.0)
-            x = tl.load(x_ptr + m0 * stride_xm + x_off, mask=(rows[:, None] < M - m0) & k_ok, other=0.0)
-        acc = tl.dot(dyt, x, acc, input_precision=DOT_PRECISION)
+    if (not EVEN) and (x_ptr.dtype.element_ty == tl.float32):
+        # fp32 (FMA tiles): the bound test stays in the loop (peeling the last step spilled 36
+        # bytes in the 128 x 64 tile on sm_90, for 1.01x -> 0.98x of the dense GEMM)
+        for m0 in range(0, M, BLOCK_M):
+            dyt, x = _dw_tiles(dy_ptr, x_ptr, m0, M - m0, dy_off, x_off, rows, n_ok, k_ok,
+                               stride_dym, stride_xm, True)
+            acc = tl.dot(dyt, x, acc, input_precision=DOT_PRECISION)
+    else:
+        # whole BLOCK_M steps without a bound test along M; a partial last step (not EVEN) peeled
+        # after the loop, so the steady loop is the EVEN one for every M
+        m_full = M if EVEN else M - M % BLOCK_M
+        for m0 in range(0, m_full, BLOCK_M):
+            dyt, x = _dw_tiles(dy_ptr, x_ptr, m0, M - m0, dy_off, x_off, rows, n_ok, k_ok,
+                               stride_dym, stride_xm, False)
+            acc = tl.dot(dyt, x, acc, input_precision=DOT_PRECISION)
+        if not EVEN:
+            if m_full < M:
+                dyt, x = _dw_tiles(dy_ptr, x_ptr, m_full, M - m_full, dy_off, x_off, rows, n_ok, k_ok,
+                                   stride_dym, stride_xm, True)
+                acc = tl.dot(dyt, x, acc, input_precision=DOT_PRECISION)
     return acc
 
 

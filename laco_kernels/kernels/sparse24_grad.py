@@ -46,6 +46,30 @@ def _dense_w_tile(v_ptr, meta_ptr, offs_n, k0, N, K, stride_vn, stride_vk, strid
 
 
 @triton.jit
+def _dx24_tiles(dy_ptr, v_ptr, meta_ptr, lut_ptr, n0, left, k0, N, K, g, g_shift, rows, m_ok, gk_ok, dy_off,
+                stride_dyn, stride_vn, stride_vk, stride_mn, BOUND: tl.constexpr, EMULATE: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One step of the 2:4 dX loop: the dY tile [BLOCK_M, BLOCK_N] at rows n0.. of the reduction and the
+    expanded weight tile [BLOCK_N, BLOCK_K]; BOUND: only ``left`` rows remain (the peeled last step)."""
+    if BOUND:
+        dy = tl.load(dy_ptr + n0 * stride_dyn + dy_off, mask=m_ok & (rows[None, :] < left), other=0.0)
+    else:
+        dy = tl.load(dy_ptr + n0 * stride_dyn + dy_off, mask=m_ok, other=0.0)
+    if v_ptr.dtype.element_ty == tl.int32:
+        if BOUND:
+            g_ok = (rows[:, None] < left) & gk_ok
+        else:
+            g_ok = gk_ok
+        pair = tl.load(v_ptr + n0 * stride_vn + (rows[:, None] * stride_vn + g[None, :]), mask=g_ok, other=0)
+        word = tl.load(meta_ptr + n0 * stride_mn + (rows[:, None] * stride_mn + (g // 8)[None, :]), mask=g_ok, other=0)
+        sel = tl.load(lut_ptr + ((word >> g_shift[None, :]) & 0xF))
+        w = expand_24_prmt(pair, sel, dy_ptr.dtype.element_ty, EMULATE, BLOCK_N, BLOCK_K)
+    else:
+        w = _dense_w_tile(v_ptr, meta_ptr, n0 + rows, k0, N, K, stride_vn, stride_vk, stride_mn, BLOCK_N, BLOCK_K)
+    return dy, w
+
+
+@triton.jit
 def _sparse24_dx_kernel(dy_ptr, v_ptr, meta_ptr, lut_ptr, dx_ptr, M, N, K,
                         stride_dym, stride_dyn, stride_vn, stride_vk, stride_mn, stride_dxm, stride_dxk,
                         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -68,25 +92,19 @@ def _sparse24_dx_kernel(dy_ptr, v_ptr, meta_ptr, lut_ptr, dx_ptr, M, N, K,
     gk_ok = g[None, :] < K // 4
     dy_off = offs_m[:, None] * stride_dym + rows[None, :] * stride_dyn
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + rows
-        if EVEN:  # N % BLOCK_N == 0: no bound test along the loop
-            dy = tl.load(dy_ptr + n0 * stride_dyn + dy_off, mask=m_ok, other=0.0)
-        else:
-            dy = tl.load(dy_ptr + n0 * stride_dyn + dy_off, mask=m_ok & (rows[None, :] < N - n0), other=0.0)
-        if v_ptr.dtype.element_ty == tl.int32:
-            if EVEN:
-                g_ok = gk_ok
-            else:
-                g_ok = (rows[:, None] < N - n0) & gk_ok
-            pair = tl.load(v_ptr + n0 * stride_vn + (rows[:, None] * stride_vn + g[None, :]), mask=g_ok, other=0)
-            word = tl.load(meta_ptr + n0 * stride_mn + (rows[:, None] * stride_mn + (g // 8)[None, :]), mask=g_ok,
-                           other=0)
-            sel = tl.load(lut_ptr + ((word >> g_shift[None, :]) & 0xF))
-            w = expand_24_prmt(pair, sel, dy_ptr.dtype.element_ty, EMULATE, BLOCK_N, BLOCK_K)
-        else:
-            w = _dense_w_tile(v_ptr, meta_ptr, offs_n, k0, N, K, stride_vn, stride_vk, stride_mn, BLOCK_N, BLOCK_K)
+    # whole BLOCK_N steps without a bound test along N; a partial last step (not EVEN) peeled after
+    # the loop, so the steady loop is the EVEN one for every N
+    n_full = N if EVEN else N - N % BLOCK_N
+    for n0 in range(0, n_full, BLOCK_N):
+        dy, w = _dx24_tiles(dy_ptr, v_ptr, meta_ptr, lut_ptr, n0, N - n0, k0, N, K, g, g_shift, rows, m_ok, gk_ok,
+                            dy_off, stride_dyn, stride_vn, stride_vk, stride_mn, False, EMULATE, BLOCK_N, BLOCK_K)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+    if not EVEN:
+        if n_full < N:
+            dy, w = _dx24_tiles(dy_ptr, v_ptr, meta_ptr, lut_ptr, n_full, N - n_full, k0, N, K, g, g_shift, rows, m_ok,
+                                gk_ok, dy_off, stride_dyn, stride_vn, stride_vk, stride_mn, True, EMULATE, BLOCK_N,
+                                BLOCK_K)
+            acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
     kk = k0 + tl.arange(0, BLOCK_K)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + kk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (kk[None, :] < K))
