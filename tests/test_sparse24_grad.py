@@ -122,6 +122,16 @@ def test_sparse24_linear_bias_only_and_adamw(triton_backend):
     assert bool((dense[~w24.mask()] == 0).all()) and not torch.equal(v.detach(), w24.values)
 
 
+def _check_dx_dv_db(m, n, k, dtype):
+    """dX, dV and db of a random 2:4 weight [n, k] and m rows against the reference."""
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k, dtype=dtype), prune=True)
+    x, dy = torch.randn(m, k, dtype=dtype), torch.randn(m, n, dtype=dtype)
+    close(sg.sparse24_grad_input(dy, w24.values, w24.meta, w24.shape), dy.float() @ w24.to_dense().float(), dtype)
+    dv, db = sg.sparse24_values_grad(dy, x, w24.meta, w24.shape, want_bias=True)
+    close(dv, reference.sparse24_values_grad(dy, x, w24), dtype)
+    close(db, dy.float().sum(0), dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_even_loops_and_wide_fp32_tiles(dtype):
     """M, N multiples of the loop steps (EVEN variants of dX and dV); fp32 with N % 16 == 0 and
@@ -130,12 +140,7 @@ def test_even_loops_and_wide_fp32_tiles(dtype):
     if dtype == torch.float32:
         assert sg._dx24_config(m, dtype, None, k, n=n)["BLOCK_K"] == 64
         assert sg._dx24_config(m, dtype, None, k, n=n + 1)["BLOCK_K"] == 32
-    w24 = Sparse24Weight.from_dense(torch.randn(n, k, dtype=dtype), prune=True)
-    x, dy = torch.randn(m, k, dtype=dtype), torch.randn(m, n, dtype=dtype)
-    close(sg.sparse24_grad_input(dy, w24.values, w24.meta, w24.shape), dy.float() @ w24.to_dense().float(), dtype)
-    dv, db = sg.sparse24_values_grad(dy, x, w24.meta, w24.shape, want_bias=True)
-    close(dv, reference.sparse24_values_grad(dy, x, w24), dtype)
-    close(db, dy.float().sum(0), dtype)
+    _check_dx_dv_db(m, n, k, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -144,9 +149,4 @@ def test_peeled_last_step_matches_reference(dtype):
     (the peeled last step after the unbounded loop)."""
     m, n, k = 150, 150, 96
     assert n % sg._dx24_config(m, dtype, None, k, n=n)["BLOCK_N"] != 0
-    w24 = Sparse24Weight.from_dense(torch.randn(n, k, dtype=dtype), prune=True)
-    x, dy = torch.randn(m, k, dtype=dtype), torch.randn(m, n, dtype=dtype)
-    close(sg.sparse24_grad_input(dy, w24.values, w24.meta, w24.shape), dy.float() @ w24.to_dense().float(), dtype)
-    dv, db = sg.sparse24_values_grad(dy, x, w24.meta, w24.shape, want_bias=True)
-    close(dv, reference.sparse24_values_grad(dy, x, w24), dtype)
-    close(db, dy.float().sum(0), dtype)
+    _check_dx_dv_db(m, n, k, dtype)
