@@ -7,13 +7,14 @@
 //
 // AVX-512: each 16-bit half of a word loads popcount(half) values (masked load) and expands them to
 // the set lanes (vexpandps), giving a dense 16-wide weight vector that feeds one FMA per x row.
-// AVX2: the same per byte with a permute table. bf16 with AVX512_BF16: vpexpandw + vdpbf16ps on
+// AVX2 (csrc/bitmap_avx2.inc): the same per byte with a permute table. bf16 with AVX512_BF16: vpexpandw + vdpbf16ps on
 // whole words, x kept in bf16. Parallel over output rows; fp32 accumulation;
 // each output element is produced by one thread in a fixed order.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 
 #include "laco_cpu.h"
 
@@ -65,6 +66,25 @@ void bm_scalar(const BmArgs& a, int64_t n, int64_t m0, int mb, int64_t w0, int64
       p += __builtin_popcount(rest);
     }
     out[i] += s;
+  }
+}
+
+// Decompression into a dense panel (the panel path, csrc/panel.cpp).
+// Words [w0, W) of one row, scalar: zero the columns, then place each value at its set bit
+// (padding bits past K still own values in order, as in bm_scalar).
+template <typename VT>
+void bm_decompress_tail(const BmArgs& a, const uint32_t* bits, int64_t w0, const VT* p, VT* dst) {
+  std::fill(dst + 32 * w0, dst + a.K, VT(0));
+  for (int64_t w = w0; w < a.W; ++w) {
+    uint32_t b = bits[w];
+    const uint32_t keep = valid_bits(a, w);
+    const uint32_t rest = b & ~keep;
+    b &= keep;
+    while (b) {
+      dst[32 * w + __builtin_ctz(b)] = *p++;
+      b &= b - 1;
+    }
+    p += __builtin_popcount(rest);
   }
 }
 
@@ -130,99 +150,7 @@ LACO_AVX512 void bm_avx512(const BmArgs& a, int64_t n, int64_t m0, int64_t w0, i
   for (int i = 0; i < MB; ++i) out[i] += _mm512_reduce_add_ps(_mm512_add_ps(acc0[i], acc1[i]));
 }
 
-// Lane j of entry b = index among the set bits of b of bit j (where bit j is set).
-// Per bitmap byte: idx[c] = rank of column c among the set bits (the packed value it takes), on[c] = all
-// ones where bit c is set. Both are table loads: building the lane mask with broadcast / AND / compare cost
-// 3 more instructions per 8 columns in the decode loop, which is instruction-bound at 70% sparsity.
-struct PermTable {
-  alignas(32) std::array<std::array<int32_t, 8>, 256> idx;
-  alignas(32) std::array<std::array<int32_t, 8>, 256> on;
-  PermTable() {
-    for (int b = 0; b < 256; ++b)
-      for (int j = 0; j < 8; ++j) {
-        idx[b][j] = __builtin_popcount(b & ((1 << j) - 1));
-        on[b][j] = (b >> j) & 1 ? -1 : 0;
-      }
-  }
-};
-const PermTable& perm_table() {
-  static const PermTable t;
-  return t;
-}
-
-template <typename VT, int MB>
-LACO_AVX2 void bm_avx2(const BmArgs& a, int64_t n, int64_t m0, int64_t w0, int64_t w1, const VT* p, float* out) {
-  const uint32_t* bits = a.bitmap + n * a.W;
-  const float* x = a.x + m0 * a.K;
-  const VT* safe_end = static_cast<const VT*>(a.values) + a.nnz - 8;  // an 8-wide load from p <= this is in bounds
-  const int32_t* perm = &perm_table().idx[0][0];
-  // software prefetch as in bm_avx512 (the AVX2 path had none)
-  const char* pf = a.pf_next_row ? reinterpret_cast<const char*>(static_cast<const VT*>(a.values) +
-                                                                 a.offsets[std::min(n + 1, a.N - 1) * a.T + 32 * w0 / a.tile_k])
-                                 : reinterpret_cast<const char*>(p) + prefetch_bytes(LinearOp::kBitmap);
-  const int64_t pf_bits = a.pf_next_row ? a.W : kPfBitmapWords;
-  const char* p_start = reinterpret_cast<const char*>(p);
-  __m256 acc0[MB], acc1[MB];
-  for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
-  const int64_t wfull = std::min(w1, a.K / 32);
-  int64_t w = w0;
-  const int32_t* onp = &perm_table().on[0][0];
-  for (; w < wfull; ++w) {
-    const uint32_t b = bits[w];
-    _mm_prefetch(pf + (reinterpret_cast<const char*>(p) - p_start), _MM_HINT_T0);
-    if ((w & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(bits + pf_bits + w), _MM_HINT_T0);
-    if (p + 24 <= safe_end) {
-      // whole word in bounds (its last byte loads at most 8 values from p + 24): the four bytes' value
-      // pointers come from prefix popcounts, so their loads do not wait on each other
-      const int c1 = __builtin_popcount(b & 0xffu), c2 = __builtin_popcount(b & 0xffffu),
-                c3 = __builtin_popcount(b & 0xffffffu);
-      const VT* pq[4] = {p, p + c1, p + c2, p + c3};
-#pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q) {
-        const uint32_t byte = (b >> (8 * q)) & 0xffu;
-        const __m256i pi = _mm256_load_si256(reinterpret_cast<const __m256i*>(perm + 8 * byte));
-        const __m256 on = _mm256_load_ps(reinterpret_cast<const float*>(onp + 8 * byte));
-        const __m256 vv = _mm256_and_ps(_mm256_permutevar8x32_ps(load8_f32_avx2(pq[q]), pi), on);
-#pragma GCC unroll 8
-        for (int i = 0; i < MB; ++i) {
-          const __m256 xv = _mm256_loadu_ps(x + i * a.K + 32 * w + 8 * q);
-          if (q & 1) acc1[i] = _mm256_fmadd_ps(vv, xv, acc1[i]);
-          else acc0[i] = _mm256_fmadd_ps(vv, xv, acc0[i]);
-        }
-      }
-      p += __builtin_popcount(b);
-      continue;
-    }
-#pragma GCC unroll 4
-    for (int q = 0; q < 4; ++q) {  // the last values of the tensor: per byte, copying what would overrun
-      const uint32_t byte = (b >> (8 * q)) & 0xffu;
-      const int c = __builtin_popcount(byte);
-      __m256 packed;
-      if (p <= safe_end) {
-        packed = load8_f32_avx2(p);
-      } else {
-        alignas(32) VT tmp[8] = {};
-        std::copy(p, p + c, tmp);
-        packed = load8_f32_avx2(tmp);
-      }
-      p += c;
-      const __m256i pi = _mm256_load_si256(reinterpret_cast<const __m256i*>(perm + 8 * byte));
-      const __m256 on = _mm256_load_ps(reinterpret_cast<const float*>(onp + 8 * byte));
-      const __m256 vv = _mm256_and_ps(_mm256_permutevar8x32_ps(packed, pi), on);
-#pragma GCC unroll 8
-      for (int i = 0; i < MB; ++i) {
-        const __m256 xv = _mm256_loadu_ps(x + i * a.K + 32 * w + 8 * q);
-        if (q & 1) acc1[i] = _mm256_fmadd_ps(vv, xv, acc1[i]);
-        else acc0[i] = _mm256_fmadd_ps(vv, xv, acc0[i]);
-      }
-    }
-  }
-  for (int i = 0; i < MB; ++i) {
-    const __m256 s = _mm256_add_ps(acc0[i], acc1[i]);
-    out[i] += hsum8_avx2(s);
-  }
-  if (w < w1) bm_scalar<VT>(a, n, m0, MB, w, w1, p, out);
-}
+#include "bitmap_avx2.inc"  // LaneTable, bm_avx2, bm_decompress_avx2
 #endif  // LACO_X86
 
 #if LACO_X86
@@ -328,24 +256,6 @@ void bm_run(BmArgs a, const float* bias, float* y) {
 
 
 // ---- decompression into a dense panel (the panel path, csrc/panel.cpp) ----------------------------
-// Words [w0, W) of one row, scalar: zero the columns, then place each value at its set bit
-// (padding bits past K still own values in order, as in bm_scalar).
-template <typename VT>
-void bm_decompress_tail(const BmArgs& a, const uint32_t* bits, int64_t w0, const VT* p, VT* dst) {
-  std::fill(dst + 32 * w0, dst + a.K, VT(0));
-  for (int64_t w = w0; w < a.W; ++w) {
-    uint32_t b = bits[w];
-    const uint32_t keep = valid_bits(a, w);
-    const uint32_t rest = b & ~keep;
-    b &= keep;
-    while (b) {
-      dst[32 * w + __builtin_ctz(b)] = *p++;
-      b &= b - 1;
-    }
-    p += __builtin_popcount(rest);
-  }
-}
-
 #if LACO_X86
 template <typename VT>
 LACO_AVX512 void bm_decompress_avx512(const BmArgs& a, const uint32_t* bits, const VT* p, VT* dst) {
@@ -366,47 +276,6 @@ LACO_AVX512 void bm_decompress_avx512(const BmArgs& a, const uint32_t* bits, con
                             _mm512_cvtepi32_epi16(_mm512_maskz_expand_epi32(static_cast<__mmask16>(bh), packed)));
         p += c;
       }
-    }
-  }
-  bm_decompress_tail<VT>(a, bits, wf, p, dst);
-}
-
-// AVX2: 8 columns per step with the permute table of bm_avx2 (no expand instruction), on 32-bit lanes
-// (bf16 bits zero-extended, packed back to 16 bits on store).
-template <typename VT>
-LACO_AVX2 void bm_decompress_avx2(const BmArgs& a, const uint32_t* bits, const VT* p, VT* dst) {
-  const VT* values_end = static_cast<const VT*>(a.values) + a.nnz;
-  const int32_t* perm = &perm_table().idx[0][0];
-  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const int64_t wf = a.K / 32;
-  for (int64_t w = 0; w < wf; ++w) {
-    const uint32_t b = bits[w];
-    for (int q = 0; q < 4; ++q) {
-      const uint32_t byte = (b >> (8 * q)) & 0xffu;
-      const int c = __builtin_popcount(byte);
-      alignas(32) VT tmp[8] = {};
-      const VT* src = p;
-      if (p + 8 > values_end) {  // the last few values of the tensor: copy, never read past the end
-        std::copy(p, p + c, tmp);
-        src = tmp;
-      }
-      __m256i packed;
-      if constexpr (std::is_same_v<VT, float>) {
-        packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-      } else {
-        packed = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-      }
-      const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(byte)), lane_bit), lane_bit);
-      const __m256i pi = _mm256_load_si256(reinterpret_cast<const __m256i*>(perm + 8 * byte));
-      const __m256i v = _mm256_and_si256(_mm256_permutevar8x32_epi32(packed, pi), on);
-      VT* d = dst + 32 * w + 8 * q;
-      if constexpr (std::is_same_v<VT, float>) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), v);
-      } else {  // lanes hold 0..65535: the unsigned-saturating pack is exact
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(d),
-                         _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
-      }
-      p += c;
     }
   }
   bm_decompress_tail<VT>(a, bits, wf, p, dst);

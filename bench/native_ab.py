@@ -1,0 +1,117 @@
+"""In-process A/B of two builds of the native CPU extension (``laco_kernels._C``) against ``F.linear``.
+
+A kernel change on a shared machine is hard to judge from two separate runs: the same unchanged kernel
+moves by 30% between runs here. This loads a second build of the extension (``--old``, e.g. one built
+in a worktree of the previous commit) beside the current one and times both kernels and ``F.linear``
+round-robin in one process, after checking that the two builds give bit-identical outputs.
+
+    git worktree add /tmp/oldtree HEAD~1 && (cd /tmp/oldtree && python setup.py build_ext --inplace)
+    OMP_NUM_THREADS=1 python bench/native_ab.py --old /tmp/oldtree/laco_kernels/_C*.so --op bitmap_linear
+
+Writes ``bench/results/native_ab.json`` (``--out``): per cell the medians in ms and the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu_kernels import cpu_model  # noqa: E402
+
+from laco_kernels import _C as new  # noqa: E402
+from laco_kernels._atomic import atomic_file  # noqa: E402
+from laco_kernels.formats import BitmapWeight, Sparse24Weight  # noqa: E402
+
+SHAPES = {"7b_up": (11008, 4096), "7b_down": (4096, 11008), "smollm2_up": (1536, 576), "smollm2_down": (576, 1536)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_build(path: str):
+    """The extension module at ``path`` under a name of its own (its init symbol is ``PyInit__C``)."""
+    matches = glob.glob(path)
+    if len(matches) != 1:
+        raise SystemExit(f"--old {path!r}: expected one extension file, found {matches}")
+    spec = importlib.util.spec_from_file_location("laco_old_build._C", matches[0])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def weight_and_args(op: str, w: torch.Tensor, x: torch.Tensor):
+    n, k = w.shape
+    if op == "bitmap_linear":
+        bw = BitmapWeight.from_dense(w)
+        return (x, bw.values, bw.bitmap, bw.offsets, bw.tile_k, None, n, k)
+    w24 = Sparse24Weight.from_dense(w, prune=True)
+    return (x, w24.values, w24.meta, None, n, k)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--old", required=True, help="path (glob) of the other build's _C*.so")
+    ap.add_argument("--op", default="bitmap_linear", choices=("bitmap_linear", "sparse24_linear"))
+    ap.add_argument("--shapes", default="7b_up,7b_down")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--ms", default="1,8")
+    ap.add_argument("--sparsities", default="0.7,0.5", help="bitmap only (2:4 is 0.5)")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "native_ab.json"))
+    args = ap.parse_args(argv)
+    old = load_build(args.old)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    sparsities = [float(s) for s in args.sparsities.split(",")] if args.op == "bitmap_linear" else [0.5]
+    rows = []
+    for dname in args.dtypes.split(","):
+        dt = DTYPES[dname]
+        for sname in args.shapes.split(","):
+            n, k = SHAPES[sname]
+            for sp in sparsities:
+                w = torch.randn(n, k)
+                if args.op == "bitmap_linear":
+                    w = w * (torch.rand(n, k) >= sp)
+                wd = w.to(dt)
+                for m in (int(v) for v in args.ms.split(",")):
+                    x = torch.randn(m, k).to(dt)
+                    call = weight_and_args(args.op, wd, x)
+                    wdense = wd if args.op == "bitmap_linear" else Sparse24Weight.from_dense(wd, prune=True).to_dense()
+                    fns = {"dense": lambda: F.linear(x, wdense), "old": lambda: getattr(old, args.op)(*call),
+                           "new": lambda: getattr(new, args.op)(*call)}
+                    if not torch.equal(fns["old"](), fns["new"]()):
+                        raise SystemExit(f"{sname} {dname} M={m}: the two builds disagree")
+                    ts = {a: [] for a in fns}
+                    for f in fns.values():
+                        f()
+                    for _ in range(args.rounds):
+                        for a, f in fns.items():
+                            t0 = time.perf_counter()
+                            f()
+                            ts[a].append(time.perf_counter() - t0)
+                    md = {a: statistics.median(v) * 1e3 for a, v in ts.items()}
+                    row = dict(op=args.op, shape=sname, n=n, k=k, dtype=dname, m=m, sparsity=sp, threads=args.threads,
+                               ms_dense=md["dense"], ms_old=md["old"], ms_new=md["new"], old_vs_dense=md["dense"] / md["old"],
+                               new_vs_dense=md["dense"] / md["new"], new_vs_old=md["old"] / md["new"])
+                    rows.append(row)
+                    print(f"{args.op} {sname:12s} {dname} sparsity {sp} M={m:<4d} dense {md['dense']:7.2f} ms  "
+                          f"old {row['old_vs_dense']:.2f}x  new {row['new_vs_dense']:.2f}x  new/old {row['new_vs_old']:.2f}",
+                          flush=True)
+    out = dict(cpu=cpu_model(), torch=torch.__version__, load=os.getloadavg()[0], rounds=args.rounds, old=args.old,
+               command="python bench/native_ab.py " + " ".join(argv if argv is not None else sys.argv[1:]), rows=rows)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with atomic_file(args.out) as tmp, open(tmp, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
