@@ -65,7 +65,8 @@ def _recipe(v: dict) -> str:
               + (f", windows of {c['stage2_seqlen']}" if c.get("stage2_seqlen") else "")
               + (f", + {c['stage2_hidden']:g} x block-output token-nmse" if c.get("stage2_hidden") else ""))
         text = kl if v["method"] == "kl" else f"{text} + {kl}"
-    return f"{text}, {prec}"
+    start = v.get("start", "sparsegpt")
+    return f"{text}, {prec}" + (f", **{start} start**" if start != "sparsegpt" else "")
 
 
 def table(path: str, windows: int = 32) -> str:
@@ -93,7 +94,8 @@ def plot(path: str, windows: int = 32, out: str = PLOT) -> None:
 
     from laco_kernels._atomic import atomic_file
 
-    rows = [v for v in _rows(path, windows).values() if v["seqlen"] == 128]
+    # one start for every point (the table's common SparseGPT 2:4 start; other starts are table rows)
+    rows = [v for v in _rows(path, windows).values() if v["seqlen"] == 128 and v.get("start", "sparsegpt") == "sparsegpt"]
     if not rows:
         raise SystemExit("no tokens/ rows to plot")
     fig, ax = plt.subplots(figsize=(6.4, 4))
