@@ -46,13 +46,22 @@ def load_build(path: str):
     return mod
 
 
-def weight_and_args(op: str, w: torch.Tensor, x: torch.Tensor):
+def packed_weight(op: str, w: torch.Tensor):
+    """(the kernel's weight arguments after x, the dense weight F.linear multiplies) for ``w`` [N, K]."""
     n, k = w.shape
     if op == "bitmap_linear":
         bw = BitmapWeight.from_dense(w)
-        return (x, bw.values, bw.bitmap, bw.offsets, bw.tile_k, None, n, k)
+        return (bw.values, bw.bitmap, bw.offsets, bw.tile_k, None, n, k), w
     w24 = Sparse24Weight.from_dense(w, prune=True)
-    return (x, w24.values, w24.meta, None, n, k)
+    return (w24.values, w24.meta, None, n, k), w24.to_dense()
+
+
+def _choices(text: str, allowed, name: str) -> list:
+    items = [t for t in text.split(",") if t]
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        raise SystemExit(f"--{name} {text!r}: unknown {bad or 'empty'}; choose from {', '.join(allowed)}")
+    return items
 
 
 def main(argv=None) -> None:
@@ -67,24 +76,30 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "native_ab.json"))
     args = ap.parse_args(argv)
+    shapes, dtypes = _choices(args.shapes, SHAPES, "shapes"), _choices(args.dtypes, DTYPES, "dtypes")
+    try:
+        ms = [int(v) for v in args.ms.split(",")]
+        sparsities = [float(s) for s in args.sparsities.split(",")] if args.op == "bitmap_linear" else [0.5]
+    except ValueError as exc:
+        raise SystemExit(f"--ms / --sparsities: {exc}") from None
+    if any(m < 1 for m in ms) or any(not 0.0 <= s < 1.0 for s in sparsities) or args.rounds < 1 or args.threads < 1:
+        raise SystemExit("--ms must be >= 1, --sparsities in [0, 1), --rounds and --threads >= 1")
     old = load_build(args.old)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    sparsities = [float(s) for s in args.sparsities.split(",")] if args.op == "bitmap_linear" else [0.5]
     rows = []
-    for dname in args.dtypes.split(","):
+    for dname in dtypes:
         dt = DTYPES[dname]
-        for sname in args.shapes.split(","):
+        for sname in shapes:
             n, k = SHAPES[sname]
             for sp in sparsities:
                 w = torch.randn(n, k)
                 if args.op == "bitmap_linear":
                     w = w * (torch.rand(n, k) >= sp)
-                wd = w.to(dt)
-                for m in (int(v) for v in args.ms.split(",")):
+                wargs, wdense = packed_weight(args.op, w.to(dt))  # packed once, timed at every M
+                for m in ms:
                     x = torch.randn(m, k).to(dt)
-                    call = weight_and_args(args.op, wd, x)
-                    wdense = wd if args.op == "bitmap_linear" else Sparse24Weight.from_dense(wd, prune=True).to_dense()
+                    call = (x, *wargs)
                     fns = {"dense": lambda: F.linear(x, wdense), "old": lambda: getattr(old, args.op)(*call),
                            "new": lambda: getattr(new, args.op)(*call)}
                     if not torch.equal(fns["old"](), fns["new"]()):

@@ -53,6 +53,11 @@ def _rows(path: str, windows: int):
     return {k: v for k, v in data.items() if k.startswith("tokens/") and "ppl_after" in v and v.get("windows") == windows}
 
 
+def _start(v: dict) -> str:
+    """The pruned start of a row (rows from before the option have none: the plain SparseGPT start)."""
+    return v.get("start", "sparsegpt")
+
+
 def _recipe(v: dict) -> str:
     """Passes, KL stage and precision of a row, for the table."""
     c = v.get("config", {})
@@ -65,8 +70,7 @@ def _recipe(v: dict) -> str:
               + (f", windows of {c['stage2_seqlen']}" if c.get("stage2_seqlen") else "")
               + (f", + {c['stage2_hidden']:g} x block-output token-nmse" if c.get("stage2_hidden") else ""))
         text = kl if v["method"] == "kl" else f"{text} + {kl}"
-    start = v.get("start", "sparsegpt")
-    return f"{text}, {prec}" + (f", **{start} start**" if start != "sparsegpt" else "")
+    return f"{text}, {prec}" + (f", **{_start(v)} start**" if _start(v) != "sparsegpt" else "")
 
 
 def table(path: str, windows: int = 32) -> str:
@@ -95,7 +99,7 @@ def plot(path: str, windows: int = 32, out: str = PLOT) -> None:
     from laco_kernels._atomic import atomic_file
 
     # one start for every point (the table's common SparseGPT 2:4 start; other starts are table rows)
-    rows = [v for v in _rows(path, windows).values() if v["seqlen"] == 128 and v.get("start", "sparsegpt") == "sparsegpt"]
+    rows = [v for v in _rows(path, windows).values() if v["seqlen"] == 128 and _start(v) == "sparsegpt"]
     if not rows:
         raise SystemExit("no tokens/ rows to plot")
     fig, ax = plt.subplots(figsize=(6.4, 4))
