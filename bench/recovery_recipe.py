@@ -64,7 +64,8 @@ def pruned_start(model, tok, method: str, scratch: str, device: str = "cpu"):
     """A deep copy of ``model`` pruned as ``laco run`` does (cached on disk per method).
 
     method: ``wanda``, ``sparsegpt``, or either with ``+permute`` (``prune_model(permute=16)``:
-    MLP and value channels reordered before 2:4 selection).
+    MLP and value channels reordered before 2:4 selection); SparseGPT also with ``+refitN``
+    (``prune_model(refit=N)``, e.g. ``sparsegpt+permute+refit10``).
     """
     from safetensors.torch import load_file, save_file
 
@@ -77,9 +78,12 @@ def pruned_start(model, tok, method: str, scratch: str, device: str = "cpu"):
         pruned.load_state_dict(load_file(path), strict=False)
         return pruned, None
     calib = calibration_windows(tok, 32, 512, seed=0)
-    base, _, extra = method.partition("+")
+    base, *extra = method.split("+")
+    refit = [int(e[5:]) for e in extra if e.startswith("refit") and e[5:].isdigit()]
+    if set(extra) - {"permute"} - {f"refit{n}" for n in refit}:
+        raise ValueError(f"unknown pruned start {method!r}: a method, then +permute and / or +refitN")
     rep = prune_model(pruned, base, pattern="2:4", calibration=calib, device=device, progress=False,
-                      permute=16 if extra == "permute" else False)
+                      permute=16 if "permute" in extra else False, refit=refit[0] if refit else 0)
     os.makedirs(scratch, exist_ok=True)
     state = {k: v.contiguous() for k, v in pruned.state_dict().items() if ".layers." in k}
     save_file(state, path + ".tmp")

@@ -88,9 +88,11 @@ def write_report(out: str, r: dict) -> str:
             before, after = [b["nmse_before"] for b in blocks], [b["nmse_after"] for b in blocks]
             plot_recovery_error(before, after, os.path.join(out, "recovery_error.png"),
                                 f"{r['model']}: {what}, {rec['method']} recovery")
+            n = blocks[-1].get("error_samples")
+            over = f"over the first {n} windows of the recovery calibration set" if n else "over the recovery calibration set"
             lines += ["", "## Per-block error before and after recovery", "",
                       "Normalised error of each block's output on the pruned stream against the dense stream, "
-                      f"over the recovery calibration set (last block: {before[-1]:.4g} -> {after[-1]:.4g}).", "",
+                      f"{over} (last block: {before[-1]:.4g} -> {after[-1]:.4g}).", "",
                       "![recovery error](recovery_error.png)"]
     if errors:
         plot_block_error(errors, os.path.join(out, "block_error.png"), f"{r['model']}: {what}, per-block error")

@@ -19,7 +19,9 @@ import sys
 import time
 from typing import Optional
 
-from ._cli_checks import PERMUTE_AUTO, add_permute_arguments, check_permute, permute_value
+from ._cli_checks import (PERMUTE_AUTO, add_permute_arguments, add_refit_arguments, check_permute,
+                          check_refit, permute_value, refit_value)
+from ._cli_recover import auto_recover_windows, auto_stage2_seqlen as _auto_stage2_seqlen
 
 _EPILOG = "Data: WikiText-2 / C4 from ../shared/data next to the repository, or $LACO_DATA_DIR."
 
@@ -154,6 +156,7 @@ def cmd_prune(args) -> int:
     if args.nsamples < 1 or args.seqlen < 2:
         raise UsageError(f"need --nsamples >= 1 and --seqlen >= 2, got {args.nsamples} and {args.seqlen}")
     check_permute(args, pattern)
+    check_refit(args)
     _preflight(args, [path], out_folder=args.out, seqlens={"--seqlen": args.seqlen})
     model, tok = _load(args.model)
     densify(model)  # a packed input prunes as a dense model
@@ -163,7 +166,7 @@ def cmd_prune(args) -> int:
     if sparsity is not None:
         report["prune"] = prune_model(model, args.method, sparsity=sparsity, pattern=pattern, calibration=calibration,
                                       batch_size=args.batch_size, device=args.device,
-                                      permute=permute_value(args, pattern))
+                                      permute=permute_value(args, pattern), refit=refit_value(args))
         print(f"pruned {args.method} {pattern or 'unstructured'}: overall sparsity "
               f"{report['prune']['overall_sparsity']:.4f} in {report['prune']['seconds']:.1f} s")
     if args.out:
@@ -262,6 +265,9 @@ def _recover_autocast(args) -> bool:
     return _native.has_bf16_gemm()
 
 
+ERROR_SAMPLES = 8  # layer-wise: windows each block's before / after error is measured on
+
+
 def _recover(method: str, dense, pruned, tok, args):
     """The recovery hook shared by ``laco recover`` and ``laco run --recover``: returns (model, info)."""
     from . import recover
@@ -272,7 +278,7 @@ def _recover(method: str, dense, pruned, tok, args):
     if method == "layerwise":
         n2, l2 = args.recover_stage2_nsamples, args.recover_stage2_seqlen
         bs2 = args.recover_batch_size
-        if l2 and l2 != args.recover_seqlen:  # the KL stage on windows of its own length, same tokens per step
+        if l2:  # the KL stage on windows of its own (and its own length), same tokens per step
             drawn = calibration_windows(tok, args.recover_nsamples, args.recover_seqlen, seed=args.seed + 1)
             n2 = n2 or max(1, args.recover_nsamples * args.recover_seqlen // l2)
             ids, ids2 = drawn, calibration_windows(tok, n2, l2, seed=args.seed + 2)
@@ -289,7 +295,9 @@ def _recover(method: str, dense, pruned, tok, args):
                                 inputs=args.recover_inputs, stage2_epochs=args.recover_stage2_epochs,
                                 stage2_lr=args.recover_stage2_lr, stage2_batch_size=bs2,
                                 temperature=args.recover_temperature,
-                                autocast=autocast)
+                                # before / after errors of each block on 8 windows: the extra "before" pass over
+                                # all windows cost ~7% of the block stage (stop 30)
+                                error_samples=ERROR_SAMPLES, autocast=autocast)
         return pruned, {"method": method, "seconds": res.seconds, "blocks": res.blocks, "stage2": res.stage2,
                         "precision": "bf16 autocast" if autocast else "fp32", "tokens": res.tokens,
                         "stage2_tokens": res.stage2_tokens, "temperature": args.recover_temperature,
@@ -307,22 +315,6 @@ def _recover(method: str, dense, pruned, tok, args):
     res = restore_lcc(dense, pruned, tok, n_prompts=args.recover_nsamples, epochs=args.recover_epochs,
                       lr=_recover_lr(args, method), seed=args.seed)
     return pruned, {"method": method, "seconds": res.seconds, "losses": res.losses}
-
-
-def _auto_stage2_seqlen(args, path: str) -> None:
-    """``laco run``'s default KL window (``auto_stage2_seqlen``, 512) where --recover-stage2-seqlen is
-    not given, the KL stage runs and the model has that many positions; otherwise the block stage's
-    windows, as before."""
-    auto = getattr(args, "auto_stage2_seqlen", None)
-    if args.recover_stage2_seqlen is not None or not auto or not args.recover_stage2_epochs:
-        return
-    from transformers import AutoConfig
-
-    from ._validation import model_limits
-
-    _, positions = model_limits(AutoConfig.from_pretrained(path))
-    if positions is None or positions >= auto:
-        args.recover_stage2_seqlen = auto
 
 
 def cmd_recover(args) -> int:
@@ -361,7 +353,9 @@ def cmd_run(args) -> int:
     sparsity = _sparsity(pattern, args.sparsity)
     _check_recover_loss(args)
     check_permute(args, pattern)
+    check_refit(args)
     path = _model_path(args.model)
+    auto_recover_windows(args, path)
     _auto_stage2_seqlen(args, path)
     _preflight(args, [path], out_folder=args.out,
                seqlens={"--seqlen": args.seqlen, "--calib-seqlen": args.calib_seqlen,
@@ -390,7 +384,7 @@ def cmd_run(args) -> int:
     dense = copy.deepcopy(model) if args.recover != "none" else None
     report = step("prune", lambda: prune_model(model, args.method, sparsity=sparsity, pattern=pattern,
                                                calibration=calibration, batch_size=args.batch_size, device=args.device,
-                                               permute=permute_value(args, pattern),
+                                               permute=permute_value(args, pattern), refit=refit_value(args),
                                                # RestoreLCC compares value channels with the dense model's
                                                permute_parts=("mlp",) if args.recover == "restore-lcc"
                                                else ("mlp", "value")))
@@ -438,15 +432,23 @@ def _add_prune_choice(p, method="wanda", pattern=None, permute=None):
                    help="fraction of weights removed for unstructured pruning, in [0, 1) (default: 0.5; "
                         "implied by --pattern)")
     add_permute_arguments(p, permute)
+    add_refit_arguments(p)
 
 
 def _add_recover_options(p, default_epochs: int, default_nsamples: int = 128, default_batch: int = 4,
                          default_inputs: str = "pruned", default_stage2: int = 0, default_stage2_lr: float = 1e-4,
-                         default_stage2_seqlen: int | None = None):
+                         default_stage2_seqlen: int | None = None, auto_windows: bool = False):
     g = p.add_argument_group("recovery settings")
-    g.add_argument("--recover-nsamples", type=int, default=default_nsamples,
-                   help=f"calibration windows (or prompts) (default: {default_nsamples})")
-    g.add_argument("--recover-seqlen", type=int, default=128, help="tokens per window (default: 128)")
+    auto = ("; layer-wise: 16,384 tokens in windows of 512 at batch 2 where the model has 512 positions, "
+            "else of 128 at batch 8; LoRA / RestoreLCC: 128 windows of 128 at batch 8; what you give sets "
+            "the rest at 16,384 tokens, 1,024 a step") if auto_windows else ""
+    g.add_argument("--recover-nsamples", type=int, default=None if auto_windows else default_nsamples,
+                   help="calibration windows (or prompts) (default: "
+                        + ("auto" + auto if auto_windows else str(default_nsamples)) + ")")
+    g.add_argument("--recover-seqlen", type=int, default=None if auto_windows else 128,
+                   help="tokens per window (default: " + ("auto, see --recover-nsamples" if auto_windows else "128")
+                        + ")")
+    p.set_defaults(auto_recover_windows=auto_windows)
     g.add_argument("--recover-epochs", type=int, default=default_epochs,
                    help=f"passes over the data (default: {default_epochs})")
     g.add_argument("--recover-lr", type=float, default=None,
@@ -455,8 +457,9 @@ def _add_recover_options(p, default_epochs: int, default_nsamples: int = 128, de
     g.add_argument("--recover-loss", default="token-nmse",
                    help="layer-wise reconstruction loss: mse, nmse, cosine, token-nmse or a weighted sum such as "
                         "'token-nmse+0.1*cosine' (default: token-nmse, which weighs every token the same)")
-    g.add_argument("--recover-batch-size", type=int, default=default_batch,
-                   help=f"batch size (default: {default_batch})")
+    g.add_argument("--recover-batch-size", type=int, default=None if auto_windows else default_batch,
+                   help="batch size (default: " + ("auto, see --recover-nsamples" if auto_windows
+                                                   else str(default_batch)) + ")")
     g.add_argument("--recover-inputs", choices=("pruned", "dense", "mix"), default=default_inputs,
                    help="layer-wise: what each block is trained on: the pruned model's stream, the dense model's "
                         f"stream, or both in turn (default: {default_inputs})")
@@ -468,9 +471,10 @@ def _add_recover_options(p, default_epochs: int, default_nsamples: int = 128, de
     g.add_argument("--recover-temperature", type=float, default=1.0,
                    help="layer-wise: temperature of the KL stage (default: 1)")
     g.add_argument("--recover-stage2-nsamples", type=int, default=None,
-                   help="layer-wise: windows of that stage (default: the same as the block-by-block stage). "
-                        "Both stages draw from one sample: the first --recover-nsamples windows train the "
-                        "blocks, the first --recover-stage2-nsamples the KL stage")
+                   help="layer-wise: windows of that stage (default: the block stage's token count). With "
+                        "--recover-stage2-seqlen they are windows of their own; without it both stages draw "
+                        "from one sample: the first --recover-nsamples windows train the blocks, the first "
+                        "--recover-stage2-nsamples the KL stage")
     g.add_argument("--recover-stage2-seqlen", type=int, default=None,
                    help="layer-wise: tokens per window of the KL stage, drawn as windows of their own (longer windows "
                         "teach the long-range context the evaluation uses); its batch keeps the tokens per step of "
@@ -506,8 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=16, help="perplexity windows (default: 16)")
     p.add_argument("--recover", choices=("none",) + RECOVER_METHODS, default="layerwise",
                    help="recovery after pruning (default: layerwise, LaCo block-by-block compensation on "
-                        "128 C4 windows of 128 tokens, 2 passes, batch 8: about 5 minutes on 2 cores; "
-                        "none skips it)")
+                        "32 C4 windows of 512 tokens, 2 passes, batch 2, then one pass of end-to-end KL "
+                        "distillation on 32 windows of 512 of its own: about 7 minutes on 2 cores; none skips it)")
     _add_common(p)
     # 128 x 128 windows at batch 8 closed 68.5% of the Wanda 2:4 gap in about 5 min of recovery on
     # 2 cores (README); 32 windows at batch 4 closed 56% in 1.5 min
@@ -519,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     # pass on windows of 512 tokens (same 16k tokens and tokens per step) reached 54.48 in 561 s
     # against 59.31 in 671 s (bench/results/laco_run_s2len512.json)
     _add_recover_options(p, default_epochs=2, default_nsamples=128, default_batch=8, default_stage2=1,
-                         default_stage2_lr=3e-4, default_stage2_seqlen=512)
+                         default_stage2_lr=3e-4, default_stage2_seqlen=512, auto_windows=True)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("prune", formatter_class=fmt, help="prune a model and save it",

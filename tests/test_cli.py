@@ -130,6 +130,21 @@ def test_run_permute_default_and_switches(tiny_folder, tmp_path, capsys, argv, p
     assert ("permutation" in report["prune"]) == permuted
 
 
+@pytest.mark.parametrize("argv, steps", [([], None), (["--refit"], 10), (["--refit", "3"], 3),
+                                          (["--method", "wanda"], None)])
+def test_run_refit_default_and_switches(tiny_folder, tmp_path, capsys, argv, steps):
+    """`laco run` keeps SparseGPT's own weights by default; --refit refits the kept weights (10
+    conjugate-gradient steps, or N), and another method is not refitted without asking."""
+    out = str(tmp_path / "run")
+    code, _, err = _run(["run", "--model", tiny_folder, "--nsamples", "2", "--calib-seqlen", "32", "--seqlen", "64",
+                         "--max-windows", "1", "--recover", "none", "--out", out] + argv, capsys)
+    assert code == 0, err
+    prune = json.load(open(os.path.join(out, "report.json")))["prune"]
+    assert (prune["refit"]["steps"] if "refit" in prune else None) == steps
+    if steps:
+        assert all(after <= before * (1 + 1e-5) for before, after in prune["refit"]["layers"].values())
+
+
 def test_run_restore_lcc_reorders_only_the_mlp(tiny_folder, tmp_path, capsys, monkeypatch):
     """RestoreLCC compares value channels with the dense model's: `laco run --recover restore-lcc`
     reorders only the MLP channels, so the pruned model it hands over is one RestoreLCC accepts."""
@@ -199,18 +214,34 @@ def test_bad_recover_loss_fails_before_loading(capsys):
     assert code == 2 and "unknown loss kind 'bogus'" in err
 
 
-def test_run_and_recover_recovery_defaults():
-    """The main job's defaults are the measured CPU recipe in the README (SparseGPT 2:4, then 128 x 128
-    windows, 2 passes, batch 8, layer-wise, token-nmse, 1 epoch of end-to-end KL); `laco recover`
+def test_run_and_recover_recovery_defaults(tmp_path):
+    """The main job's defaults are the measured CPU recipe in the README (SparseGPT 2:4, then the
+    layer-wise stage on 16k tokens: 32 windows of 512 at batch 2 where the model has 512 positions,
+    else 128 x 128 at batch 8; 2 passes, token-nmse; 1 epoch of end-to-end KL); LoRA / RestoreLCC keep
+    128 x 128; a window option the user gives sets the others at the same tokens; `laco recover`
     keeps batch 4 and no KL stage."""
-    from laco_kernels.cli import build_parser
+    from transformers import LlamaConfig
+
+    from laco_kernels.cli import auto_recover_windows, build_parser
 
     run = build_parser().parse_args(["run"])
-    assert (run.recover, run.recover_nsamples, run.recover_seqlen, run.recover_epochs, run.recover_batch_size,
-            run.recover_loss, run.method, run.pattern, run.recover_stage2_epochs) == (
-        "layerwise", 128, 128, 2, 8, "token-nmse", "sparsegpt", "2:4", 1)
+    assert (run.recover, run.recover_epochs, run.recover_loss, run.method, run.pattern, run.recover_stage2_epochs) == (
+        "layerwise", 2, "token-nmse", "sparsegpt", "2:4", 1)
+    assert (run.recover_nsamples, run.recover_seqlen, run.recover_batch_size) == (None, None, None)  # resolved later
+    for positions in (2048, 128):
+        LlamaConfig(max_position_embeddings=positions).save_pretrained(tmp_path / f"p{positions}")
+    for extra, positions, want in (([], 2048, (32, 512, 2)), ([], 128, (128, 128, 8)),
+                                   (["--recover", "lora"], 2048, (128, 128, 8)),
+                                   (["--recover-seqlen", "256"], 2048, (64, 256, 4)),
+                                   (["--recover-nsamples", "8"], 2048, (8, 512, 2)),
+                                   (["--recover-batch-size", "1"], 2048, (32, 512, 1))):
+        args = build_parser().parse_args(["run", *extra])
+        auto_recover_windows(args, str(tmp_path / f"p{positions}"))
+        assert (args.recover_nsamples, args.recover_seqlen, args.recover_batch_size) == want, extra
     rec = build_parser().parse_args(["recover", "m", "--out", "o"])
     assert rec.recover_batch_size == 4 and rec.recover_nsamples == 128 and rec.recover_stage2_epochs == 0
+    auto_recover_windows(rec, "unused")  # laco recover: nothing automatic
+    assert (rec.recover_nsamples, rec.recover_seqlen, rec.recover_batch_size) == (128, 128, 4)
 
 
 def test_run_recovery_inputs_and_stage2_options(tiny_folder, tmp_path, capsys):
@@ -365,6 +396,9 @@ def test_cli_more_expected_failures(tiny_folder, tmp_path, capsys):
         (["prune", tiny_folder, "--method", "wanda", "--permute", "--out", str(tmp_path / "r")],
          "--permute reorders channels for an N:M pattern"),
         (["run", "--model", tiny_folder, "--out", str(tmp_path / "r"), "--permute", "-1"], "swap rounds >= 0"),
+        (["prune", tiny_folder, "--method", "wanda", "--pattern", "2:4", "--refit", "--out", str(tmp_path / "r")],
+         "--refit refits SparseGPT's kept weights"),
+        (["run", "--model", tiny_folder, "--out", str(tmp_path / "r"), "--refit", "-1"], "steps >= 0"),
     ]
     capsys.readouterr()
     for argv, expect in cases:

@@ -241,7 +241,8 @@ def test_bad_new_options_raise():
                     (dict(trainable="norms"), "trainable"), (dict(warmup=1.0), "warmup"),
                     (dict(stage2_epochs=1, temperature=0.0), "temperature"),
                     (dict(stage2_epochs=1, stage2_hidden=-1.0), "stage2_hidden"),
-                    (dict(stage2_epochs=1, stage2_hidden=float("nan")), "stage2_hidden")):
+                    (dict(stage2_epochs=1, stage2_hidden=float("nan")), "stage2_hidden"),
+                    (dict(error_samples=-1), "error_samples"), (dict(error_samples=2.5), "error_samples")):
         with pytest.raises(ValueError, match=msg):
             layerwise(dense, pruned, _ids(), progress=False, **kw)
     with pytest.raises(ValueError, match="stage2_epochs is 0"):  # its own windows for a stage that does not run
@@ -318,3 +319,28 @@ def test_stage2_hidden_adds_the_block_outputs_term():
     for k, v in pruned.state_dict().items():
         if ".layers." in k and v.dim() == 2:
             assert torch.all(runs[1.0][1].state_dict()[k][v == 0] == 0), k
+
+
+def test_error_samples_measures_a_head_and_leaves_training_alone():
+    """error_samples=N: each block's before / after error on its first N windows only (the "before"
+    pass then runs on those N); the trained weights are the same as with every window measured."""
+    import importlib
+
+    lw = importlib.import_module("laco_kernels.recover.layerwise")
+    dense, pruned = dense_and_pruned("2:4", layers=2)
+    twin = copy.deepcopy(pruned)
+    full = layerwise(dense, pruned, _ids(), epochs=1, progress=False)
+    head = layerwise(dense, twin, _ids(), epochs=1, progress=False, error_samples=3)
+    assert all(torch.equal(a, b) for a, b in zip(pruned.state_dict().values(), twin.state_dict().values()))
+    for f, h in zip(full.blocks, head.blocks):
+        assert f["error_samples"] == CALIB["samples"] and h["error_samples"] == 3
+        assert h["nmse_before"] > 0 and h["nmse_after"] > 0 and h["nmse_before"] != f["nmse_before"]
+    # the head's figure is the whole-stream formula over the first 3 windows
+    a = torch.randn(5, 4, 6)
+    b = torch.randn(5, 4, 6)
+    sa, sb = lw.HiddenStream(a.shape, torch.float32), lw.HiddenStream(b.shape, torch.float32)
+    sa[:] = a
+    sb[:] = b
+    got = lw._stream_nmse(sa, sb, chunk=2, rows=3)
+    want = torch.stack([((a[:3] - b[:3]).double() ** 2).sum(), (b[:3].double() ** 2).sum()])
+    torch.testing.assert_close(got, want)

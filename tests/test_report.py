@@ -20,7 +20,16 @@ def _result():
 def test_report_written(tmp_path):
     path = write_report(str(tmp_path), _result())
     assert sorted(os.listdir(tmp_path)) == ["block_error.png", "recovery_error.png", "report.md"]
-    assert "closed 50%" in open(path).read()
+    text = open(path).read()
+    assert "closed 50%" in text and "over the recovery calibration set" in text
+
+
+def test_report_names_the_windows_the_block_errors_were_measured_on(tmp_path):
+    r = _result()
+    for b in r["recovery"]["blocks"]:
+        b["error_samples"] = 8
+    text = open(write_report(str(tmp_path), r)).read()
+    assert "over the first 8 windows of the recovery calibration set" in text
 
 
 @pytest.mark.parametrize("existing", [False, True])

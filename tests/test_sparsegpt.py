@@ -7,7 +7,7 @@ import torch
 from _tiny import random_ids, tiny_model
 from laco_kernels.prune import prunable_linears, prune_model
 from laco_kernels.prune.masks import is_nm, nm_mask, unstructured_mask
-from laco_kernels.prune.sparsegpt import HessianAccumulator, SharedInputGram, sparsegpt_prune
+from laco_kernels.prune.sparsegpt import HessianAccumulator, SharedInputGram, refit_masked, sparsegpt_prune
 from laco_kernels.prune.wanda import wanda_score
 
 
@@ -197,3 +197,77 @@ def test_prune_model_sparsegpt_shares_grams_without_changing_the_result(monkeypa
     prune_model(plain_model, "sparsegpt", pattern="2:4", calibration=ids, batch_size=4, progress=False)
     for (n, a), b in zip(prunable_linears(shared_model).items(), prunable_linears(plain_model).values()):
         torch.testing.assert_close(a.weight, b.weight, msg=n)
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_refit_reaches_the_per_row_least_squares_optimum_on_the_mask(pattern):
+    w, x = _layer(rows=12, cols=32)
+    h = 2 / len(x) * x.t() @ x
+    new, mask, _ = sparsegpt_prune(w, h, 0.5, pattern)
+    hd = h.double().clone()
+    hd.diagonal().add_(0.01 * hd.diagonal().mean())
+    exact = torch.zeros(w.shape, dtype=torch.float64)
+    for i in range(w.shape[0]):  # the exact minimum: one solve per row on its kept columns
+        s = mask[i]
+        exact[i, s] = torch.linalg.solve(hd[s][:, s], hd[s] @ w[i].double())
+
+    def f(v):
+        d = v.double() - w.double()
+        return float(((d @ hd) * d).sum())
+
+    fitted, before, after = refit_masked(new, w, h, mask, iters=40)
+    assert before == pytest.approx(f(new), rel=1e-4) and after == pytest.approx(f(fitted), rel=1e-4)
+    assert f(fitted) == pytest.approx(f(exact), rel=1e-4)
+    assert f(fitted) <= f(new) * (1 + 1e-6)  # never worse than SparseGPT's own weights
+    assert bool((fitted[~mask] == 0).all())  # the mask is kept exactly
+    one, _, after1 = refit_masked(new, w, h, mask, iters=1)
+    assert f(exact) <= after1 <= before  # one step already moves towards the optimum
+    same, b0, a0 = refit_masked(new, w, h, mask, iters=0)
+    assert torch.equal(same, new * mask) and a0 == b0
+
+
+def test_refit_keeps_dead_inputs_zero_and_checks_shapes():
+    w, x = _layer(rows=6, cols=16)
+    x[:, 3] = 0
+    h = 2 / len(x) * x.t() @ x
+    new, mask, _ = sparsegpt_prune(w, h, 0.5, "2:4")
+    fitted, _, _ = refit_masked(new, w, h, mask, iters=5)
+    assert bool((fitted[:, 3] == 0).all()) and torch.isfinite(fitted).all()
+    with pytest.raises(ValueError, match="do not fit"):
+        refit_masked(new, w, h[:8, :8], mask, iters=5)
+    with pytest.raises(ValueError, match="iters must be >= 0"):
+        refit_masked(new, w, h, mask, iters=-1)
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_prune_model_refit_lowers_every_layer_objective_and_keeps_the_masks(pattern):
+    ids = random_ids(8, 16)
+    base = tiny_model("llama")
+    plain, fitted = copy.deepcopy(base), copy.deepcopy(base)
+    r0 = prune_model(plain, "sparsegpt", 0.5, pattern, ids, batch_size=4, blocksize=32, progress=False)
+    r1 = prune_model(fitted, "sparsegpt", 0.5, pattern, ids, batch_size=4, blocksize=32, progress=False, refit=8)
+    assert "refit" not in r0 and r1["refit"]["steps"] == 8
+    layers = r1["refit"]["layers"]
+    assert set(layers) == set(prunable_linears(fitted))
+    assert all(after <= before * (1 + 1e-5) for before, after in layers.values())
+    assert sum(a for _, a in layers.values()) < sum(b for b, _ in layers.values())
+    # block 0 sees the same input in both runs: its linears keep SparseGPT's masks exactly
+    for name, lin in prunable_linears(fitted).items():
+        if ".0." in name:
+            assert torch.equal(lin.weight != 0, prunable_linears(plain)[name].weight != 0), name
+        if pattern:
+            assert is_nm(lin.weight != 0, 2, 4), name
+    assert r1["block_error"][0] <= r0["block_error"][0] * (1 + 1e-5)
+    assert r1["overall_sparsity"] == pytest.approx(0.5)
+
+
+def test_prune_model_refit_errors_before_any_change():
+    model = tiny_model("llama")
+    before = {n: lin.weight.clone() for n, lin in prunable_linears(model).items()}
+    with pytest.raises(ValueError, match="needs method='sparsegpt'"):
+        prune_model(model, "wanda", 0.5, "2:4", random_ids(4, 8), progress=False, refit=4)
+    with pytest.raises(ValueError, match="refit must be"):
+        prune_model(model, "sparsegpt", 0.5, "2:4", random_ids(4, 8), progress=False, refit=-1)
+    with pytest.raises(ValueError, match="refit must be"):
+        prune_model(model, "sparsegpt", 0.5, "2:4", random_ids(4, 8), progress=False, refit=True)
+    assert all(torch.equal(lin.weight, before[n]) for n, lin in prunable_linears(model).items())

@@ -51,3 +51,90 @@ def block_loss(pred: torch.Tensor, target: torch.Tensor, terms: List[Tuple[float
             val = reconstruction_loss(pred, target, kind)
         total = weight * val if total is None else total + weight * val
     return total
+
+
+def _kl_rows(n_rows: int, vocab: int) -> int:
+    """Rows per chunk: about 1 M logits (4 MB in fp32), so that a chunk's temporaries stay in cache
+    instead of streaming [n, V] fp32 tensors through memory several times."""
+    return max(1, (1 << 20) // max(vocab, 1))
+
+
+class _DistillKL(torch.autograd.Function):
+    """Mean over rows of ``T^2 KL(softmax(t / T) || softmax(s / T))``, computed chunk by chunk.
+
+    The same value as ``(p_t * (log p_t - log_softmax(s / T))).sum(-1).mean() * T^2`` with
+    ``p_t = softmax(t / T)``, and its gradient ``T / n * (softmax(s / T) - p_t)``, but each chunk of
+    rows is read once per pass: no [n, V] fp32 temporaries besides the gradient. Saves only the two
+    logit tensors the caller holds anyway and two floats per row.
+    """
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+        n, v = s.shape
+        rows = _kl_rows(n, v)
+        acc = torch.promote_types(torch.promote_types(s.dtype, t.dtype), torch.float32)  # fp32, or fp64 for fp64
+        lse_s = torch.empty(n, dtype=acc, device=s.device)
+        lse_t = torch.empty(n, dtype=acc, device=s.device)
+        total = torch.zeros((), dtype=acc, device=s.device)
+        for i in range(0, n, rows):
+            ss = s[i:i + rows].to(acc) / temperature
+            ts = t[i:i + rows].to(acc) / temperature
+            lse_s[i:i + rows] = torch.logsumexp(ss, -1)
+            lt = torch.logsumexp(ts, -1)
+            lse_t[i:i + rows] = lt
+            p = torch.exp(ts - lt[:, None])
+            # sum_v p (log p_t - log p_s) = sum_v p (ts - ss) - lse_t + lse_s
+            total += ((p * (ts - ss)).sum(-1) - lt + lse_s[i:i + rows]).sum()
+        ctx.save_for_backward(s, t, lse_s, lse_t)
+        ctx.temperature = temperature
+        return total * (temperature * temperature / n)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        s, t, lse_s, lse_t = ctx.saved_tensors
+        T = ctx.temperature
+        n, v = s.shape
+        rows = _kl_rows(n, v)
+        out = torch.empty_like(s)
+        acc = lse_s.dtype
+        scale = grad.to(acc) * (T / n)
+        for i in range(0, n, rows):
+            q = torch.exp(s[i:i + rows].to(acc) / T - lse_s[i:i + rows, None])
+            p = torch.exp(t[i:i + rows].to(acc) / T - lse_t[i:i + rows, None])
+            out[i:i + rows] = ((q - p) * scale).to(s.dtype)
+        return out, None, None
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Knowledge-distillation loss: the mean over tokens of ``T^2 KL(p_teacher || p_student)``.
+
+    student_logits, teacher_logits: ``[..., V]`` of the same shape, any float dtype (the loss
+    computes in fp32, fp64 for fp64 logits); the teacher gets no gradient. Returns a scalar tensor
+    of that precision. Equal to
+    :func:`distill_kl_reference` (see ``tests/test_recover_losses.py``) but chunked over tokens.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    if student_logits.dim() < 1 or student_logits.shape[-1] < 1:
+        raise ValueError(f"logits need a vocabulary dimension, got shape {tuple(student_logits.shape)}")
+    if not (student_logits.is_floating_point() and teacher_logits.is_floating_point()):
+        raise TypeError(f"logits must be floating point, got {student_logits.dtype} and {teacher_logits.dtype}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    v = student_logits.shape[-1]
+    s = student_logits.reshape(-1, v)
+    t = teacher_logits.detach().reshape(-1, v)
+    if s.shape[0] == 0:
+        raise ValueError("distill_kl got no tokens (empty logits)")
+    return _DistillKL.apply(s, t, float(temperature))
+
+
+def distill_kl_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """Plain-PyTorch reference of :func:`distill_kl` (the stage-2 loss before it was fused)."""
+    T = temperature
+    acc = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    t_logp = torch.log_softmax(teacher_logits.detach().to(acc) / T, -1)
+    s_logp = torch.log_softmax(student_logits.to(acc) / T, -1)
+    return (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * T * T
