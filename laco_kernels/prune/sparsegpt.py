@@ -97,6 +97,15 @@ class HessianAccumulator:
         return self.xtx * (2.0 / self.tokens)
 
 
+def _live_hessian(hessian: torch.Tensor, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fp32 copy of ``hessian`` with dead inputs (``H_jj = 0``) given ``H_jj = 1``, and their mask;
+    their weights are zeroed by the callers."""
+    h = hessian.detach().to(device, torch.float32).clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    return h, dead
+
+
 def _upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Dampened ``H`` -> upper Cholesky factor ``U`` of ``H^-1`` (computed in fp64, returned fp32)."""
     h = hessian.double()
@@ -138,9 +147,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         sparsity = check_sparsity(sparsity)
 
     w = weight.detach().float().clone()
-    h = hessian.detach().to(w.device, torch.float32).clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
+    h, dead = _live_hessian(hessian, w.device)
     w[:, dead] = 0.0
     u = _upper_cholesky_of_inverse(h, percdamp)
 
@@ -212,9 +219,7 @@ def refit_masked(weight: torch.Tensor, original: torch.Tensor, hessian: torch.Te
                          f"mask {tuple(mask.shape)} and hessian {tuple(hessian.shape)} do not fit")
     if iters < 0:
         raise ValueError(f"refit_masked: iters must be >= 0, got {iters}")
-    h = hessian.detach().float().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
+    h, dead = _live_hessian(hessian, weight.device)
     h.diagonal().add_(percdamp * h.diagonal().mean())
     keep = mask.to(torch.float32) * (~dead).to(torch.float32)  # dead inputs stay 0, as in SparseGPT
     w0 = original.detach().float() * (~dead).to(torch.float32)
