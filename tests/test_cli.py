@@ -438,3 +438,17 @@ def test_cli_dense_out_and_json_are_atomic(tiny_folder, tmp_path, monkeypatch, f
         with pytest.raises(InjectedFault):
             cli._write_json(os.path.join(out, "prune_report.json"), {"a": 2})
     assert snapshot(out) == before and leftovers(tmp_path) == []
+
+
+def test_refit_flag_through_the_cli_process(tiny_folder, tmp_path):
+    """`laco prune --refit` in a real process: refits SparseGPT (report, 2:4 saved model); with another
+    method it exits 2 with one line before anything is written."""
+    out = str(tmp_path / "fit")
+    proc = _laco(["prune", tiny_folder, "--method", "sparsegpt", "--pattern", "2:4", "--nsamples", "4", "--seqlen", "32",
+                  "--refit", "3", "--out", out])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rep = json.load(open(os.path.join(out, "prune_report.json")))["prune"]["refit"]
+    assert rep["steps"] == 3 and all(a <= b * (1 + 1e-5) for b, a in rep["layers"].values())
+    bad = _laco(["prune", tiny_folder, "--method", "wanda", "--pattern", "2:4", "--refit", "--out", str(tmp_path / "no")])
+    assert bad.returncode == 2 and "--refit refits SparseGPT's kept weights" in _error_line(bad)
+    assert not (tmp_path / "no").exists()
