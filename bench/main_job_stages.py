@@ -33,7 +33,8 @@ sys.path.insert(0, HERE)
 from recovery import DEFAULT_OUT, _load, _record  # noqa: E402
 from recovery_recipe import _parse_value, pruned_start, zeros_kept  # noqa: E402
 
-S1 = dict(nsamples=32, seqlen=512, epochs=2, lr=3e-3, loss="token-nmse", batch_size=2, blocks=1)  # laco run (stop 30)
+S1 = dict(nsamples=32, seqlen=512, epochs=2, lr=3e-3, loss="token-nmse", batch_size=2, blocks=1,  # laco run (stop 30)
+          skip=False)  # skip=true: no layer-wise stage (the KL stage starts from the pruned model)
 S2 = dict(nsamples=32, seqlen=512, data_seed=2, stage2_epochs=1, stage2_lr=3e-4, stage2_batch_size=2, temperature=1.0,
           embedding=False)
 
@@ -145,11 +146,14 @@ def main():
         cache = os.path.join(args.scratch, "s1-" + args.start + "-" + _tag(s1, S1).replace("=", "") + ".safetensors")
         rec = {"command": command, "start": args.start, "stage1": s1, "stage2": s2, "windows": 16,
                "threads": torch.get_num_threads()}
-        if os.path.exists(cache + ".json"):
+        if s1["skip"]:
+            rec.update({"stage1_s": 0.0, "ppl_stage1": None})
+        elif os.path.exists(cache + ".json"):
             pruned.load_state_dict(load_file(cache), strict=False)
             rec.update(json.load(open(cache + ".json")))
         else:
             kw = dict(s1)
+            kw.pop("skip")
             ids = calibration_windows(tok, kw.pop("nsamples"), kw.pop("seqlen"), seed=1)
             width = kw.pop("blocks")
             t0 = time.perf_counter()

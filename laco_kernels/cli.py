@@ -449,8 +449,9 @@ def _add_recover_options(p, default_epochs: int, default_nsamples: int = 128, de
                    help="tokens per window (default: " + ("auto, see --recover-nsamples" if auto_windows else "128")
                         + ")")
     p.set_defaults(auto_recover_windows=auto_windows)
-    g.add_argument("--recover-epochs", type=int, default=default_epochs,
-                   help=f"passes over the data (default: {default_epochs})")
+    g.add_argument("--recover-epochs", type=int, default=None if auto_windows else default_epochs,
+                   help="passes over the data (default: " + ("auto: 3 for the layer-wise stage on 512-token windows, "
+                                                              "else 2" if auto_windows else str(default_epochs)) + ")")
     g.add_argument("--recover-lr", type=float, default=None,
                    help="learning rate (default: by method: " +
                         ", ".join(f"{k} {v:g}" for k, v in DEFAULT_RECOVER_LR.items()) + ")")
@@ -522,8 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
     # defaults reached 60.76 in 597 s (bench/results/laco_run_default_round4.json). Round 7: the KL
     # pass on windows of 512 tokens (same 16k tokens and tokens per step) reached 54.48 in 561 s
     # against 59.31 in 671 s (bench/results/laco_run_s2len512.json)
+    # stop 31: 3 layer-wise passes on the 512-token windows (auto_recover_windows) and the KL stage at
+    # lr 4e-4 reached 49.82 against 51.45 (docs/recovery.md, rows stages/...)
     _add_recover_options(p, default_epochs=2, default_nsamples=128, default_batch=8, default_stage2=1,
-                         default_stage2_lr=3e-4, default_stage2_seqlen=512, auto_windows=True)
+                         default_stage2_lr=4e-4, default_stage2_seqlen=512, auto_windows=True)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("prune", formatter_class=fmt, help="prune a model and save it",

@@ -217,31 +217,36 @@ def test_bad_recover_loss_fails_before_loading(capsys):
 def test_run_and_recover_recovery_defaults(tmp_path):
     """The main job's defaults are the measured CPU recipe in the README (SparseGPT 2:4, then the
     layer-wise stage on 16k tokens: 32 windows of 512 at batch 2 where the model has 512 positions,
-    else 128 x 128 at batch 8; 2 passes, token-nmse; 1 epoch of end-to-end KL); LoRA / RestoreLCC keep
-    128 x 128; a window option the user gives sets the others at the same tokens; `laco recover`
+    else 128 x 128 at batch 8; 3 passes on 512-token windows, else 2; token-nmse; 1 epoch of end-to-end
+    KL at lr 4e-4); LoRA / RestoreLCC keep 128 x 128 and 2 passes; a window option the user gives sets the others at the same tokens; `laco recover`
     keeps batch 4 and no KL stage."""
     from transformers import LlamaConfig
 
     from laco_kernels.cli import auto_recover_windows, build_parser
 
     run = build_parser().parse_args(["run"])
-    assert (run.recover, run.recover_epochs, run.recover_loss, run.method, run.pattern, run.recover_stage2_epochs) == (
-        "layerwise", 2, "token-nmse", "sparsegpt", "2:4", 1)
-    assert (run.recover_nsamples, run.recover_seqlen, run.recover_batch_size) == (None, None, None)  # resolved later
+    assert (run.recover, run.recover_loss, run.method, run.pattern, run.recover_stage2_epochs, run.recover_stage2_lr) == (
+        "layerwise", "token-nmse", "sparsegpt", "2:4", 1, 4e-4)
+    assert (run.recover_nsamples, run.recover_seqlen, run.recover_batch_size, run.recover_epochs) == (
+        None, None, None, None)  # resolved later
     for positions in (2048, 128):
         LlamaConfig(max_position_embeddings=positions).save_pretrained(tmp_path / f"p{positions}")
-    for extra, positions, want in (([], 2048, (32, 512, 2)), ([], 128, (128, 128, 8)),
-                                   (["--recover", "lora"], 2048, (128, 128, 8)),
-                                   (["--recover-seqlen", "256"], 2048, (64, 256, 4)),
-                                   (["--recover-nsamples", "8"], 2048, (8, 512, 2)),
-                                   (["--recover-batch-size", "1"], 2048, (32, 512, 1))):
+    # (windows, tokens per window, batch, passes): 3 passes for the layer-wise stage on 512-token windows
+    for extra, positions, want in (([], 2048, (32, 512, 2, 3)), ([], 128, (128, 128, 8, 2)),
+                                   (["--recover", "lora"], 2048, (128, 128, 8, 2)),
+                                   (["--recover", "restore-lcc"], 2048, (128, 128, 8, 2)),
+                                   (["--recover-seqlen", "256"], 2048, (64, 256, 4, 2)),
+                                   (["--recover-nsamples", "8"], 2048, (8, 512, 2, 3)),
+                                   (["--recover-epochs", "1"], 2048, (32, 512, 2, 1)),
+                                   (["--recover-batch-size", "1"], 2048, (32, 512, 1, 3))):
         args = build_parser().parse_args(["run", *extra])
         auto_recover_windows(args, str(tmp_path / f"p{positions}"))
-        assert (args.recover_nsamples, args.recover_seqlen, args.recover_batch_size) == want, extra
+        got = (args.recover_nsamples, args.recover_seqlen, args.recover_batch_size, args.recover_epochs)
+        assert got == want, extra
     rec = build_parser().parse_args(["recover", "m", "--out", "o"])
     assert rec.recover_batch_size == 4 and rec.recover_nsamples == 128 and rec.recover_stage2_epochs == 0
     auto_recover_windows(rec, "unused")  # laco recover: nothing automatic
-    assert (rec.recover_nsamples, rec.recover_seqlen, rec.recover_batch_size) == (128, 128, 4)
+    assert (rec.recover_nsamples, rec.recover_seqlen, rec.recover_batch_size, rec.recover_epochs) == (128, 128, 4, 2)
 
 
 def test_run_recovery_inputs_and_stage2_options(tiny_folder, tmp_path, capsys):

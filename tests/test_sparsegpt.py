@@ -271,3 +271,46 @@ def test_prune_model_refit_errors_before_any_change():
     with pytest.raises(ValueError, match="refit must be"):
         prune_model(model, "sparsegpt", 0.5, "2:4", random_ids(4, 8), progress=False, refit=True)
     assert all(torch.equal(lin.weight, before[n]) for n, lin in prunable_linears(model).items())
+
+
+def _sweep(fn, w, h, nm, blocksize):
+    from laco_kernels.prune import sparsegpt as sg
+
+    w = w.clone().float()
+    hh, dead = sg._live_hessian(h, w.device)
+    w[:, dead] = 0
+    u = sg._upper_cholesky_of_inverse(hh, 0.01)
+    mask = torch.ones_like(w, dtype=torch.bool)
+    loss = torch.zeros((), dtype=torch.float64)
+    if fn == "columns":
+        sg._prune_columns(w, u, mask, loss, None, nm, blocksize)
+    else:
+        sg._prune_columns_nm(w, u, mask, loss, nm[0], nm[1], blocksize)
+    return w, mask, float(loss)
+
+
+@pytest.mark.parametrize("rows,cols,nm,blocksize", [(24, 40, (2, 4), 16), (7, 36, (2, 4), 128), (1, 12, (2, 4), 4),
+                                                    (33, 48, (4, 8), 16), (5, 39, (1, 3), 9)])
+def test_group_sweep_matches_the_column_by_column_sweep(rows, cols, nm, blocksize):
+    """The N:M fast path (group updates, W^T layout) is the reference sweep up to rounding:
+    same masks, same weights, same loss; partial last blocks, one row, one group per block."""
+    w, x = _layer(rows=rows, cols=cols)
+    h = 2 / len(x) * x.t() @ x
+    ref, ref_mask, ref_loss = _sweep("columns", w, h, nm, blocksize)
+    new, mask, loss = _sweep("groups", w, h, nm, blocksize)
+    assert torch.equal(mask, ref_mask)
+    torch.testing.assert_close(new, ref, atol=1e-5, rtol=1e-5)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+
+
+def test_group_sweep_ties_keep_exactly_n_per_group():
+    """Dead inputs score 0 in every row: tied groups still keep exactly N (the lower columns)."""
+    w, x = _layer(rows=6, cols=16)
+    x[:, 4:8] = 0  # a whole group of dead inputs: four tied scores of 0 in every row
+    x[:, 9:11] = 0  # two dead columns in the next group
+    h = 2 / len(x) * x.t() @ x
+    new, mask, _ = sparsegpt_prune(w, h, 0.5, "2:4")
+    assert is_nm(mask, 2, 4) and int(mask.sum()) == w.numel() // 2
+    assert mask[:, 4:6].all() and not mask[:, 6:8].any()  # ties: the lower columns are kept
+    assert (new[:, 4:8] == 0).all() and (new[:, 9:11] == 0).all()
+    assert (new[:, [8, 11]] != 0).all()  # the live pair of the second group is what it keeps

@@ -159,14 +159,20 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     if w.device.type == "cpu":
         torch.set_num_threads(1)
     try:
-        _prune_columns(w, u, mask, loss, sparsity, nm, blocksize)
+        if nm is None:
+            _prune_columns(w, u, mask, loss, sparsity, nm, blocksize)
+        else:
+            _prune_columns_nm(w, u, mask, loss, nm[0], nm[1], blocksize)
     finally:
         torch.set_num_threads(threads)
     return w, mask, float(loss)
 
 
 def _prune_columns(w, u, mask, loss, sparsity, nm, blocksize) -> None:
-    """The blocked OBS sweep over the columns of ``w`` (in place), filling ``mask`` and ``loss``."""
+    """The blocked OBS sweep over the columns of ``w`` (in place), filling ``mask`` and ``loss``.
+
+    Column by column, each column's update applied at once to the rest of its block: the reference
+    for :func:`_prune_columns_nm` (N:M), and the unstructured path."""
     rows, cols = w.shape
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -247,3 +253,52 @@ def refit_masked(weight: torch.Tensor, original: torch.Tensor, hessian: torch.Te
         p = z + beta * p
         rz = rz_new
     return w, before, f(w)
+
+
+def _prune_columns_nm(w, u, mask, loss, n, m, blocksize) -> None:
+    """:func:`_prune_columns` for an N:M pattern, group by group (same result up to rounding).
+
+    Inside a group of ``m`` columns the OBS updates stay column by column, but only on the group's
+    own later columns; the group's errors reach the rest of the block in one rank-``m`` GEMM once the
+    group is done, before the next group's mask is chosen from its updated weights. Each column
+    therefore sees exactly the updates it sees in the column-by-column sweep. The sweep runs on
+    ``W^T`` so that a column is a contiguous vector and the N-of-M choice is elementwise over rows
+    (``torch.topk`` over a dimension of 4 cost more than the rest of a group's step). This loop is
+    Python-bound: SmolLM2's 210 linears took 33 s of the main job's pruning column by column.
+    ``blocksize`` is a multiple of ``m``.
+    """
+    rows, cols = w.shape
+    wt = w.t().contiguous()  # [C, R]
+    keep_t = torch.empty(cols, rows, dtype=torch.bool, device=w.device)
+    before = torch.ones(m, m, dtype=torch.bool, device=w.device).tril(-1).unsqueeze(2)  # [j, i, 1]: i < j
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1 = wt[i1:i2]  # a view: updated in place
+        u1 = u[i1:i2, i1:i2]
+        d = u1.diagonal()
+        dd = (d * d).unsqueeze(1)
+        err1 = torch.zeros_like(w1)
+        width = i2 - i1
+        for g0 in range(0, width, m):
+            g1 = g0 + m
+            wg = w1[g0:g1]  # [m, R]
+            score = wg * wg / dd[g0:g1]  # w^2 / d^2, as the column-by-column sweep scores it
+            # rank of each column in its row's group (ties: lower column first); keep the n best
+            a, b = score.unsqueeze(0), score.unsqueeze(1)  # [1, i, R], [j, 1, R]
+            rank = (a > b).sum(1) + ((a == b) & before).sum(1)
+            keep = rank < n
+            keep_t[i1 + g0:i1 + g1] = keep
+            scale = (~keep).to(w1.dtype) / d[g0:g1].unsqueeze(1)  # e = (w - q) / d: w / d where pruned
+            for j in range(m):
+                c = g0 + j
+                e = torch.mul(wg[j], scale[j], out=err1[c])
+                if j + 1 < m:  # OBS update of the group's later columns
+                    wg[j + 1:].addr_(u1[c, c + 1:g1], e, alpha=-1.0)
+            wg.mul_(keep)  # each column becomes q exactly
+            if g1 < width:  # the group's errors hit the block's later columns in one GEMM
+                w1[g1:].addmm_(u1[g0:g1, g1:].t(), err1[g0:g1], alpha=-1.0)
+        loss += (err1.double() ** 2).sum() / 2
+        # lazy batch update: the block's accumulated errors hit the later columns in one GEMM
+        wt[i2:].addmm_(u[i1:i2, i2:].t(), err1, alpha=-1.0)
+    w.copy_(wt.t())
+    mask.copy_(keep_t.t())
