@@ -14,6 +14,9 @@ cached per setting, so stage-2 variants (``--s2 key=value``, ``LayerwiseConfig``
 ``nsamples`` / ``seqlen`` / ``data_seed``) start from the same stage-1 model. Rows: keys
 ``stages/<start>/s1:<settings>[/s2:<settings>]/w16x1024`` of ``bench/results/recovery.json``
 (a key present is skipped); wall seconds are of one stage on this machine, not a whole main job.
+Settings are named relative to the stop-30 recipe (``S1`` / ``S2`` below, the ``default`` tag);
+``laco run`` since stop 31 is ``--s1 epochs=3 --s2 stage2_lr=4e-4``. ``--s1 skip=true``: no
+layer-wise stage (the KL stage starts from the pruned model).
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from recovery_recipe import _parse_value, pruned_start, zeros_kept  # noqa: E402
 S1 = dict(nsamples=32, seqlen=512, epochs=2, lr=3e-3, loss="token-nmse", batch_size=2, blocks=1,  # laco run (stop 30)
           skip=False)  # skip=true: no layer-wise stage (the KL stage starts from the pruned model)
 S2 = dict(nsamples=32, seqlen=512, data_seed=2, stage2_epochs=1, stage2_lr=3e-4, stage2_batch_size=2, temperature=1.0,
-          embedding=False)
+          embedding=False, frozen_blocks=0)  # frozen_blocks=N: the KL stage trains blocks N.. only
 
 
 class _Chain(torch.nn.Module):
@@ -171,7 +174,16 @@ def main():
             kw = dict(s2)
             ids2 = calibration_windows(tok, kw.pop("nsamples"), kw.pop("seqlen"), seed=kw.pop("data_seed"))
             embedding = kw.pop("embedding")
+            frozen = kw.pop("frozen_blocks")
             cfg = lw.LayerwiseConfig(progress=False, **kw)
+            if frozen:  # the first `frozen` blocks stay fixed: no gradient flows below block `frozen`
+                real_trainable, seen = lw._set_trainable, [0]
+
+                def _set_trainable(block, which="all", adapter=None):
+                    seen[0] += 1
+                    return [] if seen[0] <= frozen else real_trainable(block, which, adapter)
+
+                lw._set_trainable = _set_trainable
             if embedding:  # the KL stage also trains the (tied) input embedding / lm_head
                 emb, real = pruned.get_input_embeddings().weight, lw._adamw
 

