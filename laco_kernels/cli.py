@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "block by block on C4 calibration windows, measure again, optionally recover "
                                    "it, save it with packed sparse weights to OUT/model, and write OUT/report.md, "
                                    "OUT/report.json and OUT/block_error.png (per-block reconstruction error). "
-                                   "About 10 minutes for SmolLM2-135M on 2 CPU cores with the defaults.")
+                                   "About 12-13 minutes for SmolLM2-135M on 2 CPU cores with the defaults.")
     p.add_argument("--model", default="smollm2-135m", help="model name or folder (default: smollm2-135m)")
     p.add_argument("--out", default="runs/smollm2", help="output folder (default: runs/smollm2)")
     _add_prune_choice(p, "sparsegpt", "2:4", permute=PERMUTE_AUTO)
@@ -511,8 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=16, help="perplexity windows (default: 16)")
     p.add_argument("--recover", choices=("none",) + RECOVER_METHODS, default="layerwise",
                    help="recovery after pruning (default: layerwise, LaCo block-by-block compensation on "
-                        "32 C4 windows of 512 tokens, 2 passes, batch 2, then one pass of end-to-end KL "
-                        "distillation on 32 windows of 512 of its own: about 7 minutes on 2 cores; none skips it)")
+                        "32 C4 windows of 512 tokens, 3 passes, batch 2, then one pass of end-to-end KL "
+                        "distillation on 32 windows of 512 of its own: about 9 minutes on 2 cores; none skips it)")
     _add_common(p)
     # 128 x 128 windows at batch 8 closed 68.5% of the Wanda 2:4 gap in about 5 min of recovery on
     # 2 cores (README); 32 windows at batch 4 closed 56% in 1.5 min
