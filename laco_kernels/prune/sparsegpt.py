@@ -38,8 +38,9 @@ def _gram(x: torch.Tensor, parts: int = 4) -> torch.Tensor:
 
     Symmetric: computed as ``parts`` column strips, each only from its diagonal block rightwards
     (``X_a^T X_{a:}``), the rest mirrored, i.e. about (parts + 1) / (2 parts) of the full GEMM's
-    multiply-adds. The Gram matrices are about a fifth of the pruning stage's time; one thread
-    pair, 4,096 tokens: 1536 columns 108 -> 77 ms, 576 columns 17 -> 11 ms (``/tmp`` benchmark).
+    multiply-adds. By their multiply-adds the Gram matrices are about a fifth of the main job's
+    pruning stage (an estimate); measured at 2 threads, 4,096 tokens: 1536 columns 108 -> 77 ms,
+    576 columns 17 -> 11 ms (``/tmp`` benchmark, docs/recovery.md stop 31).
     """
     flat = x.detach().reshape(-1, x.shape[-1]).float()
     cols = flat.shape[1]
@@ -279,7 +280,8 @@ def _prune_columns_nm(w, u, mask, loss, n, m, blocksize) -> None:
     therefore sees exactly the updates it sees in the column-by-column sweep. The sweep runs on
     ``W^T`` so that a column is a contiguous vector and the N-of-M choice is elementwise over rows
     (``torch.topk`` over a dimension of 4 cost more than the rest of a group's step). This loop is
-    Python-bound: SmolLM2's 210 linears took 33 s of the main job's pruning column by column.
+    Python-bound: SmolLM2's 210 linears took 33 s column by column in a profile of the main job's
+    pruning stage (131 s in that profile).
     ``blocksize`` is a multiple of ``m``.
     """
     rows, cols = w.shape
