@@ -53,7 +53,7 @@ def block_loss(pred: torch.Tensor, target: torch.Tensor, terms: List[Tuple[float
     return total
 
 
-def _kl_rows(n_rows: int, vocab: int) -> int:
+def _kl_rows(vocab: int) -> int:
     """Rows per chunk: about 1 M logits (4 MB in fp32), so that a chunk's temporaries stay in cache
     instead of streaming [n, V] fp32 tensors through memory several times."""
     return max(1, (1 << 20) // max(vocab, 1))
@@ -71,7 +71,7 @@ class _DistillKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
         n, v = s.shape
-        rows = _kl_rows(n, v)
+        rows = _kl_rows(v)
         acc = torch.promote_types(torch.promote_types(s.dtype, t.dtype), torch.float32)  # fp32, or fp64 for fp64
         lse_s = torch.empty(n, dtype=acc, device=s.device)
         lse_t = torch.empty(n, dtype=acc, device=s.device)
@@ -94,7 +94,7 @@ class _DistillKL(torch.autograd.Function):
         s, t, lse_s, lse_t = ctx.saved_tensors
         T = ctx.temperature
         n, v = s.shape
-        rows = _kl_rows(n, v)
+        rows = _kl_rows(v)
         out = torch.empty_like(s)
         acc = lse_s.dtype
         scale = grad.to(acc) * (T / n)
