@@ -286,7 +286,8 @@ class Sparse24Weight(_Packed):
             keep = _top2_of_4(score)
             # kept positions in row-major order are the values' order (i0 < i1)
             values[rows] = part.masked_select(keep).reshape(-1, k // 2)
-            pos = torch.arange(4, device=weight.device)
+            # int32: torch's int64 amin / amax over a trailing dimension of 4 are 5-25x slower
+            pos = torch.arange(4, device=weight.device, dtype=torch.int32)
             i0 = torch.where(keep, pos, 4).amin(-1)
             i1 = torch.where(keep, pos, -1).amax(-1)
             meta[rows] = _encode_meta(torch.stack([i0, i1], -1))

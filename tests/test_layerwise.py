@@ -219,6 +219,25 @@ def test_trainable_linears_keeps_norms():
             assert not torch.equal(after[k], before[k]), f"{k} was not trained"
 
 
+def test_set_trainable_freezes_the_rest():
+    """Parameters left out of training get requires_grad=False: autograd computes no gradient for them."""
+    import importlib
+
+    from laco_kernels.models.adapters import get_adapter
+
+    lw = importlib.import_module("laco_kernels.recover.layerwise")
+    model = tiny_llama()
+    block = model.model.layers[0]
+    for p in block.parameters():
+        p.requires_grad_(True)
+    params = lw._set_trainable(block, "linears", get_adapter(model))
+    ids = {id(p) for p in params}
+    for name, p in block.named_parameters():
+        assert p.requires_grad == (id(p) in ids), name
+        assert p.requires_grad == ("proj" in name), name
+    assert len(lw._set_trainable(block, "all", get_adapter(model))) == len(list(block.parameters()))
+
+
 def test_warmup_schedule():
     from laco_kernels.recover.layerwise import LayerwiseConfig, _schedule
 

@@ -208,6 +208,8 @@ def _set_trainable(block: nn.Module, which: str = "all", adapter=None) -> List[n
         cand = [p for m in mods for p in m.parameters()]
     else:
         cand = list(block.parameters())
+    for p in block.parameters():  # the rest frozen: no gradient is computed for what is not stepped
+        p.requires_grad_(False)
     params = []
     for p in cand:
         if p.is_floating_point():
