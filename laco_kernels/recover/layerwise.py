@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
@@ -31,11 +30,10 @@ from tqdm.auto import tqdm
 from ..formats import pack_bits, unpack_bits
 from ..models.adapters import block_linears, get_adapter
 from ..models.capture import BlockRunner, HiddenStream
-from .._atomic import atomic_folder
 from .._validation import check_models_match, check_token_ids, describe_folder, describe_module
-from ._checkpoint import (RecoveryCheckpoint, atomic_copy_tensors, atomic_save_json, atomic_save_tensors,
-                          tensor_digest)
+from ._checkpoint import RecoveryCheckpoint, tensor_digest
 from ._losses import block_loss, distill_kl, parse_loss
+from ._output import write_folder
 from ._source import DiskSource, ModuleSource
 
 TARGETS = ("dense-stream", "ebft")
@@ -479,7 +477,7 @@ def layerwise(dense_model: Union[nn.Module, str], pruned_model: Union[nn.Module,
         result.stage2 = _stage2(dense_model, pruned_model, ids2, cfg, adapter, world)
         result.stage2_tokens = int((calibration if stage2_calibration is None else stage2_calibration).numel())
     if on_disk and rank == 0:
-        _write_folder(psrc, ckpt, cfg.output_dir)
+        write_folder(psrc, ckpt, cfg.output_dir)
     _barrier(world)
     result.seconds = round(time.time() - t0, 3)
     return result
@@ -560,45 +558,3 @@ def _stage2(dense_model: nn.Module, pruned_model: nn.Module, ids: torch.Tensor, 
     dense_model.to("cpu")
     pruned_model.to("cpu")
     return history
-
-
-def _write_folder(psrc: DiskSource, ckpt: RecoveryCheckpoint, out: str) -> None:
-    """A loadable Hugging Face folder: one safetensors shard per block plus the rest, and an index.
-
-    Written whole into a sibling folder and swapped in (``_atomic.atomic_folder``): ``out`` holds the
-    previous complete folder until the new one is complete. A checkpoint inside ``out`` (the default
-    ``out/_checkpoint``) is carried over by hard links, so a failed swap cannot lose it.
-    """
-    ck_inside = os.path.abspath(ckpt.dir).startswith(os.path.abspath(out) + os.sep)
-    with atomic_folder(out) as tmp:
-        for name in os.listdir(psrc.folder):
-            if not name.endswith(".safetensors") and name != "model.safetensors.index.json" \
-                    and os.path.isfile(os.path.join(psrc.folder, name)):
-                shutil.copyfile(os.path.join(psrc.folder, name), os.path.join(tmp, name))
-        weight_map: Dict[str, str] = {}
-        rest_keys = [k for k in psrc.wmap if not k.startswith(psrc.prefix)]
-        # unchanged tensors are copied byte by byte: never a whole embedding or head in memory
-        atomic_copy_tensors(os.path.join(tmp, "model-rest.safetensors"), {k: psrc.wmap[k] for k in rest_keys})
-        weight_map.update({k: "model-rest.safetensors" for k in rest_keys})
-        for l in range(psrc.n_blocks):
-            name = f"model-block-{l:05d}.safetensors"
-            state = {f"{psrc.prefix}{l}.{k}": v for k, v in ckpt.load_block(l).items()}
-            atomic_save_tensors(os.path.join(tmp, name), state)
-            weight_map.update({k: name for k in state})
-            del state
-        atomic_save_json(os.path.join(tmp, "model.safetensors.index.json"),
-                         {"metadata": {"format": "pt"}, "weight_map": weight_map})
-        if ck_inside:
-            _link_tree(ckpt.dir, os.path.join(tmp, os.path.relpath(ckpt.dir, out)))
-
-
-def _link_tree(src: str, dst: str) -> None:
-    """Hard-link every file of ``src`` under ``dst`` (copy where links are refused)."""
-    for dirpath, _dirs, files in os.walk(src):
-        target = os.path.join(dst, os.path.relpath(dirpath, src))
-        os.makedirs(target, exist_ok=True)
-        for f in files:
-            try:
-                os.link(os.path.join(dirpath, f), os.path.join(target, f))
-            except OSError:
-                shutil.copy2(os.path.join(dirpath, f), os.path.join(target, f))
