@@ -163,3 +163,11 @@ def check_refit(args) -> None:
     if args.refit is not None and (args.method != "sparsegpt" or args.refit < 0):
         raise ValueError(f"--refit refits SparseGPT's kept weights and takes a number of steps >= 0; "
                          f"got --refit {args.refit} with --method {args.method}")
+
+
+def need_tokenizer(tok, name: str):
+    """``tok``, or ValueError when the model came without tokenizer files."""
+    if tok is None:
+        raise ValueError(f"{name} has no tokenizer files (tokenizer.json / tokenizer_config.json); "
+                         "calibration and perplexity need one")
+    return tok

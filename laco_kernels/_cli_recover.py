@@ -8,8 +8,13 @@ stage, 51.45 -> 50.00 after the KL stage, against 2 passes), else 2. LoRA and Re
 128-token windows and 2 passes. An option the user gives wins; the window options left out are
 derived from it at the same 16,384 tokens and 1,024 tokens a step.
 The KL stage takes windows of 512 (``auto_stage2_seqlen``) of its own (docs/recovery.md).
+
+Also the recovery step itself (``run_recovery``, shared by ``laco recover`` and ``laco run``), its
+learning rates and option checks.
 """
 from __future__ import annotations
+
+from ._cli_checks import need_tokenizer
 
 TOKENS = 16384  # layer-wise stage: tokens in all
 STEP_TOKENS = 1024  # tokens per optimizer step
@@ -53,3 +58,99 @@ def auto_stage2_seqlen(args, path: str) -> None:
     positions = _positions(path)
     if positions is None or positions >= auto:
         args.recover_stage2_seqlen = auto
+
+
+RECOVER_METHODS = ("layerwise", "lora", "restore-lcc")
+
+
+# learning rates that measured best at batch 4, 2 passes over 128 x 128 C4 windows
+# (bench/results/recovery.json: layerwise token-nmse 3e-3 -> 64.0, LoRA 1e-3 -> 71.8 on Wanda 2:4)
+DEFAULT_RECOVER_LR = {"layerwise": 3e-3, "lora": 1e-3, "restore-lcc": 1e-3}
+
+
+def recover_lr(args, method: str) -> float:
+    """--recover-lr, else the method's default."""
+    return args.recover_lr if args.recover_lr is not None else DEFAULT_RECOVER_LR[method]
+
+
+def check_recover_options(args) -> None:
+    """Reject a bad --recover-loss (the error names the bad term), --recover-stage2-nsamples,
+    --recover-stage2-seqlen or --recover-temperature before any model is loaded (ValueError)."""
+    from .recover._losses import parse_loss
+
+    parse_loss(args.recover_loss)
+    n2 = getattr(args, "recover_stage2_nsamples", None)
+    if n2 is not None and (n2 < 1 or not args.recover_stage2_epochs):
+        raise ValueError(f"--recover-stage2-nsamples {n2}: needs a positive count and --recover-stage2-epochs >= 1")
+    l2 = getattr(args, "recover_stage2_seqlen", None)
+    if l2 is not None and (l2 < 1 or not args.recover_stage2_epochs):
+        raise ValueError(f"--recover-stage2-seqlen {l2}: needs a positive length and --recover-stage2-epochs >= 1")
+    if getattr(args, "recover_temperature", 1.0) <= 0:
+        raise ValueError(f"--recover-temperature {args.recover_temperature}: must be > 0")
+
+
+def recover_autocast(args) -> bool:
+    """--recover-precision: bf16 autocast for training, or fp32. auto = bf16 on a CPU with
+    AVX512-BF16 / AMX (where it is about 2x faster: docs/recovery.md), fp32 elsewhere (without
+    those instructions bf16 GEMMs are slower than fp32) and on CUDA."""
+    if args.recover_precision != "auto":
+        return args.recover_precision == "bf16"
+    if args.device != "cpu":
+        return False
+    try:
+        from . import _native
+    except ImportError:  # no extension: the bf16 2:4 training path is not there either
+        return False
+    return _native.has_bf16_gemm()
+
+
+ERROR_SAMPLES = 8  # layer-wise: windows each block's before / after error is measured on
+
+
+def run_recovery(method: str, dense, pruned, tok, args):
+    """The recovery hook shared by ``laco recover`` and ``laco run --recover``: returns (model, info)."""
+    from . import recover
+    from .data import calibration_windows
+
+    tok = need_tokenizer(tok, "the model")
+    autocast = recover_autocast(args)
+    if method == "layerwise":
+        n2, l2 = args.recover_stage2_nsamples, args.recover_stage2_seqlen
+        bs2 = args.recover_batch_size
+        if l2:  # the KL stage on windows of its own (and its own length), same tokens per step
+            drawn = calibration_windows(tok, args.recover_nsamples, args.recover_seqlen, seed=args.seed + 1)
+            n2 = n2 or max(1, args.recover_nsamples * args.recover_seqlen // l2)
+            ids, ids2 = drawn, calibration_windows(tok, n2, l2, seed=args.seed + 2)
+            bs2 = max(1, args.recover_batch_size * args.recover_seqlen // l2)
+            calib_tokens = int(drawn.numel() + ids2.numel())
+        else:
+            drawn = calibration_windows(tok, max(args.recover_nsamples, n2 or 0), args.recover_seqlen,
+                                        seed=args.seed + 1)
+            ids, ids2 = drawn[:args.recover_nsamples], (drawn[:n2] if n2 else None)
+            calib_tokens = int(drawn.numel())
+        res = recover.layerwise(dense, pruned, ids, stage2_calibration=ids2, epochs=args.recover_epochs,
+                                lr=recover_lr(args, method),
+                                loss=args.recover_loss, batch_size=args.recover_batch_size, device=args.device,
+                                inputs=args.recover_inputs, stage2_epochs=args.recover_stage2_epochs,
+                                stage2_lr=args.recover_stage2_lr, stage2_batch_size=bs2,
+                                temperature=args.recover_temperature,
+                                # before / after errors of each block on 8 windows: the extra "before" pass over
+                                # all windows cost ~7% of the block stage (stop 30)
+                                error_samples=ERROR_SAMPLES, autocast=autocast)
+        return pruned, {"method": method, "seconds": res.seconds, "blocks": res.blocks, "stage2": res.stage2,
+                        "precision": "bf16 autocast" if autocast else "fp32", "tokens": res.tokens,
+                        "stage2_tokens": res.stage2_tokens, "temperature": args.recover_temperature,
+                        "stage2_seqlen": int(ids2.shape[1]) if ids2 is not None else args.recover_seqlen,
+                        "stage2_batch_size": bs2, "calibration_tokens": calib_tokens}
+    if method == "lora":
+        res = recover.lora(pruned, tok, nsamples=args.recover_nsamples, seqlen=args.recover_seqlen,
+                           epochs=args.recover_epochs, lr=recover_lr(args, method), batch_size=args.recover_batch_size,
+                           device=args.device, seed=args.seed, merge=True, autocast=autocast)
+        return res.model, {"method": method, "seconds": res.seconds, "losses": res.losses,
+                           "precision": "bf16 autocast" if autocast else "fp32",
+                           "pruned_weights_made_nonzero": res.pruned_weights_made_nonzero}
+    from .recover.restore_lcc import restore_lcc
+
+    res = restore_lcc(dense, pruned, tok, n_prompts=args.recover_nsamples, epochs=args.recover_epochs,
+                      lr=recover_lr(args, method), seed=args.seed)
+    return pruned, {"method": method, "seconds": res.seconds, "losses": res.losses}

@@ -21,7 +21,10 @@ from typing import Optional
 
 from ._cli_checks import (PERMUTE_AUTO, add_permute_arguments, add_refit_arguments, check_permute,
                           check_refit, permute_value, refit_value)
-from ._cli_recover import auto_recover_windows, auto_stage2_seqlen as _auto_stage2_seqlen
+from ._cli_checks import need_tokenizer as _need_tokenizer
+from ._cli_recover import (DEFAULT_RECOVER_LR, RECOVER_METHODS, auto_recover_windows,
+                           auto_stage2_seqlen as _auto_stage2_seqlen, check_recover_options as _check_recover_loss,
+                           run_recovery as _recover)
 
 _EPILOG = "Data: WikiText-2 / C4 from ../shared/data next to the repository, or $LACO_DATA_DIR."
 
@@ -113,13 +116,6 @@ def _load(name: str, device: str = "cpu"):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device).eval()
     return model, load_tokenizer(path)
-
-
-def _need_tokenizer(tok, name: str):
-    if tok is None:
-        raise UsageError(f"{name} has no tokenizer files (tokenizer.json / tokenizer_config.json); "
-                         "calibration and perplexity need one")
-    return tok
 
 
 def _save(model, tok, out: str, pattern: Optional[str], packed: bool) -> dict:
@@ -220,101 +216,6 @@ def cmd_export(args) -> int:
     print(f"exported {args.format} to {args.out} (global sparsity {sc['global_sparsity']:.4f}, "
           f"ignored: {', '.join(sc['ignore']) or 'none'})")
     return 0
-
-
-RECOVER_METHODS = ("layerwise", "lora", "restore-lcc")
-
-
-# learning rates that measured best at batch 4, 2 passes over 128 x 128 C4 windows
-# (bench/results/recovery.json: layerwise token-nmse 3e-3 -> 64.0, LoRA 1e-3 -> 71.8 on Wanda 2:4)
-DEFAULT_RECOVER_LR = {"layerwise": 3e-3, "lora": 1e-3, "restore-lcc": 1e-3}
-
-
-def _recover_lr(args, method: str) -> float:
-    return args.recover_lr if args.recover_lr is not None else DEFAULT_RECOVER_LR[method]
-
-
-def _check_recover_loss(args) -> None:
-    """Reject a bad --recover-loss (ValueError names the bad term) or --recover-stage2-nsamples before any
-    model is loaded."""
-    from .recover._losses import parse_loss
-
-    parse_loss(args.recover_loss)
-    n2 = getattr(args, "recover_stage2_nsamples", None)
-    if n2 is not None and (n2 < 1 or not args.recover_stage2_epochs):
-        raise UsageError(f"--recover-stage2-nsamples {n2}: needs a positive count and --recover-stage2-epochs >= 1")
-    l2 = getattr(args, "recover_stage2_seqlen", None)
-    if l2 is not None and (l2 < 1 or not args.recover_stage2_epochs):
-        raise UsageError(f"--recover-stage2-seqlen {l2}: needs a positive length and --recover-stage2-epochs >= 1")
-    if getattr(args, "recover_temperature", 1.0) <= 0:
-        raise UsageError(f"--recover-temperature {args.recover_temperature}: must be > 0")
-
-
-def _recover_autocast(args) -> bool:
-    """--recover-precision: bf16 autocast for training, or fp32. auto = bf16 on a CPU with
-    AVX512-BF16 / AMX (where it is about 2x faster: docs/recovery.md), fp32 elsewhere (without
-    those instructions bf16 GEMMs are slower than fp32) and on CUDA."""
-    if args.recover_precision != "auto":
-        return args.recover_precision == "bf16"
-    if args.device != "cpu":
-        return False
-    try:
-        from . import _native
-    except ImportError:  # no extension: the bf16 2:4 training path is not there either
-        return False
-    return _native.has_bf16_gemm()
-
-
-ERROR_SAMPLES = 8  # layer-wise: windows each block's before / after error is measured on
-
-
-def _recover(method: str, dense, pruned, tok, args):
-    """The recovery hook shared by ``laco recover`` and ``laco run --recover``: returns (model, info)."""
-    from . import recover
-    from .data import calibration_windows
-
-    tok = _need_tokenizer(tok, "the model")
-    autocast = _recover_autocast(args)
-    if method == "layerwise":
-        n2, l2 = args.recover_stage2_nsamples, args.recover_stage2_seqlen
-        bs2 = args.recover_batch_size
-        if l2:  # the KL stage on windows of its own (and its own length), same tokens per step
-            drawn = calibration_windows(tok, args.recover_nsamples, args.recover_seqlen, seed=args.seed + 1)
-            n2 = n2 or max(1, args.recover_nsamples * args.recover_seqlen // l2)
-            ids, ids2 = drawn, calibration_windows(tok, n2, l2, seed=args.seed + 2)
-            bs2 = max(1, args.recover_batch_size * args.recover_seqlen // l2)
-            calib_tokens = int(drawn.numel() + ids2.numel())
-        else:
-            drawn = calibration_windows(tok, max(args.recover_nsamples, n2 or 0), args.recover_seqlen,
-                                        seed=args.seed + 1)
-            ids, ids2 = drawn[:args.recover_nsamples], (drawn[:n2] if n2 else None)
-            calib_tokens = int(drawn.numel())
-        res = recover.layerwise(dense, pruned, ids, stage2_calibration=ids2, epochs=args.recover_epochs,
-                                lr=_recover_lr(args, method),
-                                loss=args.recover_loss, batch_size=args.recover_batch_size, device=args.device,
-                                inputs=args.recover_inputs, stage2_epochs=args.recover_stage2_epochs,
-                                stage2_lr=args.recover_stage2_lr, stage2_batch_size=bs2,
-                                temperature=args.recover_temperature,
-                                # before / after errors of each block on 8 windows: the extra "before" pass over
-                                # all windows cost ~7% of the block stage (stop 30)
-                                error_samples=ERROR_SAMPLES, autocast=autocast)
-        return pruned, {"method": method, "seconds": res.seconds, "blocks": res.blocks, "stage2": res.stage2,
-                        "precision": "bf16 autocast" if autocast else "fp32", "tokens": res.tokens,
-                        "stage2_tokens": res.stage2_tokens, "temperature": args.recover_temperature,
-                        "stage2_seqlen": int(ids2.shape[1]) if ids2 is not None else args.recover_seqlen,
-                        "stage2_batch_size": bs2, "calibration_tokens": calib_tokens}
-    if method == "lora":
-        res = recover.lora(pruned, tok, nsamples=args.recover_nsamples, seqlen=args.recover_seqlen,
-                           epochs=args.recover_epochs, lr=_recover_lr(args, method), batch_size=args.recover_batch_size,
-                           device=args.device, seed=args.seed, merge=True, autocast=autocast)
-        return res.model, {"method": method, "seconds": res.seconds, "losses": res.losses,
-                           "precision": "bf16 autocast" if autocast else "fp32",
-                           "pruned_weights_made_nonzero": res.pruned_weights_made_nonzero}
-    from .recover.restore_lcc import restore_lcc
-
-    res = restore_lcc(dense, pruned, tok, n_prompts=args.recover_nsamples, epochs=args.recover_epochs,
-                      lr=_recover_lr(args, method), seed=args.seed)
-    return pruned, {"method": method, "seconds": res.seconds, "losses": res.losses}
 
 
 def cmd_recover(args) -> int:

@@ -311,8 +311,9 @@ def test_run_default_kl_window_is_512_where_the_model_has_the_positions(tmp_path
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_run_recover_precision_reaches_recovery(tiny_folder, tmp_path, capsys, precision):
     """--recover-precision bf16 trains under autocast (recorded in the report), fp32 without; the
-    saved model is 2:4 either way. auto resolves from the CPU (_recover_autocast)."""
-    from laco_kernels.cli import _recover_autocast, build_parser
+    saved model is 2:4 either way. auto resolves from the CPU (recover_autocast)."""
+    from laco_kernels._cli_recover import recover_autocast
+    from laco_kernels.cli import build_parser
 
     out = str(tmp_path / "run")
     code, stdout, _ = _run(["run", "--model", tiny_folder, "--nsamples", "2", "--calib-seqlen", "32", "--seqlen", "64",
@@ -327,7 +328,7 @@ def test_run_recover_precision_reaches_recovery(tiny_folder, tmp_path, capsys, p
     args = build_parser().parse_args(["run"])
     assert args.recover_precision == "auto"
     args.device = "cuda"
-    assert _recover_autocast(args) is False
+    assert recover_autocast(args) is False
 
 
 # -- issue 13: expected failures exit 2 with one line, checked before any model loads -------------

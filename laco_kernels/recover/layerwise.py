@@ -28,7 +28,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..formats import pack_bits, unpack_bits
-from ..models.adapters import block_linears, get_adapter
+from ..models.adapters import block_linears
 from ..models.capture import BlockRunner, HiddenStream
 from .._validation import check_models_match, check_token_ids, describe_folder, describe_module
 from ._checkpoint import RecoveryCheckpoint, tensor_digest
