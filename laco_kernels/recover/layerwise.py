@@ -200,7 +200,8 @@ def _check_masks(block: nn.Module, adapter, zeros: Dict[str, torch.Tensor], l: i
 
 def _set_trainable(block: nn.Module, which: str = "all", adapter=None) -> List[nn.Parameter]:
     """Parameters to train: every float parameter (``"all"``: sparse values, biases, norms) or
-    only those of the block's prunable linears (``"linears"``: norms stay frozen)."""
+    only those of the block's prunable linears (``"linears"``: norms stay frozen). Every other
+    parameter of the block gets ``requires_grad=False``."""
     if which == "linears":
         mods = [block.get_submodule(n) for n in adapter.linear_names()]
         cand = [p for m in mods for p in m.parameters()]
