@@ -218,8 +218,8 @@ def test_run_and_recover_recovery_defaults(tmp_path):
     """The main job's defaults are the measured CPU recipe in the README (SparseGPT 2:4, then the
     layer-wise stage on 16k tokens: 32 windows of 512 at batch 2 where the model has 512 positions,
     else 128 x 128 at batch 8; 3 passes on 512-token windows, else 2; token-nmse; 1 epoch of end-to-end
-    KL at lr 4e-4); LoRA / RestoreLCC keep 128 x 128 and 2 passes; a window option the user gives sets the others at the same tokens; `laco recover`
-    keeps batch 4 and no KL stage."""
+    KL at lr 4e-4); LoRA / RestoreLCC keep 128 x 128 and 2 passes; a window option the user gives sets
+    the others at the same tokens; `laco recover` keeps batch 4 and no KL stage."""
     from transformers import LlamaConfig
 
     from laco_kernels.cli import auto_recover_windows, build_parser
