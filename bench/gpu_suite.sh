@@ -9,6 +9,8 @@
 #                       11008x4096, 4096x11008; M in {1, 2, 4, 16, 256, 4096}; fp16 and bf16
 #   train_step.json     bench/train_step.py on CUDA, fp32 and bf16
 #   gpu_training.json   bench/gpu_training.py (training-kernel correctness + timings)
+#   op_overhead_cuda.json bench/op_overhead.py: host time of a SmolLM2-size training call through the
+#                       eager autograd.Function against the custom op (stop 33), and raw torch
 #   suite.log           everything printed
 # Afterwards: copy the JSON files to bench/results/, refit the audit on them
 # (python bench/sass_audit.py --write-fit-basis, see docs/sass_audit.md) and replace the
@@ -27,4 +29,6 @@ cp "$log" "$OUT/check.log"
 step gemm 270 "$PY" bench/gpu_gemm.py --graph --ms 1 2 4 16 256 4096 --out "$OUT/gpu_gemm_graph.json"
 step train_step 60 "$PY" bench/train_step.py --devices cuda --dtypes float32 bfloat16 --out "$OUT/train_step.json"
 step gpu_training 90 env GPU_TRAINING_OUT="$OUT/gpu_training.json" "$PY" bench/gpu_training.py
+step op_overhead 40 "$PY" bench/op_overhead.py --device cuda --m 512 --n 1536 --k 576 --rounds 5 \
+    --out "$OUT/op_overhead_cuda.json"
 echo "done $(date -u +%T)" | tee -a "$log"

@@ -137,6 +137,12 @@ def training_kernel_plan(spec_family: str, regime: str, m: int, n: int, k: int, 
     # the dX / dW launchers pass EVEN (the loop's dimension a multiple of its step): that variant,
     # else (a config audited without it) the general one
     even = {"train-dx": n % cfg["BLOCK_N"] == 0, "train-dw": m % cfg["BLOCK_M"] == 0}.get(regime)
+    splits = 1
+    if spec_family == "sparse24" and regime == "train-dx":  # the 2:4 dX may split its reduction over n
+        from laco_kernels.kernels import sparse24_grad as sg
+
+        splits = sg._dx24_splits(m, n, k, cfg, SMS)
+        blocks["SPLIT"] = splits > 1
     spec = None
     if even is not None:
         spec = find_spec(specs, family=spec_family, regime=regime, dtype=dtype, kernel=kernel,
@@ -156,8 +162,16 @@ def training_kernel_plan(spec_family: str, regime: str, m: int, n: int, k: int, 
         programs, iters = triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk)
         nbytes = w_tiles * spec.loop_weight_bytes(0.5) + m * k * isz + m * n * isz
     elif regime == "train-dx":
-        programs, iters = triton.cdiv(m, bm) * triton.cdiv(k, bk), triton.cdiv(n, bn)
-        nbytes = w_tiles * spec.loop_weight_bytes(0.5) + m * n * isz + m * k * isz
+        # split: each slice a whole number of steps (the last one may be shorter; counted as long),
+        # its fp32 partial [m, k] written, then summed by _splitk.reduce_partials (one more launch)
+        steps = triton.cdiv(n, bn)
+        per = triton.cdiv(steps, splits)
+        splits = triton.cdiv(steps, per)
+        programs, iters = triton.cdiv(m, bm) * triton.cdiv(k, bk) * splits, per
+        nbytes = w_tiles * spec.loop_weight_bytes(0.5) + m * n * isz + m * k * (isz if splits == 1 else 4 * splits)
+        if splits > 1:
+            return [dict(name=spec.name, spec=spec, programs=programs, iterations=float(iters), bytes=float(nbytes)),
+                    _torch_pass(f"{spec.name}:splitk_reduce", m * k * (4 * splits + isz))]
     else:  # dW / dV: dY and X in, the (masked or kept-half) gradient and the mask / meta words
         programs, iters = w_tiles, triton.cdiv(m, bm)
         grad = n * k * isz / (2 if spec_family == "sparse24" else 1)

@@ -13,6 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out_features"), py::arg("in_features"));
   m.def("sparse24_to_dense", &laco::sparse24_to_dense, "dense [N,K] of a 2:4 weight", py::arg("values"),
         py::arg("meta"), py::arg("out_features"), py::arg("in_features"));
+  m.def("sparse24_gather", &laco::sparse24_gather, "kept half [N,K/2] of a dense [N,K] tensor at 2:4 positions",
+        py::arg("dense"), py::arg("meta"));
   m.def("bitmap_to_dense", &laco::bitmap_to_dense, "dense [N,K] of a bitmap weight", py::arg("values"),
         py::arg("bitmap"), py::arg("offsets"), py::arg("tile_k"), py::arg("out_features"), py::arg("in_features"));
   m.def("masked_linear_forward", &laco::masked_linear_forward, "x [M,K] @ (weight ⊙ mask)^T + bias -> [M,N]",

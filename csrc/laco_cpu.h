@@ -108,6 +108,8 @@ at::Tensor sparse24_to_dense(const at::Tensor& values, const at::Tensor& meta, i
                              int64_t in_features);
 at::Tensor bitmap_to_dense(const at::Tensor& values, const at::Tensor& bitmap, const at::Tensor& offsets, int64_t tile_k,
                            int64_t out_features, int64_t in_features);
+// The kept half [N, K/2] of a dense [N, K] fp32 / bf16 tensor at a 2:4 weight's positions (csrc/sparse24_gather.cpp).
+at::Tensor sparse24_gather(const at::Tensor& dense, const at::Tensor& meta);
 
 // masked_linear (csrc/masked_linear.cpp): weight [N, K] dense fp32 / bf16, bits int32 [N, ceil(K/32)].
 at::Tensor masked_linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bits,

@@ -180,6 +180,14 @@ def sparse24_to_dense(values: torch.Tensor, meta: torch.Tensor, shape) -> torch.
     return _C.sparse24_to_dense(values.contiguous(), meta.contiguous(), int(n), int(k))
 
 
+def sparse24_gather(dense: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The kept half ``[N, K/2]`` (dense's dtype) of ``dense`` ``[N, K]`` fp32 / bf16 at the positions of a
+    2:4 weight's int32 ``meta`` ``[N, ceil(K/32)]`` (CPU): bit-identical to
+    ``dense.gather(1, ops.sparse_gemm.kept_columns(meta, K))`` without building that int64 index."""
+    _check_cpu("sparse24_gather", dense=dense)
+    return _C.sparse24_gather(dense.contiguous(), meta.contiguous())
+
+
 def sparse24_linear(x: torch.Tensor, w24: Sparse24Weight, bias: torch.Tensor | None = None,
                     values: torch.Tensor | None = None) -> torch.Tensor:
     """x ``[..., K]`` @ dense(w24)^T + bias -> ``[..., N]`` in x's dtype (CPU, fp32 / bf16).

@@ -69,7 +69,14 @@ def test_training_step_plans(specs):
     few = sm.training_step_plans(16, [("gate", 1536, 576)], "bf16", specs)
     assert [(p["spec"].family, p["spec"].regime) for p in few["masked"]] == [
         ("masked", "train-fwd"), ("masked", "train-dx"), ("masked", "train-dw")]
-    assert [p["spec"].regime for p in plans["sparse24"]] == ["prefill", "train-dx", "train-dw"]
+    # the 2:4 dX: sm_90's 256-row tile (20 programs on 132 SMs, N = 1536 >= 2K) split in 4 slices of
+    # 6 steps, then the reduction of the fp32 partials (a pass without a compiled spec)
+    assert [p["spec"].regime if p["spec"] else p["name"] for p in plans["sparse24"]] == [
+        "prefill", "train-dx", "_sparse24_dx_kernel:splitk_reduce", "train-dw"]
+    dx, red = plans["sparse24"][1:3]
+    assert dx["spec"].constexprs["SPLIT"] and dx["spec"].constexprs["BLOCK_M"] == 256
+    assert (dx["programs"], dx["iterations"]) == (4 * 5 * 4, 6.0)
+    assert red["bytes"] == 1024 * 576 * (4 * 4 + 2)
     assert [p["name"] for p in plans["torch"]][0] == "gate:W*M" and len(plans["torch"]) == 5
     # the 2:4 forward is the config the launcher picks (here the 256-row sm_90 row: 48 programs, and
     # its 128 x 64 fill row would need 192 > 132); a down projection (N = 576) takes the fill row

@@ -135,11 +135,11 @@ def _check_dx_dv_db(m, n, k, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_even_loops_and_wide_fp32_tiles(dtype):
     """M, N multiples of the loop steps (EVEN variants of dX and dV); fp32 with N % 16 == 0 and
-    K % 32 == 0 takes the 64 x 64 dX tile."""
+    K % 32 == 0 takes the 32-row dX reduction step, otherwise the 16-row one."""
     m, n, k = 128, 128, 96
     if dtype == torch.float32:
-        assert sg._dx24_config(m, dtype, None, k, n=n)["BLOCK_K"] == 64
-        assert sg._dx24_config(m, dtype, None, k, n=n + 1)["BLOCK_K"] == 32
+        assert sg._dx24_config(m, dtype, None, k, n=n)["BLOCK_N"] == 32
+        assert sg._dx24_config(m, dtype, None, k, n=n + 1)["BLOCK_N"] == 16
     _check_dx_dv_db(m, n, k, dtype)
 
 
@@ -150,3 +150,39 @@ def test_peeled_last_step_matches_reference(dtype):
     m, n, k = 150, 150, 96
     assert n % sg._dx24_config(m, dtype, None, k, n=n)["BLOCK_N"] != 0
     _check_dx_dv_db(m, n, k, dtype)
+
+
+@pytest.mark.parametrize("n, splits", [(200, 2), (256, 3), (256, 4), (200, None)])
+def test_split_reduction_matches_reference(monkeypatch, n, splits):
+    """sm_90's 256-row 16-bit dX with its reduction over N split into slices (fp32 partials summed
+    by _splitk.reduce_partials): whole-step slices, the partial last step (N = 200) only in the
+    last slice, EVEN (N = 256); ``None``: the launcher's own rule on a 132-SM grid (2 x 1 programs,
+    N >= 2K: it splits)."""
+    from laco_kernels.kernels import _splitk, dense_gemm
+
+    monkeypatch.setattr(dense_gemm, "device_arch", lambda device: 90)
+    monkeypatch.setattr(sg, "_SMS", 132)
+    m, k = 300, 96
+    cfg = sg._dx24_config(m, torch.float16, 90, k, 132, n)
+    assert cfg["BLOCK_M"] == 256
+    if splits is None:
+        assert sg._dx24_splits(m, n, k, cfg, 132) > 1
+    calls = []
+    real = _splitk.reduce_partials
+    monkeypatch.setattr(_splitk, "reduce_partials", lambda p, b, y: calls.append(p.shape[0]) or real(p, b, y))
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k, dtype=torch.float16), prune=True)
+    dy = torch.randn(m, n, dtype=torch.float16)
+    close(sg.sparse24_grad_input(dy, w24.values, w24.meta, w24.shape, splits=splits),
+          dy.float() @ w24.to_dense().float(), torch.float16)
+    assert len(calls) == 1 and calls[0] > 1
+
+
+def test_split_rule():
+    """Split only where the 256-row grid fills at most half the SMs and N >= 2K; at most 4 slices,
+    each at least two steps."""
+    cfg = sg._dx24_config(1024, torch.bfloat16, 90, 576, 132, 1536)
+    assert sg._dx24_splits(1024, 1536, 576, cfg, 132) == 4      # 20 programs, 24 steps
+    assert sg._dx24_splits(1024, 576, 1536, cfg, 132) == 1      # N < 2K: partials cost more
+    assert sg._dx24_splits(4096, 1536, 576, cfg, 132) == 1      # 80 programs: more than half the SMs
+    assert sg._dx24_splits(256, 192, 64, cfg, 132) == 1         # 3 steps: one slice of at least two
+    assert sg._dx24_splits(1024, 1536, 576, sg._dx24_config(1024, torch.bfloat16, 80, 576, 132, 1536), 132) == 1

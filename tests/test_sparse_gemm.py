@@ -272,3 +272,24 @@ def test_kept_columns_are_the_mask_positions(k):
     dense = w24.to_dense()
     assert torch.equal(dense.gather(1, cols), w24.values)
     assert torch.equal(cols, w24.mask().nonzero()[:, 1].view(7, k // 2))
+
+
+@pytest.mark.parametrize("k", [4, 12, 100, 576])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_gather_is_the_gather_at_kept_columns(k, dtype):
+    """_native.sparse24_gather (the CPU 2:4 backward's dV gather) copies exactly what a gather at
+    kept_columns picks, N = 1 and K not a multiple of 32 included; bad input raises before any work."""
+    from laco_kernels import _native
+    from laco_kernels.ops.sparse_gemm import kept_columns
+
+    if not _native.supports("sparse24_linear"):
+        pytest.skip("the C++ extension is not built")
+    for n in (1, 9):
+        w24 = Sparse24Weight.from_dense(torch.randn(n, k), prune=True)
+        dense = torch.randn(n, k).to(dtype)
+        got = _native.sparse24_gather(dense, w24.meta)
+        assert got.dtype == dtype and torch.equal(got, dense.gather(1, kept_columns(w24.meta, k)))
+    with pytest.raises(RuntimeError, match="meta must be contiguous int32"):
+        _native.sparse24_gather(dense, w24.meta[:-1])
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        _native.sparse24_gather(dense.half(), w24.meta)

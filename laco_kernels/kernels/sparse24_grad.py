@@ -73,14 +73,20 @@ def _dx24_tiles(dy_ptr, v_ptr, meta_ptr, lut_ptr, n0, left, k0, N, K, g, g_shift
 @triton.jit
 def _sparse24_dx_kernel(dy_ptr, v_ptr, meta_ptr, lut_ptr, dx_ptr, M, N, K,
                         stride_dym, stride_dyn, stride_vn, stride_vk, stride_mn, stride_dxm, stride_dxk,
+                        n_per, stride_dxs,
                         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EMULATE: tl.constexpr, EVEN: tl.constexpr):
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EMULATE: tl.constexpr, EVEN: tl.constexpr,
+                        SPLIT: tl.constexpr = False):
     """dX[M, K] = dY[M, N] @ dense(V, meta)[N, K]; one [BLOCK_M, BLOCK_K] tile per program.
 
     16-bit values come as int32 group words (``v_ptr`` int32 ``[N, K/4]``, one kept pair per
     group) and are expanded as the 2:4 prefill forward does (``_bits.expand_24_prmt``: per group
     one meta-word gather, one selector from ``lut_ptr`` and two ``prmt``, all elementwise on
     ``[BLOCK_N, BLOCK_K/4]``, no split and no layout conversion); fp32 values by ``expand_24``.
+
+    SPLIT: the reduction over N is split in slices of ``n_per`` rows (a multiple of BLOCK_N), one
+    per ``program_id(1)``; each writes its fp32 partial at ``dx_ptr + slice * stride_dxs``
+    (``_splitk.reduce_partials`` sums them). Without SPLIT ``n_per`` and ``stride_dxs`` are unused.
     """
     pid_m, pid_k = _grouped_pid(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -95,13 +101,22 @@ def _sparse24_dx_kernel(dy_ptr, v_ptr, meta_ptr, lut_ptr, dx_ptr, M, N, K,
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     # whole BLOCK_N steps without a bound test along N; a partial last step (not EVEN) peeled after
     # the loop, so the steady loop is the EVEN one for every N
-    n_full = N if EVEN else N - N % BLOCK_N
-    for n0 in range(0, n_full, BLOCK_N):
+    if SPLIT:  # this program's slice of the reduction; only the last slice can end in a partial step
+        n_lo = tl.program_id(1) * n_per
+        n_full = tl.minimum(N if EVEN else N - N % BLOCK_N, n_lo + n_per)
+        dx_ptr += tl.program_id(1).to(tl.int64) * stride_dxs
+    else:
+        n_lo = 0
+        n_full = N if EVEN else N - N % BLOCK_N
+    for n0 in range(n_lo, n_full, BLOCK_N):
         dy, w = _dx24_tiles(dy_ptr, v_ptr, meta_ptr, lut_ptr, n0, N - n0, k0, N, K, g, g_shift, rows, m_ok, gk_ok,
                             dy_off, stride_dyn, stride_vn, stride_vk, stride_mn, False, EMULATE, BLOCK_N, BLOCK_K)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
     if not EVEN:
-        if n_full < N:
+        peel = n_full < N
+        if SPLIT:  # the partial step belongs to the last slice only
+            peel = peel & (n_full < n_lo + n_per)
+        if peel:
             dy, w = _dx24_tiles(dy_ptr, v_ptr, meta_ptr, lut_ptr, n_full, N - n_full, k0, N, K, g, g_shift, rows, m_ok,
                                 gk_ok, dy_off, stride_dyn, stride_vn, stride_vk, stride_mn, True, EMULATE, BLOCK_N,
                                 BLOCK_K)
@@ -155,29 +170,62 @@ def _dx24_config(m: int, dtype: torch.dtype, arch: int | None = None, k: int | N
     """Tiles of the 2:4 input gradient ``dX [m, k] = dY [m, n] @ W [n, k]``.
 
     16-bit, m > 64: a 128 x 128 output tile with a 64-row reduction step (the expansion is
-    elementwise, ``expand_24_prmt``). On sm_90, while 256-row tiles still fill ``sms`` SMs,
-    256 rows of dY per program (the 2:4 prefill forward's reasoning: the expansion is work per
-    weight element, the MMA per weight element x BLOCK_M; sm_90 audit: 220 loop instructions when
-    N % 64 == 0, 1.08x the dense GEMM per multiply-add). sm_80 keeps 128 rows: 256 spills 408
-    bytes there (mma.sync holds both operands in registers).
-    fp32 (FMA), m > 16: a 64 x 64 output tile, 8 warps (1.38 thread-instructions per multiply-add
-    on sm_90 against 1.61 for 64 x 32) when n and k are multiples of 16 and 32; otherwise 64 x 32
-    (64 x 64 spills 12 bytes on sm_90 without that divisibility).
+    elementwise, ``expand_24_prmt``). On sm_90 256 rows of dY per program (the 2:4 prefill
+    forward's reasoning: the expansion is work per weight element, the MMA per weight element x
+    BLOCK_M; sm_90 audit: 220 loop instructions, 1.08x the dense GEMM per multiply-add, where the
+    128-row tile's 193 are 1.89x); where that grid leaves SMs idle the reduction is split instead
+    (:func:`_dx24_splits`). sm_80 keeps 128 rows: 256 spills 408 bytes there (mma.sync holds both
+    operands in registers).
+    fp32 (FMA), m > 16: a 64 x 64 output tile, 8 warps, a 32-row reduction step (1.18x the dense
+    GEMM per multiply-add on sm_90, against 1.38x for the 64 x 32 output tile used before) when n
+    and k are multiples of 16 and 32; otherwise the same output tile with a 16-row step (1.22x; the
+    32-row step spills 12-24 bytes on sm_90 without that divisibility, the 16-row one spills
+    nothing on sm_80 or sm_90 whatever the divisibility of N, K and the strides).
     """
     if dtype != torch.float32 and m > 64:
-        if arch == 90 and (k is None or triton.cdiv(m, 256) * triton.cdiv(k, 128) >= sms):
+        if arch == 90:
             return dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
     if dtype != torch.float32 and m <= 16:  # 128 output columns: 16 x 64 x 64 spills 8 bytes on sm_90
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
-    if dtype == torch.float32 and m > 16 and (n is None or n % 16 == 0) and (k is None or k % 32 == 0):
-        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2)
+    if dtype == torch.float32 and m > 16:
+        wide = (n is None or n % 16 == 0) and (k is None or k % 32 == 0)
+        return dict(BLOCK_M=64, BLOCK_N=32 if wide else 16, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2)
     return _dx_config(m, dtype)
 
 
+_SPLIT_MAX = 4  # at most 4 slices: each adds an fp32 [M, K] partial written and read back once
+_SPLIT_MIN_STEPS = 2  # and each slice keeps at least 2 loop steps (the prologue is paid per program)
+
+
+def _dx24_splits(m: int, n: int, k: int, cfg: dict, sms: int = _SMS) -> int:
+    """Slices of the reduction over N for a 256-row 2:4 dX launch (1: no split).
+
+    The 256-row tile keeps the loop at the dense GEMM's cost per multiply-add but gives few
+    programs at recovery's token counts (a SmolLM2 up projection at 1,024 tokens: 4 x 5 = 20 on
+    132 SMs). Where the grid fills at most half the SMs and the reduction is long against dX's
+    width (n >= 2k), N is split into up to ``_SPLIT_MAX`` slices of at least ``_SPLIT_MIN_STEPS``
+    steps; each slice writes an fp32 [m, k] partial, so a wide dX (n < 2k) pays more in partial
+    traffic than it gains. The rule follows the sm_90 step model (``bench/sass_model.py``, bf16,
+    predicted us for 1, 2, 3, 4 slices): 1536 x 576 at 512 tokens 16.6 / 12.0 / 10.3 / 9.9, at
+    1,024 17.2 / 13.9 / 13.0 / 13.2, at 4,096 (80 programs) 20.9 / 27.7; 11008 x 4096 at 512 tokens
+    119.8 / 80.7 / 85.8, at 1,024 (128 programs) 124.1 / 143.8; 576 x 1536 at 1,024 8.6 / 14.3."""
+    if cfg["BLOCK_M"] != 256:
+        return 1
+    programs = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"])
+    steps = triton.cdiv(n, cfg["BLOCK_N"])
+    if 2 * programs > sms or n < 2 * k:
+        return 1
+    want = min(_SPLIT_MAX, triton.cdiv(sms, programs), max(1, steps // _SPLIT_MIN_STEPS))
+    return triton.cdiv(steps, triton.cdiv(steps, want)) if want > 1 else 1
+
+
 def sparse24_grad_input(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, shape,
-                        input_precision: str | None = None) -> torch.Tensor:
-    """dY [M, N] @ dense(values [N, K/2], meta) -> dX [M, K] in dY's dtype; ``shape`` = (N, K)."""
+                        input_precision: str | None = None, splits: int | None = None) -> torch.Tensor:
+    """dY [M, N] @ dense(values [N, K/2], meta) -> dX [M, K] in dY's dtype; ``shape`` = (N, K).
+
+    ``splits`` (tests): slices of the reduction over N (:func:`_dx24_splits` by default)."""
+    from ._splitk import reduce_partials
     from .sparse24_gemm import _lut
 
     m = dy.shape[0]
@@ -195,13 +243,18 @@ def sparse24_grad_input(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tens
 
     sms = _device_sms(dy, _SMS)
     cfg = _dx24_config(m, dy.dtype, device_arch(dy.device), k, sms, n)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"]),)
+    steps = triton.cdiv(n, cfg["BLOCK_N"])
+    s = _dx24_splits(m, n, k, cfg, sms) if splits is None else max(1, min(splits, steps))
+    n_per = triton.cdiv(steps, s) * cfg["BLOCK_N"]
+    s = triton.cdiv(n, n_per)
+    out = torch.empty(s, m, k, dtype=torch.float32, device=dy.device) if s > 1 else dx
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"]), s)
     _sparse24_dx_kernel[grid](
-        dy, values, meta, _lut(dy.device), dx, m, n, k, dy.stride(0), dy.stride(1), values.stride(0),
-        values.stride(1), meta.stride(0), dx.stride(0), dx.stride(1),
+        dy, values, meta, _lut(dy.device), out, m, n, k, dy.stride(0), dy.stride(1), values.stride(0),
+        values.stride(1), meta.stride(0), out.stride(-2), out.stride(-1), n_per, m * k,
         DOT_PRECISION=_precision(dy.dtype, input_precision), EMULATE=_is_interpreted(_sparse24_dx_kernel),
-        EVEN=n % cfg["BLOCK_N"] == 0, **cfg)
-    return dx
+        EVEN=n % cfg["BLOCK_N"] == 0, SPLIT=s > 1, **cfg)
+    return reduce_partials(out, None, dx) if s > 1 else dx
 
 
 def sparse24_values_grad(dy: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, shape, want_bias: bool = False,
@@ -241,17 +294,24 @@ def _compile_specs():
         for regime, rows in REGIMES.items():
             rep = dtype == torch.bfloat16 and regime == "prefill"
             vp = "*i32" if dtype != torch.float32 else p  # 16-bit values as int32 group words
-            if dtype != torch.float32 and regime == "prefill":  # 128 rows (sm_80, or too few tiles), 256 (sm_90)
-                cfgs = [(_dx24_config(rows, dtype), (80, 90), " 128rows"), (_dx24_config(rows, dtype, 90), (90,), "")]
+            if dtype != torch.float32 and regime == "prefill":  # 128 rows (sm_80), 256 (sm_90), split or not
+                c90 = _dx24_config(rows, dtype, 90)
+                cfgs = [(_dx24_config(rows, dtype), (80,), " 128rows", False), (c90, (90,), "", False),
+                        (c90, (90,), " split", True)]
             elif dtype == torch.float32 and regime != "decode":  # 64 x 64 output, or 64 x 32 without 16-divisibility
-                cfgs = [(_dx24_config(rows, dtype), ARCHS, ""), (_dx24_config(rows, dtype, n=1), ARCHS, " narrow")]
+                cfgs = [(_dx24_config(rows, dtype), ARCHS, "", False),
+                        (_dx24_config(rows, dtype, n=1), ARCHS, " narrow", False)]
             else:
-                cfgs = [(_dx24_config(rows, dtype), ARCHS, "")]
-            for (cfg, archs, suffix), even in itertools.product(cfgs, (False, True) if regime == "prefill" else (False,)):
-                spec = _spec(_sparse24_dx_kernel, dict(dy_ptr=p, v_ptr=vp, meta_ptr="*i32", lut_ptr="*i32", dx_ptr=p),
-                             cfg, dict(DOT_PRECISION="ieee", EMULATE=False, EVEN=even),
+                cfgs = [(_dx24_config(rows, dtype), ARCHS, "", False)]
+            for (cfg, archs, suffix, split), even in itertools.product(cfgs, (False, True) if regime == "prefill"
+                                                                        else (False,)):
+                # split partials are fp32 whatever the input dtype
+                spec = _spec(_sparse24_dx_kernel, dict(dy_ptr=p, v_ptr=vp, meta_ptr="*i32", lut_ptr="*i32",
+                                                       dx_ptr="*fp32" if split else p),
+                             cfg, dict(DOT_PRECISION="ieee", EMULATE=False, EVEN=even, SPLIT=split),
                              f"{dt} {regime}{suffix}" + (" even" if even else ""),
-                             rep and not suffix and (even or regime != "prefill"), "sparse24", "train-dx", tile_bytes_24)
+                             rep and suffix in ("", " split") and (even or regime != "prefill"), "sparse24", "train-dx",
+                             tile_bytes_24)
                 spec.archs = archs
                 specs.append(spec)
             # the dV loop reads dY and X only (meta is read once after it): no weight bytes

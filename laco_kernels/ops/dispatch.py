@@ -76,16 +76,10 @@ def grad_or_empty(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor
     return like.new_empty(0) if grad is None else grad
 
 
-def call_direct(*tensors: torch.Tensor | None) -> bool:
-    """True when a public op may call its custom op's implementation function directly.
-
-    The ``torch.ops.laco.*`` custom ops are what torch.compile, autograd, fake / meta tensors and
-    dispatch modes see; in plain eager inference their dispatch only adds time (about 50 us a
-    call measured on this CPU, as much as a small decode GEMV). So the implementation runs
-    directly (the same function, the same numbers) when nothing needs the op: not compiling, no
-    tensor needs a gradient recorded, every tensor a plain (non-meta) ``torch.Tensor``, no
-    dispatch mode, torch-function mode or functorch transform is active, and autocast is off.
-    """
+def _plain_eager(tensors) -> bool:
+    """Not compiling, no dispatch / torch-function mode or functorch transform, autocast off, and
+    every tensor a plain (non-meta) ``torch.Tensor`` or ``nn.Parameter`` (not a tensor subclass:
+    those need the custom op's dispatch)."""
     if torch.compiler.is_compiling():  # checked first: dynamo folds it and never traces the rest
         return False
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
@@ -93,8 +87,49 @@ def call_direct(*tensors: torch.Tensor | None) -> bool:
         return False
     if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
         return False  # the custom op's autocast rule (ops/sparse_gemm.py) must see the call
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or t.is_meta or (grad and t.requires_grad)):
-            return False
-    return True
+    return all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_autograd(*tensors: torch.Tensor | None) -> bool:
+    """True when a public op that must record a gradient may do so through a plain
+    ``torch.autograd.Function`` (:func:`eager_function`) instead of its custom op: the conditions
+    of :func:`call_direct` except that tensors may require grad. The custom op's Python-level
+    autograd and dispatch cost about 100 us a forward + backward on this CPU (a 64 x 64 masked
+    linear with stub kernels: 296 us through the custom op); on a GPU that is host time a small
+    training step waits for. Same implementation functions, so the same numbers."""
+    return torch.is_grad_enabled() and _plain_eager(tensors)
+
+
+def eager_function(name: str, impl, setup_context, backward) -> type:
+    """A ``torch.autograd.Function`` running ``impl(*inputs)`` with the custom op's own
+    ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)``. Outputs after the first
+    (a guard flag, loss statistics) are marked non-differentiable, as integer / auxiliary outputs."""
+
+    def forward(ctx, *inputs):
+        out = impl(*inputs)
+        setup_context(ctx, inputs, out)
+        if isinstance(out, tuple):
+            ctx.mark_non_differentiable(*out[1:])
+        return out
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                     "backward": staticmethod(backward)})
+
+
+def call_direct(*tensors: torch.Tensor | None) -> bool:
+    """True when a public op may call its custom op's implementation function directly.
+
+    The ``torch.ops.laco.*`` custom ops are what torch.compile, autograd, fake / meta tensors and
+    dispatch modes see; in plain eager inference their dispatch only adds time (about 50 us a
+    call measured on this CPU, as much as a small decode GEMV). So the implementation runs
+    directly (the same function, the same numbers) when nothing needs the op: not compiling, no
+    tensor needs a gradient recorded, every tensor a plain (non-meta) ``torch.Tensor`` or
+    ``nn.Parameter``, no dispatch mode, torch-function mode or functorch transform is active, and
+    autocast is off. (Calls that record a gradient: :func:`eager_autograd`.)
+    """
+    if not _plain_eager(tensors):
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)

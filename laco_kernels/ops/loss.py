@@ -23,7 +23,7 @@ import torch
 
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_tensor
-from .dispatch import call_direct, requested_backend, select_backend
+from .dispatch import call_direct, eager_autograd, eager_function, requested_backend, select_backend
 
 _OP = "reconstruction_loss"
 KINDS = reference.RECONSTRUCTION_KINDS
@@ -100,11 +100,14 @@ def _loss_backward(ctx, grad_loss, grad_stats):
     pred, target, stats = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = torch.ops.laco.reconstruction_loss_backward(grad_loss, pred, target, stats, ctx.kind, ctx.backend)
+        bwd = (_loss_backward_impl if call_direct(grad_loss, pred, target, stats)
+               else torch.ops.laco.reconstruction_loss_backward)
+        grad = bwd(grad_loss, pred, target, stats, ctx.kind, ctx.backend)
     return grad, None, None, None
 
 
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
+_LossEager = eager_function("_LossEager", _loss_impl, _loss_setup, _loss_backward)
 
 
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
@@ -134,4 +137,6 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "m
             backend = "reference"  # documented: no native fp16 kernel
     if call_direct(pred, target):
         return _loss_impl(pred, target, kind, backend)[0]
+    if eager_autograd(pred, target):
+        return _LossEager.apply(pred, target, kind, backend)[0]
     return torch.ops.laco.reconstruction_loss(pred, target, kind, backend)[0]

@@ -36,7 +36,7 @@ import torch
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_linear_inputs, check_tensor
 from ..formats import PackedMask
-from .dispatch import call_direct, grad_or_empty, requested_backend, select_backend
+from .dispatch import call_direct, eager_autograd, eager_function, grad_or_empty, requested_backend, select_backend
 from .train_dispatch import EXPAND, choose_train_path, masked_linear_torch, requested_train_path
 
 _OP = "masked_linear"
@@ -160,14 +160,16 @@ def _masked_setup(ctx, inputs, output):
 def _masked_backward(ctx, dy, _dflag):
     x, weight, bits, flag = ctx.saved_tensors
     need_x, need_w, _, need_b, _ = ctx.needs_input_grad
-    dx, dw, db = torch.ops.laco.masked_linear_backward(dy, x, weight, bits, flag, ctx.backend, need_x, need_w,
-                                                       need_b, ctx.bias_dtype)
+    bwd = _masked_backward_impl if call_direct(dy, x, weight, bits) else torch.ops.laco.masked_linear_backward
+    dx, dw, db = bwd(dy, x, weight, bits, flag, ctx.backend, need_x, need_w, need_b, ctx.bias_dtype)
     return (dx if need_x else None), (dw if need_w else None), None, (db if need_b else None), None
 
 
 _masked_op.register_autograd(_masked_backward, setup_context=_masked_setup)
 # CPU autocast (bf16) casts x, weight and bias to bf16 like F.linear (layer-wise recovery's autocast)
 torch.library.register_autocast("laco::masked_linear", "cpu", torch.bfloat16)
+# eager training calls: the same impl / setup / backward without the custom op's dispatch (ops/dispatch.py)
+_MaskedLinearEager = eager_function("_MaskedLinearEager", _masked_impl, _masked_setup, _masked_backward)
 
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: PackedMask | torch.Tensor,
@@ -205,5 +207,10 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: PackedMask | torc
         if train_path == "expand":
             backend = EXPAND
     args = (x2, weight, pm.bits, bias)
-    y, _ = _masked_impl(*args, backend) if call_direct(*args) else torch.ops.laco.masked_linear(*args, backend)
+    if call_direct(*args):
+        y, _ = _masked_impl(*args, backend)
+    elif eager_autograd(*args):
+        y, _ = _MaskedLinearEager.apply(*args, backend)
+    else:
+        y, _ = torch.ops.laco.masked_linear(*args, backend)
     return y.reshape(*x.shape[:-1], n)

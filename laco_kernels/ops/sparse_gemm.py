@@ -46,7 +46,7 @@ import torch
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_linear_inputs, check_tensor
 from ..formats import BitmapWeight, Sparse24Weight, _row_chunks
-from .dispatch import call_direct, grad_or_empty, requested_backend, select_backend
+from .dispatch import call_direct, eager_autograd, eager_function, grad_or_empty, requested_backend, select_backend
 from .train_dispatch import EXPAND, choose_train_path, requested_train_path, sparse24_linear_torch
 
 
@@ -117,7 +117,8 @@ def _sparse24_grads_cpu(dy: torch.Tensor, x2: torch.Tensor, w24: Sparse24Weight,
     weight at a time (about ``_BACKWARD_CHUNK`` elements): no dense ``[N, K]`` weight or gradient
     exists, which in block-by-block recovery would sit on top of the parameters, gradients and
     AdamW state (a 4096 x 11008 fp32 weight is 180 MB). The row block is decompressed by the
-    native kernel and dV gathered with :func:`kept_columns`.
+    native kernel and dV gathered by ``_native.sparse24_gather`` (the same copy as a gather at
+    :func:`kept_columns`, without building that int64 index every step).
 
     GEMMs in fp32, or in bf16 when dY, X and the values are bf16 (autocast) on a CPU with
     AVX512-BF16 (fp32 accumulation inside the GEMM; AMX here, 3x fp32 on 1024 x 576 x 1536; dX
@@ -142,7 +143,7 @@ def _sparse24_grads_cpu(dy: torch.Tensor, x2: torch.Tensor, w24: Sparse24Weight,
             else:
                 dx.addmm_(dyf[:, rows], dense)
         if need_v:
-            dv[rows] = (dyf[:, rows].t() @ xf).gather(1, kept_columns(meta, k))
+            dv[rows] = _native.sparse24_gather(dyf[:, rows].t() @ xf, meta)
     return (dx.to(dy.dtype) if need_x else None), dv
 
 
@@ -264,8 +265,8 @@ def _sparse24_setup(ctx, inputs, output):
 def _sparse24_backward(ctx, dy):
     x, values, meta = ctx.saved_tensors
     need_x, need_v, _, need_b, _ = ctx.needs_input_grad
-    dx, dv, db = torch.ops.laco.sparse24_linear_backward(dy, x, values, meta, ctx.backend, need_x, need_v, need_b,
-                                                         ctx.bias_dtype)
+    bwd = _sparse24_backward_impl if call_direct(dy, x, values, meta) else torch.ops.laco.sparse24_linear_backward
+    dx, dv, db = bwd(dy, x, values, meta, ctx.backend, need_x, need_v, need_b, ctx.bias_dtype)
     return (dx if need_x else None), (dv if need_v else None), None, (db if need_b else None), None
 
 
@@ -273,6 +274,8 @@ _sparse24_op.register_autograd(_sparse24_backward, setup_context=_sparse24_setup
 # CPU autocast (bf16, its default) casts x, values and bias to bf16 like it does for F.linear:
 # the native bf16 kernels and the bf16 backward above then run (stage-2 recovery uses this)
 torch.library.register_autocast("laco::sparse24_linear", "cpu", torch.bfloat16)
+# eager training calls: the same impl / setup / backward without the custom op's dispatch (ops/dispatch.py)
+_Sparse24LinearEager = eager_function("_Sparse24LinearEager", _sparse24_impl, _sparse24_setup, _sparse24_backward)
 
 
 def sparse24_linear(x: torch.Tensor, w24: Sparse24Weight, bias: torch.Tensor | None = None,
@@ -315,7 +318,12 @@ def sparse24_linear(x: torch.Tensor, w24: Sparse24Weight, bias: torch.Tensor | N
     elif backend == "triton" and sparse24_gpu_path(x2.shape[0], x.device, x.dtype) == "expand":
         backend = EXPAND  # inference past the decode kernel's M on CUDA: transient dense weight + cuBLAS
     args = (x2, w24.values, w24.meta, bias)
-    y = _sparse24_impl(*args, backend) if call_direct(*args) else torch.ops.laco.sparse24_linear(*args, backend)
+    if call_direct(*args):
+        y = _sparse24_impl(*args, backend)
+    elif eager_autograd(*args):
+        y = _Sparse24LinearEager.apply(*args, backend)
+    else:
+        y = torch.ops.laco.sparse24_linear(*args, backend)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -440,12 +448,14 @@ def _bitmap_setup(ctx, inputs, output):
 def _bitmap_backward(ctx, dy):
     x, values, bitmap, offsets = ctx.saved_tensors
     need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
-    dx, db = torch.ops.laco.bitmap_linear_backward(dy, x, values, bitmap, offsets, ctx.k, ctx.tile_k, ctx.backend,
-                                                   need_x, need_b, ctx.bias_dtype)
+    bwd = (_bitmap_backward_impl if call_direct(dy, x, values, bitmap, offsets)
+           else torch.ops.laco.bitmap_linear_backward)
+    dx, db = bwd(dy, x, values, bitmap, offsets, ctx.k, ctx.tile_k, ctx.backend, need_x, need_b, ctx.bias_dtype)
     return (dx if need_x else None), None, None, None, (db if need_b else None), None, None, None
 
 
 _bitmap_op.register_autograd(_bitmap_backward, setup_context=_bitmap_setup)
+_BitmapLinearEager = eager_function("_BitmapLinearEager", _bitmap_impl, _bitmap_setup, _bitmap_backward)
 
 
 def bitmap_linear(x: torch.Tensor, bw: BitmapWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -480,6 +490,10 @@ def bitmap_linear(x: torch.Tensor, bw: BitmapWeight, bias: torch.Tensor | None =
             raise ValueError(f"{op}: the Triton kernel supports tile_k in {BITMAP_TILE_KS}, this weight has "
                              f"tile_k={bw.tile_k}; repack with BitmapWeight.from_dense(W, tile_k=128)")
     args = (x.reshape(-1, k), bw.values, bw.bitmap, bw.offsets, bias)
-    y = (_bitmap_impl(*args, k, bw.tile_k, backend) if call_direct(*args)
-         else torch.ops.laco.bitmap_linear(*args, k, bw.tile_k, backend))
+    if call_direct(*args):
+        y = _bitmap_impl(*args, k, bw.tile_k, backend)
+    elif eager_autograd(*args):
+        y = _BitmapLinearEager.apply(*args, k, bw.tile_k, backend)
+    else:
+        y = torch.ops.laco.bitmap_linear(*args, k, bw.tile_k, backend)
     return y.reshape(*x.shape[:-1], n)
