@@ -298,7 +298,7 @@ def _compile_specs():
                 c90 = _dx24_config(rows, dtype, 90)
                 cfgs = [(_dx24_config(rows, dtype), (80,), " 128rows", False), (c90, (90,), "", False),
                         (c90, (90,), " split", True)]
-            elif dtype == torch.float32 and regime != "decode":  # 64 x 64 output, or 64 x 32 without 16-divisibility
+            elif dtype == torch.float32 and regime != "decode":  # 64 x 64 output; a 16-row step without 16-divisibility
                 cfgs = [(_dx24_config(rows, dtype), ARCHS, "", False),
                         (_dx24_config(rows, dtype, n=1), ARCHS, " narrow", False)]
             else:
