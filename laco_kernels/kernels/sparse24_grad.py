@@ -310,7 +310,7 @@ def _compile_specs():
                                                        dx_ptr="*fp32" if split else p),
                              cfg, dict(DOT_PRECISION="ieee", EMULATE=False, EVEN=even, SPLIT=split),
                              f"{dt} {regime}{suffix}" + (" even" if even else ""),
-                             rep and suffix in ("", " split") and (even or regime != "prefill"), "sparse24", "train-dx",
+                             rep and suffix in ("", " split", " 128rows") and (even or regime != "prefill"), "sparse24", "train-dx",
                              tile_bytes_24)
                 spec.archs = archs
                 specs.append(spec)
