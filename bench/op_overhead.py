@@ -5,7 +5,7 @@ Providers, side by side in one process (round-robin, medians):
 - ``eager``: what an eager training call runs since stop 33: a plain ``torch.autograd.Function``
   around the op's implementation (``ops.dispatch.eager_function``);
 - ``custom_op``: the same call forced through the ``torch.ops.laco.*`` custom op and its
-  Python-level autograd (``eager_autograd`` patched off), the route every training call took before;
+  Python-level autograd (``call_route`` patched to ``"op"``), the route every training call took before;
 - ``torch``: ``F.linear(x, W * M, b)`` (2:4: ``F.linear(x, dense(V), b)``) with autograd, the mask
   or dense weight prepared outside the timed call: the floor a wrapper can approach.
 
@@ -95,12 +95,12 @@ def main(argv=None) -> dict:
     def _route(mod, eager, fn):
         if eager:
             return fn()
-        saved = mod.eager_autograd
-        mod.eager_autograd = lambda *t: False
+        saved = mod.call_route
+        mod.call_route = lambda *t: "op"
         try:
             return fn()
         finally:
-            mod.eager_autograd = saved
+            mod.call_route = saved
 
     calls = {
         "masked_linear/eager": on(masked_gemm, True)(lambda: masked_gemm.masked_linear(x, w, pm, b).backward(dy)),

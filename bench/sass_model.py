@@ -122,7 +122,7 @@ def _train_cfg(regime: str, m: int, n: int, dtype: str, family: str = "masked", 
     from laco_kernels.kernels import sparse24_grad as sg
 
     td = getattr(torch, DTYPES[dtype])
-    dx = (lambda: sg._dx24_config(m, td, 90, k, SMS, n)) if family == "sparse24" else (lambda: mg._dx_config(m, td, k, SMS, n))
+    dx = (lambda: sg._dx24_config(m, td, 90, k, n)) if family == "sparse24" else (lambda: mg._dx_config(m, td, k, SMS, n))
     return {"train-fwd": lambda: mg._config(m, td, n, SMS, k), "train-dx": dx,
             "train-dw": lambda: mg._dw_config(n, td, k, SMS)}[regime]()
 
@@ -164,10 +164,10 @@ def training_kernel_plan(spec_family: str, regime: str, m: int, n: int, k: int, 
     elif regime == "train-dx":
         # split: each slice a whole number of steps (the last one may be shorter; counted as long),
         # its fp32 partial [m, k] written, then summed by _splitk.reduce_partials (one more launch)
-        steps = triton.cdiv(n, bn)
-        per = triton.cdiv(steps, splits)
-        splits = triton.cdiv(steps, per)
-        programs, iters = triton.cdiv(m, bm) * triton.cdiv(k, bk) * splits, per
+        from laco_kernels.kernels import sparse24_grad as sg
+
+        splits, n_per = sg._dx24_slices(n, bn, splits)
+        programs, iters = triton.cdiv(m, bm) * triton.cdiv(k, bk) * splits, n_per // bn
         nbytes = w_tiles * spec.loop_weight_bytes(0.5) + m * n * isz + m * k * (isz if splits == 1 else 4 * splits)
         if splits > 1:
             return [dict(name=spec.name, spec=spec, programs=programs, iterations=float(iters), bytes=float(nbytes)),

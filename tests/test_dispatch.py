@@ -65,7 +65,7 @@ def _train_calls():
 def test_eager_training_calls_skip_the_custom_op_with_identical_numbers(monkeypatch, backend):
     """Eager calls that record a gradient run through a plain autograd.Function (ops/dispatch.py's
     eager_function) with the custom op's own impl / setup / backward: bit-identical outputs and
-    gradients to the custom-op path (forced here by patching eager_autograd off), nn.Parameter inputs
+    gradients to the custom-op path (forced here by patching call_route to "op"), nn.Parameter inputs
     included, and the grad_fn shows which path ran."""
     monkeypatch.setenv("LACO_BACKEND", backend)
     calls, base = _train_calls()
@@ -74,7 +74,7 @@ def test_eager_training_calls_skip_the_custom_op_with_identical_numbers(monkeypa
         for eager in (True, False):
             with monkeypatch.context() as mp:
                 if not eager:
-                    mp.setattr(mod, "eager_autograd", lambda *t: False)
+                    mp.setattr(mod, "call_route", lambda *t: "op")
                 params = {k: torch.nn.Parameter(v.clone()) for k, v in base.items()}
                 out = fn(params)
                 node = out.grad_fn

@@ -50,7 +50,7 @@ def test_prefill_16bit_dx_word_expansion(monkeypatch, arch):
     monkeypatch.setattr(dense_gemm, "device_arch", lambda device: arch)
     monkeypatch.setattr(sg, "_SMS", 1)
     m, n, k = 260, 45, 100
-    assert sg._dx24_config(m, torch.float16, arch, k, 1)["BLOCK_M"] == (256 if arch == 90 else 128)
+    assert sg._dx24_config(m, torch.float16, arch, k)["BLOCK_M"] == (256 if arch == 90 else 128)
     w24 = Sparse24Weight.from_dense(torch.randn(n, k, dtype=torch.float16), prune=True)
     values = w24.values.t().contiguous().t()
     dy = torch.randn(m, n, dtype=torch.float16)
@@ -163,7 +163,7 @@ def test_split_reduction_matches_reference(monkeypatch, n, splits):
     monkeypatch.setattr(dense_gemm, "device_arch", lambda device: 90)
     monkeypatch.setattr(sg, "_SMS", 132)
     m, k = 300, 96
-    cfg = sg._dx24_config(m, torch.float16, 90, k, 132, n)
+    cfg = sg._dx24_config(m, torch.float16, 90, k, n)
     assert cfg["BLOCK_M"] == 256
     if splits is None:
         assert sg._dx24_splits(m, n, k, cfg, 132) > 1
@@ -180,9 +180,9 @@ def test_split_reduction_matches_reference(monkeypatch, n, splits):
 def test_split_rule():
     """Split only where the 256-row grid fills at most half the SMs and N >= 2K; at most 4 slices,
     each at least two steps."""
-    cfg = sg._dx24_config(1024, torch.bfloat16, 90, 576, 132, 1536)
+    cfg = sg._dx24_config(1024, torch.bfloat16, 90, 576, 1536)
     assert sg._dx24_splits(1024, 1536, 576, cfg, 132) == 4      # 20 programs, 24 steps
     assert sg._dx24_splits(1024, 576, 1536, cfg, 132) == 1      # N < 2K: partials cost more
     assert sg._dx24_splits(4096, 1536, 576, cfg, 132) == 1      # 80 programs: more than half the SMs
     assert sg._dx24_splits(256, 192, 64, cfg, 132) == 1         # 3 steps: one slice of at least two
-    assert sg._dx24_splits(1024, 1536, 576, sg._dx24_config(1024, torch.bfloat16, 80, 576, 132, 1536), 132) == 1
+    assert sg._dx24_splits(1024, 1536, 576, sg._dx24_config(1024, torch.bfloat16, 80, 576, 1536), 132) == 1

@@ -166,7 +166,7 @@ def _meta_arg(meta: torch.Tensor) -> torch.Tensor:
 
 
 def _dx24_config(m: int, dtype: torch.dtype, arch: int | None = None, k: int | None = None,
-                 sms: int = _SMS, n: int | None = None) -> dict:
+                 n: int | None = None) -> dict:
     """Tiles of the 2:4 input gradient ``dX [m, k] = dY [m, n] @ W [n, k]``.
 
     16-bit, m > 64: a 128 x 128 output tile with a 64-row reduction step (the expansion is
@@ -217,7 +217,15 @@ def _dx24_splits(m: int, n: int, k: int, cfg: dict, sms: int = _SMS) -> int:
     if 2 * programs > sms or n < 2 * k:
         return 1
     want = min(_SPLIT_MAX, triton.cdiv(sms, programs), max(1, steps // _SPLIT_MIN_STEPS))
-    return triton.cdiv(steps, triton.cdiv(steps, want)) if want > 1 else 1
+    return _dx24_slices(n, cfg["BLOCK_N"], want)[0] if want > 1 else 1
+
+
+def _dx24_slices(n: int, block_n: int, splits: int) -> tuple:
+    """(slices, rows per slice) when the reduction over ``n`` rows is cut into about ``splits``
+    slices of whole ``block_n`` steps (what the launcher launches and the step model plans)."""
+    steps = triton.cdiv(n, block_n)
+    per = triton.cdiv(steps, max(1, min(splits, steps)))
+    return triton.cdiv(steps, per), per * block_n
 
 
 def sparse24_grad_input(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, shape,
@@ -242,11 +250,8 @@ def sparse24_grad_input(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tens
     from .dense_gemm import device_arch
 
     sms = _device_sms(dy, _SMS)
-    cfg = _dx24_config(m, dy.dtype, device_arch(dy.device), k, sms, n)
-    steps = triton.cdiv(n, cfg["BLOCK_N"])
-    s = _dx24_splits(m, n, k, cfg, sms) if splits is None else max(1, min(splits, steps))
-    n_per = triton.cdiv(steps, s) * cfg["BLOCK_N"]
-    s = triton.cdiv(n, n_per)
+    cfg = _dx24_config(m, dy.dtype, device_arch(dy.device), k, n)
+    s, n_per = _dx24_slices(n, cfg["BLOCK_N"], _dx24_splits(m, n, k, cfg, sms) if splits is None else splits)
     out = torch.empty(s, m, k, dtype=torch.float32, device=dy.device) if s > 1 else dx
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"]), s)
     _sparse24_dx_kernel[grid](

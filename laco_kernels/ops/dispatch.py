@@ -93,14 +93,26 @@ def _plain_eager(tensors) -> bool:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def call_route(*tensors: torch.Tensor | None) -> str:
+    """How a public op runs this call, decided once: ``"direct"`` (its implementation function,
+    :func:`call_direct`), ``"eager"`` (a gradient must be recorded but nothing else needs the custom
+    op: a plain ``torch.autograd.Function`` from :func:`eager_function`) or ``"op"`` (the
+    ``torch.ops.laco.*`` custom op: compiling, a mode or transform, autocast, a tensor subclass).
+
+    The custom op's Python-level autograd and dispatch cost about 80 us a forward + backward on
+    this CPU (``bench/op_overhead.py --stub``: 296 against 212 us for a 64 x 64 masked linear with
+    stub kernels); on a GPU that is host time a small training step waits for. Same implementation
+    functions on every route, so the same numbers."""
+    if not _plain_eager(tensors):
+        return "op"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return "eager"
+    return "direct"
+
+
 def eager_autograd(*tensors: torch.Tensor | None) -> bool:
-    """True when a public op that must record a gradient may do so through a plain
-    ``torch.autograd.Function`` (:func:`eager_function`) instead of its custom op: the conditions
-    of :func:`call_direct` except that tensors may require grad. The custom op's Python-level
-    autograd and dispatch cost about 100 us a forward + backward on this CPU (a 64 x 64 masked
-    linear with stub kernels: 296 us through the custom op); on a GPU that is host time a small
-    training step waits for. Same implementation functions, so the same numbers."""
-    return torch.is_grad_enabled() and _plain_eager(tensors)
+    """True when :func:`call_route` says ``"eager"``."""
+    return call_route(*tensors) == "eager"
 
 
 def eager_function(name: str, impl, setup_context, backward) -> type:
@@ -128,8 +140,6 @@ def call_direct(*tensors: torch.Tensor | None) -> bool:
     directly (the same function, the same numbers) when nothing needs the op: not compiling, no
     tensor needs a gradient recorded, every tensor a plain (non-meta) ``torch.Tensor`` or
     ``nn.Parameter``, no dispatch mode, torch-function mode or functorch transform is active, and
-    autocast is off. (Calls that record a gradient: :func:`eager_autograd`.)
+    autocast is off. (All three routes: :func:`call_route`.)
     """
-    if not _plain_eager(tensors):
-        return False
-    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+    return call_route(*tensors) == "direct"

@@ -23,7 +23,7 @@ import torch
 
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_tensor
-from .dispatch import call_direct, eager_autograd, eager_function, requested_backend, select_backend
+from .dispatch import call_direct, call_route, eager_function, requested_backend, select_backend
 
 _OP = "reconstruction_loss"
 KINDS = reference.RECONSTRUCTION_KINDS
@@ -135,8 +135,9 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "m
                 raise TypeError(f"{_OP}: LACO_BACKEND=native but the native kernel takes float32 / bfloat16, "
                                 f"got pred {pred.dtype}, target {target.dtype}")
             backend = "reference"  # documented: no native fp16 kernel
-    if call_direct(pred, target):
+    route = call_route(pred, target)
+    if route == "direct":
         return _loss_impl(pred, target, kind, backend)[0]
-    if eager_autograd(pred, target):
+    if route == "eager":
         return _LossEager.apply(pred, target, kind, backend)[0]
     return torch.ops.laco.reconstruction_loss(pred, target, kind, backend)[0]

@@ -36,7 +36,7 @@ import torch
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_linear_inputs, check_tensor
 from ..formats import PackedMask
-from .dispatch import call_direct, eager_autograd, eager_function, grad_or_empty, requested_backend, select_backend
+from .dispatch import call_direct, call_route, eager_function, grad_or_empty, requested_backend, select_backend
 from .train_dispatch import EXPAND, choose_train_path, masked_linear_torch, requested_train_path
 
 _OP = "masked_linear"
@@ -207,9 +207,10 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: PackedMask | torc
         if train_path == "expand":
             backend = EXPAND
     args = (x2, weight, pm.bits, bias)
-    if call_direct(*args):
+    route = call_route(*args)
+    if route == "direct":
         y, _ = _masked_impl(*args, backend)
-    elif eager_autograd(*args):
+    elif route == "eager":
         y, _ = _MaskedLinearEager.apply(*args, backend)
     else:
         y, _ = torch.ops.laco.masked_linear(*args, backend)

@@ -46,7 +46,7 @@ import torch
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_linear_inputs, check_tensor
 from ..formats import BitmapWeight, Sparse24Weight, _row_chunks
-from .dispatch import call_direct, eager_autograd, eager_function, grad_or_empty, requested_backend, select_backend
+from .dispatch import call_direct, call_route, eager_function, grad_or_empty, requested_backend, select_backend
 from .train_dispatch import EXPAND, choose_train_path, requested_train_path, sparse24_linear_torch
 
 
@@ -318,9 +318,10 @@ def sparse24_linear(x: torch.Tensor, w24: Sparse24Weight, bias: torch.Tensor | N
     elif backend == "triton" and sparse24_gpu_path(x2.shape[0], x.device, x.dtype) == "expand":
         backend = EXPAND  # inference past the decode kernel's M on CUDA: transient dense weight + cuBLAS
     args = (x2, w24.values, w24.meta, bias)
-    if call_direct(*args):
+    route = call_route(*args)
+    if route == "direct":
         y = _sparse24_impl(*args, backend)
-    elif eager_autograd(*args):
+    elif route == "eager":
         y = _Sparse24LinearEager.apply(*args, backend)
     else:
         y = torch.ops.laco.sparse24_linear(*args, backend)
@@ -490,9 +491,10 @@ def bitmap_linear(x: torch.Tensor, bw: BitmapWeight, bias: torch.Tensor | None =
             raise ValueError(f"{op}: the Triton kernel supports tile_k in {BITMAP_TILE_KS}, this weight has "
                              f"tile_k={bw.tile_k}; repack with BitmapWeight.from_dense(W, tile_k=128)")
     args = (x.reshape(-1, k), bw.values, bw.bitmap, bw.offsets, bias)
-    if call_direct(*args):
+    route = call_route(*args)
+    if route == "direct":
         y = _bitmap_impl(*args, k, bw.tile_k, backend)
-    elif eager_autograd(*args):
+    elif route == "eager":
         y = _BitmapLinearEager.apply(*args, k, bw.tile_k, backend)
     else:
         y = torch.ops.laco.bitmap_linear(*args, k, bw.tile_k, backend)
