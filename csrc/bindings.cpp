@@ -11,6 +11,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bitmap_linear", &laco::bitmap_linear, "x [M,K] @ dense(bitmap)^T + bias -> [M,N] (fp32 or bf16)",
         py::arg("x"), py::arg("values"), py::arg("bitmap"), py::arg("offsets"), py::arg("tile_k"), py::arg("bias"),
         py::arg("out_features"), py::arg("in_features"));
+  m.def("sparse24_linear_fast", &laco::sparse24_linear_fast,
+        "the packed module's eager CPU inference call: sparse24_linear's result, or None when the call is not "
+        "plain eager inference on well-formed CPU tensors (csrc/module_fast.cpp)",
+        py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("bias"), py::arg("out_features"),
+        py::arg("in_features"));
+  m.def("bitmap_linear_fast", &laco::bitmap_linear_fast,
+        "the packed module's eager CPU inference call: bitmap_linear's result, or None (csrc/module_fast.cpp)",
+        py::arg("x"), py::arg("values"), py::arg("bitmap"), py::arg("offsets"), py::arg("tile_k"), py::arg("bias"),
+        py::arg("out_features"), py::arg("in_features"));
   m.def("sparse24_to_dense", &laco::sparse24_to_dense, "dense [N,K] of a 2:4 weight", py::arg("values"),
         py::arg("meta"), py::arg("out_features"), py::arg("in_features"));
   m.def("sparse24_gather", &laco::sparse24_gather, "kept half [N,K/2] of a dense [N,K] tensor at 2:4 positions",

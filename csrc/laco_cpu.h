@@ -103,6 +103,16 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at
                          const at::Tensor& offsets, int64_t tile_k, const c10::optional<at::Tensor>& bias,
                          int64_t out_features, int64_t in_features);
 
+// The packed modules' eager CPU inference entry (csrc/module_fast.cpp): the result, or nothing when the
+// call is not plain eager inference on well-formed CPU tensors (the caller then takes the op path).
+c10::optional<at::Tensor> sparse24_linear_fast(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                                               const c10::optional<at::Tensor>& bias, int64_t out_features,
+                                               int64_t in_features);
+c10::optional<at::Tensor> bitmap_linear_fast(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmap,
+                                             const at::Tensor& offsets, int64_t tile_k,
+                                             const c10::optional<at::Tensor>& bias, int64_t out_features,
+                                             int64_t in_features);
+
 // Dense [N, K] weight from the packed formats (the panel path's decompressors, whole weight).
 at::Tensor sparse24_to_dense(const at::Tensor& values, const at::Tensor& meta, int64_t out_features,
                              int64_t in_features);

@@ -35,7 +35,6 @@ import torch.nn as nn
 
 from .formats import BitmapWeight, PackedMask, Sparse24Weight, check_finite
 from .ops.masked_gemm import masked_linear
-from .ops.dispatch import call_direct, requested_backend
 from .ops.sparse_gemm import bitmap_linear, sparse24_linear
 
 PATTERNS = ("2:4", "unstructured")
@@ -142,46 +141,50 @@ class _FreezeSlots(torch.autograd.Function):
         return grad.masked_fill(frozen, 0), None
 
 
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
-_native_ops: Dict[str, object] = {}  # op -> laco_kernels._C where the native extension implements it, else False
+_PLAIN = (torch.Tensor, nn.Parameter)
+_FAST_C: list = []  # [laco_kernels._C] once looked up, [None] where the extension or its module entry is missing
 
 
-def _native_fast(op: str, x: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor], n: int, k: int,
-                 *weight: torch.Tensor):
-    """``laco_kernels._C`` when this eager CPU inference call of a packed module (2:4 or bitmap) may go
-    straight into the native kernel, else None.
-
-    Why: the public op's per-call work (argument checks, backend selection, a fresh weight object)
-    cost ~14 us of a ~31 us decode call on a small weight, where nn.Linear costs ~8 us; 210 such calls
-    a token made SmolLM2 fp32 decode slower than dense with two threads (0.89x; 1.27x without it).
-    It says yes only where the op would make this very call: plain CPU tensors of one native dtype, an
-    x with k features and a bias of n, no LACO_BACKEND override, and ``call_direct`` true (not
-    compiling, no gradient to record, no mode, no autocast). Anything else, including every malformed
-    input, says None and takes the op path with its checks and error messages. The module's own
-    tensors are checked when they are set (from_linear / load_state_dict / _set_dense).
-    """
-    if torch.compiler.is_compiling():  # first: dynamo folds it and never traces the rest
-        return None
-    if (type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype not in _NATIVE_DTYPES
-            or x.dtype != values.dtype or values.device.type != "cpu" or x.dim() < 1
-            or x.shape[-1] != k or x.numel() == 0):
-        return None
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != x.dtype or bias.device.type != "cpu"
-                             or bias.dim() != 1 or bias.shape[0] != n or bias.is_meta
-                             or (bias.requires_grad and torch.is_grad_enabled())):
-        return None  # (a bias Parameter is fine: call_direct wants plain tensors, and one behaves as such)
-    c = _native_ops.get(op)
-    if c is None:
+def _fast_c():
+    if not _FAST_C:
         try:
             from . import _native
 
-            c = _native._C if _native.supports(op) else False
+            c = _native._C if hasattr(_native._C, "sparse24_linear_fast") else None
         except ImportError:
-            c = False
-        _native_ops[op] = c
-    if c is False or requested_backend() != "auto" or not call_direct(x, values, *weight):
+            c = None
+        _FAST_C.append(c)
+    return _FAST_C[0]
+
+
+def _native_fast(op: str, x: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor], n: int, k: int,
+                 *packed: torch.Tensor, tile_k: int = 0) -> Optional[torch.Tensor]:
+    """The packed module's output ``[..., n]`` for this eager CPU inference call, straight from the
+    native kernel, or None when the call must take the op path.
+
+    Why: a decode step calls each linear once with one token. The op path's per-call work (argument
+    checks, backend selection, a fresh weight object) cost ~14 us of a ~31 us call; the Python checks
+    that replaced it in stop 26 still cost 8-10 us, and the module 16-27 us above nn.Linear's 8 us (one
+    thread, Zen 3; 210 calls a SmolLM2 token). The checks now run in C++ (csrc/module_fast.cpp, well
+    under a microsecond): plain CPU tensors of one native dtype, an x with k features and a bias of n,
+    no LACO_BACKEND override, no gradient to record, no dispatch / torch-function mode, functorch
+    transform or autocast, i.e. exactly the calls the op would run directly. Only what C++ cannot see
+    is checked here: not compiling (first: dynamo folds it) and no tensor subclass. Anything else,
+    every malformed input included, gets None and the op path's checks and error messages.
+    packed: meta (2:4) or bitmap, offsets (bitmap, with ``tile_k``); the module's own tensors are
+    checked when they are set (from_linear / load_state_dict / _set_dense).
+    """
+    if torch.compiler.is_compiling():
         return None
-    return c
+    c = _FAST_C[0] if _FAST_C else _fast_c()
+    if c is None or type(x) not in _PLAIN or type(values) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
+        return None
+    for t in packed:
+        if type(t) not in _PLAIN:
+            return None
+    if op == "sparse24_linear":
+        return c.sparse24_linear_fast(x, values, packed[0], bias, n, k)
+    return c.bitmap_linear_fast(x, values, packed[0], packed[1], tile_k, bias, n, k)
 
 
 # ----------------------------------------------------------------------------------------
@@ -256,11 +259,9 @@ class SparseLinear24(_DenseStateDict):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.out_features, self.in_features
-        c = _native_fast("sparse24_linear", x, self.values, self.bias, n, k, self.meta)
-        if c is not None:
-            y = c.sparse24_linear(x.reshape(-1, k).contiguous(), self.values.contiguous(), self.meta.contiguous(),
-                                  self.bias, n, k)
-            return y.reshape(*x.shape[:-1], n)
+        y = _native_fast("sparse24_linear", x, self.values, self.bias, n, k, self.meta)
+        if y is not None:  # eager CPU inference straight into the kernel (see _native_fast)
+            return y
         semi = self.__dict__.get("_semi")
         bias_grad = self.bias is not None and self.bias.requires_grad
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or bias_grad)
@@ -306,11 +307,10 @@ class BitmapLinear(_DenseStateDict):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.out_features, self.in_features
-        c = _native_fast("bitmap_linear", x, self.values, self.bias, n, k, self.bitmap, self.offsets)
-        if c is not None:  # eager CPU inference straight into the kernel (see _native_fast)
-            y = c.bitmap_linear(x.reshape(-1, k).contiguous(), self.values.contiguous(), self.bitmap.contiguous(),
-                                self.offsets.contiguous(), self.tile_k, self.bias, n, k)
-            return y.reshape(*x.shape[:-1], n)
+        y = _native_fast("bitmap_linear", x, self.values, self.bias, n, k, self.bitmap, self.offsets,
+                         tile_k=self.tile_k)
+        if y is not None:  # eager CPU inference straight into the kernel (see _native_fast)
+            return y
         return bitmap_linear(x, self.weight_bitmap(), self.bias)
 
     def extra_repr(self) -> str:

@@ -279,7 +279,7 @@ def test_sparsify_gpt2_conv1d_says_why_nothing_was_swapped():
     assert "transformer.h.0.attn.c_attn" in summary["skipped"]
 
 
-# ---- eager CPU inference fast path of the packed modules (nn._native_fast) -------------------------
+# ---- eager CPU inference fast path of the packed modules (nn._native_fast, csrc/module_fast.cpp) ---
 def _fast_case(kind, dtype, bias=True):
     torch.manual_seed(0)
     lin = nn.Linear(64, 40, bias=bias).to(dtype)
@@ -303,7 +303,7 @@ def test_fast_path_equals_the_op_path_and_is_taken(kind, dtype, bias, monkeypatc
     x = torch.randn(2, 3, 64).to(dtype)[:, ::2]  # 3-D, non-contiguous
     answers = []
     real = lnn._native_fast
-    monkeypatch.setattr(lnn, "_native_fast", lambda *a: answers.append(real(*a)) or answers[-1])
+    monkeypatch.setattr(lnn, "_native_fast", lambda *a, **kw: answers.append(real(*a, **kw)) or answers[-1])
     with torch.no_grad():
         y = mod(x)
         ref = (sparse24_linear(x, mod.weight24(), mod.bias) if kind == "2:4"
@@ -337,6 +337,49 @@ def test_fast_path_steps_aside_where_the_op_must_see_the_call(monkeypatch):
             assert f(x) is None  # the autocast rule must see the call
     assert f(x) is None  # grad mode, and the bias Parameter requires grad: autograd records the op
     assert f(x.requires_grad_(), None) is None
+
+
+def test_fast_path_checks_in_cpp_see_modes_transforms_and_the_backend(monkeypatch):
+    """The C++ entry (csrc/module_fast.cpp) answers None wherever the op layer's call_direct says no."""
+    from torch.func import vmap
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from laco_kernels import _native, nn as lnn
+    from laco_kernels.ops.dispatch import call_direct
+
+    if not _native.supports("sparse24_linear"):
+        pytest.skip("native extension not built")
+    mod = _fast_case("bitmap", torch.float32)
+    x = torch.randn(3, 64)
+
+    def f(x):
+        return lnn._native_fast("bitmap_linear", x, mod.values, mod.bias, 40, 64, mod.bitmap, mod.offsets,
+                                tile_k=mod.tile_k)
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class Subclass(torch.Tensor):
+        pass
+
+    with torch.no_grad():
+        assert torch.equal(f(x), mod(x))
+        for value, taken in ((" AUTO ", True), ("", True), ("native", False), ("bogus", False)):
+            monkeypatch.setenv("LACO_BACKEND", value)
+            assert (f(x) is not None) is taken, value
+        monkeypatch.delenv("LACO_BACKEND")
+        with Passthrough():
+            assert not call_direct(x) and f(x) is None
+        with TorchFunctionMode():
+            assert not call_direct(x) and f(x) is None
+        seen = []
+        vmap(lambda row: seen.append(f(row)) or row)(x)
+        assert seen == [None]
+        assert f(x.as_subclass(Subclass)) is None
+        assert f(x.to_sparse()) is None  # not strided: the op path's error
+        assert f(x.to("meta")) is None
     with pytest.raises(ValueError, match="features"):
         with torch.no_grad():
             mod(torch.randn(3, 60))
