@@ -27,8 +27,10 @@ _ISA_ORDER = ("scalar", "avx2", "avx512", "avx512bf16")
 ISAS = list(_ISA_ORDER[: _ISA_ORDER.index(_native._C.detected_isa()) + 1]) if _native else ["scalar"]
 DTYPES = [torch.float32, torch.bfloat16]
 # (M, N, K): M=1 decode, odd M, M=16, M=67 (several M-blocks); N, K not multiples of vector widths;
-# K=1000 splits into several K-blocks once M > 1; K=8196 is the large-K case; (1, 70, 1000): M = 1 rows four at a time on two threads, with remainders
-SHAPES = [(1, 5, 36), (3, 17, 100), (16, 33, 260), (67, 9, 1000), (1, 7, 8196), (3, 3, 8196), (1, 70, 1000)]
+# K=1000 splits into several K-blocks once M > 1; K=8196 is the large-K case; (1, 70, 1000): M = 1 rows four at a time on two threads, with remainders;
+# M = 1 with K % 32 = 16 (48) and 28 (1020): the 2:4 decode's half word after the full words, then single groups
+SHAPES = [(1, 5, 36), (3, 17, 100), (16, 33, 260), (67, 9, 1000), (1, 7, 8196), (3, 3, 8196), (1, 70, 1000),
+          (1, 9, 48), (1, 70, 1020)]
 
 
 @pytest.fixture
