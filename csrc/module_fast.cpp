@@ -44,8 +44,8 @@ bool backend_is_auto() {
 // (functorch/DynamicLayer.h itself needs headers the wheel does not ship).
 bool plain_eager_context() {
   return c10::impl::TorchDispatchModeTLS::stack_len() == 0 && !at::impl::torch_function_mode_enabled() &&
-         !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) && !at::autocast::is_autocast_enabled(at::kCPU) &&
-         !at::autocast::is_autocast_enabled(at::kCUDA);
+         !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
+         !at::autocast::is_autocast_enabled(at::kCPU) && !at::autocast::is_autocast_enabled(at::kCUDA);
 }
 
 // A dense CPU tensor with no Python (subclass) dispatch and no gradient to record.

@@ -215,7 +215,8 @@ LACO_AVX2 void s24_rows_m1_avx2(const S24Args& a, int64_t n, float* out) {
   const uint32_t* meta[R];
   s24_row_ptrs<VT, R>(a, n, v, meta);
   // value j of a word takes its column index from bits 2j, 2j+1; columns 4 * (j / 2) + index
-  const __m256i shift_a = kBf16 ? _mm256_setr_epi32(0, 2, 4, 6, 16, 18, 20, 22) : _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i shift_a = kBf16 ? _mm256_setr_epi32(0, 2, 4, 6, 16, 18, 20, 22)
+                                : _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i shift_b = kBf16 ? _mm256_setr_epi32(8, 10, 12, 14, 24, 26, 28, 30)
                                 : _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
   const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);  // vpermps reads the low 3 index bits

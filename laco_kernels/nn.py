@@ -174,10 +174,11 @@ def _native_fast(op: str, x: torch.Tensor, values: torch.Tensor, bias: Optional[
     packed: meta (2:4) or bitmap, offsets (bitmap, with ``tile_k``); the module's own tensors are
     checked when they are set (from_linear / load_state_dict / _set_dense).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # first: dynamo folds it and never traces the rest
         return None
     c = _FAST_C[0] if _FAST_C else _fast_c()
-    if c is None or type(x) not in _PLAIN or type(values) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
+    if c is None or type(x) not in _PLAIN or type(values) not in _PLAIN or (
+            bias is not None and type(bias) not in _PLAIN):
         return None
     for t in packed:
         if type(t) not in _PLAIN:
