@@ -257,16 +257,10 @@ LACO_AVX2 void s24_rows_m1_avx2(const S24Args& a, int64_t n, float* out) {
     }
   }
   int64_t g_done = 8 * w1;
-  if (a.K / 16 > 2 * w1) {  // one half word left: 8 values, 16 columns, as the half-word kernels
-    const int64_t h = 2 * w1;
+  if (a.K / 16 > 2 * w1) {  // one half word left: 8 values, 16 columns, the M > 1 kernels' step
     const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-    const __m256 xlo = _mm256_loadu_ps(a.x + 16 * h), xhi = _mm256_loadu_ps(a.x + 16 * h + 8);
-    for (int r = 0; r < R; ++r) {
-      const __m256i idx = _mm256_add_epi32(
-          _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(meta[r][w1])), shifts), three), base);
-      const __m256 g = _mm256_blend_ps(_mm256_permutevar8x32_ps(xlo, idx), _mm256_permutevar8x32_ps(xhi, idx), 0xF0);
-      acc[r] = _mm256_fmadd_ps(load8_f32_avx2(v[r] + 8 * h), g, acc[r]);
-    }
+    for (int r = 0; r < R; ++r)
+      s24_half_avx2<VT, 1>(v[r], meta[r], a.x, a.K, 2 * w1, &acc[r], shifts, base, three, 0);
     g_done += 4;
   }
   for (int r = 0; r < R; ++r) {
