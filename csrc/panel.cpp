@@ -9,6 +9,7 @@
 // GEMM per panel, writing straight into the output's column block: the extra cost over dense F.linear
 // is one pass that writes the panel, against half (2:4) or less (bitmap) of the weight read from memory.
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <atomic>
@@ -53,9 +54,15 @@ int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_byt
     // 576x1536: 1.06x / 0.92x vs 0.85x / 0.76x), bitmap panel from M = 8 (576x1536 70% M = 8: 1.08x vs
     // direct 0.89x); two threads: 2:4 outer up to M = 63 (1536x576 M = 32: 1.45x vs panel 0.86x; 576x1536
     // M = 16: 1.58x vs 0.82x), bitmap direct up to M = 15 (1536x576 70% M = 8: 1.98x vs 1.33x).
-    const bool one_thread = at::get_num_threads() == 1;
-    if (op == LinearOp::kSparse24) return large ? (bf16 ? 16 : 8) : (!bf16 && one_thread ? 16 : 64);
-    return large ? 8 : (!bf16 && one_thread ? 8 : 16);
+    // Small fp32 weights re-measured on a Zen 3 EPYC (family 25 model 1, idle, `--paths`, 7-9 rounds; stop 35,
+    // bench/results/cpu_kernels_epyc_zen3_smollm2_fp32_paths{,_m128,_after}_stop35.json): the 2:4 outer-product
+    // kernel beat the panels from M = 16 to 64 in two runs at one thread (1.09-1.44x against 0.92-1.17x) and
+    // two (1.20-1.73x against split panels 0.89-1.36x); at 128 it won 6 cells of 8 (0.85-1.32x against
+    // 0.97-1.18x), at 192 it lost (0.91-1.03x against 0.95-1.03x): 2:4 panels from M = 160 at either thread
+    // count (they started at 16 / 64). Bitmap at one thread, M = 8: direct 0.88-1.11x against panels
+    // 0.75-0.81x, M = 16: 0.68-0.84x against 0.87-1.05x: panels from M = 16 at either thread count.
+    if (op == LinearOp::kSparse24) return large ? (bf16 ? 16 : 8) : (bf16 ? 64 : 160);
+    return large ? 8 : 16;
   }
   int64_t m;
   if (op == LinearOp::kSparse24) {
@@ -122,6 +129,11 @@ bool panel_split(int64_t M, int64_t N, int64_t K, int64_t es) {
   // slower on both shapes (the threaded BLAS splits a larger GEMM well). bf16: not split (the AMX path
   // serves M < 256 there; at M >= 256 the split was slower in 3 of 4 cells).
   if (es != 4) return false;
+  // AVX2 (Zen 3 EPYC, stop 35, same runs as default_min_m's small fp32 values): split panels beat one
+  // threaded BLAS call per panel at every M measured (8-256) on both SmolLM2 shapes, 2:4 and bitmap:
+  // 1536x576 70% M = 16 / 32 / 128: 1.17x / 1.37x / 1.37x against 0.47x / 0.63x / 0.86x; 576x1536:
+  // 1.01-1.24x against 0.79-0.98x. Weights of 16 MB or more were not measured there: the Xeon's rule.
+  if (active_isa() == Isa::kAvx2 && N * K * es < (int64_t{16} << 20)) return true;
   return M > 32 ? M <= 64 : (M >= 16 && K >= 2 * N);
 }
 
@@ -176,7 +188,11 @@ at::Tensor panel_linear(const at::Tensor& x, const c10::optional<at::Tensor>& bi
     // between decompression and GEMM, and each thread's panel stays in its own core's cache.
     const int64_t T = at::get_num_threads();
     const int64_t share = (N + T - 1) / T;
+    // The pool threads start without the caller's thread-local state: under torch.inference_mode() the
+    // GEMM into y (an inference tensor) then failed there as an in-place update outside inference mode.
+    const at::ThreadLocalState caller_tls;
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      at::ThreadLocalStateGuard tls_guard(caller_tls);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t lo = std::min(N, t * share), hi = std::min(N, lo + share);
         if (lo >= hi) continue;

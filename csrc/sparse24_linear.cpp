@@ -103,12 +103,13 @@ LACO_AVX512 void s24_avx512(const S24Args& a, int64_t n, int64_t m0, int64_t g0,
   if (8 * w1 < g1) s24_scalar<VT>(a, n, m0, MB, 8 * w1, g1, out);
 }
 
-// Values and meta of weight rows n .. n + R - 1 (the four-row decode kernels below).
+// Values and meta of weight rows n, n + stride, ..., n + (R - 1) * stride (the four-row decode kernels below).
 template <typename VT, int R>
-LACO_INLINE void s24_row_ptrs(const S24Args& a, int64_t n, const VT* (&v)[R], const uint32_t* (&meta)[R]) {
+LACO_INLINE void s24_row_ptrs(const S24Args& a, int64_t n, const VT* (&v)[R], const uint32_t* (&meta)[R],
+                              int64_t stride = 1) {
   for (int r = 0; r < R; ++r) {
-    v[r] = static_cast<const VT*>(a.values) + (n + r) * (a.K / 2);
-    meta[r] = a.meta + (n + r) * a.W;
+    v[r] = static_cast<const VT*>(a.values) + (n + r * stride) * (a.K / 2);
+    meta[r] = a.meta + (n + r * stride) * a.W;
   }
 }
 
@@ -207,13 +208,16 @@ LACO_AVX2 void s24_avx2(const S24Args& a, int64_t n, int64_t m0, int64_t g0, int
 // one thread, Zen 3) ran 1.20-1.34x faster in bf16 and 1.24x in fp32 on cache-resident SmolLM2 weights,
 // 1.0-1.07x in fp32 streamed from memory. A half word left at the end of a row (K % 32 >= 16) and the
 // groups past it run as before.
+// Rows n + r * stride: with stride 1 (adjacent rows) row r's prefetch continues past its end in row r + R,
+// the row it reads next; with a larger stride (s24_run's four quarters) in row n + r * stride + 1, which
+// follows it in memory, pf_bytes ahead.
 template <typename VT, int R>
-LACO_AVX2 void s24_rows_m1_avx2(const S24Args& a, int64_t n, float* out) {
+LACO_AVX2 void s24_rows_m1_avx2(const S24Args& a, int64_t n, float* out, int64_t stride = 1) {
   constexpr bool kBf16 = !std::is_same_v<VT, float>;
   const int64_t row_bytes = (a.K / 2) * static_cast<int64_t>(sizeof(VT));
   const VT* v[R];
   const uint32_t* meta[R];
-  s24_row_ptrs<VT, R>(a, n, v, meta);
+  s24_row_ptrs<VT, R>(a, n, v, meta, stride);
   // value j of a word takes its column index from bits 2j, 2j+1; columns 4 * (j / 2) + index
   const __m256i shift_a = kBf16 ? _mm256_setr_epi32(0, 2, 4, 6, 16, 18, 20, 22)
                                 : _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
@@ -225,7 +229,7 @@ LACO_AVX2 void s24_rows_m1_avx2(const S24Args& a, int64_t n, float* out) {
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const int64_t w1 = a.K / 32;  // full meta words
-  const int64_t skip = (R - 1) * row_bytes;
+  const int64_t skip = stride == 1 ? (R - 1) * row_bytes : 0;
   for (int64_t w = 0; w < w1; ++w) {
     const float* xw = a.x + 32 * w;
     const __m256 x0 = _mm256_loadu_ps(xw), x1 = _mm256_loadu_ps(xw + 8);
@@ -265,7 +269,7 @@ LACO_AVX2 void s24_rows_m1_avx2(const S24Args& a, int64_t n, float* out) {
   }
   for (int r = 0; r < R; ++r) {
     out[r] = hsum8_avx2(acc[r]);
-    if (g_done < a.K / 4) s24_scalar<VT>(a, n + r, 0, 1, g_done, a.K / 4, out + r);
+    if (g_done < a.K / 4) s24_scalar<VT>(a, n + r * stride, 0, 1, g_done, a.K / 4, out + r);
   }
 }
 #endif  // LACO_X86
@@ -368,12 +372,33 @@ void s24_run(S24Args a, const float* bias, float* y) {
       !(std::is_same_v<VT, uint16_t> && isa >= Isa::kAvx512Bf16 && a.x16)) {
     constexpr int R = 4;
     const bool z = isa >= Isa::kAvx512;
+    // AVX2, fp32: the four rows come from the four quarters of the thread's rows (n, n + q, n + 2q, n + 3q),
+    // so each is one long sequential stream through its quarter, instead of four adjacent rows (four short
+    // streams per group that the hardware prefetcher picks up anew). Each stream prefetches a quarter of
+    // prefetch_bytes ahead: the same bytes in flight as one stream. Zen 3 EPYC, stop 35: in a model's decode
+    // (bench/e2e_breakdown.py --old, both builds round-robin in one process, SmolLM2's 210 decoder linears,
+    // weights streamed from DRAM) the fp32 linears ran 1.24-1.28x faster (two runs, one and two threads);
+    // bf16 0.94-1.01x (its widening, not the stream, bounds it at one thread), so bf16 keeps adjacent rows.
+    // A weight that stays in L3 between calls (bench/native_ab.py, one 1536x576 weight) lost 16-19%
+    // against adjacent rows, 7B shapes gained 1-3%. AVX-512 keeps adjacent rows: not measured there.
+    const bool quarters = !z && std::is_same_v<VT, float>;
+    S24Args aq = a;
+    aq.pf_bytes = a.pf_bytes / R;
     at::parallel_for(0, a.N, grain, [&](int64_t n0, int64_t n1) {
       float part[R];
       int64_t n = n0;
-      for (; n + R <= n1; n += R) {
-        if (z) s24_rows_m1_avx512<VT, R>(a, n, part); else s24_rows_m1_avx2<VT, R>(a, n, part);
-        for (int r = 0; r < R; ++r) y[n + r] = (bias ? bias[n + r] : 0.f) + part[r];
+      if (!quarters) {
+        for (; n + R <= n1; n += R) {
+          if (z) s24_rows_m1_avx512<VT, R>(a, n, part); else s24_rows_m1_avx2<VT, R>(a, n, part);
+          for (int r = 0; r < R; ++r) y[n + r] = (bias ? bias[n + r] : 0.f) + part[r];
+        }
+      } else {
+        const int64_t q = (n1 - n0) / R;
+        for (int64_t i = 0; i < q; ++i) {
+          s24_rows_m1_avx2<VT, R>(aq, n0 + i, part, q);
+          for (int r = 0; r < R; ++r) y[n0 + i + r * q] = (bias ? bias[n0 + i + r * q] : 0.f) + part[r];
+        }
+        n = n0 + R * q;
       }
       for (; n < n1; ++n) {  // the last rows of the range, one at a time, in the same order of sums (any
         if (z) s24_rows_m1_avx512<VT, 1>(a, n, part); else s24_rows_m1_avx2<VT, 1>(a, n, part);  // thread split

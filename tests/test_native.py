@@ -576,14 +576,21 @@ def test_panel_thresholds_are_reported():
 
 @needs_ext
 def test_panel_split_rule_and_override():
-    """The measured rule (fp32, two threads: 33-64 rows of x, or 16-32 where K >= 2N), one thread never,
-    and the override both ways."""
+    """The measured rules (fp32, two threads; AVX2: weights under 16 MB always, the Xeon's rule above; other
+    ISAs: 33-64 rows of x, or 16-32 where K >= 2N), one thread never, and the override both ways."""
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert _native.panel_split((576, 1536), 64) and _native.panel_split((1536, 576), 64)
-        assert _native.panel_split((576, 1536), 16) and not _native.panel_split((1536, 576), 16)
-        assert not _native.panel_split((576, 1536), 128) and not _native.panel_split((576, 1536), 8)
+        if _native.isa() == "avx2":  # stop 35: split panels won every small-weight cell on a Zen 3
+            for m in (8, 16, 128, 1024):
+                assert _native.panel_split((576, 1536), m) and _native.panel_split((1536, 576), m)
+            big = (4096, 11008)  # 180 MB in fp32: the Xeon's rule
+            assert _native.panel_split((11008, 4096), 64) and not _native.panel_split(big, 128)
+            assert not _native.panel_split(big, 8) and not _native.panel_split((11008, 4096), 16)
+        else:
+            assert _native.panel_split((576, 1536), 64) and _native.panel_split((1536, 576), 64)
+            assert _native.panel_split((576, 1536), 16) and not _native.panel_split((1536, 576), 16)
+            assert not _native.panel_split((576, 1536), 128) and not _native.panel_split((576, 1536), 8)
         assert not _native.panel_split((20, 1536), 64)  # fewer than 16 rows a thread
         _native.set_panel_split(True)
         assert _native.panel_split((1536, 576), 1024)
@@ -626,6 +633,36 @@ def test_split_panels_several_per_thread_match_one_call(dtype):
         torch.set_num_threads(old)
     _close(split, reference.sparse24_linear(x, w24, b), dtype)
     _close(split, whole, dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_panels_under_inference_mode(dtype):
+    """The split path's pool threads run the GEMM into an inference tensor: they must see the caller's
+    inference mode (before stop 35 they did not, and a prefill under torch.inference_mode() failed with
+    "Inplace update to inference tensor outside InferenceMode")."""
+    old = torch.get_num_threads()
+    m, n, k = 40, 64, 96
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k).to(dtype), prune=True)
+    bw = BitmapWeight.from_dense(torch.randn(n, k).to(dtype) * (torch.rand(n, k) > 0.7))
+    x, b = torch.randn(m, k).to(dtype), torch.randn(n).to(dtype)
+    try:
+        torch.set_num_threads(2)
+        _native.set_panel_min_m(0)
+        _native.set_amx_min_m(10**9)
+        _native.set_outer_min_m(10**9)
+        _native.set_panel_split(True)
+        with torch.inference_mode():
+            y24 = _native.sparse24_linear(x, w24, b)
+            ybm = _native.bitmap_linear(x, bw, b)
+    finally:
+        for setter in (_native.set_panel_min_m, _native.set_amx_min_m, _native.set_outer_min_m,
+                       _native.set_panel_split):
+            setter(None)
+        torch.set_num_threads(old)
+    assert y24.is_inference() and ybm.is_inference()
+    _close(y24, reference.sparse24_linear(x, w24, b), dtype)
+    _close(ybm, reference.bitmap_linear(x, bw, b), dtype)
 
 
 # ---------------------------------------------------------------------------------------------
