@@ -375,12 +375,12 @@ void s24_run(S24Args a, const float* bias, float* y) {
     // AVX2, fp32: the four rows come from the four quarters of the thread's rows (n, n + q, n + 2q, n + 3q),
     // so each is one long sequential stream through its quarter, instead of four adjacent rows (four short
     // streams per group that the hardware prefetcher picks up anew). Each stream prefetches a quarter of
-    // prefetch_bytes ahead: the same bytes in flight as one stream. Zen 3 EPYC, stop 35: in a model's decode
-    // (bench/e2e_breakdown.py --old, both builds round-robin in one process, SmolLM2's 210 decoder linears,
-    // weights streamed from DRAM) the fp32 linears ran 1.24-1.28x faster (two runs, one and two threads);
-    // bf16 0.94-1.01x (its widening, not the stream, bounds it at one thread), so bf16 keeps adjacent rows.
-    // A weight that stays in L3 between calls (bench/native_ab.py, one 1536x576 weight) lost 16-19%
-    // against adjacent rows, 7B shapes gained 1-3%. AVX-512 keeps adjacent rows: not measured there.
+    // prefetch_bytes ahead: the same bytes in flight as one stream. Zen 3 EPYC, stop 35: a /tmp probe of
+    // this loop (SmolLM2's 210 decoder linears streamed from DRAM, one thread) read 22.3-24.6 GB/s against
+    // 13.0-14.3 for adjacent rows; in the package 7B shapes ran 1.13-1.21x faster (bench/native_ab.py,
+    // 1.96-1.97x over F.linear) and a 1536x576 weight kept in L3 0.96-1.01x (docs/cpu_kernels.md has the
+    // end-to-end A/B). bf16 keeps adjacent rows (its decode is bound by the widening work: 0.99-1.03x in a
+    // model with quarters). AVX-512 keeps adjacent rows: not measured there.
     const bool quarters = !z && std::is_same_v<VT, float>;
     S24Args aq = a;
     aq.pf_bytes = a.pf_bytes / R;
