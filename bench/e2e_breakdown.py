@@ -186,6 +186,13 @@ def main(argv=None) -> None:
     ap.add_argument("--old", default=None, help="path (glob) of another build's _C*.so to time beside this one")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "e2e_breakdown.json"))
     args = ap.parse_args(argv)
+    dtypes, threads = args.dtypes.split(","), args.threads.split(",")
+    if not dtypes or any(d not in GOALS for d in dtypes):
+        ap.error(f"--dtypes: comma-separated subset of {','.join(GOALS)}, got {args.dtypes!r}")
+    if not threads or any(not t.isdigit() or int(t) < 1 for t in threads):
+        ap.error(f"--threads: comma-separated thread counts >= 1, got {args.threads!r}")
+    if args.rounds < 1 or args.new_tokens < 1:
+        ap.error(f"--rounds and --new-tokens must be >= 1, got {args.rounds} and {args.new_tokens}")
     old = None
     if args.old:
         from native_ab import load_build
@@ -193,8 +200,7 @@ def main(argv=None) -> None:
         old = load_build(args.old)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     load_before = os.getloadavg()
-    rows = [breakdown(d, int(t), args.rounds, args.new_tokens, old)
-            for d in args.dtypes.split(",") for t in args.threads.split(",")]
+    rows = [breakdown(d, int(t), args.rounds, args.new_tokens, old) for d in dtypes for t in threads]
     result = dict(started_utc=started, cpu=cpu_model(), cpu_isa_flags=cpu_isa_flags(), torch=torch.__version__,
                   old_build=args.old, load_average_before=load_before, load_average_after=os.getloadavg(), command=" ".join(sys.argv),
                   notes=("token times are medians over round-robin rounds of 32-token greedy decodes; 'free': "
