@@ -150,6 +150,73 @@ LACO_AVX512 void bm_avx512(const BmArgs& a, int64_t n, int64_t m0, int64_t w0, i
   for (int i = 0; i < MB; ++i) out[i] += _mm512_reduce_add_ps(_mm512_add_ps(acc0[i], acc1[i]));
 }
 
+// M = 1, whole rows: R rows at a time, rows n, n + stride, ..., n + (R - 1) * stride, each one values
+// stream (and one bitmap stream) of its own, word by word; each x word (two loads) serves R rows. Why:
+// one row at a time is one sequential stream whose next load address waits on the previous word's
+// popcount; R independent streams give the core R such chains and the memory system R streams to run
+// ahead on. Per row the sums are bm_avx512<VT, 1>'s, in its order (the same bits). pf_bytes: each
+// stream's software prefetch distance in its values (past the row's end: the next row, the one this
+// stream reads next when stride > 1).
+template <typename VT>
+LACO_AVX512 LACO_INLINE __m512 expand16_unmasked_avx512(const VT*& p, uint32_t bits16) {
+  __m512 packed;  // 16 values from p, of which the first popcount(bits16) are used: the caller keeps p + 16 in bounds
+  if constexpr (std::is_same_v<VT, float>) {
+    packed = _mm512_loadu_ps(p);
+  } else {
+    packed = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  }
+  p += __builtin_popcount(bits16);
+  return _mm512_maskz_expand_ps(static_cast<__mmask16>(bits16), packed);
+}
+
+template <typename VT, int R, bool Unmasked>
+LACO_AVX512 void bm_rows_m1_avx512(const BmArgs& a, int64_t n, int64_t stride, int64_t pf_bytes, float* out) {
+  const VT* values = static_cast<const VT*>(a.values);
+  const VT* p[R];
+  const uint32_t* bits[R];
+  __m512 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) {
+    p[r] = values + a.offsets[(n + r * stride) * a.T];
+    bits[r] = a.bitmap + (n + r * stride) * a.W;
+    acc0[r] = acc1[r] = _mm512_setzero_ps();
+  }
+  const int64_t wfull = a.K / 32;
+  for (int64_t w = 0; w < wfull; ++w) {
+    const __m512 xlo = _mm512_loadu_ps(a.x + 32 * w), xhi = _mm512_loadu_ps(a.x + 32 * w + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const uint32_t b = bits[r][w];
+      _mm_prefetch(reinterpret_cast<const char*>(p[r]) + pf_bytes, _MM_HINT_T0);
+      if ((w & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(bits[r] + kPfBitmapWords + w), _MM_HINT_T0);
+      __m512 v0, v1;
+      if constexpr (Unmasked) {
+        v0 = expand16_unmasked_avx512(p[r], b & 0xffffu);
+        v1 = expand16_unmasked_avx512(p[r], b >> 16);
+      } else {
+        v0 = expand16_avx512(p[r], b & 0xffffu);
+        v1 = expand16_avx512(p[r], b >> 16);
+      }
+      acc0[r] = _mm512_fmadd_ps(v0, xlo, acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(v1, xhi, acc1[r]);
+    }
+  }
+  if (wfull < a.W) {  // last, partial word: masked x loads stay inside the row
+    const uint32_t keep = valid_bits(a, wfull);
+    const __mmask16 k0 = static_cast<__mmask16>(keep & 0xffffu), k1 = static_cast<__mmask16>(keep >> 16);
+    const __m512 xlo = _mm512_maskz_loadu_ps(k0, a.x + 32 * wfull);
+    const __m512 xhi = _mm512_maskz_loadu_ps(k1, a.x + 32 * wfull + 16);
+    for (int r = 0; r < R; ++r) {
+      const uint32_t b = bits[r][wfull];
+      const __m512 v0 = expand16_avx512(p[r], b & keep & 0xffffu);
+      const __m512 v1 = expand16_avx512(p[r], (b & keep) >> 16);
+      acc0[r] = _mm512_fmadd_ps(v0, xlo, acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(v1, xhi, acc1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+}
+
 #include "bitmap_avx2.inc"  // LaneTable, bm_avx2, bm_decompress_avx2
 #endif  // LACO_X86
 
@@ -235,6 +302,46 @@ void bm_run(BmArgs a, const float* bias, float* y) {
   a.pf_next_row = kb < a.K;
   const int64_t grain = linear_row_grain(a.M, a.K);
   const VT* values = static_cast<const VT*>(a.values);
+#if LACO_X86
+  // M = 1, whole rows: four rows at a time from the four quarters of the thread's rows (bm_rows_m1_avx512 /
+  // bm_rows_m1_avx2), each one sequential stream. Zen 4 EPYC (stop 36), one thread, 70% sparse 7B shapes,
+  // each call on cold caches, against the one-row kernels: AVX-512 fp32 1.34-1.59x faster (2.64-2.68x
+  // over F.linear, bench/results/native_ab_zen4_m1_streams_bitmap_linear.json), bf16 widened (ISA capped at
+  // avx512) 2.07-2.21x -> 2.51-2.67x over F.linear; AVX2 fp32 (capped) 1.64-1.70x -> 2.03-2.18x; AVX2 bf16
+  // 1.87-2.09x -> 1.70-1.83x: slower (its widening work binds, not the stream), so AVX2 bf16 keeps one row.
+  // bf16 with AVX512_BF16 keeps bm_avx512bf16 (2.8x already). Also: the AVX-512 kernel loads 16 values
+  // unmasked (the mask arithmetic was a third of the one-row loop's ~37 instructions a word).
+  if (a.M == 1 && kb == a.K && isa >= Isa::kAvx2 && (isa >= Isa::kAvx512 || std::is_same_v<VT, float>) &&
+      !(std::is_same_v<VT, uint16_t> && isa >= Isa::kAvx512Bf16 && a.x16)) {
+    constexpr int R = 4;
+    const bool z = isa >= Isa::kAvx512;
+    const int64_t pf = prefetch_bytes(LinearOp::kBitmap) / R;
+    // the unmasked 16-wide (AVX-512) / 8-wide (AVX2) value loads of a row read up to 16 values past its
+    // end: every row but those whose end is within 16 values of the tensor's end
+    auto unmasked_ok = [&](int64_t row) { return row + 1 < a.N && a.offsets[(row + 1) * a.T] + 16 <= a.nnz; };
+    auto one_row = [&](int64_t row, float* out) {
+      *out = 0.f;
+      bm_block<VT, 1>(isa, a, row, 0, 0, a.W, values + a.offsets[row * a.T], out);
+    };
+    at::parallel_for(0, a.N, grain, [&](int64_t n0, int64_t n1) {
+      float part[R];
+      const int64_t q = (n1 - n0) / R;
+      for (int64_t i = 0; i < q; ++i) {
+        const bool ok = unmasked_ok(n0 + i + (R - 1) * q);  // offsets grow with the row: the last one decides
+        if (z && ok) bm_rows_m1_avx512<VT, R, true>(a, n0 + i, q, pf, part);
+        else if (z) bm_rows_m1_avx512<VT, R, false>(a, n0 + i, q, pf, part);
+        else if (ok) bm_rows_m1_avx2<VT, R>(a, n0 + i, q, pf, part);
+        else for (int r = 0; r < R; ++r) one_row(n0 + i + r * q, part + r);
+        for (int r = 0; r < R; ++r) y[n0 + i + r * q] = (bias ? bias[n0 + i + r * q] : 0.f) + part[r];
+      }
+      for (int64_t n = n0 + R * q; n < n1; ++n) {  // the last rows of the range, one at a time
+        one_row(n, part);
+        y[n] = (bias ? bias[n] : 0.f) + part[0];
+      }
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, a.N, grain, [&](int64_t n0, int64_t n1) {
     float part[kMaxMB];
     for (int64_t k0 = 0; k0 < a.K; k0 += kb) {

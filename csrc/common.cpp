@@ -60,10 +60,13 @@ void set_isa(const std::string& name) {
 
 namespace {
 // Software prefetch distance of the direct kernels' values stream when rows are read whole (M = 1 decode),
-// per op. Defaults measured on a Zen 5 EPYC (see sparse24_linear.cpp / bitmap_linear.cpp); on the AVX2
-// EPYC of docs/cpu_kernels.md a sweep was inconclusive under load, so they stand. Settable for tuning runs.
-std::atomic<int64_t> g_prefetch_bytes[2] = {{4096}, {6144}};
-constexpr int64_t kDefaultPrefetch[2] = {4096, 6144};
+// per op, split evenly between the decode's four row streams. bitmap: 6144, measured on a Zen 5 EPYC and
+// again with four streams on a Zen 4 (4-12 KB flat, 2.60-2.62x over F.linear; 1-2 KB 2.26-2.50x). 2:4:
+// 1024 since stop 36 (four streams): Zen 4, 7B fp32 on cold caches, 0.5-1 KB 2.04-2.29x over F.linear,
+// 2 KB 1.99-2.21x, 4 KB (the old default) 1.83-2.15x, 8 KB 1.75-2.04x; the Zen 3 sweep of stop 35 was
+// flat. docs/cpu_kernels.md has the sweeps. Settable for tuning runs (bench/cpu_kernels.py records them).
+constexpr int64_t kDefaultPrefetch[2] = {1024, 6144};
+std::atomic<int64_t> g_prefetch_bytes[2] = {{kDefaultPrefetch[0]}, {kDefaultPrefetch[1]}};
 }  // namespace
 
 int64_t prefetch_bytes(LinearOp op) { return g_prefetch_bytes[static_cast<int>(op)].load(std::memory_order_relaxed); }

@@ -66,7 +66,10 @@ int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_byt
   }
   int64_t m;
   if (op == LinearOp::kSparse24) {
-    m = bf16 ? (large ? 8 : 16) : 128;  // fp32: the outer-product kernel below 128 (outer_linear.cpp)
+    // bf16 small: Zen 4 EPYC without AMX (stop 36, bench/results/cpu_kernels_epyc_zen4_smollm2_paths_stop36.json):
+    // at M = 16 the direct kernel 1.04-1.24x (one thread) / 0.98-1.02x (two) against panels 0.95-1.21x /
+    // 0.70-0.78x, at M = 32 panels win (0.92-0.94x against 0.79-0.83x): panels from 32 (was 16, the Xeon).
+    m = bf16 ? (large ? 8 : (amx_available() ? 16 : 32)) : 128;  // fp32: the outer-product kernel below 128
   } else {
     // fp32, one thread: the outer-product kernel from M = 16 (outer_linear.cpp) up to 256; with two threads
     // (not measured for the outer kernel on 7B; on SmolLM2 shapes it did not beat the panel) the old values.
@@ -128,12 +131,22 @@ bool panel_split(int64_t M, int64_t N, int64_t K, int64_t es) {
   // 1536x576: M = 64 0.98x / 0.79x, 1.01x / 0.84x, but M = 16 and 32 2-5% slower, M = 8 and M >= 128
   // slower on both shapes (the threaded BLAS splits a larger GEMM well). bf16: not split (the AMX path
   // serves M < 256 there; at M >= 256 the split was slower in 3 of 4 cells).
-  if (es != 4) return false;
+  const bool small = N * K * es < (int64_t{16} << 20);
+  // Zen 4 EPYC (AVX-512 BF16, no AMX; stop 36, bench/results/cpu_kernels_epyc_zen4_smollm2_paths_stop36.json,
+  // two threads, SmolLM2 shapes): bf16 split panels beat one threaded BLAS call per panel from M = 8 to 128
+  // (2:4 1536x576 1.00-1.13x against 0.78-0.95x, 576x1536 0.80-1.03x against 0.62-0.93x; bitmap 70%
+  // 0.83-1.22x against 0.60-1.05x), were level at 256 (0.86-1.00x against 0.87-1.01x); 7B shapes, M = 8-64
+  // (bench/results/cpu_kernels_epyc_zen4_7b_bf16_paths_stop36.json): 0.78-0.96x against 0.44-0.84x, every
+  // cell (M >= 128 not measured). The AMX Xeon's bf16 runs on tiles below M = 256 and was not split there
+  // (slower at M >= 256 in 3 of 4 cells).
+  if (es != 4) return M <= (small ? 128 : 64) && detected_isa() == Isa::kAvx512Bf16 && !amx_available();
   // AVX2 (Zen 3 EPYC, stop 35, same runs as default_min_m's small fp32 values): split panels beat one
   // threaded BLAS call per panel at every M measured (8-256) on both SmolLM2 shapes, 2:4 and bitmap:
   // 1536x576 70% M = 16 / 32 / 128: 1.17x / 1.37x / 1.37x against 0.47x / 0.63x / 0.86x; 576x1536:
-  // 1.01-1.24x against 0.79-0.98x. Weights of 16 MB or more were not measured there: the Xeon's rule.
-  if (active_isa() == Isa::kAvx2 && N * K * es < (int64_t{16} << 20)) return true;
+  // 1.01-1.24x against 0.79-0.98x. The same on the Zen 4 without AMX (stop 36): fp32 bitmap 70% M = 8-256
+  // 1.00-1.98x against 0.48-1.11x, 2:4 (panels from M = 128) 1.01-1.06x against 0.80-1.00x. Weights of
+  // 16 MB or more were not measured there, and the AMX Xeon (measured with AVX-512): the Xeon's rule.
+  if (small && (active_isa() == Isa::kAvx2 || (active_isa() >= Isa::kAvx512 && !amx_available()))) return true;
   return M > 32 ? M <= 64 : (M >= 16 && K >= 2 * N);
 }
 

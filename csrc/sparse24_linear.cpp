@@ -119,18 +119,18 @@ LACO_INLINE void s24_row_ptrs(const S24Args& a, int64_t n, const VT* (&v)[R], co
 // R rows. Row r's prefetch runs pf_bytes ahead in its own row and, past its end, continues in row r + R
 // (the row it will read next), so a new group of rows starts with its first lines already on the way.
 template <typename VT, int R>
-LACO_AVX512 void s24_rows_m1_avx512(const S24Args& a, int64_t n, float* out) {
+LACO_AVX512 void s24_rows_m1_avx512(const S24Args& a, int64_t n, float* out, int64_t stride = 1) {
   const int64_t row_bytes = (a.K / 2) * static_cast<int64_t>(sizeof(VT));
   const VT* v[R];
   const uint32_t* meta[R];
-  s24_row_ptrs<VT, R>(a, n, v, meta);
+  s24_row_ptrs<VT, R>(a, n, v, meta, stride);
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
   const __m512i three = _mm512_set1_epi32(3);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const int64_t w1 = a.K / 32;  // full meta words; the groups past 8 * w1 go scalar
-  const int64_t skip = (R - 1) * row_bytes;
+  const int64_t skip = stride == 1 ? (R - 1) * row_bytes : 0;
   for (int64_t w = 0; w < w1; ++w) {
     const __m512 xlo = _mm512_loadu_ps(a.x + 32 * w), xhi = _mm512_loadu_ps(a.x + 32 * w + 16);
     int64_t pf = 16 * w * static_cast<int64_t>(sizeof(VT)) + a.pf_bytes;
@@ -145,7 +145,7 @@ LACO_AVX512 void s24_rows_m1_avx512(const S24Args& a, int64_t n, float* out) {
   }
   for (int r = 0; r < R; ++r) {
     out[r] = _mm512_reduce_add_ps(acc[r]);
-    if (8 * w1 < a.K / 4) s24_scalar<VT>(a, n + r, 0, 1, 8 * w1, a.K / 4, out + r);
+    if (8 * w1 < a.K / 4) s24_scalar<VT>(a, n + r * stride, 0, 1, 8 * w1, a.K / 4, out + r);
   }
 }
 
@@ -364,45 +364,35 @@ void s24_run(S24Args a, const float* bias, float* y) {
   const int64_t grain = linear_row_grain(a.M, a.K);
 #if LACO_X86
   // M = 1, whole rows, fp32 (or bf16 widened) on AVX-512 or AVX2: four rows at a time (s24_rows_m1_avx512 /
-  // s24_rows_m1_avx2). AVX2 (ISA capped on the same Xeon, 11008x4096): 1.57-1.66x against 1.30-1.40x.
-  // Measured on the AMX Xeon, one thread, interleaved with F.linear: 11008x4096 5.3 ms (1.82x, 18 GB/s)
-  // against 8.3 ms (1.32x, 11.5 GB/s) a row at a time, 4096x11008 1.74x against 1.16x; two rows 1.62x,
-  // eight 1.81x. SmolLM2 shapes (cache-resident): 1.42-1.61x against 1.52-1.60x, within noise.
+  // s24_rows_m1_avx2). First measured on the AMX Xeon, one thread, four adjacent rows against one row at a
+  // time: 11008x4096 1.82x over F.linear against 1.32x, 4096x11008 1.74x against 1.16x; two rows 1.62x,
+  // eight 1.81x. The four rows now come from the four quarters of the thread's rows (n, n + q, n + 2q,
+  // n + 3q), so each is one long sequential stream through its quarter, instead of four adjacent rows
+  // (four short streams per group that the hardware prefetcher picks up anew). Each stream prefetches a
+  // quarter of prefetch_bytes ahead: the same bytes in flight as one stream. Zen 3 EPYC (AVX2), stop 35:
+  // a /tmp probe of this loop (SmolLM2's 210 decoder linears streamed from DRAM, one thread) read
+  // 22.3-24.6 GB/s against 13.0-14.3 for adjacent rows; 7B fp32 1.13-1.21x faster (1.96-1.97x over
+  // F.linear). Zen 4 EPYC (AVX-512), stop 36, one thread, 7B shapes on cold caches: fp32 1.39x / 1.30x
+  // over F.linear -> 1.93x / 1.42x (bench/results/native_ab_zen4_m1_streams_sparse24_linear.json), and
+  // with the 1 KB prefetch distance 2.30x / 1.80x (bench/cpu_kernels.py); bf16 widened (ISA capped at
+  // avx512) 2.21-2.70x -> 3.19-3.28x, AVX2 (capped) bf16 2.19-2.57x -> 2.80-2.83x. So every ISA and dtype
+  // of this path takes quarters (the rows left at the end of a range go one at a time: the same sums).
   if (a.M == 1 && kb == a.K && isa >= Isa::kAvx2 &&
       !(std::is_same_v<VT, uint16_t> && isa >= Isa::kAvx512Bf16 && a.x16)) {
     constexpr int R = 4;
     const bool z = isa >= Isa::kAvx512;
-    // AVX2, fp32: the four rows come from the four quarters of the thread's rows (n, n + q, n + 2q, n + 3q),
-    // so each is one long sequential stream through its quarter, instead of four adjacent rows (four short
-    // streams per group that the hardware prefetcher picks up anew). Each stream prefetches a quarter of
-    // prefetch_bytes ahead: the same bytes in flight as one stream. Zen 3 EPYC, stop 35: a /tmp probe of
-    // this loop (SmolLM2's 210 decoder linears streamed from DRAM, one thread) read 22.3-24.6 GB/s against
-    // 13.0-14.3 for adjacent rows; in the package 7B shapes ran 1.13-1.21x faster (bench/native_ab.py,
-    // 1.96-1.97x over F.linear) and a 1536x576 weight kept in L3 0.96-1.01x (docs/cpu_kernels.md has the
-    // end-to-end A/B). bf16 keeps adjacent rows (its decode is bound by the widening work: 0.99-1.03x in a
-    // model with quarters). AVX-512 keeps adjacent rows: not measured there.
-    const bool quarters = !z && std::is_same_v<VT, float>;
     S24Args aq = a;
     aq.pf_bytes = a.pf_bytes / R;
     at::parallel_for(0, a.N, grain, [&](int64_t n0, int64_t n1) {
       float part[R];
-      int64_t n = n0;
-      if (!quarters) {
-        for (; n + R <= n1; n += R) {
-          if (z) s24_rows_m1_avx512<VT, R>(a, n, part); else s24_rows_m1_avx2<VT, R>(a, n, part);
-          for (int r = 0; r < R; ++r) y[n + r] = (bias ? bias[n + r] : 0.f) + part[r];
-        }
-      } else {
-        const int64_t q = (n1 - n0) / R;
-        for (int64_t i = 0; i < q; ++i) {
-          s24_rows_m1_avx2<VT, R>(aq, n0 + i, part, q);
-          for (int r = 0; r < R; ++r) y[n0 + i + r * q] = (bias ? bias[n0 + i + r * q] : 0.f) + part[r];
-        }
-        n = n0 + R * q;
+      const int64_t q = (n1 - n0) / R;
+      for (int64_t i = 0; i < q; ++i) {
+        if (z) s24_rows_m1_avx512<VT, R>(aq, n0 + i, part, q); else s24_rows_m1_avx2<VT, R>(aq, n0 + i, part, q);
+        for (int r = 0; r < R; ++r) y[n0 + i + r * q] = (bias ? bias[n0 + i + r * q] : 0.f) + part[r];
       }
-      for (; n < n1; ++n) {  // the last rows of the range, one at a time, in the same order of sums (any
-        if (z) s24_rows_m1_avx512<VT, 1>(a, n, part); else s24_rows_m1_avx2<VT, 1>(a, n, part);  // thread split
-        y[n] = (bias ? bias[n] : 0.f) + part[0];  // gives the same bits)
+      for (int64_t n = n0 + R * q; n < n1; ++n) {  // the last rows of the range, one at a time, in the same
+        if (z) s24_rows_m1_avx512<VT, 1>(a, n, part); else s24_rows_m1_avx2<VT, 1>(a, n, part);  // order of
+        y[n] = (bias ? bias[n] : 0.f) + part[0];  // sums (any thread split gives the same bits)
       }
     });
     return;

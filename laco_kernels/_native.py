@@ -152,13 +152,15 @@ def set_panel_split(on: bool | None) -> None:
     _C.set_panel_split(-1 if on is None else int(on))
 
 
-def panel_split(shape, m: int) -> bool:
-    """Whether a panel-path call with x [m, K] on a [N, K] weight would split rows between threads now
-    (the element size matters only through the measured rule)."""
+def panel_split(shape, m: int, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether a panel-path call with x [m, K] (``dtype``: float32 or bfloat16) on a [N, K] weight would
+    split rows between threads now (the dtype matters through the measured rule)."""
     if len(tuple(shape)) != 2 or int(m) < 0 or any(int(v) < 0 for v in shape):
         raise ValueError(f"panel_split: need shape (N, K) and m >= 0, got shape {tuple(shape)} and m {m}")
+    if dtype not in _DTYPES:
+        raise TypeError(f"panel_split: dtype must be float32 or bfloat16, got {dtype}")
     n, k = (int(v) for v in shape)
-    return bool(_C.panel_split(int(m), n, k, 4))
+    return bool(_C.panel_split(int(m), n, k, torch.empty((), dtype=dtype).element_size()))
 
 
 def _check_cpu(op: str, bias: torch.Tensor | None = None, **tensors) -> None:

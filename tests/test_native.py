@@ -414,6 +414,39 @@ def test_sparse24_outer_kernel_matches_reference(isa, threads, dtype, shape):
 
 
 @needs_ext
+@pytest.mark.skipif("avx2" not in ISAS, reason="the four-stream decode kernels are AVX2 / AVX-512 code")
+@pytest.mark.parametrize("isa", [i for i in ("avx2", "avx512", "avx512bf16") if i in ISAS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [8, 9, 23])
+def test_decode_four_streams_at_the_end_of_the_tensor(isa, dtype, n):
+    """M = 1 reads four rows at a time, from the four quarters of a thread's rows; the bitmap kernels
+    load values unmasked while a row ends at least 16 values before the tensor does, and take the
+    masked (AVX-512) or one-row (AVX2) kernel for a group holding a row that ends closer. The last rows
+    here hold 0-3 values, K % 32 = 8 leaves a partial word: any thread count gives the same bits, close
+    to the reference."""
+    k = 1000
+    w = torch.randn(n, k) * (torch.rand(n, k) < 0.3)
+    w[-2:] = 0
+    w[-2, :3] = 1.5  # the second-to-last row: 3 values, the last: none
+    bw = BitmapWeight.from_dense(w.to(dtype))
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k).to(dtype), prune=True)
+    old = torch.get_num_threads()
+    _native.set_isa(isa)
+    try:
+        x = torch.randn(1, k).to(dtype)
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append((_native.bitmap_linear(x, bw), _native.sparse24_linear(x, w24)))
+        assert all(torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1]) for o in outs[1:])
+        _close(outs[0][0], reference.bitmap_linear(x, bw), dtype)
+        _close(outs[0][1], reference.sparse24_linear(x, w24), dtype)
+    finally:
+        _native.set_isa("auto")
+        torch.set_num_threads(old)
+
+
+@needs_ext
 def test_prefetch_distance_changes_speed_not_results():
     n, k = 9, 8196  # M = 1 reads whole rows: the prefetch path
     w24 = Sparse24Weight.from_dense(torch.randn(n, k), prune=True)
@@ -430,7 +463,7 @@ def test_prefetch_distance_changes_speed_not_results():
     finally:
         for op in ("sparse24_linear", "bitmap_linear"):
             _native.set_prefetch_bytes(op, None)
-    assert _native.prefetch_bytes("sparse24_linear") == 4096 and _native.prefetch_bytes("bitmap_linear") == 6144
+    assert _native.prefetch_bytes("sparse24_linear") == 1024 and _native.prefetch_bytes("bitmap_linear") == 6144
     with pytest.raises(RuntimeError, match="set_prefetch_bytes"):
         _native.set_prefetch_bytes("bitmap_linear", 1 << 30)
     with pytest.raises(RuntimeError, match="unknown op"):
@@ -576,13 +609,24 @@ def test_panel_thresholds_are_reported():
 
 @needs_ext
 def test_panel_split_rule_and_override():
-    """The measured rules (fp32, two threads; AVX2: weights under 16 MB always, the Xeon's rule above; other
-    ISAs: 33-64 rows of x, or 16-32 where K >= 2N), one thread never, and the override both ways."""
+    """The measured rules (two threads; fp32 on AVX2, and on AVX-512 without AMX: weights under 16 MB
+    always, the Xeon's rule above; the AMX Xeon: 33-64 rows of x, or 16-32 where K >= 2N; bf16: weights
+    under 16 MB up to M = 128, larger ones up to 64, on AVX-512 BF16 without AMX, else never), one thread never, and the
+    override both ways."""
     old = torch.get_num_threads()
+    no_amx_avx512 = _native.isa().startswith("avx512") and not _native.amx_available()
+    bf16_split = _native._C.detected_isa() == "avx512bf16" and not _native.amx_available()
     try:
         torch.set_num_threads(2)
-        if _native.isa() == "avx2":  # stop 35: split panels won every small-weight cell on a Zen 3
-            for m in (8, 16, 128, 1024):
+        for m in (8, 128, 256):
+            want = bf16_split and m <= 128
+            assert _native.panel_split((576, 1536), m, torch.bfloat16) == want
+            assert _native.panel_split((1536, 576), m, torch.bfloat16) == want
+        big16 = (11008, 4096)  # 90 MB in bf16: up to M = 64
+        assert _native.panel_split(big16, 64, torch.bfloat16) == bf16_split
+        assert not _native.panel_split(big16, 128, torch.bfloat16)
+        if _native.isa() == "avx2" or no_amx_avx512:  # stop 35 (Zen 3) / 36 (Zen 4): split panels won every
+            for m in (8, 16, 128, 1024):  # small-weight cell
                 assert _native.panel_split((576, 1536), m) and _native.panel_split((1536, 576), m)
             big = (4096, 11008)  # 180 MB in fp32: the Xeon's rule
             assert _native.panel_split((11008, 4096), 64) and not _native.panel_split(big, 128)
@@ -603,6 +647,8 @@ def test_panel_split_rule_and_override():
             _native.set_panel_split("no")  # a truthy string must not switch the split on
         with pytest.raises(ValueError, match="shape"):
             _native.panel_split((576,), 64)
+        with pytest.raises(TypeError, match="float32 or bfloat16"):
+            _native.panel_split((576, 1536), 64, torch.float16)
     finally:
         _native.set_panel_split(None)
         torch.set_num_threads(old)
