@@ -108,7 +108,22 @@ LACO_AVX512 LACO_INLINE __m512 expand16_avx512(const VT*& p, uint32_t bits16) {
   return _mm512_maskz_expand_ps(static_cast<__mmask16>(bits16), packed);
 }
 
-template <typename VT, int MB>
+template <typename VT>
+LACO_AVX512 LACO_INLINE __m512 expand16_unmasked_avx512(const VT*& p, uint32_t bits16) {
+  __m512 packed;  // 16 values from p, of which the first popcount(bits16) are used: the caller keeps p + 16 in bounds
+  if constexpr (std::is_same_v<VT, float>) {
+    packed = _mm512_loadu_ps(p);
+  } else {
+    packed = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  }
+  p += __builtin_popcount(bits16);
+  return _mm512_maskz_expand_ps(static_cast<__mmask16>(bits16), packed);
+}
+
+// Unmasked: the row ends at least 16 values before the tensor does (see bm_run), so each half word loads
+// 16 values unmasked (expand16_unmasked_avx512) instead of building a load mask from its popcount.
+template <typename VT, int MB, bool Unmasked = false>
 LACO_AVX512 void bm_avx512(const BmArgs& a, int64_t n, int64_t m0, int64_t w0, int64_t w1, const VT* p, float* out) {
   const uint32_t* bits = a.bitmap + n * a.W;
   // software prefetch: the same K-block of the next row (its values start at pf), or prefetch_bytes(kBitmap) ahead
@@ -126,8 +141,14 @@ LACO_AVX512 void bm_avx512(const BmArgs& a, int64_t n, int64_t m0, int64_t w0, i
     const uint32_t b = bits[w];
     _mm_prefetch(pf + (reinterpret_cast<const char*>(p) - p_start), _MM_HINT_T0);
     if ((w & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(bits + pf_bits + w), _MM_HINT_T0);
-    const __m512 v0 = expand16_avx512(p, b & 0xffffu);
-    const __m512 v1 = expand16_avx512(p, b >> 16);
+    __m512 v0, v1;
+    if constexpr (Unmasked) {
+      v0 = expand16_unmasked_avx512(p, b & 0xffffu);
+      v1 = expand16_unmasked_avx512(p, b >> 16);
+    } else {
+      v0 = expand16_avx512(p, b & 0xffffu);
+      v1 = expand16_avx512(p, b >> 16);
+    }
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
       const float* xr = x + i * a.K + 32 * w;
@@ -157,19 +178,6 @@ LACO_AVX512 void bm_avx512(const BmArgs& a, int64_t n, int64_t m0, int64_t w0, i
 // ahead on. Per row the sums are bm_avx512<VT, 1>'s, in its order (the same bits). pf_bytes: each
 // stream's software prefetch distance in its values (past the row's end: the next row, the one this
 // stream reads next when stride > 1).
-template <typename VT>
-LACO_AVX512 LACO_INLINE __m512 expand16_unmasked_avx512(const VT*& p, uint32_t bits16) {
-  __m512 packed;  // 16 values from p, of which the first popcount(bits16) are used: the caller keeps p + 16 in bounds
-  if constexpr (std::is_same_v<VT, float>) {
-    packed = _mm512_loadu_ps(p);
-  } else {
-    packed = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-  }
-  p += __builtin_popcount(bits16);
-  return _mm512_maskz_expand_ps(static_cast<__mmask16>(bits16), packed);
-}
-
 template <typename VT, int R, bool Unmasked>
 LACO_AVX512 void bm_rows_m1_avx512(const BmArgs& a, int64_t n, int64_t stride, int64_t pf_bytes, float* out) {
   const VT* values = static_cast<const VT*>(a.values);
@@ -223,7 +231,7 @@ LACO_AVX512 void bm_rows_m1_avx512(const BmArgs& a, int64_t n, int64_t stride, i
 #if LACO_X86
 // bf16 x and weights: a whole word (32 columns) per step. vpexpandw spreads popcount(word) bf16 values
 // to their columns; vdpbf16ps multiplies with 32 bf16 x and adds adjacent column pairs into fp32 lanes.
-template <int MB>
+template <int MB, bool Unmasked = false>
 LACO_AVX512BF16 void bm_avx512bf16(const BmArgs& a, int64_t n, int64_t m0, int64_t w0, int64_t w1, const uint16_t* p,
                                    float* out) {
   const uint32_t* bits = a.bitmap + n * a.W;
@@ -242,7 +250,10 @@ LACO_AVX512BF16 void bm_avx512bf16(const BmArgs& a, int64_t n, int64_t m0, int64
     _mm_prefetch(pf + (reinterpret_cast<const char*>(p) - p_start), _MM_HINT_T0);
     if ((w & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(bits + pf_bits + w), _MM_HINT_T0);
     const int c = __builtin_popcount(b);
-    const __m512i packed = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(_bzhi_u32(0xffffffffu, c)), p);
+    // Unmasked: 32 values from p, of which the expand uses the first c (the row ends 16+ values before
+    // the tensor: bm_block checks; 32 here, so it asks for 32)
+    const __m512i packed = Unmasked ? _mm512_loadu_si512(p)
+                                    : _mm512_maskz_loadu_epi16(static_cast<__mmask32>(_bzhi_u32(0xffffffffu, c)), p);
     const __m512i wv = _mm512_maskz_expand_epi16(static_cast<__mmask32>(b), packed);
     p += c;
 #pragma GCC unroll 8
@@ -271,9 +282,16 @@ template <typename VT, int MB>
 void bm_block(Isa isa, const BmArgs& a, int64_t n, int64_t m0, int64_t w0, int64_t w1, const VT* p, float* out) {
 #if LACO_X86
   if constexpr (std::is_same_v<VT, uint16_t>) {
-    if (isa >= Isa::kAvx512Bf16 && a.x16) return bm_avx512bf16<MB>(a, n, m0, w0, w1, p, out);
+    if (isa >= Isa::kAvx512Bf16 && a.x16) {
+      if (n + 1 < a.N && a.offsets[(n + 1) * a.T] + 32 <= a.nnz) return bm_avx512bf16<MB, true>(a, n, m0, w0, w1, p, out);
+      return bm_avx512bf16<MB>(a, n, m0, w0, w1, p, out);
+    }
   }
-  if (isa >= Isa::kAvx512) return bm_avx512<VT, MB>(a, n, m0, w0, w1, p, out);
+  if (isa >= Isa::kAvx512) {
+    // unmasked loads while the row ends at least 16 values before the tensor (offsets grow with the row)
+    if (n + 1 < a.N && a.offsets[(n + 1) * a.T] + 16 <= a.nnz) return bm_avx512<VT, MB, true>(a, n, m0, w0, w1, p, out);
+    return bm_avx512<VT, MB>(a, n, m0, w0, w1, p, out);
+  }
   if (isa == Isa::kAvx2) return bm_avx2<VT, MB>(a, n, m0, w0, w1, p, out);
 #endif
   bm_scalar<VT>(a, n, m0, MB, w0, w1, p, out);

@@ -74,7 +74,11 @@ int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_byt
     // fp32, one thread: the outer-product kernel from M = 16 (outer_linear.cpp) up to 256; with two threads
     // (not measured for the outer kernel on 7B; on SmolLM2 shapes it did not beat the panel) the old values.
     // fp32 7B: the direct kernel reads 30% of the bytes, 1.85x dense at M = 8.
-    m = bf16 ? 8 : (at::get_num_threads() == 1 ? 256 : (large ? 16 : 8));
+    // bf16 small without AMX: Zen 4 (stop 36, after the direct kernel's unmasked loads;
+    // bench/results/cpu_kernels_epyc_zen4_bf16_m8_16_paths_stop36.json): at M = 8 the direct kernel
+    // 0.89-1.13x (one thread) / 0.91-0.95x (two) against panels 0.72-1.01x / split 0.75-0.78x, at M = 16
+    // panels win (0.76-0.89x / split 0.92-0.95x against 0.63-0.82x): panels from 16 (were 8).
+    m = bf16 ? (large || amx_available() ? 8 : 16) : (at::get_num_threads() == 1 ? 256 : (large ? 16 : 8));
   }
   // AVX-512 without BF16: the same M (measured on the AVX-512 BF16 Xeon only).
   return m;

@@ -418,12 +418,13 @@ def test_sparse24_outer_kernel_matches_reference(isa, threads, dtype, shape):
 @pytest.mark.parametrize("isa", [i for i in ("avx2", "avx512", "avx512bf16") if i in ISAS])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [8, 9, 23])
-def test_decode_four_streams_at_the_end_of_the_tensor(isa, dtype, n):
-    """M = 1 reads four rows at a time, from the four quarters of a thread's rows; the bitmap kernels
-    load values unmasked while a row ends at least 16 values before the tensor does, and take the
-    masked (AVX-512) or one-row (AVX2) kernel for a group holding a row that ends closer. The last rows
-    here hold 0-3 values, K % 32 = 8 leaves a partial word: any thread count gives the same bits, close
-    to the reference."""
+@pytest.mark.parametrize("m", [1, 3])
+def test_decode_four_streams_at_the_end_of_the_tensor(isa, dtype, n, m):
+    """M = 1 reads four rows at a time, from the four quarters of a thread's rows; the AVX-512 bitmap
+    kernels (M = 1 and M > 1) load values unmasked while a row ends at least 16 (bf16 x: 32) values
+    before the tensor does, and take the masked (AVX-512) or one-row (AVX2) kernel for rows that end
+    closer. The last rows here hold 0-3 values, K % 32 = 8 leaves a partial word: any thread count
+    gives the same bits, close to the reference."""
     k = 1000
     w = torch.randn(n, k) * (torch.rand(n, k) < 0.3)
     w[-2:] = 0
@@ -433,7 +434,7 @@ def test_decode_four_streams_at_the_end_of_the_tensor(isa, dtype, n):
     old = torch.get_num_threads()
     _native.set_isa(isa)
     try:
-        x = torch.randn(1, k).to(dtype)
+        x = torch.randn(m, k).to(dtype)
         outs = []
         for t in (1, 2, 3):
             torch.set_num_threads(t)
