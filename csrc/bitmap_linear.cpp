@@ -250,8 +250,8 @@ LACO_AVX512BF16 void bm_avx512bf16(const BmArgs& a, int64_t n, int64_t m0, int64
     _mm_prefetch(pf + (reinterpret_cast<const char*>(p) - p_start), _MM_HINT_T0);
     if ((w & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(bits + pf_bits + w), _MM_HINT_T0);
     const int c = __builtin_popcount(b);
-    // Unmasked: 32 values from p, of which the expand uses the first c (the row ends 16+ values before
-    // the tensor: bm_block checks; 32 here, so it asks for 32)
+    // Unmasked: 32 values from p, of which the expand uses the first c (the row ends 32 or more values
+    // before the tensor does: bm_block checks)
     const __m512i packed = Unmasked ? _mm512_loadu_si512(p)
                                     : _mm512_maskz_loadu_epi16(static_cast<__mmask32>(_bzhi_u32(0xffffffffu, c)), p);
     const __m512i wv = _mm512_maskz_expand_epi16(static_cast<__mmask32>(b), packed);
