@@ -41,6 +41,13 @@ constexpr int kMaxMB = 8;
 // The values distance is prefetch_bytes(LinearOp::kBitmap) (default 6144, set_prefetch_bytes to tune).
 constexpr int64_t kPfBitmapWords = 512;
 
+// Whether row n's values end at least `margin` values before the tensor's (offsets grow with the row, so
+// this holds for every row before n too): the unmasked value loads may then read `margin` values past
+// the row's end. The last row never qualifies.
+inline bool row_ends_before(const BmArgs& a, int64_t n, int64_t margin) {
+  return n + 1 < a.N && a.offsets[(n + 1) * a.T] + margin <= a.nnz;
+}
+
 // Bits of word w that are real columns (padding bits past K are ignored even if set).
 inline uint32_t valid_bits(const BmArgs& a, int64_t w) {
   const int64_t left = a.K - 32 * w;
@@ -108,20 +115,16 @@ LACO_AVX512 LACO_INLINE __m512 expand16_avx512(const VT*& p, uint32_t bits16) {
   return _mm512_maskz_expand_ps(static_cast<__mmask16>(bits16), packed);
 }
 
+// 16 values from p, of which the first popcount(bits16) are used: the caller keeps p + 16 in bounds
+// (row_ends_before(a, n, 16)).
 template <typename VT>
 LACO_AVX512 LACO_INLINE __m512 expand16_unmasked_avx512(const VT*& p, uint32_t bits16) {
-  __m512 packed;  // 16 values from p, of which the first popcount(bits16) are used: the caller keeps p + 16 in bounds
-  if constexpr (std::is_same_v<VT, float>) {
-    packed = _mm512_loadu_ps(p);
-  } else {
-    packed = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-  }
+  const __m512 packed = load16_f32_avx512(p);
   p += __builtin_popcount(bits16);
   return _mm512_maskz_expand_ps(static_cast<__mmask16>(bits16), packed);
 }
 
-// Unmasked: the row ends at least 16 values before the tensor does (see bm_run), so each half word loads
+// Unmasked: row_ends_before(a, n, 16) holds (bm_block checks), so each half word loads
 // 16 values unmasked (expand16_unmasked_avx512) instead of building a load mask from its popcount.
 template <typename VT, int MB, bool Unmasked = false>
 LACO_AVX512 void bm_avx512(const BmArgs& a, int64_t n, int64_t m0, int64_t w0, int64_t w1, const VT* p, float* out) {
@@ -250,8 +253,8 @@ LACO_AVX512BF16 void bm_avx512bf16(const BmArgs& a, int64_t n, int64_t m0, int64
     _mm_prefetch(pf + (reinterpret_cast<const char*>(p) - p_start), _MM_HINT_T0);
     if ((w & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(bits + pf_bits + w), _MM_HINT_T0);
     const int c = __builtin_popcount(b);
-    // Unmasked: 32 values from p, of which the expand uses the first c (the row ends 32 or more values
-    // before the tensor does: bm_block checks)
+    // Unmasked: 32 values from p, of which the expand uses the first c (row_ends_before(a, n, 32): bm_block
+    // checks)
     const __m512i packed = Unmasked ? _mm512_loadu_si512(p)
                                     : _mm512_maskz_loadu_epi16(static_cast<__mmask32>(_bzhi_u32(0xffffffffu, c)), p);
     const __m512i wv = _mm512_maskz_expand_epi16(static_cast<__mmask32>(b), packed);
@@ -283,13 +286,12 @@ void bm_block(Isa isa, const BmArgs& a, int64_t n, int64_t m0, int64_t w0, int64
 #if LACO_X86
   if constexpr (std::is_same_v<VT, uint16_t>) {
     if (isa >= Isa::kAvx512Bf16 && a.x16) {
-      if (n + 1 < a.N && a.offsets[(n + 1) * a.T] + 32 <= a.nnz) return bm_avx512bf16<MB, true>(a, n, m0, w0, w1, p, out);
+      if (row_ends_before(a, n, 32)) return bm_avx512bf16<MB, true>(a, n, m0, w0, w1, p, out);
       return bm_avx512bf16<MB>(a, n, m0, w0, w1, p, out);
     }
   }
   if (isa >= Isa::kAvx512) {
-    // unmasked loads while the row ends at least 16 values before the tensor (offsets grow with the row)
-    if (n + 1 < a.N && a.offsets[(n + 1) * a.T] + 16 <= a.nnz) return bm_avx512<VT, MB, true>(a, n, m0, w0, w1, p, out);
+    if (row_ends_before(a, n, 16)) return bm_avx512<VT, MB, true>(a, n, m0, w0, w1, p, out);
     return bm_avx512<VT, MB>(a, n, m0, w0, w1, p, out);
   }
   if (isa == Isa::kAvx2) return bm_avx2<VT, MB>(a, n, m0, w0, w1, p, out);
@@ -334,9 +336,6 @@ void bm_run(BmArgs a, const float* bias, float* y) {
     constexpr int R = 4;
     const bool z = isa >= Isa::kAvx512;
     const int64_t pf = prefetch_bytes(LinearOp::kBitmap) / R;
-    // the unmasked 16-wide (AVX-512) / 8-wide (AVX2) value loads of a row read up to 16 values past its
-    // end: every row but those whose end is within 16 values of the tensor's end
-    auto unmasked_ok = [&](int64_t row) { return row + 1 < a.N && a.offsets[(row + 1) * a.T] + 16 <= a.nnz; };
     auto one_row = [&](int64_t row, float* out) {
       *out = 0.f;
       bm_block<VT, 1>(isa, a, row, 0, 0, a.W, values + a.offsets[row * a.T], out);
@@ -345,7 +344,9 @@ void bm_run(BmArgs a, const float* bias, float* y) {
       float part[R];
       const int64_t q = (n1 - n0) / R;
       for (int64_t i = 0; i < q; ++i) {
-        const bool ok = unmasked_ok(n0 + i + (R - 1) * q);  // offsets grow with the row: the last one decides
+        // the unmasked loads (AVX-512 16 wide, AVX2 8 wide) read up to 16 values past a row's end; the
+        // group's last row decides for all four
+        const bool ok = row_ends_before(a, n0 + i + (R - 1) * q, 16);
         if (z && ok) bm_rows_m1_avx512<VT, R, true>(a, n0 + i, q, pf, part);
         else if (z) bm_rows_m1_avx512<VT, R, false>(a, n0 + i, q, pf, part);
         else if (ok) bm_rows_m1_avx2<VT, R>(a, n0 + i, q, pf, part);
