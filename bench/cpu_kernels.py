@@ -4,8 +4,10 @@ Part 1, kernels: for each weight shape (SmolLM2 576x1536 / 1536x576, a 7B MLP 40
 11008x4096), dtype (fp32, bf16), batch M in {1, 2, 4, 8, 16, 32, 64, 256, 1024} and thread count,
 times dense ``F.linear``
 (same dtype, same threads), the 2:4 kernel and the bitmap kernel at 50% and 70% sparsity, as dispatched
-(``path``: the ``direct`` kernel, the 2:4 ``outer``-product kernel from ``_native.outer_min_m`` (AVX2 CPUs)
-or ``panel`` = decompressed row blocks + BLAS from ``_native.panel_min_m``; recorded per row). ``--paths``
+(``path``, from ``_native.linear_path``: the ``direct`` kernel, the fp32 ``outer``-product kernel from
+``_native.outer_min_m``, the bf16 ``pair`` kernel (AVX512_BF16 without AMX, ``outer_min_m`` to
+``pair_max_m``), ``amx`` tiles or ``panel`` = decompressed row blocks + BLAS from ``_native.panel_min_m``;
+recorded per row). ``--paths``
 also times each path forced (``2:4/direct``, ``2:4/outer``, ``2:4/panel``, ``bitmap70/direct``, ...; ``panel``
 with one threaded BLAS call per panel, ``split`` with the weight rows split between threads, each running
 its own panels through a sequential BLAS call; the two differ only with several threads): the
@@ -90,9 +92,9 @@ PATHS = ("direct", "outer", "amx", "panel", "split")
 
 
 def _forced(native, path, fn):
-    """fn with one path forced for every op: the direct kernel, the 2:4 outer-product kernel (AVX2; where
-    the CPU has no such kernel this runs the direct one), AMX tiles (bf16 on AMX CPUs) or decompressed
-    panels + BLAS."""
+    """fn with one path forced for every op: the direct kernel, the outer-product kernel (fp32; for bf16 on
+    AVX512_BF16 CPUs without AMX the pair kernel, the bitmap at density <= 0.4 only; where the CPU has no
+    such kernel this runs the direct one), AMX tiles (bf16 on AMX CPUs) or decompressed panels + BLAS."""
     def call():
         native.set_outer_min_m(0 if path == "outer" else 10 ** 9)
         native.set_amx_min_m(0 if path == "amx" else 10 ** 9)
@@ -108,9 +110,11 @@ def _forced(native, path, fn):
     return call
 
 
-def dispatched_path(native, op: str, dt, shape, m: int) -> str:
-    """The path ``op`` takes at M = m under the measured thresholds (the order of the C++ dispatch)."""
-    lo, hi = native.amx_range(op, dt, shape)
+def dispatched_path(native, op: str, dt, shape, m: int, density: float = 0.5) -> str:
+    """The path ``op`` takes at M = m under the measured thresholds (asked of the C++ dispatch)."""
+    if hasattr(native, "linear_path"):
+        return native.linear_path(op, dt, shape, m, density)
+    lo, hi = native.amx_range(op, dt, shape)  # an older build
     if lo <= m < hi:
         return "amx"
     if m >= native.panel_min_m(op, dt, shape):
@@ -139,7 +143,7 @@ def bench_kernels(native, shapes, ms, dtypes, threads_list, rounds, paths=False)
                         if side == "amx" and native.amx_range("sparse24_linear", dt, (n, k))[0] > 10 ** 12:
                             continue  # no AMX (or fp32)
                         fns[f"2:4/{side}"] = _forced(native, side, lambda: native.sparse24_linear(x, w24))
-                        if side != "outer":  # 2:4 only
+                        if side != "outer" or native.outer_min_m("bitmap_linear", dt, (n, k)) < 10 ** 12:
                             fns[f"bitmap70/{side}"] = _forced(native, side, lambda: native.bitmap_linear(x, bms["bitmap70"]))
                 # correctness of what is timed (fp32 accumulation on both sides)
                 err = {"2:4": (native.sparse24_linear(x, w24).float() - reference.sparse24_linear(x, w24).float())}
@@ -161,7 +165,8 @@ def bench_kernels(native, shapes, ms, dtypes, threads_list, rounds, paths=False)
                             row["path"] = impl.split("/")[1]
                         elif impl != "dense":
                             row["path"] = dispatched_path(native, "sparse24_linear" if base == "2:4" else "bitmap_linear",
-                                                          dt, (n, k), m)
+                                                          dt, (n, k), m,
+                                                          1 - int(base[6:]) / 100 if base.startswith("bitmap") else 0.5)
                         if impl in err:
                             row["max_abs_err_vs_reference"] = float(err[impl].abs().max())
                         rows.append(row)

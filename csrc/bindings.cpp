@@ -51,6 +51,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                 "smallest M that runs through the outer-product kernel (active ISA; huge where it has none)");
   def_threshold("amx_min_m", &laco::amx_min_m, "smallest M that runs on AMX tiles (huge where there are none, or for fp32)");
   def_threshold("amx_max_m", &laco::amx_max_m, "first M past the AMX range (the panel path from there on)");
+  def_threshold("pair_max_m", &laco::pair_max_m,
+                "first M past the bf16 pair kernel's range [outer_min_m, pair_max_m) (0 where it does not run)");
+  m.def("linear_path", [](const std::string& op, const std::string& dtype, int64_t n, int64_t k, int64_t mm,
+                          double density) {
+          TORCH_CHECK(op == "sparse24_linear" || op == "bitmap_linear", "linear_path: unknown op '", op, "'");
+          TORCH_CHECK(dtype == "float32" || dtype == "bfloat16", "linear_path: dtype must be float32 or bfloat16");
+          static const char* names[] = {"direct", "outer", "pair", "panel", "amx"};
+          return std::string(names[static_cast<int>(laco::linear_path(
+              op == "sparse24_linear" ? laco::LinearOp::kSparse24 : laco::LinearOp::kBitmap,
+              dtype == "float32" ? at::kFloat : at::kBFloat16, mm, n, k, density))]);
+        }, "the path the op takes at M = m (the dispatch itself)", py::arg("op"), py::arg("dtype"), py::arg("n"),
+        py::arg("k"), py::arg("m"), py::arg("density"));
   m.def("set_panel_min_m", &laco::set_panel_min_m, "-1: measured defaults; else this M threshold for every op",
         py::arg("m"));
   m.def("set_outer_min_m", &laco::set_outer_min_m, "-1: measured defaults; else this M threshold for every op",

@@ -503,7 +503,9 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at
   TORCH_CHECK(off[0] == 0 && off[(N - 1) * T] <= nnz, op, ": offsets are inconsistent with ", nnz, " values");
   BmArgs a{nullptr, nullptr, values.data_ptr(), reinterpret_cast<const uint32_t*>(bitmap.data_ptr<int32_t>()),
            off, M, N, K, W, T, tile_k, nnz, false};
-  if (M >= amx_min_m(LinearOp::kBitmap, x.scalar_type(), N, K) && M < amx_max_m(LinearOp::kBitmap, x.scalar_type(), N, K)) {
+  const LinearPath path =
+      linear_path(LinearOp::kBitmap, x.scalar_type(), M, N, K, static_cast<double>(nnz) / static_cast<double>(N * K));
+  if (path == LinearPath::kAmx) {
     const Isa isa = active_isa();
     const char* vbase = static_cast<const char*>(a.values);
     const char* bbase = reinterpret_cast<const char*>(a.bitmap);
@@ -518,7 +520,10 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at
           return std::make_pair(vbase + v0 * 2, (v1 - v0) * 2);
         });
   }
-  if (M >= panel_min_m(LinearOp::kBitmap, x.scalar_type(), N, K)) {
+  if (path == LinearPath::kPair) {
+    return bitmap_pair_bf16(x, b32, values, bitmap, offsets, tile_k, N, K);  // bf16 dot pairs (pair_outer_bf16.cpp)
+  }
+  if (path == LinearPath::kPanel) {
     const Isa isa = active_isa();
     if (values.scalar_type() == at::kFloat) {
       return panel_linear(x, bias, N, K, [=](int64_t r0, int64_t r1, void* dst) {
@@ -531,7 +536,7 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at
   }
   at::Tensor x32 = linear_x_fp32(x, values, K, op);
 #if LACO_X86
-  if (M >= outer_min_m(LinearOp::kBitmap, x.scalar_type(), N, K)) {
+  if (path == LinearPath::kOuter) {
     if (values.scalar_type() == at::kFloat) {
       return outer_linear(x32, b32, N, K, tile_k, x.scalar_type(), [=](int64_t n, int64_t k0, int64_t k1, int64_t mp,
                                                                        int32_t* off, float* vals) {

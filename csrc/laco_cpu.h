@@ -143,6 +143,7 @@ using PanelFill = std::function<void(int64_t, int64_t, void*)>;
 // (measured defaults, or the value of set_panel_min_m when that is >= 0).
 int64_t panel_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K);
 void set_panel_min_m(int64_t m);  // -1: measured defaults; 0: always the panel; huge: never
+bool panel_min_m_forced();  // set_panel_min_m holds a forced threshold
 void set_panel_bytes(int64_t bytes);
 // Split the panel path's rows between threads, each running its own panels through a sequential BLAS
 // call: -1 measured default, 0 off, 1 on (benchmarks, tests). panel_split: what a call would do.
@@ -173,6 +174,23 @@ at::Tensor outer_linear(const at::Tensor& x32, const at::Tensor& b32, int64_t N,
 // x32 [M, K] fp32 contiguous, b32 fp32 [N] or undefined; y [M, N] in out_dtype.
 at::Tensor sparse24_outer(const at::Tensor& x32, const at::Tensor& b32, const at::Tensor& values, const at::Tensor& meta,
                           int64_t N, int64_t K, at::ScalarType out_dtype);
+
+// pair_path: whether op runs the bf16 pair kernel below at this M (bf16, AVX512_BF16 without AMX, M in
+// [outer_min_m, pair_max_m), bitmap density at most 0.4 unless set_outer_min_m forces it); pair_max_m: first M past its range (0 if none).
+int64_t pair_max_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K);
+// The path a linear takes (the one dispatch of sparse24_linear / bitmap_linear, also reported to Python):
+// AMX tiles, the bf16 pair kernel, decompressed panels, the outer-product kernel (fp32 x), or the direct
+// kernel (also for empty shapes). density: the bitmap's nonzero fraction (ignored for 2:4).
+enum class LinearPath : int { kDirect = 0, kOuter = 1, kPair = 2, kPanel = 3, kAmx = 4 };
+LinearPath linear_path(LinearOp op, at::ScalarType dt, int64_t M, int64_t N, int64_t K, double density = 0.0);
+bool pair_path(LinearOp op, at::ScalarType dt, int64_t M, int64_t N, int64_t K, double density = 0.0);
+// bf16 mid-M path on AVX512_BF16 CPUs (csrc/pair_outer_bf16.cpp):
+// one vdpbf16ps per kept weight pair and 16 rows of x. x [M, K] bf16 (any strides), b32 fp32 [N] or
+// undefined, weights already checked by the caller; y [M, N] bf16.
+at::Tensor sparse24_pair_bf16(const at::Tensor& x, const at::Tensor& b32, const at::Tensor& values,
+                              const at::Tensor& meta, int64_t N, int64_t K);
+at::Tensor bitmap_pair_bf16(const at::Tensor& x, const at::Tensor& b32, const at::Tensor& values,
+                            const at::Tensor& bitmap, const at::Tensor& offsets, int64_t tile_k, int64_t N, int64_t K);
 
 // bf16 path on Intel AMX tiles (csrc/amx_linear.cpp): rows decompressed by `fill` straight into the
 // tile layout. amx_available: the CPU has AMX-BF16 / AMX-TILE (and AVX512_BF16) and the OS granted the

@@ -203,7 +203,23 @@ int64_t avx512_default_outer_min_m(LinearOp op, at::ScalarType dt, int64_t dense
 
 }  // namespace
 
+// bf16 pair kernel (pair_outer_bf16.cpp) on CPUs with AVX512_BF16 and no AMX: the M range it serves.
+// Measured on the Zen 4 EPYC (docs/cpu_kernels.md, stop 37): see pair_path.
+constexpr int64_t kPairMinM = 16, kPairMaxM = 128;
+constexpr double kPairMaxDensity = 0.4;
+
+// bf16 at the AVX512_BF16 ISA (the kernel's offsets need K < 2^24). With AMX tiles their path serves the
+// middle range and the pair kernel only runs when forced (set_outer_min_m), as in tests.
+bool pair_isa(at::ScalarType dt, int64_t K) {
+  return dt == at::kBFloat16 && active_isa() >= Isa::kAvx512Bf16 && K < (int64_t{1} << 24) &&
+         (!amx_available() || g_outer_min_m_override.load() >= 0);
+}
+
 int64_t outer_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
+  if (pair_isa(dt, K)) {
+    const int64_t o = g_outer_min_m_override.load();
+    return o >= 0 ? o : kPairMinM;
+  }
   // the kernel exists for 2:4 on AVX2 (bitmap: measured slower than the panel path at 50%, about even at
   // 70%, so the panel path serves it; AVX-512: not measured there, the direct / panel thresholds stand),
   // and its int32 offsets into one M-block's xt [K, 64] need K * 64 < 2^31
@@ -222,6 +238,35 @@ int64_t outer_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
 }
 
 void set_outer_min_m(int64_t m) { g_outer_min_m_override = m; }
+
+int64_t pair_max_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
+  if (!pair_isa(dt, K)) return 0;
+  if (g_outer_min_m_override.load() >= 0) return int64_t{1} << 62;
+  // one thread, 2:4 weight under 16 MB: the pair kernel also beat the panels at M = 128 (1536x576 / 576x1536:
+  // 1.04x / 0.97x against 0.95x / 0.91x)
+  const bool large = N * K * 2 >= (int64_t{16} << 20);
+  return op == LinearOp::kSparse24 && !large && at::get_num_threads() == 1 ? 2 * kPairMaxM : kPairMaxM;
+}
+
+LinearPath linear_path(LinearOp op, at::ScalarType dt, int64_t M, int64_t N, int64_t K, double density) {
+  if (M <= 0 || N <= 0) return LinearPath::kDirect;
+  if (M >= amx_min_m(op, dt, N, K) && M < amx_max_m(op, dt, N, K)) return LinearPath::kAmx;
+  // a forced panel threshold (set_panel_min_m) wins over the pair kernel's measured range, as it does
+  // over the outer-product kernel's
+  const bool panel = M >= panel_min_m(op, dt, N, K);
+  if (panel && panel_min_m_forced()) return LinearPath::kPanel;
+  if (pair_path(op, dt, M, N, K, density)) return LinearPath::kPair;
+  if (panel) return LinearPath::kPanel;
+  if (M >= outer_min_m(op, dt, N, K)) return LinearPath::kOuter;
+  return LinearPath::kDirect;
+}
+
+bool pair_path(LinearOp op, at::ScalarType dt, int64_t M, int64_t N, int64_t K, double density) {
+  // bitmap: the kernel does one dot per column pair holding a nonzero; random weights at density d leave
+  // 1 - (1 - d)^2 of the pairs (d = 0.3: 0.51, d = 0.5: 0.75), and at 0.75 it lost to the panels
+  if (op == LinearOp::kBitmap && density > kPairMaxDensity && g_outer_min_m_override.load() < 0) return false;
+  return M > 0 && N > 0 && M >= outer_min_m(op, dt, N, K) && M < pair_max_m(op, dt, N, K);
+}
 
 // y [M, N] in out_dtype = x32 [M, K] @ W^T + b32, W given by decode. x32 fp32 contiguous; b32 fp32 or undefined.
 at::Tensor outer_linear(const at::Tensor& x32, const at::Tensor& b32, int64_t N, int64_t K, int64_t k_align,

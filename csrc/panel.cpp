@@ -92,6 +92,8 @@ int64_t panel_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
 
 void set_panel_min_m(int64_t m) { g_min_m_override = m; }
 
+bool panel_min_m_forced() { return g_min_m_override.load() >= 0; }
+
 void set_panel_bytes(int64_t bytes) {
   TORCH_CHECK(bytes > 0, "set_panel_bytes: need a positive byte count, got ", bytes);
   g_panel_bytes = bytes;

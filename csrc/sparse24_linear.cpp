@@ -599,8 +599,8 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
               W, "], got ", meta.sizes());
   linear_check_x(x, values, K, op);
   at::Tensor b32 = linear_bias_fp32(bias, N, op);
-  if (x.size(0) >= amx_min_m(LinearOp::kSparse24, x.scalar_type(), N, K) &&
-      x.size(0) < amx_max_m(LinearOp::kSparse24, x.scalar_type(), N, K)) {
+  const LinearPath path = linear_path(LinearOp::kSparse24, x.scalar_type(), x.size(0), N, K);
+  if (path == LinearPath::kAmx) {
     const Isa isa = active_isa();
     const uint32_t* mp = reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>());
     const uint16_t* vp = reinterpret_cast<const uint16_t*>(values.data_ptr());
@@ -614,7 +614,10 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
                         : std::make_pair(reinterpret_cast<const char*>(mp + r0 * W), (r1 - r0) * W * 4);
         });
   }
-  if (x.size(0) >= panel_min_m(LinearOp::kSparse24, x.scalar_type(), N, K)) {
+  if (path == LinearPath::kPair) {
+    return sparse24_pair_bf16(x, b32, values, meta, N, K);  // bf16 dot pairs (pair_outer_bf16.cpp)
+  }
+  if (path == LinearPath::kPanel) {
     const Isa isa = active_isa();
     const uint32_t* mp = reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>());
     if (values.scalar_type() == at::kFloat) {
@@ -630,7 +633,7 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
   }
   at::Tensor x32 = linear_x_fp32(x, values, K, op);
   const int64_t M = x32.size(0);
-  if (M > 0 && N > 0 && M >= outer_min_m(LinearOp::kSparse24, x.scalar_type(), N, K)) {
+  if (path == LinearPath::kOuter) {
     return sparse24_outer(x32, b32, values, meta, N, K, x.scalar_type());
   }
   at::Tensor y = at::empty({M, N}, x32.options());

@@ -81,13 +81,38 @@ def _threshold_arg(fn: str, m) -> int:
 
 
 def outer_min_m(op: str, dtype: torch.dtype, shape) -> int:
-    """Smallest M at which ``op`` runs through the outer-product kernel (csrc/outer_linear.cpp: each kept
-    weight times a vector of 8 rows of x transposed) instead of the direct kernel; it applies below
-    :func:`panel_min_m`. Huge where the active ISA has no such kernel (it exists for AVX2 only)."""
+    """Smallest M at which ``op`` runs through an outer-product kernel instead of the direct kernel: for fp32
+    (csrc/outer_linear.cpp: each kept weight times a vector of 8 or 16 rows of x transposed; below
+    :func:`panel_min_m`), for bf16 on CPUs with AVX512_BF16 and no AMX the pair kernel (see
+    :func:`pair_max_m`). Huge where the active ISA has no such kernel."""
     if dtype not in _DTYPES:
         raise TypeError(f"outer_min_m: dtype must be float32 or bfloat16, got {dtype}")
     n, k = shape
     return _C.outer_min_m(op, "float32" if dtype == torch.float32 else "bfloat16", int(n), int(k))
+
+
+def pair_max_m(op: str, dtype: torch.dtype, shape) -> int:
+    """First M past the bf16 pair kernel's range (csrc/pair_outer_bf16.cpp: one vdpbf16ps per kept weight
+    pair and 16 rows of x, on CPUs with AVX512_BF16 and no AMX): ``op`` runs it for
+    ``outer_min_m <= M < pair_max_m`` (the bitmap only at a density of 0.4 or less). 0 where it does not run."""
+    if dtype not in _DTYPES:
+        raise TypeError(f"pair_max_m: dtype must be float32 or bfloat16, got {dtype}")
+    n, k = shape
+    return _C.pair_max_m(op, "float32" if dtype == torch.float32 else "bfloat16", int(n), int(k))
+
+
+def linear_path(op: str, dtype: torch.dtype, shape, m: int, density: float = 0.5) -> str:
+    """The path ``op`` takes for ``m`` rows of x of ``dtype`` and a weight of ``shape`` ``(N, K)`` (bitmap:
+    nonzero fraction ``density``), from the dispatch itself: ``"direct"``, ``"outer"``, ``"pair"``,
+    ``"panel"`` or ``"amx"``."""
+    if dtype not in _DTYPES:
+        raise TypeError(f"linear_path: dtype must be float32 or bfloat16, got {dtype}")
+    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        raise ValueError(f"linear_path: m must be an int >= 0, got {m!r}")
+    if not 0.0 <= float(density) <= 1.0:
+        raise ValueError(f"linear_path: density must be in [0, 1], got {density!r}")
+    n, k = shape
+    return _C.linear_path(op, "float32" if dtype == torch.float32 else "bfloat16", int(n), int(k), m, float(density))
 
 
 def set_outer_min_m(m: int | None) -> None:

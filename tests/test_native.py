@@ -413,6 +413,98 @@ def test_sparse24_outer_kernel_matches_reference(isa, threads, dtype, shape):
         torch.set_num_threads(old)
 
 
+# M = 1, 16 / 17 (one vector of 16 rows, partial), 64 / 65 / 130 (one to three blocks of 64 rows); K from one
+# K-block to many (the table slice is 32-64 KB), K = 4100 / 1001 not a multiple of the 32-column words
+PAIR_SHAPES = [(1, 5, 36), (16, 33, 100), (17, 7, 1000), (64, 9, 8196), (65, 19, 1000), (130, 3, 2052), (40, 70, 4100)]
+
+
+@needs_ext
+@pytest.mark.skipif("avx512bf16" not in ISAS, reason="the bf16 pair kernel needs AVX512_BF16")
+@pytest.mark.parametrize("shape", PAIR_SHAPES, ids=str)
+def test_bf16_pair_kernel_matches_reference(shape):
+    """csrc/pair_outer_bf16.cpp, forced: 2:4 and bitmap (density 0.3, an empty and a full row, odd K), x
+    non-contiguous, every bias kind; x = I is exact (each output one weight); threads 1 / 2 / 3 give the
+    same bits (each output element is summed by one thread in a fixed order)."""
+    m, n, k = shape
+    old = torch.get_num_threads()
+    _native.set_isa("avx512bf16")
+    _native.set_amx_min_m(10**9)
+    _native.set_outer_min_m(0)
+    _native.set_panel_min_m(10**9)
+    try:
+        dt = torch.bfloat16
+        w24 = Sparse24Weight.from_dense(torch.randn(n, k).to(dt), prune=True)
+        kb = k + 1 if k % 2 == 0 else k  # an odd K for the bitmap: its last column pair is half outside
+        w = torch.randn(n, kb) * (torch.rand(n, kb) < 0.3)
+        w[0] = 0
+        if n > 1:
+            w[1] = torch.randn(kb)  # every column pair of this row holds a weight
+        bw = BitmapWeight.from_dense(w.to(dt), tile_k=32)
+        assert _native.linear_path("sparse24_linear", dt, (n, k), m) == "pair"
+        assert _native.linear_path("bitmap_linear", dt, (n, kb), m, bw.values.numel() / (n * kb)) == "pair"
+        x = torch.randn(k, m).to(dt).t()
+        xb = torch.randn(kb, m).to(dt).t()
+        for b in (None, torch.randn(n).to(dt), torch.randn(n)):
+            outs = {}
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                outs[threads] = (_native.sparse24_linear(x, w24, b), _native.bitmap_linear(xb, bw, b))
+            y24, ybm = outs[1]
+            assert y24.dtype == ybm.dtype == dt and y24.shape == ybm.shape == (m, n)
+            for t in (2, 3):
+                assert torch.equal(outs[t][0], y24) and torch.equal(outs[t][1], ybm)
+            _close(y24, reference.sparse24_linear(x, w24, b), dt)
+            _close(ybm, reference.bitmap_linear(xb, bw, b), dt)
+        if k <= 1000:  # x = I: each output is one weight, exactly
+            assert torch.equal(_native.sparse24_linear(torch.eye(k).to(dt), w24).t(), w24.to_dense())
+            assert torch.equal(_native.bitmap_linear(torch.eye(kb).to(dt), bw).t(), bw.to_dense())
+    finally:
+        _native.set_isa("auto")
+        _native.set_outer_min_m(None)
+        _native.set_amx_min_m(None)
+        _native.set_panel_min_m(None)
+        torch.set_num_threads(old)
+
+
+@needs_ext
+def test_linear_path_reports_the_dispatch():
+    """linear_path is the dispatch itself: forced settings move it; the bitmap's pair range depends on the
+    density; bad arguments are named."""
+    dt = torch.bfloat16
+    try:
+        for path in ("direct", "panel"):
+            _native.set_outer_min_m(10**9)
+            _native.set_amx_min_m(10**9)
+            _native.set_panel_min_m(0 if path == "panel" else 10**9)
+            for op in ("sparse24_linear", "bitmap_linear"):
+                for m in (1, 16, 300):
+                    assert _native.linear_path(op, dt, (64, 128), m) == path
+        _native.set_outer_min_m(None)
+        _native.set_amx_min_m(None)
+        _native.set_panel_min_m(None)
+        for op in ("sparse24_linear", "bitmap_linear"):
+            assert _native.linear_path(op, dt, (64, 128), 0) == "direct"  # empty x
+        if "avx512bf16" in ISAS and not HAS_AMX:  # the measured pair range: low density only for the bitmap
+            lo = _native.outer_min_m("bitmap_linear", dt, (576, 1536))
+            assert _native.linear_path("bitmap_linear", dt, (576, 1536), lo, 0.3) == "pair"
+            assert _native.linear_path("bitmap_linear", dt, (576, 1536), lo, 0.5) != "pair"
+            assert _native.linear_path("sparse24_linear", dt, (576, 1536), lo) == "pair"
+            hi = _native.pair_max_m("sparse24_linear", dt, (576, 1536))
+            assert _native.linear_path("sparse24_linear", dt, (576, 1536), hi) == "panel"
+    finally:
+        _native.set_outer_min_m(None)
+        _native.set_amx_min_m(None)
+        _native.set_panel_min_m(None)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        _native.linear_path("sparse24_linear", torch.float16, (8, 8), 1)
+    with pytest.raises(ValueError, match="m must be an int"):
+        _native.linear_path("sparse24_linear", dt, (8, 8), -1)
+    with pytest.raises(ValueError, match="density must be in"):
+        _native.linear_path("bitmap_linear", dt, (8, 8), 1, 1.5)
+    with pytest.raises(RuntimeError, match="unknown op"):
+        _native.linear_path("dense", dt, (8, 8), 1)
+
+
 @needs_ext
 @pytest.mark.skipif("avx2" not in ISAS, reason="the four-stream decode kernels are AVX2 / AVX-512 code")
 @pytest.mark.parametrize("isa", [i for i in ("avx2", "avx512", "avx512bf16") if i in ISAS])
@@ -488,8 +580,12 @@ def test_outer_threshold_is_reported_per_isa():
                     elif isa.startswith("avx512") and dt == torch.float32:  # zmm kernel, both formats
                         assert 2 <= m24 < _native.panel_min_m("sparse24_linear", dt, shape)
                         assert 2 <= mbm < 10**12
-                    else:  # scalar ISA; bf16 on AVX-512 (AMX tiles or panels serve the middle range)
+                    elif isa == "avx512bf16" and not HAS_AMX:  # bf16: the pair kernel, both formats
+                        assert 2 <= m24 == mbm < _native.pair_max_m("sparse24_linear", dt, shape)
+                        assert m24 < _native.pair_max_m("bitmap_linear", dt, shape) <= 256
+                    else:  # scalar ISA; bf16 below AVX512_BF16 or with AMX tiles (they or panels serve it)
                         assert m24 > 10**12 and mbm > 10**12
+                        assert _native.pair_max_m("sparse24_linear", dt, shape) == 0
     finally:
         _native.set_isa(old_isa)
     with pytest.raises(TypeError, match="float32 or bfloat16"):
