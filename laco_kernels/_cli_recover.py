@@ -6,7 +6,8 @@ has 512 positions (32 windows at batch 2; stop 30: 61.75 -> 58.25 after the bloc
 batch 8, as before), in 3 passes on 512-token windows (stop 31: 58.25 -> 56.14 after the block
 stage, 51.45 -> 50.00 after the KL stage, against 2 passes), else 2. LoRA and RestoreLCC keep
 128-token windows and 2 passes. An option the user gives wins; the window options left out are
-derived from it at the same 16,384 tokens and 1,024 tokens a step.
+derived from it at the same 16,384 tokens and 1,024 tokens a step. Where the layer-wise stage trains
+under bf16 autocast (``recover_autocast``), it sees 20,480 tokens (40 windows of 512) instead.
 The KL stage takes windows of 512 (``auto_stage2_seqlen``) of its own (docs/recovery.md).
 
 Also the recovery step itself (``run_recovery``, shared by ``laco recover`` and ``laco run``), its
@@ -17,6 +18,11 @@ from __future__ import annotations
 from ._cli_checks import need_tokenizer
 
 TOKENS = 16384  # layer-wise stage: tokens in all
+# ... when it trains under bf16 autocast (--recover-precision auto on an AVX512-BF16 / AMX CPU: about 1.3x
+# faster a token there), 40 windows of 512: stop 36 on a Zen 4 EPYC, the main job from a clean clone with
+# 32 windows 50.07 in 538.5 s, with 48 windows 49.13 in 701.1 s (bench/results/laco_run_zen4_stop36_*.json);
+# 40 spends about half of that extra time. fp32 training keeps 16,384 (Zen 3 EPYC: 49.56 in 723 s).
+TOKENS_BF16 = 20480
 STEP_TOKENS = 1024  # tokens per optimizer step
 LAYERWISE_SEQLEN = 512
 SHORT_SEQLEN = 128
@@ -40,7 +46,8 @@ def auto_recover_windows(args, path: str) -> None:
         long_ok = args.recover == "layerwise" and (_positions(path) or LAYERWISE_SEQLEN) >= LAYERWISE_SEQLEN
         args.recover_seqlen = LAYERWISE_SEQLEN if long_ok else SHORT_SEQLEN
     if args.recover_nsamples is None:
-        args.recover_nsamples = max(1, TOKENS // args.recover_seqlen)
+        bf16 = args.recover == "layerwise" and recover_autocast(args)
+        args.recover_nsamples = max(1, (TOKENS_BF16 if bf16 else TOKENS) // args.recover_seqlen)
     if args.recover_batch_size is None:
         args.recover_batch_size = max(1, STEP_TOKENS // args.recover_seqlen)
     if args.recover_epochs is None:

@@ -340,9 +340,10 @@ def _add_recover_options(p, default_epochs: int, default_nsamples: int = 128, de
                          default_inputs: str = "pruned", default_stage2: int = 0, default_stage2_lr: float = 1e-4,
                          default_stage2_seqlen: int | None = None, auto_windows: bool = False):
     g = p.add_argument_group("recovery settings")
-    auto = ("; layer-wise: 16,384 tokens in windows of 512 at batch 2 where the model has 512 positions, "
+    auto = ("; layer-wise: 16,384 tokens (20,480 where it trains under bf16 autocast, see "
+            "--recover-precision) in windows of 512 at batch 2 where the model has 512 positions, "
             "else of 128 at batch 8; LoRA / RestoreLCC: 128 windows of 128 at batch 8; what you give sets "
-            "the rest at 16,384 tokens, 1,024 a step") if auto_windows else ""
+            "the rest at the same tokens, 1,024 a step") if auto_windows else ""
     g.add_argument("--recover-nsamples", type=int, default=None if auto_windows else default_nsamples,
                    help="calibration windows (or prompts) (default: "
                         + ("auto" + auto if auto_windows else str(default_nsamples)) + ")")

@@ -216,7 +216,7 @@ def test_bad_recover_loss_fails_before_loading(capsys):
 
 def test_run_and_recover_recovery_defaults(tmp_path):
     """The main job's defaults are the measured CPU recipe in the README (SparseGPT 2:4, then the
-    layer-wise stage on 16k tokens: 32 windows of 512 at batch 2 where the model has 512 positions,
+    layer-wise stage on 16k tokens (20k under bf16 autocast): 32 windows of 512 at batch 2 where the model has 512 positions,
     else 128 x 128 at batch 8; 3 passes on 512-token windows, else 2; token-nmse; 1 epoch of end-to-end
     KL at lr 4e-4); LoRA / RestoreLCC keep 128 x 128 and 2 passes; a window option the user gives sets
     the others at the same tokens; `laco recover` keeps batch 4 and no KL stage."""
@@ -231,14 +231,20 @@ def test_run_and_recover_recovery_defaults(tmp_path):
         None, None, None, None)  # resolved later
     for positions in (2048, 128):
         LlamaConfig(max_position_embeddings=positions).save_pretrained(tmp_path / f"p{positions}")
-    # (windows, tokens per window, batch, passes): 3 passes for the layer-wise stage on 512-token windows
+    # (windows, tokens per window, batch, passes): 3 passes for the layer-wise stage on 512-token windows;
+    # fp32 training (these rows) 16,384 tokens, bf16 autocast 20,480 (the last rows)
     for extra, positions, want in (([], 2048, (32, 512, 2, 3)), ([], 128, (128, 128, 8, 2)),
                                    (["--recover", "lora"], 2048, (128, 128, 8, 2)),
                                    (["--recover", "restore-lcc"], 2048, (128, 128, 8, 2)),
                                    (["--recover-seqlen", "256"], 2048, (64, 256, 4, 2)),
                                    (["--recover-nsamples", "8"], 2048, (8, 512, 2, 3)),
                                    (["--recover-epochs", "1"], 2048, (32, 512, 2, 1)),
-                                   (["--recover-batch-size", "1"], 2048, (32, 512, 1, 3))):
+                                   (["--recover-batch-size", "1"], 2048, (32, 512, 1, 3)),
+                                   (["--recover-precision", "bf16"], 2048, (40, 512, 2, 3)),
+                                   (["--recover-precision", "bf16", "--recover-seqlen", "256"], 2048, (80, 256, 4, 2)),
+                                   (["--recover-precision", "bf16", "--recover", "lora"], 2048, (128, 128, 8, 2))):
+        if "--recover-precision" not in extra:
+            extra = [*extra, "--recover-precision", "fp32"]
         args = build_parser().parse_args(["run", *extra])
         auto_recover_windows(args, str(tmp_path / f"p{positions}"))
         got = (args.recover_nsamples, args.recover_seqlen, args.recover_batch_size, args.recover_epochs)
