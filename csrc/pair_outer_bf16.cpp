@@ -10,18 +10,20 @@
 // How: vdpbf16ps adds, per fp32 lane, two bf16 products. Lanes are 16 rows of x; the two products are
 // the two weights of a pair of one output row n against the same two columns of x:
 //     yt[n, m] += w[n, c0] * x[m, c0] + w[n, c1] * x[m, c1]      for the 16 rows m of a vector
-// The weight pair is broadcast; the x pairs come from a table built once per call (`PairTable`):
+// The weight pair is broadcast; the x pairs come from a table built once per call (fill_table_*):
 //  - 2:4: a group's two kept columns (i0 < i1, a format invariant) are one of 6 combinations; the table
 //    holds, per group and combination, the vector of (x[m, 4g + i0], x[m, 4g + i1]) pairs: 3x x's bytes.
 //    The weight pair is the group's two stored values as one 32-bit word (no decode of values at all).
 //    One dot per group per 16 rows: half the dots of the dense GEMM.
 //  - bitmap: adjacent columns (2p, 2p + 1); the table is x transposed in pairs (x's bytes); a pair whose
 //    two weights are zero is skipped (random 50%: 3/4 of the pairs remain, 70%: 1/2).
-// Each row's kept pairs of a K-block are first decoded into (table offset, weight pair) lists in
-// registers (compress), then the dot loop runs over them: per pair one broadcast and MBV loads + dots.
-// fp32 accumulation; each output element is produced by one thread in a fixed order (deterministic
-// for any thread count). Blocking as in outer_linear.cpp: x rows in blocks of at most 64 (4 vectors),
-// K in blocks whose table slice stays in cache while kRowChunk weight rows pass over it.
+// The rows of a chunk of kRowChunk weight rows are first decoded whole into (table offset, weight pair)
+// lists (s24_pair_decode / bm_pair_decode), then K-blocks of the table pass under the chunk's rows: per
+// pair one broadcast and MBV loads + dots (pair_row). x rows in blocks of at most 64 (4 vectors); the
+// next chunk's weight bytes are prefetched into L2 meanwhile. fp32 accumulation, rounded to bf16 in the
+// kernel; each output element is produced by one thread in a fixed order (the same bits for any thread
+// count). Dispatch (linear_path, outer_linear.cpp): bf16 at the AVX512_BF16 ISA without AMX, M in
+// [outer_min_m, pair_max_m); measured results in docs/cpu_kernels.md (stop 37).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -257,7 +259,7 @@ at::Tensor pair_outer(const at::Tensor& x, const at::Tensor& b32, int64_t N, int
   thread_local at::Tensor cache;
   at::Tensor hold;
   const int64_t words = tab_at[nblocks];
-  at::Tensor& buf = words * 4 <= (int64_t{64} << 20) ? cache : hold;
+  at::Tensor& buf = words * 4 <= (int64_t{16} << 20) ? cache : hold;  // kept up to 16 MB (7B, M = 64: 4 MB)
   if (!buf.defined() || buf.numel() < words) buf = at::empty({words}, at::TensorOptions().dtype(at::kInt));
   uint32_t* tab = reinterpret_cast<uint32_t*>(buf.data_ptr<int32_t>());
   const int64_t units = s24 ? K / 4 : (K + 1) / 2;  // groups or pairs

@@ -7,7 +7,8 @@ batch 8, as before), in 3 passes on 512-token windows (stop 31: 58.25 -> 56.14 a
 stage, 51.45 -> 50.00 after the KL stage, against 2 passes), else 2. LoRA and RestoreLCC keep
 128-token windows and 2 passes. An option the user gives wins; the window options left out are
 derived from it at the same 16,384 tokens and 1,024 tokens a step. Where the layer-wise stage trains
-under bf16 autocast (``recover_autocast``), it sees 20,480 tokens (40 windows of 512) instead.
+under bf16 autocast (``recover_autocast``), it sees 20,480 tokens (40 windows of 512) instead, and
+the KL stage as many (stop 37, Zen 4 EPYC: 49.07 in 578.6 s, bench/results/laco_run_zen4_stop37_fresh_clone.json).
 The KL stage takes windows of 512 (``auto_stage2_seqlen``) of its own (docs/recovery.md).
 
 Also the recovery step itself (``run_recovery``, shared by ``laco recover`` and ``laco run``), its

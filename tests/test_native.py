@@ -4,6 +4,7 @@ Every vector path this CPU has (scalar, AVX2, AVX-512, capped with ``set_isa``) 
 ``reference.py`` on awkward shapes, fp32 and bf16, with 1 and 2 threads. Without the extension
 these tests skip (with the reason) and only the fallback test runs.
 """
+import contextlib
 import sys
 
 import pytest
@@ -366,6 +367,25 @@ def test_linears_both_sides_of_the_panel_threshold(isa_and_threads, linear_path,
         _close(ybm, reference.bitmap_linear(x, bw, b), dtype)
 
 
+@contextlib.contextmanager
+def _outer_kernel_forced(isa: str):
+    """The outer-product kernel (bf16 at avx512bf16: the pair kernel) forced for every op at this ISA cap;
+    the ISA, the thresholds and the thread count restored after."""
+    old = torch.get_num_threads()
+    _native.set_isa(isa)
+    _native.set_amx_min_m(10**9)
+    _native.set_outer_min_m(0)
+    _native.set_panel_min_m(10**9)
+    try:
+        yield
+    finally:
+        _native.set_isa("auto")
+        _native.set_outer_min_m(None)
+        _native.set_amx_min_m(None)
+        _native.set_panel_min_m(None)
+        torch.set_num_threads(old)
+
+
 # M = 8, 9 (one partial vector), 64 / 65 / 130 (one to three blocks of 64 rows, the last partial);
 # K = 100 (one K-block), 1000 and 8196 (K-blocks of 64-640 columns, a partial meta word at the end)
 OUTER_SHAPES = [(1, 3, 36), (8, 33, 100), (9, 17, 1000), (64, 5, 1000), (65, 7, 8196), (130, 19, 1000)]
@@ -380,13 +400,8 @@ OUTER_SHAPES = [(1, 3, 36), (8, 33, 100), (9, 17, 1000), (64, 5, 1000), (65, 7, 
 def test_sparse24_outer_kernel_matches_reference(isa, threads, dtype, shape):
     """ymm (8 rows of x per vector) on AVX2, zmm (16 rows) on AVX-512; forced on both."""
     m, n, k = shape
-    old = torch.get_num_threads()
-    _native.set_isa(isa)
-    _native.set_amx_min_m(10**9)
-    _native.set_outer_min_m(0)
-    _native.set_panel_min_m(10**9)
-    torch.set_num_threads(threads)
-    try:
+    with _outer_kernel_forced(isa):
+        torch.set_num_threads(threads)
         assert _native.outer_min_m("sparse24_linear", dtype, (n, k)) == 0
         w24 = Sparse24Weight.from_dense(torch.randn(n, k).to(dtype), prune=True)
         x = torch.randn(k, m).to(dtype).t()  # non-contiguous
@@ -405,12 +420,6 @@ def test_sparse24_outer_kernel_matches_reference(isa, threads, dtype, shape):
                 for b in (None, torch.randn(n).to(dtype)):
                     _close(_native.bitmap_linear(x, bw, b), reference.bitmap_linear(x, bw, b), dtype)
                 assert torch.equal(_native.bitmap_linear(eye, bw).t(), bw.to_dense())
-    finally:
-        _native.set_isa("auto")
-        _native.set_outer_min_m(None)
-        _native.set_amx_min_m(None)
-        _native.set_panel_min_m(None)
-        torch.set_num_threads(old)
 
 
 # M = 1, 16 / 17 (one vector of 16 rows, partial), 64 / 65 / 130 (one to three blocks of 64 rows); K from one
@@ -426,12 +435,7 @@ def test_bf16_pair_kernel_matches_reference(shape):
     non-contiguous, every bias kind; x = I is exact (each output one weight); threads 1 / 2 / 3 give the
     same bits (each output element is summed by one thread in a fixed order)."""
     m, n, k = shape
-    old = torch.get_num_threads()
-    _native.set_isa("avx512bf16")
-    _native.set_amx_min_m(10**9)
-    _native.set_outer_min_m(0)
-    _native.set_panel_min_m(10**9)
-    try:
+    with _outer_kernel_forced("avx512bf16"):
         dt = torch.bfloat16
         w24 = Sparse24Weight.from_dense(torch.randn(n, k).to(dt), prune=True)
         kb = k + 1 if k % 2 == 0 else k  # an odd K for the bitmap: its last column pair is half outside
@@ -458,12 +462,6 @@ def test_bf16_pair_kernel_matches_reference(shape):
         if k <= 1000:  # x = I: each output is one weight, exactly
             assert torch.equal(_native.sparse24_linear(torch.eye(k).to(dt), w24).t(), w24.to_dense())
             assert torch.equal(_native.bitmap_linear(torch.eye(kb).to(dt), bw).t(), bw.to_dense())
-    finally:
-        _native.set_isa("auto")
-        _native.set_outer_min_m(None)
-        _native.set_amx_min_m(None)
-        _native.set_panel_min_m(None)
-        torch.set_num_threads(old)
 
 
 @needs_ext
