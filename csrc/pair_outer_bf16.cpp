@@ -13,7 +13,7 @@
 // The weight pair is broadcast; the x pairs come from a table built once per call (fill_table_*):
 //  - 2:4: a group's two kept columns (i0 < i1, a format invariant) are one of 6 combinations; the table
 //    holds, per group and combination, the vector of (x[m, 4g + i0], x[m, 4g + i1]) pairs: 3x x's bytes.
-//    The weight pair is the group's two stored values as one 32-bit word (no decode of values at all).
+//    The weight pair is the group's two stored values as one 32-bit word (copied, never decoded).
 //    One dot per group per 16 rows: half the dots of the dense GEMM.
 //  - bitmap: adjacent columns (2p, 2p + 1); the table is x transposed in pairs (x's bytes); a pair whose
 //    two weights are zero is skipped (random 50%: 3/4 of the pairs remain, 70%: 1/2).
@@ -164,7 +164,7 @@ LACO_AVX512BF16 void fill_table_pairs(const uint16_t* x, int64_t K, int64_t m0, 
 }
 
 // 2:4 row n, all K / 4 groups: one entry per group, off[g] = (6 g + combination) * L (the word offset of its
-// table row in the M-block's table); the weight pairs are the stored values themselves.
+// table row in the M-block's table); the weight pairs are the group's two stored values (copied by the caller).
 LACO_AVX512BF16 void s24_pair_decode(const uint32_t* mrow, int64_t G, int64_t L, int32_t* off) {
   alignas(64) int32_t lut[16];
   for (int i = 0; i < 16; ++i) lut[i] = static_cast<int32_t>(kComboOfNibble[i] * L);
@@ -233,8 +233,8 @@ LACO_AVX512BF16 void store_bf16_block(const float* acc, int64_t L, int64_t rows,
 #endif
 
 // Decode of one weight row's kept pairs for an M-block of L lanes: writes off (word offsets into the
-// M-block's table), seg[b] (first entry of K-block b, kb columns each; seg[nkb] = the count) and either fills
-// `pairs` or returns a pointer to the weight pairs (2:4: the stored values). Room: K / 2 + 16 entries.
+// M-block's table), seg[b] (first entry of K-block b, kb columns each; seg[nkb] = the count), fills `pairs`
+// with the weight pairs and returns it. Room: K / 2 + 64 entries.
 using PairDecode = std::function<const uint32_t*(int64_t n, int64_t kb, int64_t L, int32_t* off, uint32_t* pairs,
                                                  int64_t* seg)>;
 // spans(n, s): the s-th (0 or 1) contiguous byte range of weight row n (values, then meta / bitmap).

@@ -495,6 +495,8 @@ def test_linear_path_reports_the_dispatch():
         _native.set_panel_min_m(None)
     with pytest.raises(TypeError, match="float32 or bfloat16"):
         _native.linear_path("sparse24_linear", torch.float16, (8, 8), 1)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        _native.pair_max_m("sparse24_linear", torch.float16, (8, 8))
     with pytest.raises(ValueError, match="m must be an int"):
         _native.linear_path("sparse24_linear", dt, (8, 8), -1)
     with pytest.raises(ValueError, match="density must be in"):
