@@ -459,6 +459,11 @@ def test_bf16_pair_kernel_matches_reference(shape):
                 assert torch.equal(outs[t][0], y24) and torch.equal(outs[t][1], ybm)
             _close(y24, reference.sparse24_linear(x, w24, b), dt)
             _close(ybm, reference.bitmap_linear(xb, bw, b), dt)
+        # values at an odd bf16 offset (a view): the kernel copies them instead of reading 32-bit pairs in place
+        buf = torch.empty(w24.values.numel() + 1, dtype=dt)
+        buf[1:].copy_(w24.values.reshape(-1))
+        shifted = Sparse24Weight(buf[1:].view(n, k // 2), w24.meta, w24.shape)
+        assert torch.equal(_native.sparse24_linear(x, shifted), _native.sparse24_linear(x, w24))
         if k <= 1000:  # x = I: each output is one weight, exactly
             assert torch.equal(_native.sparse24_linear(torch.eye(k).to(dt), w24).t(), w24.to_dense())
             assert torch.equal(_native.bitmap_linear(torch.eye(kb).to(dt), bw).t(), bw.to_dense())
