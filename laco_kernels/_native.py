@@ -61,14 +61,25 @@ def set_isa(name: str) -> None:
     _C.set_isa(name)
 
 
+def _query_args(fn: str, dtype: torch.dtype, shape) -> Tuple[str, int, int]:
+    """The dtype name and (N, K) of a threshold query, checked: TypeError / ValueError naming ``fn``."""
+    if dtype not in _DTYPES:
+        raise TypeError(f"{fn}: dtype must be float32 or bfloat16, got {dtype}")
+    try:
+        n, k = (int(v) for v in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"{fn}: shape must be (N, K), two ints, got {shape!r}") from None
+    if n < 0 or k < 0:
+        raise ValueError(f"{fn}: shape must be (N, K) with N, K >= 0, got {shape!r}")
+    return ("float32" if dtype == torch.float32 else "bfloat16"), n, k
+
+
 def panel_min_m(op: str, dtype: torch.dtype, shape) -> int:
     """Smallest M (rows of x) at which ``op`` (``"sparse24_linear"`` / ``"bitmap_linear"``) runs through
     decompressed panels and the BLAS instead of the direct kernel, for x of ``dtype``, a weight of
     ``shape`` ``(N, K)``, under the active ISA."""
-    if dtype not in _DTYPES:
-        raise TypeError(f"panel_min_m: dtype must be float32 or bfloat16, got {dtype}")
-    n, k = shape
-    return _C.panel_min_m(op, "float32" if dtype == torch.float32 else "bfloat16", int(n), int(k))
+    name, n, k = _query_args("panel_min_m", dtype, shape)
+    return _C.panel_min_m(op, name, n, k)
 
 
 def _threshold_arg(fn: str, m) -> int:
@@ -85,34 +96,28 @@ def outer_min_m(op: str, dtype: torch.dtype, shape) -> int:
     (csrc/outer_linear.cpp: each kept weight times a vector of 8 or 16 rows of x transposed; below
     :func:`panel_min_m`), for bf16 on CPUs with AVX512_BF16 and no AMX the pair kernel (see
     :func:`pair_max_m`). Huge where the active ISA has no such kernel."""
-    if dtype not in _DTYPES:
-        raise TypeError(f"outer_min_m: dtype must be float32 or bfloat16, got {dtype}")
-    n, k = shape
-    return _C.outer_min_m(op, "float32" if dtype == torch.float32 else "bfloat16", int(n), int(k))
+    name, n, k = _query_args("outer_min_m", dtype, shape)
+    return _C.outer_min_m(op, name, n, k)
 
 
 def pair_max_m(op: str, dtype: torch.dtype, shape) -> int:
     """First M past the bf16 pair kernel's range (csrc/pair_outer_bf16.cpp: one vdpbf16ps per kept weight
     pair and 16 rows of x, on CPUs with AVX512_BF16 and no AMX): ``op`` runs it for
     ``outer_min_m <= M < pair_max_m`` (the bitmap only at a density of 0.4 or less). 0 where it does not run."""
-    if dtype not in _DTYPES:
-        raise TypeError(f"pair_max_m: dtype must be float32 or bfloat16, got {dtype}")
-    n, k = shape
-    return _C.pair_max_m(op, "float32" if dtype == torch.float32 else "bfloat16", int(n), int(k))
+    name, n, k = _query_args("pair_max_m", dtype, shape)
+    return _C.pair_max_m(op, name, n, k)
 
 
 def linear_path(op: str, dtype: torch.dtype, shape, m: int, density: float = 0.5) -> str:
     """The path ``op`` takes for ``m`` rows of x of ``dtype`` and a weight of ``shape`` ``(N, K)`` (bitmap:
     nonzero fraction ``density``), from the dispatch itself: ``"direct"``, ``"outer"``, ``"pair"``,
     ``"panel"`` or ``"amx"``."""
-    if dtype not in _DTYPES:
-        raise TypeError(f"linear_path: dtype must be float32 or bfloat16, got {dtype}")
+    name, n, k = _query_args("linear_path", dtype, shape)
     if isinstance(m, bool) or not isinstance(m, int) or m < 0:
         raise ValueError(f"linear_path: m must be an int >= 0, got {m!r}")
     if not 0.0 <= float(density) <= 1.0:
         raise ValueError(f"linear_path: density must be in [0, 1], got {density!r}")
-    n, k = shape
-    return _C.linear_path(op, "float32" if dtype == torch.float32 else "bfloat16", int(n), int(k), m, float(density))
+    return _C.linear_path(op, name, n, k, m, float(density))
 
 
 def set_outer_min_m(m: int | None) -> None:
@@ -130,11 +135,8 @@ def amx_range(op: str, dtype: torch.dtype, shape) -> Tuple[int, int]:
     """``(lo, hi)``: ``op`` runs on AMX tiles (csrc/amx_linear.cpp: rows decompressed straight into the tile
     layout) for ``lo <= M < hi``. bf16 only; ``lo`` is huge without AMX, for fp32, when disabled by
     :func:`set_amx_enabled` or when the ISA is capped below ``avx512bf16``. Above it the panel path runs."""
-    if dtype not in _DTYPES:
-        raise TypeError(f"amx_range: dtype must be float32 or bfloat16, got {dtype}")
-    n, k = shape
-    name = "float32" if dtype == torch.float32 else "bfloat16"
-    return int(_C.amx_min_m(op, name, int(n), int(k))), int(_C.amx_max_m(op, name, int(n), int(k)))
+    name, n, k = _query_args("amx_range", dtype, shape)
+    return int(_C.amx_min_m(op, name, n, k)), int(_C.amx_max_m(op, name, n, k))
 
 
 def set_amx_min_m(m: int | None) -> None:

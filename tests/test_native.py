@@ -502,6 +502,12 @@ def test_linear_path_reports_the_dispatch():
         _native.linear_path("sparse24_linear", torch.float16, (8, 8), 1)
     with pytest.raises(TypeError, match="float32 or bfloat16"):
         _native.pair_max_m("sparse24_linear", torch.float16, (8, 8))
+    for fn in (_native.pair_max_m, _native.panel_min_m, _native.outer_min_m, _native.amx_range):
+        for bad in ((8,), (8, 8, 8), (-1, 8), ("a", 8), 8):
+            with pytest.raises(ValueError, match=fn.__name__ + r": shape must be \(N, K\)"):
+                fn("sparse24_linear", dt, bad)
+    with pytest.raises(ValueError, match=r"linear_path: shape must be \(N, K\)"):
+        _native.linear_path("sparse24_linear", dt, (8,), 1)
     with pytest.raises(ValueError, match="m must be an int"):
         _native.linear_path("sparse24_linear", dt, (8, 8), -1)
     with pytest.raises(ValueError, match="density must be in"):
