@@ -204,8 +204,11 @@ int64_t avx512_default_outer_min_m(LinearOp op, at::ScalarType dt, int64_t dense
 }  // namespace
 
 // bf16 pair kernel (pair_outer_bf16.cpp) on CPUs with AVX512_BF16 and no AMX: the M range it serves.
-// Measured on the Zen 4 EPYC (docs/cpu_kernels.md, stop 37): see pair_path.
-constexpr int64_t kPairMinM = 16, kPairMaxM = 128;
+// Measured on the Zen 4 EPYC (docs/cpu_kernels.md, stops 37-38): see pair_path. 2:4 weights of 16 MB or
+// more from M = 8 (stop 38, 8-lane vectors for M <= 8; 7B shapes, one / two threads, forced paths
+// interleaved with F.linear: pair 0.89x / 0.96x (11008x4096), 0.96x / 1.13x (4096x11008) against the panels'
+// 0.79x / 0.70x and 0.86x / 0.22x; smaller weights keep the direct kernel there: 1.45-1.63x against 0.93-1.37x).
+constexpr int64_t kPairMinM = 16, kPairMinMLarge24 = 8, kPairMaxM = 128;
 constexpr double kPairMaxDensity = 0.4;
 
 // bf16 at the AVX512_BF16 ISA (the kernel's offsets need K < 2^24). With AMX tiles their path serves the
@@ -218,7 +221,8 @@ bool pair_isa(at::ScalarType dt, int64_t K) {
 int64_t outer_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
   if (pair_isa(dt, K)) {
     const int64_t o = g_outer_min_m_override.load();
-    return o >= 0 ? o : kPairMinM;
+    const bool large = N * K * 2 >= (int64_t{16} << 20);
+    return o >= 0 ? o : (op == LinearOp::kSparse24 && large ? kPairMinMLarge24 : kPairMinM);
   }
   // the kernel exists for 2:4 on AVX2 (bitmap: measured slower than the panel path at 50%, about even at
   // 70%, so the panel path serves it; AVX-512: not measured there, the direct / panel thresholds stand),

@@ -90,13 +90,47 @@ LACO_AVX512BF16 void pair_row(const int32_t* off, const uint32_t* pairs, int64_t
   pair_store(std::make_index_sequence<MBV>{}, acc, acc_io);
 }
 
-void pair_row_mbv(int mbv, const int32_t* off, const uint32_t* pairs, int64_t cnt, const uint32_t* tab, float* acc) {
-  switch (mbv) {
+// M <= 8: one 8-lane (ymm) vector per dot. On Zen 4 a zmm vdpbf16ps is two 256-bit halves, so 16 lanes of
+// which 8 are padding cost twice what the 8 useful ones need, and the table vector read per dot (the loop's
+// bound, from L2) is half as long.
+template <size_t... U>
+LACO_AVX512BF16 LACO_INLINE void pair_step8(std::index_sequence<U...>, const int32_t* off, const uint32_t* pairs,
+                                            const uint32_t* tab, __m256* acc) {
+  ((acc[U] = _mm256_dpbf16_ps(acc[U], (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tab + off[U])),
+                              (__m256bh)_mm256_set1_epi32(static_cast<int>(pairs[U])))), ...);
+}
+
+template <int U>
+LACO_AVX512BF16 void pair_row8(const int32_t* off, const uint32_t* pairs, int64_t cnt, const uint32_t* tab,
+                               float* acc_io) {
+  __m256 acc[U];
+  acc[0] = _mm256_loadu_ps(acc_io);
+  for (int u = 1; u < U; ++u) acc[u] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + U <= cnt; j += U) pair_step8(std::make_index_sequence<U>{}, off + j, pairs + j, tab, acc);
+  for (; j < cnt; ++j) pair_step8(std::make_index_sequence<1>{}, off + j, pairs + j, tab, acc);
+  for (int u = 1; u < U; ++u) acc[0] = _mm256_add_ps(acc[0], acc[u]);
+  _mm256_storeu_ps(acc_io, acc[0]);
+}
+
+// Lanes of an M-block of `rows` rows of x: 8 (one ymm) up to 8 rows, else whole 16-lane vectors.
+int64_t block_lanes(int64_t rows) { return rows <= kLanes / 2 ? kLanes / 2 : (rows + kLanes - 1) / kLanes * kLanes; }
+
+void pair_row_mbv(int64_t L, const int32_t* off, const uint32_t* pairs, int64_t cnt, const uint32_t* tab, float* acc) {
+  if (L < kLanes) return pair_row8<8>(off, pairs, cnt, tab, acc);
+  switch (L / kLanes) {
     case 1: return pair_row<1, 6>(off, pairs, cnt, tab, acc);
     case 2: return pair_row<2, 3>(off, pairs, cnt, tab, acc);
     case 3: return pair_row<3, 2>(off, pairs, cnt, tab, acc);
     default: return pair_row<4, 3>(off, pairs, cnt, tab, acc);
   }
+}
+
+// A table vector of 16 lanes, or its low 8 where the M-block has 8 lanes (its neighbours in the table are
+// other threads' rows).
+LACO_AVX512BF16 LACO_INLINE void store_lanes(uint32_t* t, int64_t lanes, __m512i v) {
+  if (lanes >= kLanes) _mm512_storeu_si512(t, v);
+  else _mm256_storeu_si256(reinterpret_cast<__m256i*>(t), _mm512_castsi512_si256(v));
 }
 
 // Columns (i0, i1) of the 6 kept-pair combinations of a 2:4 group, and the combination of each meta
@@ -134,7 +168,7 @@ LACO_AVX512BF16 void fill_table_s24(const uint16_t* x, int64_t K, int64_t m0, in
       const __m512i lo = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), k_lo, o_lo, bg, 1);
       const __m512i hi = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), k_hi, o_hi, bg, 1);
       uint32_t* t = tab + 6 * g * L + l0;
-      for (int q = 0; q < 6; ++q) _mm512_storeu_si512(t + q * L, _mm512_permutex2var_epi16(lo, vidx[q], hi));
+      for (int q = 0; q < 6; ++q) store_lanes(t + q * L, L - l0, _mm512_permutex2var_epi16(lo, vidx[q], hi));
     }
   }
 }
@@ -154,11 +188,11 @@ LACO_AVX512BF16 void fill_table_pairs(const uint16_t* x, int64_t K, int64_t m0, 
     const char* bm = base + m0 * 2 * K;
     const int64_t pe = std::min(p1, K / 2);  // whole pairs; an odd K's last column below
     for (int64_t p = p0; p < pe; ++p)
-      _mm512_storeu_si512(tab + p * L + l0, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, o, bm + 4 * p, 1));
+      store_lanes(tab + p * L + l0, L - l0, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, o, bm + 4 * p, 1));
     if (pe < p1) {  // p = K / 2 of an odd K: column K - 1 and a zero
       alignas(64) uint32_t last[kLanes] = {};
       for (int64_t l = 0; l < valid; ++l) last[l] = x[(m0 + l0 + l) * K + K - 1];
-      _mm512_storeu_si512(tab + pe * L + l0, _mm512_load_si512(last));
+      store_lanes(tab + pe * L + l0, L - l0, _mm512_load_si512(last));
     }
   }
 }
@@ -254,7 +288,7 @@ at::Tensor pair_outer(const at::Tensor& x, const at::Tensor& b32, int64_t N, int
   std::vector<int64_t> tab_at(nblocks + 1, 0);
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t rows = std::min(kBlockRows, M - b * kBlockRows);
-    tab_at[b + 1] = tab_at[b] + P * ((rows + kLanes - 1) / kLanes * kLanes);
+    tab_at[b + 1] = tab_at[b] + P * block_lanes(rows);
   }
   thread_local at::Tensor cache;
   at::Tensor hold;
@@ -265,7 +299,7 @@ at::Tensor pair_outer(const at::Tensor& x, const at::Tensor& b32, int64_t N, int
   const int64_t units = s24 ? K / 4 : (K + 1) / 2;  // groups or pairs
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t m0 = b * kBlockRows, rows = std::min(kBlockRows, M - m0);
-    const int64_t L = (rows + kLanes - 1) / kLanes * kLanes;
+    const int64_t L = block_lanes(rows);
     uint32_t* tb = tab + tab_at[b];
     at::parallel_for(0, units, std::max<int64_t>(1, (int64_t{1} << 14) / L), [&](int64_t u0, int64_t u1) {
       if (s24) fill_table_s24(xp, K, m0, rows, L, u0, u1, tb); else fill_table_pairs(xp, K, m0, rows, L, u0, u1, tb);
@@ -297,7 +331,7 @@ at::Tensor pair_outer(const at::Tensor& x, const at::Tensor& b32, int64_t N, int
         for (int q = 0; q < 2; ++q) next[r][q] = spans(c0 + nr + r, q);
       for (int64_t b = 0; b < nblocks; ++b) {
         const int64_t m0 = b * kBlockRows, rows = std::min(kBlockRows, M - m0);
-        const int64_t L = (rows + kLanes - 1) / kLanes * kLanes;
+        const int64_t L = block_lanes(rows);
         const uint32_t* tb = tab + tab_at[b];
         const int64_t kb = std::min((K + 31) / 32 * 32, std::max<int64_t>(32, (s24 ? kTableBytesS24 : kTableBytesBitmap) /
                                                                                    ((s24 ? 6 : 2) * L) / 32 * 32));
@@ -315,7 +349,7 @@ at::Tensor pair_outer(const at::Tensor& x, const at::Tensor& b32, int64_t N, int
               }
             }
             const int64_t* sr = seg.data() + r * nkb_max;
-            pair_row_mbv(static_cast<int>(L / kLanes), off.data() + r * cap + sr[k], pp[r] + sr[k], sr[k + 1] - sr[k],
+            pair_row_mbv(L, off.data() + r * cap + sr[k], pp[r] + sr[k], sr[k + 1] - sr[k],
                          tb, acc + r * L);
           }
         }

@@ -422,9 +422,11 @@ def test_sparse24_outer_kernel_matches_reference(isa, threads, dtype, shape):
                 assert torch.equal(_native.bitmap_linear(eye, bw).t(), bw.to_dense())
 
 
-# M = 1, 16 / 17 (one vector of 16 rows, partial), 64 / 65 / 130 (one to three blocks of 64 rows); K from one
-# K-block to many (the table slice is 32-64 KB), K = 4100 / 1001 not a multiple of the 32-column words
-PAIR_SHAPES = [(1, 5, 36), (16, 33, 100), (17, 7, 1000), (64, 9, 8196), (65, 19, 1000), (130, 3, 2052), (40, 70, 4100)]
+# M = 1 / 5 / 8 (one 8-lane vector), 16 / 17 (one vector of 16 rows, partial), 64 / 65 / 130 (one to three blocks
+# of 64 rows); K from one K-block to many (the table slice is 32-64 KB), K = 4100 / 1001 not a multiple of the
+# 32-column words
+PAIR_SHAPES = [(1, 5, 36), (5, 40, 4100), (8, 21, 1000), (16, 33, 100), (17, 7, 1000), (64, 9, 8196), (65, 19, 1000),
+               (130, 3, 2052), (40, 70, 4100)]
 
 
 @needs_ext
@@ -494,6 +496,10 @@ def test_linear_path_reports_the_dispatch():
             assert _native.linear_path("sparse24_linear", dt, (576, 1536), lo) == "pair"
             hi = _native.pair_max_m("sparse24_linear", dt, (576, 1536))
             assert _native.linear_path("sparse24_linear", dt, (576, 1536), hi) == "panel"
+            # 2:4 weights of 16 MB or more from M = 8 (8-lane vectors), smaller ones keep the direct kernel there
+            assert _native.linear_path("sparse24_linear", dt, (11008, 4096), 8) == "pair"
+            assert _native.linear_path("sparse24_linear", dt, (11008, 4096), 7) != "pair"
+            assert _native.linear_path("sparse24_linear", dt, (576, 1536), 8) != "pair"
     finally:
         _native.set_outer_min_m(None)
         _native.set_amx_min_m(None)
@@ -592,7 +598,7 @@ def test_outer_threshold_is_reported_per_isa():
                         assert 2 <= m24 < _native.panel_min_m("sparse24_linear", dt, shape)
                         assert 2 <= mbm < 10**12
                     elif isa == "avx512bf16" and not HAS_AMX:  # bf16: the pair kernel, both formats
-                        assert 2 <= m24 == mbm < _native.pair_max_m("sparse24_linear", dt, shape)
+                        assert 2 <= m24 <= mbm < _native.pair_max_m("sparse24_linear", dt, shape)  # 2:4 >= 16 MB: 8
                         assert m24 < _native.pair_max_m("bitmap_linear", dt, shape) <= 256
                     else:  # scalar ISA; bf16 below AVX512_BF16 or with AMX tiles (they or panels serve it)
                         assert m24 > 10**12 and mbm > 10**12
