@@ -1,0 +1,84 @@
+"""Shared by the native-kernel tests (test_native.py, test_native_paths.py): the extension (or None), the ISAs
+this CPU has, the ISA / thread-count fixture, the dtype-aware comparison, and the fixtures that force one
+linear path."""
+import contextlib
+
+import pytest
+import torch
+
+from conftest import TOLERANCES
+
+_IMPORT_ERROR = None
+try:
+    from laco_kernels import _native
+except ImportError as exc:  # the extension is optional
+    _native, _IMPORT_ERROR = None, exc
+
+
+needs_ext = pytest.mark.skipif(_native is None, reason="laco_kernels._C is not built (C++ extension is optional)")
+
+_ISA_ORDER = ("scalar", "avx2", "avx512", "avx512bf16")
+ISAS = list(_ISA_ORDER[: _ISA_ORDER.index(_native._C.detected_isa()) + 1]) if _native else ["scalar"]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture
+def isa_and_threads(request):
+    isa, threads = request.param
+    old = torch.get_num_threads()
+    _native.set_isa(isa)
+    assert _native.isa() == isa
+    torch.set_num_threads(threads)
+    yield isa
+    _native.set_isa("auto")
+    torch.set_num_threads(old)
+
+
+CONFIGS = [(isa, t) for isa in ISAS for t in (1, 2)]
+
+
+def _close(actual, expected, dtype):
+    torch.testing.assert_close(actual.float(), expected.float(), **TOLERANCES[dtype])
+
+
+HAS_AMX = bool(_native and _native.amx_available())
+
+
+LINEAR_PATHS = ("direct", "outer", "amx", "panel", "split")
+
+
+@pytest.fixture
+def linear_path(request):
+    """Force one path for every op (restored to the measured defaults after). "outer" exists for 2:4 on
+    AVX2; elsewhere that setting runs the direct kernels. "amx" (csrc/amx_linear.cpp) exists for bf16 on
+    CPUs with AMX tiles at the avx512bf16 ISA; it is skipped elsewhere."""
+    if request.param == "amx" and not HAS_AMX:
+        pytest.skip("this CPU (or OS) has no AMX tiles")
+    _native.set_outer_min_m(0 if request.param == "outer" else 10**9)
+    _native.set_amx_min_m(0 if request.param == "amx" else 10**9)
+    _native.set_panel_min_m(0 if request.param in ("panel", "split") else 10**9)
+    _native.set_panel_split(request.param == "split")
+    yield request.param
+    _native.set_outer_min_m(None)
+    _native.set_amx_min_m(None)
+    _native.set_panel_min_m(None)
+    _native.set_panel_split(None)
+
+
+@contextlib.contextmanager
+def _outer_kernel_forced(isa: str):
+    """The outer-product kernel (bf16 at avx512bf16: the pair kernel) forced for every op at this ISA cap;
+    the ISA, the thresholds and the thread count restored after."""
+    old = torch.get_num_threads()
+    _native.set_isa(isa)
+    _native.set_amx_min_m(10**9)
+    _native.set_outer_min_m(0)
+    _native.set_panel_min_m(10**9)
+    try:
+        yield
+    finally:
+        _native.set_isa("auto")
+        _native.set_outer_min_m(None)
+        _native.set_amx_min_m(None)
+        _native.set_panel_min_m(None)
+        torch.set_num_threads(old)
