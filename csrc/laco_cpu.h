@@ -118,6 +118,11 @@ at::Tensor sparse24_to_dense(const at::Tensor& values, const at::Tensor& meta, i
                              int64_t in_features);
 at::Tensor bitmap_to_dense(const at::Tensor& values, const at::Tensor& bitmap, const at::Tensor& offsets, int64_t tile_k,
                            int64_t out_features, int64_t in_features);
+// Dense rows [r0, r1) of a 2:4 weight (values [N, K/2] fp32 or bf16 bits, meta [N, W]) into dst ([r1 - r0, K],
+// VT = float or uint16_t) with the vector code of `isa` (csrc/sparse24_decompress.cpp).
+template <typename VT>
+void s24_decompress_rows(Isa isa, const VT* values, const uint32_t* meta, int64_t K, int64_t W, int64_t r0, int64_t r1,
+                         VT* dst);
 // The kept half [N, K/2] of a dense [N, K] fp32 / bf16 tensor at a 2:4 weight's positions (csrc/sparse24_gather.cpp).
 at::Tensor sparse24_gather(const at::Tensor& dense, const at::Tensor& meta);
 
