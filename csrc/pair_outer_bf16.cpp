@@ -19,11 +19,12 @@
 //    two weights are zero is skipped (random 50%: 3/4 of the pairs remain, 70%: 1/2).
 // The rows of a chunk of kRowChunk weight rows are first decoded whole into (table offset, weight pair)
 // lists (s24_pair_decode / bm_pair_decode), then K-blocks of the table pass under the chunk's rows: per
-// pair one broadcast and MBV loads + dots (pair_row). x rows in blocks of at most 64 (4 vectors); the
-// next chunk's weight bytes are prefetched into L2 meanwhile. fp32 accumulation, rounded to bf16 in the
-// kernel; each output element is produced by one thread in a fixed order (the same bits for any thread
-// count). Dispatch (linear_path, outer_linear.cpp): bf16 at the AVX512_BF16 ISA without AMX, M in
-// [outer_min_m, pair_max_m); measured results in docs/cpu_kernels.md (stop 37).
+// pair one broadcast and MBV loads + dots (pair_row; M <= 8: one 8-lane vector, pair_row8). x rows in blocks
+// of at most 64 (4 vectors); the next chunk's weight bytes are prefetched into L2 meanwhile. fp32
+// accumulation, rounded to bf16 in the kernel; each output element is produced by one thread in a fixed
+// order (the same bits for any thread count). Dispatch (linear_path, outer_linear.cpp): bf16 at the
+// AVX512_BF16 ISA without AMX, M in [outer_min_m, pair_max_m); measured results in docs/cpu_kernels.md
+// (stops 37-38).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -226,8 +227,9 @@ LACO_AVX512BF16 void s24_pair_decode(const uint32_t* mrow, int64_t G, int64_t L,
 // compressed into the lists (register compress; its store form is slow on Zen 4); off = pair index * L.
 // seg[b] = first entry of columns [b kb, ...) (kb a multiple of 32), seg[nkb] = the count. off / pairs need
 // K / 2 + 16 entries. The values are loaded whole (64 bytes) and expanded in registers where those bytes stay
-// inside the tensor: the load form of vpexpandw took a third of this function's time on Zen 4 (perf, 70%,
-// 1536x576, M = 16), and this decode a third of the kernel's.
+// inside the tensor (perf on Zen 4, 70%, 1536x576, M = 16: this decode a third of the kernel's time, most of it
+// after the load form of vpexpandw and the compresses; the register form and a running offset in place of a
+// multiply and a division per word: 1.03-1.04x at M = 16-32, same bits, bench/results/native_ab_zen4_bitmap_pair_decode_stop38.json).
 LACO_AVX512BF16 void bm_pair_decode(const uint16_t* vals, const uint16_t* vals_end, const uint32_t* bits, int64_t K,
                                     int64_t kb, int64_t L, int32_t* off, uint32_t* pairs, int64_t* seg) {
   const __m512i step = _mm512_set1_epi32(static_cast<int>(16 * L));  // offsets: int32, K < 2^24 and L <= 64
