@@ -383,27 +383,16 @@ void bm_run(BmArgs a, const float* bias, float* y) {
 
 // ---- decompression into a dense panel (the panel path, csrc/panel.cpp) ----------------------------
 #if LACO_X86
-// Values are loaded whole (64 bytes) and expanded in registers where those bytes stay inside the tensor
-// (index + 64 bytes <= nnz): the load forms of vexpandps / vpexpandw are slow on Zen 4 (as in the direct
-// kernels' unmasked loads, stop 36; measured for the panels in docs/cpu_kernels.md, stop 38).
-template <typename VT>
-LACO_INLINE bool whole_load_in_bounds(const BmArgs& a, const VT* p) {
-  return (p - static_cast<const VT*>(a.values)) + 64 / static_cast<int64_t>(sizeof(VT)) <= a.nnz;
-}
-
 template <typename VT>
 LACO_AVX512 void bm_decompress_avx512(const BmArgs& a, const uint32_t* bits, const VT* p, VT* dst) {
   const int64_t wf = a.K / 32;
   for (int64_t w = 0; w < wf; ++w) {
     const uint32_t b = bits[w];
     if constexpr (std::is_same_v<VT, float>) {
-      for (int h = 0; h < 2; ++h) {
-        const __mmask16 bh = static_cast<__mmask16>(b >> (16 * h));
-        _mm512_storeu_ps(dst + 32 * w + 16 * h, whole_load_in_bounds(a, p)
-                                                     ? _mm512_maskz_expand_ps(bh, _mm512_loadu_ps(p))
-                                                     : _mm512_maskz_expandloadu_ps(bh, p));
-        p += __builtin_popcount(bh);
-      }
+      _mm512_storeu_ps(dst + 32 * w, _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(b), p));
+      p += __builtin_popcount(b & 0xffffu);
+      _mm512_storeu_ps(dst + 32 * w + 16, _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(b >> 16), p));
+      p += __builtin_popcount(b >> 16);
     } else {  // bf16 bits without VBMI2: widen, expand as 32-bit lanes, narrow back
       for (int h = 0; h < 2; ++h) {
         const uint32_t bh = (b >> (16 * h)) & 0xffffu;
@@ -421,9 +410,8 @@ LACO_AVX512 void bm_decompress_avx512(const BmArgs& a, const uint32_t* bits, con
 LACO_AVX512BF16 void bm_decompress_bf16(const BmArgs& a, const uint32_t* bits, const uint16_t* p, uint16_t* dst) {
   const int64_t wf = a.K / 32;
   for (int64_t w = 0; w < wf; ++w) {
-    const __mmask32 b = static_cast<__mmask32>(bits[w]);
-    _mm512_storeu_si512(dst + 32 * w, whole_load_in_bounds(a, p) ? _mm512_maskz_expand_epi16(b, _mm512_loadu_si512(p))
-                                                                 : _mm512_maskz_expandloadu_epi16(b, p));
+    const uint32_t b = bits[w];
+    _mm512_storeu_si512(dst + 32 * w, _mm512_maskz_expandloadu_epi16(static_cast<__mmask32>(b), p));
     p += __builtin_popcount(b);
   }
   bm_decompress_tail<uint16_t>(a, bits, wf, p, dst);
