@@ -205,9 +205,11 @@ int64_t avx512_default_outer_min_m(LinearOp op, at::ScalarType dt, int64_t dense
 
 // bf16 pair kernel (pair_outer_bf16.cpp) on CPUs with AVX512_BF16 and no AMX: the M range it serves.
 // Measured on the Zen 4 EPYC (docs/cpu_kernels.md, stops 37-38): see pair_path. 2:4 weights of 16 MB or
-// more from M = 8 (stop 38, 8-lane vectors for M <= 8; 7B shapes, one / two threads, forced paths
-// interleaved with F.linear: pair 0.89x / 0.96x (11008x4096), 0.96x / 1.13x (4096x11008) against the panels'
-// 0.79x / 0.70x and 0.86x / 0.22x; smaller weights keep the direct kernel there: 1.45-1.63x against 0.93-1.37x).
+// more from M = 8 (stop 38, 8-lane vectors for M <= 8). 7B shapes at M = 8, in-process A/B against the stop-37
+// build (panels there), one / two threads: 0.94-1.04x of F.linear against 0.83-0.91x
+// (bench/results/native_ab_zen4_s24_bf16_m8_pair_t{1,2}_stop38.json); smaller weights keep the direct kernel
+// at M = 8 (SmolLM2 shapes, forced paths, one thread: direct 1.45-1.63x, pair 1.08-1.37x;
+// cpu_kernels_epyc_zen4_bf16_m4_8_paths_stop38.json).
 constexpr int64_t kPairMinM = 16, kPairMinMLarge24 = 8, kPairMaxM = 128;
 constexpr double kPairMaxDensity = 0.4;
 
