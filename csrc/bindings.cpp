@@ -79,12 +79,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           TORCH_CHECK(op == "sparse24_linear" || op == "bitmap_linear", "set_prefetch_bytes: unknown op '", op, "'");
           laco::set_prefetch_bytes(op == "sparse24_linear" ? laco::LinearOp::kSparse24 : laco::LinearOp::kBitmap, bytes);
         }, "set that distance (-1: the default)", py::arg("op"), py::arg("bytes"));
-  m.def("set_panel_bytes", &laco::set_panel_bytes, "dense bytes per decompressed panel", py::arg("bytes"));
+  m.def("set_panel_bytes", &laco::set_panel_bytes,
+        "dense bytes per decompressed panel (0: the measured default, 1 MB; 2 MB for bf16 on AVX512_BF16 without AMX)",
+        py::arg("bytes"));
   m.def("set_panel_split", &laco::set_panel_split, "-1: measured default; 0: never; 1: always split panels by thread",
         py::arg("mode"));
   m.def("panel_split", &laco::panel_split, "whether the panel path would split rows by thread for this call",
         py::arg("m"), py::arg("n"), py::arg("k"), py::arg("element_size"));
-  m.def("panel_bytes", &laco::panel_bytes, "dense bytes per decompressed panel");
+  m.def("panel_bytes", &laco::panel_bytes, "dense bytes per decompressed panel (bf16 without AMX: twice this unless set)");
   m.def("set_isa", &laco::set_isa, "cap the vector ISA: auto | scalar | avx2 | avx512 (for tests)", py::arg("name"));
   m.def("active_isa", []() { return laco::isa_name(laco::active_isa()); }, "ISA the kernels use now");
   m.def("detected_isa", []() { return laco::isa_name(laco::detected_isa()); }, "best ISA of this CPU");

@@ -149,7 +149,7 @@ using PanelFill = std::function<void(int64_t, int64_t, void*)>;
 int64_t panel_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K);
 void set_panel_min_m(int64_t m);  // -1: measured defaults; 0: always the panel; huge: never
 bool panel_min_m_forced();  // set_panel_min_m holds a forced threshold
-void set_panel_bytes(int64_t bytes);
+void set_panel_bytes(int64_t bytes);  // 0: the measured default (1 MB; 2 MB for bf16 on AVX512_BF16 without AMX)
 // Split the panel path's rows between threads, each running its own panels through a sequential BLAS
 // call: -1 measured default, 0 off, 1 on (benchmarks, tests). panel_split: what a call would do.
 void set_panel_split(int64_t mode);

@@ -27,6 +27,7 @@ namespace {
 // (under load); with decompression the 1-2 MB panels were no worse than 8 MB at M <= 64 (see
 // docs/cpu_kernels.md). Hence: 1 MB, or M rows when M is larger (x re-packed at most ~once per own size).
 std::atomic<int64_t> g_panel_bytes{int64_t{1} << 20};
+std::atomic<bool> g_panel_bytes_set{false};  // set_panel_bytes holds a value (else the dtype rule below)
 constexpr int64_t kMaxPanelBytes = int64_t{8} << 20;
 constexpr int64_t kHugePanelBytes = int64_t{64} << 20;
 std::atomic<int64_t> g_min_m_override{-1};
@@ -95,11 +96,29 @@ void set_panel_min_m(int64_t m) { g_min_m_override = m; }
 bool panel_min_m_forced() { return g_min_m_override.load() >= 0; }
 
 void set_panel_bytes(int64_t bytes) {
-  TORCH_CHECK(bytes > 0, "set_panel_bytes: need a positive byte count, got ", bytes);
-  g_panel_bytes = bytes;
+  TORCH_CHECK(bytes >= 0, "set_panel_bytes: need a positive byte count (0: the measured default), got ", bytes);
+  g_panel_bytes = bytes > 0 ? bytes : int64_t{1} << 20;
+  g_panel_bytes_set = bytes > 0;
 }
 
 int64_t panel_bytes() { return g_panel_bytes.load(); }
+
+namespace {
+// Dense bytes per panel for a call in dtype dt: 2 MB for bf16 on AVX512_BF16 CPUs without AMX, else the 1 MB
+// above (or what set_panel_bytes set, for every dtype). Measured on the Zen 4 EPYC (stop 38, interleaved with
+// F.linear, one and two threads, docs/cpu_kernels.md): bitmap bf16 through panels at M = 8-64, 1 / 2 / 4 MB:
+// 7B shapes 0.78-0.98x / 0.93-1.28x / 0.94-1.29x, SmolLM2 shapes 0.67-1.00x / 0.73-1.08x / 0.74-1.09x; at M = 128-256
+// (7B, 2:4 and bitmap) 0.87-1.00x / 0.92-1.01x / 0.51-0.98x. oneDNN's bf16 GEMM there pays a per-call cost that
+// wider panels (fewer calls) spread; 4 MB lost at M >= 128.
+int64_t call_panel_bytes(at::ScalarType dt) {
+  const int64_t b = g_panel_bytes.load();
+  if (g_panel_bytes_set.load() || dt != at::kBFloat16 || amx_available() || detected_isa() < Isa::kAvx512Bf16 ||
+      active_isa() < Isa::kAvx512Bf16) {
+    return b;
+  }
+  return 2 * b;
+}
+}  // namespace
 
 namespace {
 // The calling thread's reused panel buffer (slot 0: the panel, slot 1: its fp32 widening). A fresh
@@ -174,14 +193,15 @@ at::Tensor panel_linear(const at::Tensor& x, const c10::optional<at::Tensor>& bi
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->to(xg.scalar_type()).contiguous().detach();
   const int64_t row_bytes = std::max<int64_t>(K * es, 1);
-  int64_t rows = std::max(g_panel_bytes.load() / row_bytes, M);
+  const int64_t pbytes = call_panel_bytes(x.scalar_type());
+  int64_t rows = std::max(pbytes / row_bytes, M);
   // The BLAS re-packs x (M x K) for every panel. Once x passes 4 MB that costs more than the panels'
   // decompression (7B fp32, M = 1024: 22 panels of 8 MB, 0.91-0.97x dense), so panels may then grow to
   // 4x x's bytes, at most 64 MB; such a panel is allocated for the call, not kept.
   const int64_t x_bytes = M * K * es;
   const int64_t cap = x_bytes > (int64_t{4} << 20) ? std::min(4 * x_bytes, kHugePanelBytes)
-                                                   : std::max(g_panel_bytes.load(), kMaxPanelBytes);
-  rows = std::min(rows, std::max<int64_t>(cap, g_panel_bytes.load()) / row_bytes);
+                                                   : std::max(pbytes, kMaxPanelBytes);
+  rows = std::min(rows, std::max<int64_t>(cap, pbytes) / row_bytes);
   rows = std::min(std::max<int64_t>(16, rows / 16 * 16), N);
   // A cache-sized weight at compute-bound M: one panel of the whole weight, so the BLAS is called once
   // (each call re-lays its operands; measured on the AMX Xeon, 576x1536 M = 256: 1 MB panels 0.80x of

@@ -425,11 +425,26 @@ def test_panel_split_rule_and_override():
 
 
 @needs_ext
+def test_panel_bytes_override_and_default():
+    """set_panel_bytes: a positive size holds for every dtype, 0 restores the measured default (1 MB; bf16 on
+    AVX512_BF16 CPUs without AMX take twice that, csrc/panel.cpp), a negative size is refused by name."""
+    try:
+        _native._C.set_panel_bytes(64 << 10)
+        assert _native._C.panel_bytes() == 64 << 10
+        with pytest.raises(RuntimeError, match="set_panel_bytes"):
+            _native._C.set_panel_bytes(-1)
+        assert _native._C.panel_bytes() == 64 << 10  # unchanged by the refused call
+    finally:
+        _native._C.set_panel_bytes(0)
+    assert _native._C.panel_bytes() == 1 << 20
+
+
+@needs_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_split_panels_several_per_thread_match_one_call(dtype):
     """64 KB panels: each thread's 61 / 60 rows go through four panels (the last partial); the split result
     equals the reference and the unsplit panel path's."""
-    old, old_bytes = torch.get_num_threads(), _native._C.panel_bytes()
+    old = torch.get_num_threads()
     m, n, k = 21, 121, 2052
     w24 = Sparse24Weight.from_dense(torch.randn(n, k).to(dtype), prune=True)
     x, b = torch.randn(m, k).to(dtype), torch.randn(n).to(dtype)
@@ -443,7 +458,7 @@ def test_split_panels_several_per_thread_match_one_call(dtype):
         _native.set_panel_split(False)
         whole = _native.sparse24_linear(x, w24, b)
     finally:
-        _native._C.set_panel_bytes(old_bytes)
+        _native._C.set_panel_bytes(0)  # the measured default
         for setter in (_native.set_panel_min_m, _native.set_amx_min_m, _native.set_panel_split):
             setter(None)
         torch.set_num_threads(old)
