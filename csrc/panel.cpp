@@ -25,7 +25,8 @@ namespace {
 // per panel (M x K each time) and run its microkernels on a narrow N. Measured on the 2-core Xeon (AMX)
 // with predecompressed panels against one F.linear: 0.5 MB panels 0.54-0.92x at M >= 16, 8 MB 0.84-1.2x
 // (under load); with decompression the 1-2 MB panels were no worse than 8 MB at M <= 64 (see
-// docs/cpu_kernels.md). Hence: 1 MB, or M rows when M is larger (x re-packed at most ~once per own size).
+// docs/cpu_kernels.md). Hence: 1 MB, or M rows when M is larger (x re-packed at most ~once per own size);
+// bf16 without AMX: 2 MB (call_panel_bytes, measured on a Zen 4 EPYC).
 std::atomic<int64_t> g_panel_bytes{int64_t{1} << 20};
 std::atomic<bool> g_panel_bytes_set{false};  // set_panel_bytes holds a value (else the dtype rule below)
 constexpr int64_t kMaxPanelBytes = int64_t{8} << 20;
