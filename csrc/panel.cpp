@@ -108,7 +108,7 @@ namespace {
 // Dense bytes per panel for a call in dtype dt: 2 MB for bf16 on AVX512_BF16 CPUs without AMX, else the 1 MB
 // above (or what set_panel_bytes set, for every dtype). Measured on the Zen 4 EPYC (stop 38, interleaved with
 // F.linear, one and two threads, docs/cpu_kernels.md): bitmap bf16 through panels at M = 8-64, 1 / 2 / 4 MB:
-// 7B shapes 0.78-0.98x / 0.93-1.28x / 0.94-1.29x, SmolLM2 shapes 0.67-1.00x / 0.73-1.08x / 0.74-1.09x; at M = 128-256
+// 7B shapes 0.78-1.00x / 0.93-1.28x / 0.94-1.29x, SmolLM2 shapes 0.67-1.00x / 0.73-1.08x / 0.74-1.09x; at M = 128-256
 // (7B, 2:4 and bitmap) 0.87-1.00x / 0.92-1.01x / 0.51-0.98x. oneDNN's bf16 GEMM there pays a per-call cost that
 // wider panels (fewer calls) spread; 4 MB lost at M >= 128.
 int64_t call_panel_bytes(at::ScalarType dt) {
