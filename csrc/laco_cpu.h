@@ -142,6 +142,10 @@ at::Tensor reconstruction_loss_backward(const at::Tensor& grad_out, const at::Te
 // ---- helpers shared by the two linears ---------------------------------------------------
 // Panel path (csrc/panel.cpp): y = x @ dense^T + bias through at::addmm on blocks of decompressed rows.
 enum class LinearOp : int { kSparse24 = 0, kBitmap = 1 };
+// Dense weight bytes from which a weight counts as large (streamed from memory rather than cache-resident):
+// every size-dependent dispatch rule splits here (panel thresholds, split panels, the outer and pair kernels'
+// ranges, the pair kernel's in-place read).
+constexpr int64_t kLargeWeightBytes = int64_t{16} << 20;
 // fill(r0, r1, dst): write dense weight rows [r0, r1) (x's dtype, row-major [r1 - r0, K]) to dst.
 using PanelFill = std::function<void(int64_t, int64_t, void*)>;
 // Smallest M that takes the panel path for this op, x dtype and [N, K] weight under the active ISA

@@ -196,7 +196,7 @@ constexpr int64_t kDefaultOuterMinM = 8;
 int64_t avx512_default_outer_min_m(LinearOp op, at::ScalarType dt, int64_t dense_bytes) {
   if (dt != at::kFloat) return int64_t{1} << 62;
   if (op == LinearOp::kBitmap) return 16;  // below the panel threshold only with one thread (panel.cpp)
-  const bool large = dense_bytes >= (int64_t{16} << 20);
+  const bool large = dense_bytes >= kLargeWeightBytes;
   if (large) return 16;
   return at::get_num_threads() == 1 ? 32 : 64;
 }
@@ -223,7 +223,7 @@ bool pair_isa(at::ScalarType dt, int64_t K) {
 int64_t outer_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
   if (pair_isa(dt, K)) {
     const int64_t o = g_outer_min_m_override.load();
-    const bool large = N * K * 2 >= (int64_t{16} << 20);
+    const bool large = N * K * 2 >= kLargeWeightBytes;
     return o >= 0 ? o : (op == LinearOp::kSparse24 && large ? kPairMinMLarge24 : kPairMinM);
   }
   // the kernel exists for 2:4 on AVX2 (bitmap: measured slower than the panel path at 50%, about even at
@@ -250,7 +250,7 @@ int64_t pair_max_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
   if (g_outer_min_m_override.load() >= 0) return int64_t{1} << 62;
   // one thread, 2:4 weight under 16 MB: the pair kernel also beat the panels at M = 128 (1536x576 / 576x1536:
   // 1.04x / 0.97x against 0.95x / 0.91x)
-  const bool large = N * K * 2 >= (int64_t{16} << 20);
+  const bool large = N * K * 2 >= kLargeWeightBytes;
   return op == LinearOp::kSparse24 && !large && at::get_num_threads() == 1 ? 2 * kPairMaxM : kPairMaxM;
 }
 

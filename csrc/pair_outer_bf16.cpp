@@ -379,7 +379,7 @@ at::Tensor sparse24_pair_bf16(const at::Tensor& x, const at::Tensor& b32, const 
   const uint16_t* v = reinterpret_cast<const uint16_t*>(values.data_ptr());
   const uint32_t* mt = reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>());
   const int64_t W = (K / 4 + 7) / 8, G = K / 4;
-  const bool in_place = reinterpret_cast<uintptr_t>(v) % 4 == 0 && N * K * 2 < (int64_t{16} << 20);
+  const bool in_place = reinterpret_cast<uintptr_t>(v) % 4 == 0 && N * K * 2 < kLargeWeightBytes;
   return pair_outer(x, b32, N, K, true, [=](int64_t n, int64_t kb, int64_t L, int32_t* off, uint32_t* pairs,
                                             int64_t* seg) -> const uint32_t* {
 #if LACO_X86

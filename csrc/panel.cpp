@@ -27,7 +27,8 @@ namespace {
 // (under load); with decompression the 1-2 MB panels were no worse than 8 MB at M <= 64 (see
 // docs/cpu_kernels.md). Hence: 1 MB, or M rows when M is larger (x re-packed at most ~once per own size);
 // bf16 without AMX: 2 MB (call_panel_bytes, measured on a Zen 4 EPYC).
-std::atomic<int64_t> g_panel_bytes{int64_t{1} << 20};
+constexpr int64_t kDefaultPanelBytes = int64_t{1} << 20;
+std::atomic<int64_t> g_panel_bytes{kDefaultPanelBytes};
 std::atomic<bool> g_panel_bytes_set{false};  // set_panel_bytes holds a value (else the dtype rule below)
 constexpr int64_t kMaxPanelBytes = int64_t{8} << 20;
 constexpr int64_t kHugePanelBytes = int64_t{64} << 20;
@@ -40,7 +41,7 @@ std::atomic<int64_t> g_min_m_override{-1};
 // 11008x4096 ("large": dense streams >= 16 MB from DRAM). Table and evidence: docs/cpu_kernels.md.
 // AVX2 has its own values (measured on an AVX2-only EPYC); AVX-512 without BF16 uses the Xeon's.
 int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_bytes) {
-  const bool bf16 = dt == at::kBFloat16, large = dense_bytes >= (int64_t{16} << 20);
+  const bool bf16 = dt == at::kBFloat16, large = dense_bytes >= kLargeWeightBytes;
   if (isa == Isa::kScalar) return 2;  // the scalar kernels lose to any BLAS beyond one row of x
   if (isa == Isa::kAvx2) {
     // AVX2 machine (AMD EPYC family 25 model 1, 1 thread, interleaved with F.linear; docs/cpu_kernels.md).
@@ -98,7 +99,7 @@ bool panel_min_m_forced() { return g_min_m_override.load() >= 0; }
 
 void set_panel_bytes(int64_t bytes) {
   TORCH_CHECK(bytes >= 0, "set_panel_bytes: need a positive byte count (0: the measured default), got ", bytes);
-  g_panel_bytes = bytes > 0 ? bytes : int64_t{1} << 20;
+  g_panel_bytes = bytes > 0 ? bytes : kDefaultPanelBytes;
   g_panel_bytes_set = bytes > 0;
 }
 
@@ -113,8 +114,8 @@ namespace {
 // wider panels (fewer calls) spread; 4 MB lost at M >= 128.
 int64_t call_panel_bytes(at::ScalarType dt) {
   const int64_t b = g_panel_bytes.load();
-  if (g_panel_bytes_set.load() || dt != at::kBFloat16 || amx_available() || detected_isa() < Isa::kAvx512Bf16 ||
-      active_isa() < Isa::kAvx512Bf16) {
+  // active_isa() is min(detected, cap): at AVX512_BF16 the hardware has it too
+  if (g_panel_bytes_set.load() || dt != at::kBFloat16 || amx_available() || active_isa() < Isa::kAvx512Bf16) {
     return b;
   }
   return 2 * b;
@@ -157,7 +158,7 @@ bool panel_split(int64_t M, int64_t N, int64_t K, int64_t es) {
   // 1536x576: M = 64 0.98x / 0.79x, 1.01x / 0.84x, but M = 16 and 32 2-5% slower, M = 8 and M >= 128
   // slower on both shapes (the threaded BLAS splits a larger GEMM well). bf16: not split (the AMX path
   // serves M < 256 there; at M >= 256 the split was slower in 3 of 4 cells).
-  const bool small = N * K * es < (int64_t{16} << 20);
+  const bool small = N * K * es < kLargeWeightBytes;
   // Zen 4 EPYC (AVX-512 BF16, no AMX; stop 36, bench/results/cpu_kernels_epyc_zen4_smollm2_paths_stop36.json,
   // two threads, SmolLM2 shapes): bf16 split panels beat one threaded BLAS call per panel from M = 8 to 128
   // (2:4 1536x576 1.00-1.13x against 0.78-0.95x, 576x1536 0.80-1.03x against 0.62-0.93x; bitmap 70%
