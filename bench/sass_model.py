@@ -122,8 +122,8 @@ def _train_cfg(regime: str, m: int, n: int, dtype: str, family: str = "masked", 
     from laco_kernels.kernels import sparse24_grad as sg
 
     td = getattr(torch, DTYPES[dtype])
-    dx = (lambda: sg._dx24_config(m, td, 90, k, n)) if family == "sparse24" else (lambda: mg._dx_config(m, td, k, SMS, n))
-    return {"train-fwd": lambda: mg._config(m, td, n, SMS, k), "train-dx": dx,
+    dx = (lambda: sg._dx24_config(m, td, 90, k, n)) if family == "sparse24" else (lambda: mg._dx_config(m, td, k, SMS, n, 90))
+    return {"train-fwd": lambda: mg._config(m, td, n, SMS, k, 90), "train-dx": dx,
             "train-dw": lambda: mg._dw_config(n, td, k, SMS)}[regime]()
 
 

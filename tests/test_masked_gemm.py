@@ -173,6 +173,31 @@ def test_peeled_last_step_matches_reference(dtype):
     close(dw, reference.masked_weight_grad(dy, x, mask), dtype)
     close(db, dy.float().sum(0), dtype)
 
+@pytest.mark.parametrize("arch", [None, 80, 90])
+def test_masked_loop_wide_tiles_and_peeled_step(monkeypatch, arch):
+    """16-bit prefill with W nonzero at pruned slots, so the mask is applied in the loop (guarded and
+    unguarded launches): sm_80 / sm_90 take the 256-row forward / dX tiles where the grid fills the
+    GPU (one SM here), other devices the 128-row ones; N is not a multiple of the dX step, so the
+    masked loop's partial last step runs peeled, and the guard's plain loop is held to the same."""
+    from laco_kernels.kernels import dense_gemm
+
+    monkeypatch.setattr(dense_gemm, "device_arch", lambda device: arch)
+    monkeypatch.setattr(mg, "_SMS", 1)
+    m, n, k = 300, 150, 100
+    dt = torch.float16
+    rows = 256 if arch else 128
+    assert mg._config(m, dt, n, 1, k, arch)["BLOCK_M"] == rows and mg._dx_config(m, dt, k, 1, n, arch)["BLOCK_M"] == rows
+    assert n % mg._dx_config(m, dt, k, 1, n, arch)["BLOCK_N"] != 0
+    assert mg._config(m, dt, n, 10 ** 6, k, arch)["BLOCK_M"] == 128  # a grid that leaves SMs idle: 128 rows
+    x, b, dy = torch.randn(m, k, dtype=dt), torch.randn(n, dtype=dt), torch.randn(m, n, dtype=dt)
+    mask = make_mask(n, k, 0.5)
+    bits = PackedMask.from_bool(mask).bits
+    for w in (torch.randn(n, k, dtype=dt), torch.randn(n, k, dtype=dt) * mask):
+        for flag in (None, mg.pruned_nonzero(w, bits)):
+            close(mg.masked_linear_fwd(x, w, bits, b, flag=flag), reference.masked_linear(x, w, mask, b), dt)
+            close(mg.masked_linear_dx(dy, w, bits, flag=flag), dy.float() @ (w.float() * mask), dt)
+
+
 def test_fp32_tile_choice_fills_the_gpu():
     """fp32 takes the largest FMA tile whose grid still has a program per SM (the 64 x 64 forward /
     dX tiles only with N % 16 == 0 and K % 32 == 0), else the smallest."""
@@ -186,7 +211,8 @@ def test_fp32_tile_choice_fills_the_gpu():
     assert mg._dx_config(4096, f32, 4096, 132, 4095)["BLOCK_K"] == 32
     assert mg._dx_config(128, f32, 64, 132, 64)["BLOCK_K"] == 32
     assert mg._dw_config(4096, f32, 4096)["BLOCK_N"] == 128 and mg._dw_config(576, f32, 64)["BLOCK_N"] == 64
-    assert mg._config(4096, torch.float16, 4096, 1, 4096) == mg._config(4096, torch.float16)  # 16-bit: one tile
+    # 16-bit: one tile off sm_80 / sm_90 (the 256-row tiles: test_masked_loop_wide_tiles_and_peeled_step)
+    assert mg._config(4096, torch.float16, 4096, 1, 4096) == mg._config(4096, torch.float16)
 
 
 @pytest.mark.parametrize("nk", [(70, 100), (96, 128)])

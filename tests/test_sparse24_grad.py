@@ -43,14 +43,16 @@ def test_prefill_tiles_and_non_contiguous():
 @pytest.mark.parametrize("arch", [None, 90])
 def test_prefill_16bit_dx_word_expansion(monkeypatch, arch):
     """16-bit dX at > 64 rows reads the values as int32 group words and expands them with the
-    byte-permute emulation; arch 90 (forced, grid-fill rule off) takes the 256-row tile. Odd N,
-    K % 32 != 0, strided values (copied to unit stride by the launcher)."""
+    byte-permute emulation, in 256-row tiles: a 32-row reduction step off sm_90 (sm_80's tile), 64 on
+    sm_90 (forced, grid-fill rule off). Odd N, K % 32 != 0, strided values (copied to unit stride by
+    the launcher)."""
     from laco_kernels.kernels import dense_gemm
 
     monkeypatch.setattr(dense_gemm, "device_arch", lambda device: arch)
     monkeypatch.setattr(sg, "_SMS", 1)
     m, n, k = 260, 45, 100
-    assert sg._dx24_config(m, torch.float16, arch, k)["BLOCK_M"] == (256 if arch == 90 else 128)
+    cfg = sg._dx24_config(m, torch.float16, arch, k)
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (256, 64 if arch == 90 else 32)
     w24 = Sparse24Weight.from_dense(torch.randn(n, k, dtype=torch.float16), prune=True)
     values = w24.values.t().contiguous().t()
     dy = torch.randn(m, n, dtype=torch.float16)
@@ -185,4 +187,6 @@ def test_split_rule():
     assert sg._dx24_splits(1024, 576, 1536, cfg, 132) == 1      # N < 2K: partials cost more
     assert sg._dx24_splits(4096, 1536, 576, cfg, 132) == 1      # 80 programs: more than half the SMs
     assert sg._dx24_splits(256, 192, 64, cfg, 132) == 1         # 3 steps: one slice of at least two
-    assert sg._dx24_splits(1024, 1536, 576, sg._dx24_config(1024, torch.bfloat16, 80, 576, 1536), 132) == 1
+    c80 = sg._dx24_config(1024, torch.bfloat16, 80, 576, 1536)  # sm_80's 256-row tile splits by the same rule
+    assert sg._dx24_splits(1024, 1536, 576, c80, 108) == 4
+    assert sg._dx24_splits(4096, 1536, 576, c80, 108) == 1

@@ -153,8 +153,9 @@ def test_recorded_recovery_shapes_predicted_fallback(auto_env, no_measurements):
     where the audit predicts it fastest: fp32 to torch (an H100 measured cuBLAS's fp32 GEMM far
     faster than the model's yardstick, our FMA GEMM: CALIBRATION scales both Triton paths down);
     16-bit 7B linears at 1,024 tokens to the fused kernels; the 16-bit 2:4 SmolLM2 linears at 1,024
-    tokens (fused predicted 0.91x: too few row tiles to amortise the per-tile decompression) to the
-    expand path. These were auto's choices before the H200 measurements."""
+    tokens (fused predicted 0.91x: too few row tiles to amortise the per-tile decompression) never to
+    the fused kernels (to expand before stop 39; since the 256-row masked tiles the bf16 calibration,
+    measured over predicted for kernels measured before them, is 0.90 and sends them to torch)."""
     seen = set()
     for op in td.TRAIN_OPS:
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -171,7 +172,7 @@ def test_recorded_recovery_shapes_predicted_fallback(auto_env, no_measurements):
                 assert td.choose_train_path(op, 1024, n, k, dtype, "cuda") == "triton", (op, dtype, n, k)
     for dtype in (torch.float16, torch.bfloat16):
         for n, k in ((1536, 576), (576, 1536)):
-            assert td.choose_train_path("sparse24_linear", 1024, n, k, dtype, "cuda") == "expand"
+            assert td.choose_train_path("sparse24_linear", 1024, n, k, dtype, "cuda") in ("expand", "torch")
     assert seen == {"triton", "expand", "torch"}
 
 

@@ -80,7 +80,7 @@ def _byte_perm_zero(a, sel):
 
 @triton.jit
 def expand_24_prmt(pair, sel, dtype: tl.constexpr, EMULATE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   BLOCK_K: tl.constexpr, OPAQUE: tl.constexpr = False):
     """16-bit 2:4 groups -> dense ``[BLOCK_N, BLOCK_K]`` tile of ``dtype`` (fp16 / bf16).
 
     pair: int32 ``[BLOCK_N, BLOCK_K // 4]``, a group's kept values as one word ``v0 | v1 << 16``;
@@ -93,6 +93,14 @@ def expand_24_prmt(pair, sel, dtype: tl.constexpr, EMULATE: tl.constexpr, BLOCK_
     joined layout keeps them consecutive in one thread; tests/test_sparse24_gemm.py checks the
     compiled LLVM IR for it.) EMULATE (the interpreter, which cannot run PTX): the same byte
     permutes in plain integer ops.
+
+    OPAQUE: mark the asm as having side effects. Triton picks a dot operand's kWidth (mma.sync,
+    sm_80) from the narrowest load its operand is computed from, halved once a ``tl.join`` is on the
+    way (AccelerateMatmul's ``computeOrigBitWidth``); through the pure asm it sees the joins and
+    gives 16-bit operands kWidth 4: on sm_80 the 2:4 dX loop then spent about 130 register moves per
+    step pairing the weight's registers for mma.sync, and the 2:4 forward expanded every group in
+    four threads. An opaque asm stops that search (kWidth 2, as a dense GEMM); both 2:4 GEMMs pass
+    True. No effect on sm_90's wgmma loops (the weight is read from shared memory there).
     """
     if EMULATE:
         q0 = _byte_perm_zero(pair, sel)
@@ -109,5 +117,4 @@ def expand_24_prmt(pair, sel, dtype: tl.constexpr, EMULATE: tl.constexpr, BLOCK_
         # $0, $1: packed outputs (positions 0 1, 2 3); $2-$5: the group's pair (4 copies); $6-$9: its sel
         return tl.inline_asm_elementwise("{ .reg .b32 t; prmt.b32 $0, $2, 0, $6; shr.b32 t, $6, 16; "
                                          "prmt.b32 $1, $2, 0, t; }", "=r,=r,r,r,r,r,r,r,r,r", [pair4, sel4],
-                                         dtype=dtype.value, is_pure=True, pack=4)
-
+                                         dtype=dtype.value, is_pure=not OPAQUE, pack=4)

@@ -37,6 +37,45 @@ _FP32_DW = ((128, 64, dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_w
 # 16-bit dW / dV on grids that leave SMs idle (``_dw_config``)
 _DW16_FILL = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
 
+# 16-bit prefill forward / dX with 256 rows of x / dY per program, where that grid still fills the GPU
+# (``_config`` / ``_dx_config`` with ``arch``): the mask applied in the loop (the guard's fallback) is
+# work per weight element, the MMA per weight element x BLOCK_M, so twice the rows halve its share.
+# Audit (thread-instructions per multiply-add over the dense 128-row prefill GEMM; masked loop /
+# plain loop after the guard): sm_90 forward 256 x 128 x 64 1.22x / 0.68x (128 rows: 2.25x / 1.00x),
+# dX 256 x 64 x 128 1.13x / 0.66x (2.13x / 0.96x); sm_80 (mma.sync: both operands in registers, a
+# 32-deep step to stay clear of spills) forward 256 x 128 x 32 1.23x / 0.79x (1.80x / 1.01x), dX
+# 256 x 32 x 128 1.20x / 1.02x (1.70x / 1.14x); 0 spills. 2 stages: the third adds 50 KB of shared
+# memory and instructions (sm_90 forward 1.26x, dX 1.31x at 3).
+_FWD16_256 = {90: dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2),
+              80: dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2)}
+_DX16_256 = {90: dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=2),
+             80: dict(BLOCK_M=256, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=2)}
+
+
+def _tile_family(arch: int | None) -> int | None:
+    """90 for sm_90, 80 for sm_80-sm_89 (mma.sync, at least 99 KB of shared memory a block), else None
+    (the 128-row tiles: the CPU, the interpreter, other GPUs)."""
+    if arch == 90:
+        return 90
+    if arch is not None and 80 <= arch < 90:
+        return 80
+    return None
+
+
+def _wide(table: dict, rows: int, cols: int | None, arch: int | None, sms: int) -> dict | None:
+    """``table[family]`` where its grid over ``rows x cols`` keeps at least 3/4 of the ``sms`` busy,
+    else None. The sm_90 step model (bench/sass_model.py, bf16 MLP-block steps of SmolLM2 and
+    Llama-7B at 512-8,192 tokens, masked path x torch) put the threshold there: with "every SM"
+    the 7B down projection at 1,024 tokens (128 programs on 132 SMs) kept 128 rows, 1.205x against
+    1.282x; at 1/2 SmolLM2 at 4,096 tokens fell from 1.283x to 1.249x; always 256 rows: SmolLM2 at
+    1,024 tokens 0.960x against 1.152x."""
+    fam = _tile_family(arch)
+    if fam is None or cols is None:
+        return None
+    cfg = table[fam]
+    col_block = cfg["BLOCK_N"] if table is _FWD16_256 else cfg["BLOCK_K"]
+    return dict(cfg) if 4 * triton.cdiv(rows, 256) * triton.cdiv(cols, col_block) >= 3 * sms else None
+
 
 def _fill(tiles, rows: int, cols: int | None, sms: int, divisible: bool) -> dict:
     """The first of ``tiles`` allowed for ``divisible`` whose grid over a ``rows x cols`` output has
@@ -52,9 +91,11 @@ def _divisible(n: int | None, k: int | None) -> bool:
     return n is not None and k is not None and n % 16 == 0 and k % 32 == 0
 
 
-def _config(rows: int, dtype: torch.dtype, cols: int | None = None, sms: int = _SMS, k: int | None = None) -> dict:
+def _config(rows: int, dtype: torch.dtype, cols: int | None = None, sms: int = _SMS, k: int | None = None,
+            arch: int | None = None) -> dict:
     """Tile sizes for a GEMM whose "rows" dimension (M for y and dX, N for dW) is ``rows``
-    (fp32 grid-fill choice: ``cols`` = N, the output's other dimension, ``k`` = K, ``sms`` = SMs).
+    (fp32 grid-fill choice: ``cols`` = N, the output's other dimension, ``k`` = K, ``sms`` = SMs;
+    ``arch``: the GPU's, for the 16-bit forward's 256-row tile, ``_FWD16_256``).
 
     BLOCK_K is a multiple of 32 (one mask word per 32 columns). fp32 with ``ieee`` precision
     runs on FMA units with the tiles in registers, so its tiles are smaller. Every config is
@@ -71,19 +112,23 @@ def _config(rows: int, dtype: torch.dtype, cols: int | None = None, sms: int = _
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
     # BLOCK_K 64 (the dense prefill GEMM's): the loop's fixed cost (barriers, addresses) spread over
     # twice the K; sm_90 audit 160 instructions per 32 K -> 230 per 64 K
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return _wide(_FWD16_256, rows, cols, arch, sms) or dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8,
+                                                             num_warps=8, num_stages=3)
 
 
-def _dx_config(m: int, dtype: torch.dtype, k: int | None = None, sms: int = _SMS, n: int | None = None) -> dict:
+def _dx_config(m: int, dtype: torch.dtype, k: int | None = None, sms: int = _SMS, n: int | None = None,
+               arch: int | None = None) -> dict:
     """Tiles of an input-gradient GEMM: output [BLOCK_M, BLOCK_K], reduction over N in BLOCK_N
-    (``k``: dX's columns, ``n``: the reduction, for the fp32 grid-fill choice)."""
+    (``k``: dX's columns, ``n``: the reduction, for the fp32 grid-fill choice; ``arch``: the GPU's,
+    for the 16-bit 256-row tile, ``_DX16_256``)."""
     if dtype == torch.float32:  # FMA tiles (_FP32_DX)
         if m > 16:
             return _fill(_FP32_DX, m, k, sms, _divisible(n, k))
         return _config(1, dtype)
     if m > 64:  # a 128 x 128 output tile (128 x 32 before: 2.4x the instructions per multiply-add
         # in the sm_90 audit); a 128-wide reduction tile spills here
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+        return _wide(_DX16_256, m, k, arch, sms) or dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8,
+                                                          num_warps=8, num_stages=3)
     return _config(m, dtype)
 
 

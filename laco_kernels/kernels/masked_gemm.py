@@ -32,15 +32,13 @@ same tiling: the baseline of the traffic audit.
 """
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import triton
 import triton.language as tl
 
 from ._bits import unpack_bits
-from ._train_tiles import (_DW16_FILL, _FP32_DW, _FP32_DX, _FP32_FWD, _SMS, _config, _divisible,  # noqa: F401
-                           _dw_config, _dx_config, _fill)
+from ._train_tiles import (_DW16_FILL, _DX16_256, _FP32_DW, _FP32_DX, _FP32_FWD, _FWD16_256, _SMS,  # noqa: F401
+                           _config, _divisible, _dw_config, _dx_config, _fill)
 
 
 # ----------------------------------------------------------------------------------------
@@ -72,26 +70,32 @@ def _grouped_pid(pid, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constex
 
 
 @triton.jit
-def _load_tile_words(bits_ptr, offs_n, k0, N, K, stride_bn, BLOCK_K: tl.constexpr):
+def _load_tile_words(bits_ptr, offs_n, k0, N, K, stride_bn, BLOCK_K: tl.constexpr, ROW_BOUND: tl.constexpr = True):
     """The BLOCK_K // 32 packed words per row covering columns k0 .. k0 + BLOCK_K (one load each).
 
     Serves the mask bits and the 2:4 metadata alike (both hold 32 columns per int32 word);
-    words past a row's end load as 0.
+    words past a row's end load as 0. ROW_BOUND=False: every row of offs_n is known to be < N.
     """
     words_k = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-    return tl.load(bits_ptr + offs_n[:, None] * stride_bn + words_k[None, :],
-                   mask=(offs_n[:, None] < N) & (words_k[None, :] < tl.cdiv(K, 32)), other=0)
+    ok = words_k[None, :] < tl.cdiv(K, 32)
+    if ROW_BOUND:
+        ok = ok & (offs_n[:, None] < N)
+    return tl.load(bits_ptr + offs_n[:, None] * stride_bn + words_k[None, :], mask=ok, other=0)
 
 
 @triton.jit
 def _masked_w_tile(w_ptr, bits_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_wk, stride_bn,
-                   HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(W ⊙ mask)[offs_n, k0 + offs_k] as a [BLOCK_N, BLOCK_K] tile in W's dtype."""
+                   HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   ROW_BOUND: tl.constexpr = True):
+    """(W ⊙ mask)[offs_n, k0 + offs_k] as a [BLOCK_N, BLOCK_K] tile in W's dtype (ROW_BOUND=False:
+    every row of offs_n is known to be < N, no test)."""
     kk = k0 + offs_k
-    inside = (offs_n[:, None] < N) & (kk[None, :] < K)
+    inside = kk[None, :] < K
+    if ROW_BOUND:
+        inside = inside & (offs_n[:, None] < N)
     w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :] * stride_wk, mask=inside, other=0.0)
     if HAS_MASK:
-        words = _load_tile_words(bits_ptr, offs_n, k0, N, K, stride_bn, BLOCK_K)
+        words = _load_tile_words(bits_ptr, offs_n, k0, N, K, stride_bn, BLOCK_K, ROW_BOUND)
         w = tl.where(unpack_bits(words, BLOCK_N, BLOCK_K) != 0, w, tl.zeros_like(w))
     return w
 
@@ -173,13 +177,28 @@ def _dx_loop(acc, dy_ptr, w_ptr, bits_ptr, offs_m, k0, M, N, K,
     w_off = rows[:, None] * stride_wn + kk[None, :] * stride_wk
     m_ok = offs_m[:, None] < M
     k_ok = kk[None, :] < K
-    if HAS_MASK:  # (the masked loop keeps per-element offsets: 249 instructions here, 256 the other way)
-        for n0 in range(0, N, BLOCK_N):
+    if HAS_MASK:  # (per-element offsets: fewer instructions here than the moving base pointers)
+        # 16-bit: whole steps without a bound test along N, a partial last step peeled (fp32 keeps the test)
+        n_full = N if (EVEN or dy_ptr.dtype.element_ty == tl.float32) else N - N % BLOCK_N
+        for n0 in range(0, n_full, BLOCK_N):
             offs_n = n0 + rows
+            if dy_ptr.dtype.element_ty == tl.float32 and not EVEN:
+                dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                             mask=m_ok & (offs_n[None, :] < N), other=0.0)
+                w = _masked_w_tile(w_ptr, bits_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_wk, stride_bn,
+                                   True, BLOCK_N, BLOCK_K)
+            else:
+                dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=m_ok,
+                             other=0.0)
+                w = _masked_w_tile(w_ptr, bits_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_wk, stride_bn,
+                                   True, BLOCK_N, BLOCK_K, False)
+            acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+        if n_full < N:  # 16-bit, not EVEN: the partial last step
+            offs_n = n_full + rows
             dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                          mask=m_ok & (offs_n[None, :] < N), other=0.0)
             w = _masked_w_tile(w_ptr, bits_ptr, offs_n, offs_k, k0, N, K, stride_wn, stride_wk, stride_bn,
-                               HAS_MASK, BLOCK_N, BLOCK_K)
+                               True, BLOCK_N, BLOCK_K)
             acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
     elif (not EVEN) and (dy_ptr.dtype.element_ty == tl.float32):
         # fp32 (FMA tiles): the bound test stays in the loop (peeling the last step spilled 8 bytes
@@ -412,7 +431,9 @@ def masked_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor 
     has_mask = bits is not None
     bits, sbn = _bits_args(bits, x)
     flag, guarded = _flag_args(flag, has_mask, x)
-    cfg = _config(m, x.dtype, n, _device_sms(x), k)
+    from .dense_gemm import device_arch
+
+    cfg = _config(m, x.dtype, n, _device_sms(x), k, device_arch(x.device))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _masked_linear_fwd_kernel[grid](
         x, weight, bits, flag, bias if bias is not None else y, y, m, n, k,
@@ -435,7 +456,9 @@ def masked_linear_dx(dy: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor 
     has_mask = bits is not None
     bits, sbn = _bits_args(bits, dy)
     flag, guarded = _flag_args(flag, has_mask, dy)
-    cfg = _dx_config(m, dy.dtype, k, _device_sms(dy), n)
+    from .dense_gemm import device_arch
+
+    cfg = _dx_config(m, dy.dtype, k, _device_sms(dy), n, device_arch(dy.device))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"]),)
     _masked_linear_dx_kernel[grid](
         dy, weight, bits, flag, dx, m, n, k,
@@ -472,138 +495,8 @@ def masked_linear_dw(dy: torch.Tensor, x: torch.Tensor, bits: torch.Tensor | Non
     return dw, db
 
 
-# ----------------------------------------------------------------------------------------
-# compile checks: every kernel at every config it can launch (bench/compile_report.py)
-# ----------------------------------------------------------------------------------------
-_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
-REGIMES = {"decode": 8, "mid": 48, "prefill": 512}  # a representative row count per config branch
-# strides of the innermost dimension are 1 for contiguous tensors, which the JIT specializes
-# as a constant; the specs do the same so they compile what a contiguous launch runs
-_UNIT_STRIDES = ("stride_xk", "stride_wk", "stride_yn", "stride_dyn", "stride_dxk", "stride_dwk",
-                 "stride_vk", "stride_dvk")
-
-
-def _spec(kernel, ptrs: dict, cfg: dict, flags: dict, label: str, representative: bool = False,
-          family: str | None = None, regime: str | None = None, tile_weight_bytes=None):
-    """CompileSpec of a launch on row-major tensors: inner strides 1 (constexpr, as the JIT
-    specializes them), pointers, outer strides, N and K multiples of 16 (as for Llama shapes).
-    The configs were also checked to compile without spills when nothing is 16-divisible.
-
-    family / regime: SASS-audit metadata; tile_weight_bytes(BLOCK_N, BLOCK_K, itemsize, density):
-    weight bytes of the [BLOCK_N, BLOCK_K] tile one loop iteration loads (None: the loop loads
-    no weight, as in the weight-gradient kernels)."""
-    import inspect
-
-    from ._compile import CompileSpec
-
-    cfg = dict(cfg)
-    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    consts = {**flags, **cfg}
-    sig = {}
-    for name in inspect.signature(kernel.fn).parameters:
-        if name in _UNIT_STRIDES:
-            consts[name] = 1
-        sig[name] = "constexpr" if name in consts else ptrs.get(name, "i32")
-    divisible = tuple(a for a, t in sig.items() if t.startswith("*") or (t == "i32" and a not in ("M",)))
-    fp32 = ptrs.get("dy_ptr", ptrs.get("x_ptr")) == "*fp32"
-    itemsize = {"*fp16": 2, "*bf16": 2, "*fp32": 4}[ptrs.get("dy_ptr", ptrs.get("x_ptr"))]
-    wbytes = None if tile_weight_bytes is None else partial(tile_weight_bytes, cfg["BLOCK_N"], cfg["BLOCK_K"], itemsize)
-    return CompileSpec(kernel, sig, consts, warps, stages, label, is_gemm=True, expect_tensor_core=not fp32,
-                       note="fp32 uses input_precision='ieee' (FMA, no tensor cores) on purpose" if fp32 else "",
-                       representative=representative, divisible=divisible, family=family, regime=regime,
-                       loop_weight_bytes=wbytes)
-
-
-def tile_bytes_masked(block_n: int, block_k: int, itemsize: int, density: float = 1.0) -> float:
-    """Bytes of a [block_n, block_k] masked-weight tile: the dense weight and its packed mask bits
-    (the weight is stored dense, so density does not change them)."""
-    return block_n * block_k * itemsize + block_n * (block_k // 32) * 4
-
-
-def _check_spec(dtype: torch.dtype):
-    """The guard's check kernel (no dot, no loop: one tile of W and its bits per program)."""
-    from ._compile import CompileSpec
-
-    c = dict(_CHECK_CFG)
-    warps = c.pop("num_warps")
-    sig = dict(w_ptr=_TYPES[dtype], bits_ptr="*i32", flag_ptr="*i32", N="i32", K="i32", stride_wn="i32",
-               stride_wk="constexpr", stride_bn="i32", BLOCK_N="constexpr", BLOCK_K="constexpr")
-    return CompileSpec(_pruned_nonzero_kernel, sig, dict(stride_wk=1, **c), warps, 1,
-                       f"{str(dtype).replace('torch.', '')} check", is_gemm=False, representative=False,
-                       divisible=("w_ptr", "bits_ptr", "N", "K", "stride_wn", "stride_bn"),
-                       family="masked", regime="train-check")
-
-
-def tile_bytes_dense(block_n: int, block_k: int, itemsize: int, density: float = 1.0) -> float:
-    """Bytes of a [block_n, block_k] weight tile read without its mask (guard passed)."""
-    return block_n * block_k * itemsize
-
-
-def _tile_variants(kind: str, rows: int, dtype: torch.dtype):
-    """``[(label suffix, config)]`` a launcher can pick for ``rows`` (fp32 prefill: every tile of the
-    grid-fill rule, the one used on small grids unlabelled; 16-bit dW / dV: the main tile and the
-    small-grid one; otherwise the single config)."""
-    fn = {"fwd": _config, "dx": _dx_config, "dw": _dw_config}[kind]
-    out = [("", fn(rows, dtype))]
-    if dtype == torch.float32 and rows > 64:
-        tiles = {"fwd": _FP32_FWD, "dx": _FP32_DX, "dw": _FP32_DW}[kind]
-        out += [(f" t{r}x{c}", dict(cfg)) for r, c, cfg, _ in tiles[:-1]]
-    elif kind == "dw" and rows > 64:  # 16-bit small-grid dW / dV tile
-        out.append((" t64x128", dict(_DW16_FILL)))
-    return out
-
-
-def _compile_specs():
-    specs = []
-    for dtype, p in _TYPES.items():
-        dt = str(dtype).replace("torch.", "")
-        fwd_ptrs = dict(x_ptr=p, w_ptr=p, bits_ptr="*i32", flag_ptr="*i32", b_ptr=p, y_ptr=p)
-        dx_ptrs = dict(dy_ptr=p, w_ptr=p, bits_ptr="*i32", flag_ptr="*i32", dx_ptr=p)
-        for regime, rows in REGIMES.items():
-            tag, rep = f"{dt} {regime}", dtype == torch.bfloat16 and regime == "prefill"
-            for t, cfg in _tile_variants("fwd", rows, dtype):
-                # "masked": the mask applied in the loop (unguarded launches, and the guard's fallback)
-                specs.append(_spec(_masked_linear_fwd_kernel, fwd_ptrs, cfg,
-                                   dict(HAS_MASK=True, GUARDED=False, HAS_BIAS=True, DOT_PRECISION="ieee"),
-                                   f"{tag} masked+bias{t}", rep, "masked", "train-fwd", tile_bytes_masked))
-                if rows >= GUARD_MIN_ROWS:
-                    # what a guarded launch (ops layer, >= GUARD_MIN_ROWS tokens) compiles: both loops ...
-                    specs.append(_spec(_masked_linear_fwd_kernel, fwd_ptrs, cfg,
-                                       dict(HAS_MASK=True, GUARDED=True, HAS_BIAS=True, DOT_PRECISION="ieee"),
-                                       f"{tag} guarded+bias{t}", False, "masked-guarded", "train-fwd",
-                                       tile_bytes_masked))
-                    # ... and the loop it runs when the check passes (W zero at every pruned slot)
-                    specs.append(_spec(_masked_linear_fwd_kernel, fwd_ptrs, cfg,
-                                       dict(HAS_MASK=False, GUARDED=False, HAS_BIAS=True, DOT_PRECISION="ieee"),
-                                       f"{tag} zero-pruned+bias{t}", rep, "masked-zero", "train-fwd",
-                                       tile_bytes_dense))
-            for t, cfg in _tile_variants("dx", rows, dtype):
-                specs.append(_spec(_masked_linear_dx_kernel, dx_ptrs, cfg,
-                                   dict(HAS_MASK=True, GUARDED=False, DOT_PRECISION="ieee", EVEN=False),
-                                   f"{tag} masked{t}", rep, "masked", "train-dx", tile_bytes_masked))
-                if rows >= GUARD_MIN_ROWS:
-                    specs.append(_spec(_masked_linear_dx_kernel, dx_ptrs, cfg,
-                                       dict(HAS_MASK=True, GUARDED=True, DOT_PRECISION="ieee", EVEN=True),
-                                       f"{tag} guarded even{t}", False, "masked-guarded", "train-dx",
-                                       tile_bytes_masked))
-                    for even in (True, False):  # N % BLOCK_N == 0 (every model shape) or not
-                        specs.append(_spec(_masked_linear_dx_kernel, dx_ptrs, cfg,
-                                           dict(HAS_MASK=False, GUARDED=False, DOT_PRECISION="ieee", EVEN=even),
-                                           f"{tag} zero-pruned" + (" even" if even else "") + t,
-                                           rep and even and not t, "masked-zero", "train-dx", tile_bytes_dense))
-            for t, cfg in _tile_variants("dw", rows, dtype):
-                for even in (False, True) if rows >= GUARD_MIN_ROWS else (False,):  # M % BLOCK_M == 0 or not
-                    # + bias (db fused), and without (the linears of Llama-style blocks: what the
-                    # audit's recovery-step plans launch) from GUARD_MIN_ROWS rows on
-                    for bias in (True, False) if rows >= GUARD_MIN_ROWS else (True,):
-                        specs.append(_spec(_masked_linear_dw_kernel,
-                                           dict(dy_ptr=p, x_ptr=p, bits_ptr="*i32", dw_ptr=p, db_ptr=p), cfg,
-                                           dict(HAS_MASK=True, HAS_BIAS=bias, DOT_PRECISION="ieee", EVEN=even),
-                                           f"{tag} masked" + ("+bias" if bias else "") + (" even" if even else "") + t,
-                                           bias and not t and (rep and even or rep and rows < GUARD_MIN_ROWS),
-                                           "masked", "train-dw"))
-    specs += [_check_spec(dtype) for dtype in _TYPES]
-    return specs
-
+# compile checks: every kernel at every config it can launch (kernels/_masked_specs.py)
+from ._masked_specs import (REGIMES, _TYPES, _UNIT_STRIDES, _arch_variants, _check_spec, _compile_specs,  # noqa: E402,F401
+                            _spec, _tile_variants, tile_bytes_dense, tile_bytes_masked)
 
 COMPILE_SPECS = _compile_specs()

@@ -11,11 +11,13 @@ meta). Two decodes:
   ``_bits.expand_24_prmt`` writes the group's 4 positions with two ``prmt`` (an
   ``inline_asm_elementwise(pack=4)``; plain integer ops in the interpreter, ``EMULATE``): no
   split, no layout conversion. sm_90: 228 loop instructions per warp-iteration on 256 x 128 x 64
-  tiles, 1.12x the dense kernel's per multiply-add (docs/gpu_prefill_kernels.md). Decode tile
-  16 x 64 x 256, 4 warps: 587 loop instructions, 0 STS, 4.1 thread-instructions per compressed
-  byte on sm_90, predicted 1.13-1.14x the dense Triton kernel at M = 3..16 on the Llama-7B shapes
-  (the old decode: 862 instructions, 64 STS, 12.0 per byte, 0.62x; ``bench/sass_audit.py --specs
-  'sparse24-decode-16bit*'``). M <= 2 runs ``sparse24_gemv.py``.
+  tiles, 1.12x the dense kernel's per multiply-add (docs/gpu_prefill_kernels.md); sm_80 (256 x 128
+  x 32): 199, 1.25x (294, 1.85x, before the asm was compiled ``OPAQUE``: mma.sync operands of
+  kWidth 4 made every thread expand four threads' groups). Decode tile 16 x 64 x 256, 4 warps:
+  505 loop instructions on sm_90 (587 before ``OPAQUE``), 0 STS; at 587 it was 4.1
+  thread-instructions per compressed byte, predicted 1.13-1.14x the dense Triton kernel at M =
+  3..16 on the Llama-7B shapes (the old decode: 862 instructions, 64 STS, 12.0 per byte, 0.62x;
+  ``bench/sass_audit.py --specs 'sparse24-decode-16bit*'``). M <= 2 runs ``sparse24_gemv.py``.
 - fp32: values tile ``[BLOCK_N, BLOCK_K/2]`` + meta words, expanded by
   ``_bits.expand_24`` (split the kept pairs, ``tl.where`` by nibble, reshape).
 
@@ -75,7 +77,7 @@ def _sparse24_gemm_kernel(x_ptr, v_ptr, meta_ptr, lut_ptr, b_ptr, y_ptr, M, N, K
             # byte-permute selectors of its nibble from the 16-entry table (64 bytes, L1-resident)
             word = tl.load(meta_ptr + offs_n[:, None] * stride_mn + (g // 8)[None, :], mask=g_ok, other=0)
             sel = tl.load(lut_ptr + ((word >> g_shift[None, :]) & 0xF))
-            w = expand_24_prmt(pair, sel, x_ptr.dtype.element_ty, EMULATE, BLOCK_N, BLOCK_K)
+            w = expand_24_prmt(pair, sel, x_ptr.dtype.element_ty, EMULATE, BLOCK_N, BLOCK_K, OPAQUE=True)
         else:
             vk = k0 // 2 + offs_h
             v = tl.load(v_ptr + offs_n[:, None] * stride_vn + vk[None, :] * stride_vk,

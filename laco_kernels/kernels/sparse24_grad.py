@@ -64,7 +64,7 @@ def _dx24_tiles(dy_ptr, v_ptr, meta_ptr, lut_ptr, n0, left, k0, N, K, g, g_shift
         pair = tl.load(v_ptr + n0 * stride_vn + (rows[:, None] * stride_vn + g[None, :]), mask=g_ok, other=0)
         word = tl.load(meta_ptr + n0 * stride_mn + (rows[:, None] * stride_mn + (g // 8)[None, :]), mask=g_ok, other=0)
         sel = tl.load(lut_ptr + ((word >> g_shift[None, :]) & 0xF))
-        w = expand_24_prmt(pair, sel, dy_ptr.dtype.element_ty, EMULATE, BLOCK_N, BLOCK_K)
+        w = expand_24_prmt(pair, sel, dy_ptr.dtype.element_ty, EMULATE, BLOCK_N, BLOCK_K, OPAQUE=True)
     else:
         w = _dense_w_tile(v_ptr, meta_ptr, n0 + rows, k0, N, K, stride_vn, stride_vk, stride_mn, BLOCK_N, BLOCK_K)
     return dy, w
@@ -174,8 +174,12 @@ def _dx24_config(m: int, dtype: torch.dtype, arch: int | None = None, k: int | N
     forward's reasoning: the expansion is work per weight element, the MMA per weight element x
     BLOCK_M; sm_90 audit: 220 loop instructions, 1.08x the dense GEMM per multiply-add, where the
     128-row tile's 193 are 1.89x); where that grid leaves SMs idle the reduction is split instead
-    (:func:`_dx24_splits`). sm_80 keeps 128 rows: 256 spills 408 bytes there (mma.sync holds both
-    operands in registers).
+    (:func:`_dx24_splits`). Elsewhere (sm_80, and any other arch: mma.sync holds both operands in
+    registers) 256 rows with a 32-row reduction step and 2 stages: 166 loop instructions on sm_80,
+    1.04x its dense GEMM per multiply-add, 0 spills (the 64-row step spills 280 bytes at 256 rows; the
+    128 x 128 tile's 455 instructions were 2.86x). That needs the expansion compiled ``OPAQUE``
+    (``_bits.expand_24_prmt``): otherwise Triton gives both dot operands kWidth 4 and ptxas pairs
+    the weight's registers for mma.sync with about 130 moves per loop step.
     fp32 (FMA), m > 16: a 64 x 64 output tile, 8 warps, a 32-row reduction step (1.18x the dense
     GEMM per multiply-add on sm_90, against 1.38x for the 64 x 32 output tile used before) when n
     and k are multiples of 16 and 32; otherwise the same output tile with a 16-row step (1.22x; the
@@ -185,7 +189,7 @@ def _dx24_config(m: int, dtype: torch.dtype, arch: int | None = None, k: int | N
     if dtype != torch.float32 and m > 64:
         if arch == 90:
             return dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=256, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=2)
     if dtype != torch.float32 and m <= 16:  # 128 output columns: 16 x 64 x 64 spills 8 bytes on sm_90
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
     if dtype == torch.float32 and m > 16:
@@ -209,7 +213,8 @@ def _dx24_splits(m: int, n: int, k: int, cfg: dict, sms: int = _SMS) -> int:
     traffic than it gains. The rule follows the sm_90 step model (``bench/sass_model.py``, bf16,
     predicted us for 1, 2, 3, 4 slices): 1536 x 576 at 512 tokens 16.6 / 12.0 / 10.3 / 9.9, at
     1,024 17.2 / 13.9 / 13.0 / 13.2, at 4,096 (80 programs) 20.9 / 27.7; 11008 x 4096 at 512 tokens
-    119.8 / 80.7 / 85.8, at 1,024 (128 programs) 124.1 / 143.8; 576 x 1536 at 1,024 8.6 / 14.3."""
+    119.8 / 80.7 / 85.8, at 1,024 (128 programs) 124.1 / 143.8; 576 x 1536 at 1,024 8.6 / 14.3. sm_80's
+    256-row tile (32-row step) splits by the same rule (not modelled there)."""
     if cfg["BLOCK_M"] != 256:
         return 1
     programs = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"])
@@ -299,9 +304,9 @@ def _compile_specs():
         for regime, rows in REGIMES.items():
             rep = dtype == torch.bfloat16 and regime == "prefill"
             vp = "*i32" if dtype != torch.float32 else p  # 16-bit values as int32 group words
-            if dtype != torch.float32 and regime == "prefill":  # 128 rows (sm_80), 256 (sm_90), split or not
-                c90 = _dx24_config(rows, dtype, 90)
-                cfgs = [(_dx24_config(rows, dtype), (80,), " 128rows", False), (c90, (90,), "", False),
+            if dtype != torch.float32 and regime == "prefill":  # 256 rows, 32-row step (sm_80) / 64 (sm_90), split or not
+                c80, c90 = _dx24_config(rows, dtype, 80), _dx24_config(rows, dtype, 90)
+                cfgs = [(c80, (80,), " 256x32", False), (c80, (80,), " 256x32 split", True), (c90, (90,), "", False),
                         (c90, (90,), " split", True)]
             elif dtype == torch.float32 and regime != "decode":  # 64 x 64 output; a 16-row step without 16-divisibility
                 cfgs = [(_dx24_config(rows, dtype), ARCHS, "", False),
@@ -315,7 +320,7 @@ def _compile_specs():
                                                        dx_ptr="*fp32" if split else p),
                              cfg, dict(DOT_PRECISION="ieee", EMULATE=False, EVEN=even, SPLIT=split),
                              f"{dt} {regime}{suffix}" + (" even" if even else ""),
-                             rep and suffix in ("", " split", " 128rows") and (even or regime != "prefill"), "sparse24", "train-dx",
+                             rep and suffix in ("", " split", " 256x32", " 256x32 split") and (even or regime != "prefill"), "sparse24", "train-dx",
                              tile_bytes_24)
                 spec.archs = archs
                 specs.append(spec)
