@@ -156,6 +156,21 @@ def test_linear_path_reports_the_dispatch():
             assert _native.linear_path("sparse24_linear", dt, (11008, 4096), 8) == "pair"
             assert _native.linear_path("sparse24_linear", dt, (11008, 4096), 7) != "pair"
             assert _native.linear_path("sparse24_linear", dt, (576, 1536), 8) != "pair"
+        if "avx512" in ISAS and not HAS_AMX:  # fp32 on 7B weights: the outer kernel's range grows with threads
+            f32, big = torch.float32, (11008, 4096)
+            threads = torch.get_num_threads()
+            try:
+                torch.set_num_threads(2)
+                assert [_native.linear_path("sparse24_linear", f32, big, m) for m in (256, 1023, 1024)] == \
+                    ["outer", "outer", "panel"]
+                assert [_native.linear_path("bitmap_linear", f32, big, m) for m in (16, 1023, 1024)] == \
+                    ["outer", "outer", "panel"]
+                assert _native.linear_path("bitmap_linear", f32, (1536, 576), 16) == "panel"  # small: panels
+                torch.set_num_threads(1)
+                assert _native.linear_path("sparse24_linear", f32, big, 128) == "panel"
+                assert _native.linear_path("bitmap_linear", f32, big, 256) == "panel"
+            finally:
+                torch.set_num_threads(threads)
     finally:
         _native.set_outer_min_m(None)
         _native.set_amx_min_m(None)
