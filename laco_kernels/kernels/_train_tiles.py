@@ -37,8 +37,8 @@ _FP32_DW = ((128, 64, dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_w
 # 16-bit dW / dV on grids that leave SMs idle (``_dw_config``)
 _DW16_FILL = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
 
-# 16-bit prefill forward / dX with 256 rows of x / dY per program, where that grid still fills the GPU
-# (``_config`` / ``_dx_config`` with ``arch``): the mask applied in the loop (the guard's fallback) is
+# 16-bit prefill forward / dX with 256 rows of x / dY per program on sm_80-sm_90, where that grid keeps 3/4
+# of the SMs busy (``_wide``; ``_config`` / ``_dx_config`` with ``arch``): the mask applied in the loop (the guard's fallback) is
 # work per weight element, the MMA per weight element x BLOCK_M, so twice the rows halve its share.
 # Audit (thread-instructions per multiply-add over the dense 128-row prefill GEMM; masked loop /
 # plain loop after the guard): sm_90 forward 256 x 128 x 64 1.22x / 0.68x (128 rows: 2.25x / 1.00x),

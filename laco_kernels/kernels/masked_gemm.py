@@ -15,9 +15,11 @@ Guard (``flag=`` of :func:`masked_linear_fwd` / :func:`masked_linear_dx`, used b
 from ``GUARD_MIN_ROWS`` tokens): :func:`pruned_nonzero` tells on the device whether W is zero at
 every pruned slot; the kernels then branch once per program to the plain GEMM loop (W ⊙ M == W,
 the dense GEMM's instruction count) or to the masked loop. The mask in the loop costs a shared-
-memory round trip plus ~3 instructions per weight element (2.25-2.44x the dense GEMM per
-multiply-add on sm_90, docs/gpu_training_kernels.md); recovery keeps pruned weights at exactly 0,
-so in practice the plain loop runs and only dW applies the mask, to its output tile.
+memory round trip plus ~3 instructions per weight element: 2.13-2.25x the dense GEMM per multiply-add
+on sm_90 with 128 rows of x per program, 1.13-1.22x with the 256-row tiles that sm_80 / sm_90 launches
+take where that grid keeps 3/4 of the SMs busy (``_train_tiles._wide``; docs/gpu_training_kernels.md);
+recovery keeps pruned weights at exactly 0, so in practice the plain loop runs and only dW applies the
+mask, to its output tile.
 The dX / dW loops step over whole tiles without a bound test along the loop's dimension; when
 that dimension is not a multiple of the step, the partial last step is peeled after the loop
 (16-bit; the fp32 FMA tiles keep the bound test in the loop, where peeling spilled registers).
