@@ -187,6 +187,7 @@ def test_split_rule():
     assert sg._dx24_splits(1024, 576, 1536, cfg, 132) == 1      # N < 2K: partials cost more
     assert sg._dx24_splits(4096, 1536, 576, cfg, 132) == 1      # 80 programs: more than half the SMs
     assert sg._dx24_splits(256, 192, 64, cfg, 132) == 1         # 3 steps: one slice of at least two
+    assert sg._dx24_config(1024, torch.bfloat16, 100, 576, 1536)["BLOCK_M"] == 128  # an arch not audited
     c80 = sg._dx24_config(1024, torch.bfloat16, 80, 576, 1536)  # sm_80's 256-row tile splits by the same rule
     assert sg._dx24_splits(1024, 1536, 576, c80, 108) == 4
     assert sg._dx24_splits(4096, 1536, 576, c80, 108) == 1

@@ -174,8 +174,8 @@ def _dx24_config(m: int, dtype: torch.dtype, arch: int | None = None, k: int | N
     forward's reasoning: the expansion is work per weight element, the MMA per weight element x
     BLOCK_M; sm_90 audit: 220 loop instructions, 1.08x the dense GEMM per multiply-add, where the
     128-row tile's 193 are 1.89x); where that grid leaves SMs idle the reduction is split instead
-    (:func:`_dx24_splits`). Elsewhere (sm_80, and any other arch: mma.sync holds both operands in
-    registers) 256 rows with a 32-row reduction step and 2 stages: 166 loop instructions on sm_80,
+    (:func:`_dx24_splits`). sm_80-sm_89 (mma.sync holds both operands in registers; other archs keep
+    the 128 x 128 tile, not audited) 256 rows with a 32-row reduction step and 2 stages: 166 loop instructions on sm_80,
     1.04x its dense GEMM per multiply-add, 0 spills (the 64-row step spills 280 bytes at 256 rows; the
     128 x 128 tile's 455 instructions were 2.86x). That needs the expansion compiled ``OPAQUE``
     (``_bits.expand_24_prmt``): otherwise Triton gives both dot operands kWidth 4 and ptxas pairs
@@ -189,7 +189,9 @@ def _dx24_config(m: int, dtype: torch.dtype, arch: int | None = None, k: int | N
     if dtype != torch.float32 and m > 64:
         if arch == 90:
             return dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
-        return dict(BLOCK_M=256, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=2)
+        if arch is None or 80 <= arch < 90:  # (None: the interpreter runs sm_80's tile)
+            return dict(BLOCK_M=256, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)  # not audited
     if dtype != torch.float32 and m <= 16:  # 128 output columns: 16 x 64 x 64 spills 8 bytes on sm_90
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
     if dtype == torch.float32 and m > 16:
