@@ -78,8 +78,10 @@ int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_byt
     // panel / split panels M = 128 1.65x / 0.83x / 1.56x (11008x4096), 1.11x / 0.97x / 1.06x (4096x11008);
     // M = 256 1.32x / 0.90x / 1.29x, 1.11x / 0.82x / 1.08x; M = 512 1.08x / 1.09x / 1.15x, 1.01x / 0.92x /
     // 1.04x (the panel rule took 0.92x there: cpu_kernels_epyc_zen4_7b_fp32_t2_outer_rule_stop39.json, 0.93x);
-    // M = 1024 0.92x / 1.07x / 1.03x, 0.98x / 0.95x / 0.93x: panels from 1024.
-    m = bf16 ? (large ? 8 : (amx_available() ? 16 : 32)) : (large && at::get_num_threads() > 1 ? 1024 : 128);
+    // M = 1024 0.92x / 1.07x / 1.03x, 0.98x / 0.95x / 0.93x: panels from 1024. One thread, same weights
+    // (..._m128_512_t1_paths_stop39.json): M = 128 1.20x / 1.11x / 1.10x, 1.08x / 0.96x / 0.90x; M = 256 1.11x /
+    // 1.08x / 1.01x, 1.08x / 1.01x / 0.95x; M = 512 1.08x / 1.09x / 1.09x, 0.98x / 1.00x / 0.98x: panels from 512.
+    m = bf16 ? (large ? 8 : (amx_available() ? 16 : 32)) : (large ? (at::get_num_threads() > 1 ? 1024 : 512) : 128);
   } else {
     // fp32, one thread: the outer-product kernel from M = 16 (outer_linear.cpp) up to 256; with two threads
     // on SmolLM2 shapes it did not beat the panel (the old values, panels from 8); on 7B shapes (weights of
@@ -90,12 +92,15 @@ int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_byt
     // against 1.17-1.55x; M = 256 1.09-1.68x against 0.82-1.11x; M = 512 1.09-1.44x against 0.92-1.00x; bitmap 70%
     // at M = 1024 (cpu_kernels_epyc_zen4_7b_fp32_m512_1024_t2_paths_stop39.json) 1.28-1.35x against 0.99-1.04x,
     // 50% not measured there (its multiply-adds are the 2:4 kernel's, which lost at 1024): panels from 1024.
+    // One thread on the same weights: bitmap 70% outer / panels M = 256 1.57x / 1.07x, 1.48x / 0.97x; M = 512
+    // 1.52x / 1.09x, 1.41x / 0.99x (..._m128_512_t1_paths_stop39.json); 50% (bitmap50_fp32_7b_t1_outer_vs_auto_zen4_stop39.json)
+    // M = 256 1.18x / 1.06x, 1.17x / 1.03x; M = 512 1.09x / 1.02x, 1.13x / 1.04x: panels from 1024 there too.
     // fp32 7B: the direct kernel reads 30% of the bytes, 1.85x dense at M = 8.
     // bf16 small without AMX: Zen 4 (stop 36, after the direct kernel's unmasked loads;
     // bench/results/cpu_kernels_epyc_zen4_bf16_m8_16_paths_stop36.json): at M = 8 the direct kernel
     // 0.89-1.13x (one thread) / 0.91-0.95x (two) against panels 0.72-1.01x / split 0.75-0.78x, at M = 16
     // panels win (0.76-0.89x / split 0.92-0.95x against 0.63-0.82x): panels from 16 (were 8).
-    m = bf16 ? (large || amx_available() ? 8 : 16) : (at::get_num_threads() == 1 ? 256 : (large ? 1024 : 8));
+    m = bf16 ? (large || amx_available() ? 8 : 16) : (large ? 1024 : (at::get_num_threads() == 1 ? 256 : 8));
   }
   // AVX-512 without BF16: the same M (measured on the AVX-512 BF16 Xeon only).
   return m;

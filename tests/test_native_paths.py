@@ -167,8 +167,12 @@ def test_linear_path_reports_the_dispatch():
                     ["outer", "outer", "panel"]
                 assert _native.linear_path("bitmap_linear", f32, (1536, 576), 16) == "panel"  # small: panels
                 torch.set_num_threads(1)
-                assert _native.linear_path("sparse24_linear", f32, big, 128) == "panel"
-                assert _native.linear_path("bitmap_linear", f32, big, 256) == "panel"
+                assert [_native.linear_path("sparse24_linear", f32, big, m) for m in (128, 511, 512)] == \
+                    ["outer", "outer", "panel"]
+                assert [_native.linear_path("bitmap_linear", f32, big, m) for m in (256, 1023, 1024)] == \
+                    ["outer", "outer", "panel"]
+                assert _native.linear_path("sparse24_linear", f32, (1536, 576), 128) == "panel"  # small: as before
+                assert _native.linear_path("bitmap_linear", f32, (1536, 576), 256) == "panel"
             finally:
                 torch.set_num_threads(threads)
     finally:
