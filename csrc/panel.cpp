@@ -72,8 +72,8 @@ int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_byt
     // bf16 small: Zen 4 EPYC without AMX (stop 36, bench/results/cpu_kernels_epyc_zen4_smollm2_paths_stop36.json):
     // at M = 16 the direct kernel 1.04-1.24x (one thread) / 0.98-1.02x (two) against panels 0.95-1.21x /
     // 0.70-0.78x, at M = 32 panels win (0.92-0.94x against 0.79-0.83x): panels from 32 (was 16, the Xeon).
-    // fp32: the outer-product kernel below 128; with two or more threads on weights of 16 MB or more below
-    // 1024. Zen 4 EPYC, 7B shapes, two threads, forced paths interleaved with F.linear (stop 39,
+    // fp32: the outer-product kernel below 128; on weights of 16 MB or more below 512 (one thread) or 1024
+    // (two or more). Zen 4 EPYC, 7B shapes, two threads, forced paths interleaved with F.linear (stop 39,
     // bench/results/cpu_kernels_epyc_zen4_7b_fp32_m64_256_t2_paths_stop39.json, ..._m512_1024_...): outer /
     // panel / split panels M = 128 1.65x / 0.83x / 1.56x (11008x4096), 1.11x / 0.97x / 1.06x (4096x11008);
     // M = 256 1.32x / 0.90x / 1.29x, 1.11x / 0.82x / 1.08x; M = 512 1.08x / 1.09x / 1.15x, 1.01x / 0.92x /
