@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ._bits import decode_24_nibbles, expand_24, expand_24_prmt
 from ._compile import _is_interpreted
-from ._train_tiles import _SMS  # the grid-fill rule's SM count off a GPU (tests patch it here)
+from ._train_tiles import _SMS, _tile_family  # _SMS: the grid-fill rule's SM count off a GPU (tests patch it here)
 from .masked_gemm import (_bias_grad_rows, _device_sms, _dw_config, _dw_loop, _dx_config, _grouped_pid,
                           _load_tile_words, _precision)
 
@@ -187,9 +187,10 @@ def _dx24_config(m: int, dtype: torch.dtype, arch: int | None = None, k: int | N
     nothing on sm_80 or sm_90 whatever the divisibility of N, K and the strides).
     """
     if dtype != torch.float32 and m > 64:
-        if arch == 90:
+        family = _tile_family(arch)  # the masked tiles' arch classes (sm_90, sm_80-sm_89, other)
+        if family == 90:
             return dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
-        if arch is None or 80 <= arch < 90:  # (None: the interpreter runs sm_80's tile)
+        if family == 80 or arch is None:  # (None: the interpreter runs sm_80's tile)
             return dict(BLOCK_M=256, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=2)
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)  # not audited
     if dtype != torch.float32 and m <= 16:  # 128 output columns: 16 x 64 x 64 spills 8 bytes on sm_90
