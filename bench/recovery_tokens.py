@@ -68,7 +68,8 @@ def _recipe(v: dict) -> str:
         kl = (f"KL {c.get('stage2_epochs')} x lr {c.get('stage2_lr'):g}, T = {c.get('temperature', 2.0):g}"
               + (f", batch {c['stage2_batch_size']}" if c.get("stage2_batch_size") else "")
               + (f", windows of {c['stage2_seqlen']}" if c.get("stage2_seqlen") else "")
-              + (f", + {c['stage2_hidden']:g} x block-output token-nmse" if c.get("stage2_hidden") else ""))
+              + (f", + {c['stage2_hidden']:g} x block-output token-nmse" if c.get("stage2_hidden") else "")
+              + (f", {c['stage2_noise']:g} of input ids random" if c.get("stage2_noise") else ""))
         text = kl if v["method"] == "kl" else f"{text} + {kl}"
     return f"{text}, {prec}" + (f", **{_start(v)} start**" if _start(v) != "sparsegpt" else "")
 
@@ -84,6 +85,21 @@ def table(path: str, windows: int = 32) -> str:
                      f"{v['ppl_before']}) | {v['gap_closed']:.1%} | {v['wall_s']} | {v['cpu_s']} | "
                      f"{v['peak_rss_mb']} ({v['peak_rss_above_mb']}) | {v['load_before'].split()[0]} | "
                      f"`{v['command']}` |")
+    return "\n".join(lines)
+
+
+def summary(path: str, windows: int = 32) -> str:
+    """The best row of each (method, tokens, start), best first within a token count: the README's table."""
+    best = {}
+    for v in _rows(path, windows).values():
+        key = (v["calibration_tokens"], _start(v), v["method"])
+        if key not in best or v["ppl_after"] < best[key]["ppl_after"]:
+            best[key] = v
+    lines = ["| tokens | start (ppl) | method | recipe | ppl | wall s | command |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (t, start, method), v in sorted(best.items(), key=lambda kv: (kv[0][0], kv[1]["ppl_after"])):
+        recipe = _recipe(v).split(", **")[0]  # the start has its own column
+        lines.append(f"| {t:,} | {start} ({v['ppl_before']}) | {LABELS[method]} | {recipe} | **{v['ppl_after']}** "
+                     f"| {v['wall_s']} | `{v['command']}` |")
     return "\n".join(lines)
 
 
@@ -145,6 +161,28 @@ def _save_blocks(model, path: str) -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items() if ".layers." in k}, tmp)
 
 
+HELDOUT_DOCS = 600  # C4 documents skipped for held-out windows: runs of <= 65k tokens draw from the first ~480
+
+
+@torch.no_grad()
+def kl_on(teacher, student, ids: torch.Tensor, autocast: bool, batch: int = 2) -> float:
+    """Mean token KL(teacher || student) over the windows ``ids`` [n, seqlen] (T = 1): the KL stage's
+    fit on its own windows against held-out ones tells whether it is data-bound."""
+    from laco_kernels.recover._losses import distill_kl
+
+    was = student.training
+    student.eval()
+    total = 0.0
+    for i in range(0, len(ids), batch):
+        x = ids[i:i + batch]
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            t = teacher(input_ids=x, use_cache=False).logits
+            s = student(input_ids=x, use_cache=False).logits
+        total += float(distill_kl(s.float(), t.float(), 1.0)) * len(x)
+    student.train(was)
+    return round(total / len(ids), 4)
+
+
 def _stage1_model(start, cache: str, run, recorded_ppl: float, ppl):
     """The recorded stage-1 model of a ``laco`` row: from its cache, or recomputed (the run is
     deterministic; the recomputed model must give the recorded perplexity, else this stops)."""
@@ -187,16 +225,21 @@ def main():
     ap.add_argument("--temperature", type=float, default=2.0, help="KL stage temperature (default: 2)")
     ap.add_argument("--stage2-hidden", type=float, default=0.0,
                     help="KL stage: + this x the mean token-nmse of the block outputs (LayerwiseConfig.stage2_hidden)")
+    ap.add_argument("--stage2-noise", type=float, default=0.0,
+                    help="KL stage: fraction of input ids replaced by random ids each step (default 0)")
     ap.add_argument("--inputs", default="pruned", choices=["pruned", "dense", "mix"],
                     help="layer-wise stage: what each block trains on (LayerwiseConfig.inputs); keys add ,in<inputs>")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--scratch", default="/tmp/laco_recipe")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--summary", action="store_true", help="print the best row per method, tokens and start")
     ap.add_argument("--plot", action="store_true")
     args = ap.parse_args()
-    if args.table or args.plot:
+    if args.table or args.plot or args.summary:
         if args.table:
             print(table(args.out, args.windows))
+        if args.summary:
+            print(summary(args.out, args.windows))
         if args.plot:
             plot(args.out, args.windows)
         return
@@ -245,10 +288,17 @@ def main():
 
             s2 = dict(stage2_epochs=args.stage2_epochs, stage2_lr=args.stage2_lr, stage2_batch_size=s2bs,
                       temperature=args.temperature, stage2_hidden=args.stage2_hidden)
+            if args.stage2_noise:
+                s2["stage2_noise"] = args.stage2_noise
             c = LayerwiseConfig(**dict(cfg_l, **s2))
             ids2 = ids if not args.stage2_seqlen else calibration_windows(
                 tok, n_tok // args.stage2_seqlen, args.stage2_seqlen, seed=1)
             hist, meas = measured(lambda: _stage2(model, student, ids2, c, get_adapter(student), 1))
+            # generalisation of the KL stage: its KL on 16 of its own windows and on 16 held-out ones
+            held = calibration_windows(tok, 16, ids2.shape[1], seed=2, offset_docs=HELDOUT_DOCS)
+            meas.update(kl_fit_windows=kl_on(model, student, ids2[:16], args.autocast),
+                        kl_heldout_windows=kl_on(model, student, held, args.autocast),
+                        kl_heldout_note=f"16 windows of {ids2.shape[1]} from C4 documents {HELDOUT_DOCS}+ (seed 2)")
             return hist, meas, dict(s2, stage2_seqlen=args.stage2_seqlen)
 
         for method in args.methods:
@@ -283,7 +333,8 @@ def main():
                        + (f",T{args.temperature:g}" if args.temperature != 2.0 else "")
                        + (f",s2bs{s2bs}" if s2bs != args.laco_batch else "")
                        + (f",s2len{args.stage2_seqlen}" if args.stage2_seqlen else "")
-                       + (f",hid{args.stage2_hidden:g}" if args.stage2_hidden else "") + f"/{ev}")
+                       + (f",hid{args.stage2_hidden:g}" if args.stage2_hidden else "")
+                       + (f",noise{args.stage2_noise:g}" if args.stage2_noise else "") + f"/{ev}")
 
                 def run_kl():
                     hist, meas, s2 = kl_stage(laco_model)

@@ -261,6 +261,8 @@ def test_bad_new_options_raise():
                     (dict(stage2_epochs=1, temperature=0.0), "temperature"),
                     (dict(stage2_epochs=1, stage2_hidden=-1.0), "stage2_hidden"),
                     (dict(stage2_epochs=1, stage2_hidden=float("nan")), "stage2_hidden"),
+                    (dict(stage2_epochs=1, stage2_noise=1.0), "stage2_noise"),
+                    (dict(stage2_epochs=1, stage2_noise=-0.1), "stage2_noise"),
                     (dict(error_samples=-1), "error_samples"), (dict(error_samples=2.5), "error_samples")):
         with pytest.raises(ValueError, match=msg):
             layerwise(dense, pruned, _ids(), progress=False, **kw)
@@ -338,6 +340,31 @@ def test_stage2_hidden_adds_the_block_outputs_term():
     for k, v in pruned.state_dict().items():
         if ".layers." in k and v.dim() == 2:
             assert torch.all(runs[1.0][1].state_dict()[k][v == 0] == 0), k
+
+
+def test_stage2_noise_corrupts_the_same_ids_for_teacher_and_student():
+    """stage2_noise=p: each KL step replaces about p of the window's ids by random ids, drawn afresh
+    each pass, and the dense teacher reads exactly the ids the student reads; pruned weights stay 0."""
+    dense, pruned = dense_and_pruned("2:4", layers=1)
+    ids = torch.randint(0, 10, (4, 64))  # ids < 10: a random replacement almost never lands on one
+    seen = {"t": [], "s": []}
+
+    def spy(model, key):
+        real = model.forward
+        model.forward = lambda input_ids=None, **kw: seen[key].append(input_ids.clone()) or real(input_ids=input_ids, **kw)
+
+    spy(dense, "t")
+    spy(pruned, "s")
+    layerwise(dense, pruned, ids, epochs=1, stage2_epochs=2, stage2_noise=0.25, progress=False)
+    s2 = seen["s"][-8:]  # the KL stage's steps: 2 passes x 4 windows (batch 1); the block stage never calls forward
+    assert len(seen["t"]) >= 8 and all(torch.equal(a, b) for a, b in zip(seen["t"][-8:], s2))
+    changed = torch.cat([(x >= 10).float().flatten() for x in s2])
+    assert 0.15 < changed.mean() < 0.35
+    assert not torch.equal(s2[0], s2[4]) or not torch.equal(s2[1], s2[5])  # fresh noise on the second pass
+    for x in s2:  # outside the replaced slots a step reads one of the calibration windows
+        keep = x[0] < 10
+        assert max(float((x[0][keep] == row[keep]).float().mean()) for row in ids) > 0.9
+    assert (pruned.model.layers[0].mlp.up_proj.weight == 0).float().mean() == 0.5
 
 
 def test_error_samples_measures_a_head_and_leaves_training_alone():

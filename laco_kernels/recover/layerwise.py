@@ -85,6 +85,9 @@ class LayerwiseConfig:
     stage2_batch_size: int = 1
     temperature: float = 1.0  # KL stage; T = 1 beat T = 2 by 1.5 ppl at 16k tokens (docs/recovery.md)
     stage2_hidden: float = 0.0  # KL stage: + this x the mean token-nmse of every block's output vs the dense one
+    # KL stage: this fraction of the input ids, drawn afresh each step, replaced by uniform random ids
+    # (teacher and student read the same corrupted window): new contexts on every pass over few tokens
+    stage2_noise: float = 0.0
     inputs: str = "pruned"
     trainable: str = "all"
     warmup: float = 0.0
@@ -101,6 +104,8 @@ class LayerwiseConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not (math.isfinite(self.stage2_hidden) and self.stage2_hidden >= 0):
             raise ValueError(f"stage2_hidden must be a finite weight >= 0, got {self.stage2_hidden}")
+        if not (math.isfinite(self.stage2_noise) and 0.0 <= self.stage2_noise < 1.0):
+            raise ValueError(f"stage2_noise is a fraction of input ids in [0, 1), got {self.stage2_noise}")
         if self.lr <= 0 or self.clip <= 0:
             raise ValueError(f"lr and clip must be positive, got lr={self.lr}, clip={self.clip}")
         if self.inputs not in INPUTS:
@@ -527,12 +532,17 @@ def _stage2(dense_model: nn.Module, pruned_model: nn.Module, ids: torch.Tensor, 
     n_batches = math.ceil(len(ids) / bs)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.stage2_epochs * n_batches, eta_min=cfg.lr_min)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 999_983)
+    vocab = pruned_model.get_input_embeddings().num_embeddings
     history = []
     pruned_model.train()
     for _ in tqdm(range(cfg.stage2_epochs), desc="stage 2 (KL)", disable=not cfg.progress):
         total = 0.0
         for b in torch.randperm(n_batches, generator=gen).tolist():
-            x = ids[b * bs:(b + 1) * bs].to(cfg.device)
+            x = ids[b * bs:(b + 1) * bs]
+            if cfg.stage2_noise:
+                swap = torch.rand(x.shape, generator=gen) < cfg.stage2_noise
+                x = torch.where(swap, torch.randint(0, vocab, x.shape, generator=gen), x)
+            x = x.to(cfg.device)
             with torch.no_grad(), _autocast(cfg):
                 t_out = dense_model(input_ids=x, use_cache=False, output_hidden_states=hidden)
             with _autocast(cfg):
