@@ -5,6 +5,7 @@ import torch
 from conftest import TOLERANCES
 from laco_kernels import reference
 from laco_kernels.formats import BitmapWeight, PackedMask, Sparse24Weight
+from laco_kernels.kernels import _train_tiles
 from laco_kernels.kernels import masked_gemm as mg
 from laco_kernels.kernels import sparse24_grad as sg
 from laco_kernels.kernels import weight_expand as we
@@ -271,7 +272,7 @@ def test_expand_path_is_what_the_op_runs(triton_backend, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_16bit_weight_grad_tiles_by_grid_fill(dtype):
     """16-bit dW / dV: the 128 x 128 output tile while its grid fills the SMs, else 64 x 128 (4 warps)."""
-    assert mg._dw_config(1536, dtype, 576, 132) == mg._DW16_FILL  # SmolLM2: 60 programs of 128 x 128
+    assert mg._dw_config(1536, dtype, 576, 132) == _train_tiles._DW16_FILL  # SmolLM2: 60 programs of 128 x 128
     assert mg._dw_config(4096, dtype, 11008, 132)["BLOCK_N"] == 128  # 7B: 2,752 programs
     assert mg._dw_config(1536, dtype, 576, 8)["BLOCK_N"] == 128
     assert mg._dw_config(1536, dtype)["BLOCK_N"] == 128  # no K given: the main tile

@@ -1,8 +1,9 @@
 """Tile configs of the training GEMMs (``masked_gemm`` forward / dX / dW, ``sparse24_grad`` dV):
 the fp32 FMA tile tables chosen by grid fill and the 16-bit tiles per shape regime.
 
-Pure Python (no Triton kernels); ``masked_gemm`` re-exports every name, so ``masked_gemm._config``
-and the rest keep working. ``sms`` defaults to an H100's 132 SMs (the grid-fill rule off a GPU).
+Pure Python (no Triton kernels); ``masked_gemm`` imports the config rules its launchers use
+(``masked_gemm._config`` and the rest keep working); the tile tables are read from here. ``sms``
+defaults to an H100's 132 SMs (the grid-fill rule off a GPU).
 """
 from __future__ import annotations
 

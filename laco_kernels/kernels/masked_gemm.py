@@ -39,8 +39,7 @@ import triton
 import triton.language as tl
 
 from ._bits import unpack_bits
-from ._train_tiles import (_DW16_FILL, _DX16_256, _FP32_DW, _FP32_DX, _FP32_FWD, _FWD16_256, _SMS,  # noqa: F401
-                           _config, _divisible, _dw_config, _dx_config, _fill)
+from ._train_tiles import _SMS, _config, _dw_config, _dx_config
 
 
 # ----------------------------------------------------------------------------------------
