@@ -21,12 +21,14 @@ layer-wise stage (the KL stage starts from the pruned model).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import shlex
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -176,25 +178,26 @@ def main():
             embedding = kw.pop("embedding")
             frozen = kw.pop("frozen_blocks")
             cfg = lw.LayerwiseConfig(progress=False, **kw)
-            if frozen:  # the first `frozen` blocks stay fixed: no gradient flows below block `frozen`
-                real_trainable, seen = lw._set_trainable, [0]
+            with contextlib.ExitStack() as patches:  # the stage's helpers, replaced for this variant only
+                if frozen:  # the first `frozen` blocks stay fixed: no gradient flows below block `frozen`
+                    real_trainable, seen = lw._set_trainable, [0]
 
-                def _set_trainable(block, which="all", adapter=None):
-                    seen[0] += 1
-                    return [] if seen[0] <= frozen else real_trainable(block, which, adapter)
+                    def _set_trainable(block, which="all", adapter=None):
+                        seen[0] += 1
+                        return [] if seen[0] <= frozen else real_trainable(block, which, adapter)
 
-                lw._set_trainable = _set_trainable
-            if embedding:  # the KL stage also trains the (tied) input embedding / lm_head
-                emb, real = pruned.get_input_embeddings().weight, lw._adamw
+                    patches.enter_context(mock.patch.object(lw, "_set_trainable", _set_trainable))
+                if embedding:  # the KL stage also trains the (tied) input embedding / lm_head
+                    emb, real = pruned.get_input_embeddings().weight, lw._adamw
 
-                def _adamw(params, lr, wd):
-                    emb.requires_grad_(True)
-                    params.append(emb)  # the stage's own list: clipped with the rest
-                    return real(params, lr, wd)
+                    def _adamw(params, lr, wd):
+                        emb.requires_grad_(True)
+                        params.append(emb)  # the stage's own list: clipped with the rest
+                        return real(params, lr, wd)
 
-                lw._adamw = _adamw
-            t0 = time.perf_counter()
-            rec["kl_per_pass"] = lw._stage2(dense, pruned, ids2, cfg, get_adapter(pruned), 1)
+                    patches.enter_context(mock.patch.object(lw, "_adamw", _adamw))
+                t0 = time.perf_counter()
+                rec["kl_per_pass"] = lw._stage2(dense, pruned, ids2, cfg, get_adapter(pruned), 1)
             rec["stage2_s"] = round(time.perf_counter() - t0, 1)
             rec["ppl_after"] = round(ppl(pruned), 3)
         rec["pruned_weights_made_nonzero"] = zeros_kept(start, pruned)
