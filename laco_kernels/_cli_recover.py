@@ -83,7 +83,8 @@ def recover_lr(args, method: str) -> float:
 
 def check_recover_options(args) -> None:
     """Reject a bad --recover-loss (the error names the bad term), --recover-stage2-nsamples,
-    --recover-stage2-seqlen or --recover-temperature before any model is loaded (ValueError)."""
+    --recover-stage2-seqlen, --recover-temperature or --recover-stage2-noise before any model is loaded
+    (ValueError)."""
     from .recover._losses import parse_loss
 
     parse_loss(args.recover_loss)
@@ -95,6 +96,9 @@ def check_recover_options(args) -> None:
         raise ValueError(f"--recover-stage2-seqlen {l2}: needs a positive length and --recover-stage2-epochs >= 1")
     if getattr(args, "recover_temperature", 1.0) <= 0:
         raise ValueError(f"--recover-temperature {args.recover_temperature}: must be > 0")
+    noise = getattr(args, "recover_stage2_noise", 0.0)
+    if not 0.0 <= noise < 1.0 or (noise and not args.recover_stage2_epochs):
+        raise ValueError(f"--recover-stage2-noise {noise}: needs a fraction in [0, 1) and --recover-stage2-epochs >= 1")
 
 
 def recover_autocast(args) -> bool:
@@ -141,13 +145,14 @@ def run_recovery(method: str, dense, pruned, tok, args):
                                 loss=args.recover_loss, batch_size=args.recover_batch_size, device=args.device,
                                 inputs=args.recover_inputs, stage2_epochs=args.recover_stage2_epochs,
                                 stage2_lr=args.recover_stage2_lr, stage2_batch_size=bs2,
-                                temperature=args.recover_temperature,
+                                temperature=args.recover_temperature, stage2_noise=args.recover_stage2_noise,
                                 # before / after errors of each block on 8 windows: the extra "before" pass over
                                 # all windows cost ~7% of the block stage (stop 30)
                                 error_samples=ERROR_SAMPLES, autocast=autocast)
         return pruned, {"method": method, "seconds": res.seconds, "blocks": res.blocks, "stage2": res.stage2,
                         "precision": "bf16 autocast" if autocast else "fp32", "tokens": res.tokens,
                         "stage2_tokens": res.stage2_tokens, "temperature": args.recover_temperature,
+                        "stage2_noise": args.recover_stage2_noise,
                         "stage2_seqlen": int(ids2.shape[1]) if ids2 is not None else args.recover_seqlen,
                         "stage2_batch_size": bs2, "calibration_tokens": calib_tokens}
     if method == "lora":

@@ -373,6 +373,10 @@ def _add_recover_options(p, default_epochs: int, default_nsamples: int = 128, de
                    help=f"layer-wise: learning rate of that stage (default: {default_stage2_lr:g})")
     g.add_argument("--recover-temperature", type=float, default=1.0,
                    help="layer-wise: temperature of the KL stage (default: 1)")
+    g.add_argument("--recover-stage2-noise", type=float, default=0.0,
+                   help="layer-wise: fraction of the KL stage's input ids replaced by random ids, drawn afresh "
+                        "every step (teacher and student read the same ids): augmentation when the stage makes "
+                        "several passes over few tokens (default: 0)")
     g.add_argument("--recover-stage2-nsamples", type=int, default=None,
                    help="layer-wise: windows of that stage (default: the block stage's token count). With "
                         "--recover-stage2-seqlen they are windows of their own; without it both stages draw "

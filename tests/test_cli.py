@@ -261,10 +261,10 @@ def test_run_recovery_inputs_and_stage2_options(tiny_folder, tmp_path, capsys):
     code, stdout, _ = _run(["run", "--model", tiny_folder, "--nsamples", "2", "--calib-seqlen", "32", "--seqlen", "64",
                             "--max-windows", "2", "--recover-nsamples", "4", "--recover-seqlen", "32",
                             "--recover-epochs", "1", "--recover-inputs", "dense", "--recover-stage2-epochs", "2",
-                            "--recover-stage2-lr", "1e-4", "--out", out], capsys)
+                            "--recover-stage2-lr", "1e-4", "--recover-stage2-noise", "0.2", "--out", out], capsys)
     assert code == 0 and "recovered perplexity (layerwise):" in stdout
     report = json.load(open(os.path.join(out, "report.json")))
-    assert len(report["recovery"]["stage2"]) == 2
+    assert len(report["recovery"]["stage2"]) == 2 and report["recovery"]["stage2_noise"] == 0.2
     model, _ = load_sparse(os.path.join(out, "model"))
     assert all(type(m).__name__ == "SparseLinear24" for m in sparse_modules(model).values())
 
@@ -283,8 +283,9 @@ def test_run_stage2_on_its_own_windows(tiny_folder, tmp_path, capsys):
     rec = json.load(open(os.path.join(out, "report.json")))["recovery"]
     assert (rec["tokens"], rec["stage2_tokens"], rec["calibration_tokens"]) == (4 * 32, 6 * 64, 4 * 32 + 6 * 64)
     assert (rec["stage2_seqlen"], rec["stage2_batch_size"]) == (64, 2)
-    assert rec["temperature"] == 1.0  # the KL stage's default
+    assert rec["temperature"] == 1.0 and rec["stage2_noise"] == 0.0  # the KL stage's defaults
     for flag, value in (("--recover-stage2-nsamples", "0"), ("--recover-temperature", "0"),
+                        ("--recover-stage2-noise", "1"), ("--recover-stage2-noise", "-0.5"),
                         ("--recover-stage2-seqlen", "0"), ("--recover-stage2-seqlen", "100000")):
         proc = _laco(["run", "--model", tiny_folder, "--seqlen", "64", "--calib-seqlen", "32", "--recover-seqlen", "32",
                       flag, value, "--out", str(tmp_path / "bad")])
