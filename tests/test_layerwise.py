@@ -365,6 +365,11 @@ def test_stage2_noise_corrupts_the_same_ids_for_teacher_and_student():
         keep = x[0] < 10
         assert max(float((x[0][keep] == row[keep]).float().mean()) for row in ids) > 0.9
     assert (pruned.model.layers[0].mlp.up_proj.weight == 0).float().mean() == 0.5
+    # a checkpoint written before the option existed (same settings) keeps its identity
+    from laco_kernels.recover.layerwise import LayerwiseConfig
+
+    assert "stage2_noise" not in LayerwiseConfig().fingerprint()
+    assert LayerwiseConfig(stage2_noise=0.25).fingerprint()["stage2_noise"] == "0.25"
 
 
 def test_error_samples_measures_a_head_and_leaves_training_alone():

@@ -123,7 +123,11 @@ class LayerwiseConfig:
     def fingerprint(self) -> Dict[str, Any]:
         """The settings that change the result (checkpoint identity)."""
         skip = {"checkpoint_dir", "progress", "output_dir", "offload_dir", "eval_batch_size", "error_samples"}
-        return {k: str(v) for k, v in dataclasses.asdict(self).items() if k not in skip}
+        # options added later are left out at their default, so a checkpoint written before they existed
+        # (same settings) still resumes
+        later = {"stage2_noise": 0.0}
+        return {k: str(v) for k, v in dataclasses.asdict(self).items()
+                if k not in skip and not (k in later and v == later[k])}
 
 
 @dataclass
