@@ -263,6 +263,7 @@ def test_bad_new_options_raise():
                     (dict(stage2_epochs=1, stage2_hidden=float("nan")), "stage2_hidden"),
                     (dict(stage2_epochs=1, stage2_noise=1.0), "stage2_noise"),
                     (dict(stage2_epochs=1, stage2_noise=-0.1), "stage2_noise"),
+                    (dict(stage2_noise=0.1), "stage2_epochs is 0"),
                     (dict(error_samples=-1), "error_samples"), (dict(error_samples=2.5), "error_samples")):
         with pytest.raises(ValueError, match=msg):
             layerwise(dense, pruned, _ids(), progress=False, **kw)

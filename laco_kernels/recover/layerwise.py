@@ -106,6 +106,9 @@ class LayerwiseConfig:
             raise ValueError(f"stage2_hidden must be a finite weight >= 0, got {self.stage2_hidden}")
         if not (math.isfinite(self.stage2_noise) and 0.0 <= self.stage2_noise < 1.0):
             raise ValueError(f"stage2_noise is a fraction of input ids in [0, 1), got {self.stage2_noise}")
+        if self.stage2_noise and not self.stage2_epochs:
+            raise ValueError(f"stage2_noise={self.stage2_noise} is given but stage2_epochs is 0: the KL stage it "
+                             "applies to would not run")
         if self.lr <= 0 or self.clip <= 0:
             raise ValueError(f"lr and clip must be positive, got lr={self.lr}, clip={self.clip}")
         if self.inputs not in INPUTS:
