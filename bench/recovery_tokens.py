@@ -69,9 +69,16 @@ def _recipe(v: dict) -> str:
               + (f", batch {c['stage2_batch_size']}" if c.get("stage2_batch_size") else "")
               + (f", windows of {c['stage2_seqlen']}" if c.get("stage2_seqlen") else "")
               + (f", + {c['stage2_hidden']:g} x block-output token-nmse" if c.get("stage2_hidden") else "")
-              + (f", {c['stage2_noise']:g} of input ids random" if c.get("stage2_noise") else ""))
+              + (f", {c['stage2_noise']:g} of input ids random" if c.get("stage2_noise") else "")
+              + (f", + {v['stage2_generated']} windows sampled from the dense model" if v.get("stage2_generated")
+                 else ""))
         text = kl if v["method"] == "kl" else f"{text} + {kl}"
     return f"{text}, {prec}" + (f", **{_start(v)} start**" if _start(v) != "sparsegpt" else "")
+
+
+def _wall(v: dict) -> float:
+    """Wall seconds of a row, sampling from the dense model (``--stage2-generated``) included."""
+    return round(v["wall_s"] + v.get("generate_wall_s", 0.0), 1)
 
 
 def table(path: str, windows: int = 32) -> str:
@@ -82,7 +89,7 @@ def table(path: str, windows: int = 32) -> str:
                                                                       kv[1]["seqlen"], kv[0])):
         toks = f"{v['calibration_tokens']} ({v['calibration_samples']} x {v['seqlen']})"
         lines.append(f"| {v['method']} | {toks} | {_recipe(v)} | **{v['ppl_after']}** ({v['ppl_dense']} / "
-                     f"{v['ppl_before']}) | {v['gap_closed']:.1%} | {v['wall_s']} | {v['cpu_s']} | "
+                     f"{v['ppl_before']}) | {v['gap_closed']:.1%} | {_wall(v)} | {v['cpu_s']} | "
                      f"{v['peak_rss_mb']} ({v['peak_rss_above_mb']}) | {v['load_before'].split()[0]} | "
                      f"`{v['command']}` |")
     return "\n".join(lines)
@@ -99,7 +106,7 @@ def summary(path: str, windows: int = 32) -> str:
     for (t, start, method), v in sorted(best.items(), key=lambda kv: (kv[0][0], kv[1]["ppl_after"])):
         recipe = _recipe(v).split(", **")[0]  # the start has its own column
         lines.append(f"| {t:,} | {start} ({v['ppl_before']}) | {LABELS[method]} | {recipe} | **{v['ppl_after']}** "
-                     f"| {v['wall_s']} | `{v['command']}` |")
+                     f"| {_wall(v)} | `{v['command']}` |")
     return "\n".join(lines)
 
 
@@ -183,6 +190,49 @@ def kl_on(teacher, student, ids: torch.Tensor, autocast: bool, batch: int = 2) -
     return round(total / len(ids), 4)
 
 
+GEN_PROMPT = 16  # ids of a calibration window that start each teacher-sampled sequence
+GEN_CHUNK = 128  # length of each sampled sequence: HF's cache makes longer ones cost more per token
+
+
+def teacher_windows(teacher, windows: torch.Tensor, n: int, autocast: bool, scratch: str, batch: int = 64) -> torch.Tensor:
+    """``n`` windows of ``windows.shape[1]`` ids sampled from ``teacher`` (T = 1, top-p 0.95), int64 ``[n, seqlen]``.
+
+    Each window is ``seqlen / GEN_CHUNK`` sequences of ``GEN_CHUNK`` ids laid end to end (as C4 windows
+    span documents); sequence k continues ``GEN_PROMPT`` ids of ``windows[k % len(windows)]`` taken at
+    offset ``(k // len(windows)) * GEN_CHUNK`` (mod the window), so no C4 ids beyond ``windows`` are read.
+    Cached under ``scratch`` by (prompts, n): sampling is seeded, so the cache only saves time."""
+    from safetensors.torch import load_file, save_file
+
+    from laco_kernels._atomic import atomic_file
+
+    w, seqlen = windows.shape
+    if seqlen % GEN_CHUNK:
+        raise SystemExit(f"--stage2-generated needs windows that are a multiple of {GEN_CHUNK} ids, got {seqlen}")
+    per = seqlen // GEN_CHUNK
+    k = torch.arange(n * per)
+    offs = (k // w * GEN_CHUNK) % (seqlen - GEN_PROMPT + 1)
+    prompts = torch.stack([windows[i % w, o:o + GEN_PROMPT] for i, o in zip(k.tolist(), offs.tolist())])
+    key = hashlib.sha1(prompts.numpy().tobytes() + f"{n},{seqlen},{autocast}".encode()).hexdigest()[:16]
+    path = os.path.join(scratch, f"teacher-windows-{key}.safetensors")
+    if os.path.exists(path):
+        return load_file(path)["ids"]
+    out = []
+    for i in range(0, len(prompts), batch):
+        torch.manual_seed(1_000 + i)
+        p = prompts[i:i + batch]
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            g = teacher.generate(p, attention_mask=torch.ones_like(p), do_sample=True, top_p=0.95, temperature=1.0,
+                                 top_k=0, max_new_tokens=GEN_CHUNK - GEN_PROMPT, min_new_tokens=GEN_CHUNK - GEN_PROMPT,
+                                 pad_token_id=0)
+        out.append(g[:, :GEN_CHUNK].cpu())
+        print(f"teacher sequences {i + len(p)}/{len(prompts)}", flush=True)
+    ids = torch.cat(out).reshape(n, seqlen)
+    os.makedirs(scratch, exist_ok=True)
+    with atomic_file(path) as tmp:
+        save_file({"ids": ids.contiguous()}, tmp)
+    return ids
+
+
 def _stage1_model(start, cache: str, run, recorded_ppl: float, ppl):
     """The recorded stage-1 model of a ``laco`` row: from its cache, or recomputed (the run is
     deterministic; the recomputed model must give the recorded perplexity, else this stops)."""
@@ -227,6 +277,9 @@ def main():
                     help="KL stage: + this x the mean token-nmse of the block outputs (LayerwiseConfig.stage2_hidden)")
     ap.add_argument("--stage2-noise", type=float, default=0.0,
                     help="KL stage: fraction of input ids replaced by random ids each step (default 0)")
+    ap.add_argument("--stage2-generated", type=int, default=0,
+                    help="KL stage: + this many windows sampled from the dense model, each continuing the first "
+                         f"{GEN_PROMPT} ids of a KL window per {GEN_CHUNK}-id sequence (no C4 ids beyond the calibration ones)")
     ap.add_argument("--inputs", default="pruned", choices=["pruned", "dense", "mix"],
                     help="layer-wise stage: what each block trains on (LayerwiseConfig.inputs); keys add ,in<inputs>")
     ap.add_argument("--windows", type=int, default=32)
@@ -293,9 +346,21 @@ def main():
             c = LayerwiseConfig(**dict(cfg_l, **s2))
             ids2 = ids if not args.stage2_seqlen else calibration_windows(
                 tok, n_tok // args.stage2_seqlen, args.stage2_seqlen, seed=1)
+            gen_s = None
+            if args.stage2_generated:
+                t0 = time.time()
+                gen = teacher_windows(model, ids2, args.stage2_generated, args.autocast, args.scratch)
+                gen_s = round(time.time() - t0, 1)
+                ids2 = torch.cat([ids2, gen])
             hist, meas = measured(lambda: _stage2(model, student, ids2, c, get_adapter(student), 1))
             # generalisation of the KL stage: its KL on 16 of its own windows and on 16 held-out ones
             held = calibration_windows(tok, 16, ids2.shape[1], seed=2, offset_docs=HELDOUT_DOCS)
+            if gen_s is not None:
+                meas.update(generate_wall_s=gen_s, stage2_generated=args.stage2_generated,
+                            generate_note=f"windows sampled from the dense model (T = 1, top-p 0.95, bf16 autocast "
+                                          f"{args.autocast}) as sequences of {GEN_CHUNK} ids laid end to end, each continuing {GEN_PROMPT} ids"
+                                          f" of a KL window;"
+                                          f" generate_wall_s is only the load time when they came from the scratch cache")
             meas.update(kl_fit_windows=kl_on(model, student, ids2[:16], args.autocast),
                         kl_heldout_windows=kl_on(model, student, held, args.autocast),
                         kl_heldout_note=f"16 windows of {ids2.shape[1]} from C4 documents {HELDOUT_DOCS}+ (seed 2)")
@@ -334,7 +399,8 @@ def main():
                        + (f",s2bs{s2bs}" if s2bs != args.laco_batch else "")
                        + (f",s2len{args.stage2_seqlen}" if args.stage2_seqlen else "")
                        + (f",hid{args.stage2_hidden:g}" if args.stage2_hidden else "")
-                       + (f",noise{args.stage2_noise:g}" if args.stage2_noise else "") + f"/{ev}")
+                       + (f",noise{args.stage2_noise:g}" if args.stage2_noise else "")
+                       + (f",gen{args.stage2_generated}" if args.stage2_generated else "") + f"/{ev}")
 
                 def run_kl():
                     hist, meas, s2 = kl_stage(laco_model)
