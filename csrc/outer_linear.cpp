@@ -210,7 +210,7 @@ int64_t avx512_default_outer_min_m(LinearOp op, at::ScalarType dt, int64_t dense
 // (bench/results/native_ab_zen4_s24_bf16_m8_pair_t{1,2}_stop38.json); smaller weights keep the direct kernel
 // at M = 8 (SmolLM2 shapes, forced paths, one thread: direct 1.45-1.63x, pair 1.08-1.37x;
 // cpu_kernels_epyc_zen4_bf16_m4_8_paths_stop38.json).
-constexpr int64_t kPairMinM = 16, kPairMinMLarge24 = 8, kPairMaxM = 128;
+constexpr int64_t kPairMinM = 16, kPairMinMLarge24 = 8, kPairMaxM = 128, kPairMaxM24Large = 64;
 constexpr double kPairMaxDensity = 0.4;
 
 // bf16 at the AVX512_BF16 ISA (the kernel's offsets need K < 2^24). With AMX tiles their path serves the
@@ -251,7 +251,11 @@ int64_t pair_max_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
   // one thread, 2:4 weight under 16 MB: the pair kernel also beat the panels at M = 128 (1536x576 / 576x1536:
   // 1.04x / 0.97x against 0.95x / 0.91x)
   const bool large = N * K * 2 >= kLargeWeightBytes;
-  return op == LinearOp::kSparse24 && !large && at::get_num_threads() == 1 ? 2 * kPairMaxM : kPairMaxM;
+  // 2:4 weight of 16 MB or more: the panels win from M = 64 (stop 41, 7B shapes, forced paths, 15 rounds,
+  // medians: pair 0.85x / 0.93x one thread, 0.76-0.82x two, against panels 0.89-0.98x / 0.92-0.95x split);
+  // at M = 32 the pair kernel still led on 11008x4096 (1.06-1.07x against 0.96-0.97x)
+  if (op == LinearOp::kSparse24 && large) return kPairMaxM24Large;
+  return op == LinearOp::kSparse24 && at::get_num_threads() == 1 ? 2 * kPairMaxM : kPairMaxM;
 }
 
 LinearPath linear_path(LinearOp op, at::ScalarType dt, int64_t M, int64_t N, int64_t K, double density) {

@@ -184,8 +184,11 @@ bool panel_split(int64_t M, int64_t N, int64_t K, int64_t es) {
   // 0.83-1.22x against 0.60-1.05x), were level at 256 (0.86-1.00x against 0.87-1.01x); 7B shapes, M = 8-64
   // (bench/results/cpu_kernels_epyc_zen4_7b_bf16_paths_stop36.json): 0.78-0.96x against 0.44-0.84x, every
   // cell (M >= 128 not measured). The AMX Xeon's bf16 runs on tiles below M = 256 and was not split there
-  // (slower at M >= 256 in 3 of 4 cells).
-  if (es != 4) return M <= (small ? 128 : 64) && detected_isa() == Isa::kAvx512Bf16 && !amx_available();
+  // (slower at M >= 256 in 3 of 4 cells). Stop 41, the same Zen 4, 7B shapes, two threads, M = 128 / 256
+  // (forced paths interleaved with F.linear, 15 rounds, medians; docs/cpu_kernels.md "Stop 41"): split
+  // 0.92-0.97x against 0.88-0.93x (2:4) and 0.94-0.98x against 0.89-0.97x (bitmap 70%), so weights of 16 MB
+  // or more split up to M = 256 too (M = 1024 not measured).
+  if (es != 4) return M <= (small ? 128 : 256) && detected_isa() == Isa::kAvx512Bf16 && !amx_available();
   // AVX2 (Zen 3 EPYC, stop 35, same runs as default_min_m's small fp32 values): split panels beat one
   // threaded BLAS call per panel at every M measured (8-256) on both SmolLM2 shapes, 2:4 and bitmap:
   // 1536x576 70% M = 16 / 32 / 128: 1.17x / 1.37x / 1.37x against 0.47x / 0.63x / 0.86x; 576x1536:

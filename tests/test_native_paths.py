@@ -156,6 +156,11 @@ def test_linear_path_reports_the_dispatch():
             assert _native.linear_path("sparse24_linear", dt, (11008, 4096), 8) == "pair"
             assert _native.linear_path("sparse24_linear", dt, (11008, 4096), 7) != "pair"
             assert _native.linear_path("sparse24_linear", dt, (576, 1536), 8) != "pair"
+            # and up to M = 63 only (stop 41: the panels won from 64 on those weights); the bitmap keeps 128
+            assert _native.pair_max_m("sparse24_linear", dt, (11008, 4096)) == 64
+            assert _native.linear_path("sparse24_linear", dt, (11008, 4096), 63) == "pair"
+            assert _native.linear_path("sparse24_linear", dt, (11008, 4096), 64) == "panel"
+            assert _native.linear_path("bitmap_linear", dt, (11008, 4096), 64, 0.3) == "pair"
         if "avx512" in ISAS:  # fp32 on 7B weights (AMX tiles serve bf16 only): the outer kernel's range, by threads
             f32, big = torch.float32, (11008, 4096)
             threads = torch.get_num_threads()
@@ -400,7 +405,7 @@ def test_panel_thresholds_are_reported():
 def test_panel_split_rule_and_override():
     """The measured rules (two threads; fp32 on AVX2, and on AVX-512 without AMX: weights under 16 MB
     always, the Xeon's rule above; the AMX Xeon: 33-64 rows of x, or 16-32 where K >= 2N; bf16: weights
-    under 16 MB up to M = 128, larger ones up to 64, on AVX-512 BF16 without AMX, else never), one thread never, and the
+    under 16 MB up to M = 128, larger ones up to 256, on AVX-512 BF16 without AMX, else never), one thread never, and the
     override both ways."""
     old = torch.get_num_threads()
     no_amx_avx512 = _native.isa().startswith("avx512") and not _native.amx_available()
@@ -411,9 +416,10 @@ def test_panel_split_rule_and_override():
             want = bf16_split and m <= 128
             assert _native.panel_split((576, 1536), m, torch.bfloat16) == want
             assert _native.panel_split((1536, 576), m, torch.bfloat16) == want
-        big16 = (11008, 4096)  # 90 MB in bf16: up to M = 64
-        assert _native.panel_split(big16, 64, torch.bfloat16) == bf16_split
-        assert not _native.panel_split(big16, 128, torch.bfloat16)
+        big16 = (11008, 4096)  # 90 MB in bf16: up to M = 256 (stop 41)
+        for m in (64, 128, 256):
+            assert _native.panel_split(big16, m, torch.bfloat16) == bf16_split
+        assert not _native.panel_split(big16, 512, torch.bfloat16)
         if _native.isa() == "avx2" or no_amx_avx512:  # stop 35 (Zen 3) / 36 (Zen 4): split panels won every
             for m in (8, 16, 128, 1024):  # small-weight cell
                 assert _native.panel_split((576, 1536), m) and _native.panel_split((1536, 576), m)
