@@ -252,7 +252,7 @@ int64_t pair_max_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
   // 1.04x / 0.97x against 0.95x / 0.91x)
   const bool large = N * K * 2 >= kLargeWeightBytes;
   // 2:4 weight of 16 MB or more: the panels win from M = 64 (stop 41, 7B shapes, forced paths, 15 rounds,
-  // medians: pair 0.85x / 0.93x one thread, 0.76-0.82x two, against panels 0.89-0.98x / 0.92-0.95x split);
+  // medians: pair 0.85x / 0.93x one thread, 0.76-0.93x two, against panels 0.89-0.98x / 0.92-1.01x split);
   // at M = 32 the pair kernel still led on 11008x4096 (1.06-1.07x against 0.96-0.97x)
   if (op == LinearOp::kSparse24 && large) return kPairMaxM24Large;
   return op == LinearOp::kSparse24 && at::get_num_threads() == 1 ? 2 * kPairMaxM : kPairMaxM;
