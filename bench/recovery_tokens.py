@@ -288,6 +288,8 @@ def main():
     ap.add_argument("--summary", action="store_true", help="print the best row per method, tokens and start")
     ap.add_argument("--plot", action="store_true")
     args = ap.parse_args()
+    if args.stage2_generated < 0 or (args.stage2_generated and not {"laco+kl", "kl"} & set(args.methods)):
+        ap.error(f"--stage2-generated {args.stage2_generated}: needs a count >= 0 and a KL method (laco+kl or kl)")
     if args.table or args.plot or args.summary:
         if args.table:
             print(table(args.out, args.windows))
@@ -419,7 +421,10 @@ def main():
                 key = (f"tokens/{args.start}-2:4/kl/n{n}x{args.seqlen}/s2ep{args.stage2_epochs},s2lr{args.stage2_lr:g}{bf}"
                        + (f",T{args.temperature:g}" if args.temperature != 2.0 else "")
                        + (f",s2bs{args.stage2_batch}" if args.stage2_batch else "")
-                       + (f",s2len{args.stage2_seqlen}" if args.stage2_seqlen else "") + f"/{ev}")
+                       + (f",s2len{args.stage2_seqlen}" if args.stage2_seqlen else "")
+                       + (f",hid{args.stage2_hidden:g}" if args.stage2_hidden else "")
+                       + (f",noise{args.stage2_noise:g}" if args.stage2_noise else "")
+                       + (f",gen{args.stage2_generated}" if args.stage2_generated else "") + f"/{ev}")
 
                 def run_kl_only():
                     m = copy.deepcopy(start)
