@@ -336,6 +336,12 @@ def main():
         laco_model = None
         s2bs = args.stage2_batch or args.laco_batch
 
+        # the KL stage's settings in a row key (laco+kl and kl rows), each only where it is not the default
+        kl_suffix = ((f",s2len{args.stage2_seqlen}" if args.stage2_seqlen else "")
+                     + (f",hid{args.stage2_hidden:g}" if args.stage2_hidden else "")
+                     + (f",noise{args.stage2_noise:g}" if args.stage2_noise else "")
+                     + (f",gen{args.stage2_generated}" if args.stage2_generated else ""))
+
         def kl_stage(student):
             """The KL stage on ``student`` (in place): (loss per pass, measurements, its settings)."""
             from laco_kernels.models.adapters import get_adapter
@@ -399,10 +405,7 @@ def main():
                        f"ep{lep},s2ep{args.stage2_epochs},s2lr{args.stage2_lr:g}{bf}{inp}"
                        + (f",T{args.temperature:g}" if args.temperature != 2.0 else "")
                        + (f",s2bs{s2bs}" if s2bs != args.laco_batch else "")
-                       + (f",s2len{args.stage2_seqlen}" if args.stage2_seqlen else "")
-                       + (f",hid{args.stage2_hidden:g}" if args.stage2_hidden else "")
-                       + (f",noise{args.stage2_noise:g}" if args.stage2_noise else "")
-                       + (f",gen{args.stage2_generated}" if args.stage2_generated else "") + f"/{ev}")
+                       + kl_suffix + f"/{ev}")
 
                 def run_kl():
                     hist, meas, s2 = kl_stage(laco_model)
@@ -421,10 +424,7 @@ def main():
                 key = (f"tokens/{args.start}-2:4/kl/n{n}x{args.seqlen}/s2ep{args.stage2_epochs},s2lr{args.stage2_lr:g}{bf}"
                        + (f",T{args.temperature:g}" if args.temperature != 2.0 else "")
                        + (f",s2bs{args.stage2_batch}" if args.stage2_batch else "")
-                       + (f",s2len{args.stage2_seqlen}" if args.stage2_seqlen else "")
-                       + (f",hid{args.stage2_hidden:g}" if args.stage2_hidden else "")
-                       + (f",noise{args.stage2_noise:g}" if args.stage2_noise else "")
-                       + (f",gen{args.stage2_generated}" if args.stage2_generated else "") + f"/{ev}")
+                       + kl_suffix + f"/{ev}")
 
                 def run_kl_only():
                     m = copy.deepcopy(start)
