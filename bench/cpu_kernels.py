@@ -10,7 +10,9 @@ times dense ``F.linear``
 recorded per row). ``--paths``
 also times each path forced (``2:4/direct``, ``2:4/outer``, ``2:4/panel``, ``bitmap70/direct``, ...; ``panel``
 with one threaded BLAS call per panel, ``split`` with the weight rows split between threads, each running
-its own panels through a sequential BLAS call; the two differ only with several threads): the
+its own panels through a sequential BLAS call; the two differ only with several threads; bf16 also
+``bitmap50/<path>`` and ``bitmap*/direct1``, the direct path with the bitmap's one-row kernel instead of
+its register-blocked one): the
 evidence the thresholds in csrc/panel.cpp and csrc/outer_linear.cpp come from (``threshold_evidence`` in the
 JSON: per op, dtype, shape, threads and M, the fastest forced path). Candidates run
 round-robin (one call each per round) so machine noise hits all of them alike; medians (and minima)
@@ -88,14 +90,17 @@ def round_robin(fns: dict, rounds: int, warmup: int = 2) -> dict:
     return {name: {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts)} for name, ts in times.items()}
 
 
-PATHS = ("direct", "outer", "amx", "panel", "split")
+PATHS = ("direct", "direct1", "outer", "amx", "panel", "split")
 
 
 def _forced(native, path, fn):
     """fn with one path forced for every op: the direct kernel, the outer-product kernel (fp32; for bf16 on
     AVX512_BF16 CPUs without AMX the pair kernel, the bitmap at density <= 0.4 only; where the CPU has no
-    such kernel this runs the direct one), AMX tiles (bf16 on AMX CPUs) or decompressed panels + BLAS."""
+    such kernel this runs the direct one), AMX tiles (bf16 on AMX CPUs) or decompressed panels + BLAS.
+    "direct1": the direct path with the bitmap's bf16 register-blocked kernel off (its one-row kernel)."""
     def call():
+        if hasattr(native, "set_bitmap_block_min_m"):
+            native.set_bitmap_block_min_m(10 ** 9 if path == "direct1" else None)
         native.set_outer_min_m(0 if path == "outer" else 10 ** 9)
         native.set_amx_min_m(0 if path == "amx" else 10 ** 9)
         native.set_panel_min_m(0 if path in ("panel", "split") else 10 ** 9)
@@ -107,6 +112,8 @@ def _forced(native, path, fn):
             native.set_amx_min_m(None)
             native.set_panel_min_m(None)
             native.set_panel_split(None)
+            if hasattr(native, "set_bitmap_block_min_m"):
+                native.set_bitmap_block_min_m(None)
     return call
 
 
@@ -138,6 +145,11 @@ def bench_kernels(native, shapes, ms, dtypes, threads_list, rounds, paths=False)
                 fns.update({name: (lambda bw=bw: native.bitmap_linear(x, bw)) for name, bw in bms.items()})
                 if paths:
                     for side in PATHS:
+                        if side == "direct1":  # bitmap bf16 only (the blocked kernel's evidence)
+                            if dname == "bf16" and hasattr(native, "set_bitmap_block_min_m"):
+                                for bname in bms:
+                                    fns[f"{bname}/direct1"] = _forced(native, side, lambda bw=bms[bname]: native.bitmap_linear(x, bw))
+                            continue
                         if side == "outer" and native.outer_min_m("sparse24_linear", dt, (n, k)) > 10 ** 12:
                             continue  # no outer-product kernel on this ISA
                         if side == "amx" and native.amx_range("sparse24_linear", dt, (n, k))[0] > 10 ** 12:
@@ -145,6 +157,8 @@ def bench_kernels(native, shapes, ms, dtypes, threads_list, rounds, paths=False)
                         fns[f"2:4/{side}"] = _forced(native, side, lambda: native.sparse24_linear(x, w24))
                         if side != "outer" or native.outer_min_m("bitmap_linear", dt, (n, k)) < 10 ** 12:
                             fns[f"bitmap70/{side}"] = _forced(native, side, lambda: native.bitmap_linear(x, bms["bitmap70"]))
+                        if side != "outer" and dname == "bf16":  # 50%: no pair kernel (its dispatch skips it)
+                            fns[f"bitmap50/{side}"] = _forced(native, side, lambda: native.bitmap_linear(x, bms["bitmap50"]))
                 # correctness of what is timed (fp32 accumulation on both sides)
                 err = {"2:4": (native.sparse24_linear(x, w24).float() - reference.sparse24_linear(x, w24).float())}
                 err.update({nm: native.bitmap_linear(x, bw).float() - reference.bitmap_linear(x, bw).float()

@@ -79,6 +79,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           TORCH_CHECK(op == "sparse24_linear" || op == "bitmap_linear", "set_prefetch_bytes: unknown op '", op, "'");
           laco::set_prefetch_bytes(op == "sparse24_linear" ? laco::LinearOp::kSparse24 : laco::LinearOp::kBitmap, bytes);
         }, "set that distance (-1: the default)", py::arg("op"), py::arg("bytes"));
+  m.def("bitmap_block_range", [](int64_t k, double density) {
+          TORCH_CHECK(k > 0, "bitmap_block_range: k must be positive, got ", k);
+          return std::make_pair(laco::bitmap_block_min_m(), laco::bitmap_block_max_m(k, density));
+        }, "[lo, hi): the M at which bitmap_linear's direct bf16 path runs the register-blocked kernel (in_features k)",
+        py::arg("k"), py::arg("density"));
+  m.def("set_bitmap_block_min_m", &laco::set_bitmap_block_min_m,
+        "-1: the measured default; else that M (huge: never)", py::arg("m"));
   m.def("set_panel_bytes", &laco::set_panel_bytes,
         "dense bytes per decompressed panel (0: the measured default, 1 MB; 2 MB for bf16 on AVX512_BF16 without AMX)",
         py::arg("bytes"));

@@ -9,12 +9,14 @@
 // and expands them to the set lanes (vexpandps), giving a dense 16-wide weight vector that feeds one FMA
 // per x row.
 // AVX2 (csrc/bitmap_avx2.inc): the same per byte with a permute table. bf16 with AVX512_BF16: vpexpandw + vdpbf16ps on
-// whole words, x kept in bf16. Parallel over output rows; fp32 accumulation;
+// whole words, x kept in bf16; from M = 2 in register blocks of 3 weight rows x 8 rows of x (bm_bf16_block,
+// bm_run_bf16_blocked). Parallel over output rows; fp32 accumulation;
 // each output element is produced by one thread in a fixed order.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstring>
 
 #include "laco_cpu.h"
@@ -97,7 +99,7 @@ void bm_decompress_tail(const BmArgs& a, const uint32_t* bits, int64_t w0, const
 }
 
 #if LACO_X86
-#include "bitmap_avx512.inc"  // bm_avx512, bm_rows_m1_avx512, bm_avx512bf16
+#include "bitmap_avx512.inc"  // bm_avx512, bm_rows_m1_avx512, bm_avx512bf16, bm_run_bf16_blocked
 #include "bitmap_avx2.inc"    // LaneTable, bm_avx2, bm_decompress_avx2
 #endif  // LACO_X86
 
@@ -133,6 +135,30 @@ void bm_dispatch_mb(Isa isa, int mb, const BmArgs& a, int64_t n, int64_t m0, int
     default: return bm_block<VT, 8>(isa, a, n, m0, w0, w1, p, out);
   }
 }
+
+std::atomic<int64_t> g_bm_block_min_m{-1};
+
+}  // namespace
+
+// M range [bitmap_block_min_m(), bitmap_block_max_m(K, density)) that runs bm_run_bf16_blocked (bf16 x at
+// the AVX512_BF16 ISA, on the direct path). M = 1 keeps the one-row kernel (one weight stream, tuned
+// prefetch). Measured on the Zen 4 EPYC (stop 42, forced, 7-15 rounds interleaved, docs/cpu_kernels.md):
+// SmolLM2 shapes M = 2-8 blocked 1.30-1.66x the one-row kernel's speed (1.56-2.22x at M = 16-64); 7B M = 2
+// 1.28-1.57x, M = 4 1.05-1.18x except 4096x11008 at 50% (0.95x / 0.83x, one / two threads; K = 11008 runs in
+// K-blocks): the one-row kernel from M = 4 where K >= 8192 and the density is above 0.4.
+int64_t bitmap_block_min_m() {
+  const int64_t o = g_bm_block_min_m.load();
+  return o >= 0 ? o : 2;
+}
+
+int64_t bitmap_block_max_m(int64_t K, double density) {
+  if (g_bm_block_min_m.load() >= 0) return int64_t{1} << 62;  // a forced threshold: no upper bound
+  return K >= 8192 && density > 0.4 ? 4 : int64_t{1} << 62;
+}
+
+void set_bitmap_block_min_m(int64_t m) { g_bm_block_min_m = m; }
+
+namespace {
 
 template <typename VT>
 void bm_run(BmArgs a, const float* bias, float* y) {
@@ -354,6 +380,17 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at
       bm_decompress_rows<uint16_t>(isa, a, r0, r1, static_cast<uint16_t*>(dst));
     });
   }
+#if LACO_X86
+  if (path == LinearPath::kDirect && x.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16 &&
+      active_isa() >= Isa::kAvx512Bf16 && M >= bitmap_block_min_m() &&
+      M < bitmap_block_max_m(K, static_cast<double>(nnz) / static_cast<double>(N * K))) {
+    at::Tensor x16 = x.contiguous();
+    a.x16 = reinterpret_cast<const uint16_t*>(x16.data_ptr());
+    at::Tensor y = at::empty({M, N}, x.options());
+    bm_run_bf16_blocked(a, b32.defined() ? b32.data_ptr<float>() : nullptr, reinterpret_cast<uint16_t*>(y.data_ptr()));
+    return y;
+  }
+#endif
   at::Tensor x32 = linear_x_fp32(x, values, K, op);
 #if LACO_X86
   if (path == LinearPath::kOuter) {

@@ -218,6 +218,13 @@ using RowSpans = std::function<std::pair<const char*, int64_t>(int64_t, int64_t,
 at::Tensor amx_linear(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t N, int64_t K,
                       const PanelFill& fill, const RowSpans& spans);
 
+// bitmap_linear, bf16 x at the AVX512_BF16 ISA on the direct path: M in [bitmap_block_min_m(),
+// bitmap_block_max_m(K, density)) runs the register-blocked kernel (3 weight rows x 8 rows of x) instead of the
+// one-row kernel. set_bitmap_block_min_m(m >= 0) forces the lower bound and lifts the upper; -1: the defaults.
+int64_t bitmap_block_min_m();
+int64_t bitmap_block_max_m(int64_t K, double density);
+void set_bitmap_block_min_m(int64_t m);
+
 // Software prefetch distance (bytes) of a direct kernel's values stream at M = 1 (whole rows).
 int64_t prefetch_bytes(LinearOp op);
 void set_prefetch_bytes(LinearOp op, int64_t bytes);  // -1: the default

@@ -224,7 +224,12 @@ int64_t outer_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
   if (pair_isa(dt, K)) {
     const int64_t o = g_outer_min_m_override.load();
     const bool large = N * K * 2 >= kLargeWeightBytes;
-    return o >= 0 ? o : (op == LinearOp::kSparse24 && large ? kPairMinMLarge24 : kPairMinM);
+    if (o >= 0) return o;
+    if (op == LinearOp::kSparse24) return large ? kPairMinMLarge24 : kPairMinM;
+    // bitmap under 16 MB: the direct path's register-blocked kernel serves M below the panels' threshold
+    // (panel.cpp; stop 42, 70%: blocked 1.13-1.31x the pair kernel's speed at M = 16, at M = 32 0.91-0.97x
+    // where K < 1024 and 1.00-1.10x where K >= 1024, at M = 64 0.76-0.97x), so the pair kernel starts there too
+    return large ? kPairMinM : (K >= 1024 ? 64 : 32);
   }
   // the kernel exists for 2:4 on AVX2 (bitmap: measured slower than the panel path at 50%, about even at
   // 70%, so the panel path serves it; AVX-512: not measured there, the direct / panel thresholds stand),

@@ -40,7 +40,7 @@ std::atomic<int64_t> g_min_m_override{-1};
 // cache, dense F.linear pays no memory stream, the direct kernels win longer) and 7B 4096x11008 /
 // 11008x4096 ("large": dense streams >= 16 MB from DRAM). Table and evidence: docs/cpu_kernels.md.
 // AVX2 has its own values (measured on an AVX2-only EPYC); AVX-512 without BF16 uses the Xeon's.
-int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_bytes) {
+int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_bytes, int64_t K) {
   const bool bf16 = dt == at::kBFloat16, large = dense_bytes >= kLargeWeightBytes;
   if (isa == Isa::kScalar) return 2;  // the scalar kernels lose to any BLAS beyond one row of x
   if (isa == Isa::kAvx2) {
@@ -100,7 +100,14 @@ int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_byt
     // bench/results/cpu_kernels_epyc_zen4_bf16_m8_16_paths_stop36.json): at M = 8 the direct kernel
     // 0.89-1.13x (one thread) / 0.91-0.95x (two) against panels 0.72-1.01x / split 0.75-0.78x, at M = 16
     // panels win (0.76-0.89x / split 0.92-0.95x against 0.63-0.82x): panels from 16 (were 8).
-    m = bf16 ? (large || amx_available() ? 8 : 16) : (large ? 1024 : (at::get_num_threads() == 1 ? 256 : 8));
+    // Stop 42, the same Zen 4: the direct path's register-blocked bf16 kernel (csrc/bitmap_avx512.inc,
+    // bm_bf16_block) against the split panels, forced, 15 rounds interleaved (`bench/cpu_kernels.py --paths`,
+    // bench/results/cpu_kernels_epyc_zen4_smollm2_bf16_paths_stop42.json; speed ratios, one / two threads):
+    // 1536x576 50% M = 16 1.10x / 1.31x, M = 32 0.94x / 1.08x, M = 64 0.87x / 0.90x; 576x1536 M = 16 1.25x /
+    // 1.54x, M = 32 1.09x / 1.18x, M = 64 1.00x / 1.15x: panels from 32, and from 64 where K >= 1024. Weights of
+    // 16 MB or more keep 8 (7B, M = 8, 50%: blocked 0.84-0.92x the split panels; ..._7b_bf16_paths_stop42.json).
+    m = bf16 ? (large || amx_available() ? 8 : (K >= 1024 ? 64 : 32))
+             : (large ? 1024 : (at::get_num_threads() == 1 ? 256 : 8));
   }
   // AVX-512 without BF16: the same M (measured on the AVX-512 BF16 Xeon only).
   return m;
@@ -109,7 +116,7 @@ int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_byt
 
 int64_t panel_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
   const int64_t o = g_min_m_override.load();
-  return o >= 0 ? o : default_min_m(op, dt, active_isa(), N * K * static_cast<int64_t>(c10::elementSize(dt)));
+  return o >= 0 ? o : default_min_m(op, dt, active_isa(), N * K * static_cast<int64_t>(c10::elementSize(dt)), K);
 }
 
 void set_panel_min_m(int64_t m) { g_min_m_override = m; }

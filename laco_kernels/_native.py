@@ -169,6 +169,25 @@ def set_panel_min_m(m: int | None) -> None:
     _C.set_panel_min_m(_threshold_arg("set_panel_min_m", m))
 
 
+def bitmap_block_range(k: int, density: float = 0.5) -> Tuple[int, int]:
+    """``(lo, hi)``: ``bitmap_linear`` with bf16 x and weights on its direct path (AVX512_BF16) runs the
+    register-blocked kernel (csrc/bitmap_avx512.inc ``bm_bf16_block``: 3 weight rows x 8 rows of x) instead of
+    the one-row kernel for ``lo <= M < hi``, on a weight of ``k`` input features holding ``density`` nonzeros
+    (measured: M = 1 keeps the one-row kernel, and so does M >= 4 where k >= 8192 at density above 0.4)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ValueError(f"bitmap_block_range: k must be a positive int, got {k!r}")
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"bitmap_block_range: density must be in [0, 1], got {density!r}")
+    lo, hi = _C.bitmap_block_range(k, float(density))
+    return int(lo), int(hi)
+
+
+def set_bitmap_block_min_m(m: int | None) -> None:
+    """Force the blocked kernel from this M on, at every k (0 or 1: from M = 1; a huge M: never); None
+    restores the measured range. For tests and benchmarks."""
+    _C.set_bitmap_block_min_m(_threshold_arg("set_bitmap_block_min_m", m))
+
+
 def set_panel_split(on: bool | None) -> None:
     """Force how the panel path uses several threads: True splits the weight rows between threads, each
     running its own panels through a sequential BLAS call; False decompresses each panel on all threads
