@@ -12,10 +12,10 @@ from _native_util import ISAS, _close, _native, needs_ext
 
 pytestmark = [needs_ext, pytest.mark.skipif("avx512bf16" not in ISAS, reason="the blocked kernel needs AVX512_BF16")]
 
-# M: 2 / 3 (one partial M-block, inline expansion), 8 (one full block), 9 / 17 / 65 (buffered, a partial last
-# block); N: 1-4 (a group of 3 rows and its remainder), 70; K: under one word, not a multiple of 32 (a partial
+# M: 1-3 (one partial M-block, inline expansion; 1 only when forced), 8 (one full block), 9 / 17 / 65
+# (buffered, a partial last block); N: 1-4 (a group of 3 rows and its remainder), 70; K: under one word, not a multiple of 32 (a partial
 # last word), 8196 (several K-blocks: the outputs are summed over blocks)
-SHAPES = [(2, 1, 36), (3, 4, 100), (8, 7, 1000), (9, 3, 1001), (16, 70, 576), (17, 5, 8196), (64, 10, 300),
+SHAPES = [(1, 5, 100), (2, 1, 36), (3, 4, 100), (8, 7, 1000), (9, 3, 1001), (16, 70, 576), (17, 5, 8196), (64, 10, 300),
           (65, 2, 2052)]
 
 
