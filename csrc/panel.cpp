@@ -106,8 +106,9 @@ int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_byt
     // 1536x576 50% M = 16 1.10x / 1.31x, M = 32 0.94x / 1.08x, M = 64 0.87x / 0.90x; 576x1536 M = 16 1.25x /
     // 1.54x, M = 32 1.09x / 1.18x, M = 64 1.00x / 1.15x: panels from 32, and from 64 where K >= 1024. Weights of
     // 16 MB or more keep 8 (7B, M = 8, 50%: blocked 0.84-0.92x the split panels; ..._7b_bf16_paths_stop42.json).
-    m = bf16 ? (large || amx_available() ? 8 : (K >= 1024 ? 64 : 32))
-             : (large ? 1024 : (at::get_num_threads() == 1 ? 256 : 8));
+    // Below AVX512_BF16 (no blocked kernel) small weights keep 16.
+    const int64_t small_bf16 = isa >= Isa::kAvx512Bf16 ? (K >= 1024 ? 64 : 32) : 16;
+    m = bf16 ? (large || amx_available() ? 8 : small_bf16) : (large ? 1024 : (at::get_num_threads() == 1 ? 256 : 8));
   }
   // AVX-512 without BF16: the same M (measured on the AVX-512 BF16 Xeon only).
   return m;

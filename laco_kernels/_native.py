@@ -176,8 +176,8 @@ def bitmap_block_range(k: int, density: float = 0.5) -> Tuple[int, int]:
     (measured: M = 1 keeps the one-row kernel, and so does M >= 4 where k >= 8192 at density above 0.4)."""
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise ValueError(f"bitmap_block_range: k must be a positive int, got {k!r}")
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"bitmap_block_range: density must be in [0, 1], got {density!r}")
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 <= density <= 1.0:
+        raise ValueError(f"bitmap_block_range: density must be a number in [0, 1], got {density!r}")
     lo, hi = _C.bitmap_block_range(k, float(density))
     return int(lo), int(hi)
 

@@ -93,8 +93,9 @@ def test_block_range_default_override_and_bad_input():
     for bad in (0, -3, 2.0, True):
         with pytest.raises(ValueError, match="bitmap_block_range: k must be a positive int"):
             _native.bitmap_block_range(bad)
-    with pytest.raises(ValueError, match="density must be in"):
-        _native.bitmap_block_range(64, 1.5)
+    for bad in (1.5, -0.1, "0.5", None):
+        with pytest.raises(ValueError, match="density must be a number in"):
+            _native.bitmap_block_range(64, bad)
 
 
 @pytest.mark.skipif(_native is not None and _native.amx_available(), reason="AMX tiles serve that M range")
@@ -111,3 +112,8 @@ def test_dispatch_keeps_small_bitmap_weights_on_the_blocked_kernel():
     # 7B weights keep their ranges: panels from 8, the pair kernel at 70% from 16
     assert _native.linear_path("bitmap_linear", dt, (11008, 4096), 8, 0.5) == "panel"
     assert _native.linear_path("bitmap_linear", dt, (11008, 4096), 16, 0.3) == "pair"
+    _native.set_isa("avx512")  # no AVX512_BF16, no blocked kernel: small weights keep panels from 16
+    try:
+        assert _native.panel_min_m("bitmap_linear", dt, (576, 1536)) == 16
+    finally:
+        _native.set_isa("auto")
