@@ -349,8 +349,8 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at
   TORCH_CHECK(off[0] == 0 && off[(N - 1) * T] <= nnz, op, ": offsets are inconsistent with ", nnz, " values");
   BmArgs a{nullptr, nullptr, values.data_ptr(), reinterpret_cast<const uint32_t*>(bitmap.data_ptr<int32_t>()),
            off, M, N, K, W, T, tile_k, nnz, false};
-  const LinearPath path =
-      linear_path(LinearOp::kBitmap, x.scalar_type(), M, N, K, static_cast<double>(nnz) / static_cast<double>(N * K));
+  const double density = static_cast<double>(nnz) / static_cast<double>(N * K);
+  const LinearPath path = linear_path(LinearOp::kBitmap, x.scalar_type(), M, N, K, density);
   if (path == LinearPath::kAmx) {
     const Isa isa = active_isa();
     const char* vbase = static_cast<const char*>(a.values);
@@ -382,8 +382,7 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at
   }
 #if LACO_X86
   if (path == LinearPath::kDirect && x.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16 &&
-      active_isa() >= Isa::kAvx512Bf16 && M >= bitmap_block_min_m() &&
-      M < bitmap_block_max_m(K, static_cast<double>(nnz) / static_cast<double>(N * K))) {
+      active_isa() >= Isa::kAvx512Bf16 && M >= bitmap_block_min_m() && M < bitmap_block_max_m(K, density)) {
     at::Tensor x16 = x.contiguous();
     a.x16 = reinterpret_cast<const uint16_t*>(x16.data_ptr());
     at::Tensor y = at::empty({M, N}, x.options());
