@@ -154,7 +154,9 @@ def main() -> None:
         p = ppl(student)
         return dict(method="laco+kl-maskmove", ppl_after=p, ppl_after_stage1=rec1["ppl_after"], stage2=hist,
                     lam=args.lam, stage2_lr=args.lr, stage2_epochs=args.epochs, stage2_noise=args.noise,
-                    weights_outside_start_mask_per_pass=moved_log, kept_weights=kept, is_2of4=is24,
+                    weights_outside_start_mask=moved_log[-1], weights_outside_start_mask_per_pass=moved_log,
+                    weights_outside_start_mask_pct_of_kept=round(100 * moved_log[-1] / kept, 3), kept_weights=kept,
+                    is_2of4=is24,
                     stage2_wall_s=round(wall, 1), kl_fit_windows=kl_on(model, student, ids[:16], True),
                     kl_heldout_windows=kl_on(model, student, held, True), threads=torch.get_num_threads(),
                     compute="cpu, bench path (torch parametrization; the package's KL stage keeps the mask)", command=cmd)
