@@ -90,15 +90,18 @@ def round_robin(fns: dict, rounds: int, warmup: int = 2) -> dict:
     return {name: {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts)} for name, ts in times.items()}
 
 
-PATHS = ("direct", "direct1", "outer", "amx", "panel", "split")
+PATHS = ("direct", "direct1", "outer", "amx", "panel", "split", "shuffle")
 
 
 def _forced(native, path, fn):
     """fn with one path forced for every op: the direct kernel, the outer-product kernel (fp32; for bf16 on
     AVX512_BF16 CPUs without AMX the pair kernel, the bitmap at density <= 0.4 only; where the CPU has no
     such kernel this runs the direct one), AMX tiles (bf16 on AMX CPUs) or decompressed panels + BLAS.
-    "direct1": the direct path with the bitmap's bf16 register-blocked kernel off (its one-row kernel)."""
+    "direct1": the direct path with the bitmap's bf16 register-blocked kernel off (its one-row kernel);
+    "shuffle": the 2:4 bf16 shuffle kernel (AVX512_BF16; timed for that op and dtype only)."""
     def call():
+        if hasattr(native, "set_shuffle_min_m"):
+            native.set_shuffle_min_m(0 if path == "shuffle" else 10 ** 9)
         if hasattr(native, "set_bitmap_block_min_m"):
             native.set_bitmap_block_min_m(10 ** 9 if path == "direct1" else None)
         native.set_outer_min_m(0 if path == "outer" else 10 ** 9)
@@ -108,6 +111,8 @@ def _forced(native, path, fn):
         try:
             return fn()
         finally:
+            if hasattr(native, "set_shuffle_min_m"):
+                native.set_shuffle_min_m(None)
             native.set_outer_min_m(None)
             native.set_amx_min_m(None)
             native.set_panel_min_m(None)
@@ -154,6 +159,10 @@ def bench_kernels(native, shapes, ms, dtypes, threads_list, rounds, paths=False)
                             continue  # no outer-product kernel on this ISA
                         if side == "amx" and native.amx_range("sparse24_linear", dt, (n, k))[0] > 10 ** 12:
                             continue  # no AMX (or fp32)
+                        if side == "shuffle":  # 2:4 bf16 on AVX512_BF16 only
+                            if dname == "bf16" and native.isa() == "avx512bf16" and hasattr(native, "set_shuffle_min_m"):
+                                fns["2:4/shuffle"] = _forced(native, side, lambda: native.sparse24_linear(x, w24))
+                            continue
                         fns[f"2:4/{side}"] = _forced(native, side, lambda: native.sparse24_linear(x, w24))
                         if side != "outer" or native.outer_min_m("bitmap_linear", dt, (n, k)) < 10 ** 12:
                             fns[f"bitmap70/{side}"] = _forced(native, side, lambda: native.bitmap_linear(x, bms["bitmap70"]))

@@ -263,8 +263,35 @@ int64_t pair_max_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
   return op == LinearOp::kSparse24 && at::get_num_threads() == 1 ? 2 * kPairMaxM : kPairMaxM;
 }
 
+namespace {
+std::atomic<int64_t> g_shuffle_min_m_override{-1};
+// 2:4 bf16 on AVX512_BF16 without AMX: the shuffle kernel from M = 8 on, every weight size (stop 44, Zen 4,
+// one thread, medians of 5 interleaved rounds, speed over F.linear, shuffle / the path it replaced):
+// 1536x576 and 576x1536 M = 8 1.65x / 1.16x (direct), M = 16-64 1.43-1.49x / 1.05-1.12x (pair), M = 256-1024
+// 1.41-1.48x / 0.98-1.02x (panels); 11008x4096 / 4096x11008 M = 8 1.22x / 0.97x and 1.17x / 0.93x (pair),
+// M = 64-256 1.18-1.29x / 0.93-0.97x (panels); at M = 4 the direct kernel held (1.00x / 1.08x against
+// 1.04x / 0.94x; 576x1536 1.51x against 1.38x). docs/cpu_kernels.md "Stop 44".
+constexpr int64_t kShuffleMinM = 8;
+}  // namespace
+
+int64_t shuffle_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
+  (void)N; (void)K;
+  if (op != LinearOp::kSparse24 || dt != at::kBFloat16 || active_isa() < Isa::kAvx512Bf16) return int64_t{1} << 62;
+  const int64_t o = g_shuffle_min_m_override.load();
+  if (o >= 0) return o;
+  if (amx_available()) return int64_t{1} << 62;  // not measured against the AMX tiles; they keep the range
+  return kShuffleMinM;
+}
+
+void set_shuffle_min_m(int64_t m) { g_shuffle_min_m_override = m; }
+
 LinearPath linear_path(LinearOp op, at::ScalarType dt, int64_t M, int64_t N, int64_t K, double density) {
   if (M <= 0 || N <= 0) return LinearPath::kDirect;
+  // a forced shuffle threshold wins over every other path; its measured default yields to any other forced
+  // threshold (tests and benchmarks that force the outer, pair or panel path get that path)
+  const bool shuffle = M >= shuffle_min_m(op, dt, N, K);
+  const bool others_forced = g_outer_min_m_override.load() >= 0 || panel_min_m_forced();
+  if (shuffle && (g_shuffle_min_m_override.load() >= 0 || !others_forced)) return LinearPath::kShuffle;
   if (M >= amx_min_m(op, dt, N, K) && M < amx_max_m(op, dt, N, K)) return LinearPath::kAmx;
   // a forced panel threshold (set_panel_min_m) wins over the pair kernel's measured range, as it does
   // over the outer-product kernel's

@@ -18,8 +18,8 @@ from _native_util import (CONFIGS, DTYPES, HAS_AMX, ISAS, LINEAR_PATHS, _close, 
 PANEL_SHAPES = [(1, 5, 36), (3, 17, 100), (67, 9, 1000), (20, 37, 8196), (9, 70, 300), (40, 120, 2052)]
 
 
-# the AMX path exists at the avx512bf16 ISA only: no such combinations are generated elsewhere
-PATH_CONFIGS = [(c, p) for c in CONFIGS for p in LINEAR_PATHS if p != "amx" or c[0] == "avx512bf16"]
+# the AMX and shuffle paths exist at the avx512bf16 ISA only: no such combinations are generated elsewhere
+PATH_CONFIGS = [(c, p) for c in CONFIGS for p in LINEAR_PATHS if p not in ("amx", "shuffle") or c[0] == "avx512bf16"]
 
 
 @needs_ext
@@ -149,6 +149,11 @@ def test_linear_path_reports_the_dispatch():
             lo = _native.outer_min_m("bitmap_linear", dt, (576, 1536))
             assert _native.linear_path("bitmap_linear", dt, (576, 1536), lo, 0.3) == "pair"
             assert _native.linear_path("bitmap_linear", dt, (576, 1536), lo, 0.5) != "pair"
+            # 2:4 bf16: the shuffle kernel from M = 8 (stop 44); the pair / panel ranges below hold with it off
+            for shape in ((576, 1536), (11008, 4096)):
+                assert [_native.linear_path("sparse24_linear", dt, shape, m) for m in (7, 8, 64, 4096)] == \
+                    ["direct", "shuffle", "shuffle", "shuffle"]
+            _native.set_shuffle_min_m(10**9)
             assert _native.linear_path("sparse24_linear", dt, (576, 1536), lo) == "pair"
             hi = _native.pair_max_m("sparse24_linear", dt, (576, 1536))
             assert _native.linear_path("sparse24_linear", dt, (576, 1536), hi) == "panel"
@@ -160,6 +165,7 @@ def test_linear_path_reports_the_dispatch():
             assert _native.pair_max_m("sparse24_linear", dt, (11008, 4096)) == 64
             assert _native.linear_path("sparse24_linear", dt, (11008, 4096), 63) == "pair"
             assert _native.linear_path("sparse24_linear", dt, (11008, 4096), 64) == "panel"
+            _native.set_shuffle_min_m(None)
             assert _native.linear_path("bitmap_linear", dt, (11008, 4096), 64, 0.3) == "pair"
         if "avx512" in ISAS:  # fp32 on 7B weights (AMX tiles serve bf16 only): the outer kernel's range, by threads
             f32, big = torch.float32, (11008, 4096)
@@ -184,6 +190,7 @@ def test_linear_path_reports_the_dispatch():
         _native.set_outer_min_m(None)
         _native.set_amx_min_m(None)
         _native.set_panel_min_m(None)
+        _native.set_shuffle_min_m(None)
     with pytest.raises(TypeError, match="float32 or bfloat16"):
         _native.linear_path("sparse24_linear", torch.float16, (8, 8), 1)
     with pytest.raises(TypeError, match="float32 or bfloat16"):

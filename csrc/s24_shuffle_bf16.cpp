@@ -1,0 +1,220 @@
+// bf16 2:4 linear on CPUs with AVX512_BF16 (no AMX), M >= 16: output features in the vector lanes, the
+// x pairs picked per lane by a byte shuffle (the "shuffle" path; stop 44).
+//
+// Why: the pair kernel (pair_outer_bf16.cpp) puts rows of x in the lanes and reads each dot's x pairs from a
+// table: three loads per dot, about 1.9 cycles per dot on a Zen 4 even from L1 (docs/cpu_kernels.md, stop 43),
+// so it only matches oneDNN's dense bf16 GEMM. Here the lanes are 16 output features n, and one dot serves
+// one group of 4 columns of x (two dense dots' worth):
+//     y[m, n] += v[n, 2g] * x[m, 4g + i0(n, g)] + v[n, 2g + 1] * x[m, 4g + i1(n, g)]
+// x[m, 4g .. 4g + 3] (8 bytes) is broadcast to every 128-bit lane (vpbroadcastq) and each 32-bit lane takes
+// its own two bf16 out of it with one in-lane `vpshufb` whose control (bytes 2 i0, 2 i0 + 1, 2 i1, 2 i1 + 1)
+// comes from the group's metadata nibble. A shuffle + vdpbf16ps pair issued at about 1.33 cycles on the
+// Zen 4 (a throwaway microbenchmark; a dot alone 1.0, a two-source vpermt2w + dot 2.4), i.e. 0.67 cycles per
+// dense-dot equivalent against oneDNN's 1.1 at M = 64.
+//
+// How: output features in blocks of 32 (two 16-lane vectors), K in blocks of kGroupsPerBlock groups. Per
+// block the weights are re-laid into a panel in L1: per group and vector the 16 value pairs (a 16 x 16 dword
+// transpose of the stored values) and the 16 shuffle controls (from the meta words, gathered by row); then
+// every register block of up to 8 rows of x runs over the panel with 16 fp32 accumulators (8 rows x 2
+// vectors), partial sums kept in a per-thread [M, 32] fp32 buffer between K-blocks. One thread computes each
+// output element in a fixed order: the same bits for any thread count.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "laco_cpu.h"
+
+namespace laco {
+namespace {
+
+constexpr int kLanes = 16;                // output features per vector
+constexpr int kVecs = 2;                  // vectors per feature block: 32 features
+constexpr int kFeat = kLanes * kVecs;     // features per block
+constexpr int kMaxRows = 8;               // rows of x per register block (16 accumulators)
+constexpr int64_t kGroupsPerBlock = 64;   // panel: 64 groups x 2 vectors x (values, controls) x 64 B = 16 KB
+
+#if LACO_X86
+// vpshufb control of a meta nibble (i0 | i1 << 2): bytes 2 i0, 2 i0 + 1, 2 i1, 2 i1 + 1 of the broadcast
+// 8-byte group. Every nibble maps to in-range bytes (invalid nibbles never occur in a checked weight).
+uint32_t control_of_nibble(int nib) {
+  const uint32_t i0 = nib & 3, i1 = (nib >> 2) & 3;
+  return (2 * i0) | ((2 * i0 + 1) << 8) | ((2 * i1) << 16) | ((2 * i1 + 1) << 24);
+}
+
+// In place: r[i] holds row i of a 16 x 16 dword matrix; afterwards r[c] holds column c.
+LACO_AVX512BF16 LACO_INLINE void transpose16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // r[4q + c] now holds, in 128-bit lane l, rows 4l .. 4l + 3 of columns (4 * lane-in-block + c) of rows 4q ..
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// Panel of features [n0, n0 + 32) x groups [g0, g0 + gc): pan[(g * kVecs + v) * 2 + 0] = value pairs of the
+// 16 features of vector v, [... + 1] = their shuffle controls (16 dwords each). Features >= N: zeros.
+LACO_AVX512BF16 void fill_panel(const char* values, const uint32_t* meta, int64_t N, int64_t G, int64_t W,
+                                int64_t n0, int64_t g0, int64_t gc, const uint32_t* lut_words, uint32_t* pan) {
+  const __m512i lut = _mm512_load_si512(lut_words);
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t nb = n0 + v * kLanes;
+    const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(kLanes, N - nb));
+    const __mmask16 rmask = static_cast<__mmask16>((1u << rows) - 1u);
+    const __m512i rowoff = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(static_cast<int>(W)));
+    const uint32_t* mbase = meta + nb * W;
+    for (int64_t s = 0; s < gc; s += 16) {
+      const int64_t cnt = std::min<int64_t>(16, gc - s);
+      const __mmask16 cmask = static_cast<__mmask16>((1u << cnt) - 1u);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < rows ? _mm512_maskz_loadu_epi32(cmask, values + ((nb + i) * G + g0 + s) * 4) : _mm512_setzero_si512();
+      transpose16(r);
+      for (int64_t c = 0; c < cnt; ++c) _mm512_store_si512(pan + ((s + c) * kVecs + v) * 2 * kLanes, r[c]);
+      // controls: the meta words of the 16 features (one gather per 8 groups), a nibble each
+      for (int64_t c = 0; c < cnt; c += 8) {
+        const int64_t g = g0 + s + c;  // a multiple of 8: one meta word holds groups g .. g + 7
+        const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rmask, rowoff,
+                                                          mbase + (g >> 3), 4);
+        for (int64_t e = 0; e < 8 && c + e < cnt; ++e) {
+          const __m512i nib = _mm512_and_si512(_mm512_srli_epi32(words, static_cast<unsigned>(4 * e)),
+                                               _mm512_set1_epi32(15));
+          _mm512_store_si512(pan + ((s + c + e) * kVecs + v) * 2 * kLanes + kLanes, _mm512_permutexvar_epi32(nib, lut));
+        }
+      }
+    }
+  }
+}
+
+// Prefetch of the weight bytes fill_panel reads for features [n0, n0 + 32) x groups [g0, g0 + kGroupsPerBlock).
+void prefetch_panel(const char* values, const uint32_t* meta, int64_t N, int64_t G, int64_t W, int64_t n0, int64_t g0) {
+  const int64_t n1 = std::min<int64_t>(N, n0 + kFeat), g1 = std::min<int64_t>(G, g0 + kGroupsPerBlock);
+  for (int64_t n = n0; n < n1; ++n) {
+    const char* row = values + (n * G) * 4;
+    for (int64_t o = g0 * 4 / 64 * 64; o < g1 * 4; o += 64) _mm_prefetch(row + o, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(meta + n * W + (g0 >> 3)), _MM_HINT_T0);
+  }
+}
+
+// acc[R][v] (R rows of x from xr, stride ldx, at group g0) over the panel's gc groups.
+template <int R>
+LACO_AVX512BF16 void run_rows(const uint32_t* pan, int64_t gc, const uint16_t* xr, int64_t ldx, float* part,
+                              bool first) {
+  __m512 acc[R][kVecs];
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v)
+      acc[m][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(part + m * kFeat + v * kLanes);
+  for (int64_t g = 0; g < gc; ++g) {
+    const uint32_t* p = pan + g * kVecs * 2 * kLanes;
+    const __m512i w0 = _mm512_load_si512(p), c0 = _mm512_load_si512(p + kLanes);
+    const __m512i w1 = _mm512_load_si512(p + 2 * kLanes), c1 = _mm512_load_si512(p + 3 * kLanes);
+#pragma GCC unroll 8
+    for (int m = 0; m < R; ++m) {
+      long long q;
+      std::memcpy(&q, xr + m * ldx + 4 * g, 8);
+      const __m512i xq = _mm512_set1_epi64(q);
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)w0, (__m512bh)_mm512_shuffle_epi8(xq, c0));
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)w1, (__m512bh)_mm512_shuffle_epi8(xq, c1));
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v) _mm512_store_ps(part + m * kFeat + v * kLanes, acc[m][v]);
+}
+
+using RunRows = void (*)(const uint32_t*, int64_t, const uint16_t*, int64_t, float*, bool);
+constexpr RunRows kRunRows[kMaxRows + 1] = {nullptr,      run_rows<1>, run_rows<2>, run_rows<3>, run_rows<4>,
+                                            run_rows<5>, run_rows<6>, run_rows<7>, run_rows<8>};
+
+// y[m, n0 + f] = bf16(part[m, f] + bias) for the block's features < N; rounding to nearest even, NaN -> 0x7fc0
+// (torch's conversion).
+LACO_AVX512BF16 void store_rows(const float* part, int64_t M, const float* bias, int64_t N, int64_t n0, uint16_t* y) {
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t nb = n0 + v * kLanes;
+    if (nb >= N) break;
+    const int64_t cnt = std::min<int64_t>(kLanes, N - nb);
+    const __mmask16 k = static_cast<__mmask16>((1u << cnt) - 1u);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(k, bias + nb) : _mm512_setzero_ps();
+    for (int64_t m = 0; m < M; ++m) {
+      const __m512i u = _mm512_castps_si512(_mm512_add_ps(_mm512_load_ps(part + m * kFeat + v * kLanes), b));
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+      const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                    _mm512_set1_epi32(0x7f800000));
+      r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+      _mm256_mask_storeu_epi16(y + m * N + nb, k, _mm512_cvtepi32_epi16(r));
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+at::Tensor sparse24_shuffle_bf16(const at::Tensor& x, const at::Tensor& b32, const at::Tensor& values,
+                                 const at::Tensor& meta, int64_t N, int64_t K) {
+#if LACO_X86
+  const int64_t M = x.size(0), G = K / 4, W = (G + 7) / 8;
+  const at::Tensor xc = x.contiguous();
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  const char* vp = reinterpret_cast<const char*>(values.data_ptr());
+  const uint32_t* mp = reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>());
+  const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty({M, N}, x.options());
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+  alignas(64) uint32_t lut_words[16];
+  for (int i = 0; i < 16; ++i) lut_words[i] = control_of_nibble(i);
+  const int64_t blocks = (N + kFeat - 1) / kFeat;
+  // grain in feature blocks: at least ~1M multiply-adds per chunk (linear_row_grain), whole blocks
+  const int64_t grain = std::max<int64_t>(1, linear_row_grain(M, K) / kFeat);
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<uint32_t> pan_buf(kGroupsPerBlock * kVecs * 2 * kLanes + 16);
+    std::vector<float> part_buf(static_cast<size_t>(M * kFeat + 16));
+    uint32_t* pan = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(pan_buf.data()) + 63) & ~uintptr_t{63});
+    float* part = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(part_buf.data()) + 63) & ~uintptr_t{63});
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kFeat;
+      for (int64_t g0 = 0; g0 < G; g0 += kGroupsPerBlock) {
+        const int64_t gc = std::min(kGroupsPerBlock, G - g0);
+        // the next panel's weight bytes (this block's next K-block, or the next block's first) into L1/L2
+        // while this one computes: a 7B weight comes from DRAM, 32 rows = 32 streams the hardware
+        // prefetchers do not follow ahead
+        const int64_t pn0 = g0 + gc < G ? n0 : n0 + kFeat, pg0 = g0 + gc < G ? g0 + gc : 0;
+        if (b + (g0 + gc < G ? 0 : 1) < b1) prefetch_panel(vp, mp, N, G, W, pn0, pg0);
+        fill_panel(vp, mp, N, G, W, n0, g0, gc, lut_words, pan);
+        for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+          const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
+          kRunRows[rows](pan, gc, xp + m0 * K + 4 * g0, K, part + m0 * kFeat, g0 == 0);
+        }
+      }
+      store_rows(part, M, bp, N, n0, yp);
+    }
+  });
+  return y;
+#else
+  (void)x; (void)b32; (void)values; (void)meta; (void)N; (void)K;
+  TORCH_CHECK(false, "sparse24_shuffle_bf16: x86 only");
+#endif
+}
+
+}  // namespace laco

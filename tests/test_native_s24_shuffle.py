@@ -1,0 +1,106 @@
+"""sparse24_linear with bf16 x and weights on the shuffle path (csrc/s24_shuffle_bf16.cpp, AVX512_BF16): output
+features in the vector lanes, each lane's two x values picked out of a broadcast group by vpshufb. Held to the
+reference on awkward shapes, to itself across thread counts, exactly on x = I, and the dispatch's range."""
+import pytest
+import torch
+
+from laco_kernels import reference
+from laco_kernels.formats import Sparse24Weight
+
+from _native_util import ISAS, _close, _native, needs_ext
+
+pytestmark = [needs_ext, pytest.mark.skipif("avx512bf16" not in ISAS, reason="the shuffle kernel needs AVX512_BF16")]
+
+# M: 1 (forced), 7 / 8 / 9 (one partial / full register block, a block and a row), 17, 65; N: 1, 5, 16, 17 (a
+# partial vector), 32 / 33 (a full block, one more), 70; K: one group, 60 (15 groups: a partial 16-group
+# transpose), 256 (64 groups: one full K-block), 260 (65: a second K-block of one group), 4100, 8196 (many
+# K-blocks, meta words past the first 8 groups)
+SHAPES = [(1, 5, 4), (7, 16, 60), (8, 17, 256), (9, 1, 260), (17, 33, 100), (65, 32, 576), (8, 70, 4100),
+          (3, 33, 8196), (64, 5, 1540)]
+
+
+@pytest.fixture
+def shuffle_forced():
+    old = torch.get_num_threads()
+    _native.set_isa("avx512bf16")
+    _native.set_shuffle_min_m(0)
+    try:
+        yield
+    finally:
+        _native.set_shuffle_min_m(None)
+        _native.set_isa("auto")
+        torch.set_num_threads(old)
+
+
+def _weight(n: int, k: int) -> Sparse24Weight:
+    """2:4 by magnitude, so every one of the six kept-column pairs occurs; row 0 all zero."""
+    w = torch.randn(n, k)
+    w[0] = 0
+    return Sparse24Weight.from_dense(w.to(torch.bfloat16), prune=True)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_shuffle_kernel_matches_reference(shuffle_forced, shape):
+    m, n, k = shape
+    dt = torch.bfloat16
+    w24 = _weight(n, k)
+    assert _native.linear_path("sparse24_linear", dt, (n, k), m) == "shuffle"
+    x = torch.randn(k, m).to(dt).t()  # non-contiguous
+    for b in (None, torch.randn(n).to(dt), torch.randn(n)):
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(_native.sparse24_linear(x, w24, b))
+        y = outs[0]
+        assert y.dtype == dt and y.shape == (m, n)
+        assert all(torch.equal(o, y) for o in outs[1:])  # each output summed by one thread, fixed order
+        _close(y, reference.sparse24_linear(x, w24, b), dt)
+        # the output rounded once from an fp32 sum: within one bf16 step of the fp32 reference
+        ref32 = x.float() @ w24.to_dense().float().t() + (b.float() if b is not None else 0)
+        assert ((y.float() - ref32).abs() <= ref32.abs() * 2**-8 + 1e-3 * ref32.abs().max() + 1e-6).all()
+    if k <= 4100:  # x = I: each output is one weight, exactly (every lane's pair lands on its own column)
+        eye = torch.eye(k).to(dt)
+        assert torch.equal(_native.sparse24_linear(eye, w24).t(), w24.to_dense())
+
+
+def test_shuffle_kernel_nan_and_empty(shuffle_forced):
+    dt = torch.bfloat16
+    w24 = _weight(33, 64)
+    x = torch.randn(9, 64).to(dt)
+    b = torch.zeros(33)
+    b[3] = float("nan")
+    y = _native.sparse24_linear(x, w24, b)
+    assert torch.isnan(y[:, 3]).all() and not torch.isnan(y[:, :3]).any()
+    assert _native.sparse24_linear(x[:0], w24).shape == (0, 33)
+
+
+@pytest.mark.skipif(_native is not None and _native.amx_available(), reason="AMX tiles serve that M range")
+def test_dispatch_takes_the_shuffle_kernel_from_m8():
+    """Measured defaults (stop 44): from M = 8 on for every 2:4 bf16 weight; the direct kernel below; fp32 and
+    the bitmap never; a forced threshold of another path wins over the default, a forced shuffle over all."""
+    dt = torch.bfloat16
+    for shape in ((1536, 576), (576, 1536), (11008, 4096)):
+        assert _native.linear_path("sparse24_linear", dt, shape, 7) == "direct"
+        for m in (8, 64, 1024):
+            assert _native.linear_path("sparse24_linear", dt, shape, m) == "shuffle"
+        assert _native.linear_path("sparse24_linear", torch.float32, shape, 64) != "shuffle"
+        assert _native.linear_path("bitmap_linear", dt, shape, 64) != "shuffle"
+    try:
+        _native.set_panel_min_m(0)
+        assert _native.linear_path("sparse24_linear", dt, (576, 1536), 64) == "panel"
+        _native.set_shuffle_min_m(0)
+        assert _native.linear_path("sparse24_linear", dt, (576, 1536), 1) == "shuffle"
+        _native.set_shuffle_min_m(10**9)
+        _native.set_panel_min_m(None)
+        assert _native.linear_path("sparse24_linear", dt, (576, 1536), 64) in ("pair", "panel")
+    finally:
+        _native.set_shuffle_min_m(None)
+        _native.set_panel_min_m(None)
+    _native.set_isa("avx512")  # no AVX512_BF16: no shuffle kernel
+    try:
+        assert _native.linear_path("sparse24_linear", dt, (576, 1536), 64) != "shuffle"
+    finally:
+        _native.set_isa("auto")
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="set_shuffle_min_m: m must be None"):
+            _native.set_shuffle_min_m(bad)
