@@ -90,7 +90,7 @@ def round_robin(fns: dict, rounds: int, warmup: int = 2) -> dict:
     return {name: {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts)} for name, ts in times.items()}
 
 
-PATHS = ("direct", "direct1", "outer", "amx", "panel", "split", "shuffle")
+PATHS = ("direct", "direct1", "outer", "amx", "panel", "split", "shuffle", "lanes")
 
 
 def _forced(native, path, fn):
@@ -98,10 +98,13 @@ def _forced(native, path, fn):
     AVX512_BF16 CPUs without AMX the pair kernel, the bitmap at density <= 0.4 only; where the CPU has no
     such kernel this runs the direct one), AMX tiles (bf16 on AMX CPUs) or decompressed panels + BLAS.
     "direct1": the direct path with the bitmap's bf16 register-blocked kernel off (its one-row kernel);
-    "shuffle": the 2:4 bf16 shuffle kernel (AVX512_BF16; timed for that op and dtype only)."""
+    "shuffle": the 2:4 bf16 shuffle kernel, "lanes": the bf16 bitmap lanes kernel (AVX512_BF16; timed for those
+    ops and bf16 only)."""
     def call():
         if hasattr(native, "set_shuffle_min_m"):
             native.set_shuffle_min_m(0 if path == "shuffle" else 10 ** 9)
+        if hasattr(native, "set_lanes_min_m"):
+            native.set_lanes_min_m(0 if path == "lanes" else 10 ** 9)
         if hasattr(native, "set_bitmap_block_min_m"):
             native.set_bitmap_block_min_m(10 ** 9 if path == "direct1" else None)
         native.set_outer_min_m(0 if path == "outer" else 10 ** 9)
@@ -113,6 +116,8 @@ def _forced(native, path, fn):
         finally:
             if hasattr(native, "set_shuffle_min_m"):
                 native.set_shuffle_min_m(None)
+            if hasattr(native, "set_lanes_min_m"):
+                native.set_lanes_min_m(None)
             native.set_outer_min_m(None)
             native.set_amx_min_m(None)
             native.set_panel_min_m(None)
@@ -162,6 +167,11 @@ def bench_kernels(native, shapes, ms, dtypes, threads_list, rounds, paths=False)
                         if side == "shuffle":  # 2:4 bf16 on AVX512_BF16 only
                             if dname == "bf16" and native.isa() == "avx512bf16" and hasattr(native, "set_shuffle_min_m"):
                                 fns["2:4/shuffle"] = _forced(native, side, lambda: native.sparse24_linear(x, w24))
+                            continue
+                        if side == "lanes":  # the bf16 bitmap on AVX512_BF16 only
+                            if dname == "bf16" and native.isa() == "avx512bf16" and hasattr(native, "set_lanes_min_m"):
+                                for bname in bms:
+                                    fns[f"{bname}/lanes"] = _forced(native, side, lambda bw=bms[bname]: native.bitmap_linear(x, bw))
                             continue
                         fns[f"2:4/{side}"] = _forced(native, side, lambda: native.sparse24_linear(x, w24))
                         if side != "outer" or native.outer_min_m("bitmap_linear", dt, (n, k)) < 10 ** 12:

@@ -57,7 +57,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           double density) {
           TORCH_CHECK(op == "sparse24_linear" || op == "bitmap_linear", "linear_path: unknown op '", op, "'");
           TORCH_CHECK(dtype == "float32" || dtype == "bfloat16", "linear_path: dtype must be float32 or bfloat16");
-          static const char* names[] = {"direct", "outer", "pair", "panel", "amx", "shuffle"};
+          static const char* names[] = {"direct", "outer", "pair", "panel", "amx", "shuffle", "lanes"};
           return std::string(names[static_cast<int>(laco::linear_path(
               op == "sparse24_linear" ? laco::LinearOp::kSparse24 : laco::LinearOp::kBitmap,
               dtype == "float32" ? at::kFloat : at::kBFloat16, mm, n, k, density))]);
@@ -69,6 +69,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("m"));
   m.def("set_shuffle_min_m", &laco::set_shuffle_min_m,
         "-1: measured defaults; else this M threshold for the 2:4 bf16 shuffle kernel", py::arg("m"));
+  m.def("set_lanes_min_m", &laco::set_lanes_min_m,
+        "-1: measured defaults; else this M threshold for the bf16 bitmap lanes kernel", py::arg("m"));
   m.def("set_amx_min_m", &laco::set_amx_min_m, "-1: measured defaults; else this M threshold for every op",
         py::arg("m"));
   m.def("amx_available", &laco::amx_available, "CPU has AMX-BF16 and the OS granted the tile state");

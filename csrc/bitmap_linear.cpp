@@ -369,6 +369,12 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at
   if (path == LinearPath::kPair) {
     return bitmap_pair_bf16(x, b32, values, bitmap, offsets, tile_k, N, K);  // bf16 dot pairs (pair_outer_bf16.cpp)
   }
+  if (path == LinearPath::kLanes) {  // bf16, K even (lanes_min_m): features in the lanes (lanes_bf16.cpp)
+    const Isa isa = active_isa();
+    return lanes_dense_bf16(x, b32, N, K, [=](int64_t r0, int64_t r1, uint16_t* dst) {
+      bm_decompress_rows<uint16_t>(isa, a, r0, r1, dst);
+    });
+  }
   if (path == LinearPath::kPanel) {
     const Isa isa = active_isa();
     if (values.scalar_type() == at::kFloat) {

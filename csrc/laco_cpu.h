@@ -190,10 +190,14 @@ int64_t pair_max_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K);
 // The path a linear takes (the one dispatch of sparse24_linear / bitmap_linear, also reported to Python):
 // AMX tiles, the bf16 pair kernel, decompressed panels, the outer-product kernel (fp32 x), or the direct
 // kernel (also for empty shapes). density: the bitmap's nonzero fraction (ignored for 2:4).
-enum class LinearPath : int { kDirect = 0, kOuter = 1, kPair = 2, kPanel = 3, kAmx = 4, kShuffle = 5 };
-// 2:4 bf16 shuffle kernel (s24_shuffle_bf16.cpp) on AVX512_BF16 CPUs without AMX: M in [shuffle_min_m, ...).
+enum class LinearPath : int { kDirect = 0, kOuter = 1, kPair = 2, kPanel = 3, kAmx = 4, kShuffle = 5, kLanes = 6 };
+// 2:4 bf16 shuffle kernel (lanes_bf16.cpp) on AVX512_BF16 CPUs without AMX: M in [shuffle_min_m, ...).
 int64_t shuffle_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K);
 void set_shuffle_min_m(int64_t m);  // -1: measured defaults; 0: from M = 1 on; huge: never
+// bitmap bf16 on AVX512_BF16 CPUs without AMX: rows decompressed 32 at a time into a lane-major panel and our own
+// vdpbf16ps loop (lanes_dense_bf16), M in [lanes_min_m, ...) for weights under 16 MB at density >= 0.25, K even.
+int64_t lanes_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K, double density);
+void set_lanes_min_m(int64_t m);  // -1: measured defaults; 0: from M = 1 on; huge: never
 LinearPath linear_path(LinearOp op, at::ScalarType dt, int64_t M, int64_t N, int64_t K, double density = 0.0);
 bool pair_path(LinearOp op, at::ScalarType dt, int64_t M, int64_t N, int64_t K, double density = 0.0);
 // bf16 mid-M path on AVX512_BF16 CPUs (csrc/pair_outer_bf16.cpp):
@@ -201,10 +205,15 @@ bool pair_path(LinearOp op, at::ScalarType dt, int64_t M, int64_t N, int64_t K, 
 // undefined, weights already checked by the caller; y [M, N] bf16.
 at::Tensor sparse24_pair_bf16(const at::Tensor& x, const at::Tensor& b32, const at::Tensor& values,
                               const at::Tensor& meta, int64_t N, int64_t K);
-// bf16 2:4 shuffle path on AVX512_BF16 CPUs (csrc/s24_shuffle_bf16.cpp): features in the lanes, x pairs picked
+// bf16 2:4 shuffle path on AVX512_BF16 CPUs (csrc/lanes_bf16.cpp): features in the lanes, x pairs picked
 // per lane by vpshufb. Same contract as sparse24_pair_bf16.
 at::Tensor sparse24_shuffle_bf16(const at::Tensor& x, const at::Tensor& b32, const at::Tensor& values,
                                  const at::Tensor& meta, int64_t N, int64_t K);
+// Dense rows [r0, r1) of a weight decompressed into dst ([r1 - r0, K] bf16 bits, row stride K).
+using DenseRowsFill = std::function<void(int64_t r0, int64_t r1, uint16_t* dst)>;
+// bf16 GEMM with output features in the lanes on weights decompressed 32 rows at a time by `fill`
+// (csrc/lanes_bf16.cpp, beside the shuffle kernel); K even.
+at::Tensor lanes_dense_bf16(const at::Tensor& x, const at::Tensor& b32, int64_t N, int64_t K, const DenseRowsFill& fill);
 at::Tensor bitmap_pair_bf16(const at::Tensor& x, const at::Tensor& b32, const at::Tensor& values,
                             const at::Tensor& bitmap, const at::Tensor& offsets, int64_t tile_k, int64_t N, int64_t K);
 

@@ -285,6 +285,30 @@ int64_t shuffle_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
 
 void set_shuffle_min_m(int64_t m) { g_shuffle_min_m_override = m; }
 
+namespace {
+std::atomic<int64_t> g_lanes_min_m_override{-1};
+// bitmap bf16 on AVX512_BF16 without AMX, weights under 16 MB, density >= 0.25: the lanes kernel from M = 32
+// (stop 44, Zen 4, interleaved with F.linear, medians of 5 rounds, lanes / the path it replaced): 1536x576 and
+// 576x1536 at 50% and 70%, one thread M = 32-64 0.93-1.06x / 0.78-0.88x, M = 256-1024 0.98-1.05x / 0.91-1.00x; two
+// threads M = 32-1024 0.99-1.27x / 0.61-1.01x. At M = 16 it was mixed (one thread 0.86-0.92x against 0.79-0.96x),
+// and on 7B weights too (0.78-1.04x against 0.86-1.25x): those keep their paths. Density under 0.25 was not
+// measured (the pair kernel skips empty pairs, this loop does the dense count): kept off.
+constexpr int64_t kLanesMinM = 32;
+constexpr double kLanesMinDensity = 0.25;
+}  // namespace
+
+int64_t lanes_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K, double density) {
+  if (op != LinearOp::kBitmap || dt != at::kBFloat16 || active_isa() < Isa::kAvx512Bf16 || K % 2 != 0) {
+    return int64_t{1} << 62;
+  }
+  const int64_t o = g_lanes_min_m_override.load();
+  if (o >= 0) return o;
+  if (amx_available() || N * K * 2 >= kLargeWeightBytes || density < kLanesMinDensity) return int64_t{1} << 62;
+  return kLanesMinM;
+}
+
+void set_lanes_min_m(int64_t m) { g_lanes_min_m_override = m; }
+
 LinearPath linear_path(LinearOp op, at::ScalarType dt, int64_t M, int64_t N, int64_t K, double density) {
   if (M <= 0 || N <= 0) return LinearPath::kDirect;
   // a forced shuffle threshold wins over every other path; its measured default yields to any other forced
@@ -292,6 +316,8 @@ LinearPath linear_path(LinearOp op, at::ScalarType dt, int64_t M, int64_t N, int
   const bool shuffle = M >= shuffle_min_m(op, dt, N, K);
   const bool others_forced = g_outer_min_m_override.load() >= 0 || panel_min_m_forced();
   if (shuffle && (g_shuffle_min_m_override.load() >= 0 || !others_forced)) return LinearPath::kShuffle;
+  const bool lanes = M >= lanes_min_m(op, dt, N, K, density);  // (the same rule)
+  if (lanes && (g_lanes_min_m_override.load() >= 0 || !others_forced)) return LinearPath::kLanes;
   if (M >= amx_min_m(op, dt, N, K) && M < amx_max_m(op, dt, N, K)) return LinearPath::kAmx;
   // a forced panel threshold (set_panel_min_m) wins over the pair kernel's measured range, as it does
   // over the outer-product kernel's

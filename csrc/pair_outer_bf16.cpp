@@ -24,7 +24,7 @@
 // accumulation, rounded to bf16 in the kernel; each output element is produced by one thread in a fixed
 // order (the same bits for any thread count). Dispatch (linear_path, outer_linear.cpp): bf16 at the
 // AVX512_BF16 ISA without AMX, M in [outer_min_m, pair_max_m); measured results in docs/cpu_kernels.md
-// (stops 37-38). Since stop 44 the 2:4 weights go to the shuffle kernel (s24_shuffle_bf16.cpp) from M = 8
+// (stops 37-38). Since stop 44 the 2:4 weights go to the shuffle kernel (lanes_bf16.cpp) from M = 8
 // on; this kernel serves 2:4 only where that one is forced off (set_shuffle_min_m) or another path forced.
 #include <ATen/Parallel.h>
 

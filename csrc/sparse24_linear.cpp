@@ -449,7 +449,7 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
         });
   }
   if (path == LinearPath::kShuffle) {
-    return sparse24_shuffle_bf16(x, b32, values, meta, N, K);  // features in lanes (s24_shuffle_bf16.cpp)
+    return sparse24_shuffle_bf16(x, b32, values, meta, N, K);  // features in lanes (lanes_bf16.cpp)
   }
   if (path == LinearPath::kPair) {
     return sparse24_pair_bf16(x, b32, values, meta, N, K);  // bf16 dot pairs (pair_outer_bf16.cpp)

@@ -111,7 +111,8 @@ def pair_max_m(op: str, dtype: torch.dtype, shape) -> int:
 def linear_path(op: str, dtype: torch.dtype, shape, m: int, density: float = 0.5) -> str:
     """The path ``op`` takes for ``m`` rows of x of ``dtype`` and a weight of ``shape`` ``(N, K)`` (bitmap:
     nonzero fraction ``density``), from the dispatch itself: ``"direct"``, ``"outer"``, ``"pair"``,
-    ``"panel"``, ``"amx"`` or ``"shuffle"`` (2:4 bf16 on AVX512_BF16 CPUs without AMX, from M = 8)."""
+    ``"panel"``, ``"amx"``, ``"shuffle"`` (2:4 bf16 on AVX512_BF16 CPUs without AMX, from M = 8) or ``"lanes"``
+    (the bf16 bitmap there, weights under 16 MB, from M = 32)."""
     name, n, k = _query_args("linear_path", dtype, shape)
     if isinstance(m, bool) or not isinstance(m, int) or m < 0:
         raise ValueError(f"linear_path: m must be an int >= 0, got {m!r}")
@@ -127,10 +128,17 @@ def set_outer_min_m(m: int | None) -> None:
 
 
 def set_shuffle_min_m(m: int | None) -> None:
-    """Force the 2:4 bf16 shuffle kernel's threshold (csrc/s24_shuffle_bf16.cpp; AVX512_BF16 only): from
+    """Force the 2:4 bf16 shuffle kernel's threshold (csrc/lanes_bf16.cpp; AVX512_BF16 only): from
     M = m on it serves every bf16 ``sparse24_linear`` (0: from M = 1; a huge M: never); None restores the
     measured defaults. For tests and benchmarks."""
     _C.set_shuffle_min_m(_threshold_arg("set_shuffle_min_m", m))
+
+
+def set_lanes_min_m(m: int | None) -> None:
+    """Force the bf16 bitmap lanes kernel's threshold (csrc/lanes_bf16.cpp; AVX512_BF16, even K): from M = m
+    on it serves every bf16 ``bitmap_linear`` (0: from M = 1; a huge M: never); None restores the measured
+    defaults. For tests and benchmarks."""
+    _C.set_lanes_min_m(_threshold_arg("set_lanes_min_m", m))
 
 
 def amx_available() -> bool:

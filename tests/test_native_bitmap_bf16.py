@@ -101,8 +101,17 @@ def test_block_range_default_override_and_bad_input():
 @pytest.mark.skipif(_native is not None and _native.amx_available(), reason="AMX tiles serve that M range")
 def test_dispatch_keeps_small_bitmap_weights_on_the_blocked_kernel():
     """Below 16 MB (SmolLM2's linears) the blocked kernel serves bf16 bitmaps up to M = 31 (K < 1024) or 63
-    (K >= 1024); the panels (50%) and the pair kernel (70%) take over there (stop 42's evidence)."""
+    (K >= 1024); the panels (50%) and the pair kernel (70%) take over there (stop 42's evidence). Since stop 44
+    the lanes kernel serves from M = 32 at density >= 0.25 (test_native_lanes_bf16.py); here it is off."""
     dt = torch.bfloat16
+    _native.set_lanes_min_m(10**9)
+    try:
+        _blocked_kernel_ranges(dt)
+    finally:
+        _native.set_lanes_min_m(None)
+
+
+def _blocked_kernel_ranges(dt):
     for (n, k), first in (((1536, 576), 32), ((576, 1536), 64)):
         assert _native.panel_min_m("bitmap_linear", dt, (n, k)) == first
         assert _native.outer_min_m("bitmap_linear", dt, (n, k)) == first

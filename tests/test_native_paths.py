@@ -18,8 +18,8 @@ from _native_util import (CONFIGS, DTYPES, HAS_AMX, ISAS, LINEAR_PATHS, _close, 
 PANEL_SHAPES = [(1, 5, 36), (3, 17, 100), (67, 9, 1000), (20, 37, 8196), (9, 70, 300), (40, 120, 2052)]
 
 
-# the AMX and shuffle paths exist at the avx512bf16 ISA only: no such combinations are generated elsewhere
-PATH_CONFIGS = [(c, p) for c in CONFIGS for p in LINEAR_PATHS if p not in ("amx", "shuffle") or c[0] == "avx512bf16"]
+# the AMX, shuffle and lanes paths exist at the avx512bf16 ISA only: no such combinations are generated elsewhere
+PATH_CONFIGS = [(c, p) for c in CONFIGS for p in LINEAR_PATHS if p not in ("amx", "shuffle", "lanes") or c[0] == "avx512bf16"]
 
 
 @needs_ext
@@ -147,8 +147,18 @@ def test_linear_path_reports_the_dispatch():
             assert _native.linear_path(op, dt, (64, 128), 0) == "direct"  # empty x
         if "avx512bf16" in ISAS and not HAS_AMX:  # the measured pair range: low density only for the bitmap
             lo = _native.outer_min_m("bitmap_linear", dt, (576, 1536))
+            # the bf16 bitmap under 16 MB at density >= 0.25: the lanes kernel from M = 32 (stop 44); below that
+            # density, on 7B weights and with it off, the pair / panel ranges
+            for density in (0.3, 0.5):
+                assert [_native.linear_path("bitmap_linear", dt, (576, 1536), m, density) for m in (31, 32, 4096)] == \
+                    ["direct", "lanes", "lanes"]
+            assert _native.linear_path("bitmap_linear", dt, (576, 1536), lo, 0.1) == "pair"
+            assert _native.linear_path("bitmap_linear", dt, (576, 1535), 64, 0.5) != "lanes"  # odd K
+            assert _native.linear_path("bitmap_linear", dt, (11008, 4096), 64, 0.5) == "panel"
+            _native.set_lanes_min_m(10**9)
             assert _native.linear_path("bitmap_linear", dt, (576, 1536), lo, 0.3) == "pair"
             assert _native.linear_path("bitmap_linear", dt, (576, 1536), lo, 0.5) != "pair"
+            _native.set_lanes_min_m(None)
             # 2:4 bf16: the shuffle kernel from M = 8 (stop 44); the pair / panel ranges below hold with it off
             for shape in ((576, 1536), (11008, 4096)):
                 assert [_native.linear_path("sparse24_linear", dt, shape, m) for m in (7, 8, 64, 4096)] == \
@@ -191,6 +201,7 @@ def test_linear_path_reports_the_dispatch():
         _native.set_amx_min_m(None)
         _native.set_panel_min_m(None)
         _native.set_shuffle_min_m(None)
+        _native.set_lanes_min_m(None)
     with pytest.raises(TypeError, match="float32 or bfloat16"):
         _native.linear_path("sparse24_linear", torch.float16, (8, 8), 1)
     with pytest.raises(TypeError, match="float32 or bfloat16"):

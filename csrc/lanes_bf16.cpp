@@ -1,5 +1,7 @@
-// bf16 2:4 linear on CPUs with AVX512_BF16 (no AMX), M >= 16: output features in the vector lanes, the
-// x pairs picked per lane by a byte shuffle (the "shuffle" path; stop 44).
+// bf16 GEMMs with the output features in the vector lanes, on CPUs with AVX512_BF16 (no AMX; stop 44):
+//  - sparse24_shuffle_bf16 (the "shuffle" path): 2:4 weights, the x pairs picked per lane by a byte shuffle;
+//  - lanes_dense_bf16 (the "lanes" path): weights decompressed 32 rows at a time (the bitmap) and multiplied
+//    densely.
 //
 // Why: the pair kernel (pair_outer_bf16.cpp) puts rows of x in the lanes and reads each dot's x pairs from a
 // table: three loads per dot, about 1.9 cycles per dot on a Zen 4 even from L1 (docs/cpu_kernels.md, stop 43),
@@ -18,10 +20,16 @@
 // every register block of up to 8 rows of x runs over the panel with 16 fp32 accumulators (8 rows x 2
 // vectors), partial sums kept in a per-thread [M, 32] fp32 buffer between K-blocks. One thread computes each
 // output element in a fixed order: the same bits for any thread count.
+// The dense variant: 32 weight rows decompressed into a [32, K] buffer (bm_decompress_rows), re-laid per block of
+// 128 column pairs into a panel of 16-feature pair vectors (the same transpose), then per pair 2 loads, 8
+// broadcasts of x[m, 2p .. 2p + 1] and 16 dots. It does the dense count of multiply-adds; against the bitmap
+// panels (decompress + oneDNN, which re-lays the panel again) it saves that second re-layout and runs its loop at
+// about the same rate as oneDNN's.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "laco_cpu.h"
@@ -147,6 +155,56 @@ using RunRows = void (*)(const uint32_t*, int64_t, const uint16_t*, int64_t, flo
 constexpr RunRows kRunRows[kMaxRows + 1] = {nullptr,      run_rows<1>, run_rows<2>, run_rows<3>, run_rows<4>,
                                             run_rows<5>, run_rows<6>, run_rows<7>, run_rows<8>};
 
+// Dense variant (decompressed weights): panel of features [n0, n0 + 32) x column pairs [p0, p0 + pc) from the
+// dense rows `rows` ([32, K] bf16, row stride K, K even): pan[p * kVecs + v] = the 16 features' pairs.
+LACO_AVX512BF16 void fill_dense_panel(const uint16_t* rows, int64_t nrows, int64_t K, int64_t p0, int64_t pc,
+                                      uint32_t* pan) {
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t nr = std::max<int64_t>(0, std::min<int64_t>(kLanes, nrows - v * kLanes));
+    for (int64_t s = 0; s < pc; s += 16) {
+      const int64_t cnt = std::min<int64_t>(16, pc - s);
+      const __mmask16 cmask = static_cast<__mmask16>((1u << cnt) - 1u);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < nr ? _mm512_maskz_loadu_epi32(cmask, rows + (v * kLanes + i) * K + 2 * (p0 + s))
+                      : _mm512_setzero_si512();
+      transpose16(r);
+      for (int64_t c = 0; c < cnt; ++c) _mm512_store_si512(pan + ((s + c) * kVecs + v) * kLanes, r[c]);
+    }
+  }
+}
+
+template <int R>
+LACO_AVX512BF16 void run_rows_dense(const uint32_t* pan, int64_t pc, const uint16_t* xr, int64_t ldx, float* part,
+                                    bool first) {
+  __m512 acc[R][kVecs];
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v)
+      acc[m][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(part + m * kFeat + v * kLanes);
+  for (int64_t p = 0; p < pc; ++p) {
+    const __m512i w0 = _mm512_load_si512(pan + p * kVecs * kLanes);
+    const __m512i w1 = _mm512_load_si512(pan + p * kVecs * kLanes + kLanes);
+#pragma GCC unroll 8
+    for (int m = 0; m < R; ++m) {
+      int q;
+      std::memcpy(&q, xr + m * ldx + 2 * p, 4);
+      const __m512i xb = _mm512_set1_epi32(q);
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)w0, (__m512bh)xb);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)w1, (__m512bh)xb);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v) _mm512_store_ps(part + m * kFeat + v * kLanes, acc[m][v]);
+}
+
+constexpr RunRows kRunRowsDense[kMaxRows + 1] = {nullptr, run_rows_dense<1>, run_rows_dense<2>, run_rows_dense<3>,
+                                                 run_rows_dense<4>, run_rows_dense<5>, run_rows_dense<6>,
+                                                 run_rows_dense<7>, run_rows_dense<8>};
+
 // y[m, n0 + f] = bf16(part[m, f] + bias) for the block's features < N; rounding to nearest even, NaN -> 0x7fc0
 // (torch's conversion).
 LACO_AVX512BF16 void store_rows(const float* part, int64_t M, const float* bias, int64_t N, int64_t n0, uint16_t* y) {
@@ -214,6 +272,45 @@ at::Tensor sparse24_shuffle_bf16(const at::Tensor& x, const at::Tensor& b32, con
 #else
   (void)x; (void)b32; (void)values; (void)meta; (void)N; (void)K;
   TORCH_CHECK(false, "sparse24_shuffle_bf16: x86 only");
+#endif
+}
+
+at::Tensor lanes_dense_bf16(const at::Tensor& x, const at::Tensor& b32, int64_t N, int64_t K, const DenseRowsFill& fill) {
+#if LACO_X86
+  TORCH_CHECK(K % 2 == 0, "lanes_dense_bf16: K must be even");
+  const int64_t M = x.size(0), P = K / 2;
+  const at::Tensor xc = x.contiguous();
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty({M, N}, x.options());
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+  const int64_t blocks = (N + kFeat - 1) / kFeat;
+  const int64_t grain = std::max<int64_t>(1, linear_row_grain(M, K) / kFeat);
+  constexpr int64_t kPairsPerBlock = 2 * kGroupsPerBlock;  // 128 pairs: 32 x 256 columns, a 16 KB panel
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<uint32_t> pan_buf(kPairsPerBlock * kVecs * kLanes + 16);
+    std::vector<float> part_buf(static_cast<size_t>(M * kFeat + 16));
+    std::vector<uint16_t> rows_buf(static_cast<size_t>(kFeat * K + 32));
+    uint32_t* pan = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(pan_buf.data()) + 63) & ~uintptr_t{63});
+    float* part = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(part_buf.data()) + 63) & ~uintptr_t{63});
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kFeat, nrows = std::min<int64_t>(kFeat, N - n0);
+      fill(n0, n0 + nrows, rows_buf.data());
+      for (int64_t p0 = 0; p0 < P; p0 += kPairsPerBlock) {
+        const int64_t pc = std::min(kPairsPerBlock, P - p0);
+        fill_dense_panel(rows_buf.data(), nrows, K, p0, pc, pan);
+        for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+          const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
+          kRunRowsDense[rows](pan, pc, xp + m0 * K + 2 * p0, K, part + m0 * kFeat, p0 == 0);
+        }
+      }
+      store_rows(part, M, bp, N, n0, yp);
+    }
+  });
+  return y;
+#else
+  (void)x; (void)b32; (void)N; (void)K; (void)fill;
+  TORCH_CHECK(false, "lanes_dense_bf16: x86 only");
 #endif
 }
 

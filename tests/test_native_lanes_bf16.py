@@ -1,11 +1,12 @@
-"""sparse24_linear with bf16 x and weights on the shuffle path (csrc/s24_shuffle_bf16.cpp, AVX512_BF16): output
-features in the vector lanes, each lane's two x values picked out of a broadcast group by vpshufb. Held to the
-reference on awkward shapes, to itself across thread counts, exactly on x = I, and the dispatch's range."""
+"""The bf16 kernels with output features in the vector lanes (csrc/lanes_bf16.cpp, AVX512_BF16): sparse24_linear on
+the shuffle path (each lane's two x values picked out of a broadcast group by vpshufb) and bitmap_linear on the lanes
+path (rows decompressed, multiplied densely). Held to the reference on awkward shapes, to themselves across thread
+counts, exactly on x = I, and the dispatch's ranges."""
 import pytest
 import torch
 
 from laco_kernels import reference
-from laco_kernels.formats import Sparse24Weight
+from laco_kernels.formats import BitmapWeight, Sparse24Weight
 
 from _native_util import ISAS, _close, _native, needs_ext
 
@@ -104,3 +105,83 @@ def test_dispatch_takes_the_shuffle_kernel_from_m8():
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="set_shuffle_min_m: m must be None"):
             _native.set_shuffle_min_m(bad)
+
+
+# The bitmap on the lanes path (lanes_dense_bf16: 32 rows decompressed, pairs re-laid into 16-feature vectors):
+# K even only (odd K keeps the other paths); K = 2 (one pair), 254 / 256 / 258 (around one 128-pair block),
+# 4098; tile_k 32 and 128; rows empty, full and nearly empty.
+BITMAP_SHAPES = [(1, 5, 2), (7, 16, 254), (8, 17, 256), (9, 1, 258), (17, 33, 100), (65, 32, 576), (8, 70, 4098),
+                 (33, 3, 1540)]
+
+
+@pytest.fixture
+def lanes_forced():
+    old = torch.get_num_threads()
+    _native.set_isa("avx512bf16")
+    _native.set_lanes_min_m(0)
+    try:
+        yield
+    finally:
+        _native.set_lanes_min_m(None)
+        _native.set_isa("auto")
+        torch.set_num_threads(old)
+
+
+def _bitmap(n: int, k: int, tile_k: int, density: float = 0.5) -> BitmapWeight:
+    w = torch.randn(n, k) * (torch.rand(n, k) < density)
+    w[0] = 0
+    if n > 2:
+        w[1] = torch.randn(k)
+        w[-1] = 0
+        w[-1, :1] = 1.5
+    return BitmapWeight.from_dense(w.to(torch.bfloat16), tile_k=tile_k)
+
+
+@pytest.mark.parametrize("shape", BITMAP_SHAPES, ids=str)
+@pytest.mark.parametrize("tile_k", [32, 128])
+def test_lanes_kernel_matches_reference(lanes_forced, shape, tile_k):
+    m, n, k = shape
+    dt = torch.bfloat16
+    bw = _bitmap(n, k, tile_k)
+    density = bw.values.numel() / (n * k)
+    assert _native.linear_path("bitmap_linear", dt, (n, k), m, density) == "lanes"
+    x = torch.randn(k, m).to(dt).t()  # non-contiguous
+    for b in (None, torch.randn(n).to(dt), torch.randn(n)):
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(_native.bitmap_linear(x, bw, b))
+        y = outs[0]
+        assert y.dtype == dt and y.shape == (m, n)
+        assert all(torch.equal(o, y) for o in outs[1:])
+        _close(y, reference.bitmap_linear(x, bw, b), dt)
+        ref32 = x.float() @ bw.to_dense().float().t() + (b.float() if b is not None else 0)
+        assert ((y.float() - ref32).abs() <= ref32.abs() * 2**-8 + 1e-3 * ref32.abs().max() + 1e-6).all()
+    eye = torch.eye(k).to(dt)
+    assert torch.equal(_native.bitmap_linear(eye, bw).t(), bw.to_dense())
+
+
+def test_lanes_kernel_odd_k_keeps_other_paths(lanes_forced):
+    dt = torch.bfloat16
+    bw = _bitmap(20, 101, 32)
+    assert _native.linear_path("bitmap_linear", dt, (20, 101), 40, 0.5) != "lanes"
+    x = torch.randn(40, 101).to(dt)
+    _close(_native.bitmap_linear(x, bw), reference.bitmap_linear(x, bw), dt)
+
+
+@pytest.mark.skipif(_native is not None and _native.amx_available(), reason="AMX tiles serve that M range")
+def test_dispatch_takes_the_lanes_kernel_for_small_bitmaps_from_m32():
+    """Measured defaults (stop 44): bf16 bitmaps under 16 MB at density >= 0.25 from M = 32 on; 7B weights, sparser
+    ones, fp32 and 2:4 never."""
+    dt = torch.bfloat16
+    for shape in ((1536, 576), (576, 1536)):
+        for density in (0.3, 0.5):
+            assert _native.linear_path("bitmap_linear", dt, shape, 31, density) == "direct"
+            assert _native.linear_path("bitmap_linear", dt, shape, 32, density) == "lanes"
+            assert _native.linear_path("bitmap_linear", dt, shape, 1024, density) == "lanes"
+        assert _native.linear_path("bitmap_linear", dt, shape, 64, 0.2) != "lanes"
+        assert _native.linear_path("bitmap_linear", torch.float32, shape, 64, 0.5) != "lanes"
+    assert _native.linear_path("bitmap_linear", dt, (11008, 4096), 64, 0.5) != "lanes"
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="set_lanes_min_m: m must be None"):
+            _native.set_lanes_min_m(bad)
