@@ -32,6 +32,34 @@
 
 namespace laco {
 
+#if LACO_X86
+// In place: r[i] holds row i of a 16 x 16 dword matrix; afterwards r[c] holds column c.
+LACO_AVX512 LACO_INLINE void transpose16x16_epi32(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // r[4q + c] now holds, in 128-bit lane l, rows 4l .. 4l + 3 of columns (4 * lane-in-block + c) of rows 4q ..
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+#endif
+
 // kAvx512Bf16 adds AVX512_BF16 (vdpbf16ps) and AVX512_VBMI2 (vpexpandw): bf16 x bf16 products
 // summed in pairs into fp32, used by the linears when x and the weights are bf16.
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
@@ -208,6 +236,9 @@ at::Tensor sparse24_pair_bf16(const at::Tensor& x, const at::Tensor& b32, const 
 // bf16 2:4 shuffle path on AVX512_BF16 CPUs (csrc/lanes_bf16.cpp): features in the lanes, x pairs picked
 // per lane by vpshufb. Same contract as sparse24_pair_bf16.
 at::Tensor sparse24_shuffle_bf16(const at::Tensor& x, const at::Tensor& b32, const at::Tensor& values,
+                                 const at::Tensor& meta, int64_t N, int64_t K);
+// fp32 2:4 shuffle path on AVX-512 CPUs (csrc/lanes_fp32.cpp): x32 [M, K] fp32 contiguous; y [M, N] fp32.
+at::Tensor sparse24_shuffle_fp32(const at::Tensor& x32, const at::Tensor& b32, const at::Tensor& values,
                                  const at::Tensor& meta, int64_t N, int64_t K);
 // Dense rows [r0, r1) of a weight decompressed into dst ([r1 - r0, K] bf16 bits, row stride K).
 using DenseRowsFill = std::function<void(int64_t r0, int64_t r1, uint16_t* dst)>;

@@ -51,32 +51,6 @@ uint32_t control_of_nibble(int nib) {
   return (2 * i0) | ((2 * i0 + 1) << 8) | ((2 * i1) << 16) | ((2 * i1 + 1) << 24);
 }
 
-// In place: r[i] holds row i of a 16 x 16 dword matrix; afterwards r[c] holds column c.
-LACO_AVX512BF16 LACO_INLINE void transpose16(__m512i* r) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  // r[4q + c] now holds, in 128-bit lane l, rows 4l .. 4l + 3 of columns (4 * lane-in-block + c) of rows 4q ..
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
-    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
-  }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-  }
-}
-
 // Panel of features [n0, n0 + 32) x groups [g0, g0 + gc): pan[(g * kVecs + v) * 2 + 0] = value pairs of the
 // 16 features of vector v, [... + 1] = their shuffle controls (16 dwords each). Features >= N: zeros.
 LACO_AVX512BF16 void fill_panel(const char* values, const uint32_t* meta, int64_t N, int64_t G, int64_t W,
@@ -95,7 +69,7 @@ LACO_AVX512BF16 void fill_panel(const char* values, const uint32_t* meta, int64_
       __m512i r[16];
       for (int i = 0; i < 16; ++i)
         r[i] = i < rows ? _mm512_maskz_loadu_epi32(cmask, values + ((nb + i) * G + g0 + s) * 4) : _mm512_setzero_si512();
-      transpose16(r);
+      transpose16x16_epi32(r);
       for (int64_t c = 0; c < cnt; ++c) _mm512_store_si512(pan + ((s + c) * kVecs + v) * 2 * kLanes, r[c]);
       // controls: the meta words of the 16 features (one gather per 8 groups), a nibble each
       for (int64_t c = 0; c < cnt; c += 8) {
@@ -168,7 +142,7 @@ LACO_AVX512BF16 void fill_dense_panel(const uint16_t* rows, int64_t nrows, int64
       for (int i = 0; i < 16; ++i)
         r[i] = i < nr ? _mm512_maskz_loadu_epi32(cmask, rows + (v * kLanes + i) * K + 2 * (p0 + s))
                       : _mm512_setzero_si512();
-      transpose16(r);
+      transpose16x16_epi32(r);
       for (int64_t c = 0; c < cnt; ++c) _mm512_store_si512(pan + ((s + c) * kVecs + v) * kLanes, r[c]);
     }
   }

@@ -272,14 +272,24 @@ std::atomic<int64_t> g_shuffle_min_m_override{-1};
 // M = 64-256 1.18-1.29x / 0.93-0.97x (panels); at M = 4 the direct kernel held (1.00x / 1.08x against
 // 1.04x / 0.94x; 576x1536 1.51x against 1.38x). docs/cpu_kernels.md "Stop 44".
 constexpr int64_t kShuffleMinM = 8;
+// fp32 2:4 on AVX-512 CPUs without AMX (lanes_fp32.cpp): from M = 16 on, every weight size (stop 44, Zen 4,
+// medians of 3-5 interleaved rounds, shuffle / the path it replaced): one thread 1536x576 and 576x1536 M = 16-1024
+// 1.19-1.29x / 0.88-1.24x (direct, outer, panels), 11008x4096 and 4096x11008 M = 16-256 1.29-1.73x / 1.01-1.60x
+// (outer); two threads SmolLM2 shapes M = 16-1024 1.28-2.22x / 0.96-1.36x. At M = 8 mixed (1.23-1.31x against
+// 1.27-1.30x one thread, 4096x11008 1.27x against 1.37x): the direct kernel keeps it. Not measured on AMX Xeons.
+constexpr int64_t kShuffleMinMF32 = 16;
 }  // namespace
 
 int64_t shuffle_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
   (void)N; (void)K;
-  if (op != LinearOp::kSparse24 || dt != at::kBFloat16 || active_isa() < Isa::kAvx512Bf16) return int64_t{1} << 62;
+  if (op != LinearOp::kSparse24) return int64_t{1} << 62;
+  const bool f32 = dt == at::kFloat && active_isa() >= Isa::kAvx512;  // lanes_fp32.cpp
+  if (!f32 && (dt != at::kBFloat16 || active_isa() < Isa::kAvx512Bf16)) return int64_t{1} << 62;
   const int64_t o = g_shuffle_min_m_override.load();
   if (o >= 0) return o;
-  if (amx_available()) return int64_t{1} << 62;  // not measured against the AMX tiles; they keep the range
+  // not measured on AMX CPUs (their tiles keep the bf16 range, their fp32 paths stay as measured)
+  if (amx_available()) return int64_t{1} << 62;
+  if (f32) return kShuffleMinMF32;
   return kShuffleMinM;
 }
 

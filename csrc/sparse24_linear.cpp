@@ -448,8 +448,9 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
                         : std::make_pair(reinterpret_cast<const char*>(mp + r0 * W), (r1 - r0) * W * 4);
         });
   }
-  if (path == LinearPath::kShuffle) {
-    return sparse24_shuffle_bf16(x, b32, values, meta, N, K);  // features in lanes (lanes_bf16.cpp)
+  if (path == LinearPath::kShuffle) {  // features in the lanes (lanes_bf16.cpp, lanes_fp32.cpp)
+    if (values.scalar_type() == at::kBFloat16) return sparse24_shuffle_bf16(x, b32, values, meta, N, K);
+    return sparse24_shuffle_fp32(linear_x_fp32(x, values, K, op), b32, values, meta, N, K);
   }
   if (path == LinearPath::kPair) {
     return sparse24_pair_bf16(x, b32, values, meta, N, K);  // bf16 dot pairs (pair_outer_bf16.cpp)

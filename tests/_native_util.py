@@ -51,13 +51,13 @@ LINEAR_PATHS = ("direct", "outer", "amx", "panel", "split", "shuffle", "lanes")
 def linear_path(request):
     """Force one path for every op (restored to the measured defaults after). "outer" exists for 2:4 on
     AVX2; elsewhere that setting runs the direct kernels. "amx" (csrc/amx_linear.cpp) exists for bf16 on
-    CPUs with AMX tiles at the avx512bf16 ISA; it is skipped elsewhere. "shuffle" and "lanes" (csrc/lanes_bf16.cpp)
-    serve bf16 2:4 and the bf16 bitmap (even K) at the avx512bf16 ISA; elsewhere those settings run the direct
-    kernels."""
+    CPUs with AMX tiles at the avx512bf16 ISA; it is skipped elsewhere. "shuffle" (csrc/lanes_bf16.cpp,
+    lanes_fp32.cpp) serves 2:4 (fp32 from the avx512 ISA, bf16 at avx512bf16), "lanes" the bf16 bitmap (even K) at
+    avx512bf16; elsewhere those settings run the direct kernels."""
     if request.param == "amx" and not HAS_AMX:
         pytest.skip("this CPU (or OS) has no AMX tiles")
-    if request.param in ("shuffle", "lanes") and "avx512bf16" not in ISAS:
-        pytest.skip("the shuffle and lanes kernels need AVX512_BF16")
+    if (request.param == "lanes" and "avx512bf16" not in ISAS) or (request.param == "shuffle" and "avx512" not in ISAS):
+        pytest.skip("the shuffle kernels need AVX-512 (bf16: AVX512_BF16), the lanes kernel AVX512_BF16")
     _native.set_shuffle_min_m(0 if request.param == "shuffle" else 10**9)
     _native.set_lanes_min_m(0 if request.param == "lanes" else 10**9)
     _native.set_outer_min_m(0 if request.param == "outer" else 10**9)

@@ -18,8 +18,10 @@ from _native_util import (CONFIGS, DTYPES, HAS_AMX, ISAS, LINEAR_PATHS, _close, 
 PANEL_SHAPES = [(1, 5, 36), (3, 17, 100), (67, 9, 1000), (20, 37, 8196), (9, 70, 300), (40, 120, 2052)]
 
 
-# the AMX, shuffle and lanes paths exist at the avx512bf16 ISA only: no such combinations are generated elsewhere
-PATH_CONFIGS = [(c, p) for c in CONFIGS for p in LINEAR_PATHS if p not in ("amx", "shuffle", "lanes") or c[0] == "avx512bf16"]
+# the AMX and lanes paths exist at the avx512bf16 ISA only, the shuffle path at avx512 (fp32) and avx512bf16:
+# no such combinations are generated elsewhere
+PATH_CONFIGS = [(c, p) for c in CONFIGS for p in LINEAR_PATHS
+                if p not in ("amx", "shuffle", "lanes") or c[0] == "avx512bf16" or (p == "shuffle" and c[0] == "avx512")]
 
 
 @needs_ext
@@ -181,6 +183,10 @@ def test_linear_path_reports_the_dispatch():
             f32, big = torch.float32, (11008, 4096)
             threads = torch.get_num_threads()
             try:
+                if not HAS_AMX:  # fp32 2:4 takes the shuffle kernel from M = 16 (stop 44); the ranges below: it off
+                    assert [_native.linear_path("sparse24_linear", f32, big, m) for m in (15, 16, 1024)] == \
+                        ["direct", "shuffle", "shuffle"]
+                _native.set_shuffle_min_m(10**9)
                 torch.set_num_threads(2)
                 assert [_native.linear_path("sparse24_linear", f32, big, m) for m in (256, 1023, 1024)] == \
                     ["outer", "outer", "panel"]
@@ -195,6 +201,7 @@ def test_linear_path_reports_the_dispatch():
                 assert _native.linear_path("sparse24_linear", f32, (1536, 576), 128) == "panel"  # small: as before
                 assert _native.linear_path("bitmap_linear", f32, (1536, 576), 256) == "panel"
             finally:
+                _native.set_shuffle_min_m(None)
                 torch.set_num_threads(threads)
     finally:
         _native.set_outer_min_m(None)

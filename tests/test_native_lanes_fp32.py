@@ -1,0 +1,78 @@
+"""sparse24_linear in fp32 on the shuffle path (csrc/lanes_fp32.cpp, AVX-512): output features in the vector lanes,
+each lane's x[i0] and x[i1] picked out of a broadcast group by vpermilps. Held to the reference on awkward shapes,
+to itself across thread counts, exactly on x = I, and the dispatch's range."""
+import pytest
+import torch
+
+from laco_kernels import reference
+from laco_kernels.formats import Sparse24Weight
+
+from _native_util import ISAS, _close, _native, needs_ext
+
+pytestmark = [needs_ext, pytest.mark.skipif("avx512" not in ISAS, reason="the fp32 shuffle kernel needs AVX-512")]
+
+# M: 1, 7 / 8 / 9 (register blocks), 17, 65; N: partial vectors and blocks; K: one group, 28 (7 groups: a partial
+# 8-group transpose), 128 / 132 (32 groups: one K-block, and one more group), 4100, 8196
+SHAPES = [(1, 5, 4), (7, 16, 28), (8, 17, 128), (9, 1, 132), (17, 33, 100), (65, 32, 576), (8, 70, 4100),
+          (3, 33, 8196)]
+
+
+@pytest.fixture
+def shuffle_forced():
+    old = torch.get_num_threads()
+    _native.set_isa("avx512")
+    _native.set_shuffle_min_m(0)
+    try:
+        yield
+    finally:
+        _native.set_shuffle_min_m(None)
+        _native.set_isa("auto")
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fp32_shuffle_kernel_matches_reference(shuffle_forced, shape):
+    m, n, k = shape
+    w = torch.randn(n, k)
+    w[0] = 0
+    w24 = Sparse24Weight.from_dense(w, prune=True)
+    assert _native.linear_path("sparse24_linear", torch.float32, (n, k), m) == "shuffle"
+    x = torch.randn(k, m).t()  # non-contiguous
+    for b in (None, torch.randn(n)):
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(_native.sparse24_linear(x, w24, b))
+        y = outs[0]
+        assert y.dtype == torch.float32 and y.shape == (m, n)
+        assert all(torch.equal(o, y) for o in outs[1:])
+        _close(y, reference.sparse24_linear(x, w24, b), torch.float32)
+    eye = torch.eye(k)
+    assert torch.equal(_native.sparse24_linear(eye, w24).t(), w24.to_dense())
+
+
+def test_fp32_shuffle_kernel_nan_and_empty(shuffle_forced):
+    w24 = Sparse24Weight.from_dense(torch.randn(33, 64), prune=True)
+    x = torch.randn(9, 64)
+    x[2, 5] = float("nan")
+    y = _native.sparse24_linear(x, w24)
+    # only kept weights are multiplied (as in the direct kernels): the NaN reaches the outputs that keep column 5
+    kept = w24.to_dense()[:, 5] != 0
+    assert 0 < kept.sum() < 33
+    assert torch.equal(torch.isnan(y[2]), kept) and not torch.isnan(y[[0, 1, 3]]).any()
+    assert _native.sparse24_linear(x[:0], w24).shape == (0, 33)
+
+
+@pytest.mark.skipif(_native is not None and _native.amx_available(), reason="not measured on AMX CPUs: off there")
+def test_dispatch_takes_the_fp32_shuffle_kernel_from_m16():
+    f32 = torch.float32
+    for shape in ((1536, 576), (576, 1536), (11008, 4096)):
+        assert _native.linear_path("sparse24_linear", f32, shape, 15) != "shuffle"
+        for m in (16, 256, 4096):
+            assert _native.linear_path("sparse24_linear", f32, shape, m) == "shuffle"
+        assert _native.linear_path("bitmap_linear", f32, shape, 64) != "shuffle"
+    _native.set_isa("avx2")  # no AVX-512: no kernel
+    try:
+        assert _native.linear_path("sparse24_linear", f32, (576, 1536), 64) != "shuffle"
+    finally:
+        _native.set_isa("auto")
