@@ -369,8 +369,13 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at
   if (path == LinearPath::kPair) {
     return bitmap_pair_bf16(x, b32, values, bitmap, offsets, tile_k, N, K);  // bf16 dot pairs (pair_outer_bf16.cpp)
   }
-  if (path == LinearPath::kLanes) {  // bf16, K even (lanes_min_m): features in the lanes (lanes_bf16.cpp)
+  if (path == LinearPath::kLanes) {  // features in the lanes (lanes_bf16.cpp: bf16, K even; lanes_fp32.cpp)
     const Isa isa = active_isa();
+    if (values.scalar_type() == at::kFloat) {
+      return lanes_dense_fp32(linear_x_fp32(x, values, K, op), b32, N, K, [=](int64_t r0, int64_t r1, float* dst) {
+        bm_decompress_rows<float>(isa, a, r0, r1, dst);
+      });
+    }
     return lanes_dense_bf16(x, b32, N, K, [=](int64_t r0, int64_t r1, uint16_t* dst) {
       bm_decompress_rows<uint16_t>(isa, a, r0, r1, dst);
     });

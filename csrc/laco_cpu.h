@@ -222,8 +222,9 @@ enum class LinearPath : int { kDirect = 0, kOuter = 1, kPair = 2, kPanel = 3, kA
 // 2:4 bf16 shuffle kernel (lanes_bf16.cpp) on AVX512_BF16 CPUs without AMX: M in [shuffle_min_m, ...).
 int64_t shuffle_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K);
 void set_shuffle_min_m(int64_t m);  // -1: measured defaults; 0: from M = 1 on; huge: never
-// bitmap bf16 on AVX512_BF16 CPUs without AMX: rows decompressed 32 at a time into a lane-major panel and our own
-// vdpbf16ps loop (lanes_dense_bf16), M in [lanes_min_m, ...) for weights under 16 MB at density >= 0.25, K even.
+// The bitmap on AVX-512 CPUs without AMX (bf16: AVX512_BF16 and K even): rows decompressed 32 at a time into a
+// lane-major panel and our own loop (lanes_dense_bf16 / lanes_dense_fp32), M in [lanes_min_m, ...) for weights under
+// 16 MB at density >= 0.25 (bf16 from M = 32, fp32 from the panels' threshold).
 int64_t lanes_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K, double density);
 void set_lanes_min_m(int64_t m);  // -1: measured defaults; 0: from M = 1 on; huge: never
 LinearPath linear_path(LinearOp op, at::ScalarType dt, int64_t M, int64_t N, int64_t K, double density = 0.0);
@@ -240,6 +241,10 @@ at::Tensor sparse24_shuffle_bf16(const at::Tensor& x, const at::Tensor& b32, con
 // fp32 2:4 shuffle path on AVX-512 CPUs (csrc/lanes_fp32.cpp): x32 [M, K] fp32 contiguous; y [M, N] fp32.
 at::Tensor sparse24_shuffle_fp32(const at::Tensor& x32, const at::Tensor& b32, const at::Tensor& values,
                                  const at::Tensor& meta, int64_t N, int64_t K);
+// Dense fp32 rows [r0, r1) into dst ([r1 - r0, K], row stride K); the fp32 lanes GEMM on them (lanes_fp32.cpp).
+using DenseRowsFillF32 = std::function<void(int64_t r0, int64_t r1, float* dst)>;
+at::Tensor lanes_dense_fp32(const at::Tensor& x32, const at::Tensor& b32, int64_t N, int64_t K,
+                            const DenseRowsFillF32& fill);
 // Dense rows [r0, r1) of a weight decompressed into dst ([r1 - r0, K] bf16 bits, row stride K).
 using DenseRowsFill = std::function<void(int64_t r0, int64_t r1, uint16_t* dst)>;
 // bf16 GEMM with output features in the lanes on weights decompressed 32 rows at a time by `fill`

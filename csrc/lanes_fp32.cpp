@@ -92,6 +92,52 @@ constexpr RunRowsF32 kRunRowsF32[kMaxRows + 1] = {nullptr, run_rows_f32<1>, run_
                                                   run_rows_f32<4>, run_rows_f32<5>, run_rows_f32<6>, run_rows_f32<7>,
                                                   run_rows_f32<8>};
 
+// Dense variant (the fp32 bitmap, decompressed 32 rows at a time): pan[(k * kVecs + v) * 16] = the 16 features'
+// weights of column k0 + k (a 16 x 16 transpose of the rows buffer [32, K], row stride K).
+LACO_AVX512 void fill_dense_panel_f32(const float* rows, int64_t nrows, int64_t K, int64_t k0, int64_t kc, float* pan) {
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t nr = std::max<int64_t>(0, std::min<int64_t>(kLanes, nrows - v * kLanes));
+    for (int64_t s = 0; s < kc; s += 16) {
+      const int64_t cnt = std::min<int64_t>(16, kc - s);
+      const __mmask16 cmask = static_cast<__mmask16>((1u << cnt) - 1u);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < nr ? _mm512_castps_si512(_mm512_maskz_loadu_ps(cmask, rows + (v * kLanes + i) * K + k0 + s))
+                      : _mm512_setzero_si512();
+      transpose16x16_epi32(r);
+      for (int64_t c = 0; c < cnt; ++c) _mm512_store_si512(pan + ((s + c) * kVecs + v) * kLanes, r[c]);
+    }
+  }
+}
+
+template <int R>
+LACO_AVX512 void run_rows_dense_f32(const float* pan, int64_t kc, const float* xr, int64_t ldx, float* part,
+                                    bool first) {
+  __m512 acc[R][kVecs];
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v)
+      acc[m][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(part + m * kFeat + v * kLanes);
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 w0 = _mm512_load_ps(pan + k * kVecs * kLanes), w1 = _mm512_load_ps(pan + k * kVecs * kLanes + kLanes);
+#pragma GCC unroll 8
+    for (int m = 0; m < R; ++m) {
+      const __m512 xb = _mm512_set1_ps(xr[m * ldx + k]);
+      acc[m][0] = _mm512_fmadd_ps(w0, xb, acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(w1, xb, acc[m][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v) _mm512_store_ps(part + m * kFeat + v * kLanes, acc[m][v]);
+}
+
+constexpr RunRowsF32 kRunRowsDenseF32[kMaxRows + 1] = {
+    nullptr, run_rows_dense_f32<1>, run_rows_dense_f32<2>, run_rows_dense_f32<3>, run_rows_dense_f32<4>,
+    run_rows_dense_f32<5>, run_rows_dense_f32<6>, run_rows_dense_f32<7>, run_rows_dense_f32<8>};
+
 LACO_AVX512 void store_rows_f32(const float* part, int64_t M, const float* bias, int64_t N, int64_t n0, float* y) {
   for (int v = 0; v < kVecs; ++v) {
     const int64_t nb = n0 + v * kLanes;
@@ -141,6 +187,44 @@ at::Tensor sparse24_shuffle_fp32(const at::Tensor& x32, const at::Tensor& b32, c
 #else
   (void)x32; (void)b32; (void)values; (void)meta; (void)N; (void)K;
   TORCH_CHECK(false, "sparse24_shuffle_fp32: x86 only");
+#endif
+}
+
+at::Tensor lanes_dense_fp32(const at::Tensor& x32, const at::Tensor& b32, int64_t N, int64_t K,
+                            const DenseRowsFillF32& fill) {
+#if LACO_X86
+  const int64_t M = x32.size(0);
+  const float* xp = x32.data_ptr<float>();
+  const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty({M, N}, x32.options());
+  float* yp = y.data_ptr<float>();
+  const int64_t blocks = (N + kFeat - 1) / kFeat;
+  const int64_t grain = std::max<int64_t>(1, linear_row_grain(M, K) / kFeat);
+  constexpr int64_t kColsPerBlock = 128;  // panel 128 x 2 x 64 B = 16 KB
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> pan_buf(kColsPerBlock * kVecs * kLanes + 16);
+    std::vector<float> part_buf(static_cast<size_t>(M * kFeat + 16));
+    std::vector<float> rows_buf(static_cast<size_t>(kFeat * K + 16));
+    float* pan = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(pan_buf.data()) + 63) & ~uintptr_t{63});
+    float* part = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(part_buf.data()) + 63) & ~uintptr_t{63});
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kFeat, nrows = std::min<int64_t>(kFeat, N - n0);
+      fill(n0, n0 + nrows, rows_buf.data());
+      for (int64_t k0 = 0; k0 < K; k0 += kColsPerBlock) {
+        const int64_t kc = std::min(kColsPerBlock, K - k0);
+        fill_dense_panel_f32(rows_buf.data(), nrows, K, k0, kc, pan);
+        for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+          const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
+          kRunRowsDenseF32[rows](pan, kc, xp + m0 * K + k0, K, part + m0 * kFeat, k0 == 0);
+        }
+      }
+      store_rows_f32(part, M, bp, N, n0, yp);
+    }
+  });
+  return y;
+#else
+  (void)x32; (void)b32; (void)N; (void)K; (void)fill;
+  TORCH_CHECK(false, "lanes_dense_fp32: x86 only");
 #endif
 }
 

@@ -304,17 +304,24 @@ std::atomic<int64_t> g_lanes_min_m_override{-1};
 // and on 7B weights too (0.78-1.04x against 0.86-1.25x): those keep their paths. Density under 0.25 was not
 // measured (the pair kernel skips empty pairs, this loop does the dense count): kept off.
 constexpr int64_t kLanesMinM = 32;
+// The fp32 bitmap (lanes_fp32.cpp), weights under 16 MB: in place of the panels, from panel_min_m (stop 44, medians of
+// 5 rounds, lanes / panels: 1536x576 and 576x1536 at 50% and 70%, one thread M = 256-1024 1.08-1.39x / 0.93-1.01x,
+// two threads M = 64-1024 1.07-1.95x / 0.87-1.09x; below panel_min_m the outer and direct kernels led (M = 16-64,
+// one thread: 0.92-1.16x against 0.80-1.72x). 7B weights at M = 1024 tied (0.95-0.98x / 0.97-1.00x one thread,
+// 1.06-1.13x / 0.98-1.04x two): they keep the panels.
 constexpr double kLanesMinDensity = 0.25;
 }  // namespace
 
 int64_t lanes_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K, double density) {
-  if (op != LinearOp::kBitmap || dt != at::kBFloat16 || active_isa() < Isa::kAvx512Bf16 || K % 2 != 0) {
-    return int64_t{1} << 62;
-  }
+  if (op != LinearOp::kBitmap) return int64_t{1} << 62;
+  const bool f32 = dt == at::kFloat && active_isa() >= Isa::kAvx512;  // lanes_fp32.cpp: any K
+  if (!f32 && (dt != at::kBFloat16 || active_isa() < Isa::kAvx512Bf16 || K % 2 != 0)) return int64_t{1} << 62;
   const int64_t o = g_lanes_min_m_override.load();
   if (o >= 0) return o;
-  if (amx_available() || N * K * 2 >= kLargeWeightBytes || density < kLanesMinDensity) return int64_t{1} << 62;
-  return kLanesMinM;
+  if (amx_available() || N * K * (f32 ? 4 : 2) >= kLargeWeightBytes || density < kLanesMinDensity) {
+    return int64_t{1} << 62;
+  }
+  return f32 ? panel_min_m(op, dt, N, K) : kLanesMinM;
 }
 
 void set_lanes_min_m(int64_t m) { g_lanes_min_m_override = m; }

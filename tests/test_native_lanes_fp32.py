@@ -1,11 +1,12 @@
-"""sparse24_linear in fp32 on the shuffle path (csrc/lanes_fp32.cpp, AVX-512): output features in the vector lanes,
-each lane's x[i0] and x[i1] picked out of a broadcast group by vpermilps. Held to the reference on awkward shapes,
-to itself across thread counts, exactly on x = I, and the dispatch's range."""
+"""The fp32 kernels with output features in the vector lanes (csrc/lanes_fp32.cpp, AVX-512): sparse24_linear on the
+shuffle path (each lane's x[i0] and x[i1] picked out of a broadcast group by vpermilps) and bitmap_linear on the
+lanes path (rows decompressed, multiplied densely). Held to the reference on awkward shapes, to themselves across
+thread counts, exactly on x = I, and the dispatch's ranges."""
 import pytest
 import torch
 
 from laco_kernels import reference
-from laco_kernels.formats import Sparse24Weight
+from laco_kernels.formats import BitmapWeight, Sparse24Weight
 
 from _native_util import ISAS, _close, _native, needs_ext
 
@@ -76,3 +77,55 @@ def test_dispatch_takes_the_fp32_shuffle_kernel_from_m16():
         assert _native.linear_path("sparse24_linear", f32, (576, 1536), 64) != "shuffle"
     finally:
         _native.set_isa("auto")
+
+
+# The fp32 bitmap on the lanes path (lanes_dense_fp32: 32 rows decompressed, 16-feature column vectors): any K
+# (K = 1, 127 / 128 / 129 around one 128-column block, 4099), tile_k 32 and 128.
+BITMAP_SHAPES = [(1, 5, 1), (7, 16, 127), (8, 17, 128), (9, 1, 129), (17, 33, 100), (65, 32, 576), (8, 70, 4099)]
+
+
+@pytest.fixture
+def lanes_forced():
+    old = torch.get_num_threads()
+    _native.set_isa("avx512")
+    _native.set_lanes_min_m(0)
+    try:
+        yield
+    finally:
+        _native.set_lanes_min_m(None)
+        _native.set_isa("auto")
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("shape", BITMAP_SHAPES, ids=str)
+@pytest.mark.parametrize("tile_k", [32, 128])
+def test_fp32_lanes_kernel_matches_reference(lanes_forced, shape, tile_k):
+    m, n, k = shape
+    w = torch.randn(n, k) * (torch.rand(n, k) < 0.5)
+    w[0] = 0
+    if n > 2:
+        w[1] = torch.randn(k)
+    bw = BitmapWeight.from_dense(w, tile_k=tile_k)
+    assert _native.linear_path("bitmap_linear", torch.float32, (n, k), m, 0.5) == "lanes"
+    x = torch.randn(k, m).t()  # non-contiguous
+    for b in (None, torch.randn(n)):
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(_native.bitmap_linear(x, bw, b))
+        y = outs[0]
+        assert y.dtype == torch.float32 and y.shape == (m, n)
+        assert all(torch.equal(o, y) for o in outs[1:])
+        _close(y, reference.bitmap_linear(x, bw, b), torch.float32)
+    assert torch.equal(_native.bitmap_linear(torch.eye(k), bw).t(), bw.to_dense())
+
+
+@pytest.mark.skipif(_native is not None and _native.amx_available(), reason="not measured on AMX CPUs: off there")
+def test_dispatch_puts_small_fp32_bitmaps_on_the_lanes_kernel_in_place_of_panels():
+    f32 = torch.float32
+    for shape in ((1536, 576), (576, 1536)):
+        first = _native.panel_min_m("bitmap_linear", f32, shape)
+        assert _native.linear_path("bitmap_linear", f32, shape, first, 0.5) == "lanes"
+        assert _native.linear_path("bitmap_linear", f32, shape, first - 1, 0.5) != "lanes"
+        assert _native.linear_path("bitmap_linear", f32, shape, first, 0.2) == "panel"  # sparser: not measured
+    assert _native.linear_path("bitmap_linear", f32, (11008, 4096), 1024, 0.5) == "panel"

@@ -186,7 +186,13 @@ def test_linear_path_reports_the_dispatch():
                 if not HAS_AMX:  # fp32 2:4 takes the shuffle kernel from M = 16 (stop 44); the ranges below: it off
                     assert [_native.linear_path("sparse24_linear", f32, big, m) for m in (15, 16, 1024)] == \
                         ["direct", "shuffle", "shuffle"]
+                    # the fp32 bitmap under 16 MB: the lanes kernel where the panels would run (stop 44)
+                    pm = _native.panel_min_m("bitmap_linear", f32, (1536, 576))
+                    assert [_native.linear_path("bitmap_linear", f32, (1536, 576), m) for m in (pm - 1, pm)] == \
+                        [_native.linear_path("bitmap_linear", f32, (1536, 576), pm - 1), "lanes"]
+                    assert _native.linear_path("bitmap_linear", f32, big, 1024) == "panel"  # 7B: the panels
                 _native.set_shuffle_min_m(10**9)
+                _native.set_lanes_min_m(10**9)
                 torch.set_num_threads(2)
                 assert [_native.linear_path("sparse24_linear", f32, big, m) for m in (256, 1023, 1024)] == \
                     ["outer", "outer", "panel"]
@@ -202,6 +208,7 @@ def test_linear_path_reports_the_dispatch():
                 assert _native.linear_path("bitmap_linear", f32, (1536, 576), 256) == "panel"
             finally:
                 _native.set_shuffle_min_m(None)
+                _native.set_lanes_min_m(None)
                 torch.set_num_threads(threads)
     finally:
         _native.set_outer_min_m(None)
