@@ -32,15 +32,15 @@
 #include <functional>
 #include <vector>
 
-#include "laco_cpu.h"
+#include "lanes_common.h"
 
 namespace laco {
 namespace {
 
-constexpr int kLanes = 16;                // output features per vector
-constexpr int kVecs = 2;                  // vectors per feature block: 32 features
-constexpr int kFeat = kLanes * kVecs;     // features per block
-constexpr int kMaxRows = 8;               // rows of x per register block (16 accumulators)
+using lanes::kFeat;
+using lanes::kLanes;
+using lanes::kMaxRows;
+using lanes::kVecs;
 constexpr int64_t kGroupsPerBlock = 64;   // panel: 64 groups x 2 vectors x (values, controls) x 64 B = 16 KB
 
 #if LACO_X86
@@ -101,11 +101,7 @@ template <int R>
 LACO_AVX512BF16 void run_rows(const uint32_t* pan, int64_t gc, const uint16_t* xr, int64_t ldx, float* part,
                               bool first) {
   __m512 acc[R][kVecs];
-#pragma GCC unroll 8
-  for (int m = 0; m < R; ++m)
-#pragma GCC unroll 2
-    for (int v = 0; v < kVecs; ++v)
-      acc[m][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(part + m * kFeat + v * kLanes);
+  lanes::load_acc<R>(acc, part, first);
   for (int64_t g = 0; g < gc; ++g) {
     const uint32_t* p = pan + g * kVecs * 2 * kLanes;
     const __m512i w0 = _mm512_load_si512(p), c0 = _mm512_load_si512(p + kLanes);
@@ -119,44 +115,19 @@ LACO_AVX512BF16 void run_rows(const uint32_t* pan, int64_t gc, const uint16_t* x
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)w1, (__m512bh)_mm512_shuffle_epi8(xq, c1));
     }
   }
-#pragma GCC unroll 8
-  for (int m = 0; m < R; ++m)
-#pragma GCC unroll 2
-    for (int v = 0; v < kVecs; ++v) _mm512_store_ps(part + m * kFeat + v * kLanes, acc[m][v]);
+  lanes::store_acc<R>(acc, part);
 }
 
 using RunRows = void (*)(const uint32_t*, int64_t, const uint16_t*, int64_t, float*, bool);
 constexpr RunRows kRunRows[kMaxRows + 1] = {nullptr,      run_rows<1>, run_rows<2>, run_rows<3>, run_rows<4>,
                                             run_rows<5>, run_rows<6>, run_rows<7>, run_rows<8>};
 
-// Dense variant (decompressed weights): panel of features [n0, n0 + 32) x column pairs [p0, p0 + pc) from the
-// dense rows `rows` ([32, K] bf16, row stride K, K even): pan[p * kVecs + v] = the 16 features' pairs.
-LACO_AVX512BF16 void fill_dense_panel(const uint16_t* rows, int64_t nrows, int64_t K, int64_t p0, int64_t pc,
-                                      uint32_t* pan) {
-  for (int v = 0; v < kVecs; ++v) {
-    const int64_t nr = std::max<int64_t>(0, std::min<int64_t>(kLanes, nrows - v * kLanes));
-    for (int64_t s = 0; s < pc; s += 16) {
-      const int64_t cnt = std::min<int64_t>(16, pc - s);
-      const __mmask16 cmask = static_cast<__mmask16>((1u << cnt) - 1u);
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i)
-        r[i] = i < nr ? _mm512_maskz_loadu_epi32(cmask, rows + (v * kLanes + i) * K + 2 * (p0 + s))
-                      : _mm512_setzero_si512();
-      transpose16x16_epi32(r);
-      for (int64_t c = 0; c < cnt; ++c) _mm512_store_si512(pan + ((s + c) * kVecs + v) * kLanes, r[c]);
-    }
-  }
-}
-
+// Dense variant (decompressed weights): the panel is lanes::fill_dword_panel over the rows' bf16 pairs.
 template <int R>
 LACO_AVX512BF16 void run_rows_dense(const uint32_t* pan, int64_t pc, const uint16_t* xr, int64_t ldx, float* part,
                                     bool first) {
   __m512 acc[R][kVecs];
-#pragma GCC unroll 8
-  for (int m = 0; m < R; ++m)
-#pragma GCC unroll 2
-    for (int v = 0; v < kVecs; ++v)
-      acc[m][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(part + m * kFeat + v * kLanes);
+  lanes::load_acc<R>(acc, part, first);
   for (int64_t p = 0; p < pc; ++p) {
     const __m512i w0 = _mm512_load_si512(pan + p * kVecs * kLanes);
     const __m512i w1 = _mm512_load_si512(pan + p * kVecs * kLanes + kLanes);
@@ -169,10 +140,7 @@ LACO_AVX512BF16 void run_rows_dense(const uint32_t* pan, int64_t pc, const uint1
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)w1, (__m512bh)xb);
     }
   }
-#pragma GCC unroll 8
-  for (int m = 0; m < R; ++m)
-#pragma GCC unroll 2
-    for (int v = 0; v < kVecs; ++v) _mm512_store_ps(part + m * kFeat + v * kLanes, acc[m][v]);
+  lanes::store_acc<R>(acc, part);
 }
 
 constexpr RunRows kRunRowsDense[kMaxRows + 1] = {nullptr, run_rows_dense<1>, run_rows_dense<2>, run_rows_dense<3>,
@@ -216,14 +184,9 @@ at::Tensor sparse24_shuffle_bf16(const at::Tensor& x, const at::Tensor& b32, con
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
   alignas(64) uint32_t lut_words[16];
   for (int i = 0; i < 16; ++i) lut_words[i] = control_of_nibble(i);
-  const int64_t blocks = (N + kFeat - 1) / kFeat;
-  // grain in feature blocks: at least ~1M multiply-adds per chunk (linear_row_grain), whole blocks
-  const int64_t grain = std::max<int64_t>(1, linear_row_grain(M, K) / kFeat);
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<uint32_t> pan_buf(kGroupsPerBlock * kVecs * 2 * kLanes + 16);
-    std::vector<float> part_buf(static_cast<size_t>(M * kFeat + 16));
-    uint32_t* pan = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(pan_buf.data()) + 63) & ~uintptr_t{63});
-    float* part = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(part_buf.data()) + 63) & ~uintptr_t{63});
+  lanes::for_feature_blocks(M, N, K, [&](int64_t b0, int64_t b1, float* part) {
+    std::vector<uint32_t> pan_buf;
+    uint32_t* pan = lanes::aligned_buffer(pan_buf, kGroupsPerBlock * kVecs * 2 * kLanes);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kFeat;
       for (int64_t g0 = 0; g0 < G; g0 += kGroupsPerBlock) {
@@ -258,21 +221,17 @@ at::Tensor lanes_dense_bf16(const at::Tensor& x, const at::Tensor& b32, int64_t 
   const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
   at::Tensor y = at::empty({M, N}, x.options());
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-  const int64_t blocks = (N + kFeat - 1) / kFeat;
-  const int64_t grain = std::max<int64_t>(1, linear_row_grain(M, K) / kFeat);
   constexpr int64_t kPairsPerBlock = 2 * kGroupsPerBlock;  // 128 pairs: 32 x 256 columns, a 16 KB panel
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<uint32_t> pan_buf(kPairsPerBlock * kVecs * kLanes + 16);
-    std::vector<float> part_buf(static_cast<size_t>(M * kFeat + 16));
+  lanes::for_feature_blocks(M, N, K, [&](int64_t b0, int64_t b1, float* part) {
+    std::vector<uint32_t> pan_buf;
+    uint32_t* pan = lanes::aligned_buffer(pan_buf, kPairsPerBlock * kVecs * kLanes);
     std::vector<uint16_t> rows_buf(static_cast<size_t>(kFeat * K + 32));
-    uint32_t* pan = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(pan_buf.data()) + 63) & ~uintptr_t{63});
-    float* part = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(part_buf.data()) + 63) & ~uintptr_t{63});
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kFeat, nrows = std::min<int64_t>(kFeat, N - n0);
       fill(n0, n0 + nrows, rows_buf.data());
       for (int64_t p0 = 0; p0 < P; p0 += kPairsPerBlock) {
         const int64_t pc = std::min(kPairsPerBlock, P - p0);
-        fill_dense_panel(rows_buf.data(), nrows, K, p0, pc, pan);
+        lanes::fill_dword_panel(reinterpret_cast<const uint32_t*>(rows_buf.data()), nrows, K / 2, p0, pc, pan);
         for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
           const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
           kRunRowsDense[rows](pan, pc, xp + m0 * K + 2 * p0, K, part + m0 * kFeat, p0 == 0);

@@ -13,15 +13,15 @@
 #include <algorithm>
 #include <vector>
 
-#include "laco_cpu.h"
+#include "lanes_common.h"
 
 namespace laco {
 namespace {
 
-constexpr int kLanes = 16;
-constexpr int kVecs = 2;
-constexpr int kFeat = kLanes * kVecs;
-constexpr int kMaxRows = 8;
+using lanes::kFeat;
+using lanes::kLanes;
+using lanes::kMaxRows;
+using lanes::kVecs;
 constexpr int64_t kGroupsPerBlock = 32;  // panel: 32 groups x 2 vectors x 4 x 64 B = 16 KB (L1)
 constexpr int kPanelVecs = 4;            // per group and vector: v0, v1, i0, i1
 
@@ -61,11 +61,7 @@ LACO_AVX512 void fill_panel_f32(const float* values, const uint32_t* meta, int64
 template <int R>
 LACO_AVX512 void run_rows_f32(const float* pan, int64_t gc, const float* xr, int64_t ldx, float* part, bool first) {
   __m512 acc[R][kVecs];
-#pragma GCC unroll 8
-  for (int m = 0; m < R; ++m)
-#pragma GCC unroll 2
-    for (int v = 0; v < kVecs; ++v)
-      acc[m][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(part + m * kFeat + v * kLanes);
+  lanes::load_acc<R>(acc, part, first);
   for (int64_t g = 0; g < gc; ++g) {
     const float* p = pan + g * kVecs * kPanelVecs * kLanes;
     const __m512 a0 = _mm512_load_ps(p), a1 = _mm512_load_ps(p + kLanes);
@@ -81,10 +77,7 @@ LACO_AVX512 void run_rows_f32(const float* pan, int64_t gc, const float* xr, int
       acc[m][1] = _mm512_fmadd_ps(b1, _mm512_permutevar_ps(xq, bc1), acc[m][1]);
     }
   }
-#pragma GCC unroll 8
-  for (int m = 0; m < R; ++m)
-#pragma GCC unroll 2
-    for (int v = 0; v < kVecs; ++v) _mm512_store_ps(part + m * kFeat + v * kLanes, acc[m][v]);
+  lanes::store_acc<R>(acc, part);
 }
 
 using RunRowsF32 = void (*)(const float*, int64_t, const float*, int64_t, float*, bool);
@@ -92,33 +85,13 @@ constexpr RunRowsF32 kRunRowsF32[kMaxRows + 1] = {nullptr, run_rows_f32<1>, run_
                                                   run_rows_f32<4>, run_rows_f32<5>, run_rows_f32<6>, run_rows_f32<7>,
                                                   run_rows_f32<8>};
 
-// Dense variant (the fp32 bitmap, decompressed 32 rows at a time): pan[(k * kVecs + v) * 16] = the 16 features'
-// weights of column k0 + k (a 16 x 16 transpose of the rows buffer [32, K], row stride K).
-LACO_AVX512 void fill_dense_panel_f32(const float* rows, int64_t nrows, int64_t K, int64_t k0, int64_t kc, float* pan) {
-  for (int v = 0; v < kVecs; ++v) {
-    const int64_t nr = std::max<int64_t>(0, std::min<int64_t>(kLanes, nrows - v * kLanes));
-    for (int64_t s = 0; s < kc; s += 16) {
-      const int64_t cnt = std::min<int64_t>(16, kc - s);
-      const __mmask16 cmask = static_cast<__mmask16>((1u << cnt) - 1u);
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i)
-        r[i] = i < nr ? _mm512_castps_si512(_mm512_maskz_loadu_ps(cmask, rows + (v * kLanes + i) * K + k0 + s))
-                      : _mm512_setzero_si512();
-      transpose16x16_epi32(r);
-      for (int64_t c = 0; c < cnt; ++c) _mm512_store_si512(pan + ((s + c) * kVecs + v) * kLanes, r[c]);
-    }
-  }
-}
-
+// Dense variant (the fp32 bitmap, decompressed 32 rows at a time): the panel is lanes::fill_dword_panel over
+// the rows' values, pan[(k * kVecs + v) * 16] = the 16 features' weights of column k0 + k.
 template <int R>
 LACO_AVX512 void run_rows_dense_f32(const float* pan, int64_t kc, const float* xr, int64_t ldx, float* part,
                                     bool first) {
   __m512 acc[R][kVecs];
-#pragma GCC unroll 8
-  for (int m = 0; m < R; ++m)
-#pragma GCC unroll 2
-    for (int v = 0; v < kVecs; ++v)
-      acc[m][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(part + m * kFeat + v * kLanes);
+  lanes::load_acc<R>(acc, part, first);
   for (int64_t k = 0; k < kc; ++k) {
     const __m512 w0 = _mm512_load_ps(pan + k * kVecs * kLanes), w1 = _mm512_load_ps(pan + k * kVecs * kLanes + kLanes);
 #pragma GCC unroll 8
@@ -128,10 +101,7 @@ LACO_AVX512 void run_rows_dense_f32(const float* pan, int64_t kc, const float* x
       acc[m][1] = _mm512_fmadd_ps(w1, xb, acc[m][1]);
     }
   }
-#pragma GCC unroll 8
-  for (int m = 0; m < R; ++m)
-#pragma GCC unroll 2
-    for (int v = 0; v < kVecs; ++v) _mm512_store_ps(part + m * kFeat + v * kLanes, acc[m][v]);
+  lanes::store_acc<R>(acc, part);
 }
 
 constexpr RunRowsF32 kRunRowsDenseF32[kMaxRows + 1] = {
@@ -163,13 +133,9 @@ at::Tensor sparse24_shuffle_fp32(const at::Tensor& x32, const at::Tensor& b32, c
   const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
   at::Tensor y = at::empty({M, N}, x32.options());
   float* yp = y.data_ptr<float>();
-  const int64_t blocks = (N + kFeat - 1) / kFeat;
-  const int64_t grain = std::max<int64_t>(1, linear_row_grain(M, K) / kFeat);
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> pan_buf(kGroupsPerBlock * kVecs * kPanelVecs * kLanes + 16);
-    std::vector<float> part_buf(static_cast<size_t>(M * kFeat + 16));
-    float* pan = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(pan_buf.data()) + 63) & ~uintptr_t{63});
-    float* part = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(part_buf.data()) + 63) & ~uintptr_t{63});
+  lanes::for_feature_blocks(M, N, K, [&](int64_t b0, int64_t b1, float* part) {
+    std::vector<float> pan_buf;
+    float* pan = lanes::aligned_buffer(pan_buf, kGroupsPerBlock * kVecs * kPanelVecs * kLanes);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kFeat;
       for (int64_t g0 = 0; g0 < G; g0 += kGroupsPerBlock) {
@@ -198,21 +164,18 @@ at::Tensor lanes_dense_fp32(const at::Tensor& x32, const at::Tensor& b32, int64_
   const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
   at::Tensor y = at::empty({M, N}, x32.options());
   float* yp = y.data_ptr<float>();
-  const int64_t blocks = (N + kFeat - 1) / kFeat;
-  const int64_t grain = std::max<int64_t>(1, linear_row_grain(M, K) / kFeat);
   constexpr int64_t kColsPerBlock = 128;  // panel 128 x 2 x 64 B = 16 KB
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> pan_buf(kColsPerBlock * kVecs * kLanes + 16);
-    std::vector<float> part_buf(static_cast<size_t>(M * kFeat + 16));
+  lanes::for_feature_blocks(M, N, K, [&](int64_t b0, int64_t b1, float* part) {
+    std::vector<float> pan_buf;
+    float* pan = lanes::aligned_buffer(pan_buf, kColsPerBlock * kVecs * kLanes);
     std::vector<float> rows_buf(static_cast<size_t>(kFeat * K + 16));
-    float* pan = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(pan_buf.data()) + 63) & ~uintptr_t{63});
-    float* part = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(part_buf.data()) + 63) & ~uintptr_t{63});
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kFeat, nrows = std::min<int64_t>(kFeat, N - n0);
       fill(n0, n0 + nrows, rows_buf.data());
       for (int64_t k0 = 0; k0 < K; k0 += kColsPerBlock) {
         const int64_t kc = std::min(kColsPerBlock, K - k0);
-        fill_dense_panel_f32(rows_buf.data(), nrows, K, k0, kc, pan);
+        lanes::fill_dword_panel(reinterpret_cast<const uint32_t*>(rows_buf.data()), nrows, K, k0, kc,
+                                reinterpret_cast<uint32_t*>(pan));
         for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
           const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
           kRunRowsDenseF32[rows](pan, kc, xp + m0 * K + k0, K, part + m0 * kFeat, k0 == 0);

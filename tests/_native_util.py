@@ -90,3 +90,42 @@ def _outer_kernel_forced(isa: str):
         _native.set_amx_min_m(None)
         _native.set_panel_min_m(None)
         torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def kernel_forced(isa: str, setter):
+    """One kernel's threshold forced to 0 (``setter``: e.g. ``_native.set_shuffle_min_m``) at this ISA cap; the
+    threshold, the ISA and the thread count restored after."""
+    old = torch.get_num_threads()
+    _native.set_isa(isa)
+    setter(0)
+    try:
+        yield
+    finally:
+        setter(None)
+        _native.set_isa("auto")
+        torch.set_num_threads(old)
+
+
+def make_bitmap(n: int, k: int, dtype: torch.dtype, tile_k: int, density: float = 0.5, last_row_values: int = 3):
+    """A BitmapWeight at ``density``; row 0 empty, row 1 full, the last row ``last_row_values`` values (it ends near
+    the tensor's end: unmasked value loads must give way to masked ones there)."""
+    from laco_kernels.formats import BitmapWeight
+    w = torch.randn(n, k) * (torch.rand(n, k) < density)
+    w[0] = 0
+    if n > 2:
+        w[1] = torch.randn(k)
+        w[-1] = 0
+        w[-1, :last_row_values] = 1.5
+    return BitmapWeight.from_dense(w.to(dtype), tile_k=tile_k)
+
+
+def same_bits_over_threads(fn):
+    """fn() at 1, 2 and 3 threads: asserts the outputs are bit-identical (each output summed by one thread in a
+    fixed order) and returns the first."""
+    outs = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        outs.append(fn())
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    return outs[0]

@@ -8,7 +8,7 @@ import torch
 from laco_kernels import reference
 from laco_kernels.formats import BitmapWeight
 
-from _native_util import ISAS, _close, _native, needs_ext
+from _native_util import ISAS, _close, _native, make_bitmap, needs_ext
 
 pytestmark = [needs_ext, pytest.mark.skipif("avx512bf16" not in ISAS, reason="the blocked kernel needs AVX512_BF16")]
 
@@ -38,15 +38,8 @@ def direct_blocked():
 
 
 def _weight(n: int, k: int, tile_k: int) -> BitmapWeight:
-    """Density 0.5; row 0 empty, row 1 full, the last row 3 values (it ends near the tensor's end: the
-    kernel's unmasked value loads must give way to masked ones there)."""
-    w = torch.randn(n, k) * (torch.rand(n, k) < 0.5)
-    w[0] = 0
-    if n > 2:
-        w[1] = torch.randn(k)
-        w[-1] = 0
-        w[-1, :3] = 1.5
-    return BitmapWeight.from_dense(w.to(torch.bfloat16), tile_k=tile_k)
+    """Density 0.5; row 0 empty, row 1 full, the last row 3 values (make_bitmap)."""
+    return make_bitmap(n, k, torch.bfloat16, tile_k)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

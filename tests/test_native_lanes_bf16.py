@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from laco_kernels import reference
-from laco_kernels.formats import BitmapWeight, Sparse24Weight
+from laco_kernels.formats import Sparse24Weight
 
-from _native_util import ISAS, _close, _native, needs_ext
+from _native_util import ISAS, _close, _native, kernel_forced, needs_ext, same_bits_over_threads, make_bitmap
 
 pytestmark = [needs_ext, pytest.mark.skipif("avx512bf16" not in ISAS, reason="the shuffle kernel needs AVX512_BF16")]
 
@@ -22,15 +22,8 @@ SHAPES = [(1, 5, 4), (7, 16, 60), (8, 17, 256), (9, 1, 260), (17, 33, 100), (65,
 
 @pytest.fixture
 def shuffle_forced():
-    old = torch.get_num_threads()
-    _native.set_isa("avx512bf16")
-    _native.set_shuffle_min_m(0)
-    try:
+    with kernel_forced("avx512bf16", _native.set_shuffle_min_m):
         yield
-    finally:
-        _native.set_shuffle_min_m(None)
-        _native.set_isa("auto")
-        torch.set_num_threads(old)
 
 
 def _weight(n: int, k: int) -> Sparse24Weight:
@@ -48,13 +41,8 @@ def test_shuffle_kernel_matches_reference(shuffle_forced, shape):
     assert _native.linear_path("sparse24_linear", dt, (n, k), m) == "shuffle"
     x = torch.randn(k, m).to(dt).t()  # non-contiguous
     for b in (None, torch.randn(n).to(dt), torch.randn(n)):
-        outs = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            outs.append(_native.sparse24_linear(x, w24, b))
-        y = outs[0]
+        y = same_bits_over_threads(lambda: _native.sparse24_linear(x, w24, b))
         assert y.dtype == dt and y.shape == (m, n)
-        assert all(torch.equal(o, y) for o in outs[1:])  # each output summed by one thread, fixed order
         _close(y, reference.sparse24_linear(x, w24, b), dt)
         # the output rounded once from an fp32 sum: within one bf16 step of the fp32 reference
         ref32 = x.float() @ w24.to_dense().float().t() + (b.float() if b is not None else 0)
@@ -115,25 +103,8 @@ BITMAP_SHAPES = [(1, 5, 2), (7, 16, 254), (8, 17, 256), (9, 1, 258), (17, 33, 10
 
 @pytest.fixture
 def lanes_forced():
-    old = torch.get_num_threads()
-    _native.set_isa("avx512bf16")
-    _native.set_lanes_min_m(0)
-    try:
+    with kernel_forced("avx512bf16", _native.set_lanes_min_m):
         yield
-    finally:
-        _native.set_lanes_min_m(None)
-        _native.set_isa("auto")
-        torch.set_num_threads(old)
-
-
-def _bitmap(n: int, k: int, tile_k: int, density: float = 0.5) -> BitmapWeight:
-    w = torch.randn(n, k) * (torch.rand(n, k) < density)
-    w[0] = 0
-    if n > 2:
-        w[1] = torch.randn(k)
-        w[-1] = 0
-        w[-1, :1] = 1.5
-    return BitmapWeight.from_dense(w.to(torch.bfloat16), tile_k=tile_k)
 
 
 @pytest.mark.parametrize("shape", BITMAP_SHAPES, ids=str)
@@ -141,18 +112,13 @@ def _bitmap(n: int, k: int, tile_k: int, density: float = 0.5) -> BitmapWeight:
 def test_lanes_kernel_matches_reference(lanes_forced, shape, tile_k):
     m, n, k = shape
     dt = torch.bfloat16
-    bw = _bitmap(n, k, tile_k)
+    bw = make_bitmap(n, k, torch.bfloat16, tile_k, last_row_values=1)
     density = bw.values.numel() / (n * k)
     assert _native.linear_path("bitmap_linear", dt, (n, k), m, density) == "lanes"
     x = torch.randn(k, m).to(dt).t()  # non-contiguous
     for b in (None, torch.randn(n).to(dt), torch.randn(n)):
-        outs = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            outs.append(_native.bitmap_linear(x, bw, b))
-        y = outs[0]
+        y = same_bits_over_threads(lambda: _native.bitmap_linear(x, bw, b))
         assert y.dtype == dt and y.shape == (m, n)
-        assert all(torch.equal(o, y) for o in outs[1:])
         _close(y, reference.bitmap_linear(x, bw, b), dt)
         ref32 = x.float() @ bw.to_dense().float().t() + (b.float() if b is not None else 0)
         assert ((y.float() - ref32).abs() <= ref32.abs() * 2**-8 + 1e-3 * ref32.abs().max() + 1e-6).all()
@@ -162,7 +128,7 @@ def test_lanes_kernel_matches_reference(lanes_forced, shape, tile_k):
 
 def test_lanes_kernel_odd_k_keeps_other_paths(lanes_forced):
     dt = torch.bfloat16
-    bw = _bitmap(20, 101, 32)
+    bw = make_bitmap(20, 101, torch.bfloat16, 32)
     assert _native.linear_path("bitmap_linear", dt, (20, 101), 40, 0.5) != "lanes"
     x = torch.randn(40, 101).to(dt)
     _close(_native.bitmap_linear(x, bw), reference.bitmap_linear(x, bw), dt)

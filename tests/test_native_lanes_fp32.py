@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from laco_kernels import reference
-from laco_kernels.formats import BitmapWeight, Sparse24Weight
+from laco_kernels.formats import Sparse24Weight
 
-from _native_util import ISAS, _close, _native, needs_ext
+from _native_util import ISAS, _close, _native, kernel_forced, needs_ext, same_bits_over_threads, make_bitmap
 
 pytestmark = [needs_ext, pytest.mark.skipif("avx512" not in ISAS, reason="the fp32 shuffle kernel needs AVX-512")]
 
@@ -20,15 +20,8 @@ SHAPES = [(1, 5, 4), (7, 16, 28), (8, 17, 128), (9, 1, 132), (17, 33, 100), (65,
 
 @pytest.fixture
 def shuffle_forced():
-    old = torch.get_num_threads()
-    _native.set_isa("avx512")
-    _native.set_shuffle_min_m(0)
-    try:
+    with kernel_forced("avx512", _native.set_shuffle_min_m):
         yield
-    finally:
-        _native.set_shuffle_min_m(None)
-        _native.set_isa("auto")
-        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -40,13 +33,8 @@ def test_fp32_shuffle_kernel_matches_reference(shuffle_forced, shape):
     assert _native.linear_path("sparse24_linear", torch.float32, (n, k), m) == "shuffle"
     x = torch.randn(k, m).t()  # non-contiguous
     for b in (None, torch.randn(n)):
-        outs = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            outs.append(_native.sparse24_linear(x, w24, b))
-        y = outs[0]
+        y = same_bits_over_threads(lambda: _native.sparse24_linear(x, w24, b))
         assert y.dtype == torch.float32 and y.shape == (m, n)
-        assert all(torch.equal(o, y) for o in outs[1:])
         _close(y, reference.sparse24_linear(x, w24, b), torch.float32)
     eye = torch.eye(k)
     assert torch.equal(_native.sparse24_linear(eye, w24).t(), w24.to_dense())
@@ -86,36 +74,20 @@ BITMAP_SHAPES = [(1, 5, 1), (7, 16, 127), (8, 17, 128), (9, 1, 129), (17, 33, 10
 
 @pytest.fixture
 def lanes_forced():
-    old = torch.get_num_threads()
-    _native.set_isa("avx512")
-    _native.set_lanes_min_m(0)
-    try:
+    with kernel_forced("avx512", _native.set_lanes_min_m):
         yield
-    finally:
-        _native.set_lanes_min_m(None)
-        _native.set_isa("auto")
-        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("shape", BITMAP_SHAPES, ids=str)
 @pytest.mark.parametrize("tile_k", [32, 128])
 def test_fp32_lanes_kernel_matches_reference(lanes_forced, shape, tile_k):
     m, n, k = shape
-    w = torch.randn(n, k) * (torch.rand(n, k) < 0.5)
-    w[0] = 0
-    if n > 2:
-        w[1] = torch.randn(k)
-    bw = BitmapWeight.from_dense(w, tile_k=tile_k)
+    bw = make_bitmap(n, k, torch.float32, tile_k, last_row_values=1)
     assert _native.linear_path("bitmap_linear", torch.float32, (n, k), m, 0.5) == "lanes"
     x = torch.randn(k, m).t()  # non-contiguous
     for b in (None, torch.randn(n)):
-        outs = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            outs.append(_native.bitmap_linear(x, bw, b))
-        y = outs[0]
+        y = same_bits_over_threads(lambda: _native.bitmap_linear(x, bw, b))
         assert y.dtype == torch.float32 and y.shape == (m, n)
-        assert all(torch.equal(o, y) for o in outs[1:])
         _close(y, reference.bitmap_linear(x, bw, b), torch.float32)
     assert torch.equal(_native.bitmap_linear(torch.eye(k), bw).t(), bw.to_dense())
 

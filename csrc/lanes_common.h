@@ -1,0 +1,80 @@
+// Shared by the kernels with output features in the vector lanes (lanes_bf16.cpp, lanes_fp32.cpp): block sizes,
+// the accumulators of a register block, 64-byte aligned per-thread buffers and the loop over feature blocks.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "laco_cpu.h"
+
+namespace laco {
+namespace lanes {
+
+constexpr int kLanes = 16;             // output features per vector
+constexpr int kVecs = 2;               // vectors per feature block
+constexpr int kFeat = kLanes * kVecs;  // features per block: 32
+constexpr int kMaxRows = 8;            // rows of x per register block (16 accumulators)
+
+#if LACO_X86
+// acc[m][v] = part[m, 16 v : 16 v + 16] (or zero on a block's first K-block); part: [R, 32] fp32, 64-byte aligned.
+template <int R>
+LACO_AVX512 LACO_INLINE void load_acc(__m512 (&acc)[R][kVecs], const float* part, bool first) {
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v)
+      acc[m][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(part + m * kFeat + v * kLanes);
+}
+
+template <int R>
+LACO_AVX512 LACO_INLINE void store_acc(const __m512 (&acc)[R][kVecs], float* part) {
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v) _mm512_store_ps(part + m * kFeat + v * kLanes, acc[m][v]);
+}
+
+// pan[(c * kVecs + v) * 16 + i] = rows[(16 v + i) * ld + c0 + c] for c < cc: a panel of 16-feature dword vectors
+// (a 16 x 16 transpose per 16 columns) from the dense rows of a feature block (nrows <= 32 of them; the rest zero).
+// The dwords are bf16 pairs or fp32 values.
+LACO_AVX512 inline void fill_dword_panel(const uint32_t* rows, int64_t nrows, int64_t ld, int64_t c0, int64_t cc,
+                                         uint32_t* pan) {
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t nr = std::max<int64_t>(0, std::min<int64_t>(kLanes, nrows - v * kLanes));
+    for (int64_t s = 0; s < cc; s += 16) {
+      const int64_t cnt = std::min<int64_t>(16, cc - s);
+      const __mmask16 cmask = static_cast<__mmask16>((1u << cnt) - 1u);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < nr ? _mm512_maskz_loadu_epi32(cmask, rows + (v * kLanes + i) * ld + c0 + s) : _mm512_setzero_si512();
+      transpose16x16_epi32(r);
+      for (int64_t c = 0; c < cnt; ++c) _mm512_store_si512(pan + ((s + c) * kVecs + v) * kLanes, r[c]);
+    }
+  }
+}
+#endif
+
+// A 64-byte aligned array of n elements held by buf (zero-filled).
+template <typename T>
+T* aligned_buffer(std::vector<T>& buf, int64_t n) {
+  buf.assign(static_cast<size_t>(n) + 64 / sizeof(T), T{});
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
+}
+
+// body(b0, b1, part) over the 32-feature blocks [b0, b1) of an [M, K] x [N, K]^T product, in parallel (at least
+// ~1M multiply-adds per chunk, linear_row_grain); part: the calling thread's [M, 32] fp32 partial sums.
+template <typename Body>
+void for_feature_blocks(int64_t M, int64_t N, int64_t K, const Body& body) {
+  const int64_t blocks = (N + kFeat - 1) / kFeat;
+  const int64_t grain = std::max<int64_t>(1, linear_row_grain(M, K) / kFeat);
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> part_buf;
+    float* part = aligned_buffer(part_buf, M * kFeat);
+    body(b0, b1, part);
+  });
+}
+
+}  // namespace lanes
+}  // namespace laco
