@@ -184,27 +184,20 @@ at::Tensor sparse24_shuffle_bf16(const at::Tensor& x, const at::Tensor& b32, con
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
   alignas(64) uint32_t lut_words[16];
   for (int i = 0; i < 16; ++i) lut_words[i] = control_of_nibble(i);
-  lanes::for_feature_blocks(M, N, K, [&](int64_t b0, int64_t b1, float* part) {
-    std::vector<uint32_t> pan_buf;
-    uint32_t* pan = lanes::aligned_buffer(pan_buf, kGroupsPerBlock * kVecs * 2 * kLanes);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * kFeat;
-      for (int64_t g0 = 0; g0 < G; g0 += kGroupsPerBlock) {
-        const int64_t gc = std::min(kGroupsPerBlock, G - g0);
-        // the next panel's weight bytes (this block's next K-block, or the next block's first) into L1/L2
-        // while this one computes: a 7B weight comes from DRAM, 32 rows = 32 streams the hardware
-        // prefetchers do not follow ahead
-        const int64_t pn0 = g0 + gc < G ? n0 : n0 + kFeat, pg0 = g0 + gc < G ? g0 + gc : 0;
-        if (b + (g0 + gc < G ? 0 : 1) < b1) prefetch_panel(vp, mp, N, G, W, pn0, pg0);
+  lanes::run_feature_blocks(
+      M, N, K, G, kGroupsPerBlock, kGroupsPerBlock * kVecs * 2 * kLanes, lanes::no_block_setup,
+      [&](int64_t n0, int64_t, int64_t g0, int64_t gc, const uint32_t*, uint32_t* pan) {
+        // the next panel's weight bytes (this block's next K-block, or the next block's first) into L1/L2 while
+        // this one computes: a 7B weight comes from DRAM, 32 rows = 32 streams the hardware prefetchers do not
+        // follow ahead (past N it prefetches nothing)
+        const bool more = g0 + gc < G;
+        prefetch_panel(vp, mp, N, G, W, more ? n0 : n0 + kFeat, more ? g0 + gc : 0);
         fill_panel(vp, mp, N, G, W, n0, g0, gc, lut_words, pan);
-        for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-          const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
-          kRunRows[rows](pan, gc, xp + m0 * K + 4 * g0, K, part + m0 * kFeat, g0 == 0);
-        }
-      }
-      store_rows(part, M, bp, N, n0, yp);
-    }
-  });
+      },
+      [&](int64_t r, int64_t m0, int64_t g0, int64_t gc, const uint32_t* pan, float* part, bool first) {
+        kRunRows[r](pan, gc, xp + m0 * K + 4 * g0, K, part, first);
+      },
+      [&](const float* part, int64_t n0) { store_rows(part, M, bp, N, n0, yp); });
   return y;
 #else
   (void)x; (void)b32; (void)values; (void)meta; (void)N; (void)K;
@@ -222,24 +215,19 @@ at::Tensor lanes_dense_bf16(const at::Tensor& x, const at::Tensor& b32, int64_t 
   at::Tensor y = at::empty({M, N}, x.options());
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
   constexpr int64_t kPairsPerBlock = 2 * kGroupsPerBlock;  // 128 pairs: 32 x 256 columns, a 16 KB panel
-  lanes::for_feature_blocks(M, N, K, [&](int64_t b0, int64_t b1, float* part) {
-    std::vector<uint32_t> pan_buf;
-    uint32_t* pan = lanes::aligned_buffer(pan_buf, kPairsPerBlock * kVecs * kLanes);
-    std::vector<uint16_t> rows_buf(static_cast<size_t>(kFeat * K + 32));
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * kFeat, nrows = std::min<int64_t>(kFeat, N - n0);
-      fill(n0, n0 + nrows, rows_buf.data());
-      for (int64_t p0 = 0; p0 < P; p0 += kPairsPerBlock) {
-        const int64_t pc = std::min(kPairsPerBlock, P - p0);
-        lanes::fill_dword_panel(reinterpret_cast<const uint32_t*>(rows_buf.data()), nrows, K / 2, p0, pc, pan);
-        for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-          const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
-          kRunRowsDense[rows](pan, pc, xp + m0 * K + 2 * p0, K, part + m0 * kFeat, p0 == 0);
-        }
-      }
-      store_rows(part, M, bp, N, n0, yp);
-    }
-  });
+  lanes::run_feature_blocks(
+      M, N, K, P, kPairsPerBlock, kPairsPerBlock * kVecs * kLanes,
+      [&](int64_t n0, int64_t nrows, std::vector<uint32_t>& rows) {
+        rows.resize(static_cast<size_t>(kFeat * P + 16));  // [32, K] bf16
+        fill(n0, n0 + nrows, reinterpret_cast<uint16_t*>(rows.data()));
+      },
+      [&](int64_t, int64_t nrows, int64_t p0, int64_t pc, const uint32_t* rows, uint32_t* pan) {
+        lanes::fill_dword_panel(rows, nrows, P, p0, pc, pan);
+      },
+      [&](int64_t r, int64_t m0, int64_t p0, int64_t pc, const uint32_t* pan, float* part, bool first) {
+        kRunRowsDense[r](pan, pc, xp + m0 * K + 2 * p0, K, part, first);
+      },
+      [&](const float* part, int64_t n0) { store_rows(part, M, bp, N, n0, yp); });
   return y;
 #else
   (void)x; (void)b32; (void)N; (void)K; (void)fill;

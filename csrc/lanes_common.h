@@ -63,18 +63,39 @@ T* aligned_buffer(std::vector<T>& buf, int64_t n) {
   return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
 }
 
-// body(b0, b1, part) over the 32-feature blocks [b0, b1) of an [M, K] x [N, K]^T product, in parallel (at least
-// ~1M multiply-adds per chunk, linear_row_grain); part: the calling thread's [M, 32] fp32 partial sums.
-template <typename Body>
-void for_feature_blocks(int64_t M, int64_t N, int64_t K, const Body& body) {
+// The loop of every lane kernel, in parallel over the 32-feature blocks of an [M, K] x [N, K]^T product (at least
+// ~1M multiply-adds per chunk, linear_row_grain). Per block: begin(n0, nrows, rows) once (the dense kernels
+// decompress the block's rows into `rows`, the thread's scratch); per K-block of at most kb of the `units` (groups,
+// pairs or columns): panel(n0, nrows, u0, uc, rows, pan) into the thread's 64-byte aligned panel of panel_elems
+// dwords, then run(r, m0, u0, uc, pan, part + 32 m0, first) per register block of r <= 8 rows of x; at the end
+// finish(part, n0). part: the thread's [M, 32] fp32 partial sums, first: the block's first K-block.
+template <typename Begin, typename Panel, typename Run, typename Finish>
+void run_feature_blocks(int64_t M, int64_t N, int64_t K, int64_t units, int64_t kb, int64_t panel_elems,
+                        const Begin& begin, const Panel& panel, const Run& run, const Finish& finish) {
   const int64_t blocks = (N + kFeat - 1) / kFeat;
   const int64_t grain = std::max<int64_t>(1, linear_row_grain(M, K) / kFeat);
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     std::vector<float> part_buf;
+    std::vector<uint32_t> pan_buf, rows;
     float* part = aligned_buffer(part_buf, M * kFeat);
-    body(b0, b1, part);
+    uint32_t* pan = aligned_buffer(pan_buf, panel_elems);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kFeat, nrows = std::min<int64_t>(kFeat, N - n0);
+      begin(n0, nrows, rows);
+      for (int64_t u0 = 0; u0 < units; u0 += kb) {
+        const int64_t uc = std::min(kb, units - u0);
+        panel(n0, nrows, u0, uc, rows.data(), pan);
+        for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+          run(std::min<int64_t>(kMaxRows, M - m0), m0, u0, uc, pan, part + m0 * kFeat, u0 == 0);
+        }
+      }
+      finish(part, n0);
+    }
   });
 }
+
+// begin() of the kernels that need no per-block work.
+inline void no_block_setup(int64_t, int64_t, std::vector<uint32_t>&) {}
 
 }  // namespace lanes
 }  // namespace laco

@@ -133,22 +133,15 @@ at::Tensor sparse24_shuffle_fp32(const at::Tensor& x32, const at::Tensor& b32, c
   const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
   at::Tensor y = at::empty({M, N}, x32.options());
   float* yp = y.data_ptr<float>();
-  lanes::for_feature_blocks(M, N, K, [&](int64_t b0, int64_t b1, float* part) {
-    std::vector<float> pan_buf;
-    float* pan = lanes::aligned_buffer(pan_buf, kGroupsPerBlock * kVecs * kPanelVecs * kLanes);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * kFeat;
-      for (int64_t g0 = 0; g0 < G; g0 += kGroupsPerBlock) {
-        const int64_t gc = std::min(kGroupsPerBlock, G - g0);
-        fill_panel_f32(vp, mp, N, G, W, n0, g0, gc, pan);
-        for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-          const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
-          kRunRowsF32[rows](pan, gc, xp + m0 * K + 4 * g0, K, part + m0 * kFeat, g0 == 0);
-        }
-      }
-      store_rows_f32(part, M, bp, N, n0, yp);
-    }
-  });
+  lanes::run_feature_blocks(
+      M, N, K, G, kGroupsPerBlock, kGroupsPerBlock * kVecs * kPanelVecs * kLanes, lanes::no_block_setup,
+      [&](int64_t n0, int64_t, int64_t g0, int64_t gc, const uint32_t*, uint32_t* pan) {
+        fill_panel_f32(vp, mp, N, G, W, n0, g0, gc, reinterpret_cast<float*>(pan));
+      },
+      [&](int64_t r, int64_t m0, int64_t g0, int64_t gc, const uint32_t* pan, float* part, bool first) {
+        kRunRowsF32[r](reinterpret_cast<const float*>(pan), gc, xp + m0 * K + 4 * g0, K, part, first);
+      },
+      [&](const float* part, int64_t n0) { store_rows_f32(part, M, bp, N, n0, yp); });
   return y;
 #else
   (void)x32; (void)b32; (void)values; (void)meta; (void)N; (void)K;
@@ -165,25 +158,19 @@ at::Tensor lanes_dense_fp32(const at::Tensor& x32, const at::Tensor& b32, int64_
   at::Tensor y = at::empty({M, N}, x32.options());
   float* yp = y.data_ptr<float>();
   constexpr int64_t kColsPerBlock = 128;  // panel 128 x 2 x 64 B = 16 KB
-  lanes::for_feature_blocks(M, N, K, [&](int64_t b0, int64_t b1, float* part) {
-    std::vector<float> pan_buf;
-    float* pan = lanes::aligned_buffer(pan_buf, kColsPerBlock * kVecs * kLanes);
-    std::vector<float> rows_buf(static_cast<size_t>(kFeat * K + 16));
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * kFeat, nrows = std::min<int64_t>(kFeat, N - n0);
-      fill(n0, n0 + nrows, rows_buf.data());
-      for (int64_t k0 = 0; k0 < K; k0 += kColsPerBlock) {
-        const int64_t kc = std::min(kColsPerBlock, K - k0);
-        lanes::fill_dword_panel(reinterpret_cast<const uint32_t*>(rows_buf.data()), nrows, K, k0, kc,
-                                reinterpret_cast<uint32_t*>(pan));
-        for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-          const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
-          kRunRowsDenseF32[rows](pan, kc, xp + m0 * K + k0, K, part + m0 * kFeat, k0 == 0);
-        }
-      }
-      store_rows_f32(part, M, bp, N, n0, yp);
-    }
-  });
+  lanes::run_feature_blocks(
+      M, N, K, K, kColsPerBlock, kColsPerBlock * kVecs * kLanes,
+      [&](int64_t n0, int64_t nrows, std::vector<uint32_t>& rows) {
+        rows.resize(static_cast<size_t>(kFeat * K + 16));  // [32, K] fp32
+        fill(n0, n0 + nrows, reinterpret_cast<float*>(rows.data()));
+      },
+      [&](int64_t, int64_t nrows, int64_t k0, int64_t kc, const uint32_t* rows, uint32_t* pan) {
+        lanes::fill_dword_panel(rows, nrows, K, k0, kc, pan);
+      },
+      [&](int64_t r, int64_t m0, int64_t k0, int64_t kc, const uint32_t* pan, float* part, bool first) {
+        kRunRowsDenseF32[r](reinterpret_cast<const float*>(pan), kc, xp + m0 * K + k0, K, part, first);
+      },
+      [&](const float* part, int64_t n0) { store_rows_f32(part, M, bp, N, n0, yp); });
   return y;
 #else
   (void)x32; (void)b32; (void)N; (void)K; (void)fill;
