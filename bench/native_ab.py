@@ -74,6 +74,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sparsities", default="0.7,0.5", help="bitmap only (2:4 is 0.5)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--isa", default="auto", choices=("auto", "scalar", "avx2", "avx512"),
+                    help="cap both builds' vector ISA (set_isa), e.g. avx2 to time the AVX2 kernels on an AVX-512 CPU")
     ap.add_argument("--reordered", action="store_true",
                     help="the new build sums in another order: accept outputs within the dtype's rounding "
                          "(fp32 1e-5, bf16 2e-2 relative) and record the largest difference, instead of bit-identity")
@@ -88,6 +90,8 @@ def main(argv=None) -> None:
     if any(m < 1 for m in ms) or any(not 0.0 <= s < 1.0 for s in sparsities) or args.rounds < 1 or args.threads < 1:
         raise SystemExit("--ms must be >= 1, --sparsities in [0, 1), --rounds and --threads >= 1")
     old = load_build(args.old)
+    for build in (old, new):
+        build.set_isa(args.isa)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
@@ -129,7 +133,7 @@ def main(argv=None) -> None:
                     print(f"{args.op} {sname:12s} {dname} sparsity {sp} M={m:<4d} dense {md['dense']:7.2f} ms  "
                           f"old {row['old_vs_dense']:.2f}x  new {row['new_vs_dense']:.2f}x  new/old {row['new_vs_old']:.2f}",
                           flush=True)
-    out = dict(cpu=cpu_model(), torch=torch.__version__, load=os.getloadavg()[0], rounds=args.rounds, old=args.old,
+    out = dict(cpu=cpu_model(), torch=torch.__version__, load=os.getloadavg()[0], rounds=args.rounds, isa=args.isa, old=args.old,
                command="python bench/native_ab.py " + " ".join(argv if argv is not None else sys.argv[1:]), rows=rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with atomic_file(args.out) as tmp, open(tmp, "w") as f:
