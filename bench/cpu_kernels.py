@@ -341,13 +341,14 @@ def bench_e2e(native, dtypes, threads_list, new_tokens, rounds, prefill_tokens=5
     return rows
 
 
-def summarize(kernels: list, e2e: list) -> list:
+def summarize(kernels: list, e2e: list, isa: str = "auto") -> list:
     """Issue 16's goals: every cell >= 0.95x dense; 7B at M = 1 one thread: 2:4 >= 1.8x, bitmap 70% >= 2.5x
-    (fp32 and bf16); end to end prefill >= 0.95x, decode >= 1.5x (fp32) / 1.3x (bf16)."""
+    (fp32 and bf16; 2x with the ISA capped at AVX2, item 5); end to end prefill >= 0.95x, decode >= 1.5x (fp32) /
+    1.3x (bf16)."""
     lines = []
     for r in kernels:
         if r["shape"].startswith("7b") and r["m"] == 1 and r["threads"] == 1 and r["impl"] in ("2:4", "bitmap70"):
-            goal = 1.8 if r["impl"] == "2:4" else 2.5
+            goal = 1.8 if r["impl"] == "2:4" else (2.0 if isa == "avx2" else 2.5)
             lines.append(f"goal {r['impl']:8s} {r['n']}x{r['k']} {r['dtype']} M=1 t=1: "
                          f"{r['speedup_vs_dense']:.2f}x dense by medians, {r['speedup_vs_dense_min']:.2f}x by minima "
                          f"(goal {goal}x) {'met' if r['speedup_vs_dense'] >= goal else 'NOT met'} (by medians)")
@@ -429,7 +430,7 @@ def main(argv=None) -> None:
                "panel_min_m per op, dtype, shape); load_average_1min per cell; the SmolLM2 "
                "shapes fit in L3 (warm cache), the 7B shapes stream from DRAM; this machine's cores are shared "
                "with other jobs, so the load averages are recorded"),
-        kernels=kernels, e2e=e2e, summary=summarize(kernels, e2e))
+        kernels=kernels, e2e=e2e, summary=summarize(kernels, e2e, args.isa))
     print("\n".join(result["summary"]))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     tmp = f"{args.out}.tmp-{os.getpid()}"
