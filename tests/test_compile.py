@@ -86,6 +86,28 @@ def test_inductor_inference_matches_eager(backend):
         assert torch.equal(torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits, model(ids).logits)
 
 
+def test_bf16_inference_compiles_on_the_lane_paths(backend):
+    """bf16 inference at 64 tokens: on AVX512_BF16 CPUs without AMX the 2:4 attention runs the shuffle kernel and
+    the bitmap MLP the lanes kernel (stop 44); the compiled graph (AOT, and inductor) gives eager's logits."""
+    from laco_kernels import _native
+
+    model = _model("inference").to(torch.bfloat16)
+    ids = random_ids(4, 16, seed=5)  # 64 rows of x per linear
+    if backend == "native":
+        paths = {(type(m).__name__, _native.linear_path("sparse24_linear" if isinstance(m, SparseLinear24) else
+                                                        "bitmap_linear", torch.bfloat16,
+                                                        (m.out_features, m.in_features), 64, 0.4))
+                 for m in sparse_modules(model).values()}
+        if _native.isa() == "avx512bf16" and not _native.amx_available():
+            assert paths == {("SparseLinear24", "shuffle"), ("BitmapLinear", "lanes")}, paths
+    with torch.no_grad():
+        eager = model(ids).logits
+        assert eager.dtype == torch.bfloat16 and torch.isfinite(eager.float()).all()
+        assert torch.equal(torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits, eager)
+        got = torch.compile(model, fullgraph=True, dynamic=False)(ids).logits
+    torch.testing.assert_close(got.float(), eager.float(), atol=0.1, rtol=0.05)
+
+
 def test_inductor_training_step_matches_eager(backend):
     """Forward and backward under inductor (SparseLinear24(trainable=True) + MaskedLinear)."""
     model = _model("train")
