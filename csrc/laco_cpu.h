@@ -245,11 +245,15 @@ at::Tensor sparse24_shuffle_fp32(const at::Tensor& x32, const at::Tensor& b32, c
 using DenseRowsFillF32 = std::function<void(int64_t r0, int64_t r1, float* dst)>;
 at::Tensor lanes_dense_fp32(const at::Tensor& x32, const at::Tensor& b32, int64_t N, int64_t K,
                             const DenseRowsFillF32& fill);
-// Dense rows [r0, r1) of a weight decompressed into dst ([r1 - r0, K] bf16 bits, row stride K).
-using DenseRowsFill = std::function<void(int64_t r0, int64_t r1, uint16_t* dst)>;
-// bf16 GEMM with output features in the lanes on weights decompressed 32 rows at a time by `fill`
+// The lanes panel of weight rows [n0, n0 + nrows) (nrows <= 32) and column pairs [p0, p0 + pc) (p0 a multiple
+// of 16): pan[(c * 2 + v) * 16 + i] = the bf16 pair (2 (p0 + c), 2 (p0 + c) + 1) of row n0 + 16 v + i, zero
+// past nrows. Called for a block's K-blocks in order; `cursor` (32 slots, the thread's) carries each row's
+// position in the compressed stream from one K-block to the next (p0 == 0 starts them).
+using LanesPanelFill = std::function<void(int64_t n0, int64_t nrows, int64_t p0, int64_t pc, int64_t* cursor,
+                                          uint32_t* pan)>;
+// bf16 GEMM with output features in the lanes on weights decompressed straight into its panels by `fill`
 // (csrc/lanes_bf16.cpp, beside the shuffle kernel); K even.
-at::Tensor lanes_dense_bf16(const at::Tensor& x, const at::Tensor& b32, int64_t N, int64_t K, const DenseRowsFill& fill);
+at::Tensor lanes_dense_bf16(const at::Tensor& x, const at::Tensor& b32, int64_t N, int64_t K, const LanesPanelFill& fill);
 at::Tensor bitmap_pair_bf16(const at::Tensor& x, const at::Tensor& b32, const at::Tensor& values,
                             const at::Tensor& bitmap, const at::Tensor& offsets, int64_t tile_k, int64_t N, int64_t K);
 

@@ -20,8 +20,9 @@
 // every register block of up to 8 rows of x runs over the panel with 16 fp32 accumulators (8 rows x 2
 // vectors), partial sums kept in a per-thread [M, 32] fp32 buffer between K-blocks. One thread computes each
 // output element in a fixed order: the same bits for any thread count.
-// The dense variant: 32 weight rows decompressed into a [32, K] buffer (bm_decompress_rows), re-laid per block of
-// 128 column pairs into a panel of 16-feature pair vectors (the same transpose), then per pair 2 loads, 8
+// The dense variant: per block of 128 column pairs the weights are decompressed straight into a panel of
+// 16-feature pair vectors (bm_lanes_panel_bf16: 16 rows' 32-column words expanded into registers, then the same
+// transpose; stop 45, where stop 44 went through a [32, K] row buffer), then per pair 2 loads, 8
 // broadcasts of x[m, 2p .. 2p + 1] and 16 dots. It does the dense count of multiply-adds; against the bitmap
 // panels (decompress + oneDNN, which re-lays the panel again) it saves that second re-layout and runs its loop at
 // about the same rate as oneDNN's.
@@ -205,7 +206,7 @@ at::Tensor sparse24_shuffle_bf16(const at::Tensor& x, const at::Tensor& b32, con
 #endif
 }
 
-at::Tensor lanes_dense_bf16(const at::Tensor& x, const at::Tensor& b32, int64_t N, int64_t K, const DenseRowsFill& fill) {
+at::Tensor lanes_dense_bf16(const at::Tensor& x, const at::Tensor& b32, int64_t N, int64_t K, const LanesPanelFill& fill) {
 #if LACO_X86
   TORCH_CHECK(K % 2 == 0, "lanes_dense_bf16: K must be even");
   const int64_t M = x.size(0), P = K / 2;
@@ -217,12 +218,11 @@ at::Tensor lanes_dense_bf16(const at::Tensor& x, const at::Tensor& b32, int64_t 
   constexpr int64_t kPairsPerBlock = 2 * kGroupsPerBlock;  // 128 pairs: 32 x 256 columns, a 16 KB panel
   lanes::run_feature_blocks(
       M, N, K, P, kPairsPerBlock, kPairsPerBlock * kVecs * kLanes,
-      [&](int64_t n0, int64_t nrows, std::vector<uint32_t>& rows) {
-        rows.resize(static_cast<size_t>(kFeat * P + 16));  // [32, K] bf16
-        fill(n0, n0 + nrows, reinterpret_cast<uint16_t*>(rows.data()));
+      [&](int64_t, int64_t, std::vector<uint32_t>& scratch) {
+        scratch.resize(2 * kFeat);  // the rows' cursors: kFeat int64 slots
       },
-      [&](int64_t, int64_t nrows, int64_t p0, int64_t pc, const uint32_t* rows, uint32_t* pan) {
-        lanes::fill_dword_panel(rows, nrows, P, p0, pc, pan);
+      [&](int64_t n0, int64_t nrows, int64_t p0, int64_t pc, uint32_t* scratch, uint32_t* pan) {
+        fill(n0, nrows, p0, pc, reinterpret_cast<int64_t*>(scratch), pan);
       },
       [&](int64_t r, int64_t m0, int64_t p0, int64_t pc, const uint32_t* pan, float* part, bool first) {
         kRunRowsDense[r](pan, pc, xp + m0 * K + 2 * p0, K, part, first);

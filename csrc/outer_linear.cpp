@@ -301,7 +301,7 @@ std::atomic<int64_t> g_lanes_min_m_override{-1};
 // (stop 44, Zen 4, interleaved with F.linear, medians of 5 rounds, lanes / the path it replaced): 1536x576 and
 // 576x1536 at 50% and 70%, one thread M = 32-64 0.93-1.06x / 0.78-0.88x, M = 256-1024 0.98-1.05x / 0.91-1.00x; two
 // threads M = 32-1024 0.99-1.27x / 0.61-1.01x. At M = 16 it was mixed (one thread 0.86-0.92x against 0.79-0.96x),
-// and on 7B weights too (0.78-1.04x against 0.86-1.25x): those keep their paths. Density under 0.25 was not
+// and on 7B weights too (0.78-1.04x against 0.86-1.25x, the kernel of stop 44: see below for stop 45's). Density under 0.25 was not
 // measured (the pair kernel skips empty pairs, this loop does the dense count): kept off.
 constexpr int64_t kLanesMinM = 32;
 // The fp32 bitmap (lanes_fp32.cpp), weights under 16 MB: in place of the panels, from panel_min_m (stop 44, medians of
@@ -310,6 +310,14 @@ constexpr int64_t kLanesMinM = 32;
 // one thread: 0.92-1.16x against 0.80-1.72x). 7B weights at M = 1024 tied (0.95-0.98x / 0.97-1.00x one thread,
 // 1.06-1.13x / 0.98-1.04x two): they keep the panels.
 constexpr double kLanesMinDensity = 0.25;
+// bf16 weights of 16 MB and more (stop 45, after the kernel expanded the bitmap straight into its panels with a
+// software prefetch of each row's values 256 bytes ahead; /tmp probe, forced lanes beside the dispatched path and
+// F.linear, 5 rounds interleaved, medians, 11008x4096 and 4096x11008, lanes / dispatched): density 0.5, one thread
+// M = 8-64 1.00-1.22x / 0.93-1.02x (panels), two threads 0.97-1.35x / 0.93-1.06x, M = 256 0.98-0.99x / 0.95-0.97x;
+// density 0.3 M = 8-16 0.97-1.37x / 0.97-1.13x (panels, pair), M = 32 1.00-1.15x / 1.02-1.13x (pair: mixed),
+// M = 64 1.03-1.06x / 1.12-1.17x (pair: lost), M = 256 0.99x / 0.94-0.99x; M = 1024 (two threads, 3 rounds)
+// 0.93-1.05x / 0.96-1.00x (mixed). So from M = 8 below M = 1024, except where the pair kernel serves from M = 32.
+constexpr int64_t kLanesLargeMinM = 8, kLanesLargeMaxM = 1024, kLanesLargePairFromM = 32;
 }  // namespace
 
 int64_t lanes_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K, double density) {
@@ -318,11 +326,19 @@ int64_t lanes_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K, double
   if (!f32 && (dt != at::kBFloat16 || active_isa() < Isa::kAvx512Bf16 || K % 2 != 0)) return int64_t{1} << 62;
   const int64_t o = g_lanes_min_m_override.load();
   if (o >= 0) return o;
-  if (amx_available() || N * K * (f32 ? 4 : 2) >= kLargeWeightBytes || density < kLanesMinDensity) {
-    return int64_t{1} << 62;
-  }
+  if (amx_available() || density < kLanesMinDensity) return int64_t{1} << 62;
+  if (N * K * (f32 ? 4 : 2) >= kLargeWeightBytes) return f32 ? int64_t{1} << 62 : kLanesLargeMinM;
   return f32 ? panel_min_m(op, dt, N, K) : kLanesMinM;
 }
+
+namespace {
+// Where the measured lanes range of bf16 weights of 16 MB and more stops (kLanesLargeMaxM, the pair kernel's range
+// from kLanesLargePairFromM); a forced threshold has no such gaps.
+bool lanes_large_yields(LinearOp op, at::ScalarType dt, int64_t M, int64_t N, int64_t K, double density) {
+  if (g_lanes_min_m_override.load() >= 0 || dt != at::kBFloat16 || N * K * 2 < kLargeWeightBytes) return false;
+  return M >= kLanesLargeMaxM || (M >= kLanesLargePairFromM && pair_path(op, dt, M, N, K, density));
+}
+}  // namespace
 
 void set_lanes_min_m(int64_t m) { g_lanes_min_m_override = m; }
 
@@ -333,8 +349,8 @@ LinearPath linear_path(LinearOp op, at::ScalarType dt, int64_t M, int64_t N, int
   const bool shuffle = M >= shuffle_min_m(op, dt, N, K);
   const bool others_forced = g_outer_min_m_override.load() >= 0 || panel_min_m_forced();
   if (shuffle && (g_shuffle_min_m_override.load() >= 0 || !others_forced)) return LinearPath::kShuffle;
-  const bool lanes = M >= lanes_min_m(op, dt, N, K, density);  // (the same rule)
-  if (lanes && (g_lanes_min_m_override.load() >= 0 || !others_forced)) return LinearPath::kLanes;
+  const bool lanes = M >= lanes_min_m(op, dt, N, K, density) && !lanes_large_yields(op, dt, M, N, K, density);
+  if (lanes && (g_lanes_min_m_override.load() >= 0 || !others_forced)) return LinearPath::kLanes;  // (the same rule)
   if (M >= amx_min_m(op, dt, N, K) && M < amx_max_m(op, dt, N, K)) return LinearPath::kAmx;
   // a forced panel threshold (set_panel_min_m) wins over the pair kernel's measured range, as it does
   // over the outer-product kernel's

@@ -136,8 +136,8 @@ def test_lanes_kernel_odd_k_keeps_other_paths(lanes_forced):
 
 @pytest.mark.skipif(_native is not None and _native.amx_available(), reason="AMX tiles serve that M range")
 def test_dispatch_takes_the_lanes_kernel_for_small_bitmaps_from_m32():
-    """Measured defaults (stop 44): bf16 bitmaps under 16 MB at density >= 0.25 from M = 32 on; 7B weights and
-    sparser ones never (fp32: test_native_lanes_fp32.py)."""
+    """Measured defaults (stop 44): bf16 bitmaps under 16 MB at density >= 0.25 from M = 32 on; sparser ones
+    never (fp32: test_native_lanes_fp32.py). 7B weights: test_dispatch_lanes_range_on_large_bf16_weights."""
     dt = torch.bfloat16
     for shape in ((1536, 576), (576, 1536)):
         for density in (0.3, 0.5):
@@ -145,7 +145,35 @@ def test_dispatch_takes_the_lanes_kernel_for_small_bitmaps_from_m32():
             assert _native.linear_path("bitmap_linear", dt, shape, 32, density) == "lanes"
             assert _native.linear_path("bitmap_linear", dt, shape, 1024, density) == "lanes"
         assert _native.linear_path("bitmap_linear", dt, shape, 64, 0.2) != "lanes"
-    assert _native.linear_path("bitmap_linear", dt, (11008, 4096), 64, 0.5) != "lanes"
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="set_lanes_min_m: m must be None"):
             _native.set_lanes_min_m(bad)
+
+
+@pytest.mark.skipif(_native is not None and _native.amx_available(), reason="AMX tiles serve that M range")
+def test_dispatch_lanes_range_on_large_bf16_weights():
+    """Measured defaults (stop 45): bf16 bitmaps of 16 MB and more take the lanes kernel from M = 8 to 1023, except
+    where the pair kernel serves (density <= 0.4 from M = 32 below its pair_max_m); the fp32 ones never."""
+    dt = torch.bfloat16
+    for shape in ((11008, 4096), (4096, 11008)):
+        for m in (1, 4, 7):
+            assert _native.linear_path("bitmap_linear", dt, shape, m, 0.5) == "direct"
+        for m in (8, 16, 64, 256, 1023):
+            assert _native.linear_path("bitmap_linear", dt, shape, m, 0.5) == "lanes"
+        assert _native.linear_path("bitmap_linear", dt, shape, 1024, 0.5) == "panel"
+        for m in (8, 16, 31):
+            assert _native.linear_path("bitmap_linear", dt, shape, m, 0.3) == "lanes"
+        pair_end = _native.pair_max_m("bitmap_linear", dt, shape)
+        assert 32 < pair_end < 1024
+        for m in (32, pair_end - 1):
+            assert _native.linear_path("bitmap_linear", dt, shape, m, 0.3) == "pair"
+        assert _native.linear_path("bitmap_linear", dt, shape, pair_end, 0.3) == "lanes"
+        assert _native.linear_path("bitmap_linear", dt, shape, 64, 0.2) != "lanes"
+        assert _native.linear_path("bitmap_linear", torch.float32, shape, 64, 0.5) != "lanes"
+    # a forced threshold has no gaps
+    _native.set_lanes_min_m(8)
+    try:
+        assert _native.linear_path("bitmap_linear", dt, (11008, 4096), 64, 0.3) == "lanes"
+        assert _native.linear_path("bitmap_linear", dt, (11008, 4096), 4096, 0.5) == "lanes"
+    finally:
+        _native.set_lanes_min_m(None)

@@ -156,8 +156,10 @@ def test_linear_path_reports_the_dispatch():
                     ["direct", "lanes", "lanes"]
             assert _native.linear_path("bitmap_linear", dt, (576, 1536), lo, 0.1) == "pair"
             assert _native.linear_path("bitmap_linear", dt, (576, 1535), 64, 0.5) != "lanes"  # odd K
-            assert _native.linear_path("bitmap_linear", dt, (11008, 4096), 64, 0.5) == "panel"
+            assert _native.linear_path("bitmap_linear", dt, (11008, 4096), 1024, 0.5) == "panel"  # (stop 45: lanes below)
+            assert _native.linear_path("bitmap_linear", dt, (11008, 4096), 64, 0.3) == "pair"
             _native.set_lanes_min_m(10**9)
+            assert _native.linear_path("bitmap_linear", dt, (11008, 4096), 64, 0.5) == "panel"
             assert _native.linear_path("bitmap_linear", dt, (576, 1536), lo, 0.3) == "pair"
             assert _native.linear_path("bitmap_linear", dt, (576, 1536), lo, 0.5) != "pair"
             _native.set_lanes_min_m(None)
