@@ -318,6 +318,13 @@ constexpr double kLanesMinDensity = 0.25;
 // M = 64 1.03-1.06x / 1.12-1.17x (pair: lost), M = 256 0.99x / 0.94-0.99x; M = 1024 (two threads, 3 rounds)
 // 0.93-1.05x / 0.96-1.00x (mixed). So from M = 8 below M = 1024, except where the pair kernel serves from M = 32.
 constexpr int64_t kLanesLargeMinM = 8, kLanesLargeMaxM = 1024, kLanesLargePairFromM = 32;
+// The fp32 bitmap under 16 MB at density above 0.4: from M = 16 even where the panels start later (one thread), in
+// place of the outer-product kernel, whose work grows with the kept weights (stop 45, /tmp probe in the bench's
+// context: dense, 2:4, bitmap 70% and the forced bitmap 50% path interleaved, 15 rounds, medians, over F.linear,
+// lanes / outer, one thread: 1536x576 M = 16-64 0.97-1.47x / 0.91-1.07x, 576x1536 0.90-1.10x / 0.67-0.96x; at 70%
+// the outer kernel led, 1.22-1.54x / 1.18-1.41x lanes, and keeps its range; at M = 8 the direct kernel led,
+// 1.18-1.30x / 0.91-1.15x).
+constexpr int64_t kLanesF32DenseMinM = 16;
 }  // namespace
 
 int64_t lanes_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K, double density) {
@@ -328,7 +335,9 @@ int64_t lanes_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K, double
   if (o >= 0) return o;
   if (amx_available() || density < kLanesMinDensity) return int64_t{1} << 62;
   if (N * K * (f32 ? 4 : 2) >= kLargeWeightBytes) return f32 ? int64_t{1} << 62 : kLanesLargeMinM;
-  return f32 ? panel_min_m(op, dt, N, K) : kLanesMinM;
+  if (!f32) return kLanesMinM;
+  const int64_t pm = panel_min_m(op, dt, N, K);
+  return density > kPairMaxDensity ? std::min(pm, kLanesF32DenseMinM) : pm;
 }
 
 namespace {
