@@ -175,7 +175,7 @@ void bm_run(BmArgs a, const float* bias, float* y) {
   // over F.linear, bench/results/native_ab_zen4_m1_streams_bitmap_linear.json), bf16 widened (ISA capped at
   // avx512) 2.07-2.21x -> 2.51-2.67x over F.linear; AVX2 fp32 (capped) 1.64-1.70x -> 2.03-2.18x. AVX2 bf16 was
   // slower on four rows while it widened each value (1.87-2.09x -> 1.70-1.83x); with one vpshufb per 8 columns
-  // (stop 45, bf16_widen_table) four rows took it from 1.83-2.01x to 2.09-2.45x (bench/results/
+  // (stop 45, bf16_widen_table) four rows took it on 7B shapes from 1.81-2.10x to 2.16-2.56x (bench/results/
   // native_ab_zen4_avx2_bitmap_stop45.json). Eight rows were slower on AVX2 (fp32 1.82-2.03x, bf16 1.96-2.13x).
   // bf16 with AVX512_BF16 keeps bm_avx512bf16 (2.8x already). Also: the AVX-512 kernel loads 16 values
   // unmasked (the mask arithmetic was a third of the one-row loop's ~37 instructions a word).

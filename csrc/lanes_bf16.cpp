@@ -1,7 +1,7 @@
 // bf16 GEMMs with the output features in the vector lanes, on CPUs with AVX512_BF16 (no AMX; stop 44):
 //  - sparse24_shuffle_bf16 (the "shuffle" path): 2:4 weights, the x pairs picked per lane by a byte shuffle;
-//  - lanes_dense_bf16 (the "lanes" path): weights decompressed 32 rows at a time (the bitmap) and multiplied
-//    densely.
+//  - lanes_dense_bf16 (the "lanes" path): weights decompressed straight into its panels by a filler (the bitmap:
+//    bm_lanes_panel_bf16, 16 rows at a time) and multiplied densely.
 //
 // Why: the pair kernel (pair_outer_bf16.cpp) puts rows of x in the lanes and reads each dot's x pairs from a
 // table: three loads per dot, about 1.9 cycles per dot on a Zen 4 even from L1 (docs/cpu_kernels.md, stop 43),
