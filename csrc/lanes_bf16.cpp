@@ -123,7 +123,7 @@ using RunRows = void (*)(const uint32_t*, int64_t, const uint16_t*, int64_t, flo
 constexpr RunRows kRunRows[kMaxRows + 1] = {nullptr,      run_rows<1>, run_rows<2>, run_rows<3>, run_rows<4>,
                                             run_rows<5>, run_rows<6>, run_rows<7>, run_rows<8>};
 
-// Dense variant (decompressed weights): the panel is lanes::fill_dword_panel over the rows' bf16 pairs.
+// Dense variant (decompressed weights): the panel holds 16-feature bf16 pair vectors (bm_lanes_panel_bf16).
 template <int R>
 LACO_AVX512BF16 void run_rows_dense(const uint32_t* pan, int64_t pc, const uint16_t* xr, int64_t ldx, float* part,
                                     bool first) {

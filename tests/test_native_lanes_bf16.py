@@ -12,6 +12,12 @@ from _native_util import ISAS, _close, _native, kernel_forced, needs_ext, same_b
 
 pytestmark = [needs_ext, pytest.mark.skipif("avx512bf16" not in ISAS, reason="the shuffle kernel needs AVX512_BF16")]
 
+
+def assert_one_bf16_step(y, ref32):
+    """y (bf16) is an fp32 sum rounded once: within one bf16 step of the fp32 reference ref32."""
+    assert ((y.float() - ref32).abs() <= ref32.abs() * 2**-8 + 1e-3 * ref32.abs().max() + 1e-6).all()
+
+
 # M: 1 (forced), 7 / 8 / 9 (one partial / full register block, a block and a row), 17, 65; N: 1, 5, 16, 17 (a
 # partial vector), 32 / 33 (a full block, one more), 70; K: one group, 60 (15 groups: a partial 16-group
 # transpose), 256 (64 groups: one full K-block), 260 (65: a second K-block of one group), 4100, 8196 (many
@@ -44,9 +50,8 @@ def test_shuffle_kernel_matches_reference(shuffle_forced, shape):
         y = same_bits_over_threads(lambda: _native.sparse24_linear(x, w24, b))
         assert y.dtype == dt and y.shape == (m, n)
         _close(y, reference.sparse24_linear(x, w24, b), dt)
-        # the output rounded once from an fp32 sum: within one bf16 step of the fp32 reference
         ref32 = x.float() @ w24.to_dense().float().t() + (b.float() if b is not None else 0)
-        assert ((y.float() - ref32).abs() <= ref32.abs() * 2**-8 + 1e-3 * ref32.abs().max() + 1e-6).all()
+        assert_one_bf16_step(y, ref32)
     if k <= 4100:  # x = I: each output is one weight, exactly (every lane's pair lands on its own column)
         eye = torch.eye(k).to(dt)
         assert torch.equal(_native.sparse24_linear(eye, w24).t(), w24.to_dense())
@@ -94,7 +99,7 @@ def test_dispatch_takes_the_shuffle_kernel_from_m8():
             _native.set_shuffle_min_m(bad)
 
 
-# The bitmap on the lanes path (lanes_dense_bf16: 32 rows decompressed, pairs re-laid into 16-feature vectors):
+# The bitmap on the lanes path (lanes_dense_bf16: 16 rows' words expanded straight into 16-feature pair vectors):
 # K even only (odd K keeps the other paths); K = 2 (one pair), 254 / 256 / 258 (around one 128-pair block),
 # 4098; tile_k 32 and 128; rows empty, full and nearly empty.
 BITMAP_SHAPES = [(1, 5, 2), (7, 16, 254), (8, 17, 256), (9, 1, 258), (17, 33, 100), (65, 32, 576), (8, 70, 4098),
@@ -121,7 +126,7 @@ def test_lanes_kernel_matches_reference(lanes_forced, shape, tile_k):
         assert y.dtype == dt and y.shape == (m, n)
         _close(y, reference.bitmap_linear(x, bw, b), dt)
         ref32 = x.float() @ bw.to_dense().float().t() + (b.float() if b is not None else 0)
-        assert ((y.float() - ref32).abs() <= ref32.abs() * 2**-8 + 1e-3 * ref32.abs().max() + 1e-6).all()
+        assert_one_bf16_step(y, ref32)
     eye = torch.eye(k).to(dt)
     assert torch.equal(_native.bitmap_linear(eye, bw).t(), bw.to_dense())
 
