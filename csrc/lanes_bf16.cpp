@@ -186,7 +186,8 @@ at::Tensor sparse24_shuffle_bf16(const at::Tensor& x, const at::Tensor& b32, con
   alignas(64) uint32_t lut_words[16];
   for (int i = 0; i < 16; ++i) lut_words[i] = control_of_nibble(i);
   lanes::run_feature_blocks(
-      M, N, K, G, kGroupsPerBlock, kGroupsPerBlock * kVecs * 2 * kLanes, lanes::no_block_setup,
+      M, N, K, G, kGroupsPerBlock, kGroupsPerBlock * kVecs * 2 * kLanes, K * 2, lanes::kShuffleXChunkBytes,
+      lanes::no_block_setup,
       [&](int64_t n0, int64_t, int64_t g0, int64_t gc, const uint32_t*, uint32_t* pan) {
         // the next panel's weight bytes (this block's next K-block, or the next block's first) into L1/L2 while
         // this one computes: a 7B weight comes from DRAM, 32 rows = 32 streams the hardware prefetchers do not
@@ -198,7 +199,9 @@ at::Tensor sparse24_shuffle_bf16(const at::Tensor& x, const at::Tensor& b32, con
       [&](int64_t r, int64_t m0, int64_t g0, int64_t gc, const uint32_t* pan, float* part, bool first) {
         kRunRows[r](pan, gc, xp + m0 * K + 4 * g0, K, part, first);
       },
-      [&](const float* part, int64_t n0) { store_rows(part, M, bp, N, n0, yp); });
+      [&](const float* part, int64_t n0, int64_t mc0, int64_t mrows) {
+        store_rows(part, mrows, bp, N, n0, yp + mc0 * N);
+      });
   return y;
 #else
   (void)x; (void)b32; (void)values; (void)meta; (void)N; (void)K;
@@ -217,7 +220,7 @@ at::Tensor lanes_dense_bf16(const at::Tensor& x, const at::Tensor& b32, int64_t 
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
   constexpr int64_t kPairsPerBlock = 2 * kGroupsPerBlock;  // 128 pairs: 32 x 256 columns, a 16 KB panel
   lanes::run_feature_blocks(
-      M, N, K, P, kPairsPerBlock, kPairsPerBlock * kVecs * kLanes,
+      M, N, K, P, kPairsPerBlock, kPairsPerBlock * kVecs * kLanes, K * 2, 0,
       [&](int64_t, int64_t, std::vector<uint32_t>& scratch) {
         scratch.resize(2 * kFeat);  // the rows' cursors: kFeat int64 slots
       },
@@ -227,7 +230,9 @@ at::Tensor lanes_dense_bf16(const at::Tensor& x, const at::Tensor& b32, int64_t 
       [&](int64_t r, int64_t m0, int64_t p0, int64_t pc, const uint32_t* pan, float* part, bool first) {
         kRunRowsDense[r](pan, pc, xp + m0 * K + 2 * p0, K, part, first);
       },
-      [&](const float* part, int64_t n0) { store_rows(part, M, bp, N, n0, yp); });
+      [&](const float* part, int64_t n0, int64_t mc0, int64_t mrows) {
+        store_rows(part, mrows, bp, N, n0, yp + mc0 * N);
+      });
   return y;
 #else
   (void)x; (void)b32; (void)N; (void)K; (void)fill;

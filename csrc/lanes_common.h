@@ -56,6 +56,25 @@ LACO_AVX512 inline void fill_dword_panel(const uint32_t* rows, int64_t nrows, in
 }
 #endif
 
+// Rows of x per pass over the weight (x_chunk_bytes > 0; else all of x in one pass). Every 32-feature block streams
+// all of x once, so an x that does not stay in L3 beside the weight stream is re-read from DRAM for every block;
+// chunks of at most x_chunk_bytes of x (equal chunks, multiples of the register block) come from L3 instead, at the
+// cost of filling every panel once per chunk. The 2:4 shuffle kernels' panels are cheap to fill and take chunks of
+// kShuffleXChunkBytes; the dense lane kernels' fillers decompress the bitmap (dearer) and take none (stop 46,
+// docs/cpu_kernels.md: 8 MB chunks lost there, 0.99x -> 0.84x of F.linear on 11008x4096 at M = 1024).
+inline int64_t x_chunk_rows(int64_t M, int64_t x_row_bytes, int64_t x_chunk_bytes) {
+  const int64_t total = M * std::max<int64_t>(x_row_bytes, 1);
+  if (x_chunk_bytes <= 0 || total <= x_chunk_bytes) return std::max<int64_t>(M, 1);
+  const int64_t chunks = (total + x_chunk_bytes - 1) / x_chunk_bytes;
+  const int64_t rows = (M + chunks - 1) / chunks;
+  return (rows + kMaxRows - 1) / kMaxRows * kMaxRows;
+}
+
+// 8 MB: Zen 4 EPYC (32 MB L3), 2:4 bf16 4096x11008 at M = 1024, one thread, forced shuffle against F.linear in one
+// process: one pass (22.5 MB of x) 1.14x, 2 MB chunks 1.10x, 4 MB 1.25x, 8 MB 1.31x; two threads 1.25-1.34x at
+// 0-16 MB (no trend). fp32 1.17x / 1.09x (4096x11008 / 11008x4096) -> 1.17x / 1.19x.
+constexpr int64_t kShuffleXChunkBytes = int64_t{8} << 20;
+
 // A 64-byte aligned array of n elements held by buf (zero-filled).
 template <typename T>
 T* aligned_buffer(std::vector<T>& buf, int64_t n) {
@@ -67,31 +86,38 @@ T* aligned_buffer(std::vector<T>& buf, int64_t n) {
 // ~1M multiply-adds per chunk, linear_row_grain). Per block: begin(n0, nrows, rows) once (the dense kernels
 // decompress the block's rows into `rows`, the thread's scratch); per K-block of at most kb of the `units` (groups,
 // pairs or columns): panel(n0, nrows, u0, uc, rows, pan) into the thread's 64-byte aligned panel of panel_elems
-// dwords, then run(r, m0, u0, uc, pan, part + 32 m0, first) per register block of r <= 8 rows of x; at the end
-// finish(part, n0). part: the thread's [M, 32] fp32 partial sums, first: the block's first K-block.
+// dwords, then run(r, m0, u0, uc, pan, part + 32 (m0 - mc0), first) per register block of r <= 8 rows of x; at the
+// end finish(part, n0, mc0, mrows). part: the thread's [mrows, 32] fp32 partial sums, first: the block's first
+// K-block. Rows of x in chunks [mc0, mc0 + mrows) of x_chunk_rows(M, x_row_bytes, x_chunk_bytes) rows, each chunk
+// a pass over all blocks.
 template <typename Begin, typename Panel, typename Run, typename Finish>
 void run_feature_blocks(int64_t M, int64_t N, int64_t K, int64_t units, int64_t kb, int64_t panel_elems,
-                        const Begin& begin, const Panel& panel, const Run& run, const Finish& finish) {
+                        int64_t x_row_bytes, int64_t x_chunk_bytes, const Begin& begin, const Panel& panel, const Run& run,
+                        const Finish& finish) {
   const int64_t blocks = (N + kFeat - 1) / kFeat;
-  const int64_t grain = std::max<int64_t>(1, linear_row_grain(M, K) / kFeat);
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> part_buf;
-    std::vector<uint32_t> pan_buf, rows;
-    float* part = aligned_buffer(part_buf, M * kFeat);
-    uint32_t* pan = aligned_buffer(pan_buf, panel_elems);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * kFeat, nrows = std::min<int64_t>(kFeat, N - n0);
-      begin(n0, nrows, rows);
-      for (int64_t u0 = 0; u0 < units; u0 += kb) {
-        const int64_t uc = std::min(kb, units - u0);
-        panel(n0, nrows, u0, uc, rows.data(), pan);
-        for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-          run(std::min<int64_t>(kMaxRows, M - m0), m0, u0, uc, pan, part + m0 * kFeat, u0 == 0);
+  const int64_t chunk = x_chunk_rows(M, x_row_bytes, x_chunk_bytes);
+  for (int64_t mc0 = 0; mc0 < M; mc0 += chunk) {
+    const int64_t mrows = std::min(chunk, M - mc0);
+    const int64_t grain = std::max<int64_t>(1, linear_row_grain(mrows, K) / kFeat);
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      std::vector<float> part_buf;
+      std::vector<uint32_t> pan_buf, rows;
+      float* part = aligned_buffer(part_buf, mrows * kFeat);
+      uint32_t* pan = aligned_buffer(pan_buf, panel_elems);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n0 = b * kFeat, nrows = std::min<int64_t>(kFeat, N - n0);
+        begin(n0, nrows, rows);
+        for (int64_t u0 = 0; u0 < units; u0 += kb) {
+          const int64_t uc = std::min(kb, units - u0);
+          panel(n0, nrows, u0, uc, rows.data(), pan);
+          for (int64_t m0 = mc0; m0 < mc0 + mrows; m0 += kMaxRows) {
+            run(std::min<int64_t>(kMaxRows, mc0 + mrows - m0), m0, u0, uc, pan, part + (m0 - mc0) * kFeat, u0 == 0);
+          }
         }
+        finish(part, n0, mc0, mrows);
       }
-      finish(part, n0);
-    }
-  });
+    });
+  }
 }
 
 // begin() of the kernels that need no per-block work.

@@ -134,14 +134,17 @@ at::Tensor sparse24_shuffle_fp32(const at::Tensor& x32, const at::Tensor& b32, c
   at::Tensor y = at::empty({M, N}, x32.options());
   float* yp = y.data_ptr<float>();
   lanes::run_feature_blocks(
-      M, N, K, G, kGroupsPerBlock, kGroupsPerBlock * kVecs * kPanelVecs * kLanes, lanes::no_block_setup,
+      M, N, K, G, kGroupsPerBlock, kGroupsPerBlock * kVecs * kPanelVecs * kLanes, K * 4,
+      lanes::kShuffleXChunkBytes, lanes::no_block_setup,
       [&](int64_t n0, int64_t, int64_t g0, int64_t gc, const uint32_t*, uint32_t* pan) {
         fill_panel_f32(vp, mp, N, G, W, n0, g0, gc, reinterpret_cast<float*>(pan));
       },
       [&](int64_t r, int64_t m0, int64_t g0, int64_t gc, const uint32_t* pan, float* part, bool first) {
         kRunRowsF32[r](reinterpret_cast<const float*>(pan), gc, xp + m0 * K + 4 * g0, K, part, first);
       },
-      [&](const float* part, int64_t n0) { store_rows_f32(part, M, bp, N, n0, yp); });
+      [&](const float* part, int64_t n0, int64_t mc0, int64_t mrows) {
+        store_rows_f32(part, mrows, bp, N, n0, yp + mc0 * N);
+      });
   return y;
 #else
   (void)x32; (void)b32; (void)values; (void)meta; (void)N; (void)K;
@@ -159,7 +162,7 @@ at::Tensor lanes_dense_fp32(const at::Tensor& x32, const at::Tensor& b32, int64_
   float* yp = y.data_ptr<float>();
   constexpr int64_t kColsPerBlock = 128;  // panel 128 x 2 x 64 B = 16 KB
   lanes::run_feature_blocks(
-      M, N, K, K, kColsPerBlock, kColsPerBlock * kVecs * kLanes,
+      M, N, K, K, kColsPerBlock, kColsPerBlock * kVecs * kLanes, K * 4, 0,
       [&](int64_t n0, int64_t nrows, std::vector<uint32_t>& rows) {
         rows.resize(static_cast<size_t>(kFeat * K + 16));  // [32, K] fp32
         fill(n0, n0 + nrows, reinterpret_cast<float*>(rows.data()));
@@ -170,7 +173,9 @@ at::Tensor lanes_dense_fp32(const at::Tensor& x32, const at::Tensor& b32, int64_
       [&](int64_t r, int64_t m0, int64_t k0, int64_t kc, const uint32_t* pan, float* part, bool first) {
         kRunRowsDenseF32[r](reinterpret_cast<const float*>(pan), kc, xp + m0 * K + k0, K, part, first);
       },
-      [&](const float* part, int64_t n0) { store_rows_f32(part, M, bp, N, n0, yp); });
+      [&](const float* part, int64_t n0, int64_t mc0, int64_t mrows) {
+        store_rows_f32(part, mrows, bp, N, n0, yp + mc0 * N);
+      });
   return y;
 #else
   (void)x32; (void)b32; (void)N; (void)K; (void)fill;

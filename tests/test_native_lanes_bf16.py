@@ -57,6 +57,21 @@ def test_shuffle_kernel_matches_reference(shuffle_forced, shape):
         assert torch.equal(_native.sparse24_linear(eye, w24).t(), w24.to_dense())
 
 
+def test_shuffle_kernel_x_in_chunks(shuffle_forced):
+    """x past 8 MB passes over the weight in chunks of rows (517 x 8196 bf16: 264 + 253 rows, the last register
+    block partial): the same bits as each slice of x alone (one chunk), and within one bf16 step of fp32."""
+    m, n, k = 517, 33, 8196
+    dt = torch.bfloat16
+    w24 = _weight(n, k)
+    x = torch.randn(m, k).to(dt)
+    assert x.numel() * 2 > 8 << 20
+    b = torch.randn(n)
+    y = same_bits_over_threads(lambda: _native.sparse24_linear(x, w24, b))
+    assert_one_bf16_step(y, x.float() @ w24.to_dense().float().t() + b)
+    for lo, hi in ((0, 8), (258, 270), (512, 517)):  # first rows, both sides of the chunk edge, the last rows
+        assert torch.equal(y[lo:hi], _native.sparse24_linear(x[lo:hi], w24, b))
+
+
 def test_shuffle_kernel_nan_and_empty(shuffle_forced):
     dt = torch.bfloat16
     w24 = _weight(33, 64)

@@ -40,6 +40,20 @@ def test_fp32_shuffle_kernel_matches_reference(shuffle_forced, shape):
     assert torch.equal(_native.sparse24_linear(eye, w24).t(), w24.to_dense())
 
 
+def test_fp32_shuffle_kernel_x_in_chunks(shuffle_forced):
+    """x past 8 MB passes over the weight in chunks of rows (261 x 8196 fp32: 136 + 125 rows): the same bits as
+    each slice of x alone (one chunk), and within fp32 rounding of the reference (sums of 4,098 products: the
+    bound is relative to the sum of their magnitudes)."""
+    m, n, k = 261, 33, 8196
+    w24 = Sparse24Weight.from_dense(torch.randn(n, k), prune=True)
+    x = torch.randn(m, k)
+    assert x.numel() * 4 > 8 << 20
+    y = same_bits_over_threads(lambda: _native.sparse24_linear(x, w24))
+    assert ((y - reference.sparse24_linear(x, w24)).abs() <= 1e-5 * (x.abs() @ w24.to_dense().abs().t())).all()
+    for lo, hi in ((0, 8), (130, 140), (256, 261)):
+        assert torch.equal(y[lo:hi], _native.sparse24_linear(x[lo:hi], w24))
+
+
 def test_fp32_shuffle_kernel_nan_and_empty(shuffle_forced):
     w24 = Sparse24Weight.from_dense(torch.randn(33, 64), prune=True)
     x = torch.randn(9, 64)
