@@ -186,7 +186,7 @@ at::Tensor sparse24_shuffle_bf16(const at::Tensor& x, const at::Tensor& b32, con
   alignas(64) uint32_t lut_words[16];
   for (int i = 0; i < 16; ++i) lut_words[i] = control_of_nibble(i);
   lanes::run_feature_blocks(
-      M, N, K, G, kGroupsPerBlock, kGroupsPerBlock * kVecs * 2 * kLanes, K * 2, lanes::kShuffleXChunkBytes,
+      M, N, K, G, kGroupsPerBlock, kGroupsPerBlock * kVecs * 2 * kLanes, K * 2, lanes::kXChunkBytes,
       lanes::no_block_setup,
       [&](int64_t n0, int64_t, int64_t g0, int64_t gc, const uint32_t*, uint32_t* pan) {
         // the next panel's weight bytes (this block's next K-block, or the next block's first) into L1/L2 while
@@ -220,7 +220,7 @@ at::Tensor lanes_dense_bf16(const at::Tensor& x, const at::Tensor& b32, int64_t 
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
   constexpr int64_t kPairsPerBlock = 2 * kGroupsPerBlock;  // 128 pairs: 32 x 256 columns, a 16 KB panel
   lanes::run_feature_blocks(
-      M, N, K, P, kPairsPerBlock, kPairsPerBlock * kVecs * kLanes, K * 2, 0,
+      M, N, K, P, kPairsPerBlock, kPairsPerBlock * kVecs * kLanes, K * 2, lanes::kXChunkBytes,
       [&](int64_t, int64_t, std::vector<uint32_t>& scratch) {
         scratch.resize(2 * kFeat);  // the rows' cursors: kFeat int64 slots
       },

@@ -73,7 +73,7 @@ inline int64_t x_chunk_rows(int64_t M, int64_t x_row_bytes, int64_t x_chunk_byte
 // 8 MB: Zen 4 EPYC (32 MB L3), 2:4 bf16 4096x11008 at M = 1024, one thread, forced shuffle against F.linear in one
 // process: one pass (22.5 MB of x) 1.14x, 2 MB chunks 1.10x, 4 MB 1.25x, 8 MB 1.31x; two threads 1.25-1.34x at
 // 0-16 MB (no trend). fp32 1.17x / 1.09x (4096x11008 / 11008x4096) -> 1.17x / 1.19x.
-constexpr int64_t kShuffleXChunkBytes = int64_t{8} << 20;
+constexpr int64_t kXChunkBytes = int64_t{8} << 20;
 
 // A 64-byte aligned array of n elements held by buf (zero-filled).
 template <typename T>

@@ -135,7 +135,7 @@ at::Tensor sparse24_shuffle_fp32(const at::Tensor& x32, const at::Tensor& b32, c
   float* yp = y.data_ptr<float>();
   lanes::run_feature_blocks(
       M, N, K, G, kGroupsPerBlock, kGroupsPerBlock * kVecs * kPanelVecs * kLanes, K * 4,
-      lanes::kShuffleXChunkBytes, lanes::no_block_setup,
+      lanes::kXChunkBytes, lanes::no_block_setup,
       [&](int64_t n0, int64_t, int64_t g0, int64_t gc, const uint32_t*, uint32_t* pan) {
         fill_panel_f32(vp, mp, N, G, W, n0, g0, gc, reinterpret_cast<float*>(pan));
       },
@@ -162,7 +162,7 @@ at::Tensor lanes_dense_fp32(const at::Tensor& x32, const at::Tensor& b32, int64_
   float* yp = y.data_ptr<float>();
   constexpr int64_t kColsPerBlock = 128;  // panel 128 x 2 x 64 B = 16 KB
   lanes::run_feature_blocks(
-      M, N, K, K, kColsPerBlock, kColsPerBlock * kVecs * kLanes, K * 4, 0,
+      M, N, K, K, kColsPerBlock, kColsPerBlock * kVecs * kLanes, K * 4, lanes::kXChunkBytes,
       [&](int64_t n0, int64_t nrows, std::vector<uint32_t>& rows) {
         rows.resize(static_cast<size_t>(kFeat * K + 16));  // [32, K] fp32
         fill(n0, n0 + nrows, reinterpret_cast<float*>(rows.data()));

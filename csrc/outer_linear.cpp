@@ -308,7 +308,7 @@ constexpr int64_t kLanesMinM = 32;
 // 5 rounds, lanes / panels: 1536x576 and 576x1536 at 50% and 70%, one thread M = 256-1024 1.08-1.39x / 0.93-1.01x,
 // two threads M = 64-1024 1.07-1.95x / 0.87-1.09x; below panel_min_m the outer and direct kernels led (M = 16-64,
 // one thread: 0.92-1.16x against 0.80-1.72x). 7B weights at M = 1024 tied (0.95-0.98x / 0.97-1.00x one thread,
-// 1.06-1.13x / 0.98-1.04x two): they keep the panels.
+// 1.06-1.13x / 0.98-1.04x two): they kept the panels until stop 46 (below).
 constexpr double kLanesMinDensity = 0.25;
 // bf16 weights of 16 MB and more (stop 45, after the kernel expanded the bitmap straight into its panels with a
 // software prefetch of each row's values 256 bytes ahead; /tmp probe, forced lanes beside the dispatched path and
@@ -316,14 +316,26 @@ constexpr double kLanesMinDensity = 0.25;
 // M = 8-64 1.00-1.22x / 0.93-1.02x (panels), two threads 0.97-1.35x / 0.93-1.06x, M = 256 0.98-0.99x / 0.95-0.97x;
 // density 0.3 M = 8-16 0.97-1.37x / 0.97-1.13x (panels, pair), M = 32 1.00-1.15x / 1.02-1.13x (pair: mixed),
 // M = 64 1.03-1.06x / 1.12-1.17x (pair: lost), M = 256 0.99x / 0.94-0.99x; M = 1024 (two threads, 3 rounds)
-// 0.93-1.05x / 0.96-1.00x (mixed). So from M = 8 below M = 1024, except where the pair kernel serves from M = 32.
-constexpr int64_t kLanesLargeMinM = 8, kLanesLargeMaxM = 1024, kLanesLargePairFromM = 32;
+// 0.93-1.05x / 0.96-1.00x (mixed). So from M = 8, except where the pair kernel serves from M = 32. Stop 46: with x
+// in chunks of 8 MB (lanes_common.h; before, a 22.5 MB x was re-read from DRAM for every 32-feature block) the
+// lanes kernel beat the panels at M = 1024 in all 8 cells (both shapes, 50% and 70%, one and two threads; /tmp
+// probe, forced paths and F.linear interleaved, 5 rounds, medians): 0.996-1.050x against 0.959-1.001x, so the
+// range has no upper end any more (it stopped at 1024).
+constexpr int64_t kLanesLargeMinM = 8, kLanesLargePairFromM = 32;
 // The fp32 bitmap under 16 MB at density above 0.4: from M = 16 even where the panels start later (one thread), in
 // place of the outer-product kernel, whose work grows with the kept weights (stop 45, /tmp probe in the bench's
 // context: dense, 2:4, bitmap 70% and the forced bitmap 50% path interleaved, 15 rounds, medians, over F.linear,
 // lanes / outer, one thread: 1536x576 M = 16-64 0.97-1.47x / 0.91-1.07x, 576x1536 0.90-1.10x / 0.67-0.96x; at 70%
 // the outer kernel led, 1.22-1.54x / 1.18-1.41x lanes, and keeps its range; at M = 8 the direct kernel led,
 // 1.18-1.30x / 0.91-1.15x).
+// Stop 46: fp32 weights of 16 MB and more take the same rule (they had no lanes range): with x in chunks of 8 MB
+// the lanes kernel beat what the rule chose before (the outer-product kernel from M = 16, panels from 1024) on the
+// 7B shapes (/tmp probe, forced paths and F.linear interleaved, 3-5 rounds, medians, lanes / before): density 0.5,
+// one thread M = 16 1.47-1.70x / 0.97-1.16x, M = 64 1.29-1.52x / 1.34-1.62x (outer a little ahead), M = 256
+// 1.26x / 1.18x, M = 1024 1.15-1.19x / 1.03x; two threads M = 16 1.86-2.40x / 1.47-1.51x, M = 64 1.39-1.79x /
+// 1.43-1.83x, M = 256 1.21-1.40x / 1.17-1.29x, M = 1024 1.35x / 1.01x; density 0.3 at M = 1024 (panels) 1.10x /
+// 0.93x one thread, 1.31x / 0.97x two. At density 0.3 below 1024 the outer kernel, which skips the pruned
+// multiply-adds, led (M = 16-256 1.29-2.30x against 1.19-1.91x) and keeps its range.
 constexpr int64_t kLanesF32DenseMinM = 16;
 }  // namespace
 
@@ -334,18 +346,18 @@ int64_t lanes_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K, double
   const int64_t o = g_lanes_min_m_override.load();
   if (o >= 0) return o;
   if (amx_available() || density < kLanesMinDensity) return int64_t{1} << 62;
-  if (N * K * (f32 ? 4 : 2) >= kLargeWeightBytes) return f32 ? int64_t{1} << 62 : kLanesLargeMinM;
+  if (!f32 && N * K * 2 >= kLargeWeightBytes) return kLanesLargeMinM;
   if (!f32) return kLanesMinM;
   const int64_t pm = panel_min_m(op, dt, N, K);
   return density > kPairMaxDensity ? std::min(pm, kLanesF32DenseMinM) : pm;
 }
 
 namespace {
-// Where the measured lanes range of bf16 weights of 16 MB and more stops (kLanesLargeMaxM, the pair kernel's range
-// from kLanesLargePairFromM); a forced threshold has no such gaps.
+// The gap in the lanes range of bf16 weights of 16 MB and more: the pair kernel's range from kLanesLargePairFromM;
+// a forced threshold has no such gap.
 bool lanes_large_yields(LinearOp op, at::ScalarType dt, int64_t M, int64_t N, int64_t K, double density) {
   if (g_lanes_min_m_override.load() >= 0 || dt != at::kBFloat16 || N * K * 2 < kLargeWeightBytes) return false;
-  return M >= kLanesLargeMaxM || (M >= kLanesLargePairFromM && pair_path(op, dt, M, N, K, density));
+  return M >= kLanesLargePairFromM && pair_path(op, dt, M, N, K, density);
 }
 }  // namespace
 

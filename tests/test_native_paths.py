@@ -156,7 +156,7 @@ def test_linear_path_reports_the_dispatch():
                     ["direct", "lanes", "lanes"]
             assert _native.linear_path("bitmap_linear", dt, (576, 1536), lo, 0.1) == "pair"
             assert _native.linear_path("bitmap_linear", dt, (576, 1535), 64, 0.5) != "lanes"  # odd K
-            assert _native.linear_path("bitmap_linear", dt, (11008, 4096), 1024, 0.5) == "panel"  # (stop 45: lanes below)
+            assert _native.linear_path("bitmap_linear", dt, (11008, 4096), 1024, 0.5) == "lanes"  # (stop 46: no upper end)
             assert _native.linear_path("bitmap_linear", dt, (11008, 4096), 64, 0.3) == "pair"
             _native.set_lanes_min_m(10**9)
             assert _native.linear_path("bitmap_linear", dt, (11008, 4096), 64, 0.5) == "panel"
@@ -188,11 +188,11 @@ def test_linear_path_reports_the_dispatch():
                 if not HAS_AMX:  # fp32 2:4 takes the shuffle kernel from M = 16 (stop 44); the ranges below: it off
                     assert [_native.linear_path("sparse24_linear", f32, big, m) for m in (15, 16, 1024)] == \
                         ["direct", "shuffle", "shuffle"]
-                    # the fp32 bitmap under 16 MB: the lanes kernel where the panels would run (stop 44)
+                    # the fp32 bitmap: the lanes kernel where the panels would run (stop 44; 7B weights since stop 46)
                     pm = _native.panel_min_m("bitmap_linear", f32, (1536, 576))
                     assert [_native.linear_path("bitmap_linear", f32, (1536, 576), m) for m in (pm - 1, pm)] == \
                         [_native.linear_path("bitmap_linear", f32, (1536, 576), pm - 1), "lanes"]
-                    assert _native.linear_path("bitmap_linear", f32, big, 1024) == "panel"  # 7B: the panels
+                    assert _native.linear_path("bitmap_linear", f32, big, 1024) == "lanes"
                 _native.set_shuffle_min_m(10**9)
                 _native.set_lanes_min_m(10**9)
                 torch.set_num_threads(2)
