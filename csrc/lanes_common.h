@@ -59,9 +59,7 @@ LACO_AVX512 inline void fill_dword_panel(const uint32_t* rows, int64_t nrows, in
 // Rows of x per pass over the weight (x_chunk_bytes > 0; else all of x in one pass). Every 32-feature block streams
 // all of x once, so an x that does not stay in L3 beside the weight stream is re-read from DRAM for every block;
 // chunks of at most x_chunk_bytes of x (equal chunks, multiples of the register block) come from L3 instead, at the
-// cost of filling every panel once per chunk. The 2:4 shuffle kernels' panels are cheap to fill and take chunks of
-// kShuffleXChunkBytes; the dense lane kernels' fillers decompress the bitmap (dearer) and take none (stop 46,
-// docs/cpu_kernels.md: 8 MB chunks lost there, 0.99x -> 0.84x of F.linear on 11008x4096 at M = 1024).
+// cost of filling every panel once per chunk (a bitmap panel fill: about 6 ms per pass over a 7B weight at 50%).
 inline int64_t x_chunk_rows(int64_t M, int64_t x_row_bytes, int64_t x_chunk_bytes) {
   const int64_t total = M * std::max<int64_t>(x_row_bytes, 1);
   if (x_chunk_bytes <= 0 || total <= x_chunk_bytes) return std::max<int64_t>(M, 1);
@@ -70,9 +68,10 @@ inline int64_t x_chunk_rows(int64_t M, int64_t x_row_bytes, int64_t x_chunk_byte
   return (rows + kMaxRows - 1) / kMaxRows * kMaxRows;
 }
 
-// 8 MB: Zen 4 EPYC (32 MB L3), 2:4 bf16 4096x11008 at M = 1024, one thread, forced shuffle against F.linear in one
-// process: one pass (22.5 MB of x) 1.14x, 2 MB chunks 1.10x, 4 MB 1.25x, 8 MB 1.31x; two threads 1.25-1.34x at
-// 0-16 MB (no trend). fp32 1.17x / 1.09x (4096x11008 / 11008x4096) -> 1.17x / 1.19x.
+// 8 MB (stop 46, Zen 4 EPYC, 32 MB L3; forced paths against F.linear in one process, docs/cpu_kernels.md): 2:4 bf16
+// 4096x11008 at M = 1024, one thread: one pass (22.5 MB of x) 1.14x, 2 MB chunks 1.10x, 4 MB 1.25x, 8 MB 1.31x; two
+// threads 1.25-1.34x at 0-16 MB (no trend). The bf16 bitmap lanes kernel at M = 1024 on 4096x11008: 0.83-0.93x ->
+// 1.00x. fp32 2:4 1.17x / 1.09x (4096x11008 / 11008x4096) -> 1.17x / 1.19x.
 constexpr int64_t kXChunkBytes = int64_t{8} << 20;
 
 // A 64-byte aligned array of n elements held by buf (zero-filled).
