@@ -146,6 +146,20 @@ def test_lanes_kernel_matches_reference(lanes_forced, shape, tile_k):
     assert torch.equal(_native.bitmap_linear(eye, bw).t(), bw.to_dense())
 
 
+def test_lanes_kernel_x_in_chunks(lanes_forced):
+    """x past 8 MB in chunks of rows (517 x 8196 bf16): every chunk refills the panels from the bitmap, the rows'
+    cursors restarting per chunk; the same bits as each slice of x alone, within one bf16 step of fp32."""
+    m, n, k = 517, 33, 8196
+    dt = torch.bfloat16
+    bw = make_bitmap(n, k, dt, 128, last_row_values=1)
+    x = torch.randn(m, k).to(dt)
+    assert x.numel() * 2 > 8 << 20
+    y = same_bits_over_threads(lambda: _native.bitmap_linear(x, bw))
+    assert_one_bf16_step(y, x.float() @ bw.to_dense().float().t())
+    for lo, hi in ((0, 8), (258, 270), (512, 517)):
+        assert torch.equal(y[lo:hi], _native.bitmap_linear(x[lo:hi], bw))
+
+
 def test_lanes_kernel_odd_k_keeps_other_paths(lanes_forced):
     dt = torch.bfloat16
     bw = make_bitmap(20, 101, torch.bfloat16, 32)

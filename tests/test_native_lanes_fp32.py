@@ -106,6 +106,19 @@ def test_fp32_lanes_kernel_matches_reference(lanes_forced, shape, tile_k):
     assert torch.equal(_native.bitmap_linear(torch.eye(k), bw).t(), bw.to_dense())
 
 
+def test_fp32_lanes_kernel_x_in_chunks(lanes_forced):
+    """x past 8 MB in chunks of rows (261 x 8196 fp32): the rows are decompressed again per chunk; the same bits as
+    each slice of x alone, within fp32 rounding of the reference."""
+    m, n, k = 261, 33, 8196
+    bw = make_bitmap(n, k, torch.float32, 128, last_row_values=1)
+    x = torch.randn(m, k)
+    assert x.numel() * 4 > 8 << 20
+    y = same_bits_over_threads(lambda: _native.bitmap_linear(x, bw))
+    assert ((y - reference.bitmap_linear(x, bw)).abs() <= 1e-5 * (x.abs() @ bw.to_dense().abs().t())).all()
+    for lo, hi in ((0, 8), (130, 140), (256, 261)):
+        assert torch.equal(y[lo:hi], _native.bitmap_linear(x[lo:hi], bw))
+
+
 @pytest.mark.skipif(_native is not None and _native.amx_available(), reason="not measured on AMX CPUs: off there")
 def test_dispatch_puts_fp32_bitmaps_on_the_lanes_kernel_in_place_of_panels():
     """Measured defaults: the lanes kernel where the panels would start (stop 44; 7B weights since stop 46), and above
