@@ -320,8 +320,11 @@ constexpr double kLanesMinDensity = 0.25;
 // in chunks of 8 MB (lanes_common.h; before, a 22.5 MB x was re-read from DRAM for every 32-feature block) the
 // lanes kernel beat the panels at M = 1024 in all 8 cells (both shapes, 50% and 70%, one and two threads; /tmp
 // probe, forced paths and F.linear interleaved, 5 rounds, medians): 0.996-1.050x against 0.959-1.001x, so the
-// range has no upper end any more (it stopped at 1024).
-constexpr int64_t kLanesLargeMinM = 8, kLanesLargePairFromM = 32;
+// range has no upper end any more (it stopped at 1024). And no gap: at density 0.3 in the pair kernel's range (M = 32
+// to pair_max_m) the pair kernel was the slower of the two in two runs of 12 cells each (/tmp probe, the bench's
+// forced paths and F.linear interleaved, 9 rounds, medians, 11008x4096 and 4096x11008, M = 32 / 64 / 96, one and
+// two threads): pair 0.79-1.14x, lanes 0.94-1.12x; it led only on 11008x4096 at one thread in the first run.
+constexpr int64_t kLanesLargeMinM = 8;
 // The fp32 bitmap under 16 MB at density above 0.4: from M = 16 even where the panels start later (one thread), in
 // place of the outer-product kernel, whose work grows with the kept weights (stop 45, /tmp probe in the bench's
 // context: dense, 2:4, bitmap 70% and the forced bitmap 50% path interleaved, 15 rounds, medians, over F.linear,
@@ -352,15 +355,6 @@ int64_t lanes_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K, double
   return density > kPairMaxDensity ? std::min(pm, kLanesF32DenseMinM) : pm;
 }
 
-namespace {
-// The gap in the lanes range of bf16 weights of 16 MB and more: the pair kernel's range from kLanesLargePairFromM;
-// a forced threshold has no such gap.
-bool lanes_large_yields(LinearOp op, at::ScalarType dt, int64_t M, int64_t N, int64_t K, double density) {
-  if (g_lanes_min_m_override.load() >= 0 || dt != at::kBFloat16 || N * K * 2 < kLargeWeightBytes) return false;
-  return M >= kLanesLargePairFromM && pair_path(op, dt, M, N, K, density);
-}
-}  // namespace
-
 void set_lanes_min_m(int64_t m) { g_lanes_min_m_override = m; }
 
 LinearPath linear_path(LinearOp op, at::ScalarType dt, int64_t M, int64_t N, int64_t K, double density) {
@@ -370,7 +364,7 @@ LinearPath linear_path(LinearOp op, at::ScalarType dt, int64_t M, int64_t N, int
   const bool shuffle = M >= shuffle_min_m(op, dt, N, K);
   const bool others_forced = g_outer_min_m_override.load() >= 0 || panel_min_m_forced();
   if (shuffle && (g_shuffle_min_m_override.load() >= 0 || !others_forced)) return LinearPath::kShuffle;
-  const bool lanes = M >= lanes_min_m(op, dt, N, K, density) && !lanes_large_yields(op, dt, M, N, K, density);
+  const bool lanes = M >= lanes_min_m(op, dt, N, K, density);
   if (lanes && (g_lanes_min_m_override.load() >= 0 || !others_forced)) return LinearPath::kLanes;  // (the same rule)
   if (M >= amx_min_m(op, dt, N, K) && M < amx_max_m(op, dt, N, K)) return LinearPath::kAmx;
   // a forced panel threshold (set_panel_min_m) wins over the pair kernel's measured range, as it does
