@@ -280,8 +280,21 @@ constexpr int64_t kShuffleMinM = 8;
 constexpr int64_t kShuffleMinMF32 = 16;
 }  // namespace
 
+namespace {
+// 2:4 bf16 weights of 16 MB and more with K >= 2 N (the 7B down projection) on AVX512_BF16 without AMX: the direct
+// kernel keeps one full register block of x (M <= 8; linear_path) since it reads such weights in whole rows (stop 46,
+// sparse24_linear.cpp kWholeRowsXBytes). The bench's forced paths against F.linear in one process, 7-9 rounds,
+// medians, two runs: 4096x11008 M = 8 direct 1.12x / 1.18x (one thread), 1.35x / 1.47x (two) against shuffle 0.96x /
+// 1.05x and 1.04x / 1.22x and the pair kernel about 1.01x. On 11008x4096 the shuffle kernel stayed ahead (1.07-1.55x
+// against 0.98-1.29x); at M > 8 the direct kernel makes a second pass over the weight.
+bool direct_keeps_one_block(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
+  return op == LinearOp::kSparse24 && dt == at::kBFloat16 && active_isa() >= Isa::kAvx512Bf16 && !amx_available() &&
+         N * K * 2 >= kLargeWeightBytes && K >= 2 * N;
+}
+constexpr int64_t kDirectBlockRows = 8;
+}  // namespace
+
 int64_t shuffle_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
-  (void)N; (void)K;
   if (op != LinearOp::kSparse24) return int64_t{1} << 62;
   const bool f32 = dt == at::kFloat && active_isa() >= Isa::kAvx512;  // lanes_fp32.cpp
   if (!f32 && (dt != at::kBFloat16 || active_isa() < Isa::kAvx512Bf16)) return int64_t{1} << 62;
@@ -290,7 +303,7 @@ int64_t shuffle_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
   // not measured on AMX CPUs (their tiles keep the bf16 range, their fp32 paths stay as measured)
   if (amx_available()) return int64_t{1} << 62;
   if (f32) return kShuffleMinMF32;
-  return kShuffleMinM;
+  return direct_keeps_one_block(op, dt, N, K) ? kShuffleMinM + 1 : kShuffleMinM;
 }
 
 void set_shuffle_min_m(int64_t m) { g_shuffle_min_m_override = m; }
@@ -364,6 +377,10 @@ LinearPath linear_path(LinearOp op, at::ScalarType dt, int64_t M, int64_t N, int
   const bool shuffle = M >= shuffle_min_m(op, dt, N, K);
   const bool others_forced = g_outer_min_m_override.load() >= 0 || panel_min_m_forced();
   if (shuffle && (g_shuffle_min_m_override.load() >= 0 || !others_forced)) return LinearPath::kShuffle;
+  if (M <= kDirectBlockRows && !others_forced && g_shuffle_min_m_override.load() < 0 &&
+      direct_keeps_one_block(op, dt, N, K)) {
+    return LinearPath::kDirect;
+  }
   const bool lanes = M >= lanes_min_m(op, dt, N, K, density);
   if (lanes && (g_lanes_min_m_override.load() >= 0 || !others_forced)) return LinearPath::kLanes;  // (the same rule)
   if (M >= amx_min_m(op, dt, N, K) && M < amx_max_m(op, dt, N, K)) return LinearPath::kAmx;

@@ -85,7 +85,8 @@ def test_shuffle_kernel_nan_and_empty(shuffle_forced):
 
 @pytest.mark.skipif(_native is not None and _native.amx_available(), reason="AMX tiles serve that M range")
 def test_dispatch_takes_the_shuffle_kernel_from_m8():
-    """Measured defaults (stop 44): from M = 8 on for every 2:4 bf16 weight; the direct kernel below; the bitmap
+    """Measured defaults (stop 44): from M = 8 on for every 2:4 bf16 weight (from 9 on 7B down projections, stop 46);
+    the direct kernel below; the bitmap
     never (fp32: test_native_lanes_fp32.py); a forced threshold of another path wins over the default, a forced shuffle over all."""
     dt = torch.bfloat16
     for shape in ((1536, 576), (576, 1536), (11008, 4096)):
@@ -93,11 +94,17 @@ def test_dispatch_takes_the_shuffle_kernel_from_m8():
         for m in (8, 64, 1024):
             assert _native.linear_path("sparse24_linear", dt, shape, m) == "shuffle"
         assert _native.linear_path("bitmap_linear", dt, shape, 64) != "shuffle"
+    # 16 MB and more with K >= 2 N (stop 46): the direct kernel keeps one register block of x, M <= 8
+    for shape in ((4096, 11008), (1024, 8196)):
+        assert [_native.linear_path("sparse24_linear", dt, shape, m) for m in (8, 9)] == ["direct", "shuffle"]
+    assert _native.linear_path("sparse24_linear", dt, (1024, 2048), 8) == "shuffle"  # under 16 MB
     try:
         _native.set_panel_min_m(0)
         assert _native.linear_path("sparse24_linear", dt, (576, 1536), 64) == "panel"
+        assert _native.linear_path("sparse24_linear", dt, (4096, 11008), 8) == "panel"  # forced over the direct rule
         _native.set_shuffle_min_m(0)
         assert _native.linear_path("sparse24_linear", dt, (576, 1536), 1) == "shuffle"
+        assert _native.linear_path("sparse24_linear", dt, (4096, 11008), 8) == "shuffle"
         _native.set_shuffle_min_m(10**9)
         _native.set_panel_min_m(None)
         assert _native.linear_path("sparse24_linear", dt, (576, 1536), 64) in ("pair", "panel")
