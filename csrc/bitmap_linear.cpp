@@ -164,7 +164,9 @@ template <typename VT>
 void bm_run(BmArgs a, const float* bias, float* y) {
   const Isa isa = active_isa();
   // whole tiles per K-block, so offsets give each block's start in values
-  const int64_t kb = linear_k_block(std::min<int64_t>(a.M, kMaxMB), a.K, a.tile_k);
+  // (weights of 16 MB and more with a small x: whole rows, read_whole_rows in laco_cpu.h)
+  const int64_t kb = read_whole_rows(a.M, a.N, a.K, sizeof(VT), a.x16 ? 2 : 4) ? a.K
+                                                                    : linear_k_block(std::min<int64_t>(a.M, kMaxMB), a.K, a.tile_k);
   a.pf_next_row = kb < a.K;
   const int64_t grain = linear_row_grain(a.M, a.K);
   const VT* values = static_cast<const VT*>(a.values);

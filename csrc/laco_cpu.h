@@ -174,6 +174,19 @@ enum class LinearOp : int { kSparse24 = 0, kBitmap = 1 };
 // every size-dependent dispatch rule splits here (panel thresholds, split panels, the outer and pair kernels'
 // ranges, the pair kernel's in-place read).
 constexpr int64_t kLargeWeightBytes = int64_t{16} << 20;
+// The direct kernels at M > 1 block K so the rows of x stay in L1 (linear_k_block), which makes the weight stream jump
+// from row to row every block: short streams the prefetchers follow poorly. On a weight of kLargeWeightBytes and more
+// (streamed from DRAM) that costs more than reading x from L2 saves, so there rows are read whole while x (in the
+// kernel's dtype, x_es bytes) fits kWholeRowsXBytes. Stop 46, Zen 4 EPYC, the 2:4 direct path against F.linear in
+// one process (the bench's forced path, 7-9 rounds, medians), K-blocks -> whole rows: bf16 11008x4096 M = 2 / 4 one
+// thread 1.21x / 1.10x -> 2.19x / 1.49x, 4096x11008 1.38x / 1.25x -> 1.77x / 1.41x, M = 8 0.76x -> 1.12x (two threads
+// 0.85x -> 1.35x); fp32 11008x4096 M = 2 / 4 / 8 1.94x / 2.31x / 1.72x -> 2.12x / 2.88x / 2.66x. A 128 KB budget left
+// 4096x11008 bf16 at M = 2 / 4 at 1.51x / 1.39x. On cache-resident SmolLM2 weights whole rows lost (fp32 two threads
+// 2.75-2.80x -> 1.75-2.27x), so smaller weights keep the K-blocks. The bitmap kernels: docs/cpu_kernels.md "Stop 46".
+constexpr int64_t kWholeRowsXBytes = int64_t{256} << 10;
+inline bool read_whole_rows(int64_t M, int64_t N, int64_t K, int64_t w_es, int64_t x_es) {
+  return N * K * w_es >= kLargeWeightBytes && M * K * x_es <= kWholeRowsXBytes;
+}
 // fill(r0, r1, dst): write dense weight rows [r0, r1) (x's dtype, row-major [r1 - r0, K]) to dst.
 using PanelFill = std::function<void(int64_t, int64_t, void*)>;
 // Smallest M that takes the panel path for this op, x dtype and [N, K] weight under the active ISA

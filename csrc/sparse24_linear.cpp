@@ -351,23 +351,12 @@ void s24_dispatch_mb(Isa isa, int mb, const S24Args& a, int64_t n, int64_t m0, i
   }
 }
 
-// x bytes up to which weights of 16 MB and more are read in whole rows at M > 1. K-blocks (linear_k_block: x rows in
-// L1) make the weight stream jump from row to row every block, short streams the prefetchers follow poorly, and on a
-// 7B weight from DRAM that cost more than x from L2 saves. Stop 46, Zen 4 EPYC, the direct path against F.linear in
-// one process (the bench's forced path, 7-9 rounds, medians), K-blocks -> whole rows: bf16 11008x4096 M = 2 / 4 one
-// thread 1.21x / 1.10x -> 2.19x / 1.49x, 4096x11008 1.38x / 1.25x -> 1.77x / 1.41x, M = 8 0.76x -> 1.12x (two
-// threads 0.85x -> 1.35x); fp32 11008x4096 M = 2 / 4 / 8 1.94x / 2.31x / 1.72x -> 2.12x / 2.88x / 2.66x. A 128 KB
-// budget left 4096x11008 bf16 at M = 2 / 4 at 1.51x / 1.39x. On cache-resident SmolLM2 weights whole rows lost
-// (fp32 two threads 2.75-2.80x -> 1.75-2.27x), so smaller weights keep the K-blocks.
-constexpr int64_t kWholeRowsXBytes = int64_t{256} << 10;
-
 template <typename VT>
 void s24_run(S24Args a, const float* bias, float* y) {
   const Isa isa = active_isa();
   // K-blocks sized so the x rows of one M-block stay in cache while the thread's weight rows stream past
-  // Weights of 16 MB and more with x up to kWholeRowsXBytes: whole rows (kb = K), x from L2 (see kWholeRowsXBytes).
-  const int64_t x_bytes = a.M * a.K * (a.x16 ? 2 : 4);
-  const bool whole = a.N * a.K * static_cast<int64_t>(sizeof(VT)) >= kLargeWeightBytes && x_bytes <= kWholeRowsXBytes;
+  // (weights of 16 MB and more with a small x: whole rows, read_whole_rows in laco_cpu.h)
+  const bool whole = read_whole_rows(a.M, a.N, a.K, sizeof(VT), a.x16 ? 2 : 4);
   const int64_t kb = whole ? a.K : linear_k_block(std::min<int64_t>(a.M, kMaxMB), a.K, 32);  // multiple of 32 unless all of K
   // Software prefetch: the hardware prefetchers of the machines we measured cover the weight stream
   // poorly, so the distance sets the memory-level parallelism. Whole rows: prefetch_bytes(kSparse24) ahead in the one

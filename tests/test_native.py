@@ -103,24 +103,33 @@ def test_linears_decode_whole_rows_prefetch_past_the_end(isa_and_threads, dtype)
 @needs_ext
 @pytest.mark.parametrize("isa_and_threads", CONFIGS, indirect=True, ids=lambda c: f"{c[0]}-t{c[1]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_sparse24_whole_rows_on_large_weights(isa_and_threads, dtype):
-    """A 2:4 weight of 16 MB or more with x up to 256 KB is read in whole rows at M > 1 (not in K-blocks): K = 8196
-    (a group tail past the last full meta word), M = 2 / 5 / 8 in bf16 (8: one full register block, the direct path's
-    limit on such down projections) and 2 / 5 / 7 in fp32, against the reference."""
+@pytest.mark.parametrize("fmt", ["2:4", "bitmap"])
+def test_linears_whole_rows_on_large_weights(isa_and_threads, dtype, fmt):
+    """A weight of 16 MB or more with x up to 256 KB is read in whole rows at M > 1 (not in K-blocks): K = 8196
+    (a 2:4 group tail past the last full meta word; a partial bitmap word), M = 2 / 5 / 8 in bf16 (8: one full
+    register block, the 2:4 direct path's limit on such down projections) and 2 / 5 / 7 in fp32, against the
+    reference."""
     n = (16 << 20) // (8196 * torch.empty((), dtype=dtype).element_size()) + 1
-    w24 = Sparse24Weight.from_dense(torch.randn(n, 8196).to(dtype), prune=True)
+    w = torch.randn(n, 8196)
+    if fmt == "2:4":
+        w24 = Sparse24Weight.from_dense(w.to(dtype), prune=True)
+        op, ref_op, dense = "sparse24_linear", reference.sparse24_linear, w24.to_dense()
+    else:
+        w24 = BitmapWeight.from_dense((w * (torch.rand(n, 8196) < 0.3)).to(dtype))
+        op, ref_op, dense = "bitmap_linear", reference.bitmap_linear, w24.to_dense()
     bias = torch.randn(n).to(dtype)
-    setters = (_native.set_outer_min_m, _native.set_panel_min_m, _native.set_shuffle_min_m, _native.set_amx_min_m)
+    setters = (_native.set_outer_min_m, _native.set_panel_min_m, _native.set_shuffle_min_m, _native.set_amx_min_m,
+               _native.set_lanes_min_m)
     try:
         for off in setters:  # the direct path at every ISA cap (the scalar one sends M > 1 to the panels)
             off(10**9)
         for m in (2, 5, 8) if dtype == torch.bfloat16 else (2, 5, 7):
             assert m * 8196 * (2 if dtype == torch.bfloat16 else 4) <= 256 << 10
-            assert _native.linear_path("sparse24_linear", dtype, (n, 8196), m) == "direct"
+            assert _native.linear_path(op, dtype, (n, 8196), m, 0.3) == "direct"
             x = torch.randn(m, 8196).to(dtype)
-            y, ref = _native.sparse24_linear(x, w24, bias), reference.sparse24_linear(x, w24, bias)
-            if dtype == torch.float32:  # sums of 4,098 products: rounding relative to their magnitudes
-                assert ((y - ref).abs() <= 1e-5 * (x.abs() @ w24.to_dense().abs().t() + bias.abs())).all()
+            y, ref = getattr(_native, op)(x, w24, bias), ref_op(x, w24, bias)
+            if dtype == torch.float32:  # sums of thousands of products: rounding relative to their magnitudes
+                assert ((y - ref).abs() <= 1e-5 * (x.abs() @ dense.abs().t() + bias.abs())).all()
             else:
                 _close(y, ref, dtype)
     finally:
