@@ -129,3 +129,12 @@ def same_bits_over_threads(fn):
         outs.append(fn())
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
     return outs[0]
+
+
+def same_bits_in_chunks(linear, x, w, cuts):
+    """linear(x, w) for an x large enough to go through the lane kernels in chunks of rows: bit-identical over 1-3
+    threads and, for each (lo, hi) in cuts, to linear(x[lo:hi], w) (those rows alone: one chunk); returns it."""
+    y = same_bits_over_threads(lambda: linear(x, w))
+    for lo, hi in cuts:
+        assert torch.equal(y[lo:hi], linear(x[lo:hi], w))
+    return y

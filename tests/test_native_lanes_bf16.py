@@ -8,7 +8,8 @@ import torch
 from laco_kernels import reference
 from laco_kernels.formats import Sparse24Weight
 
-from _native_util import ISAS, _close, _native, kernel_forced, needs_ext, same_bits_over_threads, make_bitmap
+from _native_util import (ISAS, _close, _native, kernel_forced, needs_ext, same_bits_in_chunks, same_bits_over_threads,
+                          make_bitmap)
 
 pytestmark = [needs_ext, pytest.mark.skipif("avx512bf16" not in ISAS, reason="the shuffle kernel needs AVX512_BF16")]
 
@@ -66,10 +67,9 @@ def test_shuffle_kernel_x_in_chunks(shuffle_forced):
     x = torch.randn(m, k).to(dt)
     assert x.numel() * 2 > 8 << 20
     b = torch.randn(n)
-    y = same_bits_over_threads(lambda: _native.sparse24_linear(x, w24, b))
+    cuts = ((0, 8), (258, 270), (512, 517))  # first rows, both sides of the chunk edge, the last rows
+    y = same_bits_in_chunks(lambda x_, w_: _native.sparse24_linear(x_, w_, b), x, w24, cuts)
     assert_one_bf16_step(y, x.float() @ w24.to_dense().float().t() + b)
-    for lo, hi in ((0, 8), (258, 270), (512, 517)):  # first rows, both sides of the chunk edge, the last rows
-        assert torch.equal(y[lo:hi], _native.sparse24_linear(x[lo:hi], w24, b))
 
 
 def test_shuffle_kernel_nan_and_empty(shuffle_forced):
@@ -161,10 +161,8 @@ def test_lanes_kernel_x_in_chunks(lanes_forced):
     bw = make_bitmap(n, k, dt, 128, last_row_values=1)
     x = torch.randn(m, k).to(dt)
     assert x.numel() * 2 > 8 << 20
-    y = same_bits_over_threads(lambda: _native.bitmap_linear(x, bw))
+    y = same_bits_in_chunks(_native.bitmap_linear, x, bw, ((0, 8), (258, 270), (512, 517)))
     assert_one_bf16_step(y, x.float() @ bw.to_dense().float().t())
-    for lo, hi in ((0, 8), (258, 270), (512, 517)):
-        assert torch.equal(y[lo:hi], _native.bitmap_linear(x[lo:hi], bw))
 
 
 def test_lanes_kernel_odd_k_keeps_other_paths(lanes_forced):
