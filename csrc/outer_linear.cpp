@@ -283,7 +283,7 @@ constexpr int64_t kShuffleMinMF32 = 16;
 namespace {
 // 2:4 bf16 weights of 16 MB and more with K >= 2 N (the 7B down projection) on AVX512_BF16 without AMX: the direct
 // kernel keeps one full register block of x (M <= 8; linear_path) since it reads such weights in whole rows (stop 46,
-// sparse24_linear.cpp kWholeRowsXBytes). The bench's forced paths against F.linear in one process, 7-9 rounds,
+// read_whole_rows in laco_cpu.h). The bench's forced paths against F.linear in one process, 7-9 rounds,
 // medians, two runs: 4096x11008 M = 8 direct 1.12x / 1.18x (one thread), 1.35x / 1.47x (two) against shuffle 0.96x /
 // 1.05x and 1.04x / 1.22x and the pair kernel about 1.01x. On 11008x4096 the shuffle kernel stayed ahead (1.07-1.55x
 // against 0.98-1.29x); at M > 8 the direct kernel makes a second pass over the weight.
