@@ -18,7 +18,8 @@
 // block the weights are re-laid into a panel in L1: per group and vector the 16 value pairs (a 16 x 16 dword
 // transpose of the stored values) and the 16 shuffle controls (from the meta words, gathered by row); then
 // every register block of up to 8 rows of x runs over the panel with 16 fp32 accumulators (8 rows x 2
-// vectors), partial sums kept in a per-thread [M, 32] fp32 buffer between K-blocks. One thread computes each
+// vectors), partial sums kept in a per-thread [rows, 32] fp32 buffer between K-blocks; x passes in chunks of at most
+// 8 MB of rows (stop 46, lanes_common.h), each chunk a pass over the weight. One thread computes each
 // output element in a fixed order: the same bits for any thread count.
 // The dense variant: per block of 128 column pairs the weights are decompressed straight into a panel of
 // 16-feature pair vectors (bm_lanes_panel_bf16: 16 rows' 32-column words expanded into registers, then the same

@@ -291,6 +291,8 @@ bool direct_keeps_one_block(LinearOp op, at::ScalarType dt, int64_t N, int64_t K
   return op == LinearOp::kSparse24 && dt == at::kBFloat16 && active_isa() >= Isa::kAvx512Bf16 && !amx_available() &&
          N * K * 2 >= kLargeWeightBytes && K >= 2 * N;
 }
+// One register block of the 2:4 direct kernel (kMaxMB in sparse24_linear.cpp): the direct range on such weights,
+// and the shuffle kernel from the row after it.
 constexpr int64_t kDirectBlockRows = 8;
 }  // namespace
 
@@ -303,7 +305,7 @@ int64_t shuffle_min_m(LinearOp op, at::ScalarType dt, int64_t N, int64_t K) {
   // not measured on AMX CPUs (their tiles keep the bf16 range, their fp32 paths stay as measured)
   if (amx_available()) return int64_t{1} << 62;
   if (f32) return kShuffleMinMF32;
-  return direct_keeps_one_block(op, dt, N, K) ? kShuffleMinM + 1 : kShuffleMinM;
+  return direct_keeps_one_block(op, dt, N, K) ? kDirectBlockRows + 1 : kShuffleMinM;
 }
 
 void set_shuffle_min_m(int64_t m) { g_shuffle_min_m_override = m; }
