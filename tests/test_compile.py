@@ -108,6 +108,34 @@ def test_bf16_inference_compiles_on_the_lane_paths(backend):
     torch.testing.assert_close(got.float(), eager.float(), atol=0.1, rtol=0.05)
 
 
+def test_large_bf16_modules_compile_on_the_stop46_paths(backend):
+    """Modules over a weight just past 16 MB (bf16, K >= 2 N): at M = 8 the 2:4 module runs the direct kernel on whole
+    rows and the bitmap one the lanes kernel; at M = 520 (x past 8 MB) both lane kernels pass x in chunks. The
+    fullgraph AOT graph gives eager's bits, and eager is within bf16 rounding of the dense product."""
+    from laco_kernels import _native
+
+    torch.manual_seed(7)
+    lin = torch.nn.Linear(8196, 1025, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(lin.weight.shape) < 0.5)
+    mods = {"SparseLinear24": SparseLinear24.from_linear(lin, prune=True), "BitmapLinear": BitmapLinear.from_linear(lin)}
+    dense = {"SparseLinear24": Sparse24Weight.from_dense(lin.weight, prune=True).to_dense().float(),
+             "BitmapLinear": lin.weight.float()}
+    expect = {("SparseLinear24", 8): "direct", ("BitmapLinear", 8): "lanes",
+              ("SparseLinear24", 520): "shuffle", ("BitmapLinear", 520): "lanes"}
+    for m in (8, 520):
+        x = torch.randn(m, 8196).to(torch.bfloat16)
+        for name, mod in mods.items():
+            if backend == "native" and _native.isa() == "avx512bf16" and not _native.amx_available():
+                op = "sparse24_linear" if name == "SparseLinear24" else "bitmap_linear"
+                assert _native.linear_path(op, torch.bfloat16, (1025, 8196), m, 0.5) == expect[(name, m)]
+            with torch.no_grad():
+                eager = mod(x)
+                assert torch.equal(torch.compile(mod, fullgraph=True, backend="aot_eager")(x), eager)
+            ref = x.float() @ dense[name].t() + lin.bias.float()
+            assert ((eager.float() - ref).abs() <= ref.abs() * 2**-7 + 1e-2 * ref.abs().max()).all(), name
+
+
 def test_inductor_training_step_matches_eager(backend):
     """Forward and backward under inductor (SparseLinear24(trainable=True) + MaskedLinear)."""
     model = _model("train")
