@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu_kernels import cpu_model  # noqa: E402
+from cpu_kernels import _forced, cpu_model  # noqa: E402
 
 from laco_kernels import _C as new  # noqa: E402
 from laco_kernels._atomic import atomic_file  # noqa: E402
@@ -44,6 +44,20 @@ def load_build(path: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+class _Setters:
+    """The threshold setters of one build with the ``laco_kernels._native`` signatures (None restores the
+    measured default), so ``cpu_kernels._forced`` can force a path in either build."""
+
+    def __init__(self, build):
+        self._build = build
+
+    def __getattr__(self, name: str):
+        fn = getattr(self._build, name)  # AttributeError for setters an older build lacks (_forced checks)
+        if name == "set_panel_split":
+            return lambda on: fn(-1 if on is None else int(on))
+        return lambda m: fn(-1 if m is None else m)
 
 
 def packed_weight(op: str, w: torch.Tensor):
@@ -76,6 +90,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--isa", default="auto", choices=("auto", "scalar", "avx2", "avx512"),
                     help="cap both builds' vector ISA (set_isa), e.g. avx2 to time the AVX2 kernels on an AVX-512 CPU")
+    ap.add_argument("--path", default="auto",
+                    help="force one path in both builds (direct, direct1, outer, panel, split, amx, shuffle, lanes; "
+                         "bench/cpu_kernels.py's --paths) instead of each build's dispatch")
     ap.add_argument("--reordered", action="store_true",
                     help="the new build sums in another order: accept outputs within the dtype's rounding "
                          "(fp32 1e-5, bf16 2e-2 relative) and record the largest difference, instead of bit-identity")
@@ -109,6 +126,9 @@ def main(argv=None) -> None:
                     call = (x, *wargs)
                     fns = {"dense": lambda: F.linear(x, wdense), "old": lambda: getattr(old, args.op)(*call),
                            "new": lambda: getattr(new, args.op)(*call)}
+                    if args.path != "auto":
+                        fns["old"] = _forced(_Setters(old), args.path, fns["old"])
+                        fns["new"] = _forced(_Setters(new), args.path, fns["new"])
                     y_old, y_new = fns["old"](), fns["new"]()
                     same = torch.equal(y_old, y_new)
                     tol = 1e-5 if dt == torch.float32 else 2e-2
@@ -134,7 +154,7 @@ def main(argv=None) -> None:
                           f"old {row['old_vs_dense']:.2f}x  new {row['new_vs_dense']:.2f}x  new/old {row['new_vs_old']:.2f}",
                           flush=True)
     out = dict(cpu=cpu_model(), torch=torch.__version__, load=os.getloadavg()[0], rounds=args.rounds, isa=args.isa, old=args.old,
-               command="python bench/native_ab.py " + " ".join(argv if argv is not None else sys.argv[1:]), rows=rows)
+               path=args.path, command="python bench/native_ab.py " + " ".join(argv if argv is not None else sys.argv[1:]), rows=rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with atomic_file(args.out) as tmp, open(tmp, "w") as f:
         json.dump(out, f, indent=1)

@@ -159,13 +159,8 @@ LACO_AVX512BF16 void store_rows(const float* part, int64_t M, const float* bias,
     const __mmask16 k = static_cast<__mmask16>((1u << cnt) - 1u);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(k, bias + nb) : _mm512_setzero_ps();
     for (int64_t m = 0; m < M; ++m) {
-      const __m512i u = _mm512_castps_si512(_mm512_add_ps(_mm512_load_ps(part + m * kFeat + v * kLanes), b));
-      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-      const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                    _mm512_set1_epi32(0x7f800000));
-      r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-      _mm256_mask_storeu_epi16(y + m * N + nb, k, _mm512_cvtepi32_epi16(r));
+      _mm256_mask_storeu_epi16(y + m * N + nb, k,
+                               f32x16_to_bf16(_mm512_add_ps(_mm512_load_ps(part + m * kFeat + v * kLanes), b)));
     }
   }
 }

@@ -265,13 +265,7 @@ LACO_AVX512BF16 void store_bf16_block(const float* acc, int64_t L, int64_t rows,
                                          _mm512_set1_epi32(static_cast<int>(L)));
   const __mmask16 k = static_cast<__mmask16>((1u << nr) - 1u);
   for (int64_t l = 0; l < rows; ++l) {
-    const __m512i v = _mm512_castps_si512(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, acc + l, 4));
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(v, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(v, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(v, _mm512_set1_epi32(0x7fffffff)),
-                                                  _mm512_set1_epi32(0x7f800000));
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-    _mm256_mask_storeu_epi16(y + l * ldy, k, _mm512_cvtepi32_epi16(r));
+    _mm256_mask_storeu_epi16(y + l * ldy, k, f32x16_to_bf16(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, acc + l, 4)));
   }
 }
 #endif

@@ -119,3 +119,28 @@ def _blocked_kernel_ranges(dt):
         assert _native.panel_min_m("bitmap_linear", dt, (576, 1536)) == 16
     finally:
         _native.set_isa("auto")
+
+
+@pytest.mark.parametrize("m", [8, 17, 33])
+def test_blocked_kernel_rounds_its_sums_as_torch(direct_blocked, m):
+    """The fp32 sums go to bf16 in 16 x 16 register tiles (``bm_store_yt``): ties round to even and inf stays inf, bit
+    for bit as torch rounds, and NaN where torch has NaN (as the quiet 0x7fc0 of ``c10::BFloat16``, as every native
+    kernel writes it; torch's tensor conversion keeps the fp32 NaN's sign and payload instead), on M and N that are
+    not multiples of 16."""
+    n, k, tiny = 21, 64, 2.0**-8
+    w = torch.zeros(n, k)
+    for i in range(16):  # 1 + t * 2^-8, t = 1, 3, 5: ties between two bf16 neighbours, to be rounded to even
+        w[i, i] = 1.0
+        w[i, 32 + i] = tiny * (1 + 2 * (i % 3))
+    w[16, 40], w[17, 41], w[18, 5], w[19, 6], w[20, 7] = 2.0**100, -2.0**-100, -3.0, 1e-30, 7.0
+    x = torch.ones(m, k)
+    x[0, 40] = float("nan")  # NaN on row 0 (times the zeros too: the dense product's NaN everywhere)
+    x[1, 0] = float("inf")  # inf at (1, 0), inf * 0 = NaN elsewhere on row 1
+    bw = BitmapWeight.from_dense(w.to(torch.bfloat16))
+    y = _native.bitmap_linear(x.to(torch.bfloat16), bw)
+    expected = (x @ w.t()).to(torch.bfloat16)  # each sum exact in fp32: only the rounding to bf16 is tested
+    nan = torch.isnan(expected)
+    assert nan.any() and torch.isinf(expected).any()
+    assert torch.equal(torch.isnan(y), nan)
+    assert torch.equal(y[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+    assert bool((y[nan].view(torch.int16) == 0x7FC0).all())
