@@ -1,6 +1,6 @@
 """bitmap_linear with bf16 x and weights on its direct path (AVX512_BF16): the register-blocked kernel
-(csrc/bitmap_avx512.inc ``bm_bf16_block``: 3 weight rows x 8 rows of x, expanded inline for one M-block or
-once into a dense buffer for several) held to the reference and to the one-row kernel it replaces from
+(csrc/bitmap_avx512.inc ``bm_bf16_block``: 3 weight rows x 8 rows of x, expanded inline for up to two M-blocks
+or once into a dense buffer for more) held to the reference and to the one-row kernel it replaces from
 ``bitmap_block_min_m()`` on. Split from test_native_paths.py to keep files short."""
 import pytest
 import torch
@@ -12,8 +12,8 @@ from _native_util import ISAS, _close, _native, make_bitmap, needs_ext
 
 pytestmark = [needs_ext, pytest.mark.skipif("avx512bf16" not in ISAS, reason="the blocked kernel needs AVX512_BF16")]
 
-# M: 1-3 (one partial M-block, inline expansion; 1 only when forced), 8 (one full block), 9 / 17 / 65
-# (buffered, a partial last block); N: 1-4 (a group of 3 rows and its remainder), 70; K: under one word, not a multiple of 32 (a partial
+# M: 1-3 (one partial M-block, inline expansion; 1 only when forced), 8 (one full block), 9 / 16 (two M-blocks,
+# still inline), 17 / 65 (buffered, a partial last block); N: 1-4 (a group of 3 rows and its remainder), 70; K: under one word, not a multiple of 32 (a partial
 # last word), 8196 (several K-blocks: the outputs are summed over blocks)
 SHAPES = [(1, 5, 100), (2, 1, 36), (3, 4, 100), (8, 7, 1000), (9, 3, 1001), (16, 70, 576), (17, 5, 8196), (64, 10, 300),
           (65, 2, 2052)]
