@@ -308,6 +308,45 @@ LACO_AVX512BF16 void bm_lanes_panel_bf16(const BmArgs& a, int64_t n0, int64_t nr
     }
   }
 }
+
+// The fp32 lanes kernel's panel (LanesPanelFill with fp32 columns for pairs: c0 a multiple of 32, pan[(c * 2 + v) * 16
+// + i] = w[n0 + 16 v + i, c0 + c]) straight from the bitmap, 16 columns (a half word) at a time: each row's 16 values
+// expanded into a register, the 16 registers transposed and stored. Stop 47: the panel came from 32 whole rows
+// decompressed into a [32, K] buffer and transposed from there (bm_decompress_avx512 + fill_dword_panel: 38% of the
+// lanes call at M = 16 on 576 x 1536).
+LACO_AVX512 void bm_lanes_panel_f32(const BmArgs& a, int64_t n0, int64_t nrows, int64_t c0, int64_t cc, int64_t* cursor,
+                                    uint32_t* pan) {
+  const float* values = static_cast<const float*>(a.values);
+  const int64_t h0 = c0 / 16, h1 = (c0 + cc + 15) / 16;  // half words
+  if (c0 == 0) {
+    for (int64_t i = 0; i < nrows; ++i) cursor[i] = a.offsets[(n0 + i) * a.T];
+  }
+  for (int64_t v = 0; v * 16 < nrows; ++v) {
+    const int64_t nr = std::min<int64_t>(16, nrows - 16 * v);
+    const uint32_t* bits = a.bitmap + (n0 + 16 * v) * a.W;
+    int64_t* cur = cursor + 16 * v;
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t w = h / 2;
+      const unsigned shift = static_cast<unsigned>(16 * (h & 1));
+      const uint32_t keep = (valid_bits(a, w) >> shift) & 0xffffu;  // no value is read for the padding past K
+      __m512i r[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        if (i < nr) {
+          const uint32_t b = (bits[i * a.W + w] >> shift) & keep;
+          _mm_prefetch(reinterpret_cast<const char*>(values + cur[i]) + kLanesPfBytes, _MM_HINT_T0);
+          if ((h & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(bits + i * a.W + w + 16), _MM_HINT_T0);
+          r[i] = _mm512_castps_si512(_mm512_maskz_expandloadu_ps(static_cast<__mmask16>(b), values + cur[i]));
+          cur[i] += __builtin_popcount(b);
+        } else {
+          r[i] = _mm512_setzero_si512();
+        }
+      }
+      transpose16x16_epi32(r);
+      uint32_t* dst = pan + ((h - h0) * 16 * 2 + v) * 16;
+      for (int c = 0; c < 16; ++c) _mm512_store_si512(dst + c * 2 * 16, r[c]);
+    }
+  }
+}
 #endif
 
 // Dense rows [r0, r1) of the weight into dst ([r1 - r0, K], VT).
@@ -416,13 +455,13 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& values, const at
     return bitmap_pair_bf16(x, b32, values, bitmap, offsets, tile_k, N, K);  // bf16 dot pairs (pair_outer_bf16.cpp)
   }
   if (path == LinearPath::kLanes) {  // features in the lanes (lanes_bf16.cpp: bf16, K even; lanes_fp32.cpp)
-    const Isa isa = active_isa();
-    if (values.scalar_type() == at::kFloat) {
-      return lanes_dense_fp32(linear_x_fp32(x, values, K, op), b32, N, K, [=](int64_t r0, int64_t r1, float* dst) {
-        bm_decompress_rows<float>(isa, a, r0, r1, dst);
-      });
-    }
 #if LACO_X86
+    if (values.scalar_type() == at::kFloat) {
+      return lanes_dense_fp32(linear_x_fp32(x, values, K, op), b32, N, K,
+                              [=](int64_t n0, int64_t nrows, int64_t c0, int64_t cc, int64_t* cursor, uint32_t* pan) {
+                                bm_lanes_panel_f32(a, n0, nrows, c0, cc, cursor, pan);
+                              });
+    }
     return lanes_dense_bf16(x, b32, N, K, [=](int64_t n0, int64_t nrows, int64_t p0, int64_t pc, int64_t* cursor,
                                               uint32_t* pan) { bm_lanes_panel_bf16(a, n0, nrows, p0, pc, cursor, pan); });
 #endif

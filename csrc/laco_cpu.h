@@ -278,16 +278,17 @@ at::Tensor sparse24_shuffle_bf16(const at::Tensor& x, const at::Tensor& b32, con
 // fp32 2:4 shuffle path on AVX-512 CPUs (csrc/lanes_fp32.cpp): x32 [M, K] fp32 contiguous; y [M, N] fp32.
 at::Tensor sparse24_shuffle_fp32(const at::Tensor& x32, const at::Tensor& b32, const at::Tensor& values,
                                  const at::Tensor& meta, int64_t N, int64_t K);
-// Dense fp32 rows [r0, r1) into dst ([r1 - r0, K], row stride K); the fp32 lanes GEMM on them (lanes_fp32.cpp).
-using DenseRowsFillF32 = std::function<void(int64_t r0, int64_t r1, float* dst)>;
-at::Tensor lanes_dense_fp32(const at::Tensor& x32, const at::Tensor& b32, int64_t N, int64_t K,
-                            const DenseRowsFillF32& fill);
-// The lanes panel of weight rows [n0, n0 + nrows) (nrows <= 32) and column pairs [p0, p0 + pc) (p0 a multiple
-// of 16): pan[(c * 2 + v) * 16 + i] = the bf16 pair (2 (p0 + c), 2 (p0 + c) + 1) of row n0 + 16 v + i, zero
-// past nrows. Called for a block's K-blocks in order; `cursor` (32 slots, the thread's) carries each row's
-// position in the compressed stream from one K-block to the next (p0 == 0 starts them).
+// The lanes panel of weight rows [n0, n0 + nrows) (nrows <= 32) and units [p0, p0 + pc) (p0 a multiple of 16;
+// bf16: column pairs, fp32: columns, p0 a multiple of 32): pan[(c * 2 + v) * 16 + i] = the dword (bf16 pair
+// (2 (p0 + c), 2 (p0 + c) + 1), or fp32 value p0 + c) of row n0 + 16 v + i, zero past nrows and past K. Called for
+// a block's K-blocks in order; `cursor` (32 slots, the thread's) carries each row's position in the compressed
+// stream from one K-block to the next (p0 == 0 starts them).
 using LanesPanelFill = std::function<void(int64_t n0, int64_t nrows, int64_t p0, int64_t pc, int64_t* cursor,
                                           uint32_t* pan)>;
+// fp32 GEMM with output features in the lanes on weights decompressed straight into its panels by `fill`
+// (lanes_fp32.cpp; blocks of 128 columns). x32 [M, K] fp32 contiguous; y [M, N] fp32.
+at::Tensor lanes_dense_fp32(const at::Tensor& x32, const at::Tensor& b32, int64_t N, int64_t K,
+                            const LanesPanelFill& fill);
 // bf16 GEMM with output features in the lanes on weights decompressed straight into its panels by `fill`
 // (csrc/lanes_bf16.cpp, beside the shuffle kernel); K even.
 at::Tensor lanes_dense_bf16(const at::Tensor& x, const at::Tensor& b32, int64_t N, int64_t K, const LanesPanelFill& fill);

@@ -35,25 +35,6 @@ LACO_AVX512 LACO_INLINE void store_acc(const __m512 (&acc)[R][kVecs], float* par
 #pragma GCC unroll 2
     for (int v = 0; v < kVecs; ++v) _mm512_store_ps(part + m * kFeat + v * kLanes, acc[m][v]);
 }
-
-// pan[(c * kVecs + v) * 16 + i] = rows[(16 v + i) * ld + c0 + c] for c < cc: a panel of 16-feature dword vectors
-// (a 16 x 16 transpose per 16 columns) from the dense rows of a feature block (nrows <= 32 of them; the rest zero).
-// The dwords are bf16 pairs or fp32 values.
-LACO_AVX512 inline void fill_dword_panel(const uint32_t* rows, int64_t nrows, int64_t ld, int64_t c0, int64_t cc,
-                                         uint32_t* pan) {
-  for (int v = 0; v < kVecs; ++v) {
-    const int64_t nr = std::max<int64_t>(0, std::min<int64_t>(kLanes, nrows - v * kLanes));
-    for (int64_t s = 0; s < cc; s += 16) {
-      const int64_t cnt = std::min<int64_t>(16, cc - s);
-      const __mmask16 cmask = static_cast<__mmask16>((1u << cnt) - 1u);
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i)
-        r[i] = i < nr ? _mm512_maskz_loadu_epi32(cmask, rows + (v * kLanes + i) * ld + c0 + s) : _mm512_setzero_si512();
-      transpose16x16_epi32(r);
-      for (int64_t c = 0; c < cnt; ++c) _mm512_store_si512(pan + ((s + c) * kVecs + v) * kLanes, r[c]);
-    }
-  }
-}
 #endif
 
 // Rows of x per pass over the weight (x_chunk_bytes > 0; else all of x in one pass). Every 32-feature block streams

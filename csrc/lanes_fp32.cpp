@@ -85,8 +85,8 @@ constexpr RunRowsF32 kRunRowsF32[kMaxRows + 1] = {nullptr, run_rows_f32<1>, run_
                                                   run_rows_f32<4>, run_rows_f32<5>, run_rows_f32<6>, run_rows_f32<7>,
                                                   run_rows_f32<8>};
 
-// Dense variant (the fp32 bitmap, decompressed 32 rows at a time): the panel is lanes::fill_dword_panel over
-// the rows' values, pan[(k * kVecs + v) * 16] = the 16 features' weights of column k0 + k.
+// Dense variant (the fp32 bitmap): the panel, filled straight from the bitmap (bm_lanes_panel_f32 in
+// bitmap_linear.cpp), holds pan[(k * kVecs + v) * 16] = the 16 features' weights of column k0 + k.
 template <int R>
 LACO_AVX512 void run_rows_dense_f32(const float* pan, int64_t kc, const float* xr, int64_t ldx, float* part,
                                     bool first) {
@@ -153,7 +153,7 @@ at::Tensor sparse24_shuffle_fp32(const at::Tensor& x32, const at::Tensor& b32, c
 }
 
 at::Tensor lanes_dense_fp32(const at::Tensor& x32, const at::Tensor& b32, int64_t N, int64_t K,
-                            const DenseRowsFillF32& fill) {
+                            const LanesPanelFill& fill) {
 #if LACO_X86
   const int64_t M = x32.size(0);
   const float* xp = x32.data_ptr<float>();
@@ -163,12 +163,11 @@ at::Tensor lanes_dense_fp32(const at::Tensor& x32, const at::Tensor& b32, int64_
   constexpr int64_t kColsPerBlock = 128;  // panel 128 x 2 x 64 B = 16 KB
   lanes::run_feature_blocks(
       M, N, K, K, kColsPerBlock, kColsPerBlock * kVecs * kLanes, K * 4, lanes::kXChunkBytes,
-      [&](int64_t n0, int64_t nrows, std::vector<uint32_t>& rows) {
-        rows.resize(static_cast<size_t>(kFeat * K + 16));  // [32, K] fp32
-        fill(n0, n0 + nrows, reinterpret_cast<float*>(rows.data()));
+      [&](int64_t, int64_t, std::vector<uint32_t>& scratch) {
+        scratch.resize(2 * kFeat);  // the rows' cursors: kFeat int64 slots
       },
-      [&](int64_t, int64_t nrows, int64_t k0, int64_t kc, const uint32_t* rows, uint32_t* pan) {
-        lanes::fill_dword_panel(rows, nrows, K, k0, kc, pan);
+      [&](int64_t n0, int64_t nrows, int64_t k0, int64_t kc, uint32_t* scratch, uint32_t* pan) {
+        fill(n0, nrows, k0, kc, reinterpret_cast<int64_t*>(scratch), pan);
       },
       [&](int64_t r, int64_t m0, int64_t k0, int64_t kc, const uint32_t* pan, float* part, bool first) {
         kRunRowsDenseF32[r](reinterpret_cast<const float*>(pan), kc, xp + m0 * K + k0, K, part, first);

@@ -80,7 +80,8 @@ def test_dispatch_takes_the_fp32_shuffle_kernel_from_m16():
         _native.set_isa("auto")
 
 
-# The fp32 bitmap on the lanes path (lanes_dense_fp32: 32 rows decompressed, 16-feature column vectors): any K
+# The fp32 bitmap on the lanes path (lanes_dense_fp32, its panels filled from the bitmap 16 columns at a time by
+# bm_lanes_panel_f32: 16-feature column vectors): any K
 # (K = 1, 127 / 128 / 129 around one 128-column block, 4099), tile_k 32 and 128.
 BITMAP_SHAPES = [(1, 5, 1), (7, 16, 127), (8, 17, 128), (9, 1, 129), (17, 33, 100), (65, 32, 576), (8, 70, 4099)]
 
