@@ -130,6 +130,7 @@ LACO_AVX512BF16 void run_rows_dense(const uint32_t* pan, int64_t pc, const uint1
                                     bool first) {
   __m512 acc[R][kVecs];
   lanes::load_acc<R>(acc, part, first);
+#pragma GCC unroll 2
   for (int64_t p = 0; p < pc; ++p) {
     const __m512i w0 = _mm512_load_si512(pan + p * kVecs * kLanes);
     const __m512i w1 = _mm512_load_si512(pan + p * kVecs * kLanes + kLanes);

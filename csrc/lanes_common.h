@@ -63,8 +63,8 @@ T* aligned_buffer(std::vector<T>& buf, int64_t n) {
 }
 
 // The loop of every lane kernel, in parallel over the 32-feature blocks of an [M, K] x [N, K]^T product (at least
-// ~1M multiply-adds per chunk, linear_row_grain). Per block: begin(n0, nrows, rows) once (the dense kernels
-// decompress the block's rows into `rows`, the thread's scratch); per K-block of at most kb of the `units` (groups,
+// ~1M multiply-adds per chunk, linear_row_grain). Per block: begin(n0, nrows, rows) once (`rows`: the thread's
+// scratch; the bitmap fillers keep their rows' cursors there); per K-block of at most kb of the `units` (groups,
 // pairs or columns): panel(n0, nrows, u0, uc, rows, pan) into the thread's 64-byte aligned panel of panel_elems
 // dwords, then run(r, m0, u0, uc, pan, part + 32 (m0 - mc0), first) per register block of r <= 8 rows of x; at the
 // end finish(part, n0, mc0, mrows). part: the thread's [mrows, 32] fp32 partial sums, first: the block's first
