@@ -195,7 +195,7 @@ constexpr int64_t kDefaultOuterMinM = 8;
 // path covers the middle range where there are tiles; without AMX not measured, so not chosen.
 int64_t avx512_default_outer_min_m(LinearOp op, at::ScalarType dt, int64_t dense_bytes) {
   if (dt != at::kFloat) return int64_t{1} << 62;
-  if (op == LinearOp::kBitmap) return 16;  // up to the panel threshold (panel.cpp: 256 / 1024 one thread, 8 / 1024 two)
+  if (op == LinearOp::kBitmap) return 16;  // up to the panel threshold (panel.cpp: 256 / 1024 one thread, 12 (AMX: 8) / 1024 two)
   const bool large = dense_bytes >= kLargeWeightBytes;
   if (large) return 16;
   return at::get_num_threads() == 1 ? 32 : 64;

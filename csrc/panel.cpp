@@ -108,7 +108,15 @@ int64_t default_min_m(LinearOp op, at::ScalarType dt, Isa isa, int64_t dense_byt
     // 16 MB or more keep 8 (7B, M = 8, 50%: blocked 0.84-0.92x the split panels; ..._7b_bf16_paths_stop42.json).
     // Below AVX512_BF16 (no blocked kernel) small weights keep 16.
     const int64_t small_bf16 = isa >= Isa::kAvx512Bf16 ? (K >= 1024 ? 64 : 32) : 16;
-    m = bf16 ? (large || amx_available() ? 8 : small_bf16) : (large ? 1024 : (at::get_num_threads() == 1 ? 256 : 8));
+    // fp32 small weights with two or more threads, AVX-512 without AMX: from 12 (was 8). Since stop 44 the fp32 lanes
+    // kernel (which starts at this M; outer_linear.cpp, lanes_min_m) took the panels' place, and at M = 8 the direct
+    // kernel beat it in all 8 cells (stop 47, Zen 4, two threads, 1536x576 and 576x1536 at 50% and 70%, two runs,
+    // dense / 2:4 / both bitmaps and the forced paths interleaved, 31 rounds, medians, over F.linear: direct
+    // 1.39-2.01x, lanes 1.04-1.59x); at M = 12 they were even (1.25-1.54x against 1.12-1.57x; the dispatch with
+    // direct up to 15 against lanes from 8, in-process: 1.27-1.52x against 1.33-1.55x), at 16 the lanes kernel led
+    // (1.13-1.14x against 0.98-1.03x).
+    const int64_t small_fp32 = at::get_num_threads() == 1 ? 256 : (amx_available() ? 8 : 12);
+    m = bf16 ? (large || amx_available() ? 8 : small_bf16) : (large ? 1024 : small_fp32);
   }
   // AVX-512 without BF16: the same M (measured on the AVX-512 BF16 Xeon only).
   return m;

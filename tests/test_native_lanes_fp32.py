@@ -137,3 +137,25 @@ def test_dispatch_puts_fp32_bitmaps_on_the_lanes_kernel_in_place_of_panels():
                 assert _native.linear_path("bitmap_linear", f32, shape, first, 0.2) == "panel"  # sparser: not measured
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.skipif(_native is not None and (_native.amx_available() or "avx512" not in _native.isa()),
+                    reason="measured on AVX-512 CPUs without AMX")
+def test_dispatch_keeps_small_fp32_bitmaps_on_the_direct_kernel_below_m12_with_two_threads():
+    """Stop 47: with two threads the fp32 lanes kernel on weights under 16 MB starts at M = 12 (it started at 8, where
+    the direct kernel was 1.2-1.4x faster); one thread keeps its thresholds."""
+    f32 = torch.float32
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for shape in ((1536, 576), (576, 1536)):
+            assert _native.panel_min_m("bitmap_linear", f32, shape) == 12
+            for density in (0.5, 0.3):
+                for m in (8, 11):
+                    assert _native.linear_path("bitmap_linear", f32, shape, m, density) == "direct"
+                assert _native.linear_path("bitmap_linear", f32, shape, 12, density) == "lanes"
+        torch.set_num_threads(1)
+        assert _native.panel_min_m("bitmap_linear", f32, (1536, 576)) == 256
+        assert _native.linear_path("bitmap_linear", f32, (1536, 576), 16, 0.5) == "lanes"
+    finally:
+        torch.set_num_threads(old)
