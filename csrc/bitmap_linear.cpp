@@ -313,7 +313,8 @@ LACO_AVX512BF16 void bm_lanes_panel_bf16(const BmArgs& a, int64_t n0, int64_t nr
 // + i] = w[n0 + 16 v + i, c0 + c]) straight from the bitmap, 16 columns (a half word) at a time: each row's 16 values
 // expanded into a register, the 16 registers transposed and stored. Stop 47: the panel came from 32 whole rows
 // decompressed into a [32, K] buffer and transposed from there (bm_decompress_avx512 + fill_dword_panel: 38% of the
-// lanes call at M = 16 on 576 x 1536).
+// lanes call at M = 16 on 576 x 1536). The loop is bm_lanes_panel_bf16's over half words; it stays a function of its
+// own because that one needs AVX512_VBMI2 (vpexpandw) and this one runs on any AVX-512 CPU.
 LACO_AVX512 void bm_lanes_panel_f32(const BmArgs& a, int64_t n0, int64_t nrows, int64_t c0, int64_t cc, int64_t* cursor,
                                     uint32_t* pan) {
   const float* values = static_cast<const float*>(a.values);
