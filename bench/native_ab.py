@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu_kernels import _forced, cpu_model  # noqa: E402
+from cpu_kernels import PATHS, _forced, cpu_model  # noqa: E402
 
 from laco_kernels import _C as new  # noqa: E402
 from laco_kernels._atomic import atomic_file  # noqa: E402
@@ -90,9 +90,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--isa", default="auto", choices=("auto", "scalar", "avx2", "avx512"),
                     help="cap both builds' vector ISA (set_isa), e.g. avx2 to time the AVX2 kernels on an AVX-512 CPU")
-    ap.add_argument("--path", default="auto",
-                    help="force one path in both builds (direct, direct1, outer, panel, split, amx, shuffle, lanes; "
-                         "bench/cpu_kernels.py's --paths) instead of each build's dispatch")
+    ap.add_argument("--path", default="auto", choices=("auto",) + PATHS,
+                    help="force one path in both builds (bench/cpu_kernels.py's forced paths) instead of each build's "
+                         "dispatch")
     ap.add_argument("--reordered", action="store_true",
                     help="the new build sums in another order: accept outputs within the dtype's rounding "
                          "(fp32 1e-5, bf16 2e-2 relative) and record the largest difference, instead of bit-identity")
