@@ -28,12 +28,7 @@ def cells(paths, median_of_runs: bool = False):
     """{(shape, dtype, threads, m, impl): (speed-up, file)}: dispatched rows only, later files win (or, with
     median_of_runs, the median over the files, "file" then naming how many runs it is the median of)."""
     if median_of_runs:
-        runs = [cells([p]) for p in paths]
-        out = {}
-        for key in sorted(set().union(*runs)):
-            vals = sorted(r[key][0] for r in runs if key in r)
-            out[key] = (statistics.median(vals), f"median of {len(vals)} runs, {vals[0]:.2f}-{vals[-1]:.2f}")
-        return out
+        return median_cells([cells([p]) for p in paths])
     out = {}
     for p in paths:
         with open(p) as f:
@@ -42,6 +37,15 @@ def cells(paths, median_of_runs: bool = False):
             if r["impl"] == "dense" or "/" in r["impl"] or r["m"] not in MS:  # forced paths are evidence, not cells
                 continue
             out[(r["shape"], r["dtype"], r["threads"], r["m"], r["impl"])] = (r["speedup_vs_dense"], os.path.basename(p))
+    return out
+
+
+def median_cells(runs):
+    """Each cell of several runs' cells() maps: the median speed-up over the runs that measured it."""
+    out = {}
+    for key in sorted(set().union(*runs)):
+        vals = sorted(r[key][0] for r in runs if key in r)
+        out[key] = (statistics.median(vals), f"median of {len(vals)} runs, {vals[0]:.2f}-{vals[-1]:.2f}")
     return out
 
 
@@ -64,10 +68,12 @@ def main():
                     help="the files are repeated runs of the same code: each cell is its median over them")
     args = ap.parse_args()
     if args.median_of_runs:
-        for p in args.files:
-            own = cells([p])
+        runs = [cells([p]) for p in args.files]  # each file parsed once
+        for p, own in zip(args.files, runs):
             print(f"{os.path.basename(p)}: {sum(v[0] >= GOAL for v in own.values())} of {len(own)} cells at {GOAL}x or better")
-    c = cells(args.files, args.median_of_runs)
+        c = median_cells(runs)
+    else:
+        c = cells(args.files)
     for t in (1, 2):
         print(f"threads = {t}\n{table(c, t)}\n")
     for group in (("7b_up", "7b_down"), ("smollm2_up", "smollm2_down")):
