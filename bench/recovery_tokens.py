@@ -71,7 +71,7 @@ def _recipe(v: dict) -> str:
               + (f", + {c['stage2_hidden']:g} x block-output token-nmse" if c.get("stage2_hidden") else "")
               + (f", {c['stage2_noise']:g} of input ids random" if c.get("stage2_noise")
                  and c.get("stage2_noise_source", "uniform") == "uniform" else "")
-              + (f", {c['stage2_noise']:g} of input ids drawn from the dense model's top 16"
+              + (f", {c['stage2_noise']:g} of input ids drawn from the dense model's top 16 (d8061d4 only)"
                  if c.get("stage2_noise_source") == "teacher" else "")
               + (f", + {v['stage2_generated']} windows sampled from the dense model" if v.get("stage2_generated")
                  else ""))
@@ -280,8 +280,6 @@ def main():
                     help="KL stage: + this x the mean token-nmse of the block outputs (LayerwiseConfig.stage2_hidden)")
     ap.add_argument("--stage2-noise", type=float, default=0.0,
                     help="KL stage: fraction of input ids replaced by random ids each step (default 0)")
-    ap.add_argument("--stage2-noise-source", default="uniform", choices=["uniform", "teacher"],
-                    help="KL stage: what replaces the --stage2-noise ids (LayerwiseConfig.stage2_noise_source)")
     ap.add_argument("--stage2-generated", type=int, default=0,
                     help="KL stage: + this many windows sampled from the dense model, each continuing the first "
                          f"{GEN_PROMPT} ids of a KL window per {GEN_CHUNK}-id sequence (no C4 ids beyond the calibration ones)")
@@ -345,7 +343,6 @@ def main():
         kl_suffix = ((f",s2len{args.stage2_seqlen}" if args.stage2_seqlen else "")
                      + (f",hid{args.stage2_hidden:g}" if args.stage2_hidden else "")
                      + (f",noise{args.stage2_noise:g}" if args.stage2_noise else "")
-                     + (f",{args.stage2_noise_source}" if args.stage2_noise_source != "uniform" else "")
                      + (f",gen{args.stage2_generated}" if args.stage2_generated else ""))
 
         def kl_stage(student):
@@ -357,8 +354,6 @@ def main():
                       temperature=args.temperature, stage2_hidden=args.stage2_hidden)
             if args.stage2_noise:
                 s2["stage2_noise"] = args.stage2_noise
-            if args.stage2_noise_source != "uniform":
-                s2["stage2_noise_source"] = args.stage2_noise_source
             c = LayerwiseConfig(**dict(cfg_l, **s2))
             ids2 = ids if not args.stage2_seqlen else calibration_windows(
                 tok, n_tok // args.stage2_seqlen, args.stage2_seqlen, seed=1)

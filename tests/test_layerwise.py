@@ -264,8 +264,6 @@ def test_bad_new_options_raise():
                     (dict(stage2_epochs=1, stage2_noise=1.0), "stage2_noise"),
                     (dict(stage2_epochs=1, stage2_noise=-0.1), "stage2_noise"),
                     (dict(stage2_noise=0.1), "stage2_epochs is 0"),
-                    (dict(stage2_epochs=1, stage2_noise=0.1, stage2_noise_source="zipf"), "stage2_noise_source"),
-                    (dict(stage2_epochs=1, stage2_noise_source="teacher"), "stage2_noise is 0"),
                     (dict(error_samples=-1), "error_samples"), (dict(error_samples=2.5), "error_samples")):
         with pytest.raises(ValueError, match=msg):
             layerwise(dense, pruned, _ids(), progress=False, **kw)
@@ -373,40 +371,6 @@ def test_stage2_noise_corrupts_the_same_ids_for_teacher_and_student():
 
     assert "stage2_noise" not in LayerwiseConfig().fingerprint()
     assert LayerwiseConfig(stage2_noise=0.25).fingerprint()["stage2_noise"] == "0.25"
-
-
-def test_stage2_teacher_noise_draws_replacements_from_the_dense_models_top_ids():
-    """stage2_noise_source="teacher": a replaced id j is one of the dense model's STAGE2_TOPK likeliest
-    ids after the clean window's first j ids (never position 0), teacher and student read the same ids."""
-    from laco_kernels.recover.layerwise import STAGE2_TOPK, LayerwiseConfig
-
-    dense, pruned = dense_and_pruned("2:4", layers=1)
-    ids = torch.randint(0, 10, (4, 64))
-    with torch.no_grad():
-        top = {i: dense(input_ids=ids[i:i + 1]).logits[0].topk(STAGE2_TOPK, dim=-1).indices for i in range(4)}
-    seen = {"t": [], "s": []}
-
-    def spy(model, key):
-        real = model.forward
-        model.forward = lambda input_ids=None, **kw: seen[key].append(input_ids.clone()) or real(input_ids=input_ids, **kw)
-
-    spy(dense, "t")
-    spy(pruned, "s")
-    layerwise(dense, pruned, ids, epochs=1, stage2_epochs=2, stage2_noise=0.5, stage2_noise_source="teacher",
-              progress=False)
-    s2 = seen["s"][-8:]
-    assert all(torch.equal(a, b) for a, b in zip(seen["t"][-8:], s2))
-    replaced = 0
-    for x in s2:
-        row = next(i for i in range(4) if float((x[0] == ids[i]).float().mean()) > 0.3)
-        assert x[0, 0] == ids[row, 0]
-        diff = (x[0] != ids[row]).nonzero().flatten()
-        replaced += len(diff)
-        for j in diff.tolist():  # candidates for id j were predicted at position j - 1 of the clean window
-            assert x[0, j] in top[row][j - 1]
-    assert replaced > 0.2 * 8 * 63  # about half the slots drawn, some draws land on the clean id
-    assert (pruned.model.layers[0].mlp.up_proj.weight == 0).float().mean() == 0.5
-    assert "stage2_noise_source" not in LayerwiseConfig().fingerprint()
 
 
 def test_error_samples_measures_a_head_and_leaves_training_alone():

@@ -40,8 +40,6 @@ TARGETS = ("dense-stream", "ebft")
 INPUTS = ("pruned", "dense", "mix")
 TRAINABLE = ("all", "linears")
 PATTERNS = ("auto", "2:4", "unstructured")
-NOISE_SOURCES = ("uniform", "teacher")
-STAGE2_TOPK = 16  # stage2_noise_source="teacher": replacements come from the dense model's 16 likeliest ids
 _CRASH_ENV = "_LACO_CRASH_AT"  # test hook "block:step": os._exit after that optimizer step
 
 
@@ -90,9 +88,6 @@ class LayerwiseConfig:
     # KL stage: this fraction of the input ids, drawn afresh each step, replaced by uniform random ids
     # (teacher and student read the same corrupted window): new contexts on every pass over few tokens
     stage2_noise: float = 0.0
-    # what replaces them: "uniform" ids, or "teacher": a token drawn from the dense model's next-token
-    # distribution on the clean window (its top STAGE2_TOPK, renormalised), so the new context stays plausible
-    stage2_noise_source: str = "uniform"
     inputs: str = "pruned"
     trainable: str = "all"
     warmup: float = 0.0
@@ -114,11 +109,6 @@ class LayerwiseConfig:
         if self.stage2_noise and not self.stage2_epochs:
             raise ValueError(f"stage2_noise={self.stage2_noise} is given but stage2_epochs is 0: the KL stage it "
                              "applies to would not run")
-        if self.stage2_noise_source not in NOISE_SOURCES:
-            raise ValueError(f"stage2_noise_source must be one of {NOISE_SOURCES}, got {self.stage2_noise_source!r}")
-        if self.stage2_noise_source != "uniform" and not self.stage2_noise:
-            raise ValueError(f"stage2_noise_source={self.stage2_noise_source!r} is given but stage2_noise is 0: "
-                             "no id would be replaced")
         if self.lr <= 0 or self.clip <= 0:
             raise ValueError(f"lr and clip must be positive, got lr={self.lr}, clip={self.clip}")
         if self.inputs not in INPUTS:
@@ -138,7 +128,7 @@ class LayerwiseConfig:
         skip = {"checkpoint_dir", "progress", "output_dir", "offload_dir", "eval_batch_size", "error_samples"}
         # options added later are left out at their default, so a checkpoint written before they existed
         # (same settings) still resumes
-        later = {"stage2_noise": 0.0, "stage2_noise_source": "uniform"}
+        later = {"stage2_noise": 0.0}
         return {k: str(v) for k, v in dataclasses.asdict(self).items()
                 if k not in skip and not (k in later and v == later[k])}
 
@@ -523,40 +513,6 @@ def _densify(block: nn.Module) -> nn.Module:
     return block
 
 
-def _teacher_candidates(dense_model: nn.Module, ids: torch.Tensor, cfg: LayerwiseConfig):
-    """The dense model's ``STAGE2_TOPK`` likeliest next ids after every position of every clean window.
-
-    ids: [windows, L] int64. Returns (candidates [windows, L, k] int64, probabilities [windows, L, k] float32,
-    the softmax over the k logits at temperature 1): one forward pass of the teacher over the KL stage's windows.
-    """
-    out_ids, out_p = [], []
-    dense_model.eval()
-    with torch.no_grad():
-        for i in range(0, len(ids), cfg.stage2_batch_size):
-            x = ids[i:i + cfg.stage2_batch_size].to(cfg.device)
-            with _autocast(cfg):
-                logits = dense_model(input_ids=x, use_cache=False).logits
-            top = logits.float().topk(STAGE2_TOPK, dim=-1)
-            out_ids.append(top.indices.cpu())
-            out_p.append(torch.softmax(top.values, dim=-1).cpu())
-    return torch.cat(out_ids), torch.cat(out_p)
-
-
-def _teacher_swap(x: torch.Tensor, swap: torch.Tensor, cand: torch.Tensor, prob: torch.Tensor,
-                  gen: torch.Generator) -> torch.Tensor:
-    """x [B, L] with id j (j >= 1, where ``swap``) replaced by a draw from the teacher's candidates for it.
-
-    cand / prob [B, L, k]: the candidates predicted after position j - 1 of the clean window (so position 0,
-    which nothing predicts, is never replaced).
-    """
-    B, L, k = cand.shape
-    pick = torch.multinomial(prob[:, :-1].reshape(-1, k), 1, generator=gen).view(B, L - 1, 1)
-    new = torch.gather(cand[:, :-1], 2, pick).squeeze(-1)
-    out = x.clone()
-    out[:, 1:] = torch.where(swap[:, 1:], new, x[:, 1:])
-    return out
-
-
 def _stage2(dense_model: nn.Module, pruned_model: nn.Module, ids: torch.Tensor, cfg: LayerwiseConfig,
             adapter, world: int) -> List[float]:
     """End-to-end KL distillation of the whole pruned model (masks kept) to the dense logits.
@@ -584,7 +540,6 @@ def _stage2(dense_model: nn.Module, pruned_model: nn.Module, ids: torch.Tensor, 
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.stage2_epochs * n_batches, eta_min=cfg.lr_min)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 999_983)
     vocab = pruned_model.get_input_embeddings().num_embeddings
-    cands = _teacher_candidates(dense_model, ids, cfg) if cfg.stage2_noise_source == "teacher" else None
     history = []
     pruned_model.train()
     for _ in tqdm(range(cfg.stage2_epochs), desc="stage 2 (KL)", disable=not cfg.progress):
@@ -593,10 +548,7 @@ def _stage2(dense_model: nn.Module, pruned_model: nn.Module, ids: torch.Tensor, 
             x = ids[b * bs:(b + 1) * bs]
             if cfg.stage2_noise:
                 swap = torch.rand(x.shape, generator=gen) < cfg.stage2_noise
-                if cands is None:
-                    x = torch.where(swap, torch.randint(0, vocab, x.shape, generator=gen), x)
-                else:
-                    x = _teacher_swap(x, swap, cands[0][b * bs:(b + 1) * bs], cands[1][b * bs:(b + 1) * bs], gen)
+                x = torch.where(swap, torch.randint(0, vocab, x.shape, generator=gen), x)
             x = x.to(cfg.device)
             with torch.no_grad(), _autocast(cfg):
                 t_out = dense_model(input_ids=x, use_cache=False, output_hidden_states=hidden)
