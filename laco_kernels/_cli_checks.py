@@ -48,6 +48,28 @@ def check_out_folder(path: Optional[str], flag: str = "--out") -> None:
         raise ValueError(f"{flag} {path!r}: {anchor!r} is not writable")
 
 
+def check_calib_data(path: Optional[str], recover: Optional[str] = None) -> None:
+    """--calib-data: a readable file that is not the evaluation text (read here, before any model loads);
+    RestoreLCC reads records, so it needs a .json / .jsonl file."""
+    if path is None:
+        return
+    if not os.path.isfile(path):
+        raise ValueError(f"--calib-data {path!r}: no such file")
+    if recover == "restore-lcc" and not path.endswith((".json", ".jsonl")):
+        raise ValueError(f"--calib-data {path!r}: RestoreLCC builds prompt / response pairs from JSON records; "
+                         "give a .json or .jsonl file (a 'text' field per record)")
+    from .data import calibration_documents
+
+    try:
+        docs = calibration_documents(path)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--calib-data {path!r}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except ValueError as exc:
+        raise ValueError(f"--calib-data: {exc}") from None
+    if not any(d.strip() for d in docs):
+        raise ValueError(f"--calib-data {path!r}: holds no text")
+
+
 def check_out_file(path: Optional[str], flag: str) -> None:
     """An output file: not a folder, in an existing writable folder."""
     if path is None:

@@ -130,14 +130,15 @@ def run_recovery(method: str, dense, pruned, tok, args):
         n2, l2 = args.recover_stage2_nsamples, args.recover_stage2_seqlen
         bs2 = args.recover_batch_size
         if l2:  # the KL stage on windows of its own (and its own length), same tokens per step
-            drawn = calibration_windows(tok, args.recover_nsamples, args.recover_seqlen, seed=args.seed + 1)
+            drawn = calibration_windows(tok, args.recover_nsamples, args.recover_seqlen, seed=args.seed + 1,
+                                        path=args.calib_data)
             n2 = n2 or max(1, args.recover_nsamples * args.recover_seqlen // l2)
-            ids, ids2 = drawn, calibration_windows(tok, n2, l2, seed=args.seed + 2)
+            ids, ids2 = drawn, calibration_windows(tok, n2, l2, seed=args.seed + 2, path=args.calib_data)
             bs2 = max(1, args.recover_batch_size * args.recover_seqlen // l2)
             calib_tokens = int(drawn.numel() + ids2.numel())
         else:
             drawn = calibration_windows(tok, max(args.recover_nsamples, n2 or 0), args.recover_seqlen,
-                                        seed=args.seed + 1)
+                                        seed=args.seed + 1, path=args.calib_data)
             ids, ids2 = drawn[:args.recover_nsamples], (drawn[:n2] if n2 else None)
             calib_tokens = int(drawn.numel())
         res = recover.layerwise(dense, pruned, ids, stage2_calibration=ids2, epochs=args.recover_epochs,
@@ -156,7 +157,8 @@ def run_recovery(method: str, dense, pruned, tok, args):
                         "stage2_seqlen": int(ids2.shape[1]) if ids2 is not None else args.recover_seqlen,
                         "stage2_batch_size": bs2, "calibration_tokens": calib_tokens}
     if method == "lora":
-        res = recover.lora(pruned, tok, nsamples=args.recover_nsamples, seqlen=args.recover_seqlen,
+        ids = calibration_windows(tok, args.recover_nsamples, args.recover_seqlen, seed=args.seed, path=args.calib_data)
+        res = recover.lora(pruned, ids, nsamples=args.recover_nsamples, seqlen=args.recover_seqlen,
                            epochs=args.recover_epochs, lr=recover_lr(args, method), batch_size=args.recover_batch_size,
                            device=args.device, seed=args.seed, merge=True, autocast=autocast)
         return res.model, {"method": method, "seconds": res.seconds, "losses": res.losses,
@@ -165,5 +167,5 @@ def run_recovery(method: str, dense, pruned, tok, args):
     from .recover.restore_lcc import restore_lcc
 
     res = restore_lcc(dense, pruned, tok, n_prompts=args.recover_nsamples, epochs=args.recover_epochs,
-                      lr=recover_lr(args, method), seed=args.seed)
+                      lr=recover_lr(args, method), seed=args.seed, data_path=args.calib_data)
     return pruned, {"method": method, "seconds": res.seconds, "losses": res.losses}

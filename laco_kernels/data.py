@@ -1,4 +1,4 @@
-"""Offline text data: C4 calibration windows and the WikiText-2 test split.
+"""Offline text data: calibration windows (the C4 sample, or a file of your own) and the WikiText-2 test split.
 
 No data hub is reachable, so the corpora live in ``shared/data`` beside the repository
 (see its README). ``data_dir()`` finds it: ``$LACO_DATA_DIR`` first, then ``../shared/data``
@@ -41,26 +41,58 @@ def _path(name: str, path: Optional[str]) -> str:
 def c4_documents(path: Optional[str] = None, limit: Optional[int] = None) -> List[str]:
     """Texts of the C4 sample (JSON lines with a ``text`` field), in file order."""
     docs = []
-    with open(_path(C4_FILE, path), encoding="utf-8") as f:
-        for line in f:
+    p = _path(C4_FILE, path)
+    with open(p, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
             if line.strip():
-                docs.append(json.loads(line)["text"])
+                try:
+                    text = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{p} line {number}: not a JSON object with a 'text' field") from None
+                if not isinstance(text, str):
+                    raise ValueError(f"{p} line {number}: 'text' is a {type(text).__name__}, not a string")
+                docs.append(text)
                 if limit is not None and len(docs) >= limit:
                     break
     return docs
 
 
+def calibration_documents(path: Optional[str] = None) -> List[str]:
+    """The calibration corpus as documents: the C4 sample (``path`` None), a JSON-lines file with a
+    ``text`` field per line (C4's format, any ``.jsonl`` name), or any other file read as one plain
+    UTF-8 text (CRLF normalised to LF).
+
+    Refuses the WikiText-2 test split itself: perplexity is measured on it, so a model calibrated on
+    it would be scored on its own training text.
+    """
+    if path is None:
+        return c4_documents()
+    p = _path(C4_FILE, path)
+    try:
+        test = os.path.join(data_dir(), WIKITEXT_FILE)
+    except FileNotFoundError:
+        test = None
+    if test is not None and os.path.exists(test) and os.path.samefile(p, test):
+        raise ValueError(f"calibration data {path} is the WikiText-2 test split that perplexity is measured on; "
+                         "calibrate on other text (the C4 sample, or an in-domain training split)")
+    if p.endswith(".jsonl"):
+        return c4_documents(p)
+    with open(p, encoding="utf-8", newline="") as f:
+        return [f.read().replace("\r\n", "\n")]
+
+
 def calibration_windows(tokenizer, nsamples: int, seqlen: int, seed: int = 0,
                         path: Optional[str] = None, offset_docs: int = 0) -> torch.Tensor:
-    """``nsamples`` random windows of ``seqlen`` tokens from the C4 sample, int64 ``[nsamples, seqlen]``.
+    """``nsamples`` random windows of ``seqlen`` tokens of calibration text, int64 ``[nsamples, seqlen]``.
 
+    path: the C4 sample when None, else a ``.jsonl`` or plain text file (:func:`calibration_documents`).
     Documents are tokenised and concatenated (separated by EOS) into one token stream, so
     short documents never yield padded windows; window starts are drawn with ``seed``.
     ``offset_docs`` skips the first documents (to draw held-out data for comparisons).
     """
     if nsamples < 1 or seqlen < 2:
         raise ValueError(f"need nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
-    docs = c4_documents(path)[offset_docs:]
+    docs = calibration_documents(path)[offset_docs:]
     eos = tokenizer.eos_token_id
     ids: List[int] = []
     for d in docs:
@@ -72,7 +104,8 @@ def calibration_windows(tokenizer, nsamples: int, seqlen: int, seed: int = 0,
             break
     stream = torch.tensor(ids, dtype=torch.long)
     if stream.numel() <= seqlen:
-        raise ValueError(f"the C4 sample holds only {stream.numel()} tokens, fewer than seqlen={seqlen}")
+        raise ValueError(f"the calibration text ({path or 'the C4 sample'}) holds only {stream.numel()} tokens, "
+                         f"fewer than seqlen={seqlen}")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seqlen, (nsamples,), generator=g)
     return torch.stack([stream[s:s + seqlen] for s in starts.tolist()])

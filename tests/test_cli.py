@@ -465,3 +465,48 @@ def test_refit_flag_through_the_cli_process(tiny_folder, tmp_path):
     bad = _laco(["prune", tiny_folder, "--method", "wanda", "--pattern", "2:4", "--refit", "--out", str(tmp_path / "no")])
     assert bad.returncode == 2 and "--refit refits SparseGPT's kept weights" in _error_line(bad)
     assert not (tmp_path / "no").exists()
+
+
+def test_calib_data_feeds_pruning_and_both_recovery_stages(tiny_folder, tmp_path, capsys, monkeypatch):
+    """--calib-data FILE: every calibration draw of `laco run` (pruning, the layer-wise stage, the KL
+    stage's own windows) reads that file, and the report names it."""
+    import laco_kernels.data as data
+    from _tiny import tiny_text
+
+    text = tmp_path / "train.txt"
+    text.write_text(tiny_text(3000, seed=9))
+    real, seen = data.calibration_windows, []
+    monkeypatch.setattr(data, "calibration_windows", lambda *a, **kw: seen.append(kw.get("path")) or real(*a, **kw))
+    out = str(tmp_path / "run")
+    code, _, err = _run(["run", "--model", tiny_folder, "--nsamples", "2", "--calib-seqlen", "32", "--seqlen", "64",
+                         "--max-windows", "1", "--recover-nsamples", "2", "--recover-seqlen", "32",
+                         "--recover-epochs", "1", "--recover-stage2-seqlen", "64", "--calib-data", str(text),
+                         "--out", out], capsys)
+    assert code == 0, err
+    assert seen == [str(text)] * 3
+    assert json.load(open(os.path.join(out, "report.json")))["calibration_data"] == str(text)
+
+
+def test_calib_data_bad_input_fails_before_loading(tiny_folder, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "wikitext2-test.raw").write_text("the evaluation text " * 50)
+    monkeypatch.setenv("LACO_DATA_DIR", str(folder))
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\xff\xfe\x00abc")
+    out = str(tmp_path / "r")
+    cases = [
+        (["run", "--model", tiny_folder, "--out", out, "--calib-data", str(tmp_path / "nope.txt")], "no such file"),
+        (["prune", tiny_folder, "--out", out, "--calib-data", str(folder / "wikitext2-test.raw")],
+         "is the WikiText-2 test split that perplexity is measured on"),
+        (["run", "--model", tiny_folder, "--out", out, "--calib-data", str(binary)], "not UTF-8 text"),
+        (["recover", tiny_folder, "--dense", tiny_folder, "--method", "restore-lcc", "--out", out,
+          "--calib-data", str(binary)], "RestoreLCC builds prompt / response pairs from JSON records"),
+    ]
+    capsys.readouterr()
+    for argv, expect in cases:
+        code, _, err = _run(argv, capsys)
+        assert code == 2, (argv, err)
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"laco {argv[0]}: error:") and expect in line, (argv, line)
+    assert not (tmp_path / "r").exists()

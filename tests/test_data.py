@@ -92,3 +92,43 @@ def test_real_corpora_present_and_intact():
     assert os.path.getsize(wiki) == 1_290_547
     assert data.wikitext_text().startswith(" = Robert Boulter = \n Robert Boulter is")
     assert len(data.c4_documents(limit=5)) == 5
+
+
+def test_calibration_windows_from_a_plain_text_file(corpus, tmp_path):
+    """path: a plain text file is one document (CRLF as LF); every window is a slice of its tokens."""
+    tok = tiny_tokenizer()
+    text = tiny_text(600, seed=5)
+    assert "\r\n" in text
+    f = tmp_path / "train.txt"
+    with open(f, "w", newline="") as fh:
+        fh.write(text)
+    w = data.calibration_windows(tok, 5, 16, seed=1, path=str(f))
+    assert data.calibration_documents(str(f)) == [text.replace("\r\n", "\n")]
+    stream = torch.tensor(tok(text.replace("\r\n", "\n"), add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+    for row in w:
+        assert any(torch.equal(stream[s:s + 16], row) for s in range(len(stream) - 16))
+    assert not torch.equal(w, data.calibration_windows(tok, 5, 16, seed=1))  # not the C4 sample's windows
+    # a .jsonl of any name reads as C4's format
+    j = tmp_path / "mine.jsonl"
+    j.write_text(json.dumps({"text": text}) + "\n")
+    assert data.calibration_documents(str(j)) == [text]  # JSON keeps the text as written
+
+
+def test_calibration_data_errors(corpus, tmp_path):
+    tok = tiny_tokenizer()
+    folder, _ = corpus
+    with pytest.raises(ValueError, match="WikiText-2 test split that perplexity is measured on"):
+        data.calibration_windows(tok, 2, 16, path=str(folder / data.WIKITEXT_FILE))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2: not a JSON object with a 'text' field"):
+        data.calibration_documents(str(bad))
+    bad.write_text(json.dumps({"text": 3}) + "\n")
+    with pytest.raises(ValueError, match="line 1: 'text' is a int"):
+        data.calibration_documents(str(bad))
+    short = tmp_path / "short.txt"
+    short.write_text("a b")
+    with pytest.raises(ValueError, match="short.txt.*fewer than seqlen"):
+        data.calibration_windows(tok, 2, 64, path=str(short))
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        data.calibration_windows(tok, 2, 16, path=str(tmp_path / "nope.txt"))
