@@ -386,6 +386,16 @@ def test_cli_expected_failures_one_line_exit_2(tiny_folder, truncated_folder, tm
     assert existing_file.read_text() == "keep me"
 
 
+def _expect_one_line_errors(cases, capsys):
+    """Each (argv, text): `laco` in-process exits 2 with a last stderr line `laco CMD: error: ...text...`."""
+    capsys.readouterr()
+    for argv, expect in cases:
+        code, _, err = _run(argv, capsys)
+        assert code == 2, (argv, err)
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"laco {argv[0]}: error:") and expect in line, (argv, line)
+
+
 def test_cli_more_expected_failures(tiny_folder, tmp_path, capsys):
     """Further cases through main() in-process (same code path as the subprocess, faster)."""
     existing_file = tmp_path / "taken"
@@ -413,12 +423,7 @@ def test_cli_more_expected_failures(tiny_folder, tmp_path, capsys):
          "--refit refits SparseGPT's kept weights"),
         (["run", "--model", tiny_folder, "--out", str(tmp_path / "r"), "--refit", "-1"], "steps >= 0"),
     ]
-    capsys.readouterr()
-    for argv, expect in cases:
-        code, out, err = _run(argv, capsys)
-        assert code == 2, (argv, err)
-        line = err.strip().splitlines()[-1]
-        assert line.startswith(f"laco {argv[0]}: error:") and expect in line, (argv, line)
+    _expect_one_line_errors(cases, capsys)
     assert existing_file.read_text() == "keep me" and not (tmp_path / "r").exists()
 
 
@@ -503,10 +508,5 @@ def test_calib_data_bad_input_fails_before_loading(tiny_folder, tmp_path, capsys
         (["recover", tiny_folder, "--dense", tiny_folder, "--method", "restore-lcc", "--out", out,
           "--calib-data", str(binary)], "RestoreLCC builds prompt / response pairs from JSON records"),
     ]
-    capsys.readouterr()
-    for argv, expect in cases:
-        code, _, err = _run(argv, capsys)
-        assert code == 2, (argv, err)
-        line = err.strip().splitlines()[-1]
-        assert line.startswith(f"laco {argv[0]}: error:") and expect in line, (argv, line)
+    _expect_one_line_errors(cases, capsys)
     assert not (tmp_path / "r").exists()
