@@ -306,8 +306,7 @@ def cmd_run(args) -> int:
     total = round(time.perf_counter() - t0, 1)
     result = {"model": args.model, "method": args.method, "pattern": pattern, "sparsity": sparsity,
               "calibration": [args.nsamples, args.calib_seqlen], "calibration_data": args.calib_data or "c4-sample",
-              "eval": {"seqlen": args.seqlen,
-                                                                         "max_windows": args.max_windows},
+              "eval": {"seqlen": args.seqlen, "max_windows": args.max_windows},
               "ppl": ppl, "prune": report, "recovery": recovery, "saved": saved, "seconds": times, "total_seconds": total}
     _write_json(os.path.join(args.out, "report.json"), result)
     from ._report import write_report

@@ -62,9 +62,12 @@ def calibration_documents(path: Optional[str] = None) -> List[str]:
     ``text`` field per line (C4's format, any ``.jsonl`` name), or any other file read as one plain
     UTF-8 text (CRLF normalised to LF).
 
-    Refuses the WikiText-2 test split itself: perplexity is measured on it, so a model calibrated on
-    it would be scored on its own training text.
+    Refuses the WikiText-2 test split (that file, or a byte-identical copy): perplexity is measured on
+    it, so a model calibrated on it would be scored on its own training text. A plain text file is
+    tokenised whole.
     """
+    import filecmp
+
     if path is None:
         return c4_documents()
     p = _path(C4_FILE, path)
@@ -72,7 +75,9 @@ def calibration_documents(path: Optional[str] = None) -> List[str]:
         test = os.path.join(data_dir(), WIKITEXT_FILE)
     except FileNotFoundError:
         test = None
-    if test is not None and os.path.exists(test) and os.path.samefile(p, test):
+    if test is not None and os.path.exists(test) and (
+            os.path.samefile(p, test)
+            or (os.path.getsize(p) == os.path.getsize(test) and filecmp.cmp(p, test, shallow=False))):
         raise ValueError(f"calibration data {path} is the WikiText-2 test split that perplexity is measured on; "
                          "calibrate on other text (the C4 sample, or an in-domain training split)")
     if p.endswith(".jsonl"):

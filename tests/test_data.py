@@ -119,6 +119,12 @@ def test_calibration_data_errors(corpus, tmp_path):
     folder, _ = corpus
     with pytest.raises(ValueError, match="WikiText-2 test split that perplexity is measured on"):
         data.calibration_windows(tok, 2, 16, path=str(folder / data.WIKITEXT_FILE))
+    copy = tmp_path / "wiki.txt"
+    copy.write_bytes((folder / data.WIKITEXT_FILE).read_bytes())
+    with pytest.raises(ValueError, match="WikiText-2 test split"):  # a copy of it under another name too
+        data.calibration_documents(str(copy))
+    copy.write_bytes((folder / data.WIKITEXT_FILE).read_bytes()[:-1] + b"!")  # other text of the same size
+    assert data.calibration_documents(str(copy))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl line 2: not a JSON object with a 'text' field"):
