@@ -280,6 +280,9 @@ def main():
                     help="KL stage: + this x the mean token-nmse of the block outputs (LayerwiseConfig.stage2_hidden)")
     ap.add_argument("--stage2-noise", type=float, default=0.0,
                     help="KL stage: fraction of input ids replaced by random ids each step (default 0)")
+    ap.add_argument("--calib-data", default=None, metavar="FILE",
+                    help="recovery windows from this .jsonl / plain text file instead of the C4 sample "
+                         "(laco_kernels.data.calibration_windows(path=...); the pruned start stays C4's)")
     ap.add_argument("--stage2-generated", type=int, default=0,
                     help="KL stage: + this many windows sampled from the dense model, each continuing the first "
                          f"{GEN_PROMPT} ids of a KL window per {GEN_CHUNK}-id sequence (no C4 ids beyond the calibration ones)")
@@ -326,11 +329,15 @@ def main():
                          load_before=load0, load_after=_load_avg())
 
     bf = ",bf16" if args.autocast else ""
+    # calibration text of one's own (--calib-data): the recovery windows come from it, the pruned start and the
+    # held-out KL windows stay C4's; keys add ,data=<file name>
+    dsfx = f",data={os.path.basename(args.calib_data)}" if args.calib_data else ""
     for n_tok in args.tokens:
         n = n_tok // args.seqlen
-        ids = calibration_windows(tok, n, args.seqlen, seed=1)
+        ids = calibration_windows(tok, n, args.seqlen, seed=1, path=args.calib_data)
         common = dict(ppl_dense=dense, ppl_before=before, calibration_samples=n, seqlen=args.seqlen,
-                      calibration_tokens=n * args.seqlen, windows=args.windows, eval_seqlen=1024, start=args.start,
+                      calibration_tokens=n * args.seqlen,
+                      calibration_data=args.calib_data or "c4-sample", windows=args.windows, eval_seqlen=1024, start=args.start,
                       epochs=args.epochs, threads=torch.get_num_threads(), compute="cpu, package path", command=cmd)
 
         def gap(p):
@@ -356,7 +363,7 @@ def main():
                 s2["stage2_noise"] = args.stage2_noise
             c = LayerwiseConfig(**dict(cfg_l, **s2))
             ids2 = ids if not args.stage2_seqlen else calibration_windows(
-                tok, n_tok // args.stage2_seqlen, args.stage2_seqlen, seed=1)
+                tok, n_tok // args.stage2_seqlen, args.stage2_seqlen, seed=1, path=args.calib_data)
             gen_s = None
             if args.stage2_generated:
                 t0 = time.time()
@@ -383,7 +390,7 @@ def main():
             lep = args.laco_epochs or args.epochs
             cfg_l = dict(loss="token-nmse", lr=args.laco_lr, batch_size=args.laco_batch, epochs=lep, autocast=args.autocast,
                          progress=False, track_errors=False, inputs=args.inputs)
-            inp = f",in{args.inputs}" if args.inputs != "pruned" else ""
+            inp = (f",in{args.inputs}" if args.inputs != "pruned" else "") + dsfx
             if method == "laco":
                 key = f"tokens/{args.start}-2:4/laco/n{n}x{args.seqlen}/lr{args.laco_lr:g},bs{args.laco_batch},ep{lep}{bf}{inp}/{ev}"
 
@@ -440,7 +447,7 @@ def main():
 
                 _record(args.out, key, run_kl_only)
             else:
-                key = f"tokens/{args.start}-2:4/lora/n{n}x{args.seqlen}/lr{args.lora_lr:g},bs{args.lora_batch},ep{args.epochs}{bf}/{ev}"
+                key = f"tokens/{args.start}-2:4/lora/n{n}x{args.seqlen}/lr{args.lora_lr:g},bs{args.lora_batch},ep{args.epochs}{bf}{dsfx}/{ev}"
                 cfg_r = dict(r=8, alpha=16, dropout=0.05, lr=args.lora_lr, batch_size=args.lora_batch, autocast=args.autocast,
                              epochs=args.epochs, progress=False)
 
