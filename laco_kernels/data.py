@@ -80,10 +80,15 @@ def calibration_documents(path: Optional[str] = None) -> List[str]:
             or (os.path.getsize(p) == os.path.getsize(test) and filecmp.cmp(p, test, shallow=False))):
         raise ValueError(f"calibration data {path} is the WikiText-2 test split that perplexity is measured on; "
                          "calibrate on other text (the C4 sample, or an in-domain training split)")
-    if p.endswith(".jsonl"):
-        return c4_documents(p)
-    with open(p, encoding="utf-8", newline="") as f:
-        return [f.read().replace("\r\n", "\n")]
+    if not os.path.isfile(p):
+        raise ValueError(f"calibration data {path}: not a file")
+    try:
+        if p.endswith(".jsonl"):
+            return c4_documents(p)
+        with open(p, encoding="utf-8", newline="") as f:
+            return [f.read().replace("\r\n", "\n")]
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"calibration data {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def calibration_windows(tokenizer, nsamples: int, seqlen: int, seed: int = 0,

@@ -374,6 +374,8 @@ def test_cli_expected_failures_one_line_exit_2(tiny_folder, truncated_folder, tm
         (["eval", truncated_folder, "--seqlen", "16"], "model.safetensors' is not a complete safetensors file"),
         (["prune", tiny_folder, "--method", "magnitude", "--out", str(existing_file)], "exists and is not a folder"),
         (["prune", tiny_folder, "--seqlen", "4096"], "--seqlen 4096 exceeds the 128 positions"),
+        (["run", "--model", tiny_folder, "--out", str(tmp_path / "r"), "--calib-data", str(tmp_path / "no.txt")],
+         "no such file"),
     ]
     if not torch.cuda.is_available():
         cases.append((["eval", tiny_folder, "--device", "cuda"], "CUDA is not available"))

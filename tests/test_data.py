@@ -138,3 +138,13 @@ def test_calibration_data_errors(corpus, tmp_path):
         data.calibration_windows(tok, 2, 64, path=str(short))
     with pytest.raises(FileNotFoundError, match="data file not found"):
         data.calibration_windows(tok, 2, 16, path=str(tmp_path / "nope.txt"))
+    with pytest.raises(ValueError, match="not a file"):
+        data.calibration_windows(tok, 2, 16, path=str(tmp_path))
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"ok \xff\xfe")
+    with pytest.raises(ValueError, match=r"blob.bin: not UTF-8 text .* at byte 3"):
+        data.calibration_windows(tok, 2, 16, path=str(blob))
+    blob = tmp_path / "blob.jsonl"
+    blob.write_bytes(b"\xff\n")
+    with pytest.raises(ValueError, match="blob.jsonl: not UTF-8 text"):
+        data.calibration_documents(str(blob))
