@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import os
 import shlex
 import sys
@@ -27,10 +28,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from recovery import DEFAULT_OUT, _record  # noqa: E402
+from recovery import DEFAULT_OUT, _load, _record  # noqa: E402
 from recovery_recipe import pruned_start  # noqa: E402
 
-STAGE1_CACHE = "tokens-32d8ab01905d55fe.safetensors"  # recovery_tokens.py's cache of the stage-1 row named above
+# the stage-1 row named above, as recovery_tokens.py keys it and names its cache file (tokens-<sha1 of the key>)
+STAGE1_KEY = "tokens/sparsegpt+permute-2:4/laco/n128x512/lr0.003,bs2,ep3,bf16/w32x1024"
+STAGE1_CACHE = "tokens-" + hashlib.sha1(STAGE1_KEY.encode()).hexdigest()[:16] + ".safetensors"
 
 
 def main():
@@ -57,6 +60,8 @@ def main():
     start, _ = pruned_start(model, tok, "sparsegpt+permute", args.scratch)
     stage1 = copy.deepcopy(start)
     stage1.load_state_dict(load_file(cache), strict=False)
+    recorded = _load(args.out)  # the stage-1 and dense figures of the rows this one builds on
+    stage1_ppl, dense_ppl = recorded[STAGE1_KEY]["ppl_after"], recorded["tokens/dense/w32x1024"]["ppl"]
     w512 = wikitext_windows(tok, 512)
     windows = {"eval-windows": w512[:64], "other-test-windows": w512[64:64 + 128]}
     for name in args.variants:
@@ -72,7 +77,8 @@ def main():
             secs = round(time.time() - t0, 1)
             p = round(perplexity(m, tok, seqlen=1024, max_windows=32, progress=False)["ppl"], 3)
             return dict(variant=name, windows=len(ids), seqlen=512, tokens=int(ids.numel()), kl_per_pass=hist,
-                        stage2_wall_s=secs, ppl_after=p, ppl_after_stage1=52.935, ppl_dense=24.009, eval="w32x1024",
+                        stage2_wall_s=secs, ppl_after=p, ppl_after_stage1=stage1_ppl, ppl_dense=dense_ppl,
+                        eval="w32x1024",
                         command=cmd, note="diagnostic: the KL stage trained on WikiText-2 test text, not a recovery row")
 
         _record(args.out, f"domain/sparsegpt+permute-2:4/laco-65k-stage1/kl-2x-{name}/w32x1024", run)
